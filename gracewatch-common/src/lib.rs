@@ -1,0 +1,197 @@
+//! Types shared by the eBPF programs (`gracewatch-ebpf`) and userspace (`gracewatch`).
+//!
+//! Every type here crosses the kernel/user boundary as raw bytes (ring buffer
+//! records, map keys and values, program globals), so each is `#[repr(C)]` with
+//! fixed-width fields, explicit padding and a `const` size assertion: a layout
+//! change must be deliberate and show up at compile time on both sides.
+#![no_std]
+
+/// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+    pub const NEW_SYN_RECV: u8 = 12;
+}
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+
+/// What a ring-buffer [`Event`] reports.
+pub mod event_kind {
+    /// A socket entered LISTEN; `tgid` called `listen()`.
+    pub const LISTEN_START: u8 = 1;
+    /// A socket left LISTEN; `tgid` is the process that released it.
+    pub const LISTEN_STOP: u8 = 2;
+    /// An inbound handshake completed: the connection waits in a listener's accept queue.
+    pub const HANDSHAKE: u8 = 3;
+    /// `tgid` accepted the connection `sk`: it is now live and owned by `tgid`.
+    pub const ACCEPT: u8 = 4;
+    /// A live connection owned by `tgid` ended (left ESTABLISHED/CLOSE_WAIT).
+    pub const CLOSE: u8 = 5;
+    /// A connection died in the accept queue before anyone accepted it.
+    pub const QUEUE_DROP: u8 = 6;
+    /// A connection that was live before gracewatch started (registered by
+    /// userspace in `PREEXISTING`) ended.
+    pub const PREEXISTING_CLOSE: u8 = 7;
+}
+
+/// Bits of [`Event::flags`].
+pub mod event_flag {
+    /// ACCEPT: the connection was taken from the accept queue the programs saw it enter.
+    pub const WAS_QUEUED: u8 = 1;
+    /// The map that should have tracked this socket was full: the event is
+    /// paired with an immediate compensating one and counted in `STATS`.
+    pub const MAP_FULL: u8 = 2;
+}
+
+/// One record on the `EVENTS` ring buffer.
+///
+/// Addresses are always 16 bytes: IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`),
+/// exactly as the `sock:inet_sock_set_state` tracepoint records it. `l*` is the
+/// local (server) side, `r*` the peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// Kernel address of the `struct sock`: an opaque identity, stable while the socket lives.
+    pub sk: u64,
+    pub tgid: u32,
+    /// Inode number of the socket's network namespace.
+    pub netns: u32,
+    pub family: u16,
+    pub lport: u16,
+    pub rport: u16,
+    pub kind: u8,
+    pub old_state: u8,
+    pub new_state: u8,
+    /// [`event_flag`] bits.
+    pub flags: u8,
+    pub _pad: [u8; 6],
+    pub laddr: [u8; 16],
+    pub raddr: [u8; 16],
+    /// Command name of the current task (for LISTEN_*, ACCEPT), NUL padded.
+    pub comm: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<Event>() == 88);
+
+/// A connection identified by its addresses, for sockets whose kernel address
+/// userspace cannot know (those that existed before the programs attached).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TupleKey {
+    pub netns: u32,
+    pub family: u16,
+    pub lport: u16,
+    pub rport: u16,
+    pub _pad: u16,
+    pub laddr: [u8; 16],
+    pub raddr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<TupleKey>() == 44);
+
+/// Value of the `LIVE` map (keyed by sk address): an accepted, not yet closed connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LiveConn {
+    pub accepted_ns: u64,
+    pub owner: u32,
+    pub netns: u32,
+    pub family: u16,
+    pub lport: u16,
+    pub rport: u16,
+    pub _pad: u16,
+    pub laddr: [u8; 16],
+    pub raddr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<LiveConn>() == 56);
+
+/// Value of the `PROCS` map (keyed by tgid): authoritative per-process counters
+/// for connections the programs saw accepted. Updated with atomic adds only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcCounters {
+    pub live: i64,
+    pub accepted: u64,
+    pub closed: u64,
+}
+const _: () = assert!(core::mem::size_of::<ProcCounters>() == 24);
+
+/// Indexes into the `STATS` array.
+pub mod stat {
+    /// Ring-buffer reservations that failed: events userspace never saw.
+    pub const LOST_EVENTS: u32 = 0;
+    /// Accepted fds whose socket could not be resolved from the fd table.
+    pub const ACCEPT_UNRESOLVED: u32 = 1;
+    /// Sockets not tracked because `QUEUED` or `LIVE` was full.
+    pub const MAP_FULL: u32 = 2;
+    pub const COUNT: u32 = 4;
+}
+
+/// Struct-member and tracepoint-field offsets, resolved at startup from
+/// `/sys/kernel/btf/vmlinux` and the tracefs `format` files and handed to the
+/// programs as the global `CONFIG`: nothing about the running kernel's layout
+/// is compiled in.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    // struct member offsets, in bytes
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_max_fds: u32,
+    pub fdt_fd: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
+    pub skc_family: u32,
+    pub skc_state: u32,
+    pub skc_num: u32,
+    pub skc_dport: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_net: u32,
+    pub sk_protocol: u32,
+    /// `offsetof(struct net, ns) + offsetof(struct ns_common, inum)`.
+    pub net_ns_inum: u32,
+    // `sock:inet_sock_set_state` field offsets
+    pub tp_skaddr: u16,
+    pub tp_oldstate: u16,
+    pub tp_newstate: u16,
+    pub tp_sport: u16,
+    pub tp_dport: u16,
+    pub tp_family: u16,
+    pub tp_protocol: u16,
+    pub tp_saddr_v6: u16,
+    pub tp_daddr_v6: u16,
+    // `syscalls:sys_exit_accept4` / `syscalls:sys_exit_accept` `ret` offsets
+    pub tp_accept4_ret: u16,
+    pub tp_accept_ret: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<Config>() == 92);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers and byte
+    // arrays with explicit padding fields, so every bit pattern is valid.
+    unsafe impl aya::Pod for super::Event {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TupleKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::LiveConn {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ProcCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Config {}
+}

@@ -1,0 +1,419 @@
+//! gracewatch's kernel side: three classic tracepoints that attribute every
+//! inbound TCP connection to the process that accepted it and count it until
+//! it ends.
+//!
+//! - `syscalls:sys_exit_accept4` / `sys_exit_accept` run in the accepting
+//!   process: the new fd is walked through `current->files` to its
+//!   `struct sock`, which becomes a `LIVE` entry owned by the caller's tgid.
+//! - `sock:inet_sock_set_state` sees listeners open and close, handshakes
+//!   complete (the child waits in `QUEUED` until accepted) and connections end.
+//!   It runs in whatever context changes the state (often softirq), so it never
+//!   attributes anything to `current` except for LISTEN transitions, which only
+//!   happen in the process calling `listen()`/`close()`.
+//!
+//! Membership in `QUEUED`/`LIVE`/`PREEXISTING` is the truth; whoever deletes
+//! an entry successfully is the one that reports its end, so a socket racing
+//! between accept (one CPU) and reset (another) is counted exactly once. The
+//! birth event is emitted *before* the map insert, so userspace always reads
+//! a socket's birth before its end. Meaning (listeners, roles, drains) lives
+//! in userspace.
+#![no_std]
+#![no_main]
+// The BPF target has no `core::sync::atomic` read-modify-write methods; the
+// intrinsic lowers to the BPF atomic add instruction.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::{
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        generated::{bpf_get_current_task, bpf_ktime_get_ns},
+    },
+    macros::{map, tracepoint},
+    maps::{Array, HashMap, RingBuf},
+    programs::TracePointContext,
+};
+use aya_log_ebpf::warn;
+use gracewatch_common::{
+    AF_INET, AF_INET6, Config, Event, IPPROTO_TCP, LiveConn, ProcCounters, TupleKey, event_flag,
+    event_kind, stat, tcp_state,
+};
+
+/// Offsets of the running kernel, written by userspace before load.
+#[unsafe(no_mangle)]
+static CONFIG: Config = unsafe { core::mem::zeroed() };
+
+/// Defaults; userspace resizes each map before load (`--max-connections`,
+/// `--ring-buffer-size`). The hash maps are not preallocated: an idle host
+/// pays only for the bucket array.
+const MAX_SOCKETS: u32 = 1 << 20;
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+
+/// Child sockets whose handshake completed and that nobody accepted yet → handshake time.
+#[map]
+static QUEUED: HashMap<u64, u64> = HashMap::with_max_entries(MAX_SOCKETS, BPF_F_NO_PREALLOC);
+
+/// Accepted, not yet ended connections, keyed by sk address.
+#[map]
+static LIVE: HashMap<u64, LiveConn> = HashMap::with_max_entries(MAX_SOCKETS, BPF_F_NO_PREALLOC);
+
+/// Connections that were live before the programs attached (found by
+/// userspace's startup snapshot) → the pid userspace charged them to.
+#[map]
+static PREEXISTING: HashMap<TupleKey, u32> =
+    HashMap::with_max_entries(MAX_SOCKETS, BPF_F_NO_PREALLOC);
+
+/// Per-process counters for connections seen accepted (tgid → counters).
+#[map]
+static PROCS: HashMap<u32, ProcCounters> = HashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);
+
+/// Health counters, indexed by `gracewatch_common::stat`.
+#[map]
+static STATS: Array<u64> = Array::with_max_entries(stat::COUNT, 0);
+
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let _ = try_inet_sock_set_state(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    let _ = try_sys_exit_accept(&ctx, config().tp_accept4_ret);
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    let _ = try_sys_exit_accept(&ctx, config().tp_accept_ret);
+    0
+}
+
+#[inline(always)]
+fn config() -> Config {
+    // SAFETY: CONFIG is a plain global the loader fills before load; a
+    // volatile read stops the compiler from folding its zero initialiser.
+    unsafe { core::ptr::read_volatile(&CONFIG) }
+}
+
+/// Reads a `T` at `base + off` in kernel memory.
+#[inline(always)]
+fn kread<T>(base: u64, off: u32) -> Result<T, i32> {
+    // SAFETY: bpf_probe_read_kernel validates the address and fails cleanly
+    // on a bad pointer; `T` is a plain integer or byte array.
+    unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }
+}
+
+#[inline(always)]
+fn tp_read<T>(ctx: &TracePointContext, off: u16) -> Result<T, i32> {
+    // SAFETY: `off` comes from the tracepoint's own format file, so the read
+    // stays inside the record; the helper checks it anyway.
+    unsafe { ctx.read_at::<T>(off as usize) }
+}
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: no arguments, no preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+fn bump(index: u32) {
+    if let Some(p) = STATS.get_ptr_mut(index) {
+        // SAFETY: array values live as long as the map; the atomic add makes
+        // concurrent updates from several CPUs exact.
+        unsafe { add(p, 1u64) };
+    }
+}
+
+/// Atomic `*p += v`.
+///
+/// # Safety
+/// `p` must point to a live, aligned map value.
+#[inline(always)]
+unsafe fn add<T: Copy>(p: *mut T, v: T) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { atomic_xadd::<T, T, { AtomicOrdering::Relaxed }>(p, v) };
+}
+
+#[inline(always)]
+fn emit(ev: &Event) {
+    if EVENTS.output::<Event>(ev, 0).is_err() {
+        bump(stat::LOST_EVENTS);
+    }
+}
+
+#[inline(always)]
+fn proc_add(tgid: u32, live: i64, accepted: u64, closed: u64) {
+    let mut p = PROCS.get_ptr_mut(tgid);
+    if p.is_none() {
+        let _ = PROCS.insert(tgid, ProcCounters::default(), BPF_NOEXIST as u64);
+        p = PROCS.get_ptr_mut(tgid);
+    }
+    if let Some(p) = p {
+        // SAFETY: `p` points into a map value (not preallocated, RCU-freed),
+        // valid for this program run; fields are updated with atomic adds.
+        unsafe {
+            add(&raw mut (*p).live, live);
+            if accepted != 0 {
+                add(&raw mut (*p).accepted, accepted);
+            }
+            if closed != 0 {
+                add(&raw mut (*p).closed, closed);
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn current_into(ev: &mut Event) {
+    ev.tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if let Ok(comm) = bpf_get_current_comm() {
+        ev.comm = comm;
+    }
+}
+
+#[inline(always)]
+fn netns_of(cfg: &Config, sk: u64) -> u32 {
+    let net: u64 = kread(sk, cfg.skc_net).unwrap_or(0);
+    if net == 0 {
+        return 0;
+    }
+    kread(net, cfg.net_ns_inum).unwrap_or(0)
+}
+
+fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
+    let cfg = config();
+    let protocol: u16 = tp_read(ctx, cfg.tp_protocol)?;
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    let old = tp_read::<i32>(ctx, cfg.tp_oldstate)? as u8;
+    let new = tp_read::<i32>(ctx, cfg.tp_newstate)? as u8;
+    let sk: u64 = tp_read(ctx, cfg.tp_skaddr)?;
+
+    let is_end = matches!(
+        old,
+        tcp_state::ESTABLISHED | tcp_state::CLOSE_WAIT | tcp_state::SYN_RECV
+    ) && matches!(
+        new,
+        tcp_state::FIN_WAIT1 | tcp_state::LAST_ACK | tcp_state::CLOSE
+    );
+    let kind = if new == tcp_state::LISTEN {
+        event_kind::LISTEN_START
+    } else if old == tcp_state::LISTEN {
+        event_kind::LISTEN_STOP
+    } else if old == tcp_state::SYN_RECV && new == tcp_state::ESTABLISHED {
+        // A TCP Fast Open child can be accepted before its handshake completes.
+        if LIVE.get_ptr(sk).is_some() {
+            return Ok(());
+        }
+        event_kind::HANDSHAKE
+    } else if is_end {
+        0
+    } else {
+        return Ok(());
+    };
+
+    let mut ev = Event {
+        ts_ns: now_ns(),
+        sk,
+        old_state: old,
+        new_state: new,
+        family: tp_read(ctx, cfg.tp_family)?,
+        lport: tp_read(ctx, cfg.tp_sport)?,
+        rport: tp_read(ctx, cfg.tp_dport)?,
+        laddr: tp_read(ctx, cfg.tp_saddr_v6)?,
+        raddr: tp_read(ctx, cfg.tp_daddr_v6)?,
+        netns: netns_of(&cfg, sk),
+        ..Event::default()
+    };
+
+    match kind {
+        event_kind::LISTEN_START | event_kind::LISTEN_STOP => {
+            ev.kind = kind;
+            current_into(&mut ev);
+            emit(&ev);
+        }
+        event_kind::HANDSHAKE => {
+            ev.kind = kind;
+            emit(&ev);
+            if QUEUED.insert(sk, ev.ts_ns, BPF_NOEXIST as u64).is_err() {
+                // Already queued (duplicate transition) or the map is full.
+                if QUEUED.get_ptr(sk).is_none() {
+                    bump(stat::MAP_FULL);
+                    warn!(ctx, "QUEUED map full: connection not tracked");
+                    ev.kind = event_kind::QUEUE_DROP;
+                    ev.flags = event_flag::MAP_FULL;
+                    emit(&ev);
+                }
+            }
+        }
+        _ => end_of_connection(&mut ev, sk),
+    }
+    Ok(())
+}
+
+/// A connection left ESTABLISHED/CLOSE_WAIT: report it to whichever map held it.
+#[inline(always)]
+fn end_of_connection(ev: &mut Event, sk: u64) {
+    if let Some(conn) = LIVE.get_ptr(sk) {
+        // SAFETY: map values stay readable for the whole program run (RCU).
+        let owner = unsafe { (*conn).owner };
+        if LIVE.remove(sk).is_ok() {
+            proc_add(owner, -1, 0, 1);
+            ev.kind = event_kind::CLOSE;
+            ev.tgid = owner;
+            emit(ev);
+        }
+        return;
+    }
+    if QUEUED.remove(sk).is_ok() {
+        ev.kind = event_kind::QUEUE_DROP;
+        emit(ev);
+        return;
+    }
+    let key = TupleKey {
+        netns: ev.netns,
+        family: ev.family,
+        lport: ev.lport,
+        rport: ev.rport,
+        _pad: 0,
+        laddr: ev.laddr,
+        raddr: ev.raddr,
+    };
+    if let Some(owner) = PREEXISTING.get_ptr(&key) {
+        // SAFETY: as above.
+        let owner = unsafe { *owner };
+        if PREEXISTING.remove(&key).is_ok() {
+            ev.kind = event_kind::PREEXISTING_CLOSE;
+            ev.tgid = owner;
+            emit(ev);
+        }
+    }
+}
+
+/// Walks `current->files->fdt->fd[fd]->private_data->sk`.
+#[inline(always)]
+fn sock_of_fd(cfg: &Config, fd: u64) -> Result<u64, i32> {
+    // SAFETY: no arguments, no preconditions.
+    let task = unsafe { bpf_get_current_task() };
+    let files: u64 = kread(task, cfg.task_files)?;
+    let fdt: u64 = kread(files, cfg.files_fdt)?;
+    let max_fds: u32 = kread(fdt, cfg.fdt_max_fds)?;
+    if fd >= max_fds as u64 {
+        return Err(-1);
+    }
+    let fd_array: u64 = kread(fdt, cfg.fdt_fd)?;
+    let file: u64 = kread(fd_array, (fd * 8) as u32)?;
+    let socket: u64 = kread(file, cfg.file_private_data)?;
+    let sk: u64 = kread(socket, cfg.socket_sk)?;
+    if sk == 0 { Err(-1) } else { Ok(sk) }
+}
+
+fn try_sys_exit_accept(ctx: &TracePointContext, ret_off: u16) -> Result<(), i32> {
+    let ret: i64 = tp_read(ctx, ret_off)?;
+    if ret < 0 {
+        return Ok(());
+    }
+    let cfg = config();
+    let sk = match sock_of_fd(&cfg, ret as u64) {
+        Ok(sk) => sk,
+        Err(_) => {
+            bump(stat::ACCEPT_UNRESOLVED);
+            return Ok(());
+        }
+    };
+    let family: u16 = kread(sk, cfg.skc_family)?;
+    if family != AF_INET && family != AF_INET6 {
+        return Ok(());
+    }
+    let protocol: u16 = kread(sk, cfg.sk_protocol)?;
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+
+    let mut ev = Event {
+        ts_ns: now_ns(),
+        sk,
+        kind: event_kind::ACCEPT,
+        family,
+        lport: kread(sk, cfg.skc_num)?,
+        rport: u16::from_be(kread(sk, cfg.skc_dport)?),
+        netns: netns_of(&cfg, sk),
+        ..Event::default()
+    };
+    if family == AF_INET6 {
+        ev.laddr = kread(sk, cfg.skc_v6_rcv_saddr)?;
+        ev.raddr = kread(sk, cfg.skc_v6_daddr)?;
+    } else {
+        let l: [u8; 4] = kread(sk, cfg.skc_rcv_saddr)?;
+        let r: [u8; 4] = kread(sk, cfg.skc_daddr)?;
+        ev.laddr = v4_mapped(l);
+        ev.raddr = v4_mapped(r);
+    }
+    current_into(&mut ev);
+
+    if QUEUED.remove(sk).is_ok() {
+        ev.flags = event_flag::WAS_QUEUED;
+    }
+    let conn = LiveConn {
+        accepted_ns: ev.ts_ns,
+        owner: ev.tgid,
+        netns: ev.netns,
+        family: ev.family,
+        lport: ev.lport,
+        rport: ev.rport,
+        _pad: 0,
+        laddr: ev.laddr,
+        raddr: ev.raddr,
+    };
+    emit(&ev);
+    if LIVE.insert(sk, conn, BPF_NOEXIST as u64).is_err() {
+        bump(stat::MAP_FULL);
+        warn!(ctx, "LIVE map full: connection not tracked");
+        ev.kind = event_kind::CLOSE;
+        ev.flags |= event_flag::MAP_FULL;
+        emit(&ev);
+        return Ok(());
+    }
+    proc_add(ev.tgid, 1, 1, 0);
+
+    // The connection may have ended between its handshake and this accept
+    // (reset in the queue, or before the programs attached).
+    let state: u8 = kread(sk, cfg.skc_state)?;
+    if !matches!(
+        state,
+        tcp_state::ESTABLISHED | tcp_state::CLOSE_WAIT | tcp_state::SYN_RECV
+    ) && LIVE.remove(sk).is_ok()
+    {
+        proc_add(ev.tgid, -1, 0, 1);
+        ev.kind = event_kind::CLOSE;
+        ev.ts_ns = now_ns();
+        ev.new_state = state;
+        emit(&ev);
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+    ]
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,202 @@
+//! The vocabulary between `source/` and `tracker/`: decoded kernel events
+//! ([`ConnEvent`]) and point-in-time views of the host ([`Snapshot`]).
+//!
+//! These types carry no aya, netlink or procfs types, so the tracker and
+//! everything downstream can be tested with hand-made values. Times are
+//! CLOCK_MONOTONIC durations (the clock `bpf_ktime_get_ns` uses).
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Kernel address of a `struct sock`: identifies a socket while it lives.
+pub type SockId = u64;
+
+/// Inode number of a network namespace (`readlink /proc/<pid>/ns/net`).
+pub type NetNs = u32;
+
+/// The two ends of a TCP connection as seen by the server, in one network namespace.
+///
+/// `local` is the server side. IPv4 sockets carry `SocketAddr::V4`; IPv6
+/// sockets carry `SocketAddr::V6`, which on a dual-stack listener may be an
+/// IPv4-mapped address (`::ffff:a.b.c.d`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Tuple {
+    pub netns: NetNs,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+/// A listening socket's identity as users see it: namespace plus bound address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ListenAddr {
+    pub netns: NetNs,
+    pub local: SocketAddr,
+}
+
+impl ListenAddr {
+    /// Whether an inbound connection whose server side is `local` (in `netns`)
+    /// could have been accepted from this listener: same namespace and port,
+    /// and the same address or a wildcard one. An IPv6 wildcard (`::`)
+    /// listener also matches IPv4 connections (dual-stack), which reach it as
+    /// IPv4-mapped addresses on an IPv6 socket or, from the snapshot, as
+    /// plain IPv4.
+    pub fn matches(&self, netns: NetNs, local: SocketAddr) -> bool {
+        if self.netns != netns || self.local.port() != local.port() {
+            return false;
+        }
+        let mine = canonical_ip(self.local.ip());
+        let theirs = canonical_ip(local.ip());
+        if mine == theirs {
+            return true;
+        }
+        match self.local.ip() {
+            IpAddr::V4(a) => a.is_unspecified() && theirs.is_ipv4(),
+            IpAddr::V6(a) => a.is_unspecified(),
+        }
+    }
+
+    /// How specific a match is: exact address beats a same-family wildcard,
+    /// which beats a dual-stack wildcard. Used to pick one listener when
+    /// several match.
+    pub fn specificity(&self, local: SocketAddr) -> u8 {
+        let mine = canonical_ip(self.local.ip());
+        if mine == canonical_ip(local.ip()) {
+            3
+        } else if self.local.is_ipv4() == local.is_ipv4() {
+            2
+        } else {
+            1
+        }
+    }
+}
+
+/// IPv4-mapped IPv6 addresses as IPv4, everything else unchanged.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// One decoded record from the kernel programs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ConnEvent {
+    /// `pid` put the socket `sk` into LISTEN on `addr`.
+    ListenStart {
+        at: Duration,
+        sk: SockId,
+        addr: ListenAddr,
+        pid: u32,
+        comm: String,
+    },
+    /// The listening socket `sk` was closed for good (last fd released) by `pid`.
+    ListenStop {
+        at: Duration,
+        sk: SockId,
+        addr: ListenAddr,
+        pid: u32,
+        comm: String,
+    },
+    /// An inbound handshake completed; the connection waits in an accept queue.
+    Handshake {
+        at: Duration,
+        sk: SockId,
+        tuple: Tuple,
+    },
+    /// `pid` accepted `sk`. `was_queued`: the programs saw its handshake, so
+    /// it leaves an accept queue they counted.
+    Accept {
+        at: Duration,
+        sk: SockId,
+        tuple: Tuple,
+        pid: u32,
+        comm: String,
+        was_queued: bool,
+    },
+    /// The live connection `sk`, accepted by `pid`, ended.
+    Close {
+        at: Duration,
+        sk: SockId,
+        tuple: Tuple,
+        pid: u32,
+    },
+    /// A connection died in an accept queue before anyone accepted it.
+    QueueDrop {
+        at: Duration,
+        sk: SockId,
+        tuple: Tuple,
+    },
+    /// A connection from the startup snapshot ended.
+    PreexistingClose {
+        at: Duration,
+        tuple: Tuple,
+        pid: u32,
+    },
+    /// The process `pid` exited (seen by the source, not the programs).
+    ProcessExit { at: Duration, pid: u32 },
+    /// The kernel could not deliver some events (ring buffer full); `total`
+    /// is the running count since the programs were loaded.
+    Lost { at: Duration, total: u64 },
+}
+
+impl ConnEvent {
+    pub fn at(&self) -> Duration {
+        match self {
+            Self::ListenStart { at, .. }
+            | Self::ListenStop { at, .. }
+            | Self::Handshake { at, .. }
+            | Self::Accept { at, .. }
+            | Self::Close { at, .. }
+            | Self::QueueDrop { at, .. }
+            | Self::PreexistingClose { at, .. }
+            | Self::ProcessExit { at, .. }
+            | Self::Lost { at, .. } => *at,
+        }
+    }
+}
+
+/// A process holding a socket through one of its file descriptors.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Holder {
+    pub pid: u32,
+    pub comm: String,
+}
+
+/// A listening TCP socket found by a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapListener {
+    pub addr: ListenAddr,
+    /// Socket inode (`socket:[N]` in `/proc/<pid>/fd`).
+    pub inode: u64,
+    /// Connections waiting in the accept queue at the time of the snapshot.
+    pub accept_queue: u32,
+    /// Every process with an fd on this socket, sorted by pid.
+    pub holders: Vec<Holder>,
+}
+
+/// A live inbound connection found by a snapshot (ESTABLISHED or
+/// CLOSE_WAIT, server side of some listener, held by at least one process).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapConn {
+    pub tuple: Tuple,
+    pub inode: u64,
+    /// TCP state number (1 ESTABLISHED, 8 CLOSE_WAIT).
+    pub state: u8,
+    /// Every process with an fd on this socket, sorted by pid.
+    pub holders: Vec<Holder>,
+}
+
+/// The host as seen by one sock_diag dump per network namespace joined with
+/// every process's socket fds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Monotonic time when the dump started.
+    pub at: Duration,
+    pub listeners: Vec<SnapListener>,
+    pub connections: Vec<SnapConn>,
+}

@@ -1,0 +1,2 @@
+//! The only code that touches the kernel: loads and attaches the eBPF
+//! programs, decodes their events, and takes sock_diag + procfs snapshots.

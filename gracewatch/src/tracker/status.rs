@@ -1,0 +1,73 @@
+//! [`Status`]: the tracker's answer to "who holds what right now". Every
+//! consumer (status/watch output, TUI, agent, drain) reads only this. Its
+//! serde form is the `--json` contract documented in the README and checked
+//! against `schema/status.schema.json`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::NetNs;
+
+/// Value of [`Status::schema`]; bump on any incompatible change.
+pub const STATUS_SCHEMA: &str = "gracewatch.status.v1";
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Status {
+    pub schema: String,
+    /// Milliseconds since the monitor started (monotonic).
+    pub uptime_ms: u64,
+    /// Processes holding a listening socket or live inbound connections, by pid.
+    pub processes: Vec<ProcessStatus>,
+    /// Listening sockets, by namespace then address.
+    pub listeners: Vec<ListenerStatus>,
+    /// Kernel events lost since start (ring buffer full). Non-zero means
+    /// counts may be stale until the next rescan repairs them.
+    pub lost_events: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessStatus {
+    pub pid: u32,
+    pub comm: String,
+    /// Live inbound connections this process holds (ESTABLISHED or CLOSE_WAIT).
+    pub live: u64,
+    /// Listeners this process holds, as `ListenerStatus::address` strings.
+    pub listeners: Vec<String>,
+    /// Connections this process accepted since the monitor started.
+    pub accepted_total: u64,
+    /// Of those and of the pre-existing ones it held, how many ended.
+    pub closed_total: u64,
+    /// Age of its oldest live connection, in milliseconds (`null` if none).
+    /// For connections older than the monitor this is a lower bound.
+    pub oldest_live_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerStatus {
+    /// Network namespace inode: equal addresses in two containers stay apart.
+    pub netns: NetNs,
+    /// `ip:port`, IPv6 in brackets (`[::]:8080`).
+    pub address: String,
+    /// `ipv4` or `ipv6`.
+    pub family: String,
+    /// Processes holding this listener, by pid, each with the live
+    /// connections it holds that came through this listener.
+    pub holders: Vec<HolderStatus>,
+    /// Connections whose handshake completed but that nobody accepted yet.
+    pub accept_queue: u64,
+    /// Connections accepted from this listener since the monitor started.
+    pub accepted_total: u64,
+    /// Connections that died in the accept queue (reset before any accept,
+    /// or by the kernel when the last holder closed the listener).
+    pub queue_drops_total: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HolderStatus {
+    pub pid: u32,
+    pub comm: String,
+    pub live: u64,
+}
