@@ -206,7 +206,9 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     );
     let kind = if new == tcp_state::LISTEN {
         event_kind::LISTEN_START
-    } else if old == tcp_state::LISTEN {
+    } else if old == tcp_state::LISTEN && new == tcp_state::CLOSE {
+        // (A child socket is cloned from its listener and so also starts
+        // with LISTEN → SYN_RECV: that is not the listener closing.)
         event_kind::LISTEN_STOP
     } else if old == tcp_state::SYN_RECV && new == tcp_state::ESTABLISHED {
         // A TCP Fast Open child can be accepted before its handshake completes.

@@ -9,5 +9,6 @@
 
 pub mod cli;
 pub mod event;
+pub mod monitor;
 pub mod source;
 pub mod tracker;

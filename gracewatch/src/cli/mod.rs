@@ -1,6 +1,283 @@
-//! Command-line interface.
-use std::process::ExitCode;
+//! The command line: argument parsing (clap), exit codes (DESIGN.md §5), and
+//! dispatch to the subcommands. Errors are printed once, here.
+
+mod render;
+
+use std::{io::Write as _, process::ExitCode, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    monitor::Monitor,
+    source::{MonitorError, ebpf::SourceOptions},
+    tracker::Status,
+};
+
+/// Exit codes shared by every subcommand (`drain`/`wait` add 3 and 124).
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const RUNTIME: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const CANNOT_MONITOR: u8 = 4;
+    pub const INTERRUPTED: u8 = 130;
+}
+
+const AFTER_HELP: &str = "\
+Exit codes:
+  0    success
+  1    runtime error
+  2    usage error (bad arguments)
+  4    cannot monitor: missing privileges (root, or CAP_BPF + CAP_PERFMON) or kernel support (BTF, tracepoints)
+  130  interrupted
+
+Needs root (or CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, CAP_SYS_PTRACE) and a kernel with BTF.";
+
+/// Count live inbound TCP connections per process and per listener, from the
+/// kernel, and see graceful restarts drain.
+#[derive(Debug, Parser)]
+#[command(name = "gracewatch", version, after_help = AFTER_HELP)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    #[command(flatten)]
+    kernel: KernelArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print who holds which listeners and how many live connections, once.
+    ///
+    /// Lists every process holding a listening TCP socket (in any network
+    /// namespace) with its live inbound connections (ESTABLISHED or
+    /// CLOSE_WAIT, accepted and not yet closed), then every listener with
+    /// its holders and accept-queue depth.
+    #[command(after_help = AFTER_HELP)]
+    Status(FilterArgs),
+    /// Stream changes until interrupted.
+    ///
+    /// Prints a line whenever a process's live count or a listener changes.
+    /// With --json, prints the whole status (same format as `status --json`)
+    /// as one JSON object per line, at most every --interval.
+    #[command(after_help = AFTER_HELP)]
+    Watch {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Minimum time between two updates, e.g. `100ms`, `1s`.
+        #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+        interval: Duration,
+    },
+    /// Print the raw kernel events, one JSON object per line, until
+    /// interrupted (for debugging and for recording replay fixtures).
+    #[command(hide = true)]
+    Record,
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct FilterArgs {
+    /// Only this process (repeatable).
+    #[arg(long = "pid", value_name = "PID")]
+    pids: Vec<u32>,
+    /// Only listeners on this port, and the processes holding them (repeatable).
+    #[arg(long = "port", value_name = "PORT")]
+    ports: Vec<u16>,
+    /// Print JSON (documented in the README; schema in gracewatch/schema/).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+struct KernelArgs {
+    /// Capacity of the kernel's per-socket tables.
+    #[arg(long, global = true, default_value_t = 1 << 20, value_name = "N")]
+    max_connections: u32,
+    /// Size of the kernel→gracewatch event ring buffer, in bytes (rounded up to a power of two).
+    #[arg(long, global = true, default_value_t = 1 << 22, value_name = "BYTES")]
+    ring_buffer_size: u32,
+}
+
+/// Parses `90s`, `2m`, `1500ms`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (examples: 500ms, 90s, 2m)"))?;
+    let secs = match unit {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use ms, s, m or h)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("`{s}` is not a valid duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
 
 pub fn main() -> ExitCode {
-    ExitCode::SUCCESS
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { exit::USAGE } else { exit::OK };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gracewatch: failed to start the async runtime: {e}");
+            return ExitCode::from(exit::RUNTIME);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            let code = match e.downcast_ref::<MonitorError>() {
+                Some(MonitorError::CannotMonitor(_)) => exit::CANNOT_MONITOR,
+                _ => exit::RUNTIME,
+            };
+            eprintln!("gracewatch: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<u8> {
+    let opts = SourceOptions {
+        max_connections: cli.kernel.max_connections,
+        ring_buffer_bytes: cli.kernel.ring_buffer_size,
+    };
+    match cli.command {
+        Command::Status(filter) => {
+            let monitor = Monitor::start(opts)?;
+            let status = filter.apply(monitor.status());
+            let mut out = std::io::stdout().lock();
+            if filter.json {
+                serde_json::to_writer(&mut out, &status)?;
+                writeln!(out)?;
+            } else {
+                write!(out, "{}", render::table(&status, &filter))?;
+            }
+            Ok(exit::OK)
+        }
+        Command::Watch { filter, interval } => watch(opts, filter, interval).await,
+        Command::Record => record(opts).await,
+    }
+}
+
+async fn watch(opts: SourceOptions, filter: FilterArgs, interval: Duration) -> anyhow::Result<u8> {
+    let mut monitor = Monitor::start(opts)?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut last: Option<Status> = None;
+    let mut next_print = tokio::time::Instant::now();
+    let mut pending = true;
+    loop {
+        if pending && tokio::time::Instant::now() >= next_print {
+            let status = filter.apply(monitor.status());
+            if last.as_ref().is_none_or(|l| render::differs(l, &status)) {
+                let mut out = std::io::stdout().lock();
+                if filter.json {
+                    serde_json::to_writer(&mut out, &status)?;
+                    writeln!(out)?;
+                } else {
+                    write!(out, "{}", render::changes(last.as_ref(), &status))?;
+                }
+                out.flush()?;
+                last = Some(status);
+            }
+            pending = false;
+            next_print = tokio::time::Instant::now() + interval;
+        }
+        let wake = if pending { next_print } else { tokio::time::Instant::now() + Duration::from_secs(3600) };
+        tokio::select! {
+            changed = monitor.next_change() => { pending |= changed?; }
+            () = tokio::time::sleep_until(wake) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(exit::INTERRUPTED),
+            _ = sigterm.recv() => return Ok(exit::INTERRUPTED),
+        }
+    }
+}
+
+async fn record(opts: SourceOptions) -> anyhow::Result<u8> {
+    let mut source = crate::source::ebpf::EbpfSource::start(opts)?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut batch = Vec::new();
+    loop {
+        tokio::select! {
+            r = source.readable() => r?,
+            _ = tokio::signal::ctrl_c() => return Ok(exit::INTERRUPTED),
+            _ = sigterm.recv() => return Ok(exit::INTERRUPTED),
+        }
+        batch.clear();
+        source.drain(&mut batch);
+        let mut out = std::io::stdout().lock();
+        for ev in &batch {
+            serde_json::to_writer(&mut out, ev)?;
+            writeln!(out)?;
+        }
+        out.flush()?;
+    }
+}
+
+impl FilterArgs {
+    /// Keeps the processes named by --pid and the listeners on --port, and
+    /// what connects the two (a process is kept if it holds a kept listener).
+    pub fn apply(&self, mut status: Status) -> Status {
+        if !self.ports.is_empty() {
+            status.listeners.retain(|l| {
+                l.address
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok())
+                    .is_some_and(|p| self.ports.contains(&p))
+            });
+            let kept: Vec<&str> = status.listeners.iter().map(|l| l.address.as_str()).collect();
+            status
+                .processes
+                .retain(|p| p.listeners.iter().any(|a| kept.contains(&a.as_str())));
+            for p in &mut status.processes {
+                p.listeners.retain(|a| kept.contains(&a.as_str()));
+            }
+        }
+        if !self.pids.is_empty() {
+            status.processes.retain(|p| self.pids.contains(&p.pid));
+            status
+                .listeners
+                .retain(|l| l.holders.iter().any(|h| self.pids.contains(&h.pid)));
+        }
+        status
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units_and_reject_garbage() {
+        let ok = [("90s", 90_000), ("2m", 120_000), ("1500ms", 1500), ("1h", 3_600_000), ("3", 3000), ("0.5s", 500)];
+        for (s, ms) in ok {
+            assert_eq!(parse_duration(s), Ok(Duration::from_millis(ms)), "{s}");
+        }
+        for bad in ["", "-1s", "abc", "10x", "1.2.3s", "s"] {
+            assert!(parse_duration(bad).is_err(), "{bad} should be rejected");
+        }
+    }
+
+    #[test]
+    fn bad_arguments_are_usage_errors() {
+        for args in [
+            vec!["gracewatch", "status", "--pid", "abc"],
+            vec!["gracewatch", "status", "--port", "70000"],
+            vec!["gracewatch", "watch", "--interval", "soon"],
+            vec!["gracewatch", "frobnicate"],
+        ] {
+            let err = Cli::try_parse_from(&args).expect_err("must be rejected");
+            assert!(err.use_stderr(), "{args:?}");
+        }
+        assert!(Cli::try_parse_from(["gracewatch", "status", "--pid", "1", "--pid", "2", "--json"]).is_ok());
+    }
 }

@@ -1,0 +1,131 @@
+//! Human output for `status` and `watch`: pure functions of [`Status`].
+
+use std::fmt::Write as _;
+
+use super::FilterArgs;
+use crate::tracker::{ProcessStatus, Status};
+
+/// The `gracewatch status` table, or a sentence saying why it is empty.
+pub fn table(status: &Status, filter: &FilterArgs) -> String {
+    let mut out = String::new();
+    if status.processes.is_empty() && status.listeners.is_empty() {
+        let why = match (filter.pids.is_empty(), filter.ports.is_empty()) {
+            (true, true) => "no process holds a listening TCP socket".to_owned(),
+            (false, _) => format!(
+                "no listening socket or live inbound connection held by pid {}",
+                join(&filter.pids)
+            ),
+            (true, false) => format!("no listening TCP socket on port {}", join(&filter.ports)),
+        };
+        let _ = writeln!(out, "{why}");
+        return out;
+    }
+    let _ = writeln!(out, "{:<8} {:<16} {:>6}  LISTENERS", "PID", "COMMAND", "LIVE");
+    for p in &status.processes {
+        let _ = writeln!(
+            out,
+            "{:<8} {:<16} {:>6}  {}",
+            p.pid,
+            p.comm,
+            p.live,
+            if p.listeners.is_empty() { "-".to_owned() } else { p.listeners.join(", ") }
+        );
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:<28} {:<11} {:>6} {:>8}  HOLDERS (live)",
+        "LISTENER", "NETNS", "QUEUE", "DROPPED"
+    );
+    for l in &status.listeners {
+        let holders: Vec<String> = l
+            .holders
+            .iter()
+            .map(|h| format!("{} {} ({})", h.pid, h.comm, h.live))
+            .collect();
+        let _ = writeln!(
+            out,
+            "{:<28} {:<11} {:>6} {:>8}  {}",
+            l.address,
+            l.netns,
+            l.accept_queue,
+            l.queue_drops_total,
+            if holders.is_empty() { "-".to_owned() } else { holders.join(", ") }
+        );
+    }
+    if status.lost_events > 0 {
+        let _ = writeln!(
+            out,
+            "\nwarning: {} kernel events were lost (ring buffer full); counts are repaired by the next rescan",
+            status.lost_events
+        );
+    }
+    out
+}
+
+/// Whether two statuses differ in anything but the passage of time.
+pub fn differs(a: &Status, b: &Status) -> bool {
+    let strip = |s: &Status| {
+        let mut s = s.clone();
+        s.uptime_ms = 0;
+        for p in &mut s.processes {
+            p.oldest_live_ms = None;
+        }
+        s
+    };
+    strip(a) != strip(b)
+}
+
+/// One line per change between two statuses (`watch` without `--json`).
+pub fn changes(prev: Option<&Status>, cur: &Status) -> String {
+    let mut out = String::new();
+    let t = format!("{:>8.1}s", cur.uptime_ms as f64 / 1000.0);
+    let find = |s: &Status, pid: u32| -> Option<ProcessStatus> {
+        s.processes.iter().find(|p| p.pid == pid).cloned()
+    };
+    for p in &cur.processes {
+        match prev.and_then(|s| find(s, p.pid)) {
+            None => {
+                let _ = writeln!(
+                    out,
+                    "{t} pid {} ({}) live {}  listeners: {}",
+                    p.pid,
+                    p.comm,
+                    p.live,
+                    if p.listeners.is_empty() { "-".to_owned() } else { p.listeners.join(", ") }
+                );
+            }
+            Some(old) if old.live != p.live || old.listeners != p.listeners => {
+                let _ = writeln!(out, "{t} pid {} ({}) live {} → {}", p.pid, p.comm, old.live, p.live);
+                if old.listeners != p.listeners {
+                    let _ = writeln!(
+                        out,
+                        "{t} pid {} ({}) listeners: {}",
+                        p.pid,
+                        p.comm,
+                        if p.listeners.is_empty() { "-".to_owned() } else { p.listeners.join(", ") }
+                    );
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    if let Some(prev) = prev {
+        for p in &prev.processes {
+            if find(cur, p.pid).is_none() {
+                let _ = writeln!(out, "{t} pid {} ({}) gone (held {} live)", p.pid, p.comm, p.live);
+            }
+        }
+        if prev.lost_events != cur.lost_events {
+            let _ = writeln!(out, "{t} warning: {} kernel events lost so far", cur.lost_events);
+        }
+    }
+    if prev.is_none() && cur.processes.is_empty() {
+        let _ = writeln!(out, "{t} no process holds a listening TCP socket yet; watching");
+    }
+    out
+}
+
+fn join<T: ToString>(items: &[T]) -> String {
+    items.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+}

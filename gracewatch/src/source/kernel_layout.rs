@@ -1,0 +1,232 @@
+//! Resolves the running kernel's layout into a [`Config`] for the programs:
+//! struct-member offsets from BTF (`/sys/kernel/btf/vmlinux`) and tracepoint
+//! field offsets from the tracefs `format` files.
+//!
+//! aya has no CO-RE for Rust programs, so nothing about the kernel's layout
+//! may be compiled in: a kernel with a different `struct file` must still
+//! work, and one without what we need must be refused with a clear reason.
+
+use std::{collections::HashMap, fs, path::Path};
+
+use anyhow::{Context as _, anyhow, bail};
+use btf_rs::{Btf, Type};
+use gracewatch_common::Config;
+
+use super::MonitorError;
+
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+pub const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// The tracepoints the programs attach to, as (category, name).
+pub const TRACEPOINTS: [(&str, &str); 3] = [
+    ("sock", "inet_sock_set_state"),
+    ("syscalls", "sys_exit_accept4"),
+    ("syscalls", "sys_exit_accept"),
+];
+
+/// Builds the programs' `CONFIG` for this kernel.
+pub fn resolve() -> Result<Config, MonitorError> {
+    if !Path::new(VMLINUX_BTF).exists() {
+        return Err(MonitorError::CannotMonitor(format!(
+            "kernel BTF not found at {VMLINUX_BTF}: gracewatch needs a kernel built with CONFIG_DEBUG_INFO_BTF=y"
+        )));
+    }
+    let btf = Btf::from_file(VMLINUX_BTF)
+        .map_err(|e| MonitorError::CannotMonitor(format!("cannot read kernel BTF {VMLINUX_BTF}: {e}")))?;
+    let mut cfg = struct_offsets(&btf).map_err(|e| {
+        MonitorError::CannotMonitor(format!("kernel BTF lacks a structure gracewatch needs: {e:#}"))
+    })?;
+
+    ensure_tracefs()?;
+    let sock = tracepoint_format("sock", "inet_sock_set_state")?;
+    let field = |name: &str| -> Result<u16, MonitorError> {
+        sock.get(name).copied().ok_or_else(|| {
+            MonitorError::CannotMonitor(format!(
+                "tracepoint sock/inet_sock_set_state has no field `{name}` on this kernel"
+            ))
+        })
+    };
+    cfg.tp_skaddr = field("skaddr")?;
+    cfg.tp_oldstate = field("oldstate")?;
+    cfg.tp_newstate = field("newstate")?;
+    cfg.tp_sport = field("sport")?;
+    cfg.tp_dport = field("dport")?;
+    cfg.tp_family = field("family")?;
+    cfg.tp_protocol = field("protocol")?;
+    cfg.tp_saddr_v6 = field("saddr_v6")?;
+    cfg.tp_daddr_v6 = field("daddr_v6")?;
+    for (name, slot) in [
+        ("sys_exit_accept4", &mut cfg.tp_accept4_ret),
+        ("sys_exit_accept", &mut cfg.tp_accept_ret),
+    ] {
+        let fields = tracepoint_format("syscalls", name)?;
+        *slot = *fields.get("ret").ok_or_else(|| {
+            MonitorError::CannotMonitor(format!("tracepoint syscalls/{name} has no field `ret`"))
+        })?;
+    }
+    Ok(cfg)
+}
+
+/// Mounts tracefs at its usual place if nothing is there: the tracepoint
+/// `format` files (and aya's attach by name) need it.
+fn ensure_tracefs() -> Result<(), MonitorError> {
+    if Path::new(TRACEFS).join("events").is_dir() {
+        return Ok(());
+    }
+    rustix::mount::mount("tracefs", TRACEFS, "tracefs", rustix::mount::MountFlags::empty(), None)
+        .map_err(|e| {
+            MonitorError::CannotMonitor(format!(
+                "tracefs is not mounted and mounting it at {TRACEFS} failed ({e}): run as root or `mount -t tracefs tracefs {TRACEFS}`"
+            ))
+        })
+}
+
+/// Field name → byte offset, from `events/<category>/<name>/format`.
+fn tracepoint_format(category: &str, name: &str) -> Result<HashMap<String, u16>, MonitorError> {
+    let path = Path::new(TRACEFS).join("events").join(category).join(name).join("format");
+    let text = fs::read_to_string(&path).map_err(|e| {
+        MonitorError::CannotMonitor(format!(
+            "tracepoint {category}/{name} is not available ({}: {e}); gracewatch needs it{}",
+            path.display(),
+            if category == "syscalls" { " (CONFIG_FTRACE_SYSCALLS=y)" } else { "" }
+        ))
+    })?;
+    Ok(parse_format(&text))
+}
+
+/// Parses the `field:TYPE NAME; offset:N; size:N; signed:N;` lines of a
+/// tracepoint format file. Array fields (`__u8 saddr_v6[16]`) keep their bare name.
+pub fn parse_format(text: &str) -> HashMap<String, u16> {
+    let mut fields = HashMap::new();
+    for line in text.lines() {
+        let mut decl = None;
+        let mut offset = None;
+        for part in line.trim().split(';') {
+            let part = part.trim();
+            if let Some(d) = part.strip_prefix("field:") {
+                decl = Some(d);
+            } else if let Some(o) = part.strip_prefix("offset:") {
+                offset = o.parse::<u16>().ok();
+            }
+        }
+        let (Some(decl), Some(offset)) = (decl, offset) else {
+            continue;
+        };
+        let Some(last) = decl.split_whitespace().last() else {
+            continue;
+        };
+        let name = last.split('[').next().unwrap_or(last).trim_start_matches('*');
+        fields.insert(name.to_owned(), offset);
+    }
+    fields
+}
+
+fn struct_offsets(btf: &Btf) -> anyhow::Result<Config> {
+    let off = |s: &str, path: &str| member_offset(btf, s, path);
+    let sk_common = off("sock", "__sk_common")?;
+    let skc = |m: &str| -> anyhow::Result<u32> { Ok(sk_common + off("sock_common", m)?) };
+    Ok(Config {
+        task_files: off("task_struct", "files")?,
+        files_fdt: off("files_struct", "fdt")?,
+        fdt_max_fds: off("fdtable", "max_fds")?,
+        fdt_fd: off("fdtable", "fd")?,
+        file_private_data: off("file", "private_data")?,
+        socket_sk: off("socket", "sk")?,
+        skc_family: skc("skc_family")?,
+        skc_state: skc("skc_state")?,
+        skc_num: skc("skc_num")?,
+        skc_dport: skc("skc_dport")?,
+        skc_v6_daddr: skc("skc_v6_daddr")?,
+        skc_v6_rcv_saddr: skc("skc_v6_rcv_saddr")?,
+        skc_daddr: skc("skc_daddr")?,
+        skc_rcv_saddr: skc("skc_rcv_saddr")?,
+        skc_net: skc("skc_net")?,
+        sk_protocol: off("sock", "sk_protocol")?,
+        net_ns_inum: off("net", "ns")? + off("ns_common", "inum")?,
+        ..Config::default()
+    })
+}
+
+/// Byte offset of `member` in `struct name`, looking through anonymous
+/// structs and unions (where `sock_common` keeps most of its fields).
+pub fn member_offset(btf: &Btf, name: &str, member: &str) -> anyhow::Result<u32> {
+    let types = btf
+        .resolve_types_by_name(name)
+        .with_context(|| format!("struct `{name}` not found"))?;
+    let strukt = types
+        .iter()
+        .find_map(|t| match t {
+            Type::Struct(s) if !s.members.is_empty() => Some(s),
+            _ => None,
+        })
+        .ok_or_else(|| anyhow!("struct `{name}` not found"))?;
+    find_member(btf, strukt, member)?
+        .ok_or_else(|| anyhow!("struct `{name}` has no member `{member}`"))
+}
+
+fn find_member(btf: &Btf, strukt: &btf_rs::Struct, member: &str) -> anyhow::Result<Option<u32>> {
+    for m in &strukt.members {
+        let mname = btf.resolve_name(m).unwrap_or_default();
+        if mname == member {
+            if m.bitfield_size().is_some_and(|s| s != 0) || m.bit_offset() % 8 != 0 {
+                bail!("member `{member}` is a bitfield");
+            }
+            return Ok(Some(m.bit_offset() / 8));
+        }
+        if mname.is_empty() {
+            let mut ty = btf.resolve_chained_type(m)?;
+            while let Type::Typedef(_) | Type::Const(_) | Type::Volatile(_) = ty {
+                let Some(inner) = ty.as_btf_type() else { break };
+                ty = btf.resolve_chained_type(inner)?;
+            }
+            if let Type::Struct(inner) | Type::Union(inner) = &ty {
+                if let Some(o) = find_member(btf, inner, member)? {
+                    return Ok(Some(m.bit_offset() / 8 + o));
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_tracepoint_format_fields() {
+        let text = "name: inet_sock_set_state\nID: 1413\nformat:\n\
+            \tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\
+            \tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;\n\
+            \tfield:int oldstate;\toffset:16;\tsize:4;\tsigned:1;\n\
+            \tfield:__u8 saddr_v6[16];\toffset:40;\tsize:16;\tsigned:0;\n\
+            \nprint fmt: \"family=%s\"\n";
+        let f = parse_format(text);
+        assert_eq!(f.get("skaddr"), Some(&8));
+        assert_eq!(f.get("oldstate"), Some(&16));
+        assert_eq!(f.get("saddr_v6"), Some(&40));
+        assert_eq!(f.get("common_type"), Some(&0));
+        assert_eq!(f.len(), 4);
+    }
+
+    /// Runs against this machine's kernel: every offset must resolve and the
+    /// ones with a fixed ABI position must be where the ABI says.
+    #[test]
+    fn resolves_offsets_from_running_kernel_btf() {
+        if !Path::new(VMLINUX_BTF).exists() {
+            assert!(std::env::var("CI").is_err(), "CI machines must have kernel BTF");
+            return;
+        }
+        let btf = Btf::from_file(VMLINUX_BTF).expect("read vmlinux BTF");
+        let cfg = struct_offsets(&btf).expect("resolve offsets");
+        // `struct sock` starts with `__sk_common`, whose address pair and
+        // port pair open it on every kernel since 2.6.
+        assert_eq!(cfg.skc_daddr, 0);
+        assert_eq!(cfg.skc_rcv_saddr, 4);
+        assert_eq!(cfg.skc_dport, 12);
+        assert_eq!(cfg.skc_num, 14);
+        assert_eq!(cfg.fdt_max_fds, 0);
+        assert!(cfg.task_files > 0 && cfg.skc_net > 0 && cfg.net_ns_inum > 0);
+        assert!(member_offset(&btf, "sock_common", "no_such_member").is_err());
+    }
+}

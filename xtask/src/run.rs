@@ -1,0 +1,49 @@
+//! `cargo xtask run`: build the release binary and replace this process with
+//! it, as root. `exec` rather than spawn-and-wait, so that the terminal,
+//! signals (Ctrl-C reaches gracewatch directly) and the exit code are
+//! gracewatch's own.
+
+use std::{ffi::OsString, os::unix::process::CommandExt as _};
+
+use anyhow::{Result, bail};
+
+use crate::{
+    cmd::{self, command},
+    setup,
+};
+
+pub fn run(args: Vec<OsString>) -> Result<()> {
+    setup::setup(setup::Options { test_deps: false })?;
+    cmd::run(command("cargo").current_dir(cmd::repo_root()).args([
+        "build",
+        "--release",
+        "-p",
+        "gracewatch",
+    ]))?;
+
+    let bin = cmd::target_dir().join("release").join("gracewatch");
+    let args = if args.is_empty() {
+        vec![OsString::from("tui")]
+    } else {
+        args
+    };
+
+    let mut gracewatch = if cmd::is_root() || cmd::has_bpf_caps() {
+        let mut c = command(&bin);
+        c.args(&args);
+        c
+    } else if cmd::find_on_path("sudo").is_some() {
+        // -E keeps RUST_LOG and friends.
+        let mut c = command("sudo");
+        c.arg("-E").arg(&bin).args(&args);
+        c
+    } else {
+        bail!(
+            "gracewatch needs root (or CAP_BPF and CAP_PERFMON) to load its eBPF programs, and \
+             sudo is not installed; rerun `cargo xtask run` as root"
+        );
+    };
+    println!("$ {}", cmd::display(&gracewatch));
+    let err = gracewatch.exec();
+    Err(anyhow::Error::new(err).context(format!("failed to execute {}", bin.display())))
+}
