@@ -25,11 +25,11 @@ use clap::{Parser, Subcommand};
         plain `cargo build` only works once `cargo xtask setup` has installed those. Loading the \
         programs needs root (or CAP_BPF + CAP_PERFMON); `cargo xtask run` takes care of that.",
     after_help = "Typical use:\n  \
-        cargo xtask setup              install the eBPF toolchain (idempotent, fast when done)\n  \
-        cargo xtask run                build in release mode and start `gracewatch tui` as root\n  \
+        cargo xtask setup                 install the eBPF toolchain (idempotent; quick once done)\n  \
+        cargo xtask run                   build in release mode, start `gracewatch tui` as root\n  \
         cargo xtask run -- drain --help   pass other arguments to gracewatch\n  \
-        cargo xtask test               fmt, clippy (host + eBPF), unit tests, privileged e2e tests\n  \
-        cargo xtask ci                 what `.ci/run` runs (`test`, with timings)\n\n\
+        cargo xtask test                  fmt, clippy (host + eBPF), unit tests, privileged e2e\n  \
+        cargo xtask ci                    what `.ci/run` runs (`test`, with timings)\n\n\
         Run `cargo xtask <TASK> --help` for the details of each task."
 )]
 struct Cli {

@@ -47,11 +47,13 @@ pub const TCP_LISTEN: u8 = 10;
 /// the host, in every network namespace some process lives in.
 ///
 /// `at` is `clock_now()` (normally [`super::monotonic_now`]) read before
-/// the /proc walk starts: anything the
-/// event stream reports after `at` may or may not be reflected here.
-/// Processes that vanish or deny access are skipped; namespaces we may not
-/// enter (no `CAP_SYS_ADMIN`) are skipped with a warning. Errors are for
-/// what makes the whole view meaningless (no /proc, no sock_diag).
+/// the /proc walk starts: anything the event stream reports after `at` may
+/// or may not be reflected here.
+///
+/// Processes that vanish or deny access are skipped; namespaces other than
+/// ours that we may not enter (no `CAP_SYS_ADMIN`) are skipped with a
+/// warning. Errors are for what makes the whole view meaningless (no /proc,
+/// no sock_diag).
 pub fn take(clock_now: impl Fn() -> Duration) -> anyhow::Result<Snapshot> {
     let at = clock_now();
     let own = netns::current_thread_netns()?;
@@ -347,7 +349,7 @@ fn assemble(
         .filter(|s| is_inbound(s.local))
         .filter_map(|s| {
             let holders = holders_of(s.inode);
-            (!holders.is_empty()).then(|| SnapConn {
+            (!holders.is_empty()).then_some(SnapConn {
                 tuple: Tuple {
                     netns,
                     local: s.local,
@@ -360,4 +362,331 @@ fn assemble(
         })
         .collect();
     (listeners, connections)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::{
+        io::{BufRead, BufReader, Write},
+        net::{Ipv4Addr, Ipv6Addr, SocketAddrV6, TcpListener, TcpStream},
+        process::{Child, Command, Stdio},
+        time::Instant,
+    };
+
+    use super::*;
+    use crate::source::monotonic_now;
+
+    fn me() -> u32 {
+        std::process::id()
+    }
+
+    fn own_netns() -> NetNs {
+        netns::current_thread_netns().unwrap()
+    }
+
+    fn tuple_of(netns: NetNs, server_side: &TcpStream) -> Tuple {
+        Tuple {
+            netns,
+            local: server_side.local_addr().unwrap(),
+            remote: server_side.peer_addr().unwrap(),
+        }
+    }
+
+    /// Takes snapshots until `ready` holds (the server side of a loopback
+    /// handshake can land in the accept queue a moment after `connect`
+    /// returns), then returns the last one.
+    fn take_until(ready: impl Fn(&Snapshot) -> bool) -> Snapshot {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let snap = take(monotonic_now).unwrap();
+            if ready(&snap) || Instant::now() > deadline {
+                return snap;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn listener_at(snap: &Snapshot, addr: ListenAddr) -> Option<&SnapListener> {
+        snap.listeners.iter().find(|l| l.addr == addr)
+    }
+
+    #[test]
+    fn snapshot_sees_own_listeners_and_accepted_connections_only() {
+        let ns = own_netns();
+        let dual_stack = std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|v| v.trim() == "0");
+
+        let l4 = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let l6 = TcpListener::bind((Ipv6Addr::UNSPECIFIED, 0)).unwrap();
+        let (a4, a6) = (l4.local_addr().unwrap(), l6.local_addr().unwrap());
+
+        let c1 = TcpStream::connect(a4).unwrap();
+        let (s1, _) = l4.accept().unwrap();
+        let c2 = TcpStream::connect(a4).unwrap(); // left in l4's accept queue
+        let c4 = TcpStream::connect((Ipv6Addr::LOCALHOST, a6.port())).unwrap();
+        let (s4, _) = l6.accept().unwrap();
+        let mut server_side = vec![&s1, &s4];
+        let mut clients = vec![&c1, &c2, &c4];
+        let v4_to_v6 = dual_stack.then(|| {
+            let c3 = TcpStream::connect((Ipv4Addr::LOCALHOST, a6.port())).unwrap();
+            let (s3, _) = l6.accept().unwrap();
+            (c3, s3)
+        });
+        if let Some((c3, s3)) = &v4_to_v6 {
+            server_side.push(s3);
+            clients.push(c3);
+        } else {
+            eprintln!("net.ipv6.bindv6only is 1: not testing IPv4 clients of an IPv6 listener");
+        }
+
+        let l4_addr = ListenAddr { netns: ns, local: a4 };
+        let l6_addr = ListenAddr { netns: ns, local: a6 };
+        let snap = take_until(|s| listener_at(s, l4_addr).is_some_and(|l| l.accept_queue == 1));
+        assert!(snap.at > Duration::ZERO);
+
+        let comm = std::fs::read_to_string("/proc/self/comm").unwrap().trim_end().to_owned();
+        let us = vec![Holder { pid: me(), comm }];
+        let l4_snap = listener_at(&snap, l4_addr).expect("127.0.0.1 listener missing");
+        assert_eq!(l4_snap.holders, us);
+        assert_eq!(l4_snap.accept_queue, 1);
+        assert_ne!(l4_snap.inode, 0);
+        let l6_snap = listener_at(&snap, l6_addr).expect("[::] listener missing");
+        assert!(matches!(l6_snap.addr.local, SocketAddr::V6(_)));
+        assert_eq!(l6_snap.holders, us);
+        assert_eq!(l6_snap.accept_queue, 0);
+
+        let ours: Vec<&SnapConn> = snap
+            .connections
+            .iter()
+            .filter(|c| c.tuple.netns == ns && [a4.port(), a6.port()].contains(&c.tuple.local.port()))
+            .collect();
+        let mut got: Vec<Tuple> = ours.iter().map(|c| c.tuple).collect();
+        let mut want: Vec<Tuple> = server_side.iter().map(|s| tuple_of(ns, s)).collect();
+        got.sort();
+        want.sort();
+        assert_eq!(got, want, "exactly the accepted server-side sockets");
+        for conn in &ours {
+            assert_eq!(conn.holders, us);
+            assert_eq!(conn.state, TCP_ESTABLISHED);
+            assert_ne!(conn.inode, 0);
+        }
+        for client in &clients {
+            let local = client.local_addr().unwrap();
+            assert!(
+                !snap.connections.iter().any(|c| c.tuple.netns == ns && c.tuple.local == local),
+                "outbound client socket {local} reported as inbound"
+            );
+        }
+        if let Some((c3, _)) = &v4_to_v6 {
+            let mapped = SocketAddr::V6(SocketAddrV6::new(Ipv4Addr::LOCALHOST.to_ipv6_mapped(), a6.port(), 0, 0));
+            let conn = ours
+                .iter()
+                .find(|c| c.tuple.local == mapped)
+                .expect("IPv4 client of the [::] listener missing as a v4-mapped IPv6 socket");
+            assert_eq!(conn.tuple.remote.port(), c3.local_addr().unwrap().port());
+            assert!(matches!(conn.tuple.remote, SocketAddr::V6(_)));
+        }
+
+        let mut sorted = snap.listeners.clone();
+        sorted.sort_by_key(|l| (l.addr, l.inode));
+        assert_eq!(sorted, snap.listeners);
+        let mut sorted = snap.connections.clone();
+        sorted.sort_by_key(|c| (c.tuple, c.inode));
+        assert_eq!(sorted, snap.connections);
+    }
+
+    #[test]
+    fn live_inbound_fds_of_own_pid() {
+        let ns = own_netns();
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = TcpStream::connect(addr).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let want = tuple_of(ns, &server);
+
+        let live = live_inbound_fds(me()).unwrap();
+        assert!(live.contains(&want), "{want:?} missing from {live:?}");
+        let client_local = client.local_addr().unwrap();
+        assert!(!live.iter().any(|t| t.local == client_local), "outbound socket counted");
+
+        // Once the last listener is gone, the dump alone cannot tell the
+        // connection is inbound; a listen address known from events can.
+        drop(listener);
+        assert!(!live_inbound_fds(me()).unwrap().contains(&want));
+        let known = [ListenAddr { netns: ns, local: addr }];
+        assert!(live_inbound_fds_with(me(), &known).unwrap().contains(&want));
+
+        drop(server);
+        assert!(!live_inbound_fds_with(me(), &known).unwrap().contains(&want));
+    }
+
+    /// Enough sockets that the dump spans many netlink datagrams (the kernel
+    /// starts with roughly page-sized ones).
+    #[test]
+    fn live_inbound_fds_across_many_datagrams() {
+        let ns = own_netns();
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut pairs = Vec::new();
+        for _ in 0..150 {
+            let client = TcpStream::connect(addr).unwrap();
+            let (server, _) = listener.accept().unwrap();
+            pairs.push((client, server));
+        }
+        let live = live_inbound_fds(me()).unwrap();
+        let mine: Vec<&Tuple> = live.iter().filter(|t| t.local == addr).collect();
+        assert_eq!(mine.len(), pairs.len());
+        for (_, server) in &pairs {
+            assert!(live.contains(&tuple_of(ns, server)));
+        }
+    }
+
+    #[test]
+    fn live_inbound_fds_of_missing_pid_fails() {
+        let err = live_inbound_fds(u32::MAX >> 1).unwrap_err();
+        assert!(format!("{err:#}").contains("/proc/"), "{err:#}");
+    }
+
+    /// Deletes the namespace and kills the server even when an assert fails.
+    struct NsGuard {
+        name: String,
+        child: Option<Child>,
+    }
+
+    impl Drop for NsGuard {
+        fn drop(&mut self) {
+            if let Some(child) = &mut self.child {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        }
+    }
+
+    fn ip(args: &[&str]) {
+        let status = Command::new("ip").args(args).status().unwrap();
+        assert!(status.success(), "ip {args:?} failed: {status}");
+    }
+
+    const PY_SERVER: &str = r#"
+import os, socket, sys
+l = socket.socket()
+l.bind(("127.0.0.1", 0))
+l.listen(8)
+port = l.getsockname()[1]
+c = socket.create_connection(("127.0.0.1", port))
+s, _ = l.accept()
+print("ready", os.getpid(), port, flush=True)
+sys.stdin.read()
+"#;
+
+    #[test]
+    fn snapshot_enters_other_network_namespaces() {
+        if !rustix::process::geteuid().is_root() {
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "needs root (ip netns add)");
+            eprintln!("skipping: needs root to create a network namespace");
+            return;
+        }
+        let name = format!("gw-snap-{}-{}", me(), monotonic_now().subsec_nanos());
+        ip(&["netns", "add", &name]);
+        let mut guard = NsGuard { name, child: None };
+        ip(&["-n", &guard.name, "link", "set", "lo", "up"]);
+        let child = Command::new("ip")
+            .args(["netns", "exec", &guard.name, "python3", "-c", PY_SERVER])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let child = guard.child.insert(child);
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(fields.first(), Some(&"ready"), "python server did not start: {line:?}");
+        let py_pid: u32 = fields[1].parse().unwrap();
+        let port: u16 = fields[2].parse().unwrap();
+        let their_ns = NetNsHandle::of_pid(py_pid).unwrap().inode();
+        assert_ne!(their_ns, own_netns());
+
+        let addr = ListenAddr {
+            netns: their_ns,
+            local: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        };
+        let snap = take(monotonic_now).unwrap();
+        let listener = listener_at(&snap, addr).unwrap_or_else(|| panic!("listener {addr:?} missing"));
+        assert_eq!(listener.holders.iter().map(|h| h.pid).collect::<Vec<_>>(), [py_pid]);
+        assert!(listener.holders[0].comm.starts_with("python"), "{:?}", listener.holders);
+        let theirs: Vec<&SnapConn> = snap.connections.iter().filter(|c| c.tuple.netns == their_ns).collect();
+        assert_eq!(theirs.len(), 1, "only the accepted side is inbound: {theirs:?}");
+        assert_eq!(theirs[0].tuple.local, addr.local);
+        assert_eq!(theirs[0].holders.iter().map(|h| h.pid).collect::<Vec<_>>(), [py_pid]);
+        // Nothing from their namespace leaks into ours under the same address.
+        assert!(!snap.listeners.iter().any(|l| l.addr.netns != their_ns && l.inode == listener.inode));
+
+        let live = live_inbound_fds(py_pid).unwrap();
+        assert_eq!(live, [theirs[0].tuple]);
+
+        if let Some(stdin) = &mut child.stdin {
+            let _ = stdin.flush();
+        }
+    }
+
+    fn diag(state: u8, local: &str, remote: &str, rqueue: u32, inode: u64) -> DiagSocket {
+        DiagSocket {
+            state,
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            rqueue,
+            inode,
+        }
+    }
+
+    #[test]
+    fn assemble_keeps_held_inbound_connections_only() {
+        let holder = |pid| Holder {
+            pid,
+            comm: format!("p{pid}"),
+        };
+        let holders: HashMap<u64, Vec<Holder>> = [
+            (10, vec![holder(1), holder(2)]),
+            (11, vec![holder(1)]),
+            (12, vec![holder(1)]),
+            (13, vec![holder(3)]),
+            (14, vec![holder(1)]),
+        ]
+        .into();
+        let sockets = [
+            diag(TCP_LISTEN, "0.0.0.0:80", "0.0.0.0:0", 2, 10),
+            diag(TCP_LISTEN, "[::]:443", "[::]:0", 0, 20), // kernel-owned: no holder
+            diag(TCP_ESTABLISHED, "10.0.0.1:80", "10.0.0.9:5000", 0, 11),
+            diag(TCP_CLOSE_WAIT, "[::ffff:10.0.0.1]:443", "[::ffff:10.0.0.9]:5001", 0, 12),
+            diag(TCP_ESTABLISHED, "10.0.0.1:80", "10.0.0.9:5002", 0, 0), // queued
+            diag(TCP_ESTABLISHED, "10.0.0.1:80", "10.0.0.9:5003", 0, 99), // unheld
+            diag(TCP_ESTABLISHED, "10.0.0.1:40000", "10.0.0.7:80", 0, 13), // outbound
+            diag(TCP_ESTABLISHED, "10.0.0.1:8080", "10.0.0.9:5004", 0, 14), // listener gone
+        ];
+        let (listeners, conns) = assemble(7, &sockets, &holders, &[]);
+        assert_eq!(listeners.len(), 2);
+        assert_eq!(listeners[0].holders, [holder(1), holder(2)]);
+        assert_eq!(listeners[0].accept_queue, 2);
+        assert!(listeners[1].holders.is_empty());
+        let inodes: Vec<u64> = conns.iter().map(|c| c.inode).collect();
+        assert_eq!(inodes, [11, 12]);
+        assert_eq!(conns[1].state, TCP_CLOSE_WAIT);
+        assert!(conns.iter().all(|c| c.tuple.netns == 7));
+
+        let known = [
+            ListenAddr {
+                netns: 7,
+                local: "0.0.0.0:8080".parse().unwrap(),
+            },
+            ListenAddr {
+                netns: 8,
+                local: "0.0.0.0:40000".parse().unwrap(),
+            },
+        ];
+        let (_, conns) = assemble(7, &sockets, &holders, &known);
+        let inodes: Vec<u64> = conns.iter().map(|c| c.inode).collect();
+        assert_eq!(inodes, [11, 12, 14]);
+    }
 }

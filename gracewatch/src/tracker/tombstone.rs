@@ -1,0 +1,78 @@
+//! Bounded memory of recent endings (closed connections, exited processes):
+//! the evidence that lets "events newer than the snapshot win" when a
+//! snapshot is merged after events that already retired what it shows.
+//!
+//! Only endings newer than the next snapshot matter, so the set is pruned at
+//! every merge and capped so a host that closes connections for hours
+//! without a rescan cannot grow it without bound. Forgetting an old entry
+//! only weakens a repair; it never makes a count wrong by itself.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    hash::Hash,
+    time::Duration,
+};
+
+/// Entries kept at most; older ones are forgotten first.
+const CAP: usize = 1 << 16;
+
+#[derive(Debug)]
+pub(super) struct Tombstones<K> {
+    latest: HashMap<K, Duration>,
+    /// Insertion order, for eviction. May hold superseded `(key, time)`
+    /// pairs; those are skipped when evicted.
+    order: VecDeque<(K, Duration)>,
+}
+
+impl<K> Default for Tombstones<K> {
+    fn default() -> Self {
+        Self {
+            latest: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+}
+
+impl<K: Copy + Eq + Hash> Tombstones<K> {
+    /// Records that `key` ended at `at` (keeps the latest time per key).
+    pub(super) fn insert(&mut self, key: K, at: Duration) {
+        let newer = match self.latest.get(&key) {
+            Some(prev) => at > *prev,
+            None => true,
+        };
+        if !newer {
+            return;
+        }
+        self.latest.insert(key, at);
+        self.order.push_back((key, at));
+        while self.order.len() > CAP {
+            let Some((old, old_at)) = self.order.pop_front() else {
+                break;
+            };
+            if self.latest.get(&old) == Some(&old_at) {
+                self.latest.remove(&old);
+            }
+        }
+    }
+
+    /// When `key` last ended, if still remembered.
+    pub(super) fn get(&self, key: &K) -> Option<Duration> {
+        self.latest.get(key).copied()
+    }
+
+    /// Whether `key` ended at or after `t`.
+    pub(super) fn ended_since(&self, key: &K, t: Duration) -> bool {
+        self.get(key).is_some_and(|at| at >= t)
+    }
+
+    /// Forgets endings older than `t`.
+    pub(super) fn retain_since(&mut self, t: Duration) {
+        self.latest.retain(|_, at| *at >= t);
+        self.order.retain(|(_, at)| *at >= t);
+    }
+
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.latest.len()
+    }
+}

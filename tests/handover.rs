@@ -1,0 +1,129 @@
+//! A graceful restart by fd inheritance: the old server fork/execs a new one
+//! that inherits the listening socket, both accept for a while, the old one
+//! stops accepting and drains. gracewatch must attribute every connection to
+//! the process that accepted it and list both processes as the listener's
+//! holders while both hold it.
+
+use gracewatch_e2e::{
+    Client, Expect, Netns, Server, Soft, listener, process, setup, wait_accepted_sum,
+};
+
+#[test]
+fn fd_inheritance_handover() {
+    let Some(gw) = setup() else { return };
+    let ns = Netns::new("handover");
+    let addr = "127.0.0.1:7201";
+    let inode = ns.netns_inode();
+    let soft = Soft::new();
+
+    let old = Server::listen(&ns, addr);
+    let _c1 = Client::connect(&ns, addr, 4);
+    old.wait_accepted(4);
+
+    // Filtered by port: the new process does not exist yet.
+    let watch = gw.watch(&["--port", "7201"]);
+    watch.wait_for(
+        &Expect::new()
+            .live(old.pid(), 4)
+            .only_listed()
+            .listener(inode, addr, "ipv4", &[(old.pid(), 4)])
+            .only_listeners(),
+    );
+
+    let new = old.handover();
+    assert_ne!(new.pid(), old.pid());
+    let both = |o: u64, n: u64| {
+        Expect::new()
+            .live(old.pid(), o)
+            .live(new.pid(), n)
+            .only_listed()
+            .listener(inode, addr, "ipv4", &[(old.pid(), o), (new.pid(), n)])
+            .only_listeners()
+    };
+    watch.wait_for(&both(4, 0));
+
+    // Both accept: the kernel picks who gets each connection. What each
+    // process says it accepted and holds is the truth to compare with.
+    let _c2 = Client::connect(&ns, addr, 3);
+    let each = wait_accepted_sum(&[&old, &new], 7);
+    let (o, n) = (old.count(), new.count());
+    assert_eq!(
+        (o.open, n.open),
+        (each[0], each[1]),
+        "open connections differ from accepts: old {o:?}, new {n:?}"
+    );
+    let s = watch.wait_for(&both(o.open, n.open));
+    soft.eq(
+        "old accepted_total since watch start",
+        process(&s, old.pid()).and_then(|p| p["accepted_total"].as_u64()),
+        Some(o.open - 4),
+    );
+    soft.eq(
+        "new accepted_total",
+        process(&s, new.pid()).and_then(|p| p["accepted_total"].as_u64()),
+        Some(n.open),
+    );
+    both(o.open, n.open).assert(
+        &gw.status(&["--port", "7201"]),
+        "status --port while both accept",
+    );
+
+    // The old process stops accepting (keeping the listener open): the next
+    // connections can only go to the new one.
+    old.stopaccept();
+    let _c3 = Client::connect(&ns, addr, 2);
+    new.wait_accepted(n.open + 2);
+    assert_eq!(
+        old.accepted(),
+        o.open,
+        "old server accepted after stopaccept"
+    );
+    let n_live = n.open + 2;
+    watch.wait_for(&both(o.open, n_live));
+
+    // The old process drains: 0 live, still a holder of the listener.
+    assert_eq!(old.closeall(), o.open);
+    let s = watch.wait_for(&both(0, n_live));
+    soft.eq(
+        "old closed_total after drain",
+        process(&s, old.pid()).and_then(|p| p["closed_total"].as_u64()),
+        Some(o.open),
+    );
+    soft.eq(
+        "listener accepted_total since watch start",
+        listener(&s, inode, addr).and_then(|l| l["accepted_total"].as_u64()),
+        Some(5),
+    );
+    both(0, n_live).assert(
+        &gw.status(&["--port", "7201"]),
+        "status --port after the old process drained",
+    );
+
+    // The old process closes its listener fd: it holds nothing any more and
+    // is no longer listed; the new process is the only holder.
+    old.closelistener();
+    let only_new = Expect::new()
+        .absent(old.pid())
+        .live(new.pid(), n_live)
+        .only_listed()
+        .listener(inode, addr, "ipv4", &[(new.pid(), n_live)])
+        .only_listeners();
+    watch.wait_for(&only_new);
+    only_new.assert(
+        &gw.status(&["--port", "7201"]),
+        "status --port after the old process closed its listener",
+    );
+
+    // New connections keep going to the new process.
+    let _c4 = Client::connect(&ns, addr, 1);
+    new.wait_accepted(n.open + 3);
+    watch.wait_for(
+        &Expect::new()
+            .live(new.pid(), n_live + 1)
+            .only_listed()
+            .listener(inode, addr, "ipv4", &[(new.pid(), n_live + 1)]),
+    );
+
+    watch.stop();
+    soft.finish();
+}

@@ -1,0 +1,358 @@
+//! Typed drivers for the test programs `tests/programs/server.py` and
+//! `client.py` (their docstrings define the line protocol). Each method
+//! sends a command and returns once the program acknowledged it, so the
+//! kernel state it describes is already in place.
+
+use std::{
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{Child, Netns, PROGRAM_TIMEOUT, process::tail, program};
+
+/// A `server.py` process: listens (or adopts an inherited listener),
+/// accepts in the background and holds every connection until told.
+pub struct Server {
+    child: Child,
+    pid: u32,
+    address: String,
+}
+
+impl Server {
+    /// Starts `server.py --listen ADDR` inside `ns` and waits until it listens.
+    /// `ADDR` is `127.0.0.1:P`, `[::1]:P`, or `[::]:P` (dual-stack).
+    pub fn listen(ns: &Netns, address: &str) -> Server {
+        let child = Child::spawn(
+            ns,
+            &format!("server {address} (netns {})", ns.name()),
+            "python3",
+            &["-u", &program("server.py"), "--listen", address],
+        );
+        Server::from_ready(child)
+    }
+
+    fn from_ready(child: Child) -> Server {
+        let ready = child.wait_line("`ready PID ADDR`", PROGRAM_TIMEOUT, |lines| {
+            lines
+                .iter()
+                .find(|l| l.starts_with("ready "))
+                .map(|l| (*l).to_owned())
+        });
+        let mut words = ready.split_whitespace().skip(1);
+        let pid = words.next().and_then(|p| p.parse().ok());
+        let address = words.next().map(str::to_owned);
+        let (Some(pid), Some(address)) = (pid, address) else {
+            panic!("{}: malformed ready line {ready:?}", child.label());
+        };
+        Server {
+            child,
+            pid,
+            address,
+        }
+    }
+
+    /// Pid of the server process (as the process itself reports it).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The bound address as the server reports it (e.g. `127.0.0.1:7101`).
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    pub fn child(&self) -> &Child {
+        &self.child
+    }
+
+    /// Connections this process has accepted so far (its latest `accepted N`).
+    pub fn accepted(&self) -> u64 {
+        accepted_in(
+            &self
+                .child
+                .lines()
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    /// Waits until this process has accepted exactly `n` connections in total.
+    pub fn wait_accepted(&self, n: u64) {
+        let got = self
+            .child
+            .wait_line(&format!("`accepted {n}`"), PROGRAM_TIMEOUT, |lines| {
+                let got = accepted_in(lines);
+                (got >= n).then_some(got)
+            });
+        assert_eq!(
+            got,
+            n,
+            "{}: accepted more connections than expected\n{}",
+            self.child.label(),
+            self.child.context()
+        );
+    }
+
+    /// Closes the `k` oldest connections this server holds.
+    pub fn close(&self, k: u64) {
+        let reply = self.child.request(&format!("close {k}"), "closed");
+        assert_eq!(
+            reply,
+            format!("closed {k}"),
+            "{}: unexpected reply",
+            self.child.label()
+        );
+    }
+
+    /// Closes every connection this server holds; returns how many.
+    pub fn closeall(&self) -> u64 {
+        let reply = self.child.request("closeall", "closed");
+        reply
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{}: malformed reply {reply:?}", self.child.label()))
+    }
+
+    /// The connections this server holds, by kernel TCP state.
+    pub fn count(&self) -> ConnCount {
+        let reply = self.child.request("count", "count");
+        ConnCount::parse(&reply)
+            .unwrap_or_else(|| panic!("{}: malformed reply {reply:?}", self.child.label()))
+    }
+
+    /// Asks for [`Server::count`] until `pred` holds. The state changes it
+    /// waits for (a peer's FIN or RST reaching this socket) happen in the
+    /// kernel without any acknowledgement we could wait on, so this polls,
+    /// with a deadline.
+    pub fn wait_count(&self, what: &str, pred: impl Fn(&ConnCount) -> bool) -> ConnCount {
+        let deadline = Instant::now() + PROGRAM_TIMEOUT;
+        loop {
+            let count = self.count();
+            if pred(&count) {
+                return count;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: timed out waiting for its connections to reach: {what}; last: {count:?}",
+                self.child.label()
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Stops accepting but keeps the listener open. No accept happens after this returns.
+    pub fn stopaccept(&self) {
+        self.child.request("stopaccept", "stopped");
+    }
+
+    /// Closes this process's listening fd (the listener lives on in any other holder).
+    pub fn closelistener(&self) {
+        self.child.request("closelistener", "listener");
+    }
+
+    /// Fork/execs a new `server.py --inherit-fd N` holding the same listener
+    /// and returns it once it is ready. Both processes accept until this one
+    /// is told to [`Server::stopaccept`]. The new process is driven through
+    /// this one (relayed stdio) and dies with it.
+    pub fn handover(&self) -> Server {
+        let reply = self.child.request("handover", "child");
+        let pid: u32 = reply
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("{}: malformed reply {reply:?}", self.child.label()));
+        let child = self
+            .child
+            .relayed(&format!("handover child {pid} of {}", self.child.label()));
+        let server = Server::from_ready(child);
+        assert_eq!(
+            server.pid, pid,
+            "handover child reported another pid than its parent"
+        );
+        server
+    }
+
+    /// Asks the server to exit and waits for its goodbye.
+    pub fn exit(&self) {
+        self.child.request("exit", "bye");
+    }
+}
+
+/// Waits until `servers` (an old server and its handover child, which share
+/// one output pipe) have accepted exactly `n` connections between them;
+/// returns what each accepted.
+pub fn wait_accepted_sum(servers: &[&Server], n: u64) -> Vec<u64> {
+    let Some(first) = servers.first() else {
+        return Vec::new();
+    };
+    for s in servers {
+        assert!(
+            std::sync::Arc::ptr_eq(s.child.stdout(), first.child.stdout()),
+            "wait_accepted_sum needs servers of one handover family"
+        );
+    }
+    let views: Vec<_> = servers.iter().map(|s| s.child.view()).collect();
+    let got = first.child.stdout().wait(PROGRAM_TIMEOUT, |all| {
+        let each: Vec<u64> = views.iter().map(|v| accepted_in(&v.filter(all))).collect();
+        (each.iter().sum::<u64>() >= n).then_some(each)
+    });
+    match got {
+        Ok(each) if each.iter().sum::<u64>() == n => each,
+        Ok(each) => panic!("servers accepted {each:?} connections, more than the {n} expected"),
+        Err(_) => panic!(
+            "timed out waiting for {n} accepts in total by {:?}\n  their output:\n{}",
+            servers.iter().map(|s| s.pid).collect::<Vec<_>>(),
+            tail(&first.child.stdout().snapshot(), 30)
+        ),
+    }
+}
+
+fn accepted_in(lines: &[&str]) -> u64 {
+    lines
+        .iter()
+        .rev()
+        .find_map(|l| l.strip_prefix("accepted ")?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A server's `count` reply: its open connection fds by kernel TCP state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnCount {
+    pub open: u64,
+    pub established: u64,
+    /// The peer closed (FIN) and the server still holds the socket.
+    pub close_wait: u64,
+    /// The peer reset the connection (state CLOSE) and the server still holds the fd.
+    pub reset: u64,
+    pub other: u64,
+}
+
+impl ConnCount {
+    fn parse(line: &str) -> Option<ConnCount> {
+        let mut c = ConnCount::default();
+        for word in line.split_whitespace().skip(1) {
+            let (key, value) = word.split_once('=')?;
+            let value = value.parse().ok()?;
+            match key {
+                "open" => c.open = value,
+                "established" => c.established = value,
+                "close_wait" => c.close_wait = value,
+                "reset" => c.reset = value,
+                "other" => c.other = value,
+                _ => return None,
+            }
+        }
+        Some(c)
+    }
+}
+
+/// A `client.py` process: holds outbound connections until told.
+pub struct Client {
+    child: Child,
+    pid: u32,
+    open: std::cell::Cell<u64>,
+}
+
+impl Client {
+    /// Starts `client.py` inside `ns` and waits until `n` connections to
+    /// `address` are established (one after the other, so the server accepts
+    /// them in this order).
+    pub fn connect(ns: &Netns, address: &str, n: u64) -> Client {
+        Client::connect_from(ns, address, n, None)
+    }
+
+    /// Like [`Client::connect`], binding each connection to `source` first.
+    pub fn connect_from(ns: &Netns, address: &str, n: u64, source: Option<&str>) -> Client {
+        let n_arg = n.to_string();
+        let prog = program("client.py");
+        let mut args = vec!["-u", &prog, "--connect", address, "--n", &n_arg];
+        if let Some(source) = source {
+            args.extend(["--source", source]);
+        }
+        let child = Child::spawn(
+            ns,
+            &format!("client -> {address} (netns {})", ns.name()),
+            "python3",
+            &args,
+        );
+        let pid = child.wait_line("`ready PID`", PROGRAM_TIMEOUT, |lines| {
+            lines
+                .iter()
+                .find_map(|l| l.strip_prefix("ready ")?.trim().parse().ok())
+        });
+        let connected = child.wait_line(&format!("`connected {n}`"), PROGRAM_TIMEOUT, |lines| {
+            lines.iter().find_map(|l| {
+                if l.starts_with("error") {
+                    return Some(Err((*l).to_owned()));
+                }
+                l.strip_prefix("connected ")?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+                    .map(Ok)
+            })
+        });
+        match connected {
+            Ok(got) => assert_eq!(got, n, "{}: connected {got}, expected {n}", child.label()),
+            Err(line) => panic!("{}: {line}\n{}", child.label(), child.context()),
+        }
+        Client {
+            child,
+            pid,
+            open: std::cell::Cell::new(n),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Connections currently open on this client.
+    pub fn open_count(&self) -> u64 {
+        self.open.get()
+    }
+
+    /// Opens `k` more connections.
+    pub fn open(&self, k: u64) {
+        let total = self.open.get() + k;
+        let reply = self.child.request(&format!("open {k}"), "connected");
+        assert_eq!(
+            reply,
+            format!("connected {total}"),
+            "{}: unexpected reply",
+            self.child.label()
+        );
+        self.open.set(total);
+    }
+
+    /// Closes (FIN) the `k` oldest connections: the server side goes to CLOSE_WAIT.
+    pub fn close(&self, k: u64) {
+        let reply = self.child.request(&format!("close {k}"), "closed");
+        assert_eq!(
+            reply,
+            format!("closed {k}"),
+            "{}: unexpected reply",
+            self.child.label()
+        );
+        self.open.set(self.open.get() - k);
+    }
+
+    /// Aborts (RST) the `k` oldest connections: the server side goes to CLOSE.
+    pub fn reset(&self, k: u64) {
+        let reply = self.child.request(&format!("reset {k}"), "reset");
+        assert_eq!(
+            reply,
+            format!("reset {k}"),
+            "{}: unexpected reply",
+            self.child.label()
+        );
+        self.open.set(self.open.get() - k);
+    }
+
+    pub fn closeall(&self) {
+        self.child.request("closeall", "closed");
+        self.open.set(0);
+    }
+}

@@ -1,0 +1,406 @@
+//! Reading gracewatch's `--json` Status objects (schema
+//! `gracewatch.status.v1`, see `gracewatch/src/tracker/status.rs`): field
+//! accessors, a structural check run on every object we receive, and
+//! [`Expect`], an exact expectation whose mismatches are spelled out.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+};
+
+use serde_json::Value;
+
+pub const SCHEMA: &str = "gracewatch.status.v1";
+
+/// The process entry for `pid`, if listed.
+pub fn process(status: &Value, pid: u32) -> Option<&Value> {
+    array(status, "processes")
+        .iter()
+        .find(|p| p["pid"].as_u64() == Some(u64::from(pid)))
+}
+
+/// `live` of the process `pid`, `None` if the process is not listed.
+pub fn live_of(status: &Value, pid: u32) -> Option<u64> {
+    process(status, pid).and_then(|p| p["live"].as_u64())
+}
+
+/// Pids of the listed processes.
+pub fn pids(status: &Value) -> BTreeSet<u32> {
+    array(status, "processes")
+        .iter()
+        .filter_map(|p| p["pid"].as_u64().and_then(|p| u32::try_from(p).ok()))
+        .collect()
+}
+
+/// The listener bound to `address` in the namespace with inode `netns`.
+pub fn listener<'a>(status: &'a Value, netns: u64, address: &str) -> Option<&'a Value> {
+    array(status, "listeners")
+        .iter()
+        .find(|l| l["netns"].as_u64() == Some(netns) && l["address"].as_str() == Some(address))
+}
+
+/// Listeners on `port`, in any namespace.
+pub fn listeners_on_port(status: &Value, port: u16) -> Vec<&Value> {
+    array(status, "listeners")
+        .iter()
+        .filter(|l| l["address"].as_str().and_then(port_of) == Some(port))
+        .collect()
+}
+
+/// `holders` of a listener as pid → live.
+pub fn holders(listener: &Value) -> BTreeMap<u32, u64> {
+    array(listener, "holders")
+        .iter()
+        .filter_map(|h| Some((u32::try_from(h["pid"].as_u64()?).ok()?, h["live"].as_u64()?)))
+        .collect()
+}
+
+/// The port of an `ip:port` / `[ipv6]:port` address.
+pub fn port_of(address: &str) -> Option<u16> {
+    address.rsplit_once(':')?.1.parse().ok()
+}
+
+fn array<'a>(v: &'a Value, key: &str) -> &'a [Value] {
+    v[key].as_array().map_or(&[], Vec::as_slice)
+}
+
+/// Checks that `status` has the shape of a `gracewatch.status.v1` object:
+/// every field present with its type (unknown fields are errors, as in the
+/// Rust type's `deny_unknown_fields`).
+pub fn check_shape(status: &Value) -> Result<(), String> {
+    let mut errors = Vec::new();
+    if status["schema"].as_str() != Some(SCHEMA) {
+        errors.push(format!(
+            "schema is {}, expected {SCHEMA:?}",
+            status["schema"]
+        ));
+    }
+    fields(
+        status,
+        "status",
+        &[
+            ("schema", Ty::Str),
+            ("uptime_ms", Ty::U64),
+            ("processes", Ty::Arr),
+            ("listeners", Ty::Arr),
+            ("lost_events", Ty::U64),
+        ],
+        &mut errors,
+    );
+    for p in array(status, "processes") {
+        let at = format!("process {}", p["pid"]);
+        fields(
+            p,
+            &at,
+            &[
+                ("pid", Ty::U64),
+                ("comm", Ty::Str),
+                ("live", Ty::U64),
+                ("listeners", Ty::Arr),
+                ("accepted_total", Ty::U64),
+                ("closed_total", Ty::U64),
+                ("oldest_live_ms", Ty::OptU64),
+            ],
+            &mut errors,
+        );
+        if !array(p, "listeners").iter().all(Value::is_string) {
+            errors.push(format!("{at}: listeners must be address strings"));
+        }
+    }
+    for l in array(status, "listeners") {
+        let at = format!("listener {}", l["address"]);
+        fields(
+            l,
+            &at,
+            &[
+                ("netns", Ty::U64),
+                ("address", Ty::Str),
+                ("family", Ty::Str),
+                ("holders", Ty::Arr),
+                ("accept_queue", Ty::U64),
+                ("accepted_total", Ty::U64),
+                ("queue_drops_total", Ty::U64),
+            ],
+            &mut errors,
+        );
+        if !matches!(l["family"].as_str(), Some("ipv4" | "ipv6")) {
+            errors.push(format!(
+                "{at}: family is {}, expected \"ipv4\" or \"ipv6\"",
+                l["family"]
+            ));
+        }
+        if l["address"].as_str().and_then(port_of).is_none() {
+            errors.push(format!("{at}: address is not ip:port"));
+        }
+        for h in array(l, "holders") {
+            fields(
+                h,
+                &format!("{at} holder {}", h["pid"]),
+                &[("pid", Ty::U64), ("comm", Ty::Str), ("live", Ty::U64)],
+                &mut errors,
+            );
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Ty {
+    Str,
+    U64,
+    OptU64,
+    Arr,
+}
+
+fn fields(v: &Value, at: &str, expected: &[(&str, Ty)], errors: &mut Vec<String>) {
+    let Some(obj) = v.as_object() else {
+        errors.push(format!("{at}: not an object"));
+        return;
+    };
+    for (key, ty) in expected {
+        let ok = match (obj.get(*key), ty) {
+            (None, _) => {
+                errors.push(format!("{at}: missing `{key}`"));
+                continue;
+            }
+            (Some(x), Ty::Str) => x.is_string(),
+            (Some(x), Ty::U64) => x.is_u64(),
+            (Some(x), Ty::OptU64) => x.is_u64() || x.is_null(),
+            (Some(x), Ty::Arr) => x.is_array(),
+        };
+        if !ok {
+            errors.push(format!("{at}: `{key}` has the wrong type ({})", obj[*key]));
+        }
+    }
+    for key in obj.keys() {
+        if !expected.iter().any(|(k, _)| k == key) {
+            errors.push(format!("{at}: unknown field `{key}`"));
+        }
+    }
+}
+
+/// An exact expectation about a Status: which processes are listed with
+/// which live counts, and which listeners exist with which holders.
+#[derive(Clone, Debug, Default)]
+pub struct Expect {
+    /// pid → `Some(live)` (listed with that count) or `None` (not listed).
+    processes: BTreeMap<u32, Option<u64>>,
+    only_listed: bool,
+    listeners: Vec<ExpectListener>,
+    only_listeners: bool,
+}
+
+#[derive(Clone, Debug)]
+struct ExpectListener {
+    netns: u64,
+    address: String,
+    family: String,
+    holders: BTreeMap<u32, u64>,
+    accept_queue: u64,
+}
+
+impl Expect {
+    pub fn new() -> Expect {
+        Expect::default()
+    }
+
+    /// Process `pid` is listed with exactly `live` live connections.
+    pub fn live(mut self, pid: u32, live: u64) -> Expect {
+        self.processes.insert(pid, Some(live));
+        self
+    }
+
+    /// Process `pid` is not listed (it holds no listener and no live connection).
+    pub fn absent(mut self, pid: u32) -> Expect {
+        self.processes.insert(pid, None);
+        self
+    }
+
+    /// No process is listed besides those given to [`Expect::live`].
+    pub fn only_listed(mut self) -> Expect {
+        self.only_listed = true;
+        self
+    }
+
+    /// The listener on `address` in namespace `netns` exists, has `family`,
+    /// exactly these holders (pid, live through this listener), an empty
+    /// accept queue, and each listed holder process names it in its
+    /// `listeners`.
+    pub fn listener(
+        mut self,
+        netns: u64,
+        address: &str,
+        family: &str,
+        holders: &[(u32, u64)],
+    ) -> Expect {
+        self.listeners.push(ExpectListener {
+            netns,
+            address: address.to_owned(),
+            family: family.to_owned(),
+            holders: holders.iter().copied().collect(),
+            accept_queue: 0,
+        });
+        self
+    }
+
+    /// No listener is listed besides those given to [`Expect::listener`].
+    pub fn only_listeners(mut self) -> Expect {
+        self.only_listeners = true;
+        self
+    }
+
+    /// Every way `status` differs from this expectation (`Ok` if none).
+    pub fn check(&self, status: &Value) -> Result<(), String> {
+        check_shape(status)?;
+        let mut errors = Vec::new();
+        for (&pid, &want) in &self.processes {
+            match (want, process(status, pid)) {
+                (Some(n), Some(p)) if p["live"].as_u64() == Some(n) => {}
+                (Some(n), Some(p)) => {
+                    errors.push(format!("pid {pid}: live is {}, expected {n}", p["live"]))
+                }
+                (Some(n), None) => errors.push(format!("pid {pid}: not listed, expected live {n}")),
+                (None, Some(p)) => errors.push(format!(
+                    "pid {pid}: listed (live {}), expected absent",
+                    p["live"]
+                )),
+                (None, None) => {}
+            }
+        }
+        if self.only_listed {
+            let want: BTreeSet<u32> = self
+                .processes
+                .iter()
+                .filter(|(_, w)| w.is_some())
+                .map(|(p, _)| *p)
+                .collect();
+            let got = pids(status);
+            if got != want {
+                errors.push(format!(
+                    "listed pids are {got:?}, expected exactly {want:?}"
+                ));
+            }
+        }
+        for want in &self.listeners {
+            let Some(l) = listener(status, want.netns, &want.address) else {
+                let port = port_of(&want.address).unwrap_or(0);
+                let seen: Vec<String> = listeners_on_port(status, port)
+                    .iter()
+                    .map(|l| format!("{} (netns {})", l["address"], l["netns"]))
+                    .collect();
+                errors.push(format!(
+                    "listener {} in netns {} is missing (listeners on port {port}: {seen:?})",
+                    want.address, want.netns
+                ));
+                continue;
+            };
+            let at = format!("listener {}", want.address);
+            if l["family"].as_str() != Some(want.family.as_str()) {
+                errors.push(format!(
+                    "{at}: family is {}, expected {:?}",
+                    l["family"], want.family
+                ));
+            }
+            let got = holders(l);
+            if got != want.holders {
+                errors.push(format!(
+                    "{at}: holders (pid: live) are {got:?}, expected {:?}",
+                    want.holders
+                ));
+            }
+            if l["accept_queue"].as_u64() != Some(want.accept_queue) {
+                errors.push(format!(
+                    "{at}: accept_queue is {}, expected {}",
+                    l["accept_queue"], want.accept_queue
+                ));
+            }
+            for pid in want.holders.keys() {
+                if let Some(p) = process(status, *pid) {
+                    let names = array(p, "listeners")
+                        .iter()
+                        .any(|a| a.as_str() == Some(want.address.as_str()));
+                    if !names {
+                        errors.push(format!(
+                            "pid {pid}: its listeners {} do not name {}",
+                            p["listeners"], want.address
+                        ));
+                    }
+                }
+            }
+        }
+        if self.only_listeners {
+            let want: BTreeSet<(u64, String)> = self
+                .listeners
+                .iter()
+                .map(|l| (l.netns, l.address.clone()))
+                .collect();
+            let got: BTreeSet<(u64, String)> = array(status, "listeners")
+                .iter()
+                .map(|l| {
+                    (
+                        l["netns"].as_u64().unwrap_or(0),
+                        l["address"].as_str().unwrap_or("").to_owned(),
+                    )
+                })
+                .collect();
+            if got != want {
+                errors.push(format!(
+                    "listeners (netns, address) are {got:?}, expected exactly {want:?}"
+                ));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    /// Panics, showing `status`, unless it meets this expectation.
+    pub fn assert(&self, status: &Value, context: &str) {
+        if let Err(why) = self.check(status) {
+            panic!(
+                "{context}: status does not match\n  expected: {self}\n  mismatch: {why}\n  status: {}",
+                pretty(status)
+            );
+        }
+    }
+}
+
+impl std::fmt::Display for Expect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        for (pid, want) in &self.processes {
+            parts.push(match want {
+                Some(n) => format!("pid {pid} live={n}"),
+                None => format!("pid {pid} not listed"),
+            });
+        }
+        if self.only_listed {
+            parts.push("no other process".to_owned());
+        }
+        for l in &self.listeners {
+            let mut s = format!(
+                "listener {} ({}, netns {}) holders {:?}",
+                l.address, l.family, l.netns, l.holders
+            );
+            let _ = write!(s, " accept_queue={}", l.accept_queue);
+            parts.push(s);
+        }
+        if self.only_listeners {
+            parts.push("no other listener".to_owned());
+        }
+        f.write_str(&parts.join("; "))
+    }
+}
+
+/// Indented pretty JSON for failure messages.
+pub fn pretty(v: &Value) -> String {
+    serde_json::to_string_pretty(v)
+        .unwrap_or_else(|_| v.to_string())
+        .replace('\n', "\n    ")
+}
