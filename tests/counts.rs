@@ -40,7 +40,7 @@ fn counts_before_and_after_start() {
     server.wait_accepted(5);
 
     let watch = gw.watch(&["--pid", &pid_arg]);
-    let s = watch.wait_for(&expect(5));
+    let s = watch.step(&expect(5), &soft);
     soft.eq(
         "accepted_total after start (pre-existing connections are not accepts seen)",
         total(&s, pid, "accepted_total"),
@@ -55,7 +55,7 @@ fn counts_before_and_after_start() {
     // M = 3 more, accepted while gracewatch runs: kernel events.
     let after = Client::connect(&ns, addr, 3);
     server.wait_accepted(8);
-    let s = watch.wait_for(&expect(8));
+    let s = watch.step(&expect(8), &soft);
     soft.eq(
         "accepted_total after 3 accepts",
         total(&s, pid, "accepted_total"),
@@ -73,10 +73,7 @@ fn counts_before_and_after_start() {
     );
 
     // The one-shot path agrees, filtered by port this time.
-    expect(8).assert(
-        &gw.status(&["--port", "7101"]),
-        "status --port 7101 with 8 connections",
-    );
+    gw.status_matching(&["--port", "7101"], &expect(8), &soft);
     // The handshake of a loopback connection completes in the client's
     // context: the clients must not be credited with the server's connections.
     let clients = gw.status(&[
@@ -95,7 +92,7 @@ fn counts_before_and_after_start() {
 
     // The server closes its 2 oldest: they leave ESTABLISHED for FIN_WAIT.
     server.close(2);
-    let s = watch.wait_for(&expect(6));
+    let s = watch.step(&expect(6), &soft);
     soft.eq(
         "closed_total after the server closed 2",
         total(&s, pid, "closed_total"),
@@ -109,17 +106,14 @@ fn counts_before_and_after_start() {
     server.wait_count("3 connections in CLOSE_WAIT", |c| {
         c.open == 6 && c.close_wait == 3
     });
-    expect(6).assert(
-        &gw.status(&["--pid", &pid_arg]),
-        "status --pid with 3 of 6 connections in CLOSE_WAIT",
-    );
+    gw.status_matching(&["--pid", &pid_arg], &expect(6), &soft);
     // "Still 6" cannot be waited for on `watch` (it already says 6). Barrier:
     // one more connection, whose events come after the CLOSE_WAIT transitions
     // in the kernel's event stream; once watch shows it, it has processed
     // those transitions too, and must say 7 (not 4).
     after.open(1);
     server.wait_accepted(9);
-    let s = watch.wait_for(&expect(7));
+    let s = watch.step(&expect(7), &soft);
     soft.eq(
         "accepted_total after the barrier connection",
         total(&s, pid, "accepted_total"),
@@ -134,16 +128,13 @@ fn counts_before_and_after_start() {
     // The server closes everything (including the CLOSE_WAIT ones): 0, but
     // it still holds the listener, so it is still listed.
     assert_eq!(server.closeall(), 7);
-    let s = watch.wait_for(&expect(0));
+    let s = watch.step(&expect(0), &soft);
     soft.eq(
         "closed_total after closeall (5 pre-existing + 4 accepted)",
         total(&s, pid, "closed_total"),
         Some(9),
     );
-    expect(0).assert(
-        &gw.status(&["--pid", &pid_arg]),
-        "status --pid after closeall",
-    );
+    gw.status_matching(&["--pid", &pid_arg], &expect(0), &soft);
 
     watch.stop();
     soft.finish();
@@ -170,7 +161,7 @@ fn reset_by_peer_still_held() {
     let client = Client::connect(&ns, addr, 5);
     server.wait_accepted(5);
     let watch = gw.watch(&["--pid", &pid_arg]);
-    watch.wait_for(&expect(5));
+    watch.step(&expect(5), &soft);
 
     // The client aborts its 2 oldest connections (RST). The kernel ends them
     // at once: the server's sockets go to CLOSE, although the server has not
@@ -186,16 +177,13 @@ fn reset_by_peer_still_held() {
         held.established, 3,
         "server's view after 2 resets: {held:?}"
     );
-    let s = watch.wait_for(&expect(3));
+    let s = watch.step(&expect(3), &soft);
     soft.eq(
         "closed_total after 2 resets",
         total(&s, pid, "closed_total"),
         Some(2),
     );
-    expect(3).assert(
-        &gw.status(&["--pid", &pid_arg]),
-        "status --pid with 2 reset connections still held",
-    );
+    gw.status_matching(&["--pid", &pid_arg], &expect(3), &soft);
 
     // The server now closes the 2 reset fds (its oldest): no change, they
     // were already not live and must not be subtracted twice.
@@ -210,7 +198,7 @@ fn reset_by_peer_still_held() {
     // after which watch must say 4, not 2.
     client.open(1);
     server.wait_accepted(6);
-    let s = watch.wait_for(&expect(4));
+    let s = watch.step(&expect(4), &soft);
     soft.eq(
         "closed_total after closing the reset fds (no double count)",
         total(&s, pid, "closed_total"),
@@ -223,16 +211,13 @@ fn reset_by_peer_still_held() {
     );
 
     assert_eq!(server.closeall(), 4);
-    let s = watch.wait_for(&expect(0));
+    let s = watch.step(&expect(0), &soft);
     soft.eq(
         "closed_total after closeall (5 pre-existing + 1 accepted)",
         total(&s, pid, "closed_total"),
         Some(6),
     );
-    expect(0).assert(
-        &gw.status(&["--pid", &pid_arg]),
-        "status --pid after closeall",
-    );
+    gw.status_matching(&["--pid", &pid_arg], &expect(0), &soft);
 
     watch.stop();
     soft.finish();

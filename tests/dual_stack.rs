@@ -2,13 +2,14 @@
 //! `[::]` (IPV6_V6ONLY=0) with IPv4 clients (seen by the server as
 //! `::ffff:127.0.0.1`) and IPv6 clients. Both listeners are IPv6 sockets.
 
-use gracewatch_e2e::{Client, Expect, Netns, Server, setup};
+use gracewatch_e2e::{Client, Expect, Netns, Server, Soft, setup};
 
 #[test]
 fn ipv6_and_dual_stack() {
     let Some(gw) = setup() else { return };
     let ns = Netns::new("ipv6");
     let inode = ns.netns_inode();
+    let soft = Soft::new();
     let (a6, ads) = ("[::1]:7401", "[::]:7402");
 
     let v6 = Server::listen(&ns, a6);
@@ -26,23 +27,20 @@ fn ipv6_and_dual_stack() {
     };
 
     let watch = gw.watch(&["--port", "7401", "--port", "7402"]);
-    watch.wait_for(&expect(0, 0));
+    watch.step(&expect(0, 0), &soft);
 
     let _c6 = Client::connect(&ns, a6, 3);
     v6.wait_accepted(3);
-    watch.wait_for(&expect(3, 0));
+    watch.step(&expect(3, 0), &soft);
 
     // IPv4 first, so that the dual-stack server's 2 oldest are the IPv4 ones.
     let c4 = Client::connect(&ns, "127.0.0.1:7402", 2);
     ds.wait_accepted(2);
-    watch.wait_for(&expect(3, 2));
+    watch.step(&expect(3, 2), &soft);
     let c6b = Client::connect(&ns, "[::1]:7402", 2);
     ds.wait_accepted(4);
-    watch.wait_for(&expect(3, 4));
-    expect(3, 4).assert(
-        &gw.status(&["--port", "7401", "--port", "7402"]),
-        "status with IPv6 and dual-stack connections",
-    );
+    watch.step(&expect(3, 4), &soft);
+    gw.status_matching(&["--port", "7401", "--port", "7402"], &expect(3, 4), &soft);
 
     // IPv4 peers half-close: CLOSE_WAIT on IPv4-mapped sockets, still live.
     // Barrier (see counts.rs): one more IPv6 connection, then 5, not 3.
@@ -52,19 +50,17 @@ fn ipv6_and_dual_stack() {
     });
     c6b.open(1);
     ds.wait_accepted(5);
-    watch.wait_for(&expect(3, 5));
+    watch.step(&expect(3, 5), &soft);
 
     // The dual-stack server closes its 2 oldest (the IPv4 ones in CLOSE_WAIT).
     ds.close(2);
-    watch.wait_for(&expect(3, 3));
-    expect(3, 3).assert(
-        &gw.status(&["--port", "7401", "--port", "7402"]),
-        "status after closing the IPv4 connections",
-    );
+    watch.step(&expect(3, 3), &soft);
+    gw.status_matching(&["--port", "7401", "--port", "7402"], &expect(3, 3), &soft);
 
     assert_eq!(v6.closeall(), 3);
     assert_eq!(ds.closeall(), 3);
-    watch.wait_for(&expect(0, 0));
+    watch.step(&expect(0, 0), &soft);
 
     watch.stop();
+    soft.finish();
 }

@@ -22,12 +22,13 @@ fn fd_inheritance_handover() {
 
     // Filtered by port: the new process does not exist yet.
     let watch = gw.watch(&["--port", "7201"]);
-    watch.wait_for(
+    watch.step(
         &Expect::new()
             .live(old.pid(), 4)
             .only_listed()
             .listener(inode, addr, "ipv4", &[(old.pid(), 4)])
             .only_listeners(),
+        &soft,
     );
 
     let new = old.handover();
@@ -40,7 +41,7 @@ fn fd_inheritance_handover() {
             .listener(inode, addr, "ipv4", &[(old.pid(), o), (new.pid(), n)])
             .only_listeners()
     };
-    watch.wait_for(&both(4, 0));
+    watch.step(&both(4, 0), &soft);
 
     // Both accept: the kernel picks who gets each connection. What each
     // process says it accepted and holds is the truth to compare with.
@@ -52,7 +53,7 @@ fn fd_inheritance_handover() {
         (each[0], each[1]),
         "open connections differ from accepts: old {o:?}, new {n:?}"
     );
-    let s = watch.wait_for(&both(o.open, n.open));
+    let s = watch.step(&both(o.open, n.open), &soft);
     soft.eq(
         "old accepted_total since watch start",
         process(&s, old.pid()).and_then(|p| p["accepted_total"].as_u64()),
@@ -63,10 +64,7 @@ fn fd_inheritance_handover() {
         process(&s, new.pid()).and_then(|p| p["accepted_total"].as_u64()),
         Some(n.open),
     );
-    both(o.open, n.open).assert(
-        &gw.status(&["--port", "7201"]),
-        "status --port while both accept",
-    );
+    gw.status_matching(&["--port", "7201"], &both(o.open, n.open), &soft);
 
     // The old process stops accepting (keeping the listener open): the next
     // connections can only go to the new one.
@@ -79,11 +77,11 @@ fn fd_inheritance_handover() {
         "old server accepted after stopaccept"
     );
     let n_live = n.open + 2;
-    watch.wait_for(&both(o.open, n_live));
+    watch.step(&both(o.open, n_live), &soft);
 
     // The old process drains: 0 live, still a holder of the listener.
     assert_eq!(old.closeall(), o.open);
-    let s = watch.wait_for(&both(0, n_live));
+    let s = watch.step(&both(0, n_live), &soft);
     soft.eq(
         "old closed_total after drain",
         process(&s, old.pid()).and_then(|p| p["closed_total"].as_u64()),
@@ -94,10 +92,7 @@ fn fd_inheritance_handover() {
         listener(&s, inode, addr).and_then(|l| l["accepted_total"].as_u64()),
         Some(5),
     );
-    both(0, n_live).assert(
-        &gw.status(&["--port", "7201"]),
-        "status --port after the old process drained",
-    );
+    gw.status_matching(&["--port", "7201"], &both(0, n_live), &soft);
 
     // The old process closes its listener fd: it holds nothing any more and
     // is no longer listed; the new process is the only holder.
@@ -108,20 +103,19 @@ fn fd_inheritance_handover() {
         .only_listed()
         .listener(inode, addr, "ipv4", &[(new.pid(), n_live)])
         .only_listeners();
-    watch.wait_for(&only_new);
-    only_new.assert(
-        &gw.status(&["--port", "7201"]),
-        "status --port after the old process closed its listener",
-    );
+    watch.step(&only_new, &soft);
+    gw.status_matching(&["--port", "7201"], &only_new, &soft);
 
     // New connections keep going to the new process.
     let _c4 = Client::connect(&ns, addr, 1);
     new.wait_accepted(n.open + 3);
-    watch.wait_for(
+    watch.step(
         &Expect::new()
             .live(new.pid(), n_live + 1)
             .only_listed()
-            .listener(inode, addr, "ipv4", &[(new.pid(), n_live + 1)]),
+            .listener(inode, addr, "ipv4", &[(new.pid(), n_live + 1)])
+            .only_listeners(),
+        &soft,
     );
 
     watch.stop();

@@ -12,7 +12,7 @@ fn server_started_after_gracewatch() {
     let soft = Soft::new();
 
     let watch = gw.watch(&["--port", "7301"]);
-    watch.wait_for(&Expect::new().only_listed().only_listeners());
+    watch.step(&Expect::new().only_listed().only_listeners(), &soft);
 
     // Namespace, process and listener are all newer than gracewatch.
     let ns = Netns::new("late");
@@ -26,11 +26,11 @@ fn server_started_after_gracewatch() {
             .listener(inode, addr, "ipv4", &[(pid, live)])
             .only_listeners()
     };
-    watch.wait_for(&expect(0));
+    watch.step(&expect(0), &soft);
 
     let client = Client::connect(&ns, addr, 1);
     server.wait_accepted(1);
-    let s = watch.wait_for(&expect(1));
+    let s = watch.step(&expect(1), &soft);
     soft.eq(
         "accepted_total",
         process(&s, pid).and_then(|p| p["accepted_total"].as_u64()),
@@ -41,15 +41,12 @@ fn server_started_after_gracewatch() {
         listener(&s, inode, addr).and_then(|l| l["accepted_total"].as_u64()),
         Some(1),
     );
-    expect(1).assert(
-        &gw.status(&["--port", "7301"]),
-        "status --port with 1 connection",
-    );
+    gw.status_matching(&["--port", "7301"], &expect(1), &soft);
 
     client.closeall();
     server.wait_count("1 connection in CLOSE_WAIT", |c| c.close_wait == 1);
     assert_eq!(server.closeall(), 1);
-    watch.wait_for(&expect(0));
+    watch.step(&expect(0), &soft);
 
     watch.stop();
     soft.finish();

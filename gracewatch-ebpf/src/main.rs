@@ -44,6 +44,7 @@ use gracewatch_common::{
 
 /// Offsets of the running kernel, written by userspace before load.
 #[unsafe(no_mangle)]
+// SAFETY: `Config` is plain integers; all-zero is a valid value.
 static CONFIG: Config = unsafe { core::mem::zeroed() };
 
 /// Defaults; userspace resizes each map before load (`--max-connections`,
@@ -289,10 +290,10 @@ fn end_of_connection(ev: &mut Event, sk: u64) {
         laddr: ev.laddr,
         raddr: ev.raddr,
     };
-    if let Some(owner) = PREEXISTING.get_ptr(&key) {
+    if let Some(owner) = PREEXISTING.get_ptr(key) {
         // SAFETY: as above.
         let owner = unsafe { *owner };
-        if PREEXISTING.remove(&key).is_ok() {
+        if PREEXISTING.remove(key).is_ok() {
             ev.kind = event_kind::PREEXISTING_CLOSE;
             ev.tgid = owner;
             emit(ev);

@@ -61,7 +61,8 @@ impl Monitor {
         }
         // A pre-existing connection that ended between the snapshot and its
         // registration produced no event: look again and retire those.
-        let again = snapshot::take(monotonic_now).context("failed to re-check the startup snapshot")?;
+        let again =
+            snapshot::take(monotonic_now).context("failed to re-check the startup snapshot")?;
         let still: HashSet<Tuple> = again.connections.iter().map(|c| c.tuple).collect();
         for (tuple, _) in &added {
             if !still.contains(tuple) && self.source.unregister_preexisting(tuple) {
@@ -106,7 +107,10 @@ impl Monitor {
         let lost = self.source.lost_events();
         if lost != self.lost_seen {
             self.lost_seen = lost;
-            self.tracker.apply(&ConnEvent::Lost { at: now, total: lost });
+            self.tracker.apply(&ConnEvent::Lost {
+                at: now,
+                total: lost,
+            });
             changed = true;
         }
         let pids: Vec<u32> = self

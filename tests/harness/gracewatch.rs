@@ -15,7 +15,7 @@ use rustix::process::{Pid, Signal, kill_process};
 use serde_json::Value;
 
 use crate::{
-    Expect, STARTUP_TIMEOUT, STATE_TIMEOUT,
+    Expect, STARTUP_TIMEOUT, STATE_TIMEOUT, Soft,
     process::{Lines, tail},
     status::{check_shape, pretty},
 };
@@ -56,6 +56,7 @@ impl Gracewatch {
     }
 
     /// Runs `gracewatch ARGS…` to completion (killed after [`STARTUP_TIMEOUT`]).
+    #[track_caller]
     pub fn run(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new(&self.bin);
         cmd.args(args)
@@ -94,6 +95,7 @@ impl Gracewatch {
 
     /// `gracewatch status ARGS… --json`: must exit 0 and print exactly one
     /// well-formed Status object, which is returned.
+    #[track_caller]
     pub fn status(&self, args: &[&str]) -> Value {
         let mut full = vec!["status"];
         full.extend_from_slice(args);
@@ -128,8 +130,20 @@ impl Gracewatch {
         status.clone()
     }
 
+    /// [`Gracewatch::status`], asserting that the result meets `expect`
+    /// (hard) and recording violations of the status invariants in `soft`.
+    #[track_caller]
+    pub fn status_matching(&self, args: &[&str], expect: &Expect, soft: &Soft) -> Value {
+        let status = self.status(args);
+        let what = format!("gracewatch status {} --json", args.join(" "));
+        expect.assert(&status, &what);
+        soft.invariants(&what, &status);
+        status
+    }
+
     /// Starts `gracewatch watch ARGS… --json` and waits for its first status
     /// (printed once it is ready).
+    #[track_caller]
     pub fn watch(&self, args: &[&str]) -> Watch {
         Watch::start(self, args)
     }
@@ -184,6 +198,7 @@ impl Watch {
 
     /// Waits until a status (the latest one already printed, or a later
     /// one) satisfies `pred`, and returns it.
+    #[track_caller]
     pub fn wait_until(
         &self,
         timeout: Duration,
@@ -200,13 +215,24 @@ impl Watch {
     }
 
     /// Waits, up to [`STATE_TIMEOUT`], for a status meeting `expect`.
+    #[track_caller]
     pub fn wait_for(&self, expect: &Expect) -> Value {
         self.wait_check(STATE_TIMEOUT, &expect.to_string(), |s| expect.check(s))
+    }
+
+    /// [`Watch::wait_for`], then records violations of the status
+    /// invariants of the matching status in `soft`.
+    #[track_caller]
+    pub fn step(&self, expect: &Expect, soft: &Soft) -> Value {
+        let status = self.wait_for(expect);
+        soft.invariants(&format!("{} at [{expect}]", self.what), &status);
+        status
     }
 
     /// Waits until `check` accepts a status (the latest one already printed,
     /// or a later one). On timeout, panics with why the last status did not
     /// match, the status itself, and gracewatch's stderr.
+    #[track_caller]
     pub fn wait_check(
         &self,
         timeout: Duration,
@@ -293,6 +319,7 @@ impl Watch {
     }
 
     /// Sends SIGINT and checks that watch exits with 0 or 130 within a few seconds.
+    #[track_caller]
     pub fn stop(self) -> ExitStatus {
         let taken = self
             .process

@@ -22,6 +22,7 @@ pub struct Netns {
 
 impl Netns {
     /// Creates the namespace. `test` is a short tag naming the test.
+    #[track_caller]
     pub fn new(test: &str) -> Netns {
         let mut hasher = RandomState::new().build_hasher();
         hasher.write_u32(std::process::id());

@@ -223,6 +223,7 @@ impl Child {
     }
 
     /// Writes one command line to the child's stdin.
+    #[track_caller]
     pub fn send(&self, command: &str) {
         let line = match self.view {
             View::Own => format!("{command}\n"),
@@ -248,6 +249,7 @@ impl Child {
     /// Waits until `f`, called on this child's lines so far (and again after
     /// each new one), returns `Some`. Panics with the child's recent output
     /// on timeout or if the child's stdout closes first.
+    #[track_caller]
     pub fn wait_line<T>(
         &self,
         what: &str,
@@ -274,6 +276,7 @@ impl Child {
 
     /// Sends `command` and waits for the reply: the first later line whose
     /// first word is `reply`. A later `error …` line fails the test.
+    #[track_caller]
     pub fn request(&self, command: &str, reply: &str) -> String {
         let mark = self.lines().len();
         self.send(command);

@@ -21,6 +21,7 @@ pub struct Server {
 impl Server {
     /// Starts `server.py --listen ADDR` inside `ns` and waits until it listens.
     /// `ADDR` is `127.0.0.1:P`, `[::1]:P`, or `[::]:P` (dual-stack).
+    #[track_caller]
     pub fn listen(ns: &Netns, address: &str) -> Server {
         let child = Child::spawn(
             ns,
@@ -78,6 +79,7 @@ impl Server {
     }
 
     /// Waits until this process has accepted exactly `n` connections in total.
+    #[track_caller]
     pub fn wait_accepted(&self, n: u64) {
         let got = self
             .child
@@ -95,6 +97,7 @@ impl Server {
     }
 
     /// Closes the `k` oldest connections this server holds.
+    #[track_caller]
     pub fn close(&self, k: u64) {
         let reply = self.child.request(&format!("close {k}"), "closed");
         assert_eq!(
@@ -106,6 +109,7 @@ impl Server {
     }
 
     /// Closes every connection this server holds; returns how many.
+    #[track_caller]
     pub fn closeall(&self) -> u64 {
         let reply = self.child.request("closeall", "closed");
         reply
@@ -116,6 +120,7 @@ impl Server {
     }
 
     /// The connections this server holds, by kernel TCP state.
+    #[track_caller]
     pub fn count(&self) -> ConnCount {
         let reply = self.child.request("count", "count");
         ConnCount::parse(&reply)
@@ -126,6 +131,7 @@ impl Server {
     /// waits for (a peer's FIN or RST reaching this socket) happen in the
     /// kernel without any acknowledgement we could wait on, so this polls,
     /// with a deadline.
+    #[track_caller]
     pub fn wait_count(&self, what: &str, pred: impl Fn(&ConnCount) -> bool) -> ConnCount {
         let deadline = Instant::now() + PROGRAM_TIMEOUT;
         loop {
@@ -143,11 +149,13 @@ impl Server {
     }
 
     /// Stops accepting but keeps the listener open. No accept happens after this returns.
+    #[track_caller]
     pub fn stopaccept(&self) {
         self.child.request("stopaccept", "stopped");
     }
 
     /// Closes this process's listening fd (the listener lives on in any other holder).
+    #[track_caller]
     pub fn closelistener(&self) {
         self.child.request("closelistener", "listener");
     }
@@ -156,6 +164,7 @@ impl Server {
     /// and returns it once it is ready. Both processes accept until this one
     /// is told to [`Server::stopaccept`]. The new process is driven through
     /// this one (relayed stdio) and dies with it.
+    #[track_caller]
     pub fn handover(&self) -> Server {
         let reply = self.child.request("handover", "child");
         let pid: u32 = reply
@@ -175,6 +184,7 @@ impl Server {
     }
 
     /// Asks the server to exit and waits for its goodbye.
+    #[track_caller]
     pub fn exit(&self) {
         self.child.request("exit", "bye");
     }
@@ -183,6 +193,7 @@ impl Server {
 /// Waits until `servers` (an old server and its handover child, which share
 /// one output pipe) have accepted exactly `n` connections between them;
 /// returns what each accepted.
+#[track_caller]
 pub fn wait_accepted_sum(servers: &[&Server], n: u64) -> Vec<u64> {
     let Some(first) = servers.first() else {
         return Vec::new();
@@ -259,11 +270,13 @@ impl Client {
     /// Starts `client.py` inside `ns` and waits until `n` connections to
     /// `address` are established (one after the other, so the server accepts
     /// them in this order).
+    #[track_caller]
     pub fn connect(ns: &Netns, address: &str, n: u64) -> Client {
         Client::connect_from(ns, address, n, None)
     }
 
     /// Like [`Client::connect`], binding each connection to `source` first.
+    #[track_caller]
     pub fn connect_from(ns: &Netns, address: &str, n: u64, source: Option<&str>) -> Client {
         let n_arg = n.to_string();
         let prog = program("client.py");
@@ -315,6 +328,7 @@ impl Client {
     }
 
     /// Opens `k` more connections.
+    #[track_caller]
     pub fn open(&self, k: u64) {
         let total = self.open.get() + k;
         let reply = self.child.request(&format!("open {k}"), "connected");
@@ -328,6 +342,7 @@ impl Client {
     }
 
     /// Closes (FIN) the `k` oldest connections: the server side goes to CLOSE_WAIT.
+    #[track_caller]
     pub fn close(&self, k: u64) {
         let reply = self.child.request(&format!("close {k}"), "closed");
         assert_eq!(
@@ -340,6 +355,7 @@ impl Client {
     }
 
     /// Aborts (RST) the `k` oldest connections: the server side goes to CLOSE.
+    #[track_caller]
     pub fn reset(&self, k: u64) {
         let reply = self.child.request(&format!("reset {k}"), "reset");
         assert_eq!(
@@ -351,6 +367,7 @@ impl Client {
         self.open.set(self.open.get() - k);
     }
 
+    #[track_caller]
     pub fn closeall(&self) {
         self.child.request("closeall", "closed");
         self.open.set(0);

@@ -21,6 +21,13 @@ impl Soft {
         }
     }
 
+    /// Records every violation of [`crate::status::invariants`] in `status`.
+    pub fn invariants(&self, context: &str, status: &serde_json::Value) {
+        for violation in crate::status::invariants(status) {
+            self.fail(format!("{context}: {violation}"));
+        }
+    }
+
     pub fn fail(&self, message: String) {
         self.failures
             .lock()
@@ -33,6 +40,7 @@ impl Soft {
     }
 
     /// Fails the test if any check failed.
+    #[track_caller]
     pub fn finish(self) {
         let failures = self.take();
         assert!(

@@ -361,6 +361,7 @@ impl Expect {
     }
 
     /// Panics, showing `status`, unless it meets this expectation.
+    #[track_caller]
     pub fn assert(&self, status: &Value, context: &str) {
         if let Err(why) = self.check(status) {
             panic!(
@@ -403,4 +404,70 @@ pub fn pretty(v: &Value) -> String {
     serde_json::to_string_pretty(v)
         .unwrap_or_else(|_| v.to_string())
         .replace('\n', "\n    ")
+}
+
+/// Internal consistency of one status, independent of what the test did:
+/// documented orderings, `oldest_live_ms` null exactly when nothing is live,
+/// and a process's live count equal to the sum of what it holds through
+/// each of its listeners. Returns every violation.
+pub fn invariants(status: &Value) -> Vec<String> {
+    let mut errors = Vec::new();
+    let procs = array(status, "processes");
+    let listeners = array(status, "listeners");
+    let pid_order: Vec<u64> = procs.iter().filter_map(|p| p["pid"].as_u64()).collect();
+    if !pid_order.is_sorted() {
+        errors.push(format!("processes are not ordered by pid: {pid_order:?}"));
+    }
+    let listener_order: Vec<(u64, String)> = listeners
+        .iter()
+        .map(|l| {
+            (
+                l["netns"].as_u64().unwrap_or(0),
+                l["address"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    if !listener_order.is_sorted_by(|a, b| a.0 <= b.0) {
+        errors.push(format!(
+            "listeners are not ordered by namespace: {listener_order:?}"
+        ));
+    }
+    for l in listeners {
+        let order: Vec<u64> = array(l, "holders")
+            .iter()
+            .filter_map(|h| h["pid"].as_u64())
+            .collect();
+        if !order.is_sorted() {
+            errors.push(format!(
+                "listener {}: holders are not ordered by pid: {order:?}",
+                l["address"]
+            ));
+        }
+    }
+    for p in procs {
+        let pid = p["pid"].as_u64().unwrap_or(0);
+        let live = p["live"].as_u64().unwrap_or(0);
+        if (live == 0) != p["oldest_live_ms"].is_null() {
+            errors.push(format!(
+                "pid {pid}: live is {live} but oldest_live_ms is {}",
+                p["oldest_live_ms"]
+            ));
+        }
+        // Only when every listener the process names is in this status
+        // (a filter may hide some).
+        let named = array(p, "listeners").len();
+        let holding: Vec<u64> = listeners
+            .iter()
+            .flat_map(|l| array(l, "holders"))
+            .filter(|h| h["pid"].as_u64() == Some(pid))
+            .filter_map(|h| h["live"].as_u64())
+            .collect();
+        if holding.len() == named && holding.iter().sum::<u64>() != live {
+            errors.push(format!(
+                "pid {pid}: live is {live} but its holder entries add up to {}",
+                holding.iter().sum::<u64>()
+            ));
+        }
+    }
+    errors
 }

@@ -209,7 +209,7 @@ impl Apt {
         cmd::run(
             command("apt-get")
                 .env("DEBIAN_FRONTEND", "noninteractive")
-                .args(["install", "-y", "--no-install-recommends"])
+                .args(["install", "-y"])
                 .args(&missing),
         )
         .with_context(|| format!("failed to install Debian packages {}", missing.join(" ")))?;

@@ -98,7 +98,9 @@ struct KernelArgs {
 /// Parses `90s`, `2m`, `1500ms`, `1h`, or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let value: f64 = num
         .parse()
@@ -120,13 +122,20 @@ pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
-            let code = if e.use_stderr() { exit::USAGE } else { exit::OK };
+            let code = if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            };
             let _ = e.print();
             return ExitCode::from(code);
         }
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("gracewatch: failed to start the async runtime: {e}");
@@ -192,7 +201,11 @@ async fn watch(opts: SourceOptions, filter: FilterArgs, interval: Duration) -> a
             pending = false;
             next_print = tokio::time::Instant::now() + interval;
         }
-        let wake = if pending { next_print } else { tokio::time::Instant::now() + Duration::from_secs(3600) };
+        let wake = if pending {
+            next_print
+        } else {
+            tokio::time::Instant::now() + Duration::from_secs(3600)
+        };
         tokio::select! {
             changed = monitor.next_change() => { pending |= changed?; }
             () = tokio::time::sleep_until(wake) => {}
@@ -234,7 +247,11 @@ impl FilterArgs {
                     .and_then(|(_, p)| p.parse::<u16>().ok())
                     .is_some_and(|p| self.ports.contains(&p))
             });
-            let kept: Vec<&str> = status.listeners.iter().map(|l| l.address.as_str()).collect();
+            let kept: Vec<&str> = status
+                .listeners
+                .iter()
+                .map(|l| l.address.as_str())
+                .collect();
             status
                 .processes
                 .retain(|p| p.listeners.iter().any(|a| kept.contains(&a.as_str())));
@@ -258,7 +275,14 @@ mod tests {
 
     #[test]
     fn durations_parse_with_units_and_reject_garbage() {
-        let ok = [("90s", 90_000), ("2m", 120_000), ("1500ms", 1500), ("1h", 3_600_000), ("3", 3000), ("0.5s", 500)];
+        let ok = [
+            ("90s", 90_000),
+            ("2m", 120_000),
+            ("1500ms", 1500),
+            ("1h", 3_600_000),
+            ("3", 3000),
+            ("0.5s", 500),
+        ];
         for (s, ms) in ok {
             assert_eq!(parse_duration(s), Ok(Duration::from_millis(ms)), "{s}");
         }
@@ -278,6 +302,9 @@ mod tests {
             let err = Cli::try_parse_from(&args).expect_err("must be rejected");
             assert!(err.use_stderr(), "{args:?}");
         }
-        assert!(Cli::try_parse_from(["gracewatch", "status", "--pid", "1", "--pid", "2", "--json"]).is_ok());
+        assert!(
+            Cli::try_parse_from(["gracewatch", "status", "--pid", "1", "--pid", "2", "--json"])
+                .is_ok()
+        );
     }
 }

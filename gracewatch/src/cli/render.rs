@@ -20,7 +20,11 @@ pub fn table(status: &Status, filter: &FilterArgs) -> String {
         let _ = writeln!(out, "{why}");
         return out;
     }
-    let _ = writeln!(out, "{:<8} {:<16} {:>6}  LISTENERS", "PID", "COMMAND", "LIVE");
+    let _ = writeln!(
+        out,
+        "{:<8} {:<16} {:>6}  LISTENERS",
+        "PID", "COMMAND", "LIVE"
+    );
     for p in &status.processes {
         let _ = writeln!(
             out,
@@ -28,7 +32,11 @@ pub fn table(status: &Status, filter: &FilterArgs) -> String {
             p.pid,
             p.comm,
             p.live,
-            if p.listeners.is_empty() { "-".to_owned() } else { p.listeners.join(", ") }
+            if p.listeners.is_empty() {
+                "-".to_owned()
+            } else {
+                p.listeners.join(", ")
+            }
         );
     }
     let _ = writeln!(out);
@@ -50,7 +58,11 @@ pub fn table(status: &Status, filter: &FilterArgs) -> String {
             l.netns,
             l.accept_queue,
             l.queue_drops_total,
-            if holders.is_empty() { "-".to_owned() } else { holders.join(", ") }
+            if holders.is_empty() {
+                "-".to_owned()
+            } else {
+                holders.join(", ")
+            }
         );
     }
     if status.lost_events > 0 {
@@ -92,18 +104,30 @@ pub fn changes(prev: Option<&Status>, cur: &Status) -> String {
                     p.pid,
                     p.comm,
                     p.live,
-                    if p.listeners.is_empty() { "-".to_owned() } else { p.listeners.join(", ") }
+                    if p.listeners.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        p.listeners.join(", ")
+                    }
                 );
             }
             Some(old) if old.live != p.live || old.listeners != p.listeners => {
-                let _ = writeln!(out, "{t} pid {} ({}) live {} → {}", p.pid, p.comm, old.live, p.live);
+                let _ = writeln!(
+                    out,
+                    "{t} pid {} ({}) live {} → {}",
+                    p.pid, p.comm, old.live, p.live
+                );
                 if old.listeners != p.listeners {
                     let _ = writeln!(
                         out,
                         "{t} pid {} ({}) listeners: {}",
                         p.pid,
                         p.comm,
-                        if p.listeners.is_empty() { "-".to_owned() } else { p.listeners.join(", ") }
+                        if p.listeners.is_empty() {
+                            "-".to_owned()
+                        } else {
+                            p.listeners.join(", ")
+                        }
                     );
                 }
             }
@@ -113,19 +137,34 @@ pub fn changes(prev: Option<&Status>, cur: &Status) -> String {
     if let Some(prev) = prev {
         for p in &prev.processes {
             if find(cur, p.pid).is_none() {
-                let _ = writeln!(out, "{t} pid {} ({}) gone (held {} live)", p.pid, p.comm, p.live);
+                let _ = writeln!(
+                    out,
+                    "{t} pid {} ({}) gone (held {} live)",
+                    p.pid, p.comm, p.live
+                );
             }
         }
         if prev.lost_events != cur.lost_events {
-            let _ = writeln!(out, "{t} warning: {} kernel events lost so far", cur.lost_events);
+            let _ = writeln!(
+                out,
+                "{t} warning: {} kernel events lost so far",
+                cur.lost_events
+            );
         }
     }
     if prev.is_none() && cur.processes.is_empty() {
-        let _ = writeln!(out, "{t} no process holds a listening TCP socket yet; watching");
+        let _ = writeln!(
+            out,
+            "{t} no process holds a listening TCP socket yet; watching"
+        );
     }
     out
 }
 
 fn join<T: ToString>(items: &[T]) -> String {
-    items.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -17,9 +17,7 @@ use aya::{
     maps::{Array, HashMap, MapData, RingBuf},
     programs::TracePoint,
 };
-use gracewatch_common::{
-    AF_INET, AF_INET6, Event, TupleKey, event_flag, event_kind, stat,
-};
+use gracewatch_common::{AF_INET, AF_INET6, Event, TupleKey, event_flag, event_kind, stat};
 use tokio::io::unix::AsyncFd;
 
 use super::{MonitorError, kernel_layout};
@@ -65,8 +63,15 @@ impl EbpfSource {
             .map_max_entries("LIVE", entries)
             .map_max_entries("PREEXISTING", entries)
             .map_max_entries("EVENTS", ring)
-            .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gracewatch")))
-            .map_err(|e| MonitorError::from_load(anyhow::Error::new(e).context("failed to load the eBPF programs")))?;
+            .load(aya::include_bytes_aligned!(concat!(
+                env!("OUT_DIR"),
+                "/gracewatch"
+            )))
+            .map_err(|e| {
+                MonitorError::from_load(
+                    anyhow::Error::new(e).context("failed to load the eBPF programs"),
+                )
+            })?;
 
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => register(l).ok(),
@@ -153,7 +158,12 @@ impl EbpfSource {
     pub fn register_preexisting(&mut self, tuple: &Tuple, pid: u32) -> anyhow::Result<()> {
         self.preexisting
             .insert(tuple_key(tuple), pid, 0)
-            .with_context(|| format!("failed to register pre-existing connection {} → {}", tuple.remote, tuple.local))
+            .with_context(|| {
+                format!(
+                    "failed to register pre-existing connection {} → {}",
+                    tuple.remote, tuple.local
+                )
+            })
     }
 
     /// Removes a registration. `true` if it was still there, i.e. the
@@ -249,7 +259,11 @@ pub fn decode(ev: &Event) -> Option<ConnEvent> {
             pid: ev.tgid,
             comm: comm(&ev.comm),
         },
-        event_kind::HANDSHAKE => ConnEvent::Handshake { at, sk: ev.sk, tuple },
+        event_kind::HANDSHAKE => ConnEvent::Handshake {
+            at,
+            sk: ev.sk,
+            tuple,
+        },
         event_kind::ACCEPT => ConnEvent::Accept {
             at,
             sk: ev.sk,
@@ -264,7 +278,11 @@ pub fn decode(ev: &Event) -> Option<ConnEvent> {
             tuple,
             pid: ev.tgid,
         },
-        event_kind::QUEUE_DROP => ConnEvent::QueueDrop { at, sk: ev.sk, tuple },
+        event_kind::QUEUE_DROP => ConnEvent::QueueDrop {
+            at,
+            sk: ev.sk,
+            tuple,
+        },
         event_kind::PREEXISTING_CLOSE => ConnEvent::PreexistingClose {
             at,
             tuple,
@@ -295,7 +313,15 @@ mod tests {
             ..Event::default()
         };
         ev.comm[..5].copy_from_slice(b"nginx");
-        let Some(ConnEvent::Accept { at, tuple, pid, comm, was_queued, .. }) = decode(&ev) else {
+        let Some(ConnEvent::Accept {
+            at,
+            tuple,
+            pid,
+            comm,
+            was_queued,
+            ..
+        }) = decode(&ev)
+        else {
             panic!("expected an accept");
         };
         assert_eq!(at, Duration::from_millis(5));
@@ -311,7 +337,10 @@ mod tests {
         };
         assert_eq!(tuple.local, "[::1]:8080".parse().expect("addr"));
         // A dual-stack socket keeps its IPv4-mapped peer as IPv6.
-        assert_eq!(tuple.remote, "[::ffff:127.0.0.2]:40000".parse().expect("addr"));
+        assert_eq!(
+            tuple.remote,
+            "[::ffff:127.0.0.2]:40000".parse().expect("addr")
+        );
 
         ev.kind = 200;
         assert_eq!(decode(&ev), None);
@@ -325,7 +354,10 @@ mod tests {
             remote: "10.0.0.2:5555".parse().expect("addr"),
         };
         let k = tuple_key(&t);
-        assert_eq!((k.family, k.lport, k.rport, k.netns), (AF_INET, 80, 5555, 7));
+        assert_eq!(
+            (k.family, k.lport, k.rport, k.netns),
+            (AF_INET, 80, 5555, 7)
+        );
         assert_eq!(&k.laddr[10..], &[0xff, 0xff, 10, 0, 0, 1]);
         let t6 = Tuple {
             netns: 7,

@@ -31,10 +31,13 @@ pub fn resolve() -> Result<Config, MonitorError> {
             "kernel BTF not found at {VMLINUX_BTF}: gracewatch needs a kernel built with CONFIG_DEBUG_INFO_BTF=y"
         )));
     }
-    let btf = Btf::from_file(VMLINUX_BTF)
-        .map_err(|e| MonitorError::CannotMonitor(format!("cannot read kernel BTF {VMLINUX_BTF}: {e}")))?;
+    let btf = Btf::from_file(VMLINUX_BTF).map_err(|e| {
+        MonitorError::CannotMonitor(format!("cannot read kernel BTF {VMLINUX_BTF}: {e}"))
+    })?;
     let mut cfg = struct_offsets(&btf).map_err(|e| {
-        MonitorError::CannotMonitor(format!("kernel BTF lacks a structure gracewatch needs: {e:#}"))
+        MonitorError::CannotMonitor(format!(
+            "kernel BTF lacks a structure gracewatch needs: {e:#}"
+        ))
     })?;
 
     ensure_tracefs()?;
@@ -83,12 +86,20 @@ fn ensure_tracefs() -> Result<(), MonitorError> {
 
 /// Field name → byte offset, from `events/<category>/<name>/format`.
 fn tracepoint_format(category: &str, name: &str) -> Result<HashMap<String, u16>, MonitorError> {
-    let path = Path::new(TRACEFS).join("events").join(category).join(name).join("format");
+    let path = Path::new(TRACEFS)
+        .join("events")
+        .join(category)
+        .join(name)
+        .join("format");
     let text = fs::read_to_string(&path).map_err(|e| {
         MonitorError::CannotMonitor(format!(
             "tracepoint {category}/{name} is not available ({}: {e}); gracewatch needs it{}",
             path.display(),
-            if category == "syscalls" { " (CONFIG_FTRACE_SYSCALLS=y)" } else { "" }
+            if category == "syscalls" {
+                " (CONFIG_FTRACE_SYSCALLS=y)"
+            } else {
+                ""
+            }
         ))
     })?;
     Ok(parse_format(&text))
@@ -115,7 +126,11 @@ pub fn parse_format(text: &str) -> HashMap<String, u16> {
         let Some(last) = decl.split_whitespace().last() else {
             continue;
         };
-        let name = last.split('[').next().unwrap_or(last).trim_start_matches('*');
+        let name = last
+            .split('[')
+            .next()
+            .unwrap_or(last)
+            .trim_start_matches('*');
         fields.insert(name.to_owned(), offset);
     }
     fields
@@ -214,7 +229,10 @@ mod tests {
     #[test]
     fn resolves_offsets_from_running_kernel_btf() {
         if !Path::new(VMLINUX_BTF).exists() {
-            assert!(std::env::var("CI").is_err(), "CI machines must have kernel BTF");
+            assert!(
+                std::env::var("CI").is_err(),
+                "CI machines must have kernel BTF"
+            );
             return;
         }
         let btf = Btf::from_file(VMLINUX_BTF).expect("read vmlinux BTF");

@@ -44,8 +44,9 @@ const CAP_BPF: u32 = 39;
 
 /// Fails with the first missing capability named, before anything touches the kernel.
 pub fn check_capabilities() -> Result<(), MonitorError> {
-    let status = fs::read_to_string("/proc/self/status")
-        .map_err(|e| MonitorError::Other(anyhow::anyhow!("failed to read /proc/self/status: {e}")))?;
+    let status = fs::read_to_string("/proc/self/status").map_err(|e| {
+        MonitorError::Other(anyhow::anyhow!("failed to read /proc/self/status: {e}"))
+    })?;
     let eff = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))

@@ -35,13 +35,17 @@ impl NetNsHandle {
         let path = format!("/proc/{pid}/ns/net");
         let file = File::open(&path)
             .with_context(|| format!("failed to open network namespace of pid {pid} ({path})"))?;
-        Self::from_file(file).with_context(|| format!("failed to identify network namespace of pid {pid}"))
+        Self::from_file(file)
+            .with_context(|| format!("failed to identify network namespace of pid {pid}"))
     }
 
     /// Wraps an already opened nsfs file (for example one opened relative to
     /// a `/proc/<pid>` directory fd, which cannot race with pid reuse).
     pub fn from_file(file: File) -> anyhow::Result<Self> {
-        let ino = file.metadata().context("failed to stat network namespace file")?.ino();
+        let ino = file
+            .metadata()
+            .context("failed to stat network namespace file")?
+            .ino();
         Ok(Self {
             inode: ns_inode(ino)?,
             file,
@@ -107,7 +111,8 @@ pub fn is_permission_denied(err: &anyhow::Error) -> bool {
 /// nsfs inode numbers are allocated from a 32-bit range (`proc_inum`); the
 /// rest of gracewatch (and the eBPF side, which reads `ns.inum`) uses `u32`.
 fn ns_inode(ino: u64) -> anyhow::Result<NetNs> {
-    NetNs::try_from(ino).map_err(|_| anyhow!("network namespace inode {ino} does not fit in 32 bits"))
+    NetNs::try_from(ino)
+        .map_err(|_| anyhow!("network namespace inode {ino} does not fit in 32 bits"))
 }
 
 #[cfg(test)]
@@ -119,7 +124,11 @@ mod tests {
         let handle = NetNsHandle::of_pid(std::process::id())?;
         assert_eq!(handle.inode(), current_thread_netns()?);
         let tid = handle.run_inside(rustix::thread::gettid)?;
-        assert_eq!(tid, rustix::thread::gettid(), "own namespace must not spawn a thread");
+        assert_eq!(
+            tid,
+            rustix::thread::gettid(),
+            "own namespace must not spawn a thread"
+        );
         Ok(())
     }
 }

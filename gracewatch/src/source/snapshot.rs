@@ -26,7 +26,9 @@ use std::{
 
 use anyhow::{Context, anyhow, bail};
 use log::{debug, warn};
-use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
 use netlink_packet_sock_diag::{
     SockDiagMessage,
     constants::{AF_INET, AF_INET6, IPPROTO_TCP},
@@ -95,15 +97,23 @@ pub fn live_inbound_fds(pid: u32) -> anyhow::Result<Vec<Tuple>> {
 /// [`live_inbound_fds`], also counting as inbound any connection whose local
 /// address matches one of `known_listeners` (addresses the caller saw the
 /// target listen on, which may since have been closed).
-pub fn live_inbound_fds_with(pid: u32, known_listeners: &[ListenAddr]) -> anyhow::Result<Vec<Tuple>> {
+pub fn live_inbound_fds_with(
+    pid: u32,
+    known_listeners: &[ListenAddr],
+) -> anyhow::Result<Vec<Tuple>> {
     let process = open_process(pid).with_context(|| format!("failed to open /proc/{pid}"))?;
-    let handle = open_netns(&process).with_context(|| format!("failed to open network namespace of pid {pid}"))?;
-    let inodes = socket_inodes(&process).with_context(|| format!("failed to list socket fds of pid {pid}"))?;
+    let handle = open_netns(&process)
+        .with_context(|| format!("failed to open network namespace of pid {pid}"))?;
+    let inodes = socket_inodes(&process)
+        .with_context(|| format!("failed to list socket fds of pid {pid}"))?;
     let holder = Holder {
         pid,
         comm: String::new(),
     };
-    let holders: HashMap<u64, Vec<Holder>> = inodes.into_iter().map(|inode| (inode, vec![holder.clone()])).collect();
+    let holders: HashMap<u64, Vec<Holder>> = inodes
+        .into_iter()
+        .map(|inode| (inode, vec![holder.clone()]))
+        .collect();
     let sockets = dump_netns(&handle)?;
     let (_, connections) = assemble(handle.inode(), &sockets, &holders, known_listeners);
     let mut tuples: Vec<Tuple> = connections.into_iter().map(|c| c.tuple).collect();
@@ -132,7 +142,9 @@ fn walk_proc() -> anyhow::Result<ProcTable> {
                 continue;
             }
         };
-        let Ok(pid) = u32::try_from(process.pid) else { continue };
+        let Ok(pid) = u32::try_from(process.pid) else {
+            continue;
+        };
         match read_process(&process) {
             Ok((handle, comm, inodes)) => {
                 // One handle per namespace is enough; the others close here.
@@ -151,7 +163,10 @@ fn walk_proc() -> anyhow::Result<ProcTable> {
         list.sort();
         list.dedup_by_key(|h| h.pid);
     }
-    Ok(ProcTable { holders, namespaces })
+    Ok(ProcTable {
+        holders,
+        namespaces,
+    })
 }
 
 /// One process's network namespace, comm and socket inodes.
@@ -170,7 +185,9 @@ fn open_process(pid: u32) -> anyhow::Result<Process> {
 /// Opened relative to the process's /proc directory fd, so a recycled pid
 /// cannot hand us another process's namespace.
 fn open_netns(process: &Process) -> anyhow::Result<NetNsHandle> {
-    let file = process.open_relative("ns/net").context("failed to open ns/net")?;
+    let file = process
+        .open_relative("ns/net")
+        .context("failed to open ns/net")?;
     NetNsHandle::from_file(file)
 }
 
@@ -280,7 +297,10 @@ fn dump_tcp(socket: &Socket, family: u8, out: &mut Vec<DiagSocket>) -> anyhow::R
             .recv(&mut &mut buf[..], libc::MSG_TRUNC)
             .with_context(|| format!("failed to receive {family_name} sock_diag reply"))?;
         if len > buf.len() {
-            bail!("{family_name} sock_diag reply of {len} bytes exceeds our {} byte buffer", buf.len());
+            bail!(
+                "{family_name} sock_diag reply of {len} bytes exceeds our {} byte buffer",
+                buf.len()
+            );
         }
         let mut offset = 0;
         while offset < len {
@@ -293,8 +313,9 @@ fn dump_tcp(socket: &Socket, family: u8, out: &mut Vec<DiagSocket>) -> anyhow::R
                 }
                 NetlinkPayload::Done(_) => return Ok(()),
                 NetlinkPayload::Error(err) => {
-                    return Err(anyhow::Error::new(err.to_io()))
-                        .with_context(|| format!("kernel rejected the {family_name} sock_diag dump"));
+                    return Err(anyhow::Error::new(err.to_io())).with_context(|| {
+                        format!("kernel rejected the {family_name} sock_diag dump")
+                    });
                 }
                 // Noop, Overrun, and other message kinds carry no socket.
                 _ => {}
@@ -322,10 +343,17 @@ fn assemble(
         .iter()
         .filter(|s| s.state == TCP_LISTEN)
         .map(|s| SnapListener {
-            addr: ListenAddr { netns, local: s.local },
+            addr: ListenAddr {
+                netns,
+                local: s.local,
+            },
             inode: s.inode,
             accept_queue: s.rqueue,
-            holders: if s.inode == 0 { Vec::new() } else { holders_of(s.inode) },
+            holders: if s.inode == 0 {
+                Vec::new()
+            } else {
+                holders_of(s.inode)
+            },
         })
         .collect();
     // Indexed by port: a busy namespace has ~100k connections and maybe
@@ -415,7 +443,8 @@ mod tests {
     #[test]
     fn snapshot_sees_own_listeners_and_accepted_connections_only() {
         let ns = own_netns();
-        let dual_stack = std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|v| v.trim() == "0");
+        let dual_stack =
+            std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|v| v.trim() == "0");
 
         let l4 = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         let l6 = TcpListener::bind((Ipv6Addr::UNSPECIFIED, 0)).unwrap();
@@ -440,12 +469,21 @@ mod tests {
             eprintln!("net.ipv6.bindv6only is 1: not testing IPv4 clients of an IPv6 listener");
         }
 
-        let l4_addr = ListenAddr { netns: ns, local: a4 };
-        let l6_addr = ListenAddr { netns: ns, local: a6 };
+        let l4_addr = ListenAddr {
+            netns: ns,
+            local: a4,
+        };
+        let l6_addr = ListenAddr {
+            netns: ns,
+            local: a6,
+        };
         let snap = take_until(|s| listener_at(s, l4_addr).is_some_and(|l| l.accept_queue == 1));
         assert!(snap.at > Duration::ZERO);
 
-        let comm = std::fs::read_to_string("/proc/self/comm").unwrap().trim_end().to_owned();
+        let comm = std::fs::read_to_string("/proc/self/comm")
+            .unwrap()
+            .trim_end()
+            .to_owned();
         let us = vec![Holder { pid: me(), comm }];
         let l4_snap = listener_at(&snap, l4_addr).expect("127.0.0.1 listener missing");
         assert_eq!(l4_snap.holders, us);
@@ -459,7 +497,9 @@ mod tests {
         let ours: Vec<&SnapConn> = snap
             .connections
             .iter()
-            .filter(|c| c.tuple.netns == ns && [a4.port(), a6.port()].contains(&c.tuple.local.port()))
+            .filter(|c| {
+                c.tuple.netns == ns && [a4.port(), a6.port()].contains(&c.tuple.local.port())
+            })
             .collect();
         let mut got: Vec<Tuple> = ours.iter().map(|c| c.tuple).collect();
         let mut want: Vec<Tuple> = server_side.iter().map(|s| tuple_of(ns, s)).collect();
@@ -474,12 +514,20 @@ mod tests {
         for client in &clients {
             let local = client.local_addr().unwrap();
             assert!(
-                !snap.connections.iter().any(|c| c.tuple.netns == ns && c.tuple.local == local),
+                !snap
+                    .connections
+                    .iter()
+                    .any(|c| c.tuple.netns == ns && c.tuple.local == local),
                 "outbound client socket {local} reported as inbound"
             );
         }
         if let Some((c3, _)) = &v4_to_v6 {
-            let mapped = SocketAddr::V6(SocketAddrV6::new(Ipv4Addr::LOCALHOST.to_ipv6_mapped(), a6.port(), 0, 0));
+            let mapped = SocketAddr::V6(SocketAddrV6::new(
+                Ipv4Addr::LOCALHOST.to_ipv6_mapped(),
+                a6.port(),
+                0,
+                0,
+            ));
             let conn = ours
                 .iter()
                 .find(|c| c.tuple.local == mapped)
@@ -508,13 +556,19 @@ mod tests {
         let live = live_inbound_fds(me()).unwrap();
         assert!(live.contains(&want), "{want:?} missing from {live:?}");
         let client_local = client.local_addr().unwrap();
-        assert!(!live.iter().any(|t| t.local == client_local), "outbound socket counted");
+        assert!(
+            !live.iter().any(|t| t.local == client_local),
+            "outbound socket counted"
+        );
 
         // Once the last listener is gone, the dump alone cannot tell the
         // connection is inbound; a listen address known from events can.
         drop(listener);
         assert!(!live_inbound_fds(me()).unwrap().contains(&want));
-        let known = [ListenAddr { netns: ns, local: addr }];
+        let known = [ListenAddr {
+            netns: ns,
+            local: addr,
+        }];
         assert!(live_inbound_fds_with(me(), &known).unwrap().contains(&want));
 
         drop(server);
@@ -560,7 +614,9 @@ mod tests {
                 let _ = child.kill();
                 let _ = child.wait();
             }
-            let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.name])
+                .status();
         }
     }
 
@@ -584,7 +640,10 @@ sys.stdin.read()
     #[test]
     fn snapshot_enters_other_network_namespaces() {
         if !rustix::process::geteuid().is_root() {
-            assert!(std::env::var("CI").as_deref() != Ok("true"), "needs root (ip netns add)");
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "needs root (ip netns add)"
+            );
             eprintln!("skipping: needs root to create a network namespace");
             return;
         }
@@ -600,9 +659,15 @@ sys.stdin.read()
             .unwrap();
         let child = guard.child.insert(child);
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         let fields: Vec<&str> = line.split_whitespace().collect();
-        assert_eq!(fields.first(), Some(&"ready"), "python server did not start: {line:?}");
+        assert_eq!(
+            fields.first(),
+            Some(&"ready"),
+            "python server did not start: {line:?}"
+        );
         let py_pid: u32 = fields[1].parse().unwrap();
         let port: u16 = fields[2].parse().unwrap();
         let their_ns = NetNsHandle::of_pid(py_pid).unwrap().inode();
@@ -613,15 +678,39 @@ sys.stdin.read()
             local: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
         };
         let snap = take(monotonic_now).unwrap();
-        let listener = listener_at(&snap, addr).unwrap_or_else(|| panic!("listener {addr:?} missing"));
-        assert_eq!(listener.holders.iter().map(|h| h.pid).collect::<Vec<_>>(), [py_pid]);
-        assert!(listener.holders[0].comm.starts_with("python"), "{:?}", listener.holders);
-        let theirs: Vec<&SnapConn> = snap.connections.iter().filter(|c| c.tuple.netns == their_ns).collect();
-        assert_eq!(theirs.len(), 1, "only the accepted side is inbound: {theirs:?}");
+        let listener =
+            listener_at(&snap, addr).unwrap_or_else(|| panic!("listener {addr:?} missing"));
+        assert_eq!(
+            listener.holders.iter().map(|h| h.pid).collect::<Vec<_>>(),
+            [py_pid]
+        );
+        assert!(
+            listener.holders[0].comm.starts_with("python"),
+            "{:?}",
+            listener.holders
+        );
+        let theirs: Vec<&SnapConn> = snap
+            .connections
+            .iter()
+            .filter(|c| c.tuple.netns == their_ns)
+            .collect();
+        assert_eq!(
+            theirs.len(),
+            1,
+            "only the accepted side is inbound: {theirs:?}"
+        );
         assert_eq!(theirs[0].tuple.local, addr.local);
-        assert_eq!(theirs[0].holders.iter().map(|h| h.pid).collect::<Vec<_>>(), [py_pid]);
+        assert_eq!(
+            theirs[0].holders.iter().map(|h| h.pid).collect::<Vec<_>>(),
+            [py_pid]
+        );
         // Nothing from their namespace leaks into ours under the same address.
-        assert!(!snap.listeners.iter().any(|l| l.addr.netns != their_ns && l.inode == listener.inode));
+        assert!(
+            !snap
+                .listeners
+                .iter()
+                .any(|l| l.addr.netns != their_ns && l.inode == listener.inode)
+        );
 
         let live = live_inbound_fds(py_pid).unwrap();
         assert_eq!(live, [theirs[0].tuple]);
@@ -659,7 +748,13 @@ sys.stdin.read()
             diag(TCP_LISTEN, "0.0.0.0:80", "0.0.0.0:0", 2, 10),
             diag(TCP_LISTEN, "[::]:443", "[::]:0", 0, 20), // kernel-owned: no holder
             diag(TCP_ESTABLISHED, "10.0.0.1:80", "10.0.0.9:5000", 0, 11),
-            diag(TCP_CLOSE_WAIT, "[::ffff:10.0.0.1]:443", "[::ffff:10.0.0.9]:5001", 0, 12),
+            diag(
+                TCP_CLOSE_WAIT,
+                "[::ffff:10.0.0.1]:443",
+                "[::ffff:10.0.0.9]:5001",
+                0,
+                12,
+            ),
             diag(TCP_ESTABLISHED, "10.0.0.1:80", "10.0.0.9:5002", 0, 0), // queued
             diag(TCP_ESTABLISHED, "10.0.0.1:80", "10.0.0.9:5003", 0, 99), // unheld
             diag(TCP_ESTABLISHED, "10.0.0.1:40000", "10.0.0.7:80", 0, 13), // outbound

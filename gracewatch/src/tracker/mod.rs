@@ -50,6 +50,8 @@ pub struct ConnInfo {
     pub listener: Option<ListenAddr>,
 }
 
+/// Live connections, listeners and their holders, folded from events and
+/// snapshots. See the module documentation for the model.
 #[derive(Debug, Default)]
 pub struct Tracker {
     conns: HashMap<Tuple, Conn>,
@@ -136,7 +138,8 @@ struct Proc {
 
 impl Listener {
     fn holds(&self, pid: u32) -> bool {
-        self.acceptors.contains_key(&pid) || self.sockets.iter().any(|s| s.holders.contains_key(&pid))
+        self.acceptors.contains_key(&pid)
+            || self.sockets.iter().any(|s| s.holders.contains_key(&pid))
     }
 
     fn holder_pids(&self) -> BTreeSet<u32> {
@@ -150,7 +153,12 @@ impl Listener {
     /// A socket no event named, for an event that names an unknown one:
     /// preferably one `pid` holds, then one nobody is known to hold.
     fn unnamed_socket(&self, pid: u32) -> Option<usize> {
-        let unnamed = || self.sockets.iter().enumerate().filter(|(_, s)| s.sk.is_none());
+        let unnamed = || {
+            self.sockets
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.sk.is_none())
+        };
         unnamed()
             .find(|(_, s)| s.holders.contains_key(&pid))
             .or_else(|| unnamed().find(|(_, s)| s.holders.is_empty()))
@@ -164,6 +172,7 @@ fn millis(d: Duration) -> u64 {
 }
 
 impl Tracker {
+    /// An empty tracker: nothing known until events or a snapshot arrive.
     pub fn new() -> Self {
         Self::default()
     }
@@ -237,7 +246,12 @@ impl Tracker {
                 }
             }
         }
-        let comm_of = |pid: u32| self.procs.get(&pid).map(|p| p.comm.clone()).unwrap_or_default();
+        let comm_of = |pid: u32| {
+            self.procs
+                .get(&pid)
+                .map(|p| p.comm.clone())
+                .unwrap_or_default()
+        };
 
         let mut held: BTreeMap<u32, Vec<ListenAddr>> = BTreeMap::new();
         let mut listeners = Vec::with_capacity(self.listeners.len());
@@ -433,7 +447,15 @@ impl Tracker {
         }
     }
 
-    fn accept(&mut self, at: Duration, sk: SockId, tuple: &Tuple, pid: u32, comm: &str, was_queued: bool) {
+    fn accept(
+        &mut self,
+        at: Duration,
+        sk: SockId,
+        tuple: &Tuple,
+        pid: u32,
+        comm: &str,
+        was_queued: bool,
+    ) {
         let alive = !self.exited.ended_since(&pid, at);
         if alive {
             self.procs.entry(pid).or_default();
@@ -510,7 +532,11 @@ impl Tracker {
 
     fn preexisting_close(&mut self, at: Duration, tuple: &Tuple) {
         // An entry the kernel knows by sk reports its own end as Close.
-        if !self.conns.get(tuple).is_some_and(|c| c.sk.is_none() && c.since <= at) {
+        if !self
+            .conns
+            .get(tuple)
+            .is_some_and(|c| c.sk.is_none() && c.since <= at)
+        {
             return;
         }
         let Some(conn) = self.remove_conn(tuple) else {

@@ -67,7 +67,10 @@ impl Tracker {
             let holders = alive_holders(&self.exited, &sl.holders, s);
             let queue = u64::from(sl.accept_queue);
             let socks = shown.entry(sl.addr).or_default();
-            match socks.iter_mut().find(|x| sl.inode != 0 && x.inode == sl.inode) {
+            match socks
+                .iter_mut()
+                .find(|x| sl.inode != 0 && x.inode == sl.inode)
+            {
                 Some(x) => {
                     x.holders.extend(holders);
                     x.queue = x.queue.max(queue);
@@ -117,8 +120,9 @@ impl Tracker {
         let Some(l) = self.listeners.get_mut(&addr) else {
             return;
         };
-        let (newer, gone): (Vec<ListenSock>, Vec<ListenSock>) =
-            std::mem::take(&mut l.sockets).into_iter().partition(|x| x.since >= s);
+        let (newer, gone): (Vec<ListenSock>, Vec<ListenSock>) = std::mem::take(&mut l.sockets)
+            .into_iter()
+            .partition(|x| x.since >= s);
         l.sockets = newer;
         l.queued_before = 0;
         let before: Vec<u32> = l.acceptors.keys().copied().collect();
@@ -146,7 +150,9 @@ impl Tracker {
         let mut pair: Vec<Option<usize>> = vec![None; socks.len()];
         let mut used = vec![false; current.len()];
         for (j, x) in socks.iter().enumerate() {
-            if let Some(i) = (0..current.len()).find(|&i| !used[i] && current[i].inode == Some(x.inode)) {
+            if let Some(i) =
+                (0..current.len()).find(|&i| !used[i] && current[i].inode == Some(x.inode))
+            {
                 used[i] = true;
                 pair[j] = Some(i);
             }
@@ -182,7 +188,8 @@ impl Tracker {
         let mut released = Vec::new();
         for (j, x) in socks.into_iter().enumerate() {
             let mut holders: BTreeMap<u32, Duration> = x.holders.iter().map(|p| (*p, s)).collect();
-            let (sk, since) = match pair[j].and_then(|i| current.get_mut(i).and_then(Option::take)) {
+            let (sk, since) = match pair[j].and_then(|i| current.get_mut(i).and_then(Option::take))
+            {
                 Some(old) => {
                     for (pid, t) in old.holders {
                         if t >= s {
@@ -274,7 +281,10 @@ impl Tracker {
         // evidence of an end and stays.
         let mut vouched: HashMap<(NetNs, u16), Vec<ListenAddr>> = HashMap::new();
         for sl in &snap.listeners {
-            vouched.entry((sl.addr.netns, sl.addr.local.port())).or_default().push(sl.addr);
+            vouched
+                .entry((sl.addr.netns, sl.addr.local.port()))
+                .or_default()
+                .push(sl.addr);
         }
         let covered = |t: &Tuple| {
             vouched

@@ -27,7 +27,10 @@ fn la(s: &str) -> ListenAddr {
 }
 
 fn la_ns(netns: NetNs, s: &str) -> ListenAddr {
-    ListenAddr { netns, local: sa(s) }
+    ListenAddr {
+        netns,
+        local: sa(s),
+    }
 }
 
 fn tu(local: &str, remote: &str) -> Tuple {
@@ -49,7 +52,10 @@ fn t4(n: u16) -> Tuple {
 
 /// Connection `n` to 10.0.0.1:`port`.
 fn tp(port: u16, n: u16) -> Tuple {
-    tu(&format!("10.0.0.1:{port}"), &format!("192.0.2.1:{}", 40000 + n))
+    tu(
+        &format!("10.0.0.1:{port}"),
+        &format!("192.0.2.1:{}", 40000 + n),
+    )
 }
 
 fn l4() -> ListenAddr {
@@ -102,7 +108,11 @@ fn unlisten(at: u64, sk: u64, addr: ListenAddr, pid: u32) -> Step {
 }
 
 fn hs(at: u64, sk: u64, tuple: Tuple) -> Step {
-    Step::Ev(ConnEvent::Handshake { at: ms(at), sk, tuple })
+    Step::Ev(ConnEvent::Handshake {
+        at: ms(at),
+        sk,
+        tuple,
+    })
 }
 
 fn acc(at: u64, sk: u64, tuple: Tuple, pid: u32, was_queued: bool) -> Step {
@@ -126,11 +136,19 @@ fn close(at: u64, sk: u64, tuple: Tuple, pid: u32) -> Step {
 }
 
 fn qdrop(at: u64, sk: u64, tuple: Tuple) -> Step {
-    Step::Ev(ConnEvent::QueueDrop { at: ms(at), sk, tuple })
+    Step::Ev(ConnEvent::QueueDrop {
+        at: ms(at),
+        sk,
+        tuple,
+    })
 }
 
 fn pclose(at: u64, tuple: Tuple, pid: u32) -> Step {
-    Step::Ev(ConnEvent::PreexistingClose { at: ms(at), tuple, pid })
+    Step::Ev(ConnEvent::PreexistingClose {
+        at: ms(at),
+        tuple,
+        pid,
+    })
 }
 
 fn exit(at: u64, pid: u32) -> Step {
@@ -169,7 +187,12 @@ fn sc(tuple: Tuple, inode: u64, state: u8, pids: &[u32]) -> SnapConn {
 }
 
 /// A snapshot step and the (tuple, pid charged) pairs it must return.
-fn snap(at: u64, listeners: Vec<SnapListener>, connections: Vec<SnapConn>, returns: Vec<(Tuple, u32)>) -> Step {
+fn snap(
+    at: u64,
+    listeners: Vec<SnapListener>,
+    connections: Vec<SnapConn>,
+    returns: Vec<(Tuple, u32)>,
+) -> Step {
     Step::Snap(
         Snapshot {
             at: ms(at),
@@ -281,34 +304,59 @@ fn check(name: &str, t: &Tracker, st: &Status, e: &Exp) {
         }
         Exp::Live(pid, n) => {
             // A process holding nothing is absent; its live count is zero.
-            let got = st.processes.iter().find(|p| p.pid == *pid).map_or(0, |p| p.live);
+            let got = st
+                .processes
+                .iter()
+                .find(|p| p.pid == *pid)
+                .map_or(0, |p| p.live);
             assert_eq!(got, *n, "{ctx}");
             assert_eq!(t.live_of(*pid, &[]), *n, "{ctx}: live_of");
         }
         Exp::Totals(pid, accepted, closed) => {
             let p = proc_of(name, st, *pid);
-            assert_eq!((p.accepted_total, p.closed_total), (*accepted, *closed), "{ctx}");
+            assert_eq!(
+                (p.accepted_total, p.closed_total),
+                (*accepted, *closed),
+                "{ctx}"
+            );
         }
         Exp::ProcListeners(pid, addrs) => {
             assert_eq!(&proc_of(name, st, *pid).listeners, addrs, "{ctx}");
         }
         Exp::Comm(pid, comm) => assert_eq!(proc_of(name, st, *pid).comm, *comm, "{ctx}"),
-        Exp::Oldest(pid, want) => assert_eq!(proc_of(name, st, *pid).oldest_live_ms, *want, "{ctx}"),
+        Exp::Oldest(pid, want) => {
+            assert_eq!(proc_of(name, st, *pid).oldest_live_ms, *want, "{ctx}")
+        }
         Exp::Listeners(want) => {
-            let got: Vec<(NetNs, String)> = st.listeners.iter().map(|l| (l.netns, l.address.clone())).collect();
-            let want: Vec<(NetNs, String)> = want.iter().map(|(n, a)| (*n, (*a).to_owned())).collect();
+            let got: Vec<(NetNs, String)> = st
+                .listeners
+                .iter()
+                .map(|l| (l.netns, l.address.clone()))
+                .collect();
+            let want: Vec<(NetNs, String)> =
+                want.iter().map(|(n, a)| (*n, (*a).to_owned())).collect();
             assert_eq!(got, want, "{ctx}");
         }
         Exp::Holders(addr, want) => {
-            let got: Vec<(u32, u64)> = listener_of(name, st, addr).holders.iter().map(|h| (h.pid, h.live)).collect();
+            let got: Vec<(u32, u64)> = listener_of(name, st, addr)
+                .holders
+                .iter()
+                .map(|h| (h.pid, h.live))
+                .collect();
             assert_eq!(&got, want, "{ctx}");
         }
         Exp::Queue(addr, n) => assert_eq!(listener_of(name, st, addr).accept_queue, *n, "{ctx}"),
         Exp::LTotals(addr, accepted, drops) => {
             let l = listener_of(name, st, addr);
-            assert_eq!((l.accepted_total, l.queue_drops_total), (*accepted, *drops), "{ctx}");
+            assert_eq!(
+                (l.accepted_total, l.queue_drops_total),
+                (*accepted, *drops),
+                "{ctx}"
+            );
         }
-        Exp::Family(addr, family) => assert_eq!(listener_of(name, st, addr).family, *family, "{ctx}"),
+        Exp::Family(addr, family) => {
+            assert_eq!(listener_of(name, st, addr).family, *family, "{ctx}")
+        }
         Exp::Lost(n) => assert_eq!(st.lost_events, *n, "{ctx}"),
         Exp::Conns(pid, want) => {
             let got: Vec<(Tuple, bool, Option<ListenAddr>)> = t
@@ -319,11 +367,17 @@ fn check(name: &str, t: &Tracker, st: &Status, e: &Exp) {
             assert_eq!(&got, want, "{ctx}");
         }
         Exp::ConnHolders(pid, tuple, want) => {
-            let c = t.connections_of(*pid).into_iter().find(|c| c.tuple == *tuple);
+            let c = t
+                .connections_of(*pid)
+                .into_iter()
+                .find(|c| c.tuple == *tuple);
             assert_eq!(c.map(|c| c.holders), Some(want.clone()), "{ctx}");
         }
         Exp::ConnSince(pid, tuple, since) => {
-            let c = t.connections_of(*pid).into_iter().find(|c| c.tuple == *tuple);
+            let c = t
+                .connections_of(*pid)
+                .into_iter()
+                .find(|c| c.tuple == *tuple);
             assert_eq!(c.map(|c| c.since), Some(ms(*since)), "{ctx}");
         }
         Exp::LiveOf(pid, ports, n) => assert_eq!(t.live_of(*pid, ports), *n, "{ctx}"),
@@ -339,26 +393,49 @@ fn check_invariants(t: &Tracker, now: Duration, ctx: &str) {
 
     // Indexes agree with the records.
     for (sk, tuple) in &t.conn_by_sk {
-        assert_eq!(t.conns.get(tuple).and_then(|c| c.sk), Some(*sk), "{ctx}: conn_by_sk");
+        assert_eq!(
+            t.conns.get(tuple).and_then(|c| c.sk),
+            Some(*sk),
+            "{ctx}: conn_by_sk"
+        );
     }
     for (tuple, c) in &t.conns {
-        assert!(!c.holders.is_empty(), "{ctx}: connection {tuple:?} without holders");
+        assert!(
+            !c.holders.is_empty(),
+            "{ctx}: connection {tuple:?} without holders"
+        );
         if let Some(sk) = c.sk {
             assert_eq!(t.conn_by_sk.get(&sk), Some(tuple), "{ctx}: sk index");
         }
         if let Some(l) = c.listener {
-            assert!(t.listeners.contains_key(&l), "{ctx}: connection names a gone listener");
+            assert!(
+                t.listeners.contains_key(&l),
+                "{ctx}: connection names a gone listener"
+            );
         }
     }
     for (sk, addr) in &t.listener_by_sk {
-        let l = t.listeners.get(addr).unwrap_or_else(|| panic!("{ctx}: listener_by_sk to a gone listener"));
-        assert!(l.sockets.iter().any(|s| s.sk == Some(*sk)), "{ctx}: listener_by_sk");
+        let l = t
+            .listeners
+            .get(addr)
+            .unwrap_or_else(|| panic!("{ctx}: listener_by_sk to a gone listener"));
+        assert!(
+            l.sockets.iter().any(|s| s.sk == Some(*sk)),
+            "{ctx}: listener_by_sk"
+        );
     }
     for (addr, l) in &t.listeners {
-        assert!(!l.sockets.is_empty(), "{ctx}: listener {addr:?} without sockets");
+        assert!(
+            !l.sockets.is_empty(),
+            "{ctx}: listener {addr:?} without sockets"
+        );
         for s in &l.sockets {
             if let Some(sk) = s.sk {
-                assert_eq!(t.listener_by_sk.get(&sk), Some(addr), "{ctx}: socket sk not indexed");
+                assert_eq!(
+                    t.listener_by_sk.get(&sk),
+                    Some(addr),
+                    "{ctx}: socket sk not indexed"
+                );
             }
         }
     }
@@ -384,14 +461,21 @@ fn check_invariants(t: &Tracker, now: Duration, ctx: &str) {
 
     // Status agrees with the records and with the queries.
     let pids: Vec<u32> = st.processes.iter().map(|p| p.pid).collect();
-    assert_eq!(pids, holding.keys().copied().collect::<Vec<_>>(), "{ctx}: status pids");
+    assert_eq!(
+        pids,
+        holding.keys().copied().collect::<Vec<_>>(),
+        "{ctx}: status pids"
+    );
     for p in &st.processes {
         let n = holding[&p.pid];
         assert_eq!(p.live, n, "{ctx}: live of {}", p.pid);
         assert_eq!(t.live_of(p.pid, &[]), n, "{ctx}: live_of");
         let conns = t.connections_of(p.pid);
         assert_eq!(conns.len() as u64, n, "{ctx}: connections_of");
-        assert!(conns.windows(2).all(|w| w[0].since <= w[1].since), "{ctx}: oldest first");
+        assert!(
+            conns.windows(2).all(|w| w[0].since <= w[1].since),
+            "{ctx}: oldest first"
+        );
         assert_eq!(p.oldest_live_ms.is_some(), n > 0, "{ctx}: oldest_live_ms");
         let through: u64 = st
             .listeners
@@ -400,12 +484,22 @@ fn check_invariants(t: &Tracker, now: Duration, ctx: &str) {
             .filter(|h| h.pid == p.pid)
             .map(|h| h.live)
             .sum();
-        assert!(through <= p.live, "{ctx}: listener lives of {} exceed its live", p.pid);
+        assert!(
+            through <= p.live,
+            "{ctx}: listener lives of {} exceed its live",
+            p.pid
+        );
     }
     let keys: Vec<(NetNs, SocketAddr)> = t.listeners.keys().map(|a| (a.netns, a.local)).collect();
-    assert!(keys.windows(2).all(|w| w[0] < w[1]), "{ctx}: listeners sorted");
+    assert!(
+        keys.windows(2).all(|w| w[0] < w[1]),
+        "{ctx}: listeners sorted"
+    );
     for l in &st.listeners {
-        assert!(l.holders.windows(2).all(|w| w[0].pid < w[1].pid), "{ctx}: holders sorted");
+        assert!(
+            l.holders.windows(2).all(|w| w[0].pid < w[1].pid),
+            "{ctx}: holders sorted"
+        );
     }
 }
 
@@ -515,7 +609,10 @@ fn listeners() {
         ),
         case(
             "a listening sk seen on another address: the stale socket goes",
-            vec![listen(1, 100, l4(), 10), listen(5, 100, la("0.0.0.0:81"), 10)],
+            vec![
+                listen(1, 100, l4(), 10),
+                listen(5, 100, la("0.0.0.0:81"), 10),
+            ],
             vec![
                 Exp::Listeners(vec![(NS, "0.0.0.0:81")]),
                 Exp::ProcListeners(10, vec!["0.0.0.0:81"]),
@@ -526,7 +623,13 @@ fn listeners() {
             vec![
                 listen(1, 100, la_ns(NS, "0.0.0.0:80"), 10),
                 listen(1, 101, la_ns(NS2, "0.0.0.0:80"), 20),
-                acc(2, 200, tu_ns(NS2, "10.0.0.1:80", "192.0.2.1:40001"), 20, false),
+                acc(
+                    2,
+                    200,
+                    tu_ns(NS2, "10.0.0.1:80", "192.0.2.1:40001"),
+                    20,
+                    false,
+                ),
             ],
             vec![
                 Exp::Listeners(vec![(NS, "0.0.0.0:80"), (NS2, "0.0.0.0:80")]),
@@ -553,7 +656,16 @@ fn listeners() {
                     (NS, "[::]:80"),
                     (NS2, "0.0.0.0:80"),
                 ]),
-                Exp::ProcListeners(10, vec!["0.0.0.0:80", "0.0.0.0:443", "9.0.0.1:80", "10.0.0.10:80", "[::]:80"]),
+                Exp::ProcListeners(
+                    10,
+                    vec![
+                        "0.0.0.0:80",
+                        "0.0.0.0:443",
+                        "9.0.0.1:80",
+                        "10.0.0.10:80",
+                        "[::]:80",
+                    ],
+                ),
             ],
         ),
     ]);
@@ -564,7 +676,11 @@ fn accept_and_close() {
     run(vec![
         case(
             "handshakes queue on the listener",
-            vec![listen(1, 100, l4(), 10), hs(2, 200, t4(1)), hs(2, 201, t4(2))],
+            vec![
+                listen(1, 100, l4(), 10),
+                hs(2, 200, t4(1)),
+                hs(2, 201, t4(2)),
+            ],
             vec![Exp::Queue(l4(), 2), Exp::Live(10, 0)],
         ),
         case(
@@ -620,7 +736,12 @@ fn accept_and_close() {
         case(
             "close with an unknown sk falls back to the tuple",
             vec![
-                snap(5, vec![sl(l4(), 7, 0, &[10])], vec![sc(t4(1), 71, 1, &[10])], vec![(t4(1), 10)]),
+                snap(
+                    5,
+                    vec![sl(l4(), 7, 0, &[10])],
+                    vec![sc(t4(1), 71, 1, &[10])],
+                    vec![(t4(1), 10)],
+                ),
                 close(10, 999, t4(1), 10),
             ],
             vec![Exp::Live(10, 0), Exp::Totals(10, 0, 1)],
@@ -633,7 +754,12 @@ fn accept_and_close() {
         case(
             "close older than the connection with that tuple is ignored",
             vec![
-                snap(10, vec![sl(l4(), 7, 0, &[10])], vec![sc(t4(1), 71, 1, &[10])], vec![(t4(1), 10)]),
+                snap(
+                    10,
+                    vec![sl(l4(), 7, 0, &[10])],
+                    vec![sc(t4(1), 71, 1, &[10])],
+                    vec![(t4(1), 10)],
+                ),
                 close(5, 999, t4(1), 10),
             ],
             vec![Exp::Live(10, 1)],
@@ -645,7 +771,11 @@ fn accept_and_close() {
                 acc(2, 200, t4(1), 10, false),
                 acc(2, 200, t4(1), 10, false),
             ],
-            vec![Exp::Live(10, 1), Exp::Totals(10, 1, 0), Exp::LTotals(l4(), 1, 0)],
+            vec![
+                Exp::Live(10, 1),
+                Exp::Totals(10, 1, 0),
+                Exp::LTotals(l4(), 1, 0),
+            ],
         ),
         case(
             "an sk reused by a new connection replaces the stale one",
@@ -666,7 +796,8 @@ fn accept_and_close() {
                 listen(1, 100, l4(), 10),
                 acc(2, 200, t4(1), 10, false),
                 acc(5, 201, t4(1), 10, false),
-                close(6, 200, t4(1), 10),
+                // The old socket's end, delivered late (another CPU).
+                close(4, 200, t4(1), 10),
             ],
             vec![Exp::Live(10, 1), Exp::ConnSince(10, t4(1), 5)],
         ),
@@ -703,7 +834,10 @@ fn accept_and_close() {
                 listen(1, 101, l4(), 10),
                 acc(2, 200, t4(1), 10, false),
             ],
-            vec![Exp::Holders(l4(), vec![(10, 1)]), Exp::Holders(l6(), vec![(30, 0)])],
+            vec![
+                Exp::Holders(l4(), vec![(10, 1)]),
+                Exp::Holders(l6(), vec![(30, 0)]),
+            ],
         ),
         case(
             "IPv6 end to end",
@@ -776,13 +910,21 @@ fn accept_queue() {
         ),
         case(
             "queue drops saturate at zero",
-            vec![listen(1, 100, l4(), 10), qdrop(3, 200, t4(1)), qdrop(3, 201, t4(2))],
+            vec![
+                listen(1, 100, l4(), 10),
+                qdrop(3, 200, t4(1)),
+                qdrop(3, 201, t4(2)),
+            ],
             vec![Exp::Queue(l4(), 0), Exp::LTotals(l4(), 0, 2)],
         ),
         case(
             "a handshake no listener matches is kept aside",
             vec![hs(2, 200, t4(1)), hs(2, 201, t4(2))],
-            vec![Exp::Listeners(vec![]), Exp::Unmatched(2), Exp::Procs(vec![])],
+            vec![
+                Exp::Listeners(vec![]),
+                Exp::Unmatched(2),
+                Exp::Procs(vec![]),
+            ],
         ),
         case(
             "unmatched queue drains by drop and by accept",
@@ -920,11 +1062,19 @@ fn process_exit_and_lost() {
                 exit(10, 10),
                 listen(20, 100, l4(), 10),
             ],
-            vec![Exp::Procs(vec![10]), Exp::Totals(10, 0, 0), Exp::Live(10, 0)],
+            vec![
+                Exp::Procs(vec![10]),
+                Exp::Totals(10, 0, 0),
+                Exp::Live(10, 0),
+            ],
         ),
         case(
             "a process that let go of everything is forgotten",
-            vec![acc(2, 200, t4(1), 10, false), close(3, 200, t4(1), 10), acc(4, 201, t4(2), 10, false)],
+            vec![
+                acc(2, 200, t4(1), 10, false),
+                close(3, 200, t4(1), 10),
+                acc(4, 201, t4(2), 10, false),
+            ],
             vec![Exp::Procs(vec![10]), Exp::Totals(10, 1, 0)],
         ),
         case(
@@ -1024,7 +1174,10 @@ fn snapshots() {
                 Exp::Live(12, 1),
                 Exp::Comm(11, "s11"),
                 Exp::Oldest(11, Some(99_000)),
-                Exp::Conns(11, vec![(t4(1), true, Some(l4())), (t4(2), true, Some(l4()))]),
+                Exp::Conns(
+                    11,
+                    vec![(t4(1), true, Some(l4())), (t4(2), true, Some(l4()))],
+                ),
                 Exp::ConnSince(11, t4(1), 1_000),
                 Exp::Holders(l4(), vec![(10, 0), (11, 2)]),
                 Exp::ProcListeners(12, vec![]),
@@ -1047,7 +1200,12 @@ fn snapshots() {
         ),
         case(
             "a CLOSE_WAIT connection in the snapshot is live",
-            vec![snap(1, vec![sl(l4(), 7, 0, &[10])], vec![sc(t4(1), 71, 8, &[10])], vec![(t4(1), 10)])],
+            vec![snap(
+                1,
+                vec![sl(l4(), 7, 0, &[10])],
+                vec![sc(t4(1), 71, 8, &[10])],
+                vec![(t4(1), 10)],
+            )],
             vec![Exp::Live(10, 1)],
         ),
         case(
@@ -1084,7 +1242,10 @@ fn snapshots() {
         case(
             "a listener learned after the snapshot survives it",
             vec![listen(6, 100, l4(), 10), snap(5, vec![], vec![], vec![])],
-            vec![Exp::Listeners(vec![(NS, "0.0.0.0:80")]), Exp::Holders(l4(), vec![(10, 0)])],
+            vec![
+                Exp::Listeners(vec![(NS, "0.0.0.0:80")]),
+                Exp::Holders(l4(), vec![(10, 0)]),
+            ],
         ),
         case(
             "a listener learned before the snapshot and absent from it is gone",
@@ -1107,7 +1268,10 @@ fn snapshots() {
                 unlisten(7, 100, l4(), 20),
                 snap(5, vec![sl(l4(), 7, 0, &[10])], vec![], vec![]),
             ],
-            vec![Exp::Listeners(vec![(NS, "0.0.0.0:80")]), Exp::Holders(l4(), vec![(10, 0)])],
+            vec![
+                Exp::Listeners(vec![(NS, "0.0.0.0:80")]),
+                Exp::Holders(l4(), vec![(10, 0)]),
+            ],
         ),
         case(
             "startup order: a ListenStart older than the merged snapshot names its socket",
@@ -1115,7 +1279,10 @@ fn snapshots() {
                 snap(5, vec![sl(l4(), 7, 0, &[10])], vec![], vec![]),
                 listen(1, 100, l4(), 10),
             ],
-            vec![Exp::Listeners(vec![(NS, "0.0.0.0:80")]), Exp::Holders(l4(), vec![(10, 0)])],
+            vec![
+                Exp::Listeners(vec![(NS, "0.0.0.0:80")]),
+                Exp::Holders(l4(), vec![(10, 0)]),
+            ],
         ),
         case(
             "startup order: ... so its ListenStop removes the listener",
@@ -1145,7 +1312,12 @@ fn snapshots() {
         case(
             "two snapshot sockets on one address: the closer's goes",
             vec![
-                snap(5, vec![sl(l4(), 7, 0, &[10]), sl(l4(), 8, 0, &[20])], vec![], vec![]),
+                snap(
+                    5,
+                    vec![sl(l4(), 7, 0, &[10]), sl(l4(), 8, 0, &[20])],
+                    vec![],
+                    vec![],
+                ),
                 unlisten(8, 999, l4(), 10),
             ],
             vec![Exp::Holders(l4(), vec![(20, 0)])],
@@ -1155,7 +1327,12 @@ fn snapshots() {
             vec![
                 listen(1, 100, l4(), 10),
                 acc(2, 200, t4(1), 10, false),
-                snap(5, vec![sl(l4(), 7, 0, &[10])], vec![sc(t4(1), 71, 1, &[10])], vec![]),
+                snap(
+                    5,
+                    vec![sl(l4(), 7, 0, &[10])],
+                    vec![sc(t4(1), 71, 1, &[10])],
+                    vec![],
+                ),
             ],
             vec![
                 Exp::Live(10, 1),
@@ -1167,7 +1344,12 @@ fn snapshots() {
         case(
             "dedupe, snapshot first: the older accept replaces the pre-existing entry",
             vec![
-                snap(5, vec![sl(l4(), 7, 0, &[10])], vec![sc(t4(1), 71, 1, &[10])], vec![(t4(1), 10)]),
+                snap(
+                    5,
+                    vec![sl(l4(), 7, 0, &[10])],
+                    vec![sc(t4(1), 71, 1, &[10])],
+                    vec![(t4(1), 10)],
+                ),
                 listen(1, 100, l4(), 10),
                 acc(2, 200, t4(1), 10, false),
             ],
@@ -1181,7 +1363,12 @@ fn snapshots() {
         case(
             "dedupe, snapshot first: its Close then ends it",
             vec![
-                snap(5, vec![sl(l4(), 7, 0, &[10])], vec![sc(t4(1), 71, 1, &[10])], vec![(t4(1), 10)]),
+                snap(
+                    5,
+                    vec![sl(l4(), 7, 0, &[10])],
+                    vec![sc(t4(1), 71, 1, &[10])],
+                    vec![(t4(1), 10)],
+                ),
                 acc(2, 200, t4(1), 10, false),
                 close(9, 200, t4(1), 10),
             ],
@@ -1209,7 +1396,12 @@ fn snapshots() {
         case(
             "snapshot holders win over an older accept, in either order",
             vec![
-                snap(5, vec![sl(l4(), 7, 0, &[10, 20])], vec![sc(t4(1), 71, 1, &[20])], vec![(t4(1), 20)]),
+                snap(
+                    5,
+                    vec![sl(l4(), 7, 0, &[10, 20])],
+                    vec![sc(t4(1), 71, 1, &[20])],
+                    vec![(t4(1), 20)],
+                ),
                 acc(2, 200, t4(1), 10, false),
             ],
             vec![
@@ -1228,7 +1420,12 @@ fn snapshots() {
                     vec![sc(t4(1), 71, 1, &[10]), sc(t4(2), 72, 1, &[10])],
                     vec![(t4(1), 10), (t4(2), 10)],
                 ),
-                snap(50, vec![sl(l4(), 7, 0, &[10])], vec![sc(t4(2), 72, 1, &[10])], vec![]),
+                snap(
+                    50,
+                    vec![sl(l4(), 7, 0, &[10])],
+                    vec![sc(t4(2), 72, 1, &[10])],
+                    vec![],
+                ),
             ],
             vec![
                 Exp::Live(10, 1),
@@ -1239,24 +1436,48 @@ fn snapshots() {
         case(
             "a rescan keeps a pre-existing connection whose listener it cannot see",
             vec![
-                snap(5, vec![sl(l4(), 7, 0, &[10])], vec![sc(t4(1), 71, 1, &[10])], vec![(t4(1), 10)]),
+                snap(
+                    5,
+                    vec![sl(l4(), 7, 0, &[10])],
+                    vec![sc(t4(1), 71, 1, &[10])],
+                    vec![(t4(1), 10)],
+                ),
                 snap(50, vec![], vec![], vec![]),
             ],
-            vec![Exp::Live(10, 1), Exp::Listeners(vec![]), Exp::Conns(10, vec![(t4(1), true, None)])],
+            vec![
+                Exp::Live(10, 1),
+                Exp::Listeners(vec![]),
+                Exp::Conns(10, vec![(t4(1), true, None)]),
+            ],
         ),
         case(
             "a rescan adds a connection whose accept was lost",
             vec![
                 listen(1, 100, l4(), 10),
-                snap(50, vec![sl(l4(), 7, 0, &[10])], vec![sc(t4(1), 71, 1, &[10])], vec![(t4(1), 10)]),
+                snap(
+                    50,
+                    vec![sl(l4(), 7, 0, &[10])],
+                    vec![sc(t4(1), 71, 1, &[10])],
+                    vec![(t4(1), 10)],
+                ),
             ],
             vec![Exp::Live(10, 1)],
         ),
         case(
             "the same snapshot twice adds nothing the second time",
             vec![
-                snap(5, vec![sl(l4(), 7, 0, &[10])], vec![sc(t4(1), 71, 1, &[10])], vec![(t4(1), 10)]),
-                snap(5, vec![sl(l4(), 7, 0, &[10])], vec![sc(t4(1), 71, 1, &[10])], vec![]),
+                snap(
+                    5,
+                    vec![sl(l4(), 7, 0, &[10])],
+                    vec![sc(t4(1), 71, 1, &[10])],
+                    vec![(t4(1), 10)],
+                ),
+                snap(
+                    5,
+                    vec![sl(l4(), 7, 0, &[10])],
+                    vec![sc(t4(1), 71, 1, &[10])],
+                    vec![],
+                ),
             ],
             vec![Exp::Live(10, 1), Exp::Holders(l4(), vec![(10, 1)])],
         ),
@@ -1266,7 +1487,12 @@ fn snapshots() {
                 listen(1, 100, l4(), 10),
                 acc(2, 200, t4(1), 10, false),
                 close(7, 200, t4(1), 10),
-                snap(5, vec![sl(l4(), 7, 0, &[10])], vec![sc(t4(1), 71, 1, &[10])], vec![]),
+                snap(
+                    5,
+                    vec![sl(l4(), 7, 0, &[10])],
+                    vec![sc(t4(1), 71, 1, &[10])],
+                    vec![],
+                ),
             ],
             vec![Exp::Live(10, 0)],
         ),
@@ -1275,25 +1501,48 @@ fn snapshots() {
             vec![
                 listen(1, 100, l4(), 10),
                 acc(7, 200, t4(1), 10, false),
-                snap(5, vec![sl(l4(), 7, 0, &[10, 20])], vec![sc(t4(1), 71, 1, &[20])], vec![]),
+                snap(
+                    5,
+                    vec![sl(l4(), 7, 0, &[10, 20])],
+                    vec![sc(t4(1), 71, 1, &[20])],
+                    vec![],
+                ),
             ],
-            vec![Exp::Live(10, 1), Exp::Live(20, 0), Exp::ConnSince(10, t4(1), 7)],
+            vec![
+                Exp::Live(10, 1),
+                Exp::Live(20, 0),
+                Exp::ConnSince(10, t4(1), 7),
+            ],
         ),
         case(
             "a holder that exited after the snapshot is not brought back",
             vec![
                 exit(7, 20),
-                snap(5, vec![sl(l4(), 7, 0, &[10, 20])], vec![sc(t4(1), 71, 1, &[20])], vec![]),
+                snap(
+                    5,
+                    vec![sl(l4(), 7, 0, &[10, 20])],
+                    vec![sc(t4(1), 71, 1, &[20])],
+                    vec![],
+                ),
             ],
             vec![Exp::Procs(vec![10]), Exp::Holders(l4(), vec![(10, 0)])],
         ),
         case(
             "PreexistingClose ends it and counts for each holder",
             vec![
-                snap(5, vec![sl(l4(), 7, 0, &[10])], vec![sc(t4(1), 71, 1, &[10, 20])], vec![(t4(1), 10)]),
+                snap(
+                    5,
+                    vec![sl(l4(), 7, 0, &[10])],
+                    vec![sc(t4(1), 71, 1, &[10, 20])],
+                    vec![(t4(1), 10)],
+                ),
                 pclose(9, t4(1), 10),
             ],
-            vec![Exp::Live(10, 0), Exp::Totals(10, 0, 1), Exp::Procs(vec![10])],
+            vec![
+                Exp::Live(10, 0),
+                Exp::Totals(10, 0, 1),
+                Exp::Procs(vec![10]),
+            ],
         ),
         case(
             "PreexistingClose for an accepted connection is ignored",
@@ -1312,15 +1561,27 @@ fn snapshots() {
         case(
             "forget_connection removes a pre-existing connection",
             vec![
-                snap(5, vec![sl(l4(), 7, 0, &[10])], vec![sc(t4(1), 71, 1, &[10])], vec![(t4(1), 10)]),
+                snap(
+                    5,
+                    vec![sl(l4(), 7, 0, &[10])],
+                    vec![sc(t4(1), 71, 1, &[10])],
+                    vec![(t4(1), 10)],
+                ),
                 Step::Forget(t4(1)),
                 Step::Forget(t4(2)),
             ],
-            vec![Exp::Live(10, 0), Exp::Totals(10, 0, 0), Exp::Procs(vec![10])],
+            vec![
+                Exp::Live(10, 0),
+                Exp::Totals(10, 0, 0),
+                Exp::Procs(vec![10]),
+            ],
         ),
         case(
             "comm: the snapshot is newer than the ListenStart",
-            vec![listen(1, 100, l4(), 10), snap(5, vec![sl(l4(), 7, 0, &[10])], vec![], vec![])],
+            vec![
+                listen(1, 100, l4(), 10),
+                snap(5, vec![sl(l4(), 7, 0, &[10])], vec![], vec![]),
+            ],
             vec![Exp::Comm(10, "s10")],
         ),
         case(
@@ -1370,7 +1631,10 @@ fn queries() {
 fn tombstones_are_bounded_and_pruned() {
     let mut t = Tracker::new();
     for i in 0..(1u64 << 16) + 100 {
-        let tuple = tu("10.0.0.1:80", &format!("192.0.2.{}:{}", i / 60_000, 1 + i % 60_000));
+        let tuple = tu(
+            "10.0.0.1:80",
+            &format!("192.0.2.{}:{}", i / 60_000, 1 + i % 60_000),
+        );
         t.apply(&ConnEvent::Accept {
             at: ms(i),
             sk: i,
@@ -1433,7 +1697,13 @@ fn random_sequences_keep_the_invariants() {
         la_ns(NS2, "0.0.0.0:80"),
         la("[::ffff:10.0.0.1]:80"),
     ];
-    let locals = ["10.0.0.1:80", "10.0.0.2:80", "[::ffff:10.0.0.1]:80", "10.0.0.1:81", "[::1]:80"];
+    let locals = [
+        "10.0.0.1:80",
+        "10.0.0.2:80",
+        "[::ffff:10.0.0.1]:80",
+        "10.0.0.1:81",
+        "[::1]:80",
+    ];
     let remotes = ["192.0.2.1:1", "192.0.2.1:2", "[2001:db8::9]:3"];
     let mut tuples = Vec::new();
     for ns in [NS, NS2] {
@@ -1448,7 +1718,7 @@ fn random_sequences_keep_the_invariants() {
     let listen_sks = [100u64, 101, 102, 103];
 
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    for seq in 0..3_000 {
+    for seq in 0..2_000 {
         let mut t = Tracker::new();
         let mut now = 1_000u64;
         for step in 0..60 {
@@ -1519,7 +1789,12 @@ fn random_sequences_keep_the_invariants() {
                         listeners: (0..rng.below(4))
                             .map(|_| {
                                 let h = rng.pids(&pids);
-                                sl(rng.pick(&addrs), 1 + rng.below(4) as u64, rng.below(3) as u32, &h)
+                                sl(
+                                    rng.pick(&addrs),
+                                    1 + rng.below(4) as u64,
+                                    rng.below(3) as u32,
+                                    &h,
+                                )
                             })
                             .collect(),
                         connections: (0..rng.below(6))
@@ -1541,7 +1816,11 @@ fn random_sequences_keep_the_invariants() {
                 1 => t.forget_connection(&rng.pick(&tuples)),
                 _ => t.apply(&ev),
             }
-            check_invariants(&t, ms(now + rng.below(3) as u64), &format!("seq {seq} step {step}"));
+            check_invariants(
+                &t,
+                ms(now + rng.below(3) as u64),
+                &format!("seq {seq} step {step}"),
+            );
         }
     }
 }
@@ -1574,8 +1853,19 @@ fn busy_status() -> Status {
         hs(2, 300, t4(9)),
         acc(2, 200, t4(1), 10, false),
         acc(3, 201, tmapped(), 11, false),
-        acc(4, 202, tu_ns(NS2, "[2001:db8::1]:443", "[2001:db8::99]:5000"), 30, false),
-        close(5, 202, tu_ns(NS2, "[2001:db8::1]:443", "[2001:db8::99]:5000"), 30),
+        acc(
+            4,
+            202,
+            tu_ns(NS2, "[2001:db8::1]:443", "[2001:db8::99]:5000"),
+            30,
+            false,
+        ),
+        close(
+            5,
+            202,
+            tu_ns(NS2, "[2001:db8::1]:443", "[2001:db8::99]:5000"),
+            30,
+        ),
         qdrop(5, 301, t4(8)),
         snap(
             6,
@@ -1653,16 +1943,28 @@ fn schema_is_strict() {
     extra["listeners"][0]["holders"][0]["surprise"] = serde_json::json!(1);
     bad.push(("unknown holder key", extra));
 
-    for key in ["schema", "uptime_ms", "processes", "listeners", "lost_events"] {
+    for key in [
+        "schema",
+        "uptime_ms",
+        "processes",
+        "listeners",
+        "lost_events",
+    ] {
         let mut missing = good.clone();
         missing.as_object_mut().unwrap().remove(key);
         bad.push(("missing top-level key", missing));
     }
     let mut missing = good.clone();
-    missing["processes"][0].as_object_mut().unwrap().remove("oldest_live_ms");
+    missing["processes"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("oldest_live_ms");
     bad.push(("missing oldest_live_ms", missing));
     let mut missing = good.clone();
-    missing["listeners"][0].as_object_mut().unwrap().remove("accept_queue");
+    missing["listeners"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("accept_queue");
     bad.push(("missing accept_queue", missing));
 
     let mut wrong = good.clone();
@@ -1689,7 +1991,10 @@ fn schema_is_strict() {
         let serde_can_tell = name.starts_with("unknown") && name.ends_with("key")
             || name.starts_with("missing") && name != "missing oldest_live_ms";
         if serde_can_tell {
-            assert!(serde_json::from_value::<Status>(instance).is_err(), "{name}: serde accepted it");
+            assert!(
+                serde_json::from_value::<Status>(instance).is_err(),
+                "{name}: serde accepted it"
+            );
         }
     }
 }
