@@ -52,6 +52,9 @@ pub mod event_flag {
     /// The map that should have tracked this socket was full: the event is
     /// paired with an immediate compensating one and counted in `STATS`.
     pub const MAP_FULL: u8 = 2;
+    /// CLOSE/PREEXISTING_CLOSE: the owner itself ended it while exiting
+    /// (its fds were being released by `exit()`), not by `close()`.
+    pub const OWNER_EXITING: u8 = 4;
 }
 
 /// One record on the `EVENTS` ring buffer.
@@ -162,6 +165,7 @@ pub struct Config {
     pub skc_rcv_saddr: u32,
     pub skc_net: u32,
     pub sk_protocol: u32,
+    pub task_flags: u32,
     /// `offsetof(struct net, ns) + offsetof(struct ns_common, inum)`.
     pub net_ns_inum: u32,
     // `sock:inet_sock_set_state` field offsets
@@ -179,7 +183,7 @@ pub struct Config {
     pub tp_accept_ret: u16,
     pub _pad: u16,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 92);
+const _: () = assert!(core::mem::size_of::<Config>() == 96);
 
 #[cfg(feature = "user")]
 mod pod {

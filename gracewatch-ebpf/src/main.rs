@@ -257,14 +257,29 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
                 }
             }
         }
-        _ => end_of_connection(&mut ev, sk),
+        _ => end_of_connection(&cfg, &mut ev, sk),
     }
     Ok(())
 }
 
+/// `PF_EXITING` in `task_struct.flags` (include/linux/sched.h).
+const PF_EXITING: u32 = 0x4;
+
+/// Whether the current task belongs to `owner` and is exiting: its sockets
+/// are being released by `exit()`.
+#[inline(always)]
+fn owner_exiting(cfg: &Config, owner: u32) -> bool {
+    if (bpf_get_current_pid_tgid() >> 32) as u32 != owner {
+        return false;
+    }
+    // SAFETY: no arguments, no preconditions.
+    let task = unsafe { bpf_get_current_task() };
+    kread::<u32>(task, cfg.task_flags).is_ok_and(|f| f & PF_EXITING != 0)
+}
+
 /// A connection left ESTABLISHED/CLOSE_WAIT: report it to whichever map held it.
 #[inline(always)]
-fn end_of_connection(ev: &mut Event, sk: u64) {
+fn end_of_connection(cfg: &Config, ev: &mut Event, sk: u64) {
     if let Some(conn) = LIVE.get_ptr(sk) {
         // SAFETY: map values stay readable for the whole program run (RCU).
         let owner = unsafe { (*conn).owner };
@@ -272,6 +287,9 @@ fn end_of_connection(ev: &mut Event, sk: u64) {
             proc_add(owner, -1, 0, 1);
             ev.kind = event_kind::CLOSE;
             ev.tgid = owner;
+            if owner_exiting(cfg, owner) {
+                ev.flags |= event_flag::OWNER_EXITING;
+            }
             emit(ev);
         }
         return;
@@ -296,6 +314,9 @@ fn end_of_connection(ev: &mut Event, sk: u64) {
         if PREEXISTING.remove(key).is_ok() {
             ev.kind = event_kind::PREEXISTING_CLOSE;
             ev.tgid = owner;
+            if owner_exiting(cfg, owner) {
+                ev.flags |= event_flag::OWNER_EXITING;
+            }
             emit(ev);
         }
     }

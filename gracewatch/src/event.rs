@@ -118,12 +118,15 @@ pub enum ConnEvent {
         comm: String,
         was_queued: bool,
     },
-    /// The live connection `sk`, accepted by `pid`, ended.
+    /// The live connection `sk`, accepted by `pid`, ended. `by_exit`: it
+    /// ended because `pid` was exiting (not by an explicit close).
     Close {
         at: Duration,
         sk: SockId,
         tuple: Tuple,
         pid: u32,
+        #[serde(default)]
+        by_exit: bool,
     },
     /// A connection died in an accept queue before anyone accepted it.
     QueueDrop {
@@ -136,6 +139,8 @@ pub enum ConnEvent {
         at: Duration,
         tuple: Tuple,
         pid: u32,
+        #[serde(default)]
+        by_exit: bool,
     },
     /// The process `pid` exited (seen by the source, not the programs).
     ProcessExit { at: Duration, pid: u32 },

@@ -4,9 +4,10 @@
 //! counted twice. Afterwards it folds kernel events in as they arrive and
 //! notices processes that exited. Consumers read [`Status`] from it.
 
-use std::{collections::HashSet, time::Duration};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::{
     event::{ConnEvent, Tuple},
@@ -15,7 +16,7 @@ use crate::{
         ebpf::{EbpfSource, SourceOptions},
         monotonic_now, process_alive, snapshot,
     },
-    tracker::{Status, Tracker},
+    tracker::{ConnInfo, Status, Tracker},
 };
 
 /// How often exited processes and lost events are looked for.
@@ -28,6 +29,8 @@ pub struct Monitor {
     lost_seen: u64,
     batch: Vec<ConnEvent>,
     next_housekeeping: Duration,
+    /// Every applied event, for consumers that show or count them.
+    events: Option<broadcast::Sender<ConnEvent>>,
 }
 
 impl Monitor {
@@ -42,6 +45,7 @@ impl Monitor {
             lost_seen: 0,
             batch: Vec::new(),
             next_housekeeping: started + HOUSEKEEPING,
+            events: None,
         };
         monitor.merge_startup_snapshot()?;
         Ok(monitor)
@@ -80,7 +84,19 @@ impl Monitor {
         for ev in &self.batch {
             self.tracker.apply(ev);
         }
+        if let Some(tx) = &self.events {
+            for ev in &self.batch {
+                let _ = tx.send(ev.clone());
+            }
+        }
         !self.batch.is_empty()
+    }
+
+    fn apply_one(&mut self, ev: ConnEvent) {
+        self.tracker.apply(&ev);
+        if let Some(tx) = &self.events {
+            let _ = tx.send(ev);
+        }
     }
 
     /// Waits for the next change (kernel events, an exited process, lost
@@ -138,5 +154,106 @@ impl Monitor {
 
     pub fn tracker(&self) -> &Tracker {
         &self.tracker
+    }
+}
+
+/// A question for the monitor task about its tracker's state.
+enum Query {
+    Connections(Vec<u32>, oneshot::Sender<Vec<ConnInfo>>),
+    LiveOf(Vec<u32>, Vec<u16>, oneshot::Sender<u64>),
+}
+
+/// A running monitor: the cheap, cloneable way every consumer (CLI, TUI,
+/// agent, drain, library users) reads it. The monitor task publishes a new
+/// [`Status`] after every batch of changes, so a subscriber wakes as soon as
+/// the kernel reports a close.
+#[derive(Clone)]
+pub struct MonitorHandle {
+    status: watch::Receiver<Arc<Status>>,
+    queries: mpsc::Sender<Query>,
+    failed: watch::Receiver<Option<String>>,
+}
+
+impl Monitor {
+    /// Starts a monitor (attach, snapshot, merge) and runs it on the current
+    /// tokio runtime until every handle is dropped.
+    pub fn spawn(opts: SourceOptions) -> Result<MonitorHandle, MonitorError> {
+        let mut monitor = Self::start(opts)?;
+        let (status_tx, status) = watch::channel(Arc::new(monitor.status()));
+        let (failed_tx, failed) = watch::channel(None);
+        let (queries, mut rx) = mpsc::channel::<Query>(64);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    changed = monitor.next_change() => match changed {
+                        Ok(true) => { status_tx.send_replace(Arc::new(monitor.status())); }
+                        Ok(false) => {}
+                        Err(e) => {
+                            let _ = failed_tx.send(Some(format!("{e:#}")));
+                            return;
+                        }
+                    },
+                    q = rx.recv() => match q {
+                        Some(Query::Connections(pids, reply)) => {
+                            let mut all: Vec<ConnInfo> = Vec::new();
+                            for pid in pids {
+                                for c in monitor.tracker.connections_of(pid) {
+                                    if !all.iter().any(|a| a.tuple == c.tuple) {
+                                        all.push(c);
+                                    }
+                                }
+                            }
+                            all.sort_by_key(|c| c.since);
+                            let _ = reply.send(all);
+                        }
+                        Some(Query::LiveOf(pids, ports, reply)) => {
+                            let n = pids.iter().map(|&p| monitor.tracker.live_of(p, &ports)).sum();
+                            let _ = reply.send(n);
+                        }
+                        None => return,
+                    },
+                    () = status_tx.closed() => return,
+                }
+            }
+        });
+        Ok(MonitorHandle { status, queries, failed })
+    }
+}
+
+impl MonitorHandle {
+    /// The latest status.
+    pub fn status(&self) -> Arc<Status> {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver that wakes on every published status.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Status>> {
+        self.status.clone()
+    }
+
+    /// Live connections held by any of `pids`, oldest first.
+    pub async fn connections(&self, pids: &[u32]) -> anyhow::Result<Vec<ConnInfo>> {
+        let (tx, rx) = oneshot::channel();
+        self.ask(Query::Connections(pids.to_vec(), tx)).await?;
+        rx.await.context("the monitor stopped")
+    }
+
+    /// Live connections held by `pids`, counting only those on `ports` if any are given.
+    pub async fn live_of(&self, pids: &[u32], ports: &[u16]) -> anyhow::Result<u64> {
+        let (tx, rx) = oneshot::channel();
+        self.ask(Query::LiveOf(pids.to_vec(), ports.to_vec(), tx)).await?;
+        rx.await.context("the monitor stopped")
+    }
+
+    async fn ask(&self, q: Query) -> anyhow::Result<()> {
+        if self.queries.send(q).await.is_err() {
+            anyhow::bail!("the monitor stopped: {}", self.failure().unwrap_or_default());
+        }
+        Ok(())
+    }
+
+    /// Why the monitor task stopped, if it failed.
+    pub fn failure(&self) -> Option<String> {
+        self.failed.borrow().clone()
     }
 }

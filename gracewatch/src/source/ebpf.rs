@@ -277,6 +277,7 @@ pub fn decode(ev: &Event) -> Option<ConnEvent> {
             sk: ev.sk,
             tuple,
             pid: ev.tgid,
+            by_exit: ev.flags & event_flag::OWNER_EXITING != 0,
         },
         event_kind::QUEUE_DROP => ConnEvent::QueueDrop {
             at,
@@ -287,6 +288,7 @@ pub fn decode(ev: &Event) -> Option<ConnEvent> {
             at,
             tuple,
             pid: ev.tgid,
+            by_exit: ev.flags & event_flag::OWNER_EXITING != 0,
         },
         _ => return None,
     })

@@ -157,6 +157,7 @@ fn struct_offsets(btf: &Btf) -> anyhow::Result<Config> {
         skc_rcv_saddr: skc("skc_rcv_saddr")?,
         skc_net: skc("skc_net")?,
         sk_protocol: off("sock", "sk_protocol")?,
+        task_flags: off("task_struct", "flags")?,
         net_ns_inum: off("net", "ns")? + off("ns_common", "inum")?,
         ..Config::default()
     })

@@ -216,7 +216,9 @@ impl Tracker {
                 comm,
                 was_queued,
             } => self.accept(*at, *sk, tuple, *pid, comm, *was_queued),
-            ConnEvent::Close { at, sk, tuple, pid } => self.close(*at, *sk, tuple, *pid),
+            ConnEvent::Close {
+                at, sk, tuple, pid, ..
+            } => self.close(*at, *sk, tuple, *pid),
             ConnEvent::PreexistingClose { at, tuple, .. } => self.preexisting_close(*at, tuple),
             ConnEvent::ProcessExit { at, pid } => self.process_exit(*at, *pid),
             ConnEvent::Lost { total, .. } => self.lost_events = *total,

@@ -132,6 +132,7 @@ fn close(at: u64, sk: u64, tuple: Tuple, pid: u32) -> Step {
         sk,
         tuple,
         pid,
+        by_exit: false,
     })
 }
 
@@ -148,6 +149,7 @@ fn pclose(at: u64, tuple: Tuple, pid: u32) -> Step {
         at: ms(at),
         tuple,
         pid,
+        by_exit: false,
     })
 }
 
@@ -1648,6 +1650,7 @@ fn tombstones_are_bounded_and_pruned() {
             sk: i,
             tuple,
             pid: 10,
+            by_exit: false,
         });
     }
     assert_eq!(t.closed.len(), 1 << 16);
@@ -1762,6 +1765,7 @@ fn random_sequences_keep_the_invariants() {
                     sk: rng.pick(&conn_sks),
                     tuple: rng.pick(&tuples),
                     pid: rng.pick(&pids),
+                    by_exit: false,
                 },
                 9 => ConnEvent::QueueDrop {
                     at,
@@ -1772,6 +1776,7 @@ fn random_sequences_keep_the_invariants() {
                     at,
                     tuple: rng.pick(&tuples),
                     pid: rng.pick(&pids),
+                    by_exit: false,
                 },
                 11 => ConnEvent::ProcessExit {
                     at,
