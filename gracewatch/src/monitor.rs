@@ -19,6 +19,9 @@ use crate::{
     tracker::{ConnInfo, Status, Tracker},
 };
 
+/// Events buffered per subscriber of [`MonitorHandle::events`].
+const EVENT_BACKLOG: usize = 8192;
+
 /// How often exited processes and lost events are looked for.
 const HOUSEKEEPING: Duration = Duration::from_millis(500);
 
@@ -123,10 +126,7 @@ impl Monitor {
         let lost = self.source.lost_events();
         if lost != self.lost_seen {
             self.lost_seen = lost;
-            self.tracker.apply(&ConnEvent::Lost {
-                at: now,
-                total: lost,
-            });
+            self.apply_one(ConnEvent::Lost { at: now, total: lost });
             changed = true;
         }
         let pids: Vec<u32> = self
@@ -138,7 +138,7 @@ impl Monitor {
             .collect();
         for pid in pids {
             if !process_alive(pid) {
-                self.tracker.apply(&ConnEvent::ProcessExit { at: now, pid });
+                self.apply_one(ConnEvent::ProcessExit { at: now, pid });
                 changed = true;
             }
         }
@@ -172,6 +172,7 @@ pub struct MonitorHandle {
     status: watch::Receiver<Arc<Status>>,
     queries: mpsc::Sender<Query>,
     failed: watch::Receiver<Option<String>>,
+    events: broadcast::Sender<ConnEvent>,
 }
 
 impl Monitor {
@@ -179,6 +180,8 @@ impl Monitor {
     /// tokio runtime until every handle is dropped.
     pub fn spawn(opts: SourceOptions) -> Result<MonitorHandle, MonitorError> {
         let mut monitor = Self::start(opts)?;
+        let (events, _) = broadcast::channel(EVENT_BACKLOG);
+        monitor.events = Some(events.clone());
         let (status_tx, status) = watch::channel(Arc::new(monitor.status()));
         let (failed_tx, failed) = watch::channel(None);
         let (queries, mut rx) = mpsc::channel::<Query>(64);
@@ -216,7 +219,12 @@ impl Monitor {
                 }
             }
         });
-        Ok(MonitorHandle { status, queries, failed })
+        Ok(MonitorHandle {
+            status,
+            queries,
+            failed,
+            events,
+        })
     }
 }
 
@@ -229,6 +237,12 @@ impl MonitorHandle {
     /// A receiver that wakes on every published status.
     pub fn subscribe(&self) -> watch::Receiver<Arc<Status>> {
         self.status.clone()
+    }
+
+    /// Every event the monitor applies from now on. A receiver that falls
+    /// more than a few thousand events behind gets `Lagged` and skips ahead.
+    pub fn events(&self) -> broadcast::Receiver<ConnEvent> {
+        self.events.subscribe()
     }
 
     /// Live connections held by any of `pids`, oldest first.
