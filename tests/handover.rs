@@ -41,6 +41,8 @@ fn fd_inheritance_handover() {
             .listener(inode, addr, "ipv4", &[(old.pid(), o), (new.pid(), n)])
             .only_listeners()
     };
+    // The one-shot snapshot first, then the event path (watch).
+    gw.status_matching(&["--port", "7201"], &both(4, 0), &soft);
     watch.step(&both(4, 0), &soft);
 
     // Both accept: the kernel picks who gets each connection. What each

@@ -8,6 +8,7 @@
 //! [`tracker::Status`]; the consumers ([`cli`]) only read `Status`.
 
 pub mod cli;
+pub mod drain;
 pub mod event;
 pub mod monitor;
 pub mod source;

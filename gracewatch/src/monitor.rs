@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::{
-    event::{ConnEvent, Tuple},
+    event::{ConnEvent, Snapshot, Tuple},
     source::{
         MonitorError,
         ebpf::{EbpfSource, SourceOptions},
@@ -21,6 +21,13 @@ use crate::{
 
 /// Events buffered per subscriber of [`MonitorHandle::events`].
 const EVENT_BACKLOG: usize = 8192;
+
+/// Rescans refresh what events cannot tell: which processes hold a
+/// listener they inherited (fork/exec handover) or got over a unix socket,
+/// holders that closed their copy, and repairs after lost events. They run
+/// at most this often, and never take more than ~5% of the time (the
+/// interval grows to 20× the last rescan's duration on a busy host).
+const RESCAN_MIN: Duration = Duration::from_secs(1);
 
 /// How often exited processes and lost events are looked for.
 const HOUSEKEEPING: Duration = Duration::from_millis(500);
@@ -34,6 +41,9 @@ pub struct Monitor {
     next_housekeeping: Duration,
     /// Every applied event, for consumers that show or count them.
     events: Option<broadcast::Sender<ConnEvent>>,
+    /// A background snapshot in flight (see [`RESCAN_MIN`]).
+    rescan: Option<tokio::task::JoinHandle<anyhow::Result<(Snapshot, Duration)>>>,
+    next_rescan: Duration,
 }
 
 impl Monitor {
@@ -49,6 +59,8 @@ impl Monitor {
             batch: Vec::new(),
             next_housekeeping: started + HOUSEKEEPING,
             events: None,
+            rescan: None,
+            next_rescan: started + RESCAN_MIN,
         };
         monitor.merge_startup_snapshot()?;
         Ok(monitor)
@@ -111,6 +123,17 @@ impl Monitor {
         tokio::select! {
             r = self.source.readable() => { r?; }
             () = tokio::time::sleep(wait) => {}
+            done = join_pending(&mut self.rescan) => {
+                self.rescan = None;
+                match done {
+                    Ok(Ok((snap, took))) => {
+                        changed |= self.merge_rescan(&snap);
+                        self.next_rescan = monotonic_now() + RESCAN_MIN.max(took * 20);
+                    }
+                    Ok(Err(e)) => log::warn!("rescan failed: {e:#}"),
+                    Err(e) => log::warn!("rescan task failed: {e}"),
+                }
+            }
         }
         changed |= self.pump();
         let now = monotonic_now();
@@ -121,12 +144,35 @@ impl Monitor {
         Ok(changed)
     }
 
+    /// Folds a periodic snapshot in; connections it finds that no event
+    /// told of (lost events, accepts the programs cannot see) are registered
+    /// like the startup ones.
+    fn merge_rescan(&mut self, snap: &Snapshot) -> bool {
+        self.pump();
+        for (tuple, pid) in self.tracker.merge_snapshot(snap) {
+            if let Err(e) = self.source.register_preexisting(&tuple, pid) {
+                log::warn!("{e:#}");
+            }
+        }
+        true
+    }
+
     fn housekeeping(&mut self, now: Duration) -> bool {
         let mut changed = false;
+        if self.rescan.is_none() && now >= self.next_rescan {
+            self.rescan = Some(tokio::task::spawn_blocking(|| {
+                let t0 = monotonic_now();
+                let snap = snapshot::take(monotonic_now)?;
+                Ok((snap, monotonic_now().saturating_sub(t0)))
+            }));
+        }
         let lost = self.source.lost_events();
         if lost != self.lost_seen {
             self.lost_seen = lost;
-            self.apply_one(ConnEvent::Lost { at: now, total: lost });
+            self.apply_one(ConnEvent::Lost {
+                at: now,
+                total: lost,
+            });
             changed = true;
         }
         let pids: Vec<u32> = self
@@ -161,6 +207,8 @@ impl Monitor {
 enum Query {
     Connections(Vec<u32>, oneshot::Sender<Vec<ConnInfo>>),
     LiveOf(Vec<u32>, Vec<u16>, oneshot::Sender<u64>),
+    /// Apply everything the kernel delivered so far, then answer.
+    Sync(oneshot::Sender<()>),
 }
 
 /// A running monitor: the cheap, cloneable way every consumer (CLI, TUI,
@@ -213,6 +261,12 @@ impl Monitor {
                             let n = pids.iter().map(|&p| monitor.tracker.live_of(p, &ports)).sum();
                             let _ = reply.send(n);
                         }
+                        Some(Query::Sync(reply)) => {
+                            if monitor.pump() {
+                                status_tx.send_replace(Arc::new(monitor.status()));
+                            }
+                            let _ = reply.send(());
+                        }
                         None => return,
                     },
                     () = status_tx.closed() => return,
@@ -255,13 +309,25 @@ impl MonitorHandle {
     /// Live connections held by `pids`, counting only those on `ports` if any are given.
     pub async fn live_of(&self, pids: &[u32], ports: &[u16]) -> anyhow::Result<u64> {
         let (tx, rx) = oneshot::channel();
-        self.ask(Query::LiveOf(pids.to_vec(), ports.to_vec(), tx)).await?;
+        self.ask(Query::LiveOf(pids.to_vec(), ports.to_vec(), tx))
+            .await?;
+        rx.await.context("the monitor stopped")
+    }
+
+    /// Returns once every event the kernel delivered before this call has
+    /// been applied (and published to status and event subscribers).
+    pub async fn sync(&self) -> anyhow::Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.ask(Query::Sync(tx)).await?;
         rx.await.context("the monitor stopped")
     }
 
     async fn ask(&self, q: Query) -> anyhow::Result<()> {
         if self.queries.send(q).await.is_err() {
-            anyhow::bail!("the monitor stopped: {}", self.failure().unwrap_or_default());
+            anyhow::bail!(
+                "the monitor stopped: {}",
+                self.failure().unwrap_or_default()
+            );
         }
         Ok(())
     }
@@ -269,5 +335,15 @@ impl MonitorHandle {
     /// Why the monitor task stopped, if it failed.
     pub fn failure(&self) -> Option<String> {
         self.failed.borrow().clone()
+    }
+}
+
+/// Awaits the task if there is one; never resolves otherwise.
+async fn join_pending<T>(
+    task: &mut Option<tokio::task::JoinHandle<T>>,
+) -> Result<T, tokio::task::JoinError> {
+    match task {
+        Some(handle) => handle.await,
+        None => std::future::pending().await,
     }
 }

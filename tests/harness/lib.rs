@@ -12,6 +12,10 @@
 //! Start every test with `let Some(gw) = gracewatch_e2e::setup() else { return };`:
 //! without root (or tools, or the binary) it skips — except in CI
 //! (`CI=true`), where a privileged test that cannot run is a failure.
+//!
+//! To check the tests themselves independently of gracewatch, point them at
+//! the `ss`-based oracle (slow, but obviously right):
+//! `GRACEWATCH_BIN=$PWD/tests/programs/ss_oracle.py cargo test -p gracewatch-e2e`.
 
 mod gracewatch;
 mod netns;

@@ -3,11 +3,12 @@
 
 mod render;
 
-use std::{io::Write as _, process::ExitCode, time::Duration};
+use std::{io::Write as _, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
+    drain::{self, DrainSpec, OnTimeout, SignalSpec, TargetSpec},
     monitor::Monitor,
     source::{MonitorError, ebpf::SourceOptions},
     tracker::Status,
@@ -66,11 +67,84 @@ enum Command {
         #[arg(long, default_value = "100ms", value_parser = parse_duration)]
         interval: Duration,
     },
+    /// Wait until the target holds no live connection, then signal it.
+    ///
+    /// Replaces `sleep 30` in deploy scripts: the signal follows the
+    /// target's last close as soon as the kernel reports it, after a fresh
+    /// look at the target's own fds confirms that nothing live is left. The
+    /// signal goes through a pidfd opened when the target was chosen, so a
+    /// recycled pid can never receive it.
+    #[command(after_help = DRAIN_HELP)]
+    Drain {
+        #[command(flatten)]
+        drain: DrainArgs,
+        /// Signal to send once drained: TERM, SIGQUIT, 15… or `none` to only wait.
+        #[arg(long, default_value = "TERM", value_parser = parse_signal)]
+        signal: SignalArg,
+    },
+    /// Wait until the target holds no live connection (`drain --signal none`).
+    #[command(after_help = DRAIN_HELP)]
+    Wait {
+        #[command(flatten)]
+        drain: DrainArgs,
+    },
     /// Print the raw kernel events, one JSON object per line, until
     /// interrupted (for debugging and for recording replay fixtures).
     #[command(hide = true)]
     Record,
 }
+
+#[derive(Debug, Args, Clone)]
+struct DrainArgs {
+    /// Target process (repeatable).
+    #[arg(long = "pid", value_name = "PID")]
+    pids: Vec<u32>,
+    /// Read the target pid from this file (e.g. /run/nginx.pid.oldbin).
+    #[arg(long, value_name = "PATH")]
+    pidfile: Option<PathBuf>,
+    /// Also drain the targets' descendants as they are now (nginx/HAProxy
+    /// workers, gunicorn workers…).
+    #[arg(long)]
+    children: bool,
+    /// Leave this process and its descendants out (e.g. the new master in
+    /// nginx's binary upgrade, which is a child of the old one). Repeatable.
+    #[arg(long, value_name = "PID")]
+    exclude: Vec<u32>,
+    /// Count only connections on this local port (repeatable).
+    #[arg(long = "port", value_name = "PORT")]
+    ports: Vec<u16>,
+    /// Give up after this long, e.g. `90s`, `2m`.
+    #[arg(long, value_parser = parse_duration, allow_hyphen_values = true)]
+    timeout: Option<Duration>,
+    /// What to do when --timeout passes with connections left.
+    #[arg(long, value_enum, default_value_t = OnTimeout::Leave)]
+    on_timeout: OnTimeout,
+    /// Never signal before this much time has passed, even at zero (time
+    /// for load balancers to stop sending traffic).
+    #[arg(long, value_parser = parse_duration, default_value = "0s", allow_hyphen_values = true)]
+    min_wait: Duration,
+    /// One JSON object per progress event, then a result object, on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+const DRAIN_HELP: &str = "\
+Exit codes:
+  0    drained (and the signal was delivered, if one was asked for)
+  1    runtime error
+  2    usage error: bad arguments, unknown signal, bad duration, missing or
+       garbled pidfile, a pid that does not exist (nothing is signalled)
+  3    the target exited before it drained (the message says how many
+       connections it still held)
+  4    cannot monitor: missing privileges or kernel support
+  124  --timeout passed with live connections left (like timeout(1))
+  130  interrupted (Ctrl-C or SIGTERM): nothing is signalled
+
+Examples:
+  gracewatch drain --pid \"$OLD\" --timeout 2m            # SIGTERM at zero
+  gracewatch wait --pidfile /run/app.pid --min-wait 5s
+  gracewatch drain --pidfile /run/nginx.pid.oldbin --children \\
+      --exclude \"$(cat /run/nginx.pid)\" --signal QUIT --timeout 5m";
 
 #[derive(Debug, Args, Clone, Default)]
 pub struct FilterArgs {
@@ -95,6 +169,14 @@ struct KernelArgs {
     ring_buffer_size: u32,
 }
 
+/// `--signal`: a signal, or `none` (only wait).
+#[derive(Clone, Copy, Debug)]
+struct SignalArg(Option<SignalSpec>);
+
+fn parse_signal(s: &str) -> Result<SignalArg, String> {
+    SignalSpec::parse_optional(s).map(SignalArg)
+}
+
 /// Parses `90s`, `2m`, `1500ms`, `1h`, or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -102,6 +184,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .find(|c: char| !c.is_ascii_digit() && c != '.')
         .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
+    if s.starts_with('-') {
+        return Err(format!("`{s}`: a duration cannot be negative"));
+    }
     let value: f64 = num
         .parse()
         .map_err(|_| format!("`{s}` is not a duration (examples: 500ms, 90s, 2m)"))?;
@@ -175,6 +260,8 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Watch { filter, interval } => watch(opts, filter, interval).await,
         Command::Record => record(opts).await,
+        Command::Drain { drain, signal } => drain_cmd(opts, drain, signal.0).await,
+        Command::Wait { drain } => drain_cmd(opts, drain, None).await,
     }
 }
 
@@ -213,6 +300,81 @@ async fn watch(opts: SourceOptions, filter: FilterArgs, interval: Duration) -> a
             _ = sigterm.recv() => return Ok(exit::INTERRUPTED),
         }
     }
+}
+
+async fn drain_cmd(
+    opts: SourceOptions,
+    args: DrainArgs,
+    signal: Option<SignalSpec>,
+) -> anyhow::Result<u8> {
+    let spec = DrainSpec {
+        ports: args.ports.clone(),
+        signal,
+        timeout: args.timeout,
+        on_timeout: args.on_timeout,
+        min_wait: args.min_wait,
+    };
+    let targets = match drain::choose(&TargetSpec {
+        pids: args.pids.clone(),
+        pidfile: args.pidfile.clone(),
+        children: args.children,
+        exclude: args.exclude.clone(),
+    }) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("gracewatch: {e}");
+            return Ok(exit::USAGE);
+        }
+    };
+    let handle = Monitor::spawn(opts)?;
+    let json = args.json;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let cancel = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = sigterm.recv() => {}
+        }
+    };
+    let report = drain::run(
+        &handle,
+        targets,
+        &spec,
+        |p| {
+            if json {
+                print_json_line("progress", p);
+            } else {
+                eprintln!("gracewatch: {}", p.message);
+            }
+        },
+        cancel,
+    )
+    .await;
+    if json {
+        print_json_line("result", &report);
+    } else {
+        eprintln!("gracewatch: {}", report.message);
+        for h in &report.held {
+            eprintln!(
+                "gracewatch:   still held by pid {}: {} ← {} (age {:.1}s)",
+                h.pid,
+                h.local,
+                h.peer,
+                h.age_ms as f64 / 1000.0
+            );
+        }
+    }
+    Ok(report.exit_code)
+}
+
+/// Prints `{"type": kind, ...value}` as one line on stdout.
+fn print_json_line<T: serde::Serialize>(kind: &str, value: &T) {
+    let mut v = serde_json::to_value(value).unwrap_or_default();
+    if let serde_json::Value::Object(map) = &mut v {
+        map.insert("type".to_owned(), kind.into());
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{v}");
+    let _ = out.flush();
 }
 
 async fn record(opts: SourceOptions) -> anyhow::Result<u8> {

@@ -74,7 +74,7 @@ impl EbpfSource {
             })?;
 
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
-            Ok(l) => register(l).ok(),
+            Ok(l) => super::register_readable(l).ok(),
             Err(e) => {
                 log::debug!("eBPF logger unavailable: {e}");
                 None
@@ -89,7 +89,8 @@ impl EbpfSource {
         };
         let events = RingBuf::try_from(take(&mut ebpf, "EVENTS")?)
             .context("failed to open ring buffer `EVENTS`")?;
-        let events = register(events).context("failed to poll ring buffer `EVENTS`")?;
+        let events =
+            super::register_readable(events).context("failed to poll ring buffer `EVENTS`")?;
         let preexisting = HashMap::try_from(take(&mut ebpf, "PREEXISTING")?)
             .context("failed to open map `PREEXISTING`")?;
         let stats =
@@ -171,14 +172,6 @@ impl EbpfSource {
     pub fn unregister_preexisting(&mut self, tuple: &Tuple) -> bool {
         self.preexisting.remove(&tuple_key(tuple)).is_ok()
     }
-}
-
-/// Registers an fd owner with the tokio reactor.
-fn register<T: std::os::fd::AsRawFd>(inner: T) -> anyhow::Result<AsyncFd<T>> {
-    // SAFETY: `inner` owns its fd (a ring buffer or log map) and keeps it
-    // open and unchanged for as long as the AsyncFd that owns `inner` lives.
-    unsafe { AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE) }
-        .map_err(|e| anyhow::Error::new(e.into_parts().1))
 }
 
 fn attach(ebpf: &mut Ebpf, category: &str, name: &str) -> anyhow::Result<()> {

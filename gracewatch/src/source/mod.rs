@@ -5,6 +5,7 @@
 pub mod ebpf;
 pub mod kernel_layout;
 pub mod netns;
+pub mod process;
 pub mod snapshot;
 
 use std::{fs, time::Duration};
@@ -61,6 +62,21 @@ pub fn check_capabilities() -> Result<(), MonitorError> {
         }
     }
     Ok(())
+}
+
+/// Registers an fd owner with the tokio reactor for readability.
+///
+/// Only for types that own their fd (ring buffers, log maps, pidfds): that
+/// is what makes the `unsafe` registration sound.
+pub(crate) fn register_readable<T: std::os::fd::AsRawFd>(
+    inner: T,
+) -> anyhow::Result<tokio::io::unix::AsyncFd<T>> {
+    // SAFETY: every caller passes a value that owns its fd and keeps it open
+    // and unchanged for as long as the AsyncFd that owns the value lives.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| anyhow::Error::new(e.into_parts().1))
 }
 
 /// CLOCK_MONOTONIC now: the clock `bpf_ktime_get_ns` and every event use.

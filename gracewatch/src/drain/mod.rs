@@ -1,0 +1,210 @@
+//! The drain gate: wait until the chosen processes hold no live inbound
+//! connection, confirm it with a fresh look at their own file descriptors,
+//! then signal them — through pidfds opened when they were chosen, so a
+//! recycled pid is never signalled. Used by `gracewatch drain`/`wait`, the
+//! TUI and the agent; the outcome maps to the exit codes of DESIGN.md §5.
+
+mod gate;
+mod signal;
+
+use std::{path::PathBuf, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+pub use gate::run;
+pub use signal::SignalSpec;
+
+use crate::source::process::{self, PinnedProcess};
+
+/// Which processes to drain, as the user named them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TargetSpec {
+    pub pids: Vec<u32>,
+    /// A file holding a pid (e.g. nginx's `nginx.pid.oldbin`).
+    pub pidfile: Option<PathBuf>,
+    /// Also every descendant of the named processes, as they are now.
+    pub children: bool,
+    /// Leave these (and their descendants) out.
+    pub exclude: Vec<u32>,
+}
+
+/// What to do when the deadline passes with connections left.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum OnTimeout {
+    /// Send nothing (exit 124).
+    #[default]
+    Leave,
+    /// Send the drain signal anyway (exit 124).
+    Signal,
+    /// Send SIGKILL (exit 124).
+    Kill,
+}
+
+/// How to drain, once the targets are chosen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DrainSpec {
+    /// Count only connections on these local ports (empty: all).
+    pub ports: Vec<u16>,
+    /// `None`: only wait (`gracewatch wait`).
+    pub signal: Option<SignalSpec>,
+    pub timeout: Option<Duration>,
+    pub on_timeout: OnTimeout,
+    /// Never signal before this much time has passed, even at zero.
+    pub min_wait: Duration,
+}
+
+impl Default for DrainSpec {
+    fn default() -> Self {
+        Self {
+            ports: Vec::new(),
+            signal: Some(SignalSpec::TERM),
+            timeout: None,
+            on_timeout: OnTimeout::Leave,
+            min_wait: Duration::ZERO,
+        }
+    }
+}
+
+/// Bad input: the caller exits 2 (or answers 4xx).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TargetError(pub String);
+
+/// The processes a drain watches, each pinned by a pidfd.
+pub struct Targets {
+    pub procs: Vec<PinnedProcess>,
+}
+
+impl Targets {
+    pub fn pids(&self) -> Vec<u32> {
+        self.procs.iter().map(|p| p.pid).collect()
+    }
+}
+
+/// Resolves and pins the targets. Every failure is the user's input.
+pub fn choose(spec: &TargetSpec) -> Result<Targets, TargetError> {
+    let mut pids = spec.pids.clone();
+    if let Some(path) = &spec.pidfile {
+        pids.push(read_pidfile(path)?);
+    }
+    if pids.is_empty() {
+        return Err(TargetError(
+            "no target: give --pid PID or --pidfile PATH".to_owned(),
+        ));
+    }
+    pids.retain(|p| !spec.exclude.contains(p));
+    if pids.is_empty() {
+        return Err(TargetError("every target is excluded".to_owned()));
+    }
+    // Pin the named processes first, so a pid that does not exist is
+    // reported before anything else happens.
+    let mut procs = Vec::new();
+    for &pid in &pids {
+        if pid == 0 || procs.iter().any(|p: &PinnedProcess| p.pid == pid) {
+            if pid == 0 {
+                return Err(TargetError("pid 0 is not a process".to_owned()));
+            }
+            continue;
+        }
+        procs.push(PinnedProcess::open(pid).map_err(|e| TargetError(format!("{e:#}")))?);
+    }
+    if spec.children {
+        let below = process::descendants(&pids, &spec.exclude)
+            .map_err(|e| TargetError(format!("{e:#}")))?;
+        for pid in below {
+            // A child that exits between the listing and here is simply not a target.
+            if let Ok(p) = PinnedProcess::open(pid) {
+                procs.push(p);
+            }
+        }
+    }
+    Ok(Targets { procs })
+}
+
+fn read_pidfile(path: &std::path::Path) -> Result<u32, TargetError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| TargetError(format!("cannot read pidfile {}: {e}", path.display())))?;
+    let trimmed = text.trim();
+    match trimmed.parse::<u32>() {
+        Ok(pid) if pid > 0 => Ok(pid),
+        _ => Err(TargetError(format!(
+            "pidfile {} does not hold a pid (found {:?})",
+            path.display(),
+            trimmed.chars().take(40).collect::<String>()
+        ))),
+    }
+}
+
+/// How a drain ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Zero live connections, confirmed; the signal (if any) was delivered.
+    Drained,
+    /// A target exited while it still held connections.
+    TargetExited,
+    /// The deadline passed with connections left.
+    Timeout,
+    /// Stopped by the user (Ctrl-C, SIGTERM, a cancelled API drain).
+    Interrupted,
+    /// Monitoring failed.
+    Error,
+}
+
+impl Outcome {
+    /// The process exit code for this outcome (DESIGN.md §5).
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Self::Drained => 0,
+            Self::Error => 1,
+            Self::TargetExited => 3,
+            Self::Timeout => 124,
+            Self::Interrupted => 130,
+        }
+    }
+}
+
+/// A live connection named in progress and results ("who is pinning it").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldConnection {
+    pub pid: u32,
+    pub local: String,
+    pub peer: String,
+    pub age_ms: u64,
+}
+
+/// One progress event (`--json`: `"type": "progress"`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    pub elapsed_ms: u64,
+    pub live: u64,
+    /// Connections that ended per second over the last few seconds.
+    pub closes_per_sec: f64,
+    /// Estimated time to zero at that rate (`null` when unknown).
+    pub eta_ms: Option<u64>,
+    /// The oldest live connection, if any.
+    pub oldest: Option<HeldConnection>,
+    /// New connections the targets accepted in the last 10 s (still accepting).
+    pub accepted_last_10s: u64,
+    /// A sentence for humans.
+    pub message: String,
+}
+
+/// The final result (`--json`: `"type": "result"`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DrainReport {
+    pub targets: Vec<u32>,
+    pub outcome: Outcome,
+    pub exit_code: u8,
+    pub initial_live: u64,
+    pub peak_live: u64,
+    pub duration_ms: u64,
+    /// Signal delivered (e.g. `SIGTERM`), `null` if none.
+    pub signal_sent: Option<String>,
+    /// Connections still held when the drain ended.
+    pub still_held: u64,
+    /// The oldest of those, oldest first (at most 10).
+    pub held: Vec<HeldConnection>,
+    pub message: String,
+}
