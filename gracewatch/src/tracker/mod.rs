@@ -65,6 +65,10 @@ pub struct Tracker {
     /// Queued connections no known listener matches.
     unmatched_queue: u64,
     lost_events: u64,
+    /// `lost_events` as of the last snapshot merge: while it lags, events
+    /// may be missing and the next snapshot repairs even connections the
+    /// programs reported.
+    lost_repaired: u64,
     /// `at` of the newest merged snapshot.
     last_snapshot: Option<Duration>,
     closed: Tombstones<Tuple>,

@@ -275,7 +275,7 @@ impl Tracker {
         }
 
         // Repair: a pre-existing connection older than this snapshot and not
-        // in it has ended unseen. The snapshot only calls a connection
+        // in it has ended unseen (so has a reported one, after lost events). The snapshot only calls a connection
         // inbound when a listener it saw matches it, so one whose listener is
         // gone (a server draining after closing its listener) is not
         // evidence of an end and stays.
@@ -291,10 +291,19 @@ impl Tracker {
                 .get(&(t.netns, t.local.port()))
                 .is_some_and(|ls| ls.iter().any(|l| l.matches(t.netns, t.local)))
         };
+        // After lost events, a connection the programs reported may have
+        // ended unseen as well (its Close was among the lost).
+        let repair_reported = self.lost_events > self.lost_repaired;
+        self.lost_repaired = self.lost_events;
         let stale: Vec<Tuple> = self
             .conns
             .iter()
-            .filter(|(t, c)| c.sk.is_none() && c.since < s && !seen.contains(*t) && covered(t))
+            .filter(|(t, c)| {
+                (c.sk.is_none() || repair_reported)
+                    && c.since < s
+                    && !seen.contains(*t)
+                    && covered(t)
+            })
             .map(|(t, _)| *t)
             .collect();
         for t in stale {

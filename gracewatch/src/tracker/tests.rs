@@ -1000,6 +1000,46 @@ fn accept_queue() {
 fn process_exit_and_lost() {
     run(vec![
         case(
+            "after lost events a rescan drops a reported connection it no longer shows",
+            vec![
+                listen(1, 100, l4(), 10),
+                acc(2, 200, t4(1), 10, false),
+                acc(3, 201, t4(2), 10, false),
+                lost(4, 1),
+                // t4(1)'s Close was among the lost: the snapshot only shows t4(2).
+                snap(
+                    10,
+                    vec![sl(l4(), 7, 0, &[10])],
+                    vec![sc(t4(2), 72, 1, &[10])],
+                    vec![],
+                ),
+            ],
+            vec![
+                Exp::Live(10, 1),
+                Exp::Conns(10, vec![(t4(2), false, Some(l4()))]),
+            ],
+        ),
+        case(
+            "without lost events a rescan trusts the programs about reported connections",
+            vec![
+                listen(1, 100, l4(), 10),
+                acc(2, 200, t4(1), 10, false),
+                snap(10, vec![sl(l4(), 7, 0, &[10])], vec![], vec![]),
+            ],
+            vec![Exp::Live(10, 1)],
+        ),
+        case(
+            "a loss is repaired once: later snapshots trust the programs again",
+            vec![
+                listen(1, 100, l4(), 10),
+                lost(2, 1),
+                snap(3, vec![sl(l4(), 7, 0, &[10])], vec![], vec![]),
+                acc(4, 200, t4(1), 10, false),
+                snap(10, vec![sl(l4(), 7, 0, &[10])], vec![], vec![]),
+            ],
+            vec![Exp::Live(10, 1)],
+        ),
+        case(
             "exit removes the process from listeners and connections",
             vec![
                 listen(1, 100, l4(), 10),
