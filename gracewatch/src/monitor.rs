@@ -159,13 +159,6 @@ impl Monitor {
 
     fn housekeeping(&mut self, now: Duration) -> bool {
         let mut changed = false;
-        if self.rescan.is_none() && now >= self.next_rescan {
-            self.rescan = Some(tokio::task::spawn_blocking(|| {
-                let t0 = monotonic_now();
-                let snap = snapshot::take(monotonic_now)?;
-                Ok((snap, monotonic_now().saturating_sub(t0)))
-            }));
-        }
         let lost = self.source.lost_events();
         if lost != self.lost_seen {
             self.lost_seen = lost;
@@ -173,6 +166,8 @@ impl Monitor {
                 at: now,
                 total: lost,
             });
+            // Counts may be stale: repair them with a rescan right away.
+            self.next_rescan = now;
             changed = true;
         }
         let pids: Vec<u32> = self
@@ -187,6 +182,13 @@ impl Monitor {
                 self.apply_one(ConnEvent::ProcessExit { at: now, pid });
                 changed = true;
             }
+        }
+        if self.rescan.is_none() && now >= self.next_rescan {
+            self.rescan = Some(tokio::task::spawn_blocking(|| {
+                let t0 = monotonic_now();
+                let snap = snapshot::take(monotonic_now)?;
+                Ok((snap, monotonic_now().saturating_sub(t0)))
+            }));
         }
         changed
     }
