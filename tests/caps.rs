@@ -32,10 +32,16 @@ fn missing_capabilities_exit_4_naming_the_capability() {
     ];
     for (drop, args, named) in cases {
         let (code, stderr) = run_without(&gw, drop, args);
-        assert_eq!(code, 4, "`gracewatch {args}` without {drop}: stderr {stderr:?}");
+        assert_eq!(
+            code, 4,
+            "`gracewatch {args}` without {drop}: stderr {stderr:?}"
+        );
         let lines: Vec<&str> = stderr.lines().collect();
         assert_eq!(lines.len(), 1, "one line, got {stderr:?}");
-        assert!(lines[0].contains(named), "{named} must be named: {stderr:?}");
+        assert!(
+            lines[0].contains(named),
+            "{named} must be named: {stderr:?}"
+        );
         assert!(!stderr.contains("panicked"), "{stderr:?}");
     }
 }
@@ -44,7 +50,10 @@ fn missing_capabilities_exit_4_naming_the_capability() {
 fn drain_without_capabilities_exits_4_and_signals_nothing() {
     let Some(gw) = setup() else { return };
     // A target that would die of SIGTERM: it must still be alive afterwards.
-    let mut target = Command::new("sleep").arg("30").spawn().expect("spawn sleep");
+    let mut target = Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .expect("spawn sleep");
     let (code, stderr) = run_without(
         &gw,
         "cap_bpf,cap_sys_admin",
