@@ -150,6 +150,11 @@ mod tests {
             .spawn()
             .expect("spawn sleep");
         let pid = child.id();
+        // Until it has exec'd, the child still carries the test thread's name.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while comm_of(pid).as_deref() != Some("sleep") && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         let pinned = PinnedProcess::open(pid).expect("pidfd");
         assert_eq!(pinned.comm, "sleep");
         assert!(!pinned.has_exited());

@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""A server whose accepted connections end up shared with other processes.
+
+For the fault suite: a connection's fd may outlive the accepting process's
+copy, by fork inheritance or by SCM_RIGHTS passing to another process.
+
+  sharer.py --listen 127.0.0.1:PORT --accept N
+
+stdout: `ready PID` once listening; `accepted N` when all N are accepted;
+replies below; `signal TERM` if SIGTERM arrives (then it exits).
+stdin:
+  fork       fork a child that inherits every accepted fd and holds them
+             (reply `child PID`)
+  pass       spawn a receiver, pass every accepted fd to it over a unix
+             socket (SCM_RIGHTS); reply `passed PID` once it holds them
+  closeall   close this process's own copies (reply `closed K`)
+  ping       reply `pong` (proves the process is alive and unsignalled)
+  exit       exit at once (os._exit), holding whatever it holds
+"""
+
+import argparse
+import os
+import signal
+import socket
+import sys
+import time
+
+def emit(line):
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--listen", required=True)
+    ap.add_argument("--accept", type=int, required=True)
+    args = ap.parse_args()
+    host, _, port = args.listen.rpartition(":")
+    signal.signal(signal.SIGTERM, lambda *_: (emit("signal TERM"), os._exit(0)))
+    lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lst.bind((host, int(port)))
+    lst.listen(128)
+    emit(f"ready {os.getpid()}")
+    conns = [lst.accept()[0] for _ in range(args.accept)]
+    emit(f"accepted {len(conns)}")
+    children = []
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "fork":
+            pid = os.fork()
+            if pid == 0:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                while True:
+                    time.sleep(3600)
+            children.append(pid)
+            emit(f"child {pid}")
+        elif cmd == "pass":
+            parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            pid = os.fork()
+            if pid == 0:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                parent_end.close()
+                for c in conns:
+                    c.close()
+                lst.close()
+                _, fds, _, _ = socket.recv_fds(child_end, 16, 1024)
+                child_end.sendall(f"{len(fds)}\n".encode())
+                while True:
+                    time.sleep(3600)
+            child_end.close()
+            socket.send_fds(parent_end, [b"x"], [c.fileno() for c in conns])
+            n = parent_end.recv(16).decode().strip()
+            children.append(pid)
+            emit(f"passed {pid} {n}")
+        elif cmd == "closeall":
+            for c in conns:
+                c.close()
+            emit(f"closed {len(conns)}")
+            conns = []
+        elif cmd == "ping":
+            emit("pong")
+        elif cmd == "exit":
+            os._exit(0)
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+if __name__ == "__main__":
+    main()
