@@ -13,8 +13,10 @@ use crate::{
     event::{ConnEvent, Snapshot, Tuple},
     source::{
         MonitorError,
-        ebpf::{EbpfSource, SourceOptions},
-        monotonic_now, process_alive, snapshot,
+        ebpf::{EbpfSource, ProgramStats, SourceOptions},
+        monotonic_now, process_alive,
+        replay::{ReplayClock, ReplayFeed},
+        snapshot,
     },
     tracker::{ConnInfo, Status, Tracker},
 };
@@ -211,6 +213,8 @@ enum Query {
     LiveOf(Vec<u32>, Vec<u16>, oneshot::Sender<u64>),
     /// Apply everything the kernel delivered so far, then answer.
     Sync(oneshot::Sender<()>),
+    /// Run-time statistics of the eBPF programs (`None` without a kernel source).
+    ProgramStats(oneshot::Sender<Option<ProgramStats>>),
 }
 
 /// A running monitor: the cheap, cloneable way every consumer (CLI, TUI,
@@ -268,6 +272,13 @@ impl Monitor {
                                 status_tx.send_replace(Arc::new(monitor.status()));
                             }
                             let _ = reply.send(());
+                        }
+                        Some(Query::ProgramStats(reply)) => {
+                            let stats = monitor.source.program_stats();
+                            if let Err(e) = &stats {
+                                log::debug!("{e:#}");
+                            }
+                            let _ = reply.send(stats.ok());
                         }
                         None => return,
                     },
@@ -334,6 +345,16 @@ impl MonitorHandle {
         Ok(())
     }
 
+    /// Time the kernel spent running the eBPF programs, and their run
+    /// count, since load: `None` for a replay monitor or when the kernel
+    /// does not tell. Zero unless BPF statistics are on (see
+    /// [`enable_run_time_stats`](crate::source::ebpf::enable_run_time_stats)).
+    pub async fn program_stats(&self) -> anyhow::Result<Option<ProgramStats>> {
+        let (tx, rx) = oneshot::channel();
+        self.ask(Query::ProgramStats(tx)).await?;
+        rx.await.context("the monitor stopped")
+    }
+
     /// Why the monitor task stopped, if it failed.
     pub fn failure(&self) -> Option<String> {
         self.failed.borrow().clone()
@@ -347,5 +368,117 @@ async fn join_pending<T>(
     match task {
         Some(handle) => handle.await,
         None => std::future::pending().await,
+    }
+}
+
+impl MonitorHandle {
+    /// A monitor with no kernel behind it: a [`Tracker`] that merges
+    /// `snapshot` (skipped if empty), applies the recorded `events`, and then
+    /// answers like a live monitor (status, subscriptions, queries, drains).
+    /// For tests and demos that must run without root. Must be called
+    /// within a tokio runtime.
+    pub fn from_replay(events: Vec<ConnEvent>, snapshot: Snapshot) -> MonitorHandle {
+        Self::from_replay_with_feed(events, snapshot).0
+    }
+
+    /// [`MonitorHandle::from_replay`], plus a feed to hand it more events
+    /// later, each applied and published as if the kernel had sent it.
+    pub fn from_replay_with_feed(
+        events: Vec<ConnEvent>,
+        snapshot: Snapshot,
+    ) -> (MonitorHandle, ReplayFeed) {
+        let started = events
+            .iter()
+            .map(ConnEvent::at)
+            .chain((snapshot != Snapshot::default()).then_some(snapshot.at))
+            .min()
+            .unwrap_or_default();
+        let mut clock = ReplayClock::new(started);
+        let mut tracker = Tracker::new();
+        if snapshot != Snapshot::default() {
+            clock.observe(snapshot.at);
+            tracker.merge_snapshot(&snapshot);
+        }
+        for ev in &events {
+            clock.observe(ev.at());
+            tracker.apply(ev);
+        }
+        let status_of = move |tracker: &Tracker, clock: &ReplayClock| {
+            let now = clock.now();
+            let mut status = tracker.status(now);
+            status.uptime_ms = now.saturating_sub(started).as_millis() as u64;
+            Arc::new(status)
+        };
+        let (feed, mut feed_rx) = ReplayFeed::channel();
+        let (events_tx, _) = broadcast::channel(EVENT_BACKLOG);
+        let (status_tx, status) = watch::channel(status_of(&tracker, &clock));
+        let (never_fails, failed) = watch::channel(None);
+        let (queries, mut rx) = mpsc::channel::<Query>(64);
+        let publish = events_tx.clone();
+        tokio::spawn(async move {
+            // A replay never fails; held so `failure()` keeps reading `None`.
+            let _never_fails = never_fails;
+            let mut feed_open = true;
+            let apply = |ev: ConnEvent, tracker: &mut Tracker, clock: &mut ReplayClock| {
+                clock.observe(ev.at());
+                tracker.apply(&ev);
+                let _ = publish.send(ev);
+            };
+            loop {
+                tokio::select! {
+                    ev = feed_rx.recv(), if feed_open => match ev {
+                        Some(ev) => {
+                            apply(ev, &mut tracker, &mut clock);
+                            while let Ok(ev) = feed_rx.try_recv() {
+                                apply(ev, &mut tracker, &mut clock);
+                            }
+                            status_tx.send_replace(status_of(&tracker, &clock));
+                        }
+                        None => feed_open = false,
+                    },
+                    q = rx.recv() => match q {
+                        Some(Query::Connections(pids, reply)) => {
+                            let mut all: Vec<ConnInfo> = Vec::new();
+                            for pid in pids {
+                                for c in tracker.connections_of(pid) {
+                                    if !all.iter().any(|a| a.tuple == c.tuple) {
+                                        all.push(c);
+                                    }
+                                }
+                            }
+                            all.sort_by_key(|c| c.since);
+                            let _ = reply.send(all);
+                        }
+                        Some(Query::LiveOf(pids, ports, reply)) => {
+                            let n = pids.iter().map(|&p| tracker.live_of(p, &ports)).sum();
+                            let _ = reply.send(n);
+                        }
+                        Some(Query::Sync(reply)) => {
+                            let mut any = false;
+                            while let Ok(ev) = feed_rx.try_recv() {
+                                apply(ev, &mut tracker, &mut clock);
+                                any = true;
+                            }
+                            if any {
+                                status_tx.send_replace(status_of(&tracker, &clock));
+                            }
+                            let _ = reply.send(());
+                        }
+                        Some(Query::ProgramStats(reply)) => {
+                            let _ = reply.send(None);
+                        }
+                        None => return,
+                    },
+                    () = status_tx.closed() => return,
+                }
+            }
+        });
+        let handle = MonitorHandle {
+            status,
+            queries,
+            failed,
+            events: events_tx,
+        };
+        (handle, feed)
     }
 }

@@ -3,6 +3,9 @@
 //! [`Client`], both Python programs under `tests/programs/` driven line by
 //! line over stdin/stdout), and the binary under test ([`Gracewatch`],
 //! [`Watch`]) whose JSON is checked against exact expectations ([`Expect`]).
+//! [`Drain`] runs `gracewatch drain`/`wait` in the background (progress to
+//! wait for, SIGSTOP/SIGCONT, the checked result); [`nginx`] runs Debian's
+//! nginx with a slow upstream and HTTP clients.
 //!
 //! Every resource is a guard that cleans up on drop, so a failing assertion
 //! still kills the processes and deletes the namespace. Tests never sleep to
@@ -17,8 +20,10 @@
 //! the `ss`-based oracle (slow, but obviously right):
 //! `GRACEWATCH_BIN=$PWD/tests/programs/ss_oracle.py cargo test -p gracewatch-e2e`.
 
+mod drain;
 mod gracewatch;
 mod netns;
+pub mod nginx;
 mod process;
 mod programs;
 mod soft;
@@ -26,10 +31,11 @@ pub mod status;
 
 use std::{path::Path, process::Command, time::Duration};
 
+pub use drain::{Drain, Finished, check_drain_shape, gap_ms, monotonic_ns};
 pub use gracewatch::{Gracewatch, Watch};
 pub use netns::Netns;
 pub use process::Child;
-pub use programs::{Client, ConnCount, Server, wait_accepted_sum};
+pub use programs::{Client, ConnCount, Server, SignalSeen, wait_accepted_sum};
 pub use soft::Soft;
 pub use status::{Expect, holders, listener, live_of, process};
 
@@ -100,4 +106,44 @@ pub fn program(name: &str) -> String {
         .join(name);
     assert!(path.is_file(), "test program {} is missing", path.display());
     path.to_string_lossy().into_owned()
+}
+
+/// A temporary directory under `$TMPDIR`, removed (with its contents) on drop.
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    #[track_caller]
+    pub fn new(tag: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!(
+            "gracewatch-e2e-{tag}-{}-{}",
+            std::process::id(),
+            monotonic_ns()
+        ));
+        std::fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("failed to create {}: {e}", path.display()));
+        TempDir(path)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.0
+    }
+
+    /// `DIR/name` as a string (for command lines and config files).
+    pub fn path(&self, name: &str) -> String {
+        self.0.join(name).to_string_lossy().into_owned()
+    }
+
+    /// Writes `DIR/name` and returns its path.
+    #[track_caller]
+    pub fn write(&self, name: &str, text: &str) -> String {
+        let path = self.path(name);
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("failed to write {path}: {e}"));
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

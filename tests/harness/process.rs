@@ -311,6 +311,63 @@ impl Child {
         )
     }
 
+    /// This process's stderr lines so far.
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.stderr.snapshot()
+    }
+
+    /// Like [`Child::wait_line`], on stderr (e.g. nginx's error log).
+    #[track_caller]
+    pub fn wait_stderr_line<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut f: impl FnMut(&[String]) -> Option<T>,
+    ) -> T {
+        match self.stderr.wait(timeout, |all| f(all)) {
+            Ok(found) => found,
+            Err(eof) => {
+                let why = if eof {
+                    "its stderr closed (did it die?)"
+                } else {
+                    "timed out"
+                };
+                panic!(
+                    "{}: {why} after waiting up to {timeout:?} for {what} on stderr\n{}",
+                    self.label,
+                    self.context()
+                );
+            }
+        }
+    }
+
+    /// Waits for the process (which this child must own) to exit by itself
+    /// and reaps it. Fails, killing it, after `timeout`. std has no wait
+    /// with a timeout: this polls `try_wait` every 2 ms, with a deadline.
+    #[track_caller]
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let label = self.label.clone();
+        let Some(process) = self.process.as_mut() else {
+            panic!("{label}: not a process this test started");
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            match process.try_wait() {
+                Ok(Some(status)) => {
+                    self.process = None;
+                    return status;
+                }
+                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(2)),
+                Ok(None) => {
+                    let context = self.context();
+                    self.kill();
+                    panic!("{label}: still running after {timeout:?} (killed)\n{context}");
+                }
+                Err(e) => panic!("{label}: failed to wait: {e}"),
+            }
+        }
+    }
+
     /// Kills the process (if this child owns one) and reaps it.
     pub fn kill(&mut self) -> Option<ExitStatus> {
         let mut process = self.process.take()?;

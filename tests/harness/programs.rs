@@ -32,6 +32,36 @@ impl Server {
         Server::from_ready(child)
     }
 
+    /// Like [`Server::listen`], but the server process gets exactly `pid`
+    /// (`with_pid.py`: clone3 with `set_tid`), which must be free.
+    #[track_caller]
+    pub fn listen_with_pid(ns: &Netns, address: &str, pid: u32) -> Server {
+        let pid_arg = pid.to_string();
+        let child = Child::spawn(
+            ns,
+            &format!("server {address} as pid {pid} (netns {})", ns.name()),
+            "python3",
+            &[
+                "-u",
+                &program("with_pid.py"),
+                &pid_arg,
+                "python3",
+                "-u",
+                &program("server.py"),
+                "--listen",
+                address,
+            ],
+        );
+        let server = Server::from_ready(child);
+        assert_eq!(
+            server.pid,
+            pid,
+            "{}: did not get the pid it asked for",
+            server.child.label()
+        );
+        server
+    }
+
     fn from_ready(child: Child) -> Server {
         let ready = child.wait_line("`ready PID ADDR`", PROGRAM_TIMEOUT, |lines| {
             lines
@@ -64,6 +94,10 @@ impl Server {
 
     pub fn child(&self) -> &Child {
         &self.child
+    }
+
+    pub fn child_mut(&mut self) -> &mut Child {
+        &mut self.child
     }
 
     /// Connections this process has accepted so far (its latest `accepted N`).
@@ -187,6 +221,117 @@ impl Server {
     #[track_caller]
     pub fn exit(&self) {
         self.child.request("exit", "bye");
+    }
+
+    /// Round trip through the server's command loop: it is alive and reading.
+    #[track_caller]
+    pub fn ping(&self) {
+        self.child.request("ping", "pong");
+    }
+
+    /// The server's CLOCK_MONOTONIC, in ns.
+    #[track_caller]
+    pub fn now(&self) -> u64 {
+        let reply = self.child.request("now", "now");
+        reply
+            .split_whitespace()
+            .nth(1)
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("{}: malformed reply {reply:?}", self.child.label()))
+    }
+
+    /// Schedules closing the oldest connections one at a time, the i-th
+    /// `delays_ms[i]` ms from now (requests of different lengths finishing).
+    #[track_caller]
+    pub fn close_after(&self, delays_ms: &[u64]) {
+        let args: Vec<String> = delays_ms.iter().map(u64::to_string).collect();
+        let reply = self
+            .child
+            .request(&format!("closeafter {}", args.join(" ")), "scheduled");
+        assert_eq!(
+            reply,
+            format!("scheduled {}", delays_ms.len()),
+            "{}: unexpected reply",
+            self.child.label()
+        );
+    }
+
+    /// Monotonic times (ns) of the scheduled closes, waiting for the first `k`.
+    #[track_caller]
+    pub fn wait_closed_at(&self, k: usize, timeout: Duration) -> Vec<u64> {
+        self.child
+            .wait_line(&format!("`closedat {k} …`"), timeout, |lines| {
+                let times: Vec<u64> = lines
+                    .iter()
+                    .filter_map(|l| l.strip_prefix("closedat "))
+                    .filter_map(|rest| rest.split_whitespace().nth(1)?.parse().ok())
+                    .collect();
+                (times.len() >= k).then_some(times)
+            })
+    }
+
+    /// Every signal the server reported so far.
+    pub fn signals(&self) -> Vec<SignalSeen> {
+        self.child
+            .lines()
+            .iter()
+            .filter_map(|l| SignalSeen::parse(l))
+            .collect()
+    }
+
+    /// Waits for the server to report a signal; returns the first one.
+    #[track_caller]
+    pub fn wait_signal(&self, timeout: Duration) -> SignalSeen {
+        self.child.wait_line("a `signal …` line", timeout, |lines| {
+            lines.iter().find_map(|l| SignalSeen::parse(l))
+        })
+    }
+
+    /// Fails if the server reported any signal.
+    #[track_caller]
+    pub fn assert_no_signal(&self, context: &str) {
+        let seen = self.signals();
+        assert!(
+            seen.is_empty(),
+            "{}: received {seen:?} ({context})\n{}",
+            self.child.label(),
+            self.child.context()
+        );
+    }
+
+    /// Waits for the server process to exit by itself (see [`Child::wait_exit`]).
+    #[track_caller]
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        self.child.wait_exit(timeout)
+    }
+}
+
+/// A `signal NAME T open=N from=PID` line of `server.py`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignalSeen {
+    /// `TERM`, `QUIT`…
+    pub name: String,
+    /// CLOCK_MONOTONIC (ns) when the server took it.
+    pub at_ns: u64,
+    /// Accepted connections it still held (not yet fully closed) then.
+    pub open: u64,
+    /// The sender's pid (`si_pid`).
+    pub from: u32,
+}
+
+impl SignalSeen {
+    fn parse(line: &str) -> Option<SignalSeen> {
+        let mut words = line.strip_prefix("signal ")?.split_whitespace();
+        let name = words.next()?.to_owned();
+        let at_ns = words.next()?.parse().ok()?;
+        let open = words.next()?.strip_prefix("open=")?.parse().ok()?;
+        let from = words.next()?.strip_prefix("from=")?.parse().ok()?;
+        Some(SignalSeen {
+            name,
+            at_ns,
+            open,
+            from,
+        })
     }
 }
 

@@ -19,10 +19,26 @@ stdout (one event per line, flushed at once):
   child> LINE           a line printed by the handover child, relayed verbatim
   listener closed       reply to `closelistener`
   bye                   reply to `exit`
+  pong                  reply to `ping`: the process is alive, reads its stdin,
+                        and every signal delivered before was reported first
+  now T                 reply to `now`: T = CLOCK_MONOTONIC in nanoseconds
+  scheduled K           reply to `closeafter MS…` (K closes scheduled)
+  closedat I T          the I-th scheduled close (1-based, oldest connection
+                        first) returned at CLOCK_MONOTONIC T ns
+  signal NAME T open=N from=PID
+                        received signal NAME (HUP INT QUIT USR1 USR2 TERM
+                        WINCH) at CLOCK_MONOTONIC T ns, holding N accepted
+                        connections, sent by PID (si_pid). INT, QUIT and TERM
+                        then exit the process at once (status 0)
   error MESSAGE         a command failed (the harness fails the test)
 
 stdin commands:
   close K | closeall | count | stopaccept | handover | closelistener | exit
+  ping | now
+  closeafter MS…        close the oldest open connections one at a time, the
+                        I-th MS milliseconds after the command (in-flight
+                        requests of different lengths finishing), on a
+                        background thread
   tochild CMD           forward CMD to the handover child's stdin
 
 `handover` is the classic graceful-restart hand-off: fork/exec a new
@@ -33,19 +49,44 @@ close-on-exec), exactly like a real server's.
 
 The child's stdio is relayed through this process so that one pipe carries
 everything in a deterministic order. EOF on stdin exits the process.
+
+Signals are blocked in every thread and taken by one thread in
+sigwaitinfo(), which timestamps them as soon as they are delivered and knows
+who sent them: that is what the drain tests compare with the time of the
+last close.
 """
 
 import argparse
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 
 TCP_STATES = {1: "established", 8: "close_wait", 7: "reset"}
 
 _out_lock = threading.Lock()
+
+REPORTED_SIGNALS = {
+    signal.SIGHUP: "HUP",
+    signal.SIGINT: "INT",
+    signal.SIGQUIT: "QUIT",
+    signal.SIGUSR1: "USR1",
+    signal.SIGUSR2: "USR2",
+    signal.SIGTERM: "TERM",
+    signal.SIGWINCH: "WINCH",
+}
+EXITING_SIGNALS = {signal.SIGINT, signal.SIGQUIT, signal.SIGTERM}
+
+# The running Server, for the open count reported with a signal.
+_server = None
+
+
+def monotonic_ns():
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
 
 def emit(line):
@@ -69,6 +110,31 @@ def format_addr(sock):
     if sock.family == socket.AF_INET6:
         return f"[{addr[0]}]:{addr[1]}"
     return f"{addr[0]}:{addr[1]}"
+
+
+def report_signal(info):
+    t = monotonic_ns()
+    server = _server
+    open_now = len(server.conns) if server is not None else 0
+    emit(f"signal {REPORTED_SIGNALS[info.si_signo]} {t} open={open_now} from={info.si_pid}")
+    if info.si_signo in EXITING_SIGNALS:
+        sys.stdout.flush()
+        os._exit(0)
+
+
+def signal_loop():
+    while True:
+        report_signal(signal.sigwaitinfo(set(REPORTED_SIGNALS)))
+
+
+def report_pending_signals():
+    """Takes (and reports) any signal already delivered but not yet taken by
+    signal_loop, so that a reply that follows says nothing was pending."""
+    while True:
+        info = signal.sigtimedwait(set(REPORTED_SIGNALS), 0)
+        if info is None:
+            return
+        report_signal(info)
 
 
 def tcp_state(conn):
@@ -130,6 +196,32 @@ class Server:
             conn.close()
         emit(f"closed {k}")
 
+    def close_after(self, delays_ms):
+        with self.lock:
+            n = len(self.conns)
+        if len(delays_ms) > n:
+            emit(f"error closeafter: {len(delays_ms)} delays, only {n} open")
+            return
+        start = monotonic_ns()
+
+        def run():
+            for i, delay in enumerate(delays_ms, 1):
+                wait = start + delay * 1_000_000 - monotonic_ns()
+                if wait > 0:
+                    time.sleep(wait / 1e9)
+                with self.lock:
+                    conn = self.conns[0]
+                # Close first, forget after: while a signal reports open=N,
+                # N counts every connection not yet fully closed.
+                conn.close()
+                t = monotonic_ns()
+                with self.lock:
+                    self.conns.remove(conn)
+                emit(f"closedat {i} {t}")
+
+        threading.Thread(target=run, daemon=True).start()
+        emit(f"scheduled {len(delays_ms)}")
+
     def count(self):
         counts = {"established": 0, "close_wait": 0, "reset": 0, "other": 0}
         with self.lock:
@@ -177,12 +269,18 @@ class Server:
 
 
 def main():
+    global _server
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--listen", metavar="ADDR:PORT")
     group.add_argument("--inherit-fd", type=int, metavar="N")
     parser.add_argument("--backlog", type=int, default=128)
     args = parser.parse_args()
+
+    # Before any other thread starts, so that every thread inherits the mask
+    # and only signal_loop() takes these signals.
+    signal.pthread_sigmask(signal.SIG_BLOCK, set(REPORTED_SIGNALS))
+    threading.Thread(target=signal_loop, daemon=True).start()
 
     if args.listen:
         family, host, port = parse_addr(args.listen)
@@ -198,6 +296,7 @@ def main():
         listener = socket.socket(fileno=args.inherit_fd)
 
     server = Server(listener)
+    _server = server
     server.start()
 
     for raw in sys.stdin:
@@ -221,6 +320,13 @@ def main():
                 server.handover(os.path.abspath(__file__))
             elif cmd == "tochild" and rest:
                 server.to_child(raw.strip().split(None, 1)[1])
+            elif cmd == "ping":
+                report_pending_signals()
+                emit("pong")
+            elif cmd == "now":
+                emit(f"now {monotonic_ns()}")
+            elif cmd == "closeafter" and rest:
+                server.close_after([int(ms) for ms in rest])
             elif cmd == "closelistener":
                 server.stop_accepting()
                 server.listener.close()

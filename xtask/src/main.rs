@@ -6,11 +6,12 @@
 //! `.ci/run` is a thin wrapper around `cargo xtask ci`.
 
 mod cmd;
+mod demo;
 mod run;
 mod setup;
 mod test;
 
-use std::{ffi::OsString, process::ExitCode, time::Instant};
+use std::{ffi::OsString, path::PathBuf, process::ExitCode, time::Duration, time::Instant};
 
 use clap::{Parser, Subcommand};
 
@@ -28,6 +29,7 @@ use clap::{Parser, Subcommand};
         cargo xtask setup                 install the eBPF toolchain (idempotent; quick once done)\n  \
         cargo xtask run                   build in release mode, start `gracewatch tui` as root\n  \
         cargo xtask run -- drain --help   pass other arguments to gracewatch\n  \
+        cargo xtask demo                  a demo server restarting under load, watched in the TUI\n  \
         cargo xtask test                  fmt, clippy (host + eBPF), unit tests, privileged e2e\n  \
         cargo xtask ci                    what `.ci/run` runs (`test`, with timings)\n\n\
         Run `cargo xtask <TASK> --help` for the details of each task."
@@ -88,6 +90,58 @@ enum Task {
     },
     /// What `.ci/run` runs: `test`, with a total time at the end.
     Ci,
+    /// Watch a graceful restart drain in `gracewatch tui`, under load.
+    ///
+    /// Builds gracewatch (like `run`), then starts on 127.0.0.1:PORT a demo
+    /// server that performs an fd-handover restart on SIGHUP (the new
+    /// process inherits the listening socket, the old one stops accepting
+    /// and serves its connections until their clients leave), and a load
+    /// generator whose clients hold connections for 1 to 45 seconds. The
+    /// server is restarted every --restart-every; `gracewatch tui --port
+    /// PORT` runs in the foreground, and quitting it stops everything. Logs
+    /// and the server's pid file are in /tmp/gracewatch-demo/.
+    Demo {
+        /// Port of the demo server (on 127.0.0.1).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Clients, each holding one connection at a time.
+        #[arg(long, default_value_t = 40)]
+        clients: u32,
+        /// Restart the server this often, in seconds (0: only on demand,
+        /// with `kill -HUP` or `s` in the TUI).
+        #[arg(long, default_value = "30s", value_parser = parse_secs)]
+        restart_every: Duration,
+    },
+    /// The demo's server (started by `demo`).
+    #[command(hide = true)]
+    DemoServer {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        pidfile: PathBuf,
+        /// Adopt this listening fd (handover) instead of binding.
+        #[arg(long)]
+        inherit_fd: Option<i32>,
+    },
+    /// The demo's load generator (started by `demo`).
+    #[command(hide = true)]
+    DemoLoad {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        clients: u32,
+    },
+}
+
+/// `30s`, `30` or `2m`.
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let (num, mult) = match s.strip_suffix('m') {
+        Some(n) => (n, 60),
+        None => (s.strip_suffix('s').unwrap_or(s), 1),
+    };
+    num.parse::<u64>()
+        .map(|n| Duration::from_secs(n * mult))
+        .map_err(|_| format!("`{s}` is not a duration in seconds (e.g. 30s, 2m, 0)"))
 }
 
 fn main() -> ExitCode {
@@ -97,6 +151,21 @@ fn main() -> ExitCode {
         Task::Run { args } => run::run(args),
         Task::Test { unprivileged_only } => test::test(test::Options { unprivileged_only }),
         Task::Ci => ci(),
+        Task::Demo {
+            port,
+            clients,
+            restart_every,
+        } => demo::demo(&demo::Options {
+            port,
+            clients,
+            restart_every: (!restart_every.is_zero()).then_some(restart_every),
+        }),
+        Task::DemoServer {
+            port,
+            pidfile,
+            inherit_fd,
+        } => demo::server(port, &pidfile, inherit_fd),
+        Task::DemoLoad { port, clients } => demo::load(port, clients),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,7 +3,12 @@
 //! signals (Ctrl-C reaches gracewatch directly) and the exit code are
 //! gracewatch's own.
 
-use std::{ffi::OsString, os::unix::process::CommandExt as _};
+use std::{
+    ffi::OsString,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Result, bail};
 
@@ -13,6 +18,20 @@ use crate::{
 };
 
 pub fn run(args: Vec<OsString>) -> Result<()> {
+    let bin = build()?;
+    let args = if args.is_empty() {
+        vec![OsString::from("tui")]
+    } else {
+        args
+    };
+    let mut gracewatch = privileged(&bin, &args)?;
+    println!("$ {}", cmd::display(&gracewatch));
+    let err = gracewatch.exec();
+    Err(anyhow::Error::new(err).context(format!("failed to execute {}", bin.display())))
+}
+
+/// Sets up the toolchain and builds the release binary; returns its path.
+pub fn build() -> Result<PathBuf> {
     setup::setup(setup::Options { test_deps: false })?;
     cmd::run(command("cargo").current_dir(cmd::repo_root()).args([
         "build",
@@ -20,30 +39,25 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
         "-p",
         "gracewatch",
     ]))?;
+    Ok(cmd::target_dir().join("release").join("gracewatch"))
+}
 
-    let bin = cmd::target_dir().join("release").join("gracewatch");
-    let args = if args.is_empty() {
-        vec![OsString::from("tui")]
-    } else {
-        args
-    };
-
-    let mut gracewatch = if cmd::is_root() || cmd::has_bpf_caps() {
-        let mut c = command(&bin);
-        c.args(&args);
-        c
+/// `bin ARGS…` with the privileges it needs: as is when root or holding
+/// the BPF capabilities, else through `sudo -E`.
+pub fn privileged(bin: &Path, args: &[OsString]) -> Result<Command> {
+    if cmd::is_root() || cmd::has_bpf_caps() {
+        let mut c = command(bin);
+        c.args(args);
+        Ok(c)
     } else if cmd::find_on_path("sudo").is_some() {
         // -E keeps RUST_LOG and friends.
         let mut c = command("sudo");
-        c.arg("-E").arg(&bin).args(&args);
-        c
+        c.arg("-E").arg(bin).args(args);
+        Ok(c)
     } else {
         bail!(
             "gracewatch needs root (or CAP_BPF and CAP_PERFMON) to load its eBPF programs, and \
-             sudo is not installed; rerun `cargo xtask run` as root"
+             sudo is not installed; rerun as root"
         );
-    };
-    println!("$ {}", cmd::display(&gracewatch));
-    let err = gracewatch.exec();
-    Err(anyhow::Error::new(err).context(format!("failed to execute {}", bin.display())))
+    }
 }

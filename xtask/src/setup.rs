@@ -19,8 +19,9 @@ const BUILD_PACKAGES: &[&str] = &[
 ];
 
 /// What the end-to-end tests drive: namespaces (`ip`), real servers (nginx,
-/// python3), interactive sessions (tmux), capabilities (`setcap`) and BPF
-/// inspection for the leak check (`bpftool`).
+/// python3), interactive sessions (tmux), capabilities (`setcap`), BPF
+/// inspection for the leak check (`bpftool`) and a real Prometheus scraping
+/// the agent (`prometheus`).
 const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "tmux",
@@ -28,6 +29,7 @@ const TEST_PACKAGES: &[&str] = &[
     "nginx-light",
     "libcap2-bin",
     "bpftool",
+    "prometheus",
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -57,6 +59,9 @@ pub fn setup(opts: Options) -> Result<()> {
         let installed = apt.ensure(TEST_PACKAGES)?;
         if installed.contains(&"nginx-light") {
             stop_packaged_nginx();
+        }
+        if installed.contains(&"prometheus") {
+            stop_packaged_prometheus();
         }
     }
     tracefs()
@@ -262,6 +267,24 @@ fn stop_packaged_nginx() {
         thread::sleep(Duration::from_millis(100));
     }
     cmd::succeeds(command("kill").args(["-KILL", &pid.to_string()]));
+}
+
+/// Installing prometheus enables and starts a system Prometheus (and the
+/// node exporter it recommends); the agent test starts its own on a
+/// temporary config, so the packaged services are stopped and disabled.
+fn stop_packaged_prometheus() {
+    const UNITS: [&str; 2] = ["prometheus", "prometheus-node-exporter"];
+    if cmd::find_on_path("systemctl").is_some() {
+        // Fails harmlessly when systemd is not PID 1.
+        cmd::succeeds(command("systemctl").args(["disable", "--now"]).args(UNITS));
+    }
+    for unit in UNITS {
+        let script = format!("/etc/init.d/{unit}");
+        if Path::new(&script).exists() {
+            cmd::succeeds(command(&script).arg("stop"));
+        }
+    }
+    println!("ok: packaged prometheus services stopped");
 }
 
 fn bpf_linker() -> Result<()> {

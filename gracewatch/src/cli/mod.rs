@@ -88,6 +88,24 @@ enum Command {
         #[command(flatten)]
         drain: DrainArgs,
     },
+    /// Watch restarts drain live: processes, listeners, a chart, events.
+    ///
+    /// Shows every process holding a listening TCP socket (or those the
+    /// filters name) with its role (serving, draining, drained, exited),
+    /// live connections, accept/close rates and drain progress. Keys: ↑↓/jk
+    /// select, Enter connections, d drain, s signal, / filter, p pause,
+    /// ? help, q quit.
+    #[command(after_help = AFTER_HELP)]
+    Tui(crate::tui::TuiArgs),
+    /// Serve Prometheus metrics, the status, events and drains over HTTP.
+    ///
+    /// A sidecar or node daemon: GET /metrics, /v1/status, /v1/events,
+    /// /livez, /readyz; POST /v1/drains starts a drain (as `drain` does),
+    /// GET /v1/drains/ID?wait=30s long-polls it, DELETE cancels it without
+    /// signalling. Starting and cancelling drains needs the bearer token
+    /// on TCP (refused without --token-file) and nothing on the unix socket.
+    #[command(after_help = AFTER_HELP)]
+    Agent(crate::agent::AgentArgs),
     /// Print the raw kernel events, one JSON object per line, until
     /// interrupted (for debugging and for recording replay fixtures).
     #[command(hide = true)]
@@ -126,6 +144,15 @@ struct DrainArgs {
     /// One JSON object per progress event, then a result object, on stdout.
     #[arg(long)]
     json: bool,
+    /// Run the drain through a running `gracewatch agent` (e.g.
+    /// http://127.0.0.1:9464 or unix:/run/gracewatch.sock) instead of
+    /// watching the kernel from here. Pids and --pidfile are as the agent
+    /// sees them; the exit codes are the same.
+    #[arg(long, value_name = "URL")]
+    agent: Option<String>,
+    /// File holding the agent's bearer token (drains over TCP need it).
+    #[arg(long, value_name = "PATH", requires = "agent")]
+    token_file: Option<PathBuf>,
 }
 
 const DRAIN_HELP: &str = "\
@@ -200,7 +227,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("`{s}` is not a valid duration"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    // `from_secs_f64` panics past u64 seconds: input must never crash us.
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is too long a duration"))
 }
 
 pub fn main() -> ExitCode {
@@ -259,7 +287,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(exit::OK)
         }
         Command::Watch { filter, interval } => watch(opts, filter, interval).await,
+        Command::Agent(args) => crate::agent::run(opts, args).await,
         Command::Record => record(opts).await,
+        Command::Tui(args) => crate::tui::run(opts, args).await,
         Command::Drain { drain, signal } => drain_cmd(opts, drain, signal.0).await,
         Command::Wait { drain } => drain_cmd(opts, drain, None).await,
     }
@@ -307,6 +337,21 @@ async fn drain_cmd(
     args: DrainArgs,
     signal: Option<SignalSpec>,
 ) -> anyhow::Result<u8> {
+    if let Some(url) = &args.agent {
+        let req = crate::agent::DrainRequest {
+            pids: args.pids.clone(),
+            pidfile: args.pidfile.clone(),
+            children: args.children,
+            exclude: args.exclude.clone(),
+            ports: args.ports.clone(),
+            signal: Some(signal.map_or_else(|| "none".to_owned(), SignalSpec::name)),
+            timeout: args.timeout.map(|d| format!("{}s", d.as_secs_f64())),
+            on_timeout: args.on_timeout,
+            min_wait: Some(format!("{}s", args.min_wait.as_secs_f64())),
+        };
+        let token = args.token_file.as_deref();
+        return Ok(crate::agent::client::drain_cmd(url, token, req, args.json).await);
+    }
     let spec = DrainSpec {
         ports: args.ports.clone(),
         signal,

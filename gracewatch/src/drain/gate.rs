@@ -38,6 +38,9 @@ struct Gate<'a> {
     peak: u64,
     /// Connections that ended because their owner was exiting, per target.
     closed_by_exit: HashMap<u32, u64>,
+    /// Targets the monitor reported gone (`ProcessExit`) before their pidfd
+    /// said so: their connections left the count without a close.
+    exiting: BTreeSet<u32>,
     /// Addresses the targets listen(ed) on, so connections stay "inbound"
     /// for the fd check even after the listener is closed.
     listen_addrs: BTreeSet<ListenAddr>,
@@ -64,6 +67,7 @@ pub async fn run(
         initial: 0,
         peak: 0,
         closed_by_exit: HashMap::new(),
+        exiting: BTreeSet::new(),
         listen_addrs: BTreeSet::new(),
         samples: VecDeque::new(),
     };
@@ -96,8 +100,12 @@ impl Gate<'_> {
         loop {
             let status = status_rx.borrow_and_update().clone();
             self.observe(&status);
-            self.count_exit_closes(&mut events);
             let live = self.live().await?;
+            // After `live`: the monitor broadcasts a batch's events before it
+            // answers the next query, so every close that `live` reflects is
+            // counted here (counting first would miss closes of a batch
+            // applied in between, and take an exiting target for drained).
+            self.count_exit_closes(&mut events);
             self.peak = self.peak.max(live);
             let now = Instant::now();
 
@@ -115,11 +123,10 @@ impl Gate<'_> {
                         )).await);
                         last_live = Some(u64::MAX);
                     }
-                } else if self
-                    .alive
-                    .iter()
-                    .any(|p| self.closed_by_exit.get(&p.pid).is_some_and(|&n| n > 0))
-                {
+                } else if self.alive.iter().any(|p| {
+                    self.exiting.contains(&p.pid)
+                        || self.closed_by_exit.get(&p.pid).is_some_and(|&n| n > 0)
+                }) {
                     // Its connections ended because it is exiting: that is
                     // not a drain; its pidfd will say so in a moment.
                     waiting_for_exit = true;
@@ -232,6 +239,14 @@ impl Gate<'_> {
                 }) if self.all.contains(&pid) && self.port_counts(tuple.local.port()) => {
                     *self.closed_by_exit.entry(pid).or_default() += 1;
                 }
+                // The monitor drops a process's connections when it sees it
+                // gone from /proc — which a multi-threaded process is (its
+                // leader a zombie) while its other threads still hold and
+                // then close its fds: its count reaches zero with no close,
+                // before its pidfd is readable.
+                Ok(ConnEvent::ProcessExit { pid, .. }) if self.all.contains(&pid) => {
+                    self.exiting.insert(pid);
+                }
                 Ok(_) | Err(TryRecvError::Lagged(_)) => {}
                 Err(TryRecvError::Empty | TryRecvError::Closed) => return,
             }
@@ -315,6 +330,9 @@ impl Gate<'_> {
 
     async fn on_deadline(&mut self) -> DrainReport {
         let live = self.live().await.unwrap_or(0);
+        // What was held at the deadline, taken before a signal (SIGKILL)
+        // can make the target close them.
+        let (still_held, held) = self.held(10).await;
         let (sent, what) = match self.spec.on_timeout {
             OnTimeout::Leave => (None, "nothing was signalled".to_owned()),
             OnTimeout::Signal => match self.spec.signal {
@@ -333,7 +351,10 @@ impl Gate<'_> {
             "deadline passed: {} still held {live} live connection(s); {what}",
             self.who()
         );
-        self.report(Outcome::Timeout, sent, msg).await
+        let mut report = self.report(Outcome::Timeout, sent, msg).await;
+        report.still_held = still_held;
+        report.held = held;
+        report
     }
 
     /// Signals every target still alive; returns how many received it.

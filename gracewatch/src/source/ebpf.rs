@@ -154,6 +154,22 @@ impl EbpfSource {
         self.stats.get(&stat::MAP_FULL, 0).unwrap_or(0)
     }
 
+    /// Time the kernel spent running our programs, and how many times they
+    /// ran, since they were loaded (the `bpf_prog_info` `run_time_ns` and
+    /// `run_cnt`). Both stay at zero while the kernel's BPF statistics are
+    /// off: see [`enable_run_time_stats`].
+    pub fn program_stats(&self) -> anyhow::Result<ProgramStats> {
+        let mut total = ProgramStats::default();
+        for (name, prog) in self._ebpf.programs() {
+            let info = prog
+                .info()
+                .with_context(|| format!("failed to read the info of program `{name}`"))?;
+            total.run_time += info.run_time();
+            total.run_count += info.run_count();
+        }
+        Ok(total)
+    }
+
     /// Tells the programs about a connection that was live before they
     /// attached, so its end is reported as `PreexistingClose`.
     pub fn register_preexisting(&mut self, tuple: &Tuple, pid: u32) -> anyhow::Result<()> {
@@ -172,6 +188,22 @@ impl EbpfSource {
     pub fn unregister_preexisting(&mut self, tuple: &Tuple) -> bool {
         self.preexisting.remove(&tuple_key(tuple)).is_ok()
     }
+}
+
+/// Run-time statistics of the loaded programs, summed over all of them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProgramStats {
+    pub run_time: Duration,
+    pub run_count: u64,
+}
+
+/// Turns on the kernel's BPF run-time statistics (`BPF_ENABLE_STATS`, like
+/// `sysctl kernel.bpf_stats_enabled=1`) for as long as the returned fd is
+/// open. It costs every BPF program on the host two clock reads per run,
+/// so only long-lived consumers that report it (the agent) ask for it.
+pub fn enable_run_time_stats() -> anyhow::Result<std::os::fd::OwnedFd> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .map_err(|e| anyhow::anyhow!("failed to enable BPF run-time statistics: {e}"))
 }
 
 fn attach(ebpf: &mut Ebpf, category: &str, name: &str) -> anyhow::Result<()> {

@@ -6,6 +6,7 @@ pub mod ebpf;
 pub mod kernel_layout;
 pub mod netns;
 pub mod process;
+pub mod replay;
 pub mod snapshot;
 
 use std::{fs, time::Duration};

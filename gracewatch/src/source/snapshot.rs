@@ -101,6 +101,20 @@ pub fn live_inbound_fds_with(
     pid: u32,
     known_listeners: &[ListenAddr],
 ) -> anyhow::Result<Vec<Tuple>> {
+    let mut tuples: Vec<Tuple> = live_inbound_conns_with(pid, known_listeners)?
+        .into_iter()
+        .map(|c| c.tuple)
+        .collect();
+    tuples.sort();
+    Ok(tuples)
+}
+
+/// [`live_inbound_fds_with`] with each connection's TCP state (the TUI's
+/// connection detail shows ESTABLISHED or CLOSE_WAIT).
+pub fn live_inbound_conns_with(
+    pid: u32,
+    known_listeners: &[ListenAddr],
+) -> anyhow::Result<Vec<SnapConn>> {
     let process = open_process(pid).with_context(|| format!("failed to open /proc/{pid}"))?;
     let handle = open_netns(&process)
         .with_context(|| format!("failed to open network namespace of pid {pid}"))?;
@@ -116,9 +130,7 @@ pub fn live_inbound_fds_with(
         .collect();
     let sockets = dump_netns(&handle)?;
     let (_, connections) = assemble(handle.inode(), &sockets, &holders, known_listeners);
-    let mut tuples: Vec<Tuple> = connections.into_iter().map(|c| c.tuple).collect();
-    tuples.sort();
-    Ok(tuples)
+    Ok(connections)
 }
 
 /// What the /proc walk found.

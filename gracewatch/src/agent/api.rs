@@ -1,0 +1,479 @@
+//! The HTTP routes of the agent and their error answers. Every failure a
+//! client can cause is a 4xx with a JSON body `{"error": "..."}`; nothing
+//! a request carries can stop the agent.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    body::Body,
+    extract::{Path, RawQuery, State, rejection::PathRejection},
+    http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use serde::Serialize;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::{
+    Agent, Transport,
+    drains::{DrainRequest, Entry, MAX_RUNNING},
+    metrics::{self, Scrape},
+};
+use crate::{cli::parse_duration, drain, monitor::MonitorHandle};
+
+/// Largest request body accepted (a drain request is a few hundred bytes).
+const MAX_BODY: usize = 64 * 1024;
+/// Longest long-poll (`?wait=`) accepted.
+const MAX_WAIT: Duration = Duration::from_secs(3600);
+/// How long `DELETE` waits for the cancelled drain's report.
+const CANCEL_WAIT: Duration = Duration::from_secs(5);
+
+#[derive(Clone)]
+struct Ctx {
+    agent: Agent,
+    transport: Transport,
+}
+
+pub(super) fn router(agent: Agent, transport: Transport) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/v1/status", get(status))
+        .route("/v1/events", get(events))
+        .route("/v1/drains", post(start_drain).get(list_drains))
+        .route("/v1/drains/{id}", get(get_drain).delete(cancel_drain))
+        .route("/v1/drains/{id}/stream", get(stream_drain))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(Ctx { agent, transport })
+}
+
+/// A 4xx/5xx answer with a JSON body `{"error": message}`.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = json(self.status, &serde_json::json!({ "error": self.message }));
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+/// `value` as a JSON body (one line, newline-terminated for curl users).
+fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(mut body) => {
+            body.push(b'\n');
+            (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("failed to encode the answer: {e}\n"),
+        )
+            .into_response(),
+    }
+}
+
+/// One NDJSON line: `value`'s fields plus `"type": kind` (the format of
+/// `gracewatch drain --json`).
+fn typed_line<T: Serialize>(kind: &str, value: &T) -> String {
+    let mut v = serde_json::to_value(value).unwrap_or_default();
+    if let serde_json::Value::Object(map) = &mut v {
+        map.insert("type".to_owned(), kind.into());
+    }
+    format!("{v}\n")
+}
+
+fn ndjson(body: Body) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+impl Ctx {
+    fn monitor(&self) -> Result<&MonitorHandle, ApiError> {
+        let handle = self.agent.monitor().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: the monitor is starting (attaching the eBPF programs, taking the startup snapshot)",
+            )
+        })?;
+        if let Some(why) = handle.failure() {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the monitor stopped: {why}"),
+            ));
+        }
+        Ok(handle)
+    }
+
+    /// Requests that can signal a process: trusted on the unix socket, and
+    /// on TCP only with the bearer token.
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        if self.transport == Transport::Unix {
+            return Ok(());
+        }
+        let Some(expected) = &self.agent.shared.token else {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "starting and cancelling drains over TCP is disabled: this agent was started without --token-file (use its unix socket, or restart it with --token-file PATH)",
+            ));
+        };
+        let Some(value) = headers.get(header::AUTHORIZATION) else {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing `Authorization: Bearer <token>` (the token is in the agent's --token-file)",
+            ));
+        };
+        let given = value.to_str().ok().and_then(|v| {
+            let (scheme, token) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
+        match given {
+            Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => Ok(()),
+            Some(_) => Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid token")),
+            None => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "the Authorization header must be `Bearer <token>`",
+            )),
+        }
+    }
+
+    fn drain(&self, id: Result<Path<String>, PathRejection>) -> Result<Arc<Entry>, ApiError> {
+        let Path(id) = id.map_err(|e| ApiError::bad_request(e.body_text()))?;
+        self.agent
+            .shared
+            .drains
+            .get(&id)
+            .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no drain with id `{id}`")))
+    }
+
+    fn shutdown(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.agent.shared.shutdown.subscribe()
+    }
+}
+
+/// Compares without an early exit, so timing does not reveal how much of
+/// a guessed token is right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn metrics(State(ctx): State<Ctx>) -> Response {
+    let shared = &ctx.agent.shared;
+    let monitor = ctx.agent.monitor();
+    let programs = match monitor {
+        Some(h) => h.program_stats().await.ok().flatten(),
+        None => None,
+    };
+    let scrape = Scrape {
+        status: monitor.map(MonitorHandle::status),
+        programs,
+        bpf_stats_enabled: shared
+            .bpf_stats_enabled
+            .load(std::sync::atomic::Ordering::Relaxed),
+    };
+    match shared.metrics.render(scrape) {
+        Ok(text) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),
+        Err(_) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "failed to encode the metrics",
+        )
+        .into_response(),
+    }
+}
+
+async fn livez() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(ctx): State<Ctx>) -> Response {
+    match ctx.monitor() {
+        Ok(_) => "ok\n".into_response(),
+        Err(e) => (e.status, format!("{}\n", e.message)).into_response(),
+    }
+}
+
+async fn status(State(ctx): State<Ctx>) -> Result<Response, ApiError> {
+    let status = ctx.monitor()?.status();
+    Ok(json(StatusCode::OK, &*status))
+}
+
+/// Every event the monitor applies from now on, one JSON object per line
+/// (as `gracewatch record` prints them). A reader too slow to keep up gets
+/// `{"kind": "lagged", "skipped": N}` and continues with newer events.
+async fn events(State(ctx): State<Ctx>) -> Result<Response, ApiError> {
+    let rx = ctx.monitor()?.events();
+    let stop = ctx.shutdown();
+    let stream = futures_util::stream::unfold((rx, stop), |(mut rx, mut stop)| async move {
+        let line = tokio::select! {
+            ev = rx.recv() => match ev {
+                Ok(ev) => serde_json::to_string(&ev).map(|s| s + "\n").unwrap_or_default(),
+                Err(RecvError::Lagged(n)) => format!("{{\"kind\":\"lagged\",\"skipped\":{n}}}\n"),
+                Err(RecvError::Closed) => return None,
+            },
+            _ = stop.wait_for(|s| *s) => return None,
+        };
+        Some((Ok::<_, std::convert::Infallible>(line), (rx, stop)))
+    });
+    Ok(ndjson(Body::from_stream(stream)))
+}
+
+async fn start_drain(
+    State(ctx): State<Ctx>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    ctx.authorize(&headers)?;
+    let handle = ctx.monitor()?.clone();
+    let bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|e| {
+        let too_large =
+            std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |e| {
+                e.source()
+            })
+            .any(|e| e.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the request body is larger than {MAX_BODY} bytes"),
+            )
+        } else {
+            ApiError::bad_request(format!("failed to read the request body: {e}"))
+        }
+    })?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request(
+            "empty body: send the drain options as JSON, e.g. {\"pids\": [1234]}",
+        ));
+    }
+    let req: DrainRequest = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("invalid drain request: {e}")))?;
+    let (target_spec, spec) = req.to_specs().map_err(ApiError::bad_request)?;
+    let shared = ctx.agent.shared.clone();
+    let too_many = || {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "{MAX_RUNNING} drains are running already: wait for one to finish or cancel one"
+            ),
+        )
+    };
+    // Checked before the targets are pinned; `start` checks again.
+    if shared.drains.running() >= MAX_RUNNING {
+        return Err(too_many());
+    }
+    let targets = drain::choose(&target_spec).map_err(|e| ApiError::bad_request(e.0))?;
+    shared.metrics.drain_started();
+    let done = shared.clone();
+    let Some(entry) = shared.drains.start(handle, targets, spec, move |report| {
+        done.metrics.drain_finished(report);
+    }) else {
+        // Not started: undo the gauge without counting an outcome.
+        shared.metrics.drain_not_started();
+        return Err(too_many());
+    };
+    let status = entry.status();
+    let mut resp = json(
+        StatusCode::ACCEPTED,
+        &serde_json::json!({
+            "id": entry.id,
+            "targets": status.targets,
+            "url": format!("/v1/drains/{}", entry.id),
+        }),
+    );
+    if let Ok(location) = HeaderValue::from_str(&format!("/v1/drains/{}", entry.id)) {
+        resp.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(resp)
+}
+
+async fn list_drains(State(ctx): State<Ctx>) -> Response {
+    let drains: Vec<_> = ctx
+        .agent
+        .shared
+        .drains
+        .all()
+        .iter()
+        .map(|e| e.status())
+        .collect();
+    json(StatusCode::OK, &serde_json::json!({ "drains": drains }))
+}
+
+/// `?wait=DURATION`: hold the answer until the drain is done (or the wait
+/// passes), so a preStop hook can be a single `curl`.
+fn parse_wait(query: Option<&str>) -> Result<Option<Duration>, ApiError> {
+    let mut wait = None;
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "wait" => {
+                let d = parse_duration(value)
+                    .map_err(|e| ApiError::bad_request(format!("wait: {e}")))?;
+                if d > MAX_WAIT {
+                    return Err(ApiError::bad_request(format!(
+                        "wait: at most {}s",
+                        MAX_WAIT.as_secs()
+                    )));
+                }
+                wait = Some(d);
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter `{other}` (only `wait` is known)"
+                )));
+            }
+        }
+    }
+    Ok(wait)
+}
+
+async fn get_drain(
+    State(ctx): State<Ctx>,
+    id: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let wait = parse_wait(query.as_deref())?;
+    let entry = ctx.drain(id)?;
+    if let Some(wait) = wait {
+        let mut stop = ctx.shutdown();
+        tokio::select! {
+            () = entry.wait_done(wait) => {}
+            _ = stop.wait_for(|s| *s) => {}
+        }
+    }
+    Ok(json(StatusCode::OK, &entry.status()))
+}
+
+async fn cancel_drain(
+    State(ctx): State<Ctx>,
+    headers: HeaderMap,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    ctx.authorize(&headers)?;
+    let entry = ctx.drain(id)?;
+    entry.cancel();
+    entry.wait_done(CANCEL_WAIT).await;
+    Ok(json(StatusCode::OK, &entry.status()))
+}
+
+/// The drain's progress and then its result, one JSON object per line, as
+/// `gracewatch drain --json` prints them (`"type": "progress"` or
+/// `"result"`). Ends after the result.
+async fn stream_drain(
+    State(ctx): State<Ctx>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let entry = ctx.drain(id)?;
+    let mut progress = entry.progress.subscribe();
+    // The current progress, if any, goes out first.
+    progress.mark_changed();
+    let report = entry.report.subscribe();
+    let state = (progress, report, ctx.shutdown(), false);
+    let stream = futures_util::stream::unfold(
+        state,
+        |(mut progress, mut report, mut stop, finished)| async move {
+            if finished {
+                return None;
+            }
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    r = progress.changed() => match r {
+                        Ok(()) => Next::Progress(progress.borrow_and_update().clone()),
+                        Err(_) => Next::Stop,
+                    },
+                    r = report.wait_for(Option::is_some) => Next::Done(r.ok().and_then(|r| r.clone())),
+                    _ = stop.wait_for(|s| *s) => Next::Stop,
+                };
+                let (line, finished) = match next {
+                    Next::Progress(None) => continue,
+                    Next::Progress(Some(p)) => (typed_line("progress", &p), false),
+                    Next::Done(Some(d)) => (typed_line("result", &d), true),
+                    Next::Done(None) | Next::Stop => return None,
+                };
+                let state = (progress, report, stop, finished);
+                return Some((Ok::<_, std::convert::Infallible>(line), state));
+            }
+        },
+    );
+    Ok(ndjson(Body::from_stream(stream)))
+}
+
+enum Next {
+    Progress(Option<drain::Progress>),
+    Done(Option<drain::DrainReport>),
+    Stop,
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no such endpoint: {method} {} (see /metrics, /livez, /readyz, /v1/status, /v1/events, /v1/drains)",
+            uri.path()
+        ),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_parameter_is_validated() {
+        assert_eq!(parse_wait(None).ok(), Some(None));
+        assert_eq!(
+            parse_wait(Some("wait=30s")).ok(),
+            Some(Some(Duration::from_secs(30)))
+        );
+        for bad in ["wait=soon", "wait=2h", "wait=", "color=red", "wait=-1s"] {
+            assert!(parse_wait(Some(bad)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+}

@@ -1,0 +1,375 @@
+//! Drains requested over HTTP: the JSON request ([`DrainRequest`]) and how
+//! it maps onto the same [`TargetSpec`]/[`DrainSpec`] as `gracewatch drain`,
+//! the per-drain state ([`DrainStatus`]) clients poll or stream, and the
+//! registry that runs each drain as a task and keeps its report.
+
+use std::{
+    collections::VecDeque,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{
+    sync::{oneshot, watch},
+    time::Instant,
+};
+
+use crate::{
+    cli::parse_duration,
+    drain::{self, DrainReport, DrainSpec, OnTimeout, Progress, SignalSpec, TargetSpec, Targets},
+    monitor::MonitorHandle,
+};
+
+/// Drains running at once; more is refused with 429 (each holds pidfds
+/// and wakes on every status).
+pub const MAX_RUNNING: usize = 64;
+/// Finished drains kept for `GET /v1/drains/{id}`; the oldest go first.
+const MAX_KEPT: usize = 256;
+/// Longest `timeout` or `min_wait` accepted: beyond it a deadline is a typo
+/// (and past the range of the clock arithmetic).
+const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// `POST /v1/drains`: the options of `gracewatch drain`, as JSON. Durations
+/// are strings as on the command line (`"90s"`, `"2m"`, `"1500ms"`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainRequest {
+    /// Target processes (pids as the agent sees them).
+    #[serde(default)]
+    pub pids: Vec<u32>,
+    /// A file holding a pid, read by the agent (on the agent's filesystem).
+    #[serde(default)]
+    pub pidfile: Option<PathBuf>,
+    /// Also drain the targets' descendants as they are now.
+    #[serde(default)]
+    pub children: bool,
+    /// Leave these (and their descendants) out.
+    #[serde(default)]
+    pub exclude: Vec<u32>,
+    /// Count only connections on these local ports (empty: all).
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    /// Signal to send once drained: `TERM` (default), `SIGQUIT`, `15`… or
+    /// `none` to only wait.
+    #[serde(default)]
+    pub signal: Option<String>,
+    /// Give up after this long (default: never).
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// What to do when `timeout` passes: `leave` (default), `signal`, `kill`.
+    #[serde(default)]
+    pub on_timeout: OnTimeout,
+    /// Never signal before this much time has passed, even at zero.
+    #[serde(default)]
+    pub min_wait: Option<String>,
+}
+
+impl DrainRequest {
+    /// Validates the request into the specs the drain gate takes. `Err` is
+    /// a message for a 400 answer.
+    pub fn to_specs(&self) -> Result<(TargetSpec, DrainSpec), String> {
+        if self.pids.is_empty() && self.pidfile.is_none() {
+            return Err("no target: give \"pids\" or \"pidfile\"".to_owned());
+        }
+        let signal = match self.signal.as_deref() {
+            None => Some(SignalSpec::TERM),
+            Some(s) => SignalSpec::parse_optional(s).map_err(|e| format!("signal: {e}"))?,
+        };
+        let duration = |field: &str, value: &Option<String>| -> Result<Option<Duration>, String> {
+            let Some(s) = value else { return Ok(None) };
+            let d = parse_duration(s).map_err(|e| format!("{field}: {e}"))?;
+            if d > MAX_DURATION {
+                return Err(format!("{field}: `{s}` is longer than a year"));
+            }
+            Ok(Some(d))
+        };
+        let timeout = duration("timeout", &self.timeout)?;
+        let min_wait = duration("min_wait", &self.min_wait)?.unwrap_or_default();
+        let targets = TargetSpec {
+            pids: self.pids.clone(),
+            pidfile: self.pidfile.clone(),
+            children: self.children,
+            exclude: self.exclude.clone(),
+        };
+        let spec = DrainSpec {
+            ports: self.ports.clone(),
+            signal,
+            timeout,
+            on_timeout: self.on_timeout,
+            min_wait,
+        };
+        Ok((targets, spec))
+    }
+}
+
+/// Whether a drain is still running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DrainState {
+    Running,
+    Done,
+}
+
+/// `GET /v1/drains/{id}`: where a drain stands. `report` is set once
+/// `state` is `done`; its `outcome` and `exit_code` are those of
+/// `gracewatch drain`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DrainStatus {
+    pub id: String,
+    pub state: DrainState,
+    /// The pids being drained (descendants included), pinned at the start.
+    pub targets: Vec<u32>,
+    pub elapsed_ms: u64,
+    /// The latest progress event (as `gracewatch drain --json` prints them).
+    pub progress: Option<Progress>,
+    pub report: Option<DrainReport>,
+}
+
+/// One drain: its live progress and, once done, its report.
+pub(crate) struct Entry {
+    pub(crate) id: String,
+    targets: Vec<u32>,
+    started: Instant,
+    pub(crate) progress: watch::Sender<Option<Progress>>,
+    pub(crate) report: watch::Sender<Option<DrainReport>>,
+    cancel: Mutex<Option<oneshot::Sender<()>>>,
+}
+
+impl Entry {
+    pub(crate) fn status(&self) -> DrainStatus {
+        let report = self.report.borrow().clone();
+        DrainStatus {
+            id: self.id.clone(),
+            state: if report.is_some() {
+                DrainState::Done
+            } else {
+                DrainState::Running
+            },
+            targets: self.targets.clone(),
+            elapsed_ms: report.as_ref().map_or_else(
+                || self.started.elapsed().as_millis() as u64,
+                |r| r.duration_ms,
+            ),
+            progress: self.progress.borrow().clone(),
+            report,
+        }
+    }
+
+    pub(crate) fn is_done(&self) -> bool {
+        self.report.borrow().is_some()
+    }
+
+    /// Stops the drain without signalling (its outcome becomes `interrupted`).
+    pub(crate) fn cancel(&self) {
+        let tx = self.cancel.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(tx) = tx {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Waits until the drain is done or `limit` passes.
+    pub(crate) async fn wait_done(&self, limit: Duration) {
+        let mut rx = self.report.subscribe();
+        let _ = tokio::time::timeout(limit, rx.wait_for(Option::is_some)).await;
+    }
+}
+
+/// Every drain this agent ran or runs, by id, oldest first.
+pub(crate) struct Drains {
+    /// Makes ids unique across agent restarts, so a client polling an id
+    /// never gets another run's drain.
+    prefix: String,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    next: u64,
+    entries: VecDeque<Arc<Entry>>,
+}
+
+impl Drains {
+    pub(crate) fn new() -> Self {
+        let epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Self {
+            prefix: format!("{epoch:x}"),
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn get(&self, id: &str) -> Option<Arc<Entry>> {
+        self.lock().entries.iter().find(|e| e.id == id).cloned()
+    }
+
+    pub(crate) fn all(&self) -> Vec<Arc<Entry>> {
+        self.lock().entries.iter().cloned().collect()
+    }
+
+    pub(crate) fn running(&self) -> usize {
+        self.lock().entries.iter().filter(|e| !e.is_done()).count()
+    }
+
+    /// Starts a drain task; `on_done` sees its report before clients do.
+    /// `None` when [`MAX_RUNNING`] drains already run.
+    pub(crate) fn start(
+        &self,
+        handle: MonitorHandle,
+        targets: Targets,
+        spec: DrainSpec,
+        on_done: impl FnOnce(&DrainReport) + Send + 'static,
+    ) -> Option<Arc<Entry>> {
+        let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
+        let entry = {
+            let mut inner = self.lock();
+            if inner.entries.iter().filter(|e| !e.is_done()).count() >= MAX_RUNNING {
+                return None;
+            }
+            inner.next += 1;
+            let entry = Arc::new(Entry {
+                id: format!("{}-{}", self.prefix, inner.next),
+                targets: targets.pids(),
+                started: Instant::now(),
+                progress: watch::channel(None).0,
+                report: watch::channel(None).0,
+                cancel: Mutex::new(Some(cancel_tx)),
+            });
+            inner.entries.push_back(entry.clone());
+            while inner.entries.len() > MAX_KEPT {
+                match inner.entries.iter().position(|e| e.is_done()) {
+                    Some(i) => {
+                        inner.entries.remove(i);
+                    }
+                    None => break,
+                }
+            }
+            entry
+        };
+        let task = entry.clone();
+        tokio::spawn(async move {
+            // A dropped sender (the entry went away) also ends the drain.
+            let cancel = async move {
+                let _ = cancel_rx.await;
+            };
+            let progress = task.progress.clone();
+            let report = drain::run(
+                &handle,
+                targets,
+                &spec,
+                move |p| {
+                    progress.send_replace(Some(p.clone()));
+                },
+                cancel,
+            )
+            .await;
+            on_done(&report);
+            task.report.send_replace(Some(report));
+            task.cancel.lock().unwrap_or_else(|e| e.into_inner()).take();
+        });
+        Some(entry)
+    }
+
+    /// Cancels every running drain (agent shutdown) and waits up to `limit`
+    /// for their reports.
+    pub(crate) async fn cancel_all(&self, limit: Duration) {
+        let running: Vec<Arc<Entry>> = self.all().into_iter().filter(|e| !e.is_done()).collect();
+        for e in &running {
+            e.cancel();
+        }
+        let deadline = Instant::now() + limit;
+        for e in running {
+            e.wait_done(deadline.saturating_duration_since(Instant::now()))
+                .await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(json: &str) -> Result<DrainRequest, String> {
+        serde_json::from_str(json).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_match_the_cli() {
+        let (targets, spec) = request(r#"{"pids": [42]}"#)
+            .expect("parses")
+            .to_specs()
+            .expect("valid");
+        assert_eq!(targets.pids, vec![42]);
+        assert_eq!(spec, DrainSpec::default());
+    }
+
+    #[test]
+    fn every_field_maps_onto_the_specs() {
+        let req = request(
+            r#"{"pids": [1, 2], "pidfile": "/run/x.pid", "children": true, "exclude": [3],
+                "ports": [80, 443], "signal": "QUIT", "timeout": "90s",
+                "on_timeout": "kill", "min_wait": "1500ms"}"#,
+        )
+        .expect("parses");
+        let (targets, spec) = req.to_specs().expect("valid");
+        assert_eq!(
+            targets,
+            TargetSpec {
+                pids: vec![1, 2],
+                pidfile: Some("/run/x.pid".into()),
+                children: true,
+                exclude: vec![3],
+            }
+        );
+        assert_eq!(spec.ports, vec![80, 443]);
+        assert_eq!(
+            spec.signal.map(SignalSpec::name).as_deref(),
+            Some("SIGQUIT")
+        );
+        assert_eq!(spec.timeout, Some(Duration::from_secs(90)));
+        assert_eq!(spec.on_timeout, OnTimeout::Kill);
+        assert_eq!(spec.min_wait, Duration::from_millis(1500));
+        let none = request(r#"{"pids": [1], "signal": "none"}"#).expect("parses");
+        assert_eq!(none.to_specs().expect("valid").1.signal, None);
+    }
+
+    #[test]
+    fn bad_requests_are_refused_with_a_reason() {
+        for (json, why) in [
+            (r#"{"pids": [1], "color": "red"}"#, "unknown field"),
+            (r#"{"pids": "1"}"#, "invalid type"),
+            (r#"{"pids": [-1]}"#, "invalid value"),
+            (r#"{"pids": [1], "ports": [70000]}"#, "invalid value"),
+            (
+                r#"{"pids": [1], "on_timeout": "explode"}"#,
+                "unknown variant",
+            ),
+            (r#"{"pids": [1], "timeout": 90}"#, "invalid type"),
+            ("{", "EOF"),
+        ] {
+            let err = request(json).expect_err(json);
+            assert!(err.contains(why), "{json}: {err}");
+        }
+        for (json, why) in [
+            ("{}", "no target"),
+            (r#"{"pids": [1], "signal": "TERMINATE"}"#, "signal"),
+            (r#"{"pids": [1], "timeout": "soon"}"#, "timeout"),
+            (r#"{"pids": [1], "timeout": "-1s"}"#, "timeout"),
+            (r#"{"pids": [1], "min_wait": "10x"}"#, "min_wait"),
+            (
+                r#"{"pids": [1], "timeout": "99999999999999999999h"}"#,
+                "timeout",
+            ),
+            (r#"{"pids": [1], "timeout": "400d"}"#, "timeout"),
+        ] {
+            let err = request(json).expect("parses").to_specs().expect_err(json);
+            assert!(err.contains(why), "{json}: {err}");
+        }
+    }
+}

@@ -1,0 +1,470 @@
+//! `/metrics`: what the agent exports to Prometheus, through the
+//! `prometheus-client` crate (OpenMetrics text).
+//!
+//! Two kinds of series. Those read from the current [`Status`] (per process,
+//! per listener, lost events, BPF run time) are encoded afresh at every
+//! scrape by a [`Collector`], so a process or listener that went away stops
+//! being exported at once instead of lingering as a stale series. Those only
+//! the agent can count (connections accepted and closed since it started,
+//! drains by outcome and their durations) live in a registry for the
+//! agent's lifetime.
+//!
+//! Label cardinality is bounded by construction: `pid`/`comm` only for
+//! processes that hold a listening socket or a live inbound connection,
+//! `netns`/`address` only for listening sockets, `outcome` has five values.
+
+use std::sync::Arc;
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _, text},
+    metrics::{
+        MetricType,
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::Histogram,
+    },
+    registry::{Registry, Unit},
+};
+
+use crate::{
+    drain::{DrainReport, Outcome},
+    event::ConnEvent,
+    source::ebpf::ProgramStats,
+    tracker::Status,
+};
+
+/// `Content-Type` of the exposition.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Drain durations range from "already idle" to "long-poll clients for an hour".
+const DRAIN_BUCKETS: [f64; 13] = [
+    0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+];
+
+type OutcomeLabel = [(&'static str, &'static str); 1];
+
+fn new_drain_histogram() -> Histogram {
+    Histogram::new(DRAIN_BUCKETS)
+}
+
+/// The agent-lifetime metrics.
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    registry: Registry,
+    accepted: Counter,
+    closed: Counter,
+    queue_drops: Counter,
+    events_skipped: Counter,
+    drains: Family<OutcomeLabel, Counter>,
+    drain_seconds: Family<OutcomeLabel, Histogram, fn() -> Histogram>,
+    drains_running: Gauge,
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Self {
+        let mut m = Self {
+            registry: Registry::default(),
+            accepted: Counter::default(),
+            closed: Counter::default(),
+            queue_drops: Counter::default(),
+            events_skipped: Counter::default(),
+            drains: Family::default(),
+            drain_seconds: Family::new_with_constructor(new_drain_histogram),
+            drains_running: Gauge::default(),
+        };
+        let r = &mut m.registry;
+        r.register(
+            "gracewatch_connections_accepted",
+            "Inbound TCP connections accepted by any process since the agent started",
+            m.accepted.clone(),
+        );
+        r.register(
+            "gracewatch_connections_closed",
+            "Live inbound TCP connections that ended since the agent started",
+            m.closed.clone(),
+        );
+        r.register(
+            "gracewatch_accept_queue_drops",
+            "Connections that died in an accept queue (reset before any accept) since the agent started",
+            m.queue_drops.clone(),
+        );
+        r.register(
+            "gracewatch_agent_events_skipped",
+            "Events the agent's counters missed because it fell behind (the counters above undercount by this much)",
+            m.events_skipped.clone(),
+        );
+        r.register(
+            "gracewatch_drains",
+            "Drains run through this agent, by outcome",
+            m.drains.clone(),
+        );
+        r.register_with_unit(
+            "gracewatch_drain_duration",
+            "How long drains run through this agent took, by outcome",
+            Unit::Seconds,
+            m.drain_seconds.clone(),
+        );
+        r.register(
+            "gracewatch_drains_running",
+            "Drains running in this agent now",
+            m.drains_running.clone(),
+        );
+        // Every outcome is exported from the start, so rate() and absent()
+        // behave before the first drain.
+        for o in OUTCOMES {
+            let _ = m.drains.get_or_create(&[("outcome", outcome_label(o))]);
+        }
+        m
+    }
+
+    /// Counts one event the monitor applied.
+    pub(crate) fn observe(&self, ev: &ConnEvent) {
+        match ev {
+            ConnEvent::Accept { .. } => {
+                self.accepted.inc();
+            }
+            ConnEvent::Close { .. } | ConnEvent::PreexistingClose { .. } => {
+                self.closed.inc();
+            }
+            ConnEvent::QueueDrop { .. } => {
+                self.queue_drops.inc();
+            }
+            _ => {}
+        }
+    }
+
+    pub(crate) fn skipped(&self, n: u64) {
+        self.events_skipped.inc_by(n);
+    }
+
+    pub(crate) fn drain_started(&self) {
+        self.drains_running.inc();
+    }
+
+    /// Undoes [`Metrics::drain_started`] for a drain that was refused.
+    pub(crate) fn drain_not_started(&self) {
+        self.drains_running.dec();
+    }
+
+    pub(crate) fn drain_finished(&self, report: &DrainReport) {
+        self.drains_running.dec();
+        let label = [("outcome", outcome_label(report.outcome))];
+        self.drains.get_or_create(&label).inc();
+        self.drain_seconds
+            .get_or_create(&label)
+            .observe(report.duration_ms as f64 / 1000.0);
+    }
+
+    /// The whole exposition: agent-lifetime series, then those of `now`.
+    pub(crate) fn render(&self, now: Scrape) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        text::encode_registry(&mut out, &self.registry)?;
+        let mut current = Registry::default();
+        current.register_collector(Box::new(now));
+        text::encode_registry(&mut out, &current)?;
+        text::encode_eof(&mut out)?;
+        Ok(out)
+    }
+}
+
+const OUTCOMES: [Outcome; 5] = [
+    Outcome::Drained,
+    Outcome::TargetExited,
+    Outcome::Timeout,
+    Outcome::Interrupted,
+    Outcome::Error,
+];
+
+/// The `outcome` label: the same word as the report's JSON `outcome`.
+fn outcome_label(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Drained => "drained",
+        Outcome::TargetExited => "target_exited",
+        Outcome::Timeout => "timeout",
+        Outcome::Interrupted => "interrupted",
+        Outcome::Error => "error",
+    }
+}
+
+/// What a scrape reads from the monitor, encoded by [`Collector::encode`].
+#[derive(Debug, Default)]
+pub(crate) struct Scrape {
+    /// `None` until the monitor is started.
+    pub(crate) status: Option<Arc<Status>>,
+    pub(crate) programs: Option<ProgramStats>,
+    pub(crate) bpf_stats_enabled: bool,
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        gauge(
+            &mut enc,
+            "gracewatch_ready",
+            "1 once the eBPF programs are attached and the startup snapshot is merged.",
+            None,
+            i64::from(self.status.is_some()),
+        )?;
+        let Some(status) = &self.status else {
+            return Ok(());
+        };
+        gauge_f64(
+            &mut enc,
+            "gracewatch_monitor_uptime",
+            "Time since the monitor started.",
+            Some(&Unit::Seconds),
+            status.uptime_ms as f64 / 1000.0,
+        )?;
+
+        let proc_labels =
+            |pid: u32, comm: &str| [("pid", pid.to_string()), ("comm", comm.to_owned())];
+        {
+            let mut m = enc.encode_descriptor(
+                "gracewatch_process_live_connections",
+                "Live inbound TCP connections (ESTABLISHED or CLOSE_WAIT) a process holds.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for p in &status.processes {
+                ConstGauge::new(saturate(p.live))
+                    .encode(m.encode_family(&proc_labels(p.pid, &p.comm))?)?;
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "gracewatch_process_oldest_connection_age",
+                "Age of the oldest live inbound connection a process holds (a lower bound for connections older than the agent).",
+                Some(&Unit::Seconds),
+                MetricType::Gauge,
+            )?;
+            for p in &status.processes {
+                if let Some(ms) = p.oldest_live_ms {
+                    ConstGauge::new(ms as f64 / 1000.0)
+                        .encode(m.encode_family(&proc_labels(p.pid, &p.comm))?)?;
+                }
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "gracewatch_process_accepted_connections",
+                "Connections a process accepted since the monitor started.",
+                None,
+                MetricType::Counter,
+            )?;
+            for p in &status.processes {
+                ConstCounter::new(p.accepted_total)
+                    .encode(m.encode_family(&proc_labels(p.pid, &p.comm))?)?;
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "gracewatch_process_closed_connections",
+                "Connections a process held that ended since the monitor started.",
+                None,
+                MetricType::Counter,
+            )?;
+            for p in &status.processes {
+                ConstCounter::new(p.closed_total)
+                    .encode(m.encode_family(&proc_labels(p.pid, &p.comm))?)?;
+            }
+        }
+
+        let listener_labels = |netns: u32, address: &str| {
+            [
+                ("netns", netns.to_string()),
+                ("address", address.to_owned()),
+            ]
+        };
+        type Field = fn(&crate::tracker::ListenerStatus) -> u64;
+        let listener_gauges: [(&str, &str, Field); 3] = [
+            (
+                "gracewatch_listener_live_connections",
+                "Live inbound connections that came through a listening socket, summed over its holders.",
+                |l| l.holders.iter().map(|h| h.live).sum(),
+            ),
+            (
+                "gracewatch_listener_accept_queue_depth",
+                "Connections whose handshake completed but that no process accepted yet.",
+                |l| l.accept_queue,
+            ),
+            (
+                "gracewatch_listener_holders",
+                "Processes holding a listening socket (more than one during a handover).",
+                |l| l.holders.len() as u64,
+            ),
+        ];
+        for (name, help, field) in listener_gauges {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for l in &status.listeners {
+                ConstGauge::new(saturate(field(l)))
+                    .encode(m.encode_family(&listener_labels(l.netns, &l.address))?)?;
+            }
+        }
+        let listener_counters: [(&str, &str, Field); 2] = [
+            (
+                "gracewatch_listener_accepted_connections",
+                "Connections accepted from a listening socket since the monitor started.",
+                |l| l.accepted_total,
+            ),
+            (
+                "gracewatch_listener_queue_drops",
+                "Connections that died in a listener's accept queue since the monitor started.",
+                |l| l.queue_drops_total,
+            ),
+        ];
+        for (name, help, field) in listener_counters {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for l in &status.listeners {
+                ConstCounter::new(field(l))
+                    .encode(m.encode_family(&listener_labels(l.netns, &l.address))?)?;
+            }
+        }
+
+        ConstCounter::new(status.lost_events).encode(enc.encode_descriptor(
+            "gracewatch_lost_events",
+            "Kernel events lost (ring buffer full) since the programs were loaded; counts may be stale until the next rescan.",
+            None,
+            MetricType::Counter,
+        )?)?;
+
+        if let Some(p) = self.programs {
+            gauge(
+                &mut enc,
+                "gracewatch_bpf_stats_enabled",
+                "1 while the kernel measures BPF run time (the two series below stay flat otherwise).",
+                None,
+                i64::from(self.bpf_stats_enabled),
+            )?;
+            ConstCounter::new(p.run_time.as_secs_f64()).encode(enc.encode_descriptor(
+                "gracewatch_bpf_run_time",
+                "Time the kernel spent running gracewatch's eBPF programs.",
+                Some(&Unit::Seconds),
+                MetricType::Counter,
+            )?)?;
+            ConstCounter::new(p.run_count).encode(enc.encode_descriptor(
+                "gracewatch_bpf_runs",
+                "Times gracewatch's eBPF programs ran.",
+                None,
+                MetricType::Counter,
+            )?)?;
+        }
+        Ok(())
+    }
+}
+
+fn gauge(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    value: i64,
+) -> Result<(), std::fmt::Error> {
+    ConstGauge::new(value).encode(enc.encode_descriptor(name, help, unit, MetricType::Gauge)?)
+}
+
+fn gauge_f64(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    value: f64,
+) -> Result<(), std::fmt::Error> {
+    ConstGauge::new(value).encode(enc.encode_descriptor(name, help, unit, MetricType::Gauge)?)
+}
+
+fn saturate(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tracker::{HolderStatus, ListenerStatus, ProcessStatus};
+
+    fn status() -> Status {
+        Status {
+            schema: crate::tracker::STATUS_SCHEMA.to_owned(),
+            uptime_ms: 1500,
+            processes: vec![ProcessStatus {
+                pid: 42,
+                comm: "we\"ird\\name\n".to_owned(),
+                live: 3,
+                listeners: vec!["0.0.0.0:80".to_owned()],
+                accepted_total: 5,
+                closed_total: 2,
+                oldest_live_ms: Some(2500),
+            }],
+            listeners: vec![ListenerStatus {
+                netns: 4026531840,
+                address: "0.0.0.0:80".to_owned(),
+                family: "ipv4".to_owned(),
+                holders: vec![HolderStatus {
+                    pid: 42,
+                    comm: "nginx".to_owned(),
+                    live: 3,
+                }],
+                accept_queue: 1,
+                accepted_total: 5,
+                queue_drops_total: 0,
+            }],
+            lost_events: 7,
+        }
+    }
+
+    #[test]
+    fn exposition_has_every_family_and_escapes_labels() {
+        let m = Metrics::new();
+        m.drain_started();
+        m.drain_finished(&DrainReport {
+            targets: vec![42],
+            outcome: Outcome::Timeout,
+            exit_code: 124,
+            initial_live: 1,
+            peak_live: 1,
+            duration_ms: 2000,
+            signal_sent: None,
+            still_held: 1,
+            held: vec![],
+            message: String::new(),
+        });
+        let text = m
+            .render(Scrape {
+                status: Some(Arc::new(status())),
+                programs: Some(ProgramStats {
+                    run_time: std::time::Duration::from_millis(250),
+                    run_count: 9,
+                }),
+                bpf_stats_enabled: true,
+            })
+            .expect("encodes");
+        for line in [
+            "gracewatch_ready 1",
+            "gracewatch_process_live_connections{pid=\"42\",comm=\"we\\\"ird\\\\name\\n\"} 3",
+            "gracewatch_listener_live_connections{netns=\"4026531840\",address=\"0.0.0.0:80\"} 3",
+            "gracewatch_listener_accept_queue_depth{netns=\"4026531840\",address=\"0.0.0.0:80\"} 1",
+            "gracewatch_listener_accepted_connections_total{netns=\"4026531840\",address=\"0.0.0.0:80\"} 5",
+            "gracewatch_lost_events_total 7",
+            "gracewatch_drains_total{outcome=\"timeout\"} 1",
+            "gracewatch_drains_total{outcome=\"drained\"} 0",
+            "gracewatch_drain_duration_seconds_count{outcome=\"timeout\"} 1",
+            "gracewatch_drains_running 0",
+            "gracewatch_bpf_run_time_seconds_total 0.25",
+            "gracewatch_bpf_runs_total 9",
+            "gracewatch_process_oldest_connection_age_seconds{pid=\"42\",comm=\"we\\\"ird\\\\name\\n\"} 2.5",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn before_the_monitor_starts_only_agent_series_are_exported() {
+        let text = Metrics::new().render(Scrape::default()).expect("encodes");
+        assert!(text.contains("gracewatch_ready 0\n"), "{text}");
+        assert!(!text.contains("gracewatch_process_"), "{text}");
+    }
+}

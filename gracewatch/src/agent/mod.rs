@@ -1,0 +1,346 @@
+//! `gracewatch agent`: a long-lived sidecar or node daemon that serves the
+//! monitor over HTTP — Prometheus metrics, the status JSON, a stream of
+//! kernel events, health checks, and drains that deploy tooling starts,
+//! polls and cancels (see the README's "Agent" section for the API).
+//!
+//! The agent only reads a [`MonitorHandle`], so it runs the same on the
+//! kernel monitor and on a replay one ([`MonitorHandle::from_replay`]), which
+//! is how its HTTP API is tested without root. [`Agent`] is the embeddable
+//! piece: give it a handle, serve its router on TCP or a unix socket.
+//!
+//! Security model: read-only endpoints are open to whoever can reach the
+//! listener (loopback by default). Endpoints that can signal a process
+//! (`POST`/`DELETE /v1/drains…`) need `Authorization: Bearer <token>` on TCP,
+//! and are refused on TCP altogether when no token file was given; on the
+//! unix socket (created `0600`, so only its owner and root can connect) they
+//! need no token.
+
+mod api;
+pub mod client;
+mod drains;
+mod metrics;
+
+use std::{
+    fs,
+    net::SocketAddr,
+    os::unix::fs::{FileTypeExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use tokio::{
+    net::{TcpListener, UnixListener},
+    sync::{broadcast::error::RecvError, watch},
+};
+
+pub use client::{AgentClient, ClientError};
+pub use drains::{DrainRequest, DrainState, DrainStatus, MAX_RUNNING};
+
+use crate::{
+    cli::exit,
+    monitor::{Monitor, MonitorHandle},
+    source::ebpf::{SourceOptions, enable_run_time_stats},
+};
+
+/// Where the agent listens unless told otherwise: loopback only.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
+
+/// How long shutdown waits for running drains to report and for HTTP
+/// connections to finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// `gracewatch agent` options.
+#[derive(Clone, Debug, clap::Args)]
+pub struct AgentArgs {
+    /// Serve HTTP on this IP:PORT. The default is loopback only; to let a
+    /// Prometheus on another host scrape, listen on a routable address and
+    /// protect drains with --token-file.
+    #[arg(long, default_value = DEFAULT_LISTEN, value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// Also serve on this unix socket, created with mode 0600. Requests on
+    /// it may start and cancel drains without a token.
+    #[arg(long, value_name = "PATH")]
+    pub unix: Option<PathBuf>,
+    /// File holding the bearer token that POST/DELETE requests on TCP must
+    /// present. Without it, those requests are refused on TCP.
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+    /// Do not turn on the kernel's BPF run-time statistics (which cost every
+    /// BPF program on the host two clock reads per run);
+    /// gracewatch_bpf_run_time_seconds_total then stays flat.
+    #[arg(long)]
+    pub no_bpf_stats: bool,
+}
+
+/// Which listener a request came through: it decides whether drains need
+/// the token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// Anyone who can reach the address: drains need the bearer token.
+    Tcp,
+    /// Only the socket's owner (and root) can connect: trusted.
+    Unix,
+}
+
+/// The HTTP agent around a monitor. Cheap to clone; every clone serves the
+/// same state.
+#[derive(Clone)]
+pub struct Agent {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    token: Option<String>,
+    monitor: OnceLock<MonitorHandle>,
+    drains: drains::Drains,
+    metrics: metrics::Metrics,
+    bpf_stats_enabled: std::sync::atomic::AtomicBool,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Agent {
+    /// An agent that is not ready yet (`/readyz` answers 503) until
+    /// [`Agent::set_monitor`]. `token`: what `Authorization: Bearer` must
+    /// carry for drains over TCP; `None` refuses them on TCP.
+    pub fn new(token: Option<String>) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                token,
+                monitor: OnceLock::new(),
+                drains: drains::Drains::new(),
+                metrics: metrics::Metrics::new(),
+                bpf_stats_enabled: false.into(),
+                shutdown: watch::channel(false).0,
+            }),
+        }
+    }
+
+    /// Hands the agent its monitor: from now on it is ready. Only the first
+    /// call counts (`false` for later ones). Must be called within a tokio
+    /// runtime: it starts counting the monitor's events.
+    pub fn set_monitor(&self, handle: MonitorHandle) -> bool {
+        let mut events = handle.events();
+        if self.shared.monitor.set(handle).is_err() {
+            return false;
+        }
+        let shared = self.shared.clone();
+        let mut shutdown = self.shared.shutdown.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    ev = events.recv() => match ev {
+                        Ok(ev) => shared.metrics.observe(&ev),
+                        Err(RecvError::Lagged(n)) => shared.metrics.skipped(n),
+                        Err(RecvError::Closed) => return,
+                    },
+                    _ = shutdown.wait_for(|s| *s) => return,
+                }
+            }
+        });
+        true
+    }
+
+    /// The monitor, once [`Agent::set_monitor`] was called.
+    pub fn monitor(&self) -> Option<&MonitorHandle> {
+        self.shared.monitor.get()
+    }
+
+    /// Records whether the kernel's BPF run-time statistics are on (exported
+    /// as `gracewatch_bpf_stats_enabled`).
+    pub fn set_bpf_stats_enabled(&self, on: bool) {
+        self.shared
+            .bpf_stats_enabled
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The HTTP API as an axum router, for requests arriving through `transport`.
+    pub fn router(&self, transport: Transport) -> axum::Router {
+        api::router(self.clone(), transport)
+    }
+
+    /// Serves the API on `listener` until [`Agent::shutdown`].
+    pub async fn serve_tcp(self, listener: TcpListener) -> std::io::Result<()> {
+        let app = self.router(Transport::Tcp);
+        axum::serve(listener, app)
+            .with_graceful_shutdown(self.stopped())
+            .await
+    }
+
+    /// Serves the API on a unix socket until [`Agent::shutdown`] (see
+    /// [`bind_unix`] to create one with the right mode).
+    pub async fn serve_unix(self, listener: UnixListener) -> std::io::Result<()> {
+        let app = self.router(Transport::Unix);
+        axum::serve(listener, app)
+            .with_graceful_shutdown(self.stopped())
+            .await
+    }
+
+    /// Stops serving: streams and long polls end, running drains are
+    /// cancelled (nothing is signalled) and their reports awaited briefly.
+    pub async fn shutdown(&self) {
+        self.shared.shutdown.send_replace(true);
+        self.shared.drains.cancel_all(SHUTDOWN_GRACE).await;
+    }
+
+    /// Resolves once [`Agent::shutdown`] was called.
+    async fn stopped(self) {
+        let mut rx = self.shared.shutdown.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+}
+
+/// Reads a bearer token: the file's content without surrounding whitespace.
+pub fn read_token(path: &Path) -> anyhow::Result<String> {
+    let text = fs::read_to_string(path)
+        .with_context(|| format!("cannot read token file {}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        anyhow::bail!("token file {} is empty", path.display());
+    }
+    if token.chars().any(|c| c.is_control() || c == ' ') {
+        anyhow::bail!(
+            "token file {} holds spaces or control characters inside the token",
+            path.display()
+        );
+    }
+    if fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
+        log::warn!(
+            "token file {} is readable by group or others: whoever can read it can signal the processes the agent can",
+            path.display()
+        );
+    }
+    Ok(token.to_owned())
+}
+
+/// Binds a unix socket that only its owner (and root) can connect to
+/// (mode 0600, created so from the start). A stale socket left by an
+/// earlier run is replaced; a live one, or any other kind of file, is not.
+pub fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                anyhow::bail!(
+                    "{} is in use by another process (another agent?)",
+                    path.display()
+                );
+            }
+            fs::remove_file(path)
+                .with_context(|| format!("failed to remove stale socket {}", path.display()))?;
+        }
+        Ok(_) => anyhow::bail!(
+            "{} exists and is not a socket: refusing to replace it",
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e).with_context(|| format!("failed to inspect {}", path.display()));
+        }
+    }
+    // The umask makes the socket 0600 at creation: no window in which
+    // others could connect. Nothing else creates files at this point.
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+    let bound = UnixListener::bind(path);
+    rustix::process::umask(old);
+    let listener = bound.with_context(|| format!("failed to listen on {}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("failed to set the mode of {}", path.display()))?;
+    Ok(listener)
+}
+
+/// `gracewatch agent`: serves until SIGINT/SIGTERM (exit 0), or until the
+/// monitor fails (exit 1; 4 if it cannot start for lack of privileges).
+pub async fn run(opts: SourceOptions, args: AgentArgs) -> anyhow::Result<u8> {
+    let token = match args.token_file.as_deref().map(read_token).transpose() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("gracewatch: {e:#}");
+            return Ok(exit::USAGE);
+        }
+    };
+    let agent = Agent::new(token);
+    let tcp = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("failed to listen on {}", args.listen))?;
+    let local = tcp.local_addr().unwrap_or(args.listen);
+    let unix = args.unix.as_deref().map(bind_unix).transpose()?;
+    let mut servers = vec![tokio::spawn(agent.clone().serve_tcp(tcp))];
+    if let Some(unix) = unix {
+        servers.push(tokio::spawn(agent.clone().serve_unix(unix)));
+    }
+    eprintln!(
+        "gracewatch: agent serving http://{local}{} (ready once the monitor has started)",
+        args.unix
+            .as_deref()
+            .map(|p| format!(" and unix:{}", p.display()))
+            .unwrap_or_default()
+    );
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // Attaching and the startup snapshot block for a while: off the runtime
+    // thread, so /livez answers meanwhile.
+    let starting = tokio::task::spawn_blocking(move || Monitor::spawn(opts));
+    let started: anyhow::Result<Option<MonitorHandle>> = tokio::select! {
+        r = starting => match r {
+            Ok(Ok(handle)) => Ok(Some(handle)),
+            Ok(Err(e)) => Err(anyhow::Error::new(e)),
+            Err(e) => Err(anyhow::anyhow!("the monitor failed to start: {e}")),
+        },
+        _ = tokio::signal::ctrl_c() => Ok(None),
+        _ = sigterm.recv() => Ok(None),
+    };
+    // Turned on once the programs loaded: without the privileges for that,
+    // the monitor's error is the one worth reading.
+    let mut stats_fd = None;
+    let result = match started {
+        Ok(Some(handle)) => {
+            if !args.no_bpf_stats {
+                match enable_run_time_stats() {
+                    Ok(fd) => stats_fd = Some(fd),
+                    Err(e) => {
+                        log::warn!("{e:#}: gracewatch_bpf_run_time_seconds_total will stay flat")
+                    }
+                }
+            }
+            agent.set_bpf_stats_enabled(stats_fd.is_some() || sysctl_bpf_stats());
+            agent.set_monitor(handle.clone());
+            let mut status = handle.subscribe();
+            loop {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => break Ok(exit::OK),
+                    _ = sigterm.recv() => break Ok(exit::OK),
+                    r = status.changed() => if r.is_err() {
+                        break Err(anyhow::anyhow!(
+                            "the monitor stopped: {}",
+                            handle.failure().unwrap_or_default()
+                        ));
+                    },
+                }
+            }
+        }
+        Ok(None) => Ok(exit::OK),
+        Err(e) => Err(e),
+    };
+
+    agent.shutdown().await;
+    for server in servers {
+        match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => log::warn!("HTTP server failed: {e}"),
+            Ok(Err(e)) => log::warn!("HTTP server task failed: {e}"),
+            Err(_) => log::warn!("HTTP connections still open after {SHUTDOWN_GRACE:?}: closing"),
+        }
+    }
+    if let Some(path) = &args.unix {
+        let _ = fs::remove_file(path);
+    }
+    drop(stats_fd);
+    result
+}
+
+/// Whether `sysctl kernel.bpf_stats_enabled` is on (someone else turned
+/// the statistics on for the whole host).
+fn sysctl_bpf_stats() -> bool {
+    fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|s| s.trim() == "1")
+}

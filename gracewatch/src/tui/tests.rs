@@ -1,0 +1,734 @@
+//! Tests without a terminal or a kernel: the model's role transitions from
+//! hand-made statuses and events, key handling, and `TestBackend` + `insta`
+//! snapshots of every screen (`snapshots/` holds the accepted ones; review
+//! changes with `cargo insta review`, or rerun with `INSTA_UPDATE=always`).
+
+use std::{net::SocketAddr, time::Duration};
+
+use crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
+use ratatui::{Terminal, backend::TestBackend};
+
+use super::{
+    app::{App, ConnRow, Dialog, DialogKind, Effect, Field, Mode, Pin},
+    keys::handle_key,
+    model::{KEEP_GONE, LogKind, Model, Role, StartFilter},
+    render::render,
+};
+use crate::{
+    drain::{DrainSpec, SignalSpec},
+    event::{ConnEvent, ListenAddr, Tuple},
+    tracker::{HolderStatus, ListenerStatus, ProcessStatus, Status},
+};
+
+const NS: u32 = 4026531840;
+const T0: Duration = Duration::from_secs(1000);
+const OLD: u32 = 4211;
+const NEW: u32 = 4297;
+const METRICS: u32 = 3990;
+
+fn at(secs: f64) -> Duration {
+    if secs < 0.0 {
+        T0 - Duration::from_secs_f64(-secs)
+    } else {
+        T0 + Duration::from_secs_f64(secs)
+    }
+}
+
+fn proc(
+    pid: u32,
+    comm: &str,
+    live: u64,
+    listeners: &[&str],
+    acc: u64,
+    closed: u64,
+) -> ProcessStatus {
+    ProcessStatus {
+        pid,
+        comm: comm.to_owned(),
+        live,
+        listeners: listeners.iter().map(|s| (*s).to_owned()).collect(),
+        accepted_total: acc,
+        closed_total: closed,
+        oldest_live_ms: (live > 0).then_some(u64::from(pid % 100) * 1000 + 500),
+    }
+}
+
+fn listener(address: &str, holders: &[(u32, &str, u64)], queue: u64, drops: u64) -> ListenerStatus {
+    ListenerStatus {
+        netns: NS,
+        address: address.to_owned(),
+        family: if address.starts_with('[') {
+            "ipv6"
+        } else {
+            "ipv4"
+        }
+        .to_owned(),
+        holders: holders
+            .iter()
+            .map(|&(pid, comm, live)| HolderStatus {
+                pid,
+                comm: comm.to_owned(),
+                live,
+            })
+            .collect(),
+        accept_queue: queue,
+        accepted_total: 0,
+        queue_drops_total: drops,
+    }
+}
+
+fn status(processes: Vec<ProcessStatus>, listeners: Vec<ListenerStatus>) -> Status {
+    Status {
+        schema: crate::tracker::STATUS_SCHEMA.to_owned(),
+        processes,
+        listeners,
+        ..Status::default()
+    }
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("test address")
+}
+
+fn accept(secs: f64, pid: u32, comm: &str, port: u16, peer_port: u16) -> ConnEvent {
+    ConnEvent::Accept {
+        at: at(secs),
+        sk: u64::from(peer_port),
+        tuple: Tuple {
+            netns: NS,
+            local: addr(&format!("127.0.0.1:{port}")),
+            remote: addr(&format!("127.0.0.1:{peer_port}")),
+        },
+        pid,
+        comm: comm.to_owned(),
+        was_queued: true,
+    }
+}
+
+/// Steps the model second by second to `until`, applying each status at
+/// its time, like the loop does (status, then a tick).
+fn play(model: &mut Model, steps: &[(f64, Vec<ConnEvent>, Status)], until: f64) {
+    let mut steps = steps.iter().peekable();
+    let mut t = 0.0;
+    while t <= until {
+        while let Some((when, events, st)) = steps.next_if(|(when, _, _)| *when <= t) {
+            for ev in events {
+                model.on_event(ev);
+            }
+            model.observe(st, at(*when));
+        }
+        model.tick(at(t));
+        t += 0.5;
+    }
+}
+
+fn metrics() -> ProcessStatus {
+    proc(METRICS, "node_exporter", 1, &["[::]:9100"], 0, 0)
+}
+
+fn metrics_listener() -> ListenerStatus {
+    listener("[::]:9100", &[(METRICS, "node_exporter", 1)], 2, 1)
+}
+
+/// An fd-passing restart in progress: the old server (4211) drains while
+/// the new one (4297), which inherited the listener, takes the traffic.
+fn handover_model(until: f64) -> Model {
+    let mut m = Model::new(StartFilter::default(), T0);
+    let l = "127.0.0.1:8080";
+    let steps = vec![
+        (
+            0.0,
+            vec![],
+            status(
+                vec![metrics(), proc(OLD, "server", 6, &[l], 0, 0)],
+                vec![listener(l, &[(OLD, "server", 6)], 0, 0), metrics_listener()],
+            ),
+        ),
+        (
+            5.0,
+            vec![
+                accept(5.0, NEW, "server", 8080, 50001),
+                accept(5.0, NEW, "server", 8080, 50002),
+            ],
+            status(
+                vec![
+                    metrics(),
+                    proc(OLD, "server", 8, &[l], 2, 0),
+                    proc(NEW, "server", 3, &[l], 3, 0),
+                ],
+                vec![
+                    listener(l, &[(OLD, "server", 8), (NEW, "server", 3)], 0, 0),
+                    metrics_listener(),
+                ],
+            ),
+        ),
+        (
+            6.0,
+            vec![],
+            status(
+                vec![
+                    metrics(),
+                    proc(OLD, "server", 8, &[l], 2, 0),
+                    proc(NEW, "server", 6, &[l], 6, 0),
+                ],
+                vec![
+                    listener(l, &[(OLD, "server", 8), (NEW, "server", 6)], 0, 0),
+                    metrics_listener(),
+                ],
+            ),
+        ),
+        (
+            12.0,
+            vec![ConnEvent::Lost {
+                at: at(12.0),
+                total: 3,
+            }],
+            status(
+                vec![
+                    metrics(),
+                    proc(OLD, "server", 3, &[l], 2, 5),
+                    proc(NEW, "server", 9, &[l], 9, 0),
+                ],
+                vec![
+                    listener(l, &[(OLD, "server", 3), (NEW, "server", 9)], 1, 0),
+                    metrics_listener(),
+                ],
+            ),
+        ),
+    ];
+    play(&mut m, &steps, until);
+    m
+}
+
+fn handover_app() -> App {
+    let model = handover_model(14.0);
+    let mut app = App::new(model, at(14.0));
+    app.selected = Some(OLD);
+    app
+}
+
+fn draw(app: &App, w: u16, h: u16) -> Terminal<TestBackend> {
+    let mut terminal = Terminal::new(TestBackend::new(w, h)).expect("test terminal");
+    terminal
+        .draw(|frame| render(frame, app))
+        .expect("draw into the test backend");
+    terminal
+}
+
+fn key(code: KeyCode) -> KeyEvent {
+    KeyEvent::new(code, KeyModifiers::NONE)
+}
+
+fn press(app: &mut App, keys: &str) -> Vec<Effect> {
+    keys.chars()
+        .flat_map(|c| handle_key(app, key(KeyCode::Char(c))))
+        .collect()
+}
+
+// ---- model ----------------------------------------------------------------
+
+#[test]
+fn handover_makes_the_old_process_draining_then_drained() {
+    // The old one last accepted at 5 s; the new one accepted 3 then.
+    let m = handover_model(6.5);
+    assert_eq!(m.procs[&OLD].role, Role::Serving, "quiet for only 1.5 s");
+    assert_eq!(m.procs[&NEW].role, Role::Serving);
+    let m = handover_model(7.0);
+    let old = &m.procs[&OLD];
+    assert_eq!(old.role, Role::Draining, "{:?}", m.log);
+    assert_eq!(old.drain.as_ref().map(|d| d.from_live), Some(8));
+    assert!(
+        m.log
+            .iter()
+            .any(|e| e.kind == LogKind::Handover && e.text.contains("pid 4297")),
+        "{:?}",
+        m.log
+    );
+    // Progress: 3 of 8 left.
+    let m = handover_model(14.0);
+    let (done, eta) = m.procs[&OLD].drain_progress(at(14.0)).expect("draining");
+    assert!((done - 5.0 / 8.0).abs() < 1e-9, "{done}");
+    assert!(eta.is_some());
+
+    let mut m = m;
+    let l = "127.0.0.1:8080";
+    m.observe(
+        &status(
+            vec![
+                metrics(),
+                proc(OLD, "server", 0, &[l], 2, 8),
+                proc(NEW, "server", 9, &[l], 9, 0),
+            ],
+            vec![listener(l, &[(OLD, "server", 0), (NEW, "server", 9)], 0, 0)],
+        ),
+        at(20.0),
+    );
+    assert_eq!(m.procs[&OLD].role, Role::Drained);
+    assert!(
+        m.log
+            .iter()
+            .any(|e| e.text.contains("drained: 0 live after 13.0s (from 8)")),
+        "{:?}",
+        m.log
+    );
+}
+
+#[test]
+fn closing_its_listener_with_live_connections_is_draining_at_once() {
+    let mut m = Model::new(StartFilter::default(), T0);
+    let l = "127.0.0.1:8080";
+    m.observe(
+        &status(
+            vec![proc(OLD, "app", 4, &[l], 0, 0)],
+            vec![listener(l, &[(OLD, "app", 4)], 0, 0)],
+        ),
+        at(0.0),
+    );
+    m.observe(
+        &status(vec![proc(OLD, "app", 4, &[], 0, 0)], vec![]),
+        at(1.0),
+    );
+    assert_eq!(m.procs[&OLD].role, Role::Draining);
+    assert!(m.log.iter().any(|e| e.text.contains("closed its listener")));
+    assert!(
+        m.log.iter().any(|e| e.text.contains("let go of listener")),
+        "no ListenStop event: the holder change is logged: {:?}",
+        m.log
+    );
+}
+
+#[test]
+fn accepting_again_makes_a_draining_process_serving() {
+    let mut m = handover_model(8.0);
+    assert_eq!(m.procs[&OLD].role, Role::Draining);
+    let l = "127.0.0.1:8080";
+    m.observe(
+        &status(
+            vec![
+                proc(OLD, "server", 9, &[l], 3, 0),
+                proc(NEW, "server", 6, &[l], 6, 0),
+            ],
+            vec![listener(l, &[(OLD, "server", 9), (NEW, "server", 6)], 0, 0)],
+        ),
+        at(9.0),
+    );
+    assert_eq!(m.procs[&OLD].role, Role::Serving);
+}
+
+#[test]
+fn a_process_that_leaves_is_drained_if_alive_and_exited_if_not() {
+    let mut m = Model::new(StartFilter::default(), T0);
+    let l = "127.0.0.1:8080";
+    let both = status(
+        vec![
+            proc(OLD, "app", 2, &[l], 0, 0),
+            proc(NEW, "app", 0, &[l], 0, 0),
+        ],
+        vec![listener(l, &[(OLD, "app", 2), (NEW, "app", 0)], 0, 0)],
+    );
+    m.observe(&both, at(0.0));
+    for i in 0..2 {
+        m.on_event(&ConnEvent::Close {
+            at: at(1.0),
+            sk: i,
+            tuple: Tuple {
+                netns: NS,
+                local: addr(l),
+                remote: addr(&format!("127.0.0.1:{}", 40000 + i)),
+            },
+            pid: NEW,
+            by_exit: false,
+        });
+    }
+    m.on_event(&ConnEvent::Close {
+        at: at(1.0),
+        sk: 9,
+        tuple: Tuple {
+            netns: NS,
+            local: addr(l),
+            remote: addr("127.0.0.1:40009"),
+        },
+        pid: OLD,
+        by_exit: true,
+    });
+    m.observe(&status(vec![], vec![]), at(1.0));
+    assert_eq!(m.unchecked_gone(), vec![OLD, NEW]);
+    m.liveness(OLD, false, at(1.0));
+    m.liveness(NEW, true, at(1.0));
+    assert_eq!(m.procs[&OLD].role, Role::Exited);
+    assert_eq!(m.procs[&NEW].role, Role::Drained);
+    assert!(
+        m.log
+            .iter()
+            .any(|e| e.text == "pid 4211 (app) exited holding 1 live connection(s)"),
+        "{:?}",
+        m.log
+    );
+    // Kept a while, then forgotten.
+    m.tick(at(1.0) + KEEP_GONE - Duration::from_secs(1));
+    assert!(m.procs.contains_key(&OLD));
+    m.tick(at(1.0) + KEEP_GONE);
+    assert!(!m.procs.contains_key(&OLD));
+    assert!(!m.procs.contains_key(&NEW));
+}
+
+#[test]
+fn a_listener_opened_is_logged_once() {
+    let mut m = Model::new(StartFilter::default(), T0);
+    m.observe(&status(vec![], vec![]), at(0.0));
+    m.on_event(&ConnEvent::ListenStart {
+        at: at(1.0),
+        sk: 1,
+        addr: ListenAddr {
+            netns: NS,
+            local: addr("0.0.0.0:80"),
+        },
+        pid: 7,
+        comm: "nginx".to_owned(),
+    });
+    m.observe(
+        &status(
+            vec![proc(7, "nginx", 0, &["0.0.0.0:80"], 0, 0)],
+            vec![listener("0.0.0.0:80", &[(7, "nginx", 0)], 0, 0)],
+        ),
+        at(1.0),
+    );
+    let texts: Vec<&str> = m.log.iter().map(|e| e.text.as_str()).collect();
+    assert_eq!(texts, vec!["pid 7 (nginx) opened listener 0.0.0.0:80"]);
+}
+
+#[test]
+fn startup_filters_keep_a_process_once_it_matched() {
+    let filter = StartFilter {
+        ports: vec![8080],
+        ..StartFilter::default()
+    };
+    let mut m = Model::new(filter, T0);
+    let l = "127.0.0.1:8080";
+    m.observe(
+        &status(
+            vec![proc(OLD, "app", 3, &[l], 0, 0), metrics()],
+            vec![listener(l, &[(OLD, "app", 3)], 0, 0), metrics_listener()],
+        ),
+        at(0.0),
+    );
+    assert_eq!(m.procs.keys().copied().collect::<Vec<_>>(), vec![OLD]);
+    assert_eq!(m.listeners.len(), 1);
+    // It closes its listener (no longer on port 8080) and stays shown.
+    m.observe(
+        &status(vec![proc(OLD, "app", 3, &[], 0, 0), metrics()], vec![]),
+        at(1.0),
+    );
+    assert_eq!(m.procs.keys().copied().collect::<Vec<_>>(), vec![OLD]);
+    assert!(
+        StartFilter {
+            comms: vec!["a_very_long_command_name".to_owned()],
+            ..StartFilter::default()
+        }
+        .matches(1, "a_very_long_com", &[])
+    );
+}
+
+// ---- keys -----------------------------------------------------------------
+
+#[test]
+fn arrows_and_jk_move_the_selection_within_the_rows() {
+    let mut app = handover_app();
+    app.selected = None;
+    assert_eq!(app.selected_proc().map(|p| p.pid), Some(METRICS));
+    press(&mut app, "j");
+    assert_eq!(app.selected, Some(OLD));
+    handle_key(&mut app, key(KeyCode::Down));
+    press(&mut app, "jjj");
+    assert_eq!(app.selected, Some(NEW), "clamped at the last row");
+    handle_key(&mut app, key(KeyCode::Up));
+    assert_eq!(app.selected, Some(OLD));
+    press(&mut app, "g");
+    assert_eq!(app.selected, Some(METRICS));
+    press(&mut app, "G");
+    assert_eq!(app.selected, Some(NEW));
+    press(&mut app, "kk");
+    assert_eq!(app.selected, Some(METRICS));
+}
+
+#[test]
+fn enter_opens_the_connections_of_the_selected_process() {
+    let mut app = handover_app();
+    let effects = handle_key(&mut app, key(KeyCode::Enter));
+    assert_eq!(effects, vec![Effect::FetchConnections(OLD)]);
+    assert_eq!(app.mode, Mode::Detail);
+    assert_eq!(app.detail_pid(), Some(OLD));
+    assert!(handle_key(&mut app, key(KeyCode::Esc)).is_empty());
+    assert_eq!(app.mode, Mode::Normal);
+    assert_eq!(app.detail_pid(), None);
+}
+
+#[test]
+fn drain_dialog_validates_confirms_and_starts_the_drain() {
+    let mut app = handover_app();
+    assert_eq!(press(&mut app, "d"), vec![Effect::Pin(OLD)]);
+    // Signal field: replace TERM with QUIT.
+    for _ in 0..4 {
+        handle_key(&mut app, key(KeyCode::Backspace));
+    }
+    press(&mut app, "QUIT");
+    handle_key(&mut app, key(KeyCode::Tab));
+    press(&mut app, "soon");
+    handle_key(&mut app, key(KeyCode::Enter));
+    let Mode::Dialog(d) = &app.mode else {
+        panic!("dialog closed: {:?}", app.mode)
+    };
+    assert_eq!(d.focus, Field::Timeout);
+    assert!(
+        d.error
+            .as_deref()
+            .is_some_and(|e| e.contains("not a duration")),
+        "{d:?}"
+    );
+    for _ in 0..4 {
+        handle_key(&mut app, key(KeyCode::Backspace));
+    }
+    press(&mut app, "90s");
+    handle_key(&mut app, key(KeyCode::Enter));
+    let Mode::Dialog(d) = &app.mode else {
+        panic!("dialog closed")
+    };
+    assert_eq!(d.error.as_deref(), Some("still pinning the process…"));
+    app.pinned(OLD, Ok(()));
+    handle_key(&mut app, key(KeyCode::Enter));
+    let Mode::Dialog(d) = &app.mode else {
+        panic!("dialog closed")
+    };
+    assert!(d.confirming);
+    assert_eq!(
+        d.question(),
+        "Drain pid 4211 (server): wait until it holds no live connection, then send SIGQUIT; give up after 1m30s."
+    );
+    let effects = press(&mut app, "y");
+    assert_eq!(
+        effects,
+        vec![Effect::StartDrain {
+            pid: OLD,
+            spec: DrainSpec {
+                signal: "QUIT".parse().ok(),
+                timeout: Some(Duration::from_secs(90)),
+                ..DrainSpec::default()
+            }
+        }]
+    );
+    assert_eq!(app.mode, Mode::Normal);
+    assert!(app.drain_running(OLD));
+
+    // `d` again offers to cancel it; `q` asks before quitting.
+    assert!(press(&mut app, "d").is_empty());
+    assert_eq!(press(&mut app, "y"), vec![Effect::CancelDrain(OLD)]);
+    assert!(press(&mut app, "q").is_empty());
+    assert_eq!(app.mode, Mode::ConfirmQuit);
+    assert!(press(&mut app, "n").is_empty());
+    assert_eq!(app.mode, Mode::Normal);
+    app.drain_ended(OLD);
+    assert_eq!(press(&mut app, "q"), vec![Effect::Quit]);
+}
+
+#[test]
+fn signal_dialog_sends_only_after_confirmation() {
+    let mut app = handover_app();
+    assert_eq!(press(&mut app, "s"), vec![Effect::Pin(OLD)]);
+    app.pinned(OLD, Ok(()));
+    for _ in 0..4 {
+        handle_key(&mut app, key(KeyCode::Backspace));
+    }
+    press(&mut app, "hup");
+    assert!(handle_key(&mut app, key(KeyCode::Enter)).is_empty());
+    // `n` goes back to the field, Esc then cancels and unpins.
+    assert!(press(&mut app, "n").is_empty());
+    assert_eq!(handle_key(&mut app, key(KeyCode::Esc)), vec![Effect::Unpin]);
+    assert_eq!(app.mode, Mode::Normal);
+
+    press(&mut app, "s");
+    app.pinned(OLD, Ok(()));
+    handle_key(&mut app, key(KeyCode::Enter));
+    assert_eq!(
+        handle_key(&mut app, key(KeyCode::Enter)),
+        vec![Effect::Signal {
+            pid: OLD,
+            signal: SignalSpec::TERM
+        }]
+    );
+}
+
+#[test]
+fn a_failed_pin_blocks_the_action() {
+    let mut app = handover_app();
+    press(&mut app, "s");
+    app.pinned(OLD, Err("pid 4211 does not exist".to_owned()));
+    assert!(handle_key(&mut app, key(KeyCode::Enter)).is_empty());
+    let Mode::Dialog(d) = &app.mode else {
+        panic!("dialog closed")
+    };
+    assert!(!d.confirming);
+    assert_eq!(d.pin, Pin::Failed("pid 4211 does not exist".to_owned()));
+    assert_eq!(d.error.as_deref(), Some("pid 4211 does not exist"));
+}
+
+#[test]
+fn exited_processes_cannot_be_signalled() {
+    let mut app = handover_app();
+    app.model.mark_exited(OLD, at(14.0));
+    assert!(press(&mut app, "s").is_empty());
+    assert_eq!(app.mode, Mode::Normal);
+    assert_eq!(app.notice.as_deref(), Some("pid 4211 has exited"));
+}
+
+#[test]
+fn slash_filters_rows_and_esc_clears() {
+    let mut app = handover_app();
+    press(&mut app, "/");
+    assert_eq!(app.mode, Mode::Filter);
+    press(&mut app, "node");
+    assert_eq!(
+        app.rows().iter().map(|p| p.pid).collect::<Vec<_>>(),
+        vec![METRICS]
+    );
+    assert_eq!(app.selected_proc().map(|p| p.pid), Some(METRICS));
+    handle_key(&mut app, key(KeyCode::Enter));
+    assert_eq!(app.mode, Mode::Normal);
+    assert_eq!(app.filter, "node");
+    // Esc clears the filter first, then quits.
+    assert!(handle_key(&mut app, key(KeyCode::Esc)).is_empty());
+    assert_eq!(app.rows().len(), 3);
+    assert_eq!(handle_key(&mut app, key(KeyCode::Esc)), vec![Effect::Quit]);
+}
+
+#[test]
+fn pause_freezes_the_view_not_the_model() {
+    let mut app = handover_app();
+    press(&mut app, "p");
+    assert!(app.paused());
+    app.model.mark_exited(NEW, at(15.0));
+    assert_eq!(app.view().0.procs[&NEW].role, Role::Serving);
+    press(&mut app, "p");
+    assert_eq!(app.view().0.procs[&NEW].role, Role::Exited);
+}
+
+#[test]
+fn help_closes_on_any_key_and_ctrl_c_always_quits() {
+    let mut app = handover_app();
+    press(&mut app, "?");
+    assert_eq!(app.mode, Mode::Help);
+    assert!(
+        press(&mut app, "q").is_empty(),
+        "q closes help, not the TUI"
+    );
+    assert_eq!(app.mode, Mode::Normal);
+    press(&mut app, "d");
+    let ctrl_c = KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL);
+    assert_eq!(handle_key(&mut app, ctrl_c), vec![Effect::Quit]);
+    let mut release = key(KeyCode::Char('q'));
+    release.kind = KeyEventKind::Release;
+    assert!(handle_key(&mut app, release).is_empty());
+}
+
+// ---- snapshots --------------------------------------------------------------
+
+#[test]
+fn snapshot_main_view() {
+    insta::assert_snapshot!(draw(&handover_app(), 120, 40).backend());
+}
+
+#[test]
+fn snapshot_80x24() {
+    insta::assert_snapshot!(draw(&handover_app(), 80, 24).backend());
+}
+
+#[test]
+fn snapshot_narrow_60x15() {
+    insta::assert_snapshot!(draw(&handover_app(), 60, 15).backend());
+}
+
+#[test]
+fn snapshot_empty_state() {
+    let mut model = Model::new(StartFilter::default(), T0);
+    model.observe(&status(vec![], vec![]), at(0.0));
+    model.tick(at(3.0));
+    insta::assert_snapshot!(draw(&App::new(model, at(3.0)), 80, 24).backend());
+}
+
+#[test]
+fn snapshot_connection_detail() {
+    let mut app = handover_app();
+    handle_key(&mut app, key(KeyCode::Enter));
+    let row = |peer: &str, state, since: f64, pre| ConnRow {
+        local: addr("127.0.0.1:8080"),
+        peer: addr(peer),
+        state,
+        since: at(since),
+        preexisting: pre,
+    };
+    app.detail_loaded(
+        OLD,
+        Ok(vec![
+            row("10.0.3.7:51544", Some(1), -60.0, true),
+            row("10.0.3.9:40112", Some(8), 1.5, false),
+            row("[2001:db8::17]:33018", None, 4.25, false),
+        ]),
+    );
+    insta::assert_snapshot!(draw(&app, 100, 20).backend());
+}
+
+#[test]
+fn snapshot_help() {
+    let mut app = handover_app();
+    press(&mut app, "?");
+    insta::assert_snapshot!(draw(&app, 100, 30).backend());
+}
+
+#[test]
+fn snapshot_drain_dialog() {
+    let mut app = handover_app();
+    press(&mut app, "d");
+    app.pinned(OLD, Ok(()));
+    handle_key(&mut app, key(KeyCode::Tab));
+    press(&mut app, "5m");
+    insta::assert_snapshot!(draw(&app, 100, 30).backend());
+}
+
+#[test]
+fn snapshot_confirm_dialog() {
+    let mut app = handover_app();
+    let Some(p) = app.model.procs.get(&OLD) else {
+        panic!("fixture has pid {OLD}")
+    };
+    let mut d = Dialog::new(DialogKind::Signal, p);
+    d.pin = Pin::Ready;
+    d.signal = "HUP".to_owned();
+    d.confirming = true;
+    app.mode = Mode::Dialog(d);
+    insta::assert_snapshot!(draw(&app, 100, 30).backend());
+}
+
+#[test]
+fn the_tui_subcommand_parses_its_filters() {
+    use clap::Parser as _;
+    let ok = crate::cli::Cli::try_parse_from([
+        "gracewatch",
+        "tui",
+        "--pid",
+        "1",
+        "--pid",
+        "2",
+        "--port",
+        "80",
+        "--comm",
+        "nginx",
+    ]);
+    assert!(ok.is_ok(), "{ok:?}");
+    for bad in [
+        vec!["gracewatch", "tui", "--port", "70000"],
+        vec!["gracewatch", "tui", "--pid", "x"],
+        vec!["gracewatch", "tui", "--bogus"],
+    ] {
+        let err = crate::cli::Cli::try_parse_from(&bad).expect_err("must be rejected");
+        assert!(err.use_stderr(), "{bad:?}");
+    }
+}

@@ -1,0 +1,761 @@
+//! `gracewatch agent` end to end, as root: a real Prometheus (Debian's
+//! `prometheus`) scrapes the agent on loopback and its own query API must
+//! show the true live count of a real server; and a drain run through
+//! `POST /v1/drains` and through `gracewatch drain --agent` must end with
+//! the same outcomes (and exit codes) as a local `gracewatch drain`.
+//!
+//! HTTP is spoken by hand here (HTTP/1.1, `Connection: close`): the
+//! requests are few and simple, and it keeps the test independent of the
+//! client code it checks.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    os::unix::{fs::PermissionsExt as _, process::ExitStatusExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use gracewatch_e2e::{Client, Gracewatch, Netns, STARTUP_TIMEOUT, STATE_TIMEOUT, Server, setup};
+use serde_json::{Value, json};
+
+/// How long Prometheus may take to start and to scrape a change.
+const PROMETHEUS_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a drain may take once its last connection closed.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+
+// --- plumbing -----------------------------------------------------------------
+
+/// A directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir = std::env::temp_dir().join(format!("gw-{tag}-{}-{nanos:x}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A port nobody listens on right now (on loopback, root namespace).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("ephemeral port")
+        .port()
+}
+
+/// One HTTP/1.1 exchange: returns the status code and the (de-chunked) body.
+fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(DRAIN_TIMEOUT + STARTUP_TIMEOUT))?;
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    stream.write_all(req.as_bytes())?;
+    stream.write_all(body)?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+    });
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Ok((code, body))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` and the last
+/// observation after `timeout`.
+#[track_caller]
+fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(last) if Instant::now() >= deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}; last: {last}")
+            }
+            Err(_) => thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// A background process in the root namespace whose stdout lines are
+/// collected; killed and reaped on drop.
+struct Bg {
+    label: String,
+    child: Option<Child>,
+    stdout: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Bg {
+    fn spawn(label: &str, program: &Path, args: &[&str]) -> Bg {
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("failed to spawn {label}: {e}"));
+        let collect = |pipe: Box<dyn std::io::Read + Send>| {
+            let lines = Arc::new(Mutex::new(Vec::new()));
+            let sink = lines.clone();
+            thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+                }
+            });
+            lines
+        };
+        let stdout = collect(Box::new(child.stdout.take().expect("piped")));
+        let stderr = collect(Box::new(child.stderr.take().expect("piped")));
+        Bg {
+            label: label.to_owned(),
+            child: Some(child),
+            stdout,
+            stderr,
+        }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.stdout
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn context(&self) -> String {
+        let tail = |v: &Arc<Mutex<Vec<String>>>| {
+            let v = v.lock().unwrap_or_else(|e| e.into_inner());
+            v[v.len().saturating_sub(15)..].join("\n    ")
+        };
+        format!(
+            "{}:\n  stdout:\n    {}\n  stderr:\n    {}",
+            self.label,
+            tail(&self.stdout),
+            tail(&self.stderr)
+        )
+    }
+
+    /// Waits for the process to exit by itself.
+    #[track_caller]
+    fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                // Let the reader threads catch the last lines.
+                thread::sleep(Duration::from_millis(50));
+                return status;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "{} did not exit within {timeout:?}\n{}",
+                    self.label,
+                    self.context()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then the exit status (SIGKILL after a grace period).
+    fn terminate(&mut self) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let deadline = Instant::now() + STATE_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        self.child = None;
+        None
+    }
+}
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A running `gracewatch agent` with a token file and a unix socket.
+struct Agent {
+    bg: Bg,
+    addr: String,
+    token: String,
+    socket: PathBuf,
+    token_file: PathBuf,
+}
+
+impl Agent {
+    fn start(gw: &Gracewatch, dir: &TempDir) -> Agent {
+        let token = format!("t{:x}", std::process::id() as u64 * 7919 + 17);
+        let token_file = dir.path("token");
+        std::fs::write(&token_file, format!("{token}\n")).expect("write token");
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod token");
+        let socket = dir.path("agent.sock");
+        let addr = format!("127.0.0.1:{}", free_port());
+        let bg = Bg::spawn(
+            "gracewatch agent",
+            gw.bin(),
+            &[
+                "agent",
+                "--listen",
+                &addr,
+                "--unix",
+                &socket.to_string_lossy(),
+                "--token-file",
+                &token_file.to_string_lossy(),
+            ],
+        );
+        let agent = Agent {
+            bg,
+            addr,
+            token,
+            socket,
+            token_file,
+        };
+        eventually(
+            STARTUP_TIMEOUT,
+            "the agent's /readyz to answer 200",
+            || match http(&agent.addr, "GET", "/readyz", &[], b"") {
+                Ok((200, _)) => Ok(()),
+                other => Err(format!("{other:?}\n{}", agent.bg.context())),
+            },
+        );
+        let mode = std::fs::metadata(&agent.socket)
+            .expect("the unix socket exists")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "the unix socket must be 0600");
+        agent
+    }
+
+    fn auth(&self) -> String {
+        format!("Bearer {}", self.token)
+    }
+
+    /// SIGTERM: the agent must exit 0 and remove its socket.
+    fn stop(mut self) {
+        let status = self.bg.terminate();
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(0),
+            "the agent must exit 0 on SIGTERM\n{}",
+            self.bg.context()
+        );
+        assert!(
+            !self.socket.exists(),
+            "the agent must remove its unix socket"
+        );
+    }
+}
+
+/// A Prometheus server with a temp config and TSDB, scraping `target` every second.
+struct Prometheus {
+    _bg: Bg,
+    addr: String,
+}
+
+impl Prometheus {
+    fn start(dir: &TempDir, target: &str) -> Option<Prometheus> {
+        let Some(bin) = ["/usr/bin/prometheus", "/usr/local/bin/prometheus"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+        else {
+            let why = "`prometheus` is not installed (Debian package `prometheus`; `cargo xtask setup --test-deps` installs it)";
+            assert!(
+                !gracewatch_e2e::in_ci(),
+                "{why} (CI=true: this is a failure, not a skip)"
+            );
+            eprintln!("SKIPPED: {why}");
+            return None;
+        };
+        let config = dir.path("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: gracewatch\n    scrape_interval: 1s\n    scrape_timeout: 1s\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .expect("write prometheus config");
+        let addr = format!("127.0.0.1:{}", free_port());
+        let data = dir.path("tsdb");
+        let bg = Bg::spawn(
+            "prometheus",
+            &bin,
+            &[
+                &format!("--config.file={}", config.display()),
+                &format!("--storage.tsdb.path={}", data.display()),
+                &format!("--web.listen-address={addr}"),
+            ],
+        );
+        let prom = Prometheus { _bg: bg, addr };
+        eventually(PROMETHEUS_TIMEOUT, "Prometheus to be ready", || match http(
+            &prom.addr,
+            "GET",
+            "/-/ready",
+            &[],
+            b"",
+        ) {
+            Ok((200, _)) => Ok(()),
+            other => Err(format!("{other:?}\n{}", prom._bg.context())),
+        });
+        Some(prom)
+    }
+
+    /// Runs an instant query; returns the values of the result vector.
+    fn query(&self, promql: &str) -> Result<Vec<f64>, String> {
+        let path = format!("/api/v1/query?query={}", percent_encode(promql));
+        let (code, body) = http(&self.addr, "GET", &path, &[], b"").map_err(|e| e.to_string())?;
+        let v: Value = serde_json::from_str(&body).map_err(|e| format!("{code}: {e}: {body}"))?;
+        if v["status"] != "success" {
+            return Err(format!("{code}: {body}"));
+        }
+        Ok(v["data"]["result"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|r| r["value"][1].as_str()?.parse().ok())
+            .collect())
+    }
+
+    /// Waits until `promql` yields exactly one sample equal to `want`.
+    #[track_caller]
+    fn wait_value(&self, promql: &str, want: f64) {
+        eventually(
+            PROMETHEUS_TIMEOUT,
+            &format!("Prometheus: {promql} == {want}"),
+            || match self.query(promql)? {
+                v if v == [want] => Ok(()),
+                v => Err(format!("{v:?}")),
+            },
+        );
+    }
+}
+
+// --- Prometheus ---------------------------------------------------------------
+
+#[test]
+fn prometheus_scrapes_the_true_live_count() {
+    let Some(gw) = setup() else { return };
+    let dir = TempDir::new("prom");
+    let ns = Netns::new("prom");
+    let addr = "127.0.0.1:7711";
+    let server = Server::listen(&ns, addr);
+    let pid = server.pid();
+
+    // Two connections older than the agent (startup snapshot) …
+    let early = Client::connect(&ns, addr, 2);
+    server.wait_accepted(2);
+    let agent = Agent::start(&gw, &dir);
+    let Some(prom) = Prometheus::start(&dir, &agent.addr) else {
+        return;
+    };
+    // … and three accepted while it runs (kernel events).
+    let late = Client::connect(&ns, addr, 3);
+    server.wait_accepted(5);
+    let truth = server.count();
+    assert_eq!(truth.established, 5, "{truth:?}");
+
+    prom.wait_value("up{job=\"gracewatch\"}", 1.0);
+    let per_process = format!("gracewatch_process_live_connections{{pid=\"{pid}\"}}");
+    let per_listener = format!(
+        "gracewatch_listener_live_connections{{netns=\"{}\",address=\"{addr}\"}}",
+        ns.netns_inode()
+    );
+    prom.wait_value(&per_process, truth.established as f64);
+    prom.wait_value(&per_listener, truth.established as f64);
+    prom.wait_value(
+        &format!("gracewatch_listener_holders{{address=\"{addr}\"}}"),
+        1.0,
+    );
+
+    // The server closes two: the true count drops to three, and so must
+    // what Prometheus scrapes.
+    server.close(2);
+    let truth = server.count();
+    assert_eq!(truth.open, 3, "{truth:?}");
+    prom.wait_value(&per_process, 3.0);
+    prom.wait_value(&per_listener, 3.0);
+    // The peers half-close the rest: CLOSE_WAIT is still live.
+    early.closeall();
+    late.closeall();
+    server.wait_count("3 connections in CLOSE_WAIT", |c| c.close_wait == 3);
+    prom.wait_value(&per_process, 3.0);
+    assert_eq!(server.closeall(), 3);
+    prom.wait_value(&per_process, 0.0);
+    // Closes seen by the agent's kernel events: at least the five above.
+    let closed = prom
+        .query("gracewatch_connections_closed_total")
+        .unwrap_or_default();
+    assert!(
+        closed.first().is_some_and(|&n| n >= 5.0),
+        "gracewatch_connections_closed_total: {closed:?}"
+    );
+    // Its own BPF run time is exported (and counts once stats are on).
+    let runs = prom.query("gracewatch_bpf_runs_total").unwrap_or_default();
+    assert!(
+        runs.first().is_some_and(|&n| n > 0.0),
+        "gracewatch_bpf_runs_total: {runs:?}"
+    );
+
+    agent.stop();
+}
+
+// --- drains: CLI vs POST /v1/drains vs drain --agent --------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Via {
+    /// `gracewatch drain` watching the kernel itself.
+    Cli,
+    /// `POST /v1/drains`, then `GET /v1/drains/{id}?wait=`.
+    Api,
+    /// `gracewatch drain --agent http://… --token-file …`.
+    AgentCli,
+    /// `gracewatch drain --agent unix:/…` (no token).
+    AgentUnix,
+}
+
+const ALL: [Via; 4] = [Via::Cli, Via::Api, Via::AgentCli, Via::AgentUnix];
+
+/// What a drain ended with, however it was run.
+#[derive(Debug, PartialEq)]
+struct Ended {
+    exit_code: i32,
+    outcome: String,
+    signal_sent: Value,
+    still_held: u64,
+}
+
+/// A drain in flight.
+enum Running {
+    Process(Bg),
+    Api { id: String },
+}
+
+fn start_drain(gw: &Gracewatch, agent: &Agent, via: Via, pid: u32, extra: &[&str]) -> Running {
+    let pid_s = pid.to_string();
+    let mut args = vec!["drain", "--pid", &pid_s, "--json"];
+    args.extend_from_slice(extra);
+    let url = format!("http://{}", agent.addr);
+    let unix = format!("unix:{}", agent.socket.display());
+    let token = agent.token_file.to_string_lossy().into_owned();
+    match via {
+        Via::Cli => {}
+        Via::AgentCli => args.extend_from_slice(&["--agent", &url, "--token-file", &token]),
+        Via::AgentUnix => args.extend_from_slice(&["--agent", &unix]),
+        Via::Api => {
+            let mut body = json!({ "pids": [pid] });
+            for pair in extra.chunks(2) {
+                if let [flag, value] = pair {
+                    body[flag.trim_start_matches("--").replace('-', "_")] = json!(value);
+                }
+            }
+            let auth = agent.auth();
+            let (code, resp) = http(
+                &agent.addr,
+                "POST",
+                "/v1/drains",
+                &[
+                    ("Authorization", &auth),
+                    ("Content-Type", "application/json"),
+                ],
+                body.to_string().as_bytes(),
+            )
+            .expect("POST /v1/drains");
+            assert_eq!(code, 202, "POST /v1/drains {body}: {resp}");
+            let v: Value = serde_json::from_str(&resp).expect("JSON");
+            return Running::Api {
+                id: v["id"].as_str().expect("id").to_owned(),
+            };
+        }
+    }
+    Running::Process(Bg::spawn(
+        &format!("gracewatch {}", args.join(" ")),
+        gw.bin(),
+        &args,
+    ))
+}
+
+impl Running {
+    /// Waits until the drain reports `live` live connections.
+    #[track_caller]
+    fn wait_live(&self, agent: &Agent, live: u64) {
+        eventually(
+            STARTUP_TIMEOUT,
+            &format!("drain progress with live={live}"),
+            || match self {
+                Running::Process(bg) => {
+                    let lines = bg.lines();
+                    let seen = lines.iter().any(|l| {
+                        serde_json::from_str::<Value>(l)
+                            .is_ok_and(|v| v["type"] == "progress" && v["live"] == json!(live))
+                    });
+                    if seen { Ok(()) } else { Err(bg.context()) }
+                }
+                Running::Api { id } => {
+                    let (_, body) = http(&agent.addr, "GET", &format!("/v1/drains/{id}"), &[], b"")
+                        .map_err(|e| e.to_string())?;
+                    let v: Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+                    if v["progress"]["live"] == json!(live) {
+                        Ok(())
+                    } else {
+                        Err(body)
+                    }
+                }
+            },
+        );
+    }
+
+    #[track_caller]
+    fn finish(self, agent: &Agent) -> Ended {
+        match self {
+            Running::Process(mut bg) => {
+                let status = bg.wait(DRAIN_TIMEOUT + STARTUP_TIMEOUT);
+                let lines = bg.lines();
+                let result: Value = lines
+                    .iter()
+                    .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                    .find(|v| v["type"] == "result")
+                    .unwrap_or_else(|| panic!("no result line\n{}", bg.context()));
+                let code = status.code().unwrap_or(-1);
+                assert_eq!(
+                    result["exit_code"],
+                    json!(code),
+                    "the printed exit code is the process's\n{}",
+                    bg.context()
+                );
+                Ended {
+                    exit_code: code,
+                    outcome: result["outcome"].as_str().unwrap_or_default().to_owned(),
+                    signal_sent: result["signal_sent"].clone(),
+                    still_held: result["still_held"].as_u64().unwrap_or(u64::MAX),
+                }
+            }
+            Running::Api { id } => {
+                let path = format!(
+                    "/v1/drains/{id}?wait={}s",
+                    (DRAIN_TIMEOUT + STARTUP_TIMEOUT).as_secs()
+                );
+                let (code, body) = http(&agent.addr, "GET", &path, &[], b"").expect("long poll");
+                assert_eq!(code, 200, "{body}");
+                let v: Value = serde_json::from_str(&body).expect("JSON");
+                assert_eq!(v["state"], "done", "{body}");
+                let r = &v["report"];
+                Ended {
+                    exit_code: r["exit_code"].as_i64().map_or(-1, |c| c as i32),
+                    outcome: r["outcome"].as_str().unwrap_or_default().to_owned(),
+                    signal_sent: r["signal_sent"].clone(),
+                    still_held: r["still_held"].as_u64().unwrap_or(u64::MAX),
+                }
+            }
+        }
+    }
+}
+
+/// Whether `pid` is gone or a zombie (it exited; its parent has not reaped it).
+fn exited(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+        s.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X")
+    })
+}
+
+#[test]
+fn drains_through_the_agent_end_like_local_drains() {
+    let Some(gw) = setup() else { return };
+    let dir = TempDir::new("drain");
+    let ns = Netns::new("agentdrain");
+    let agent = Agent::start(&gw, &dir);
+    let mut port = 7720;
+    let mut next_addr = || {
+        port += 1;
+        format!("127.0.0.1:{port}")
+    };
+
+    for via in ALL {
+        // Drained: two connections close, then SIGTERM reaches the server.
+        let addr = next_addr();
+        let server = Server::listen(&ns, &addr);
+        let client = Client::connect(&ns, &addr, 2);
+        server.wait_accepted(2);
+        let drain = start_drain(&gw, &agent, via, server.pid(), &["--timeout", "60s"]);
+        drain.wait_live(&agent, 2);
+        client.closeall();
+        server.wait_count("2 connections in CLOSE_WAIT", |c| c.close_wait == 2);
+        assert_eq!(server.closeall(), 2);
+        let ended = drain.finish(&agent);
+        assert_eq!(
+            ended,
+            Ended {
+                exit_code: 0,
+                outcome: "drained".to_owned(),
+                signal_sent: json!("SIGTERM"),
+                still_held: 0,
+            },
+            "{via:?}: drained"
+        );
+        eventually(STATE_TIMEOUT, "the server to die of SIGTERM", || {
+            if exited(server.pid()) {
+                Ok(())
+            } else {
+                Err(format!("{via:?}: pid {} alive", server.pid()))
+            }
+        });
+
+        // Deadline with a connection left: 124, nothing signalled.
+        let addr = next_addr();
+        let server = Server::listen(&ns, &addr);
+        let _client = Client::connect(&ns, &addr, 1);
+        server.wait_accepted(1);
+        let drain = start_drain(&gw, &agent, via, server.pid(), &["--timeout", "1s"]);
+        let ended = drain.finish(&agent);
+        assert_eq!(
+            ended,
+            Ended {
+                exit_code: 124,
+                outcome: "timeout".to_owned(),
+                signal_sent: Value::Null,
+                still_held: 1,
+            },
+            "{via:?}: timeout"
+        );
+        assert!(
+            !exited(server.pid()),
+            "{via:?}: a timed-out drain signals nothing"
+        );
+        assert_eq!(server.count().established, 1);
+    }
+
+    // A pid that does not exist is a usage error everywhere: exit 2 / 400.
+    for via in [Via::Cli, Via::AgentCli, Via::AgentUnix] {
+        let Running::Process(mut bg) = start_drain(&gw, &agent, via, 999_999_999, &[]) else {
+            unreachable!("process drains");
+        };
+        let status = bg.wait(STARTUP_TIMEOUT);
+        assert_eq!(
+            status.code(),
+            Some(2),
+            "{via:?}: unknown pid\n{}",
+            bg.context()
+        );
+        assert!(status.signal().is_none());
+    }
+    let (code, body) = http(
+        &agent.addr,
+        "POST",
+        "/v1/drains",
+        &[("Authorization", &agent.auth())],
+        br#"{"pids": [999999999]}"#,
+    )
+    .expect("POST");
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("does not exist"), "{body}");
+
+    // A wrong token: refused (exit 4 for the CLI), nothing signalled.
+    let addr = next_addr();
+    let server = Server::listen(&ns, &addr);
+    let bad_token = dir.path("bad-token");
+    std::fs::write(&bad_token, "nope\n").expect("write");
+    let pid = server.pid().to_string();
+    let url = format!("http://{}", agent.addr);
+    let mut bg = Bg::spawn(
+        "drain with a wrong token",
+        gw.bin(),
+        &[
+            "drain",
+            "--pid",
+            &pid,
+            "--agent",
+            &url,
+            "--token-file",
+            &bad_token.to_string_lossy(),
+        ],
+    );
+    assert_eq!(bg.wait(STARTUP_TIMEOUT).code(), Some(4), "{}", bg.context());
+    assert!(!exited(server.pid()));
+
+    agent.stop();
+}

@@ -1,0 +1,491 @@
+//! The drain gate end to end (`gracewatch drain` / `wait`, issue 3): real
+//! servers, real signals, exit codes as DESIGN.md §5 defines them.
+//!
+//! `server.py` takes its signals in a dedicated `sigwaitinfo()` thread and
+//! reports each one as `signal NAME T open=N from=PID`, with T its
+//! CLOCK_MONOTONIC time, N the connections it still held and PID the
+//! sender: that is what "signalled only after the last close" and "received
+//! nothing" are checked against. Tests wait for gracewatch's first `--json`
+//! progress line (it prints one as soon as it watches the target) before
+//! changing anything, instead of sleeping.
+
+use std::{os::unix::process::ExitStatusExt as _, time::Duration};
+
+use gracewatch_e2e::{
+    Client, Netns, PROGRAM_TIMEOUT, STARTUP_TIMEOUT, STATE_TIMEOUT, Server, Soft, TempDir, gap_ms,
+    monotonic_ns, setup,
+};
+use serde_json::{Value, json};
+
+/// The `live` counts of a run's progress lines, consecutive repeats merged.
+fn live_steps(progress: &[Value]) -> Vec<u64> {
+    let mut steps: Vec<u64> = progress.iter().filter_map(|p| p["live"].as_u64()).collect();
+    steps.dedup();
+    steps
+}
+
+/// The handover of the seed articles: an old server passes its listening fd
+/// to a new process, stops accepting, and finishes its in-flight requests,
+/// which take different times. `drain` must deliver SIGTERM only after the
+/// last of them closed — and then at once.
+#[test]
+fn handover_drain_signals_after_last_close() {
+    let Some(gw) = setup() else { return };
+    let ns = Netns::new("drain-handover");
+    let addr = "127.0.0.1:7401";
+    let soft = Soft::new();
+
+    let mut old = Server::listen(&ns, addr);
+    let _in_flight = Client::connect(&ns, addr, 4);
+    old.wait_accepted(4);
+    let new = old.handover();
+    old.stopaccept();
+    // From here on only the new process takes connections.
+    let _later = Client::connect(&ns, addr, 2);
+    new.wait_accepted(2);
+    assert_eq!(old.accepted(), 4, "old server accepted after stopaccept");
+
+    let old_pid = old.pid().to_string();
+    let drain = gw.spawn_drain(&["drain", "--pid", &old_pid, "--json"]);
+    let first = drain.wait_ready();
+    assert_eq!(
+        first["live"], 4,
+        "first progress line should count the old server's 4 connections: {first}"
+    );
+
+    // The 4 requests finish 150, 300, 600 and 1000 ms from now.
+    old.close_after(&[150, 300, 600, 1000]);
+    let closed = old.wait_closed_at(4, PROGRAM_TIMEOUT);
+    let signal = old.wait_signal(STATE_TIMEOUT);
+    let done = drain.wait(STATE_TIMEOUT);
+
+    done.assert_code(0);
+    done.assert_result(&[
+        ("targets", json!([old.pid()])),
+        ("outcome", json!("drained")),
+        ("exit_code", json!(0)),
+        ("signal_sent", json!("SIGTERM")),
+        ("initial_live", json!(4)),
+        ("peak_live", json!(4)),
+        ("still_held", json!(0)),
+        ("held", json!([])),
+    ]);
+    assert_eq!(
+        (signal.name.as_str(), signal.from, signal.open),
+        ("TERM", done.pid, 0),
+        "the old server must get SIGTERM from gracewatch (pid {}), holding nothing: {signal:?}",
+        done.pid
+    );
+    let last_close = *closed.last().expect("4 closes");
+    assert!(
+        signal.at_ns > last_close,
+        "SIGTERM arrived {} BEFORE the last close\n{}",
+        gap_ms(last_close, signal.at_ns),
+        done.context()
+    );
+    eprintln!(
+        "handover drain: closes at +{} +{} +{} +{} after the first; SIGTERM {} after the last close",
+        gap_ms(closed[0], closed[0]),
+        gap_ms(closed[1], closed[0]),
+        gap_ms(closed[2], closed[0]),
+        gap_ms(closed[3], closed[0]),
+        gap_ms(signal.at_ns, last_close),
+    );
+    // One progress event per change of the count.
+    soft.eq(
+        "live counts in the progress lines",
+        live_steps(&done.progress()),
+        vec![4, 3, 2, 1],
+    );
+    // The new process was not a target.
+    new.assert_no_signal("it was not a drain target");
+    // The old server's TERM handler exits it.
+    assert_eq!(old.wait_exit(STATE_TIMEOUT).code(), Some(0));
+    soft.finish();
+}
+
+/// A client that never closes: `--timeout 2s` gives up after 2 s with exit
+/// 124 and sends nothing; `--on-timeout kill` gives up the same way and
+/// SIGKILLs the target.
+#[test]
+fn timeout_leaves_target_alone() {
+    let Some(gw) = setup() else { return };
+    let ns = Netns::new("drain-timeout");
+    let addr = "127.0.0.1:7402";
+    let mut server = Server::listen(&ns, addr);
+    let _stuck = Client::connect(&ns, addr, 2);
+    server.wait_accepted(2);
+    let pid = server.pid().to_string();
+
+    let drain = gw.spawn_drain(&["drain", "--pid", &pid, "--timeout", "2s", "--json"]);
+    let first = drain.wait_ready();
+    let ready_ns = monotonic_ns();
+    assert_eq!(first["live"], 2, "first progress line: {first}");
+    let done = drain.wait(Duration::from_secs(10));
+    done.assert_code(124);
+    let result = done.assert_result(&[
+        ("targets", json!([server.pid()])),
+        ("outcome", json!("timeout")),
+        ("signal_sent", Value::Null),
+        ("initial_live", json!(2)),
+        ("peak_live", json!(2)),
+        ("still_held", json!(2)),
+    ]);
+    let held = result["held"].as_array().cloned().unwrap_or_default();
+    assert!(
+        held.len() == 2
+            && held
+                .iter()
+                .all(|h| h["pid"] == json!(server.pid()) && h["local"] == json!(addr)),
+        "result should name the 2 connections still held: {result}"
+    );
+    // The deadline counts from when gracewatch watches the target: never
+    // before 2 s after the spawn, and promptly after 2 s of watching.
+    let total = done.exited_ns - done.spawned_ns;
+    let watching = done.exited_ns - ready_ns;
+    eprintln!(
+        "--timeout 2s: exit 124 after {} from spawn, {} after the first progress line; duration_ms {}",
+        gap_ms(done.exited_ns, done.spawned_ns),
+        gap_ms(done.exited_ns, ready_ns),
+        result["duration_ms"]
+    );
+    assert!(
+        total >= 2_000_000_000 && done.elapsed < Duration::from_secs(4),
+        "--timeout 2s exited {} after the spawn, expected between 2 and 4 s",
+        gap_ms(done.exited_ns, done.spawned_ns)
+    );
+    assert!(
+        watching < 2_500_000_000,
+        "--timeout 2s exited {} after it printed that it watches the target",
+        gap_ms(done.exited_ns, ready_ns)
+    );
+    let duration = result["duration_ms"].as_u64().unwrap_or(0);
+    assert!(
+        (2000..2500).contains(&duration),
+        "duration_ms {duration}, expected 2000..2500"
+    );
+    // Alive, still serving its commands, and it received nothing.
+    server.ping();
+    server.assert_no_signal("--on-timeout leave (the default) must send nothing");
+
+    // Same, but kill it when the deadline passes.
+    let drain = gw.spawn_drain(&[
+        "drain",
+        "--pid",
+        &pid,
+        "--timeout",
+        "2s",
+        "--on-timeout",
+        "kill",
+        "--json",
+    ]);
+    drain.wait_ready();
+    let done = drain.wait(Duration::from_secs(10));
+    done.assert_code(124);
+    let result = done.assert_result(&[
+        ("targets", json!([server.pid()])),
+        ("outcome", json!("timeout")),
+        ("signal_sent", json!("SIGKILL")),
+        ("initial_live", json!(2)),
+        ("peak_live", json!(2)),
+        // Held at the deadline (the kill then closes them).
+        ("still_held", json!(2)),
+    ]);
+    assert!(
+        result["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("still held 2 live connection")),
+        "the message should say how many connections were left: {result}"
+    );
+    let status = server.wait_exit(STATE_TIMEOUT);
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "the server should have died of SIGKILL, got {status}"
+    );
+    server.assert_no_signal("only SIGKILL, which it cannot report, was expected");
+}
+
+/// A target that exits by itself while it still holds connections ends the
+/// drain with exit 3 and the count, and nothing is signalled.
+#[test]
+fn target_exits_with_connections() {
+    let Some(gw) = setup() else { return };
+    let ns = Netns::new("drain-exit");
+    let addr = "127.0.0.1:7403";
+
+    // --json: the result object.
+    let mut server = Server::listen(&ns, addr);
+    let _clients = Client::connect(&ns, addr, 3);
+    server.wait_accepted(3);
+    let pid = server.pid().to_string();
+    let drain = gw.spawn_drain(&["drain", "--pid", &pid, "--json"]);
+    assert_eq!(drain.wait_ready()["live"], 3);
+    server.exit();
+    let done = drain.wait(STATE_TIMEOUT);
+    done.assert_code(3);
+    let result = done.assert_result(&[
+        ("targets", json!([server.pid()])),
+        ("outcome", json!("target_exited")),
+        ("exit_code", json!(3)),
+        ("signal_sent", Value::Null),
+        ("initial_live", json!(3)),
+        ("peak_live", json!(3)),
+        ("still_held", json!(3)),
+    ]);
+    let message = result["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&pid) && message.contains("still held 3 live connection"),
+        "the message should name the pid and the 3 connections: {message:?}"
+    );
+    assert_eq!(server.wait_exit(STATE_TIMEOUT).code(), Some(0));
+
+    // Without --json: the last line on stderr says the same to a human.
+    let server = Server::listen(&ns, addr);
+    let _clients = Client::connect(&ns, addr, 3);
+    server.wait_accepted(3);
+    let pid = server.pid().to_string();
+    // Human progress goes to stderr: the exit happens once it said "3 live".
+    let drain = gw.spawn_drain(&["drain", "--pid", &pid]);
+    drain.wait_stderr("its first progress line", STARTUP_TIMEOUT, |l| {
+        l.contains("3 live")
+    });
+    server.exit();
+    let done = drain.wait(STATE_TIMEOUT);
+    done.assert_code(3);
+    let last = done.stderr.last().cloned().unwrap_or_default();
+    assert!(
+        last.starts_with("gracewatch: ")
+            && last.contains(&format!("pid {pid}"))
+            && last.contains("exited before it drained")
+            && last.contains("still held 3 live connection"),
+        "last stderr line should say the target exited holding 3 connections: {last:?}\n{}",
+        done.context()
+    );
+    assert!(
+        done.stdout.is_empty(),
+        "stdout without --json: {:?}",
+        done.stdout
+    );
+}
+
+/// The signal path cannot reach a recycled pid.
+///
+/// Deterministic construction: gracewatch watches target T (pid P, 2 live
+/// connections) and is then frozen with SIGSTOP (confirmed by waitid
+/// WSTOPPED). While it is frozen, T is killed and reaped, and an impostor is
+/// started with exactly pid P (clone3 with `set_tid`, `with_pid.py`: no
+/// cycling through the pid space, no race with other forks; it fails
+/// rather than hand out another pid). The impostor holds no connection, so
+/// a gate that looks processes up by pid would find "pid P, 0 live" and
+/// signal it. Then gracewatch is thawed: it must see T's exit through its
+/// pidfd — exit 3 with T's 2 connections (or 0 had it seen them close
+/// first) — and the impostor must receive nothing.
+#[test]
+fn recycled_pid_never_signalled() {
+    let Some(gw) = setup() else { return };
+    let ns = Netns::new("drain-recycle");
+    let addr = "127.0.0.1:7404";
+    let mut target = Server::listen(&ns, addr);
+    let _clients = Client::connect(&ns, addr, 2);
+    target.wait_accepted(2);
+    let pid = target.pid();
+    let pid_arg = pid.to_string();
+
+    let drain = gw.spawn_drain(&["drain", "--pid", &pid_arg, "--json"]);
+    assert_eq!(drain.wait_ready()["live"], 2);
+    drain.freeze();
+    let killed = target.child_mut().kill();
+    assert!(
+        killed.is_some_and(|s| s.signal() == Some(9)),
+        "target was not killed: {killed:?}"
+    );
+    let impostor = Server::listen_with_pid(&ns, "127.0.0.1:7405", pid);
+    impostor.ping();
+    drain.thaw();
+
+    let done = drain.wait(STATE_TIMEOUT);
+    let result = done.result();
+    eprintln!(
+        "recycled pid {pid}: gracewatch exited {:?}: {}",
+        done.code(),
+        result["message"]
+    );
+    match done.code() {
+        Some(3) => {
+            done.assert_result(&[
+                ("outcome", json!("target_exited")),
+                ("signal_sent", Value::Null),
+                ("still_held", json!(2)),
+            ]);
+        }
+        Some(0) => {
+            done.assert_result(&[("outcome", json!("drained")), ("signal_sent", Value::Null)]);
+        }
+        _ => panic!(
+            "expected exit 3 (target exited holding 2) or 0 (exited drained)\n{}",
+            done.context()
+        ),
+    }
+    // The impostor, alive and reading its commands after gracewatch is
+    // gone, received nothing (its signal thread would have said so before
+    // answering: signals are reported as they arrive).
+    impostor.ping();
+    impostor.assert_no_signal("it only reuses the pid of the drain's target");
+}
+
+/// `--min-wait 1s` with nothing to wait for: the signal still waits 1 s.
+#[test]
+fn min_wait_waits() {
+    let Some(gw) = setup() else { return };
+    let ns = Netns::new("drain-minwait");
+    let addr = "127.0.0.1:7406";
+    let mut server = Server::listen(&ns, addr);
+    let pid = server.pid().to_string();
+
+    let drain = gw.spawn_drain(&["drain", "--pid", &pid, "--min-wait", "1s", "--json"]);
+    let first = drain.wait_ready();
+    let ready_ns = monotonic_ns();
+    assert_eq!(first["live"], 0, "first progress line: {first}");
+    let signal = server.wait_signal(Duration::from_secs(10));
+    let done = drain.wait(STATE_TIMEOUT);
+    done.assert_code(0);
+    let result = done.assert_result(&[
+        ("targets", json!([server.pid()])),
+        ("outcome", json!("drained")),
+        ("signal_sent", json!("SIGTERM")),
+        ("initial_live", json!(0)),
+        ("peak_live", json!(0)),
+        ("still_held", json!(0)),
+    ]);
+    assert_eq!(
+        (signal.name.as_str(), signal.from),
+        ("TERM", done.pid),
+        "expected SIGTERM from gracewatch (pid {}): {signal:?}",
+        done.pid
+    );
+    eprintln!(
+        "--min-wait 1s: SIGTERM {} after the spawn, {} after the first progress line; duration_ms {}",
+        gap_ms(signal.at_ns, done.spawned_ns),
+        gap_ms(signal.at_ns, ready_ns),
+        result["duration_ms"]
+    );
+    assert!(
+        signal.at_ns >= done.spawned_ns + 1_000_000_000,
+        "SIGTERM arrived {} after gracewatch was started, before --min-wait 1s",
+        gap_ms(signal.at_ns, done.spawned_ns)
+    );
+    // The first progress line comes right after gracewatch started
+    // watching (the start of --min-wait): the signal must not come much
+    // less than 1 s after we saw it.
+    assert!(
+        signal.at_ns >= ready_ns + 950_000_000,
+        "SIGTERM arrived {} after gracewatch said it was watching",
+        gap_ms(signal.at_ns, ready_ns)
+    );
+    let duration = result["duration_ms"].as_u64().unwrap_or(0);
+    assert!(
+        (1000..1500).contains(&duration),
+        "duration_ms {duration}, expected 1000..1500"
+    );
+    assert_eq!(server.wait_exit(STATE_TIMEOUT).code(), Some(0));
+}
+
+/// Bad input never signals anything: each case exits 2 with one clear line
+/// naming the problem (clap's errors: their first line), while a live
+/// target with no connections — which a drain would signal at once — is
+/// named alongside where the case allows.
+#[test]
+fn bad_input() {
+    let Some(gw) = setup() else { return };
+    let ns = Netns::new("drain-bad");
+    let server = Server::listen(&ns, "127.0.0.1:7407");
+    let live = server.pid().to_string();
+
+    let dir = TempDir::new("drain-bad");
+    let missing = dir.path("missing.pid");
+    let garbled = dir.write("garbled.pid", "not a pid\n");
+    let trailing = dir.write("trailing.pid", &format!("{live}abc\n"));
+    let empty = dir.write("empty.pid", "");
+    let zero = dir.write("zero.pid", "0\n");
+    // A pid that existed a moment ago: a reaped child's.
+    let dead = {
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
+        let pid = child.id();
+        child.wait().expect("wait for true");
+        pid.to_string()
+    };
+
+    // (arguments, is a clap error, words the line must contain)
+    #[rustfmt::skip]
+    let cases: Vec<(Vec<&str>, bool, Vec<&str>)> = vec![
+        (vec!["drain", "--pid", &live, "--signal", "BOGUS"], true, vec!["--signal", "BOGUS"]),
+        (vec!["drain", "--pid", &live, "--signal", "SIGBOGUS"], true, vec!["--signal", "SIGBOGUS"]),
+        (vec!["drain", "--pid", &live, "--signal", "0"], true, vec!["--signal", "0"]),
+        (vec!["drain", "--pid", &live, "--signal", "65"], true, vec!["--signal", "65"]),
+        (vec!["drain", "--pid", &live, "--timeout", "-5s"], true, vec!["--timeout", "-5s", "negative"]),
+        (vec!["drain", "--pid", &live, "--min-wait", "-1s"], true, vec!["--min-wait", "-1s", "negative"]),
+        (vec!["wait", "--pid", &live, "--timeout", "5x"], true, vec!["--timeout", "5x"]),
+        (vec!["wait", "--pid", &live, "--timeout", "soon"], true, vec!["--timeout", "soon"]),
+        (vec!["wait", "--pid", &live, "--timeout", ""], true, vec!["--timeout"]),
+        (vec!["wait", "--pid", &live, "--min-wait", "1.5.2s"], true, vec!["--min-wait", "1.5.2s"]),
+        (vec!["wait", "--pid", &live, "--timeout", "99999999999999999999h"], true, vec!["--timeout", "99999999999999999999h"]),
+        (vec!["drain", "--pid", &live, "--on-timeout", "later"], true, vec!["--on-timeout", "later"]),
+        (vec!["drain", "--pid", "abc"], true, vec!["--pid", "abc"]),
+        (vec!["drain", "--pid", "-3"], true, vec!["-3"]),
+        (vec!["drain"], false, vec!["--pid", "--pidfile"]),
+        (vec!["drain", "--pid", &live, "--pidfile", &missing], false, vec![&missing, "pidfile"]),
+        (vec!["drain", "--pid", &live, "--pidfile", &garbled], false, vec![&garbled, "not a pid"]),
+        (vec!["drain", "--pid", &live, "--pidfile", &trailing], false, vec![&trailing]),
+        (vec!["drain", "--pid", &live, "--pidfile", &empty], false, vec![&empty]),
+        (vec!["drain", "--pid", &live, "--pidfile", &zero], false, vec![&zero]),
+        (vec!["drain", "--pid", &live, "--pid", &dead], false, vec![&dead, "does not exist"]),
+        (vec!["wait", "--pid", &dead], false, vec![&dead, "does not exist"]),
+        (vec!["drain", "--pid", "0"], false, vec!["0"]),
+    ];
+    let soft = Soft::new();
+    for (args, clap, words) in &cases {
+        let done = gw.drain_to_end(args);
+        let what = format!("gracewatch {args:?}");
+        if done.code() != Some(2) {
+            soft.fail(format!(
+                "{what}: exited {}, expected 2\n{}",
+                done.status,
+                done.context()
+            ));
+            continue;
+        }
+        let first = done.stderr.first().cloned().unwrap_or_default();
+        let lines = done.stderr.iter().filter(|l| !l.trim().is_empty()).count();
+        if *clap {
+            if !first.starts_with("error: ") {
+                soft.fail(format!(
+                    "{what}: first stderr line is not clap's `error: …`: {first:?}"
+                ));
+            }
+        } else if lines != 1 || !first.starts_with("gracewatch: ") {
+            soft.fail(format!(
+                "{what}: expected exactly one line `gracewatch: …` on stderr, got {:?}",
+                done.stderr
+            ));
+        }
+        let lower = first.to_lowercase();
+        for word in words {
+            if !lower.contains(&word.to_lowercase()) {
+                soft.fail(format!(
+                    "{what}: stderr line does not name {word:?}: {first:?}"
+                ));
+            }
+        }
+        if !done.stdout.is_empty() {
+            soft.fail(format!("{what}: printed on stdout: {:?}", done.stdout));
+        }
+        eprintln!("{what} -> 2: {first}");
+    }
+    // Nothing reached the live target.
+    server.ping();
+    server.assert_no_signal("every invocation was bad input");
+    soft.finish();
+}

@@ -1,0 +1,519 @@
+//! `gracewatch drain` / `gracewatch wait` as a background process
+//! ([`Drain`]): its `--json` progress lines can be waited for (so a test
+//! changes something only once gracewatch watches), it can be frozen and
+//! thawed (SIGSTOP/SIGCONT through a pidfd), and its end ([`Finished`])
+//! carries the exit code, the CLOCK_MONOTONIC time at which it was seen to
+//! exit, and the checked result object.
+
+use std::{
+    os::fd::{AsFd, OwnedFd},
+    process::{Command, ExitStatus, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use rustix::process::{
+    Pid, PidfdFlags, Signal, WaitId, WaitIdOptions, pidfd_open, pidfd_send_signal, waitid,
+};
+use serde_json::Value;
+
+use crate::{
+    Gracewatch, STARTUP_TIMEOUT,
+    process::{Lines, tail},
+    status::pretty,
+};
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock the test programs stamp their
+/// events with (`time.clock_gettime_ns(time.CLOCK_MONOTONIC)`).
+pub fn monotonic_ns() -> u64 {
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// Formats a difference of two monotonic stamps (`later - earlier`) in ms.
+pub fn gap_ms(later: u64, earlier: u64) -> String {
+    let d = later as i128 - earlier as i128;
+    format!("{:.3} ms", d as f64 / 1e6)
+}
+
+/// A running `gracewatch drain|wait ARGS…` (killed on drop).
+pub struct Drain {
+    what: String,
+    pid: u32,
+    pidfd: OwnedFd,
+    spawned_ns: u64,
+    spawned: Instant,
+    stdout: Arc<Lines>,
+    stderr: Arc<Lines>,
+    /// Exit status and the monotonic time the waiter thread saw it.
+    done: mpsc::Receiver<(std::io::Result<ExitStatus>, u64)>,
+    finished: Mutex<Option<(std::io::Result<ExitStatus>, u64)>>,
+    /// The waiter thread reported the exit (the process is reaped).
+    reaped: AtomicBool,
+}
+
+impl Gracewatch {
+    /// Starts `gracewatch ARGS…` (e.g. `["drain", "--pid", "42", "--json"]`)
+    /// in the background.
+    #[track_caller]
+    pub fn spawn_drain(&self, args: &[&str]) -> Drain {
+        let what = format!("gracewatch {}", args.join(" "));
+        let spawned_ns = monotonic_ns();
+        let spawned = Instant::now();
+        let mut child = Command::new(self.bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("failed to spawn {what}: {e}"));
+        let pid = child.id();
+        // Our child, not yet waited for: the pid is still its own. Signals
+        // to it go through this pidfd, so they cannot reach a recycled pid
+        // after the waiter thread reaped it.
+        let pidfd = Pid::from_raw(pid as i32)
+            .and_then(|p| pidfd_open(p, PidfdFlags::empty()).ok())
+            .unwrap_or_else(|| panic!("failed to open a pidfd for {what} (pid {pid})"));
+        let stdout = Lines::from_reader(child.stdout.take().expect("stdout is piped"));
+        let stderr = Lines::from_reader(child.stderr.take().expect("stderr is piped"));
+        let (tx, done) = mpsc::channel();
+        thread::spawn(move || {
+            let status = child.wait();
+            let _ = tx.send((status, monotonic_ns()));
+        });
+        Drain {
+            what,
+            pid,
+            pidfd,
+            spawned_ns,
+            spawned,
+            stdout,
+            stderr,
+            done,
+            finished: Mutex::new(None),
+            reaped: AtomicBool::new(false),
+        }
+    }
+
+    /// Runs `gracewatch ARGS…` to completion (at most [`STARTUP_TIMEOUT`]).
+    #[track_caller]
+    pub fn drain_to_end(&self, args: &[&str]) -> Finished {
+        self.spawn_drain(args).wait(STARTUP_TIMEOUT)
+    }
+}
+
+impl Drain {
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// CLOCK_MONOTONIC (ns) taken just before the process was spawned.
+    pub fn spawned_ns(&self) -> u64 {
+        self.spawned_ns
+    }
+
+    /// Waits until a `{"type":"progress"}` line satisfies `pred` and returns
+    /// it. Fails if gracewatch prints its result or exits first.
+    #[track_caller]
+    pub fn wait_progress(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let found = self.stdout.wait(timeout, |lines| {
+            for line in lines {
+                let v = match parse_line(line) {
+                    Ok(v) => v,
+                    Err(bad) => return Some(Err(bad)),
+                };
+                if v["type"] == "result" {
+                    return Some(Err(format!("it printed its result first: {line}")));
+                }
+                if pred(&v) {
+                    return Some(Ok(v));
+                }
+            }
+            None
+        });
+        match found {
+            Ok(Ok(v)) => v,
+            Ok(Err(why)) => panic!(
+                "{}: while waiting for progress `{what}`: {why}\n{}",
+                self.what,
+                self.context()
+            ),
+            Err(eof) => panic!(
+                "{}: {} waiting for progress `{what}`\n{}",
+                self.what,
+                if eof { "exited" } else { "timed out" },
+                self.context()
+            ),
+        }
+    }
+
+    /// Waits until a stderr line (human output) satisfies `pred`.
+    #[track_caller]
+    pub fn wait_stderr(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
+        match self
+            .stderr
+            .wait(timeout, |lines| lines.iter().find(|l| pred(l)).cloned())
+        {
+            Ok(line) => line,
+            Err(eof) => panic!(
+                "{}: {} waiting for {what} on stderr\n{}",
+                self.what,
+                if eof { "exited" } else { "timed out" },
+                self.context()
+            ),
+        }
+    }
+
+    /// The first progress line (gracewatch prints it once it watches the
+    /// targets, when there is something to wait for).
+    #[track_caller]
+    pub fn wait_ready(&self) -> Value {
+        self.wait_progress("the first progress line", STARTUP_TIMEOUT, |_| true)
+    }
+
+    /// Whether the process has exited (without waiting).
+    pub fn has_exited(&self) -> bool {
+        if self.reaped.load(Ordering::SeqCst) {
+            return true;
+        }
+        let mut finished = self.finished.lock().unwrap_or_else(|e| e.into_inner());
+        if let Ok(done) = self.done.try_recv() {
+            *finished = Some(done);
+            self.reaped.store(true, Ordering::SeqCst);
+        }
+        finished.is_some()
+    }
+
+    fn signal(&self, sig: Signal) {
+        if let Err(e) = pidfd_send_signal(self.pidfd.as_fd(), sig) {
+            panic!("{}: failed to send {sig:?}: {e}", self.what);
+        }
+    }
+
+    /// Freezes gracewatch (SIGSTOP) and returns once the kernel reports it
+    /// stopped (waitid WSTOPPED, which needs no polling).
+    #[track_caller]
+    pub fn freeze(&self) {
+        self.signal(Signal::STOP);
+        let status = waitid(
+            WaitId::PidFd(self.pidfd.as_fd()),
+            WaitIdOptions::STOPPED | WaitIdOptions::EXITED | WaitIdOptions::NOWAIT,
+        );
+        match status {
+            Ok(Some(s)) if s.stopped() => {}
+            other => panic!(
+                "{}: not stopped after SIGSTOP ({other:?})\n{}",
+                self.what,
+                self.context()
+            ),
+        }
+    }
+
+    /// Lets a frozen gracewatch run again (SIGCONT).
+    #[track_caller]
+    pub fn thaw(&self) {
+        self.signal(Signal::CONT);
+    }
+
+    /// Waits for the process to exit; kills it and fails after `timeout`.
+    #[track_caller]
+    pub fn wait(self, timeout: Duration) -> Finished {
+        let got = {
+            let mut finished = self.finished.lock().unwrap_or_else(|e| e.into_inner());
+            match finished.take() {
+                Some(done) => Some(done),
+                None => self.done.recv_timeout(timeout).ok(),
+            }
+        };
+        if got.is_some() {
+            self.reaped.store(true, Ordering::SeqCst);
+        }
+        let Some((status, exited_ns)) = got else {
+            let _ = pidfd_send_signal(self.pidfd.as_fd(), Signal::KILL);
+            panic!(
+                "{}: still running after {timeout:?} (killed)\n{}",
+                self.what,
+                self.context()
+            );
+        };
+        let status = status.unwrap_or_else(|e| panic!("{}: failed to wait: {e}", self.what));
+        // The pipes close when the process exits; collect everything.
+        let stdout = wait_eof(&self.stdout);
+        let stderr = wait_eof(&self.stderr);
+        let finished = Finished {
+            what: self.what.clone(),
+            pid: self.pid,
+            status,
+            exited_ns,
+            elapsed: self.spawned.elapsed(),
+            spawned_ns: self.spawned_ns,
+            stdout,
+            stderr,
+        };
+        finished.check_lines();
+        finished
+    }
+
+    fn context(&self) -> String {
+        format!(
+            "  stdout:\n{}\n  stderr:\n{}",
+            self.stdout.tail(20),
+            self.stderr.tail(20)
+        )
+    }
+}
+
+impl Drop for Drain {
+    fn drop(&mut self) {
+        if !self.has_exited() {
+            let _ = pidfd_send_signal(self.pidfd.as_fd(), Signal::KILL);
+            // Resume a frozen process so that SIGKILL takes effect at once
+            // (it does anyway; this keeps the waiter thread's exit prompt).
+            let _ = pidfd_send_signal(self.pidfd.as_fd(), Signal::CONT);
+            let _ = self.done.recv_timeout(Duration::from_secs(5));
+        }
+    }
+}
+
+fn wait_eof(lines: &Lines) -> Vec<String> {
+    // Err(true) = EOF; a grandchild holding the pipe would make this time out.
+    let _ = lines.wait(Duration::from_secs(5), |_| None::<()>);
+    lines.snapshot()
+}
+
+fn parse_line(line: &str) -> Result<Value, String> {
+    let v: Value =
+        serde_json::from_str(line).map_err(|e| format!("stdout line is not JSON ({e}): {line}"))?;
+    check_drain_shape(&v).map_err(|why| format!("malformed line: {why}\n  line: {line}"))?;
+    Ok(v)
+}
+
+/// A finished `gracewatch drain|wait`.
+#[derive(Debug)]
+pub struct Finished {
+    what: String,
+    /// gracewatch's pid (what a signalled server reports as the sender).
+    pub pid: u32,
+    pub status: ExitStatus,
+    /// CLOCK_MONOTONIC (ns) at which the test saw the process exit (after
+    /// the real exit: an upper bound).
+    pub exited_ns: u64,
+    /// CLOCK_MONOTONIC (ns) just before it was spawned.
+    pub spawned_ns: u64,
+    /// From spawn to the exit being seen.
+    pub elapsed: Duration,
+    pub stdout: Vec<String>,
+    pub stderr: Vec<String>,
+}
+
+impl Finished {
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+
+    /// Fails unless the process exited with `code`.
+    #[track_caller]
+    pub fn assert_code(&self, code: i32) {
+        assert_eq!(
+            self.code(),
+            Some(code),
+            "{}: exited with {}, expected exit code {code}\n{}",
+            self.what,
+            self.status,
+            self.context()
+        );
+    }
+
+    /// The JSON objects printed on stdout, in order.
+    pub fn json(&self) -> Vec<Value> {
+        self.stdout
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    pub fn progress(&self) -> Vec<Value> {
+        self.json()
+            .into_iter()
+            .filter(|v| v["type"] == "progress")
+            .collect()
+    }
+
+    /// The `{"type":"result"}` object (`--json` runs): exactly one, last.
+    #[track_caller]
+    pub fn result(&self) -> Value {
+        let all = self.json();
+        let results: Vec<&Value> = all.iter().filter(|v| v["type"] == "result").collect();
+        match (results.as_slice(), all.last()) {
+            ([one], Some(last)) if std::ptr::eq(*one, last) => (*one).clone(),
+            _ => panic!(
+                "{}: expected exactly one result object, as the last line\n{}",
+                self.what,
+                self.context()
+            ),
+        }
+    }
+
+    /// Checks the result's fields named in `expected` (exact JSON values).
+    #[track_caller]
+    pub fn assert_result(&self, expected: &[(&str, Value)]) -> Value {
+        let result = self.result();
+        let wrong: Vec<String> = expected
+            .iter()
+            .filter(|(k, v)| result[*k] != *v)
+            .map(|(k, v)| format!("`{k}` is {}, expected {v}", result[*k]))
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "{}: wrong result: {}\n  result: {}\n{}",
+            self.what,
+            wrong.join("; "),
+            pretty(&result),
+            self.context()
+        );
+        result
+    }
+
+    fn check_lines(&self) {
+        for line in &self.stdout {
+            if let Err(why) = parse_line(line) {
+                panic!("{}: {why}\n{}", self.what, self.context());
+            }
+        }
+        if let Some(last) = self.json().last().filter(|v| v["type"] == "result") {
+            assert_eq!(
+                last["exit_code"].as_i64(),
+                self.code().map(i64::from),
+                "{}: the result's exit_code differs from the process's\n{}",
+                self.what,
+                self.context()
+            );
+        }
+    }
+
+    pub fn context(&self) -> String {
+        format!(
+            "  stdout of {}:\n{}\n  stderr:\n{}",
+            self.what,
+            tail(&self.stdout, 20),
+            tail(&self.stderr, 20)
+        )
+    }
+}
+
+/// Checks one `--json` line of drain/wait: a progress or result object with
+/// exactly the documented fields and types (`gracewatch/src/drain/mod.rs`).
+pub fn check_drain_shape(v: &Value) -> Result<(), String> {
+    let Some(obj) = v.as_object() else {
+        return Err("not an object".to_owned());
+    };
+    let fields: &[(&str, Ty)] = match obj.get("type").and_then(Value::as_str) {
+        Some("progress") => &[
+            ("type", Ty::Str),
+            ("elapsed_ms", Ty::U64),
+            ("live", Ty::U64),
+            ("closes_per_sec", Ty::Number),
+            ("eta_ms", Ty::OptU64),
+            ("oldest", Ty::OptHeld),
+            ("accepted_last_10s", Ty::U64),
+            ("message", Ty::Str),
+        ],
+        Some("result") => &[
+            ("type", Ty::Str),
+            ("targets", Ty::Pids),
+            ("outcome", Ty::Outcome),
+            ("exit_code", Ty::U64),
+            ("initial_live", Ty::U64),
+            ("peak_live", Ty::U64),
+            ("duration_ms", Ty::U64),
+            ("signal_sent", Ty::OptSignal),
+            ("still_held", Ty::U64),
+            ("held", Ty::HeldList),
+            ("message", Ty::Str),
+        ],
+        _ => {
+            return Err(format!(
+                "`type` is {}",
+                obj.get("type").unwrap_or(&Value::Null)
+            ));
+        }
+    };
+    let mut errors = Vec::new();
+    for (key, ty) in fields {
+        match obj.get(*key) {
+            None => errors.push(format!("missing `{key}`")),
+            Some(x) if !ty.accepts(x) => {
+                errors.push(format!("`{key}` has the wrong type or value ({x})"));
+            }
+            Some(_) => {}
+        }
+    }
+    for key in obj.keys() {
+        if !fields.iter().any(|(k, _)| k == key) {
+            errors.push(format!("unknown field `{key}`"));
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Ty {
+    Str,
+    U64,
+    OptU64,
+    Number,
+    Pids,
+    Outcome,
+    OptSignal,
+    OptHeld,
+    HeldList,
+}
+
+impl Ty {
+    fn accepts(self, x: &Value) -> bool {
+        match self {
+            Ty::Str => x.is_string(),
+            Ty::U64 => x.is_u64(),
+            Ty::OptU64 => x.is_u64() || x.is_null(),
+            Ty::Number => x.is_number(),
+            Ty::Pids => x.as_array().is_some_and(|a| a.iter().all(Value::is_u64)),
+            Ty::Outcome => matches!(
+                x.as_str(),
+                Some("drained" | "target_exited" | "timeout" | "interrupted" | "error")
+            ),
+            Ty::OptSignal => x.is_null() || x.as_str().is_some_and(|s| s.starts_with("SIG")),
+            Ty::OptHeld => x.is_null() || held_ok(x),
+            Ty::HeldList => x.as_array().is_some_and(|a| a.iter().all(held_ok)),
+        }
+    }
+}
+
+/// A `HeldConnection`: `{pid, local, peer, age_ms}`.
+fn held_ok(x: &Value) -> bool {
+    x.as_object().is_some_and(|h| {
+        h.len() == 4
+            && h.get("pid").is_some_and(Value::is_u64)
+            && h.get("local").is_some_and(Value::is_string)
+            && h.get("peer").is_some_and(Value::is_string)
+            && h.get("age_ms").is_some_and(Value::is_u64)
+    })
+}

@@ -1,0 +1,445 @@
+//! `cargo xtask demo`: a graceful restart to watch in `gracewatch tui`,
+//! with nothing to install beyond the build. Three parts, all in this
+//! binary so that the demo needs no interpreter:
+//!
+//! - a **server** (`demo-server`, hidden) that echoes lines and, on SIGHUP,
+//!   performs the classic fd-handover restart: it starts a copy of itself
+//!   that inherits the listening socket, stops accepting once the copy is
+//!   ready, keeps serving the connections it holds until their clients
+//!   leave, then waits for SIGTERM (which `d` in the TUI sends at zero) or
+//!   exits by itself a while after it drained;
+//! - a **load generator** (`demo-load`, hidden) whose clients hold
+//!   connections of varied lengths (1 s to 45 s) and reconnect, so that an
+//!   old server takes a visible while to drain;
+//! - the **orchestrator** (`demo`) that starts both on 127.0.0.1, restarts
+//!   the server periodically (SIGHUP), runs `gracewatch tui --port PORT` in
+//!   the foreground, and stops everything when the TUI exits.
+//!
+//! Traffic stays on the loopback address, and every loop is bounded in time.
+
+use std::{
+    ffi::OsString,
+    fs,
+    io::{BufRead, BufReader, Read as _, Write as _},
+    net::{Shutdown, TcpListener, TcpStream},
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _},
+        unix::process::CommandExt as _,
+    },
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::run;
+
+/// Where the demo keeps its pid file and logs.
+fn demo_dir() -> PathBuf {
+    std::env::temp_dir().join("gracewatch-demo")
+}
+
+/// A server that handed over exits by itself this long after it drained.
+const LINGER_AFTER_DRAIN: Duration = Duration::from_secs(30);
+/// …and at the latest this long after the handover, drained or not.
+const MAX_OLD_LIFETIME: Duration = Duration::from_secs(300);
+/// Nothing in the demo runs longer than this.
+const MAX_RUN: Duration = Duration::from_secs(3600);
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub port: u16,
+    pub clients: u32,
+    /// Restart the server this often (`None`: only on demand).
+    pub restart_every: Option<Duration>,
+}
+
+/// `cargo xtask demo`.
+pub fn demo(opts: &Options) -> Result<()> {
+    let bin = run::build()?;
+    let dir = demo_dir();
+    fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
+    let pidfile = dir.join("server.pid");
+    let _ = fs::remove_file(&pidfile);
+    let me = std::env::current_exe().context("failed to find the xtask binary")?;
+    let port = opts.port.to_string();
+
+    let mut server = Command::new(&me);
+    server
+        .args(["demo-server", "--port", &port, "--pidfile"])
+        .arg(&pidfile)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file(&dir.join("server.log"))?)
+        // Its own process group: every generation of the server is in it,
+        // and one kill stops them all.
+        .process_group(0);
+    let server = server.spawn().context("failed to start the demo server")?;
+    let group = Group(server.id());
+    let first = wait_for_pid(&pidfile, Duration::from_secs(5))
+        .context("the demo server did not start (see /tmp/gracewatch-demo/server.log)")?;
+
+    let load = Command::new(&me)
+        .args(["demo-load", "--port", &port, "--clients"])
+        .arg(opts.clients.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file(&dir.join("load.log"))?)
+        .spawn()
+        .context("failed to start the load generator")?;
+    let load = Reaped(load);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    if let Some(every) = opts.restart_every {
+        let (stop, pidfile) = (Arc::clone(&stop), pidfile.clone());
+        thread::spawn(move || restarter(&pidfile, every, &stop));
+    }
+
+    println!(
+        "demo server on 127.0.0.1:{port} (pid {first}), {} clients holding connections of 1-45 s.",
+        opts.clients
+    );
+    match opts.restart_every {
+        Some(every) => println!(
+            "It restarts itself every {}s (fd handover on SIGHUP); watch the old pid drain.",
+            every.as_secs()
+        ),
+        None => println!("Restart it with `kill -HUP $(cat {})`.", pidfile.display()),
+    }
+    println!(
+        "In the TUI: select a draining server and press d (SIGTERM at zero), or s then HUP to restart the current one."
+    );
+    let mut tui = run::privileged(
+        &bin,
+        &[
+            OsString::from("tui"),
+            OsString::from("--port"),
+            OsString::from(&port),
+        ],
+    )?;
+    println!("$ {}", crate::cmd::display(&tui));
+    let status = tui.status();
+    stop.store(true, Ordering::Relaxed);
+    drop(load);
+    drop(group);
+    let status = status.context("failed to run gracewatch tui")?;
+    if !status.success() {
+        bail!("gracewatch tui failed ({status})");
+    }
+    Ok(())
+}
+
+fn log_file(path: &Path) -> Result<fs::File> {
+    fs::File::create(path).with_context(|| format!("failed to create {}", path.display()))
+}
+
+fn read_pid(pidfile: &Path) -> Option<i32> {
+    fs::read_to_string(pidfile).ok()?.trim().parse().ok()
+}
+
+fn wait_for_pid(pidfile: &Path, timeout: Duration) -> Result<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(pid) = read_pid(pidfile) {
+            return Ok(pid);
+        }
+        if Instant::now() > deadline {
+            bail!("no pid in {} after {timeout:?}", pidfile.display());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn restarter(pidfile: &Path, every: Duration, stop: &AtomicBool) {
+    let start = Instant::now();
+    let mut next = start + every;
+    while !stop.load(Ordering::Relaxed) && start.elapsed() < MAX_RUN {
+        thread::sleep(Duration::from_millis(200));
+        if Instant::now() >= next {
+            next += every;
+            if let Some(pid) = read_pid(pidfile) {
+                signal(pid, libc::SIGHUP);
+            }
+        }
+    }
+}
+
+fn signal(pid: i32, sig: i32) {
+    // SAFETY: kill(2) has no memory effects; a stale pid only fails.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// The server's process group, terminated on drop.
+struct Group(u32);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if let Ok(pgid) = i32::try_from(self.0) {
+            signal(-pgid, libc::SIGTERM);
+        }
+    }
+}
+
+/// A child killed and reaped on drop.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+// ---- the server --------------------------------------------------------------
+
+static HANGUP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_hangup(_: libc::c_int) {
+    HANGUP.store(true, Ordering::Relaxed);
+}
+
+/// Names this process `demo-server` (what `ps` and gracewatch show).
+fn set_process_name() {
+    let name = c"demo-server";
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, name.as_ptr(), 0, 0, 0);
+    }
+}
+
+/// `demo-server`: see the module documentation.
+pub fn server(port: u16, pidfile: &Path, inherit_fd: Option<i32>) -> Result<()> {
+    set_process_name();
+    // SAFETY: the handler only stores to an atomic, which is signal-safe.
+    let previous =
+        unsafe { libc::signal(libc::SIGHUP, on_hangup as *const () as libc::sighandler_t) };
+    if previous == libc::SIG_ERR {
+        bail!("failed to handle SIGHUP");
+    }
+    let listener = match inherit_fd {
+        // SAFETY: the parent passed this fd for us alone to own (handover).
+        Some(fd) => unsafe { TcpListener::from_raw_fd(fd) },
+        None => TcpListener::bind(("127.0.0.1", port))
+            .with_context(|| format!("failed to listen on 127.0.0.1:{port}"))?,
+    };
+    listener.set_nonblocking(true)?;
+    let fd = listener.as_raw_fd();
+    let pid = std::process::id();
+    fs::write(pidfile, format!("{pid}\n"))
+        .with_context(|| format!("failed to write {}", pidfile.display()))?;
+    eprintln!("server {pid}: accepting on 127.0.0.1:{port}");
+    if inherit_fd.is_some() {
+        // Tells the parent we are ready; stdout is not used afterwards.
+        println!("ready");
+    }
+
+    let live = Arc::new(AtomicU64::new(0));
+    let stop_accepting = Arc::new(AtomicBool::new(false));
+    let acceptor = {
+        let (live, stop) = (Arc::clone(&live), Arc::clone(&stop_accepting));
+        thread::Builder::new()
+            .name("demo-server".to_owned())
+            .spawn(move || accept_loop(listener, &live, &stop))?
+    };
+
+    let started = Instant::now();
+    let mut handed_over: Option<Instant> = None;
+    let mut drained: Option<Instant> = None;
+    while started.elapsed() < MAX_RUN {
+        thread::sleep(Duration::from_millis(100));
+        if HANGUP.swap(false, Ordering::Relaxed) && handed_over.is_none() {
+            match hand_over(port, pidfile, fd) {
+                Ok(child) => {
+                    stop_accepting.store(true, Ordering::Relaxed);
+                    handed_over = Some(Instant::now());
+                    eprintln!(
+                        "server {pid}: handed the listener to {child}; draining {} connection(s)",
+                        live.load(Ordering::Relaxed)
+                    );
+                }
+                Err(e) => eprintln!("server {pid}: handover failed: {e:#}"),
+            }
+        }
+        let Some(since) = handed_over else { continue };
+        if live.load(Ordering::Relaxed) == 0 {
+            let at = *drained.get_or_insert_with(Instant::now);
+            if at.elapsed() >= LINGER_AFTER_DRAIN {
+                break;
+            }
+        } else {
+            drained = None;
+        }
+        if since.elapsed() >= MAX_OLD_LIFETIME {
+            break;
+        }
+    }
+    eprintln!("server {pid}: exiting");
+    drop(acceptor);
+    Ok(())
+}
+
+/// Starts the next generation with the listener and waits until it is ready.
+fn hand_over(port: u16, pidfile: &Path, fd: i32) -> Result<u32> {
+    // SAFETY: fcntl on an fd we own; clearing FD_CLOEXEC lets the child
+    // inherit it (the std listener is created close-on-exec).
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } == -1 {
+        bail!("failed to clear FD_CLOEXEC on the listener");
+    }
+    let me = std::env::current_exe().context("failed to find this binary")?;
+    let mut child = Command::new(me)
+        .args(["demo-server", "--port", &port.to_string(), "--pidfile"])
+        .arg(pidfile)
+        .args(["--inherit-fd", &fd.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("failed to start the next server")?;
+    // Close-on-exec again, so nothing else we might start inherits it.
+    // SAFETY: as above.
+    unsafe {
+        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+    }
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        BufReader::new(out).read_line(&mut line)?;
+    }
+    if line.trim() != "ready" {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("the next server did not get ready (said {line:?})");
+    }
+    // Reaped by nobody: it outlives us, adopted by init when we exit.
+    Ok(child.id())
+}
+
+fn accept_loop(listener: TcpListener, live: &Arc<AtomicU64>, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((conn, _)) => {
+                let live = Arc::clone(live);
+                live.fetch_add(1, Ordering::Relaxed);
+                let spawned =
+                    thread::Builder::new()
+                        .name("demo-server".to_owned())
+                        .spawn(move || {
+                            serve(conn);
+                            live.fetch_sub(1, Ordering::Relaxed);
+                        });
+                if spawned.is_err() {
+                    eprintln!("failed to start a connection thread");
+                }
+            }
+            // Nothing to accept, or the next generation won the race.
+            Err(_) => thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    // Dropping the listener closes our copy: the next generation keeps it.
+}
+
+/// Echoes lines until the client leaves.
+fn serve(conn: TcpStream) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(120)));
+    let Ok(mut writer) = conn.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(conn);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {
+                if writer.write_all(b"pong\n").is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = writer.shutdown(Shutdown::Both);
+}
+
+// ---- the load generator ------------------------------------------------------
+
+/// `demo-load`: `clients` clients, each holding one connection at a time.
+pub fn load(port: u16, clients: u32) -> Result<()> {
+    let threads: Vec<_> = (0..clients)
+        .map(|i| {
+            thread::Builder::new()
+                .name(format!("client-{i}"))
+                .spawn(move || client(port, u64::from(i)))
+        })
+        .collect::<Result<_, _>>()
+        .context("failed to start the clients")?;
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+/// xorshift64*: varied lengths without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        Self((u64::from(nanos) ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n.max(1)
+    }
+
+    /// 40 % short (1-5 s), 40 % medium (5-20 s), 20 % long (20-45 s).
+    fn hold(&mut self) -> Duration {
+        let ms = match self.below(10) {
+            0..=3 => 1_000 + self.below(4_000),
+            4..=7 => 5_000 + self.below(15_000),
+            _ => 20_000 + self.below(25_000),
+        };
+        Duration::from_millis(ms)
+    }
+}
+
+fn client(port: u16, index: u64) {
+    let mut rng = Rng::new(index);
+    let start = Instant::now();
+    // Spread the first connections over the first seconds.
+    thread::sleep(Duration::from_millis(rng.below(3_000)));
+    while start.elapsed() < MAX_RUN {
+        if let Ok(conn) = TcpStream::connect(("127.0.0.1", port)) {
+            hold(conn, rng.hold());
+        }
+        thread::sleep(Duration::from_millis(200 + rng.below(800)));
+    }
+}
+
+/// Sends a line a second for `length`, then closes.
+fn hold(mut conn: TcpStream, length: Duration) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    let until = Instant::now() + length;
+    let mut buf = [0_u8; 64];
+    while Instant::now() < until {
+        if conn.write_all(b"ping\n").is_err() {
+            return;
+        }
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        thread::sleep(Duration::from_secs(1).min(until.saturating_duration_since(Instant::now())));
+    }
+}
