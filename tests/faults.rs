@@ -261,3 +261,40 @@ fn close_wait_never_closed_times_out_naming_the_connection() {
     assert_eq!(srv.request("ping", "pong"), "pong");
     assert!(!srv.lines().iter().any(|l| l.starts_with("signal")));
 }
+
+/// Ctrl-C (SIGINT) or SIGTERM to gracewatch mid-drain: it stops waiting,
+/// reports `interrupted`, exits 130, sends nothing, and detaches everything.
+#[test]
+fn interrupted_drain_exits_130_and_signals_nothing() {
+    let Some(gw) = setup() else { return };
+    let ns = Netns::new("fault-int");
+    let (srv, pid, _client) = sharer(&ns, "127.0.0.1:7606", 1);
+    for (sig, name) in [
+        (rustix::process::Signal::INT, "SIGINT"),
+        (rustix::process::Signal::TERM, "SIGTERM"),
+    ] {
+        let mut d = drain(&gw, &["drain", "--pid", &pid.to_string()]);
+        wait_progress(&d);
+        let gw_pid = d.process_id().expect("drain pid");
+        let progs = bpf_progs_of(gw_pid);
+        assert_eq!(progs.len(), 3, "{name}: programs attached: {progs:?}");
+        let raw = rustix::process::Pid::from_raw(gw_pid as i32).expect("pid");
+        rustix::process::kill_process(raw, sig).expect("signal gracewatch");
+        let r = result(&d);
+        assert_eq!(r["outcome"], "interrupted", "{name}: {r}");
+        assert_eq!(r["exit_code"], 130, "{name}: {r}");
+        assert!(r["signal_sent"].is_null(), "{name}: {r}");
+        let status = d.wait_exit(T);
+        assert_eq!(status.code(), Some(130), "{name}");
+        let left: Vec<u64> = progs.into_iter().filter(|&id| prog_exists(id)).collect();
+        assert!(
+            left.is_empty(),
+            "{name}: BPF programs left behind: {left:?}"
+        );
+        assert_eq!(srv.request("ping", "pong"), "pong");
+        assert!(
+            !srv.lines().iter().any(|l| l.starts_with("signal")),
+            "{name}: the target must not be signalled"
+        );
+    }
+}
