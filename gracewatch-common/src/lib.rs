@@ -182,8 +182,14 @@ pub struct Config {
     pub tp_accept4_ret: u16,
     pub tp_accept_ret: u16,
     pub _pad: u16,
+    /// Device and inode of gracewatch's own pid namespace (`stat
+    /// /proc/self/ns/pid`): pids are reported as seen from it, so a
+    /// container sharing a pod's pid namespace sees the pod's pids. Tasks
+    /// outside it are not reported. `pidns_ino == 0`: host pids.
+    pub pidns_dev: u64,
+    pub pidns_ino: u64,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 96);
+const _: () = assert!(core::mem::size_of::<Config>() == 112);
 
 #[cfg(feature = "user")]
 mod pod {

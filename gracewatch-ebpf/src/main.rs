@@ -27,10 +27,10 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, bpf_pidns_info},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
-        generated::{bpf_get_current_task, bpf_ktime_get_ns},
+        generated::{bpf_get_current_task, bpf_get_ns_current_pid_tgid, bpf_ktime_get_ns},
     },
     macros::{map, tracepoint},
     maps::{Array, HashMap, RingBuf},
@@ -171,12 +171,37 @@ fn proc_add(tgid: u32, live: i64, accepted: u64, closed: u64) {
     }
 }
 
+/// The current tgid as seen from gracewatch's pid namespace; `None` for a
+/// task outside it (not ours to report).
 #[inline(always)]
-fn current_into(ev: &mut Event) {
-    ev.tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+fn current_tgid(cfg: &Config) -> Option<u32> {
+    if cfg.pidns_ino == 0 {
+        return Some((bpf_get_current_pid_tgid() >> 32) as u32);
+    }
+    let mut info = bpf_pidns_info { pid: 0, tgid: 0 };
+    // SAFETY: `info` is a valid, writable bpf_pidns_info of the size passed.
+    let r = unsafe {
+        bpf_get_ns_current_pid_tgid(
+            cfg.pidns_dev,
+            cfg.pidns_ino,
+            &mut info,
+            core::mem::size_of::<bpf_pidns_info>() as u32,
+        )
+    };
+    (r == 0).then_some(info.tgid)
+}
+
+/// Fills the current process into `ev`; `false` if it is outside our pid namespace.
+#[inline(always)]
+fn current_into(cfg: &Config, ev: &mut Event) -> bool {
+    let Some(tgid) = current_tgid(cfg) else {
+        return false;
+    };
+    ev.tgid = tgid;
     if let Ok(comm) = bpf_get_current_comm() {
         ev.comm = comm;
     }
+    true
 }
 
 #[inline(always)]
@@ -240,8 +265,9 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     match kind {
         event_kind::LISTEN_START | event_kind::LISTEN_STOP => {
             ev.kind = kind;
-            current_into(&mut ev);
-            emit(&ev);
+            if current_into(&cfg, &mut ev) {
+                emit(&ev);
+            }
         }
         event_kind::HANDSHAKE => {
             ev.kind = kind;
@@ -269,7 +295,7 @@ const PF_EXITING: u32 = 0x4;
 /// are being released by `exit()`.
 #[inline(always)]
 fn owner_exiting(cfg: &Config, owner: u32) -> bool {
-    if (bpf_get_current_pid_tgid() >> 32) as u32 != owner {
+    if current_tgid(cfg) != Some(owner) {
         return false;
     }
     // SAFETY: no arguments, no preconditions.
@@ -381,7 +407,9 @@ fn try_sys_exit_accept(ctx: &TracePointContext, ret_off: u16) -> Result<(), i32>
         ev.laddr = v4_mapped(l);
         ev.raddr = v4_mapped(r);
     }
-    current_into(&mut ev);
+    if !current_into(&cfg, &mut ev) {
+        return Ok(());
+    }
 
     if QUEUED.remove(sk).is_ok() {
         ev.flags = event_flag::WAS_QUEUED;

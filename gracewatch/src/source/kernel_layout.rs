@@ -40,6 +40,12 @@ pub fn resolve() -> Result<Config, MonitorError> {
         ))
     })?;
 
+    // Report pids as our own pid namespace sees them (what /proc shows us).
+    let pidns = rustix::fs::stat("/proc/self/ns/pid")
+        .map_err(|e| MonitorError::CannotMonitor(format!("cannot stat /proc/self/ns/pid: {e}")))?;
+    cfg.pidns_dev = pidns.st_dev;
+    cfg.pidns_ino = pidns.st_ino;
+
     ensure_tracefs()?;
     let sock = tracepoint_format("sock", "inet_sock_set_state")?;
     let field = |name: &str| -> Result<u16, MonitorError> {
