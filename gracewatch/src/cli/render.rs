@@ -32,11 +32,7 @@ pub fn table(status: &Status, filter: &FilterArgs) -> String {
             p.pid,
             p.comm,
             p.live,
-            if p.listeners.is_empty() {
-                "-".to_owned()
-            } else {
-                p.listeners.join(", ")
-            }
+            list_or_dash(&p.listeners)
         );
     }
     let _ = writeln!(out);
@@ -58,11 +54,7 @@ pub fn table(status: &Status, filter: &FilterArgs) -> String {
             l.netns,
             l.accept_queue,
             l.queue_drops_total,
-            if holders.is_empty() {
-                "-".to_owned()
-            } else {
-                holders.join(", ")
-            }
+            list_or_dash(&holders)
         );
     }
     if status.lost_events > 0 {
@@ -104,11 +96,7 @@ pub fn changes(prev: Option<&Status>, cur: &Status) -> String {
                     p.pid,
                     p.comm,
                     p.live,
-                    if p.listeners.is_empty() {
-                        "-".to_owned()
-                    } else {
-                        p.listeners.join(", ")
-                    }
+                    list_or_dash(&p.listeners)
                 );
             }
             Some(old) if old.live != p.live || old.listeners != p.listeners => {
@@ -123,11 +111,7 @@ pub fn changes(prev: Option<&Status>, cur: &Status) -> String {
                         "{t} pid {} ({}) listeners: {}",
                         p.pid,
                         p.comm,
-                        if p.listeners.is_empty() {
-                            "-".to_owned()
-                        } else {
-                            p.listeners.join(", ")
-                        }
+                        list_or_dash(&p.listeners)
                     );
                 }
             }
@@ -167,4 +151,13 @@ fn join<T: ToString>(items: &[T]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// `a, b, c`, or `-` for an empty list.
+fn list_or_dash(items: &[String]) -> String {
+    if items.is_empty() {
+        "-".to_owned()
+    } else {
+        items.join(", ")
+    }
 }
