@@ -5,6 +5,7 @@
 //! pipeline with its privileged end-to-end tests and leak checks.
 //! `.ci/run` is a thin wrapper around `cargo xtask ci`.
 
+mod bench;
 mod cmd;
 mod demo;
 mod run;
@@ -31,7 +32,8 @@ use clap::{Parser, Subcommand};
         cargo xtask run -- drain --help   pass other arguments to gracewatch\n  \
         cargo xtask demo                  a demo server restarting under load, watched in the TUI\n  \
         cargo xtask test                  fmt, clippy (host + eBPF), unit tests, privileged e2e\n  \
-        cargo xtask ci                    what `.ci/run` runs (`test`, with timings)\n\n\
+        cargo xtask ci                    what `.ci/run` runs (`test`, with timings)\n  \
+        cargo xtask bench                 benchmarks vs the alternatives, into BENCHMARKS.md\n\n\
         Run `cargo xtask <TASK> --help` for the details of each task."
 )]
 struct Cli {
@@ -112,6 +114,21 @@ enum Task {
         #[arg(long, default_value = "30s", value_parser = parse_secs)]
         restart_every: Duration,
     },
+    /// Benchmarks against the alternatives; prints them and updates BENCHMARKS.md.
+    ///
+    /// reaction (last close → signal: `gracewatch drain` vs `ss` polling),
+    /// overhead (nginx under wrk, with and without `gracewatch agent`),
+    /// scale (100k connections: `gracewatch status` vs `ss -tanp`, agent
+    /// memory), churn (a sustained connection rate across an fd-handover
+    /// restart: lost events, exact counts). Needs root; builds the release
+    /// binary first. Every process and namespace it starts is stopped.
+    Bench(bench::Args),
+    /// A load process of `bench` (started by it).
+    #[command(hide = true)]
+    BenchHelper {
+        #[command(subcommand)]
+        helper: bench::Helper,
+    },
     /// The demo's server (started by `demo`).
     #[command(hide = true)]
     DemoServer {
@@ -166,6 +183,8 @@ fn main() -> ExitCode {
             inherit_fd,
         } => demo::server(port, &pidfile, inherit_fd),
         Task::DemoLoad { port, clients } => demo::load(port, clients),
+        Task::Bench(args) => bench::bench(&args),
+        Task::BenchHelper { helper } => bench::helper(helper),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

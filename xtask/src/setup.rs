@@ -21,7 +21,7 @@ const BUILD_PACKAGES: &[&str] = &[
 /// What the end-to-end tests drive: namespaces (`ip`), real servers (nginx,
 /// python3), interactive sessions (tmux), capabilities (`setcap`), BPF
 /// inspection for the leak check (`bpftool`) and a real Prometheus scraping
-/// the agent (`prometheus`).
+/// the agent (`prometheus`); `wrk` loads nginx in `cargo xtask bench`.
 const TEST_PACKAGES: &[&str] = &[
     "iproute2",
     "tmux",
@@ -30,6 +30,7 @@ const TEST_PACKAGES: &[&str] = &[
     "libcap2-bin",
     "bpftool",
     "prometheus",
+    "wrk",
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

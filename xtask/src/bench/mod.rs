@@ -1,0 +1,889 @@
+//! `cargo xtask bench`: the numbers behind gracewatch's claims, measured
+//! side by side with the alternatives on this machine, printed and written
+//! to `BENCHMARKS.md`. Four benchmarks, each runnable alone:
+//!
+//! - [`reaction`]: last close → signal, `gracewatch drain` vs `ss` polling;
+//! - [`overhead`]: nginx under `wrk` with and without `gracewatch agent`;
+//! - [`scale`]: 100k established connections, `gracewatch status` vs `ss -tanp`;
+//! - [`churn`]: a sustained connection rate across an fd-handover restart.
+//!
+//! This module owns what they share: the guards that clean up every process
+//! and namespace they start (on every path, including Ctrl-C), reading a
+//! child's output line by line, a tiny HTTP client for the agent, and the
+//! `BENCHMARKS.md` update (generated sections between markers; text outside
+//! them is kept). The load processes the benchmarks start live in
+//! [`helper`]. Benchmarks print numbers; they do not pass or fail.
+
+mod churn;
+mod helper;
+mod overhead;
+mod reaction;
+mod scale;
+
+use std::{
+    fmt::Write as _,
+    fs,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    thread,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::ValueEnum;
+
+pub use helper::Helper;
+
+use crate::{
+    cmd::{self, command},
+    setup,
+};
+
+/// `cargo xtask bench` options.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Benchmarks to run, in this order (default: all four).
+    #[arg(value_enum, value_name = "BENCH")]
+    benches: Vec<Which>,
+    /// reaction: drains per method.
+    #[arg(long, default_value_t = 50)]
+    drains: u32,
+    /// overhead: interleaved (without, with) pairs per connection mode.
+    #[arg(long, default_value_t = 5)]
+    pairs: u32,
+    /// overhead: seconds per wrk run.
+    #[arg(long, default_value_t = 10)]
+    run_secs: u32,
+    /// scale: established connections to hold.
+    #[arg(long, default_value_t = 100_000)]
+    connections: u32,
+    /// churn: seconds of sustained load.
+    #[arg(long, default_value_t = 60)]
+    churn_secs: u32,
+    /// Print only; leave BENCHMARKS.md alone.
+    #[arg(long)]
+    no_write: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Which {
+    Reaction,
+    Overhead,
+    Scale,
+    Churn,
+}
+
+impl Which {
+    fn name(self) -> &'static str {
+        match self {
+            Which::Reaction => "reaction",
+            Which::Overhead => "overhead",
+            Which::Scale => "scale",
+            Which::Churn => "churn",
+        }
+    }
+}
+
+/// `cargo xtask bench-helper …`: a load process started by a benchmark.
+pub fn helper(h: Helper) -> Result<()> {
+    helper::run(h)
+}
+
+/// What every benchmark needs.
+struct Ctx {
+    /// The release gracewatch binary.
+    bin: PathBuf,
+    /// This xtask binary (for the helpers).
+    me: PathBuf,
+    /// The workspace root.
+    root: PathBuf,
+    /// Scratch directory for configs, logs and state files.
+    dir: PathBuf,
+}
+
+impl Ctx {
+    fn program(&self, name: &str) -> PathBuf {
+        self.root.join("tests").join("programs").join(name)
+    }
+}
+
+/// One benchmark's generated Markdown.
+struct Section {
+    which: Which,
+    markdown: String,
+}
+
+pub fn bench(args: &Args) -> Result<()> {
+    if !cmd::is_root() {
+        bail!("the benchmarks load eBPF programs and create network namespaces: run them as root");
+    }
+    install_interrupt_handler();
+    setup::setup(setup::Options { test_deps: true })?;
+    let root = cmd::repo_root();
+    cmd::run(
+        command("cargo")
+            .current_dir(&root)
+            .args(["build", "--release", "-p", "gracewatch"]),
+    )?;
+    let dir = std::env::temp_dir().join("gracewatch-bench");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
+    let ctx = Ctx {
+        bin: cmd::target_dir().join("release").join("gracewatch"),
+        me: std::env::current_exe().context("failed to find the xtask binary")?,
+        root: root.clone(),
+        dir,
+    };
+    let benches = if args.benches.is_empty() {
+        vec![Which::Reaction, Which::Overhead, Which::Scale, Which::Churn]
+    } else {
+        args.benches.clone()
+    };
+    let started = Instant::now();
+    let machine = machine(&ctx, &benches);
+    println!("\n{machine}");
+    let mut sections = Vec::new();
+    let mut failures = Vec::new();
+    for which in benches {
+        println!("\n==> bench {}", which.name());
+        let t0 = Instant::now();
+        let result = match which {
+            Which::Reaction => reaction::run(&ctx, args.drains),
+            Which::Overhead => overhead::run(&ctx, args.pairs, args.run_secs),
+            Which::Scale => scale::run(&ctx, args.connections),
+            Which::Churn => churn::run(&ctx, args.churn_secs),
+        };
+        match result {
+            Ok(markdown) => {
+                println!("\n{markdown}");
+                println!("(bench {} took {})", which.name(), cmd::human(t0.elapsed()));
+                sections.push(Section { which, markdown });
+            }
+            Err(e) => {
+                println!("bench {} failed: {e:#}", which.name());
+                failures.push(format!("{}: {e:#}", which.name()));
+            }
+        }
+        // Interrupted: stop here, but keep what finished.
+        if interrupted() {
+            break;
+        }
+    }
+    if !args.no_write && !sections.is_empty() {
+        let path = root.join("BENCHMARKS.md");
+        update_benchmarks_md(&path, &machine, &sections)?;
+        println!("\nwrote {}", path.display());
+    }
+    println!("bench total: {}", cmd::human(started.elapsed()));
+    if !failures.is_empty() {
+        bail!(
+            "{} benchmark(s) failed: {}",
+            failures.len(),
+            failures.join("; ")
+        );
+    }
+    Ok(())
+}
+
+// ---- interruption --------------------------------------------------------------
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+/// Ctrl-C and SIGTERM only set a flag: the benchmark loops notice it and
+/// return, so the guards' drops stop what they started.
+fn install_interrupt_handler() {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is signal-safe.
+        unsafe {
+            libc::signal(sig, on_interrupt as *const () as libc::sighandler_t);
+        }
+    }
+}
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::Relaxed)
+}
+
+fn check_interrupted() -> Result<()> {
+    if interrupted() {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// Sleeps `d`, waking early (with an error) on Ctrl-C.
+fn sleep(d: Duration) -> Result<()> {
+    let end = Instant::now() + d;
+    loop {
+        check_interrupted()?;
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        thread::sleep(left.min(Duration::from_millis(50)));
+    }
+}
+
+// ---- processes and namespaces -----------------------------------------------------
+
+fn signal(pid: u32, sig: i32) {
+    if let Ok(pid) = i32::try_from(pid) {
+        // SAFETY: kill(2) has no memory effects; a stale pid only fails.
+        unsafe {
+            libc::kill(pid, sig);
+        }
+    }
+}
+
+/// A network namespace `gw-bench-<tag>-<pid>` with `lo` up. On drop, every
+/// process still inside it (all started by this benchmark) is killed and
+/// the namespace deleted. The `gw-` prefix puts it under `cargo xtask
+/// test`'s leak check too.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(tag: &str) -> Result<Netns> {
+        let name = format!("gw-bench-{tag}-{}", std::process::id());
+        // A namespace of the same name, left by a killed run of ours (same
+        // pid): dropping a guard for it cleans it up.
+        if Path::new("/run/netns").join(&name).exists() {
+            drop(Netns { name: name.clone() });
+        }
+        cmd::output(command("ip").args(["netns", "add", &name]))?;
+        let ns = Netns { name };
+        cmd::output(command("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]))?;
+        Ok(ns)
+    }
+
+    /// `ip netns exec NAME program`: `ip` execs in place, so the spawned
+    /// pid is the program's own.
+    fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = command("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        cmd::output(command("ip").args(["netns", "pids", &self.name]))
+            .map(|out| {
+                out.split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            let pids = self.pids();
+            if pids.is_empty() {
+                break;
+            }
+            for pid in pids {
+                signal(pid, libc::SIGKILL);
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        let _ = cmd::output(command("ip").args(["netns", "del", &self.name]));
+    }
+}
+
+/// A child process with its stdout read line by line on a thread; killed
+/// (its whole process group when it leads one) and reaped on drop.
+struct Proc {
+    what: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Option<mpsc::Receiver<String>>,
+    group: bool,
+    /// Lines read while looking for another one.
+    seen: Vec<String>,
+}
+
+impl Proc {
+    /// Spawns `cmd` with stdin and stdout piped (stderr to `log`, or null).
+    fn spawn(what: &str, cmd: &mut Command, log: Option<&Path>) -> Result<Proc> {
+        Self::spawn_with(what, cmd, log, false)
+    }
+
+    /// Like [`Proc::spawn`], as the leader of a new process group: its
+    /// descendants (a server's next generations) are killed with it.
+    fn spawn_group(what: &str, cmd: &mut Command, log: Option<&Path>) -> Result<Proc> {
+        Self::spawn_with(what, cmd, log, true)
+    }
+
+    fn spawn_with(what: &str, cmd: &mut Command, log: Option<&Path>, group: bool) -> Result<Proc> {
+        use std::os::unix::process::CommandExt as _;
+        let stderr = match log {
+            Some(path) => Stdio::from(
+                fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("failed to open {}", path.display()))?,
+            ),
+            None => Stdio::null(),
+        };
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(stderr);
+        if group {
+            cmd.process_group(0);
+        }
+        let line = cmd::display(cmd);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("failed to start {what}: `{line}`"))?;
+        let stdin = child.stdin.take();
+        let lines = child.stdout.take().map(|out| {
+            let (tx, rx) = mpsc::channel();
+            thread::spawn(move || {
+                for line in BufReader::new(out).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            rx
+        });
+        Ok(Proc {
+            what: what.to_owned(),
+            child,
+            stdin,
+            lines,
+            group,
+            seen: Vec::new(),
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Writes one command line to its stdin.
+    fn send(&mut self, line: &str) -> Result<()> {
+        let stdin = self.stdin.as_mut().context("stdin already closed")?;
+        writeln!(stdin, "{line}")
+            .and_then(|()| stdin.flush())
+            .with_context(|| format!("failed to write to {}", self.what))
+    }
+
+    /// The next line that satisfies `pred` within `timeout` (the ones
+    /// before it are kept in `seen`).
+    fn expect(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        let rx = self.lines.as_ref().context("stdout is not read")?;
+        loop {
+            check_interrupted()?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!(
+                    "{} did not print the expected line within {timeout:?}; last lines: {:?}",
+                    self.what,
+                    self.seen.iter().rev().take(5).collect::<Vec<_>>()
+                );
+            }
+            match rx.recv_timeout(left.min(Duration::from_millis(100))) {
+                Ok(line) if pred(&line) => return Ok(line),
+                Ok(line) => {
+                    if line.starts_with("error") {
+                        bail!("{}: {line}", self.what);
+                    }
+                    self.seen.push(line);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => bail!(
+                    "{} ended its output before the expected line; last lines: {:?}",
+                    self.what,
+                    self.seen.iter().rev().take(5).collect::<Vec<_>>()
+                ),
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for the exit; `None` if it is still running.
+    fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<std::process::ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(Some(status));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`; returns the exit status.
+    fn stop(&mut self, grace: Duration) -> Result<std::process::ExitStatus> {
+        self.kill_with(libc::SIGTERM);
+        if let Some(status) = self.wait_timeout(grace)? {
+            return Ok(status);
+        }
+        self.kill_with(libc::SIGKILL);
+        Ok(self.child.wait()?)
+    }
+
+    fn kill_with(&self, sig: i32) {
+        if self.group {
+            if let Ok(pgid) = i32::try_from(self.pid()) {
+                // SAFETY: kill(2) has no memory effects; the group is ours.
+                unsafe {
+                    libc::kill(-pgid, sig);
+                }
+            }
+        } else {
+            signal(self.pid(), sig);
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stdin = None;
+        self.kill_with(libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+/// `gracewatch agent` on `listen`, ready (its `/readyz` answered 200) when
+/// [`Agent::start`] returns; stopped with SIGTERM on drop.
+struct Agent {
+    proc: Proc,
+    listen: SocketAddr,
+    /// From spawn to the first `200` on `/readyz`.
+    ready_after: Duration,
+}
+
+impl Agent {
+    fn start(ctx: &Ctx, listen: &str, extra: &[&str], timeout: Duration) -> Result<Agent> {
+        let listen: SocketAddr = listen.parse().context("bad agent address")?;
+        let t0 = Instant::now();
+        let mut c = command(&ctx.bin);
+        c.args(["agent", "--listen", &listen.to_string()])
+            .args(extra);
+        let log = ctx.dir.join("agent.log");
+        let mut proc = Proc::spawn("gracewatch agent", &mut c, Some(&log))?;
+        loop {
+            check_interrupted()?;
+            if let Some(status) = proc.child.try_wait()? {
+                bail!(
+                    "gracewatch agent exited ({status}) before it was ready; see {}",
+                    log.display()
+                );
+            }
+            if let Ok((200, _)) = http_get(listen, "/readyz") {
+                break;
+            }
+            if t0.elapsed() > timeout {
+                bail!("gracewatch agent not ready after {timeout:?}");
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        Ok(Agent {
+            proc,
+            listen,
+            ready_after: t0.elapsed(),
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    fn status(&self) -> Result<serde_json::Value> {
+        let (code, body) = http_get(self.listen, "/v1/status")?;
+        if code != 200 {
+            bail!("agent /v1/status answered {code}: {body}");
+        }
+        serde_json::from_str(&body).context("agent /v1/status is not JSON")
+    }
+
+    fn stop(mut self) -> Result<()> {
+        self.proc.stop(Duration::from_secs(10))?;
+        Ok(())
+    }
+}
+
+/// A plain HTTP/1.1 GET (the agent's answers are small): status and body.
+fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("no end of HTTP headers")?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no HTTP status")?;
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+    });
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Ok((code, body))
+}
+
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A `/proc/PID/status` field in kB (`VmHWM`, `VmRSS`).
+fn proc_kb(pid: u32, field: &str) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| {
+        let rest = l.strip_prefix(field)?.strip_prefix(':')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// User + system CPU time of a process so far.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the `(comm)`, which may hold spaces: state is field 3,
+    // utime and stime are fields 14 and 15.
+    let after = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no memory effects.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+        .ok()
+        .filter(|&hz| hz > 0)?;
+    Some(Duration::from_micros(ticks * 1_000_000 / hz))
+}
+
+/// Restores `/proc/sys/kernel/bpf_stats_enabled` to what it was on drop.
+struct BpfStatsSysctl {
+    before: Option<String>,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStatsSysctl {
+    fn enable() -> Result<BpfStatsSysctl> {
+        let before = fs::read_to_string(BPF_STATS).ok();
+        fs::write(BPF_STATS, "1").with_context(|| format!("failed to write 1 to {BPF_STATS}"))?;
+        Ok(BpfStatsSysctl { before })
+    }
+}
+
+impl Drop for BpfStatsSysctl {
+    fn drop(&mut self) {
+        if let Some(before) = &self.before {
+            let _ = fs::write(BPF_STATS, before.trim());
+        }
+    }
+}
+
+/// Run time and count of the BPF programs held by `pid`, per program
+/// name, from `bpftool -j prog show` (the kernel's `bpf_prog_info`). The
+/// programs are those whose fds `pid` holds (`prog_id:` in
+/// `/proc/PID/fdinfo`): Debian's bpftool does not list holders.
+fn bpf_prog_stats(pid: u32) -> Result<Vec<(String, u64, u64)>> {
+    let ids = bpf_prog_ids(pid);
+    if ids.is_empty() {
+        bail!("process {pid} holds no BPF program");
+    }
+    let out = cmd::output(command("bpftool").args(["-j", "prog", "show"]))?;
+    let progs: serde_json::Value = serde_json::from_str(&out).context("bpftool printed no JSON")?;
+    let mut stats = Vec::new();
+    for p in progs.as_array().into_iter().flatten() {
+        if p["id"].as_u64().is_some_and(|id| ids.contains(&id)) {
+            stats.push((
+                p["name"].as_str().unwrap_or("?").to_owned(),
+                p["run_time_ns"].as_u64().unwrap_or(0),
+                p["run_cnt"].as_u64().unwrap_or(0),
+            ));
+        }
+    }
+    stats.sort();
+    Ok(stats)
+}
+
+/// Ids of the BPF programs whose fds `pid` holds.
+fn bpf_prog_ids(pid: u32) -> Vec<u64> {
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return Vec::new();
+    };
+    let mut ids: Vec<u64> = dir
+        .flatten()
+        .filter_map(|e| fs::read_to_string(e.path()).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("prog_id:")?.trim().parse().ok())
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+// ---- statistics -------------------------------------------------------------------
+
+/// The `p`-th percentile (0-100) of sorted `v`, nearest rank.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn mean(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+fn stddev(v: &[f64]) -> f64 {
+    if v.len() < 2 {
+        return 0.0;
+    }
+    let m = mean(v);
+    (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt()
+}
+
+/// xorshift64*: random delays without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn new() -> Rng {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        Rng(nanos | 1)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n.max(1)
+    }
+}
+
+/// `met` / `**missed**` for a goal line.
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "**missed**" }
+}
+
+// ---- BENCHMARKS.md ------------------------------------------------------------------
+
+/// The machine and toolchain the numbers come from, and the command that
+/// produced them.
+fn machine(ctx: &Ctx, benches: &[Which]) -> String {
+    let out = |c: &mut Command| {
+        cmd::output(c.stderr(Stdio::piped()))
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "unavailable".to_owned())
+    };
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")?
+                .split_once(':')
+                .map(|(_, m)| m.trim())
+        })
+        .unwrap_or("unknown");
+    let cores = thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_gib = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines().find_map(|l| {
+                l.strip_prefix("MemTotal:")?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<f64>()
+                    .ok()
+            })
+        })
+        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    // nginx prints its version on stderr.
+    let nginx = Command::new("nginx")
+        .arg("-v")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_owned())
+        .unwrap_or_else(|_| "unavailable".to_owned());
+    let wrk = dpkg_version("wrk");
+    let commit = out(command("git")
+        .current_dir(&ctx.root)
+        .args(["rev-parse", "--short", "HEAD"]));
+    let date = out(command("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]));
+    let mut s = String::new();
+    let _ = writeln!(s, "| | |\n|---|---|");
+    let _ = writeln!(s, "| date | {date} |");
+    let _ = writeln!(s, "| CPU | {cpu}, {cores} cores (VM) |");
+    let _ = writeln!(s, "| memory | {mem_gib:.1} GiB |");
+    let _ = writeln!(s, "| kernel | {} |", out(command("uname").arg("-r")));
+    let _ = writeln!(
+        s,
+        "| gracewatch | commit {commit}, `cargo build --release -p gracewatch` |"
+    );
+    let _ = writeln!(s, "| rustc | {} |", out(command("rustc").arg("-V")));
+    let _ = writeln!(
+        s,
+        "| nginx | {nginx} (Debian nginx-light {}) |",
+        dpkg_version("nginx-light")
+    );
+    let _ = writeln!(s, "| wrk | Debian wrk {wrk} |");
+    let _ = writeln!(
+        s,
+        "| python3 | {} |",
+        out(command("python3").arg("--version"))
+    );
+    let _ = writeln!(s, "| iproute2 (ss) | {} |", out(command("ss").arg("-V")));
+    let names: Vec<&str> = benches.iter().map(|b| b.name()).collect();
+    let _ = writeln!(
+        s,
+        "\nProduced by `cargo xtask bench {}` (as root).",
+        names.join(" ")
+    );
+    s
+}
+
+fn dpkg_version(package: &str) -> String {
+    cmd::output(command("dpkg-query").args(["-W", "-f", "${Version}", package]))
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_else(|_| "unavailable".to_owned())
+}
+
+fn begin_marker(name: &str) -> String {
+    format!(
+        "<!-- bench:{name}:begin (generated by `cargo xtask bench`; edits here are overwritten) -->"
+    )
+}
+
+fn end_marker(name: &str) -> String {
+    format!("<!-- bench:{name}:end -->")
+}
+
+const TEMPLATE: &str = "# gracewatch benchmarks\n\n\
+Measured by `cargo xtask bench` (all four) or `cargo xtask bench reaction|overhead|scale|churn`\n\
+(any of them, in that order), as root on a project machine. Each run rewrites the generated\n\
+blocks below and keeps the text around them.\n\n\
+## Machine\n\n@machine@\n\n\
+## 1. Reaction time\n\n@reaction@\n\n\
+## 2. Overhead on the server\n\n@overhead@\n\n\
+## 3. Scale\n\n@scale@\n\n\
+## 4. Churn across an fd-handover restart\n\n@churn@\n";
+
+/// Replaces the generated blocks of the benchmarks that ran (and the
+/// machine block); everything else in the file stays as it was.
+fn update_benchmarks_md(path: &Path, machine: &str, sections: &[Section]) -> Result<()> {
+    let mut text = match fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(_) => {
+            let mut t = TEMPLATE.to_owned();
+            for name in ["machine", "reaction", "overhead", "scale", "churn"] {
+                let block = format!(
+                    "{}\n_not run yet_\n{}",
+                    begin_marker(name),
+                    end_marker(name)
+                );
+                t = t.replace(&format!("@{name}@"), &block);
+            }
+            t
+        }
+    };
+    let mut blocks = vec![("machine", machine.to_owned())];
+    blocks.extend(
+        sections
+            .iter()
+            .map(|s| (s.which.name(), s.markdown.clone())),
+    );
+    for (name, body) in blocks {
+        let (begin, end) = (begin_marker(name), end_marker(name));
+        let replacement = format!("{begin}\n{}\n{end}", body.trim_end());
+        let prefix = format!("<!-- bench:{name}:begin");
+        match (text.find(&prefix), text.find(&end)) {
+            (Some(b), Some(e)) if b < e => {
+                text.replace_range(b..e + end.len(), &replacement);
+            }
+            _ => {
+                text.push_str(&format!("\n## {name}\n\n{replacement}\n"));
+            }
+        }
+    }
+    fs::write(path, text).with_context(|| format!("failed to write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), 50.0);
+        assert_eq!(percentile(&v, 99.0), 99.0);
+        assert_eq!(percentile(&v, 100.0), 100.0);
+        assert_eq!(percentile(&[3.0], 99.0), 3.0);
+    }
+
+    #[test]
+    fn chunked_bodies_are_joined() {
+        assert_eq!(dechunk("3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), "abcde");
+    }
+
+    #[test]
+    fn generated_blocks_are_replaced_and_the_rest_kept() {
+        let dir = std::env::temp_dir().join(format!("xtask-bench-md-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("BENCHMARKS.md");
+        let section = |which, body: &str| Section {
+            which,
+            markdown: body.to_owned(),
+        };
+        update_benchmarks_md(&path, "m1", &[section(Which::Scale, "s1")]).expect("first write");
+        let mut text = fs::read_to_string(&path).expect("read");
+        assert!(text.contains("s1") && text.contains("m1") && text.contains("_not run yet_"));
+        text.push_str("\nhand-written analysis\n");
+        fs::write(&path, text).expect("write");
+        update_benchmarks_md(&path, "m2", &[section(Which::Scale, "s2")]).expect("second write");
+        let text = fs::read_to_string(&path).expect("read");
+        assert!(text.contains("s2") && !text.contains("s1") && text.contains("m2"));
+        assert!(text.contains("hand-written analysis"));
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
