@@ -172,13 +172,7 @@ impl Monitor {
             self.next_rescan = now;
             changed = true;
         }
-        let pids: Vec<u32> = self
-            .tracker
-            .status(now)
-            .processes
-            .iter()
-            .map(|p| p.pid)
-            .collect();
+        let pids: Vec<u32> = self.tracker.pids().collect();
         for pid in pids {
             if !process_alive(pid) {
                 self.apply_one(ConnEvent::ProcessExit { at: now, pid });

@@ -238,6 +238,12 @@ impl Tracker {
     }
 
     /// Who holds what at monotonic time `now` (the clock of event `at`s).
+    /// Pids holding a listener or a live connection — the ones `status`
+    /// lists — without building a whole [`Status`]. Unordered.
+    pub fn pids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.procs.keys().copied()
+    }
+
     pub fn status(&self, now: Duration) -> Status {
         // Per process: (live, oldest since); per (listener, holder): live.
         let mut live: BTreeMap<u32, (u64, Duration)> = BTreeMap::new();

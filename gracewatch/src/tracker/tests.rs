@@ -392,6 +392,13 @@ fn check(name: &str, t: &Tracker, st: &Status, e: &Exp) {
 fn check_invariants(t: &Tracker, now: Duration, ctx: &str) {
     let st = t.status(now);
     assert_eq!(st.schema, STATUS_SCHEMA, "{ctx}");
+    let mut pids: Vec<u32> = t.pids().collect();
+    pids.sort_unstable();
+    let listed: Vec<u32> = st.processes.iter().map(|p| p.pid).collect();
+    assert_eq!(
+        pids, listed,
+        "{ctx}: pids() lists exactly the processes of status()"
+    );
 
     // Indexes agree with the records.
     for (sk, tuple) in &t.conn_by_sk {
