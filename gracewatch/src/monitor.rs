@@ -4,13 +4,13 @@
 //! counted twice. Afterwards it folds kernel events in as they arrive and
 //! notices processes that exited. Consumers read [`Status`] from it.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::{
-    event::{ConnEvent, Snapshot, Tuple},
+    event::{ConnEvent, Snapshot},
     source::{
         MonitorError,
         ebpf::{EbpfSource, ProgramStats, SourceOptions},
@@ -74,6 +74,7 @@ impl Monitor {
         // merge can recognise connections both of them saw.
         self.pump();
         let added = self.tracker.merge_snapshot(&snap);
+        drop(snap);
         for (tuple, pid) in &added {
             self.source.register_preexisting(tuple, *pid)?;
         }
@@ -82,9 +83,8 @@ impl Monitor {
         }
         // A pre-existing connection that ended between the snapshot and its
         // registration produced no event: look again and retire those.
-        let again =
-            snapshot::take(monotonic_now).context("failed to re-check the startup snapshot")?;
-        let still: HashSet<Tuple> = again.connections.iter().map(|c| c.tuple).collect();
+        let still = snapshot::still_open(&added)
+            .context("failed to re-check the startup snapshot's connections")?;
         for (tuple, _) in &added {
             if !still.contains(tuple) && self.source.unregister_preexisting(tuple) {
                 self.tracker.forget_connection(tuple);

@@ -18,7 +18,7 @@
 //! 0 means still in an accept queue).
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     io::Read,
     net::SocketAddr,
     time::Duration,
@@ -223,6 +223,40 @@ fn read_comm(process: &Process) -> anyhow::Result<String> {
         .read_to_string(&mut comm)
         .context("failed to read comm")?;
     Ok(comm.trim_end_matches('\n').to_owned())
+}
+
+/// Which of `conns` (each with a pid holding it, to find its namespace)
+/// still exist as ESTABLISHED or CLOSE_WAIT sockets. One sock_diag dump per
+/// namespace and no /proc walk: the cheap second look after the startup
+/// merge. A namespace that can no longer be entered (its process is gone)
+/// keeps its connections in the answer; the periodic rescans settle them.
+pub fn still_open(conns: &[(Tuple, u32)]) -> anyhow::Result<HashSet<Tuple>> {
+    let mut pid_in: BTreeMap<NetNs, u32> = BTreeMap::new();
+    for (tuple, pid) in conns {
+        pid_in.entry(tuple.netns).or_insert(*pid);
+    }
+    let mut open = HashSet::new();
+    for (netns, pid) in pid_in {
+        let dumped = NetNsHandle::of_pid(pid)
+            .ok()
+            .filter(|h| h.inode() == netns)
+            .map(|h| dump_netns(&h))
+            .transpose()?;
+        match dumped {
+            Some(sockets) => open.extend(
+                sockets
+                    .iter()
+                    .filter(|s| matches!(s.state, TCP_ESTABLISHED | TCP_CLOSE_WAIT))
+                    .map(|s| Tuple {
+                        netns,
+                        local: s.local,
+                        remote: s.remote,
+                    }),
+            ),
+            None => open.extend(conns.iter().map(|c| c.0).filter(|t| t.netns == netns)),
+        }
+    }
+    Ok(open)
 }
 
 /// One TCP socket from a sock_diag dump.
@@ -585,6 +619,28 @@ mod tests {
 
         drop(server);
         assert!(!live_inbound_fds_with(me(), &known).unwrap().contains(&want));
+    }
+
+    #[test]
+    fn still_open_follows_the_socket_not_the_process() {
+        let ns = own_netns();
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let want = tuple_of(ns, &server);
+        let gone = Tuple {
+            remote: SocketAddr::from((Ipv4Addr::LOCALHOST, 1)),
+            ..want
+        };
+        let open = still_open(&[(want, me()), (gone, me())]).unwrap();
+        assert!(open.contains(&want) && !open.contains(&gone), "{open:?}");
+
+        // Server closes first: FIN_WAIT1/2 is no longer live.
+        drop(server);
+        assert!(!still_open(&[(want, me())]).unwrap().contains(&want));
+        drop(client);
+        // A namespace nobody can be found in keeps its connections.
+        assert!(still_open(&[(want, u32::MAX / 2)]).unwrap().contains(&want));
     }
 
     /// Enough sockets that the dump spans many netlink datagrams (the kernel
