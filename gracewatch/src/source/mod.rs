@@ -6,6 +6,8 @@ pub mod ebpf;
 pub mod kernel_layout;
 pub mod netns;
 pub mod process;
+
+pub use process::process_alive;
 pub mod replay;
 pub mod snapshot;
 
@@ -84,44 +86,4 @@ pub(crate) fn register_readable<T: std::os::fd::AsRawFd>(
 pub fn monotonic_now() -> Duration {
     let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
-
-/// Whether `pid` still exists. A zombie counts as gone (it holds no fds)
-/// only once it is the last of its threads: a main thread that exited while
-/// others still run (or are still releasing the process's sockets) leaves
-/// the process alive.
-pub fn process_alive(pid: u32) -> bool {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let state = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().next())
-        .unwrap_or("X");
-    match state {
-        "Z" | "X" => fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|d| d.count() > 1),
-        _ => true,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn process_alive_tells_running_zombie_and_reaped_apart() {
-        assert!(process_alive(std::process::id()));
-        let mut child = std::process::Command::new("true")
-            .spawn()
-            .expect("spawn true");
-        let pid = child.id();
-        // Unreaped and single-threaded: a zombie holding nothing counts as gone.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while process_alive(pid) && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        assert!(!process_alive(pid), "a zombie is not alive");
-        let _ = child.wait();
-        assert!(!process_alive(pid), "a reaped pid is not alive");
-    }
 }

@@ -119,10 +119,32 @@ fn walk(children: &HashMap<u32, Vec<u32>>, roots: &[u32], exclude: &[u32]) -> Ve
 }
 
 fn parent_of(pid: u32) -> Option<u32> {
+    stat_after_comm(pid)?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Whether `pid` still exists. A zombie counts as gone (it holds no fds)
+/// only once it is the last of its threads: a main thread that exited while
+/// others still run (or are still releasing the process's sockets) leaves
+/// the process alive.
+pub fn process_alive(pid: u32) -> bool {
+    let Some(stat) = stat_after_comm(pid) else {
+        return false;
+    };
+    match stat.split_whitespace().next().unwrap_or("X") {
+        "Z" | "X" => fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|d| d.count() > 1),
+        _ => true,
+    }
+}
+
+/// `/proc/<pid>/stat` after the command name: `state ppid …`. The name may
+/// hold spaces and parentheses, hence the split at the last `)`.
+fn stat_after_comm(pid: u32) -> Option<String> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // `pid (comm) state ppid …`: comm may contain spaces and parentheses.
-    let (_, rest) = stat.rsplit_once(')')?;
-    rest.split_whitespace().nth(1)?.parse().ok()
+    stat.rsplit_once(')').map(|(_, rest)| rest.to_owned())
 }
 
 #[cfg(test)]
@@ -170,5 +192,22 @@ mod tests {
         // Reaped: the pid may now be reused, and the pidfd refuses to signal.
         assert!(pinned.signal(libc::SIGTERM).is_err());
         assert!(PinnedProcess::open(u32::MAX / 2).is_err());
+    }
+
+    #[test]
+    fn process_alive_tells_running_zombie_and_reaped_apart() {
+        assert!(process_alive(std::process::id()));
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
+        let pid = child.id();
+        // Unreaped and single-threaded: a zombie holding nothing counts as gone.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while process_alive(pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(!process_alive(pid), "a zombie is not alive");
+        let _ = child.wait();
+        assert!(!process_alive(pid), "a reaped pid is not alive");
     }
 }
