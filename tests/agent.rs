@@ -283,6 +283,8 @@ impl Agent {
                 &socket.to_string_lossy(),
                 "--token-file",
                 &token_file.to_string_lossy(),
+                // Off by default; the Prometheus test checks the run time.
+                "--bpf-stats",
             ],
         );
         let agent = Agent {

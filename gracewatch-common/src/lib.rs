@@ -38,7 +38,9 @@ pub mod event_kind {
     pub const ACCEPT: u8 = 4;
     /// A live connection owned by `tgid` ended (left ESTABLISHED/CLOSE_WAIT).
     pub const CLOSE: u8 = 5;
-    /// A connection died in the accept queue before anyone accepted it.
+    /// A socket no process held ended: normally a connection that died in
+    /// an accept queue before anyone accepted it. Userspace keeps those
+    /// that match a handshake it read.
     pub const QUEUE_DROP: u8 = 6;
     /// A connection that was live before gracewatch started (registered by
     /// userspace in `PREEXISTING`) ended.
@@ -47,7 +49,9 @@ pub mod event_kind {
 
 /// Bits of [`Event::flags`].
 pub mod event_flag {
-    /// ACCEPT: the connection was taken from the accept queue the programs saw it enter.
+    /// ACCEPT: the connection was taken from the accept queue the programs
+    /// saw it enter. Set by userspace, which matches accepts to the
+    /// handshakes it read (the programs keep no queue map).
     pub const WAS_QUEUED: u8 = 1;
     /// The map that should have tracked this socket was full: the event is
     /// paired with an immediate compensating one and counted in `STATS`.
@@ -136,13 +140,52 @@ pub mod stat {
     pub const LOST_EVENTS: u32 = 0;
     /// Accepted fds whose socket could not be resolved from the fd table.
     pub const ACCEPT_UNRESOLVED: u32 = 1;
-    /// Sockets not tracked because `QUEUED` or `LIVE` was full.
+    /// Sockets not tracked because `LIVE` was full.
     pub const MAP_FULL: u32 = 2;
     pub const COUNT: u32 = 4;
 }
 
+/// Indexes into the `CONTROL` array: state shared by the programs and
+/// userspace that is not a health counter.
+pub mod control {
+    /// `bpf_ktime_get_ns()` of the last ring-buffer record submitted with a
+    /// forced wake-up (written by the programs).
+    pub const LAST_WAKEUP_NS: u32 = 0;
+    /// Pre-existing connections userspace registered in `PREEXISTING`, less
+    /// those it removed itself (written by userspace only, raised *before*
+    /// an insert and lowered *after* a removal).
+    pub const PREEXISTING_REGISTERED: u32 = 1;
+    /// `PREEXISTING` entries the programs removed (atomic adds by the
+    /// programs only). While it equals `PREEXISTING_REGISTERED` the map is
+    /// empty and the programs skip looking into it.
+    pub const PREEXISTING_ENDED: u32 = 2;
+    pub const COUNT: u32 = 4;
+}
+
+/// The programs wake the ring buffer's reader at once for a record that can
+/// end a drain (the last live connection of a process userspace listed in
+/// `WATCHED` closed), for a listener opening or closing, and when the
+/// buffer is a quarter full; any other record wakes it only if no wake-up was sent for
+/// this long. A busy host so costs the reader a few hundred wake-ups a
+/// second instead of one per connection; the reader, while records keep
+/// coming, looks again on its own every [`READER_TAIL_NS`].
+pub const WAKEUP_INTERVAL_NS: u64 = 5_000_000;
+
+/// How often the reader looks at the ring buffer without being woken, for
+/// as long as it found records in the last [`READER_QUIET_NS`]. Must not
+/// exceed [`WAKEUP_INTERVAL_NS`] by much: it bounds how late a record
+/// submitted without a wake-up is read.
+pub const READER_TAIL_NS: u64 = 5_000_000;
+
+/// After this long without records the reader waits for a wake-up only. It
+/// must exceed [`WAKEUP_INTERVAL_NS`]: the programs then see the last
+/// wake-up as old enough and wake the reader for the next record.
+pub const READER_QUIET_NS: u64 = 100_000_000;
+const _: () = assert!(READER_QUIET_NS > 2 * WAKEUP_INTERVAL_NS);
+
 /// Struct-member and tracepoint-field offsets, resolved at startup from
-/// `/sys/kernel/btf/vmlinux` and the tracefs `format` files and handed to the
+/// `/sys/kernel/btf/vmlinux` and the tracefs `format` files of the two
+/// accept tracepoints and handed to the
 /// programs as the global `CONFIG`: nothing about the running kernel's layout
 /// is compiled in.
 #[repr(C)]
@@ -165,23 +208,13 @@ pub struct Config {
     pub skc_rcv_saddr: u32,
     pub skc_net: u32,
     pub sk_protocol: u32,
+    pub sk_socket: u32,
     pub task_flags: u32,
     /// `offsetof(struct net, ns) + offsetof(struct ns_common, inum)`.
     pub net_ns_inum: u32,
-    // `sock:inet_sock_set_state` field offsets
-    pub tp_skaddr: u16,
-    pub tp_oldstate: u16,
-    pub tp_newstate: u16,
-    pub tp_sport: u16,
-    pub tp_dport: u16,
-    pub tp_family: u16,
-    pub tp_protocol: u16,
-    pub tp_saddr_v6: u16,
-    pub tp_daddr_v6: u16,
     // `syscalls:sys_exit_accept4` / `syscalls:sys_exit_accept` `ret` offsets
     pub tp_accept4_ret: u16,
     pub tp_accept_ret: u16,
-    pub _pad: u16,
     /// Device and inode of gracewatch's own pid namespace (`stat
     /// /proc/self/ns/pid`): pids are reported as seen from it, so a
     /// container sharing a pod's pid namespace sees the pod's pids. Tasks
@@ -189,7 +222,7 @@ pub struct Config {
     pub pidns_dev: u64,
     pub pidns_ino: u64,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 112);
+const _: () = assert!(core::mem::size_of::<Config>() == 96);
 
 #[cfg(feature = "user")]
 mod pod {

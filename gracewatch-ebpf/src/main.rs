@@ -1,22 +1,27 @@
-//! gracewatch's kernel side: three classic tracepoints that attribute every
-//! inbound TCP connection to the process that accepted it and count it until
-//! it ends.
+//! gracewatch's kernel side: three tracepoints that attribute every inbound
+//! TCP connection to the process that accepted it and count it until it ends.
 //!
-//! - `syscalls:sys_exit_accept4` / `sys_exit_accept` run in the accepting
-//!   process: the new fd is walked through `current->files` to its
-//!   `struct sock`, which becomes a `LIVE` entry owned by the caller's tgid.
-//! - `sock:inet_sock_set_state` sees listeners open and close, handshakes
-//!   complete (the child waits in `QUEUED` until accepted) and connections end.
-//!   It runs in whatever context changes the state (often softirq), so it never
-//!   attributes anything to `current` except for LISTEN transitions, which only
-//!   happen in the process calling `listen()`/`close()`.
+//! - `syscalls:sys_exit_accept4` / `sys_exit_accept` (classic tracepoints)
+//!   run in the accepting process: the new fd is walked through
+//!   `current->files` to its `struct sock`, which becomes a `LIVE` entry
+//!   owned by the caller's tgid.
+//! - `inet_sock_set_state` (a raw tracepoint: its arguments are the `sk` and
+//!   the two states, with no trace record built, so the seven of every ten
+//!   state changes that mean nothing to us cost almost nothing) sees
+//!   listeners open and close, handshakes complete and connections end. It
+//!   runs in whatever context changes the state (often softirq), so it never
+//!   attributes anything to `current` except for LISTEN transitions, which
+//!   only happen in the process calling `listen()`/`close()`.
 //!
-//! Membership in `QUEUED`/`LIVE`/`PREEXISTING` is the truth; whoever deletes
-//! an entry successfully is the one that reports its end, so a socket racing
-//! between accept (one CPU) and reset (another) is counted exactly once. The
-//! birth event is emitted *before* the map insert, so userspace always reads
-//! a socket's birth before its end. Meaning (listeners, roles, drains) lives
-//! in userspace.
+//! Membership in `LIVE`/`PREEXISTING` is the truth; whoever deletes an entry
+//! successfully is the one that reports its end, so a socket racing between
+//! accept (one CPU) and reset (another) is counted exactly once. The birth
+//! event is emitted *before* the map insert, so userspace always reads a
+//! socket's birth before its end. A connection waiting in an accept queue is
+//! kept in no map: its handshake event tells userspace, and a socket that
+//! ends with no `struct socket` attached (never accepted) is reported as
+//! dropped from the queue for userspace to match. Meaning (listeners,
+//! queues, roles, drains) lives in userspace.
 #![no_std]
 #![no_main]
 // The BPF target has no `core::sync::atomic` read-modify-write methods; the
@@ -27,19 +32,22 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, bpf_pidns_info},
+    bindings::{
+        BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+        BPF_RB_RING_SIZE, bpf_pidns_info,
+    },
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
         generated::{bpf_get_current_task, bpf_get_ns_current_pid_tgid, bpf_ktime_get_ns},
     },
-    macros::{map, tracepoint},
+    macros::{map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, RingBuf},
-    programs::TracePointContext,
+    programs::{RawTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
 use gracewatch_common::{
-    AF_INET, AF_INET6, Config, Event, IPPROTO_TCP, LiveConn, ProcCounters, TupleKey, event_flag,
-    event_kind, stat, tcp_state,
+    AF_INET, AF_INET6, Config, Event, IPPROTO_TCP, LiveConn, ProcCounters, TupleKey,
+    WAKEUP_INTERVAL_NS, control, event_flag, event_kind, stat, tcp_state,
 };
 
 /// Offsets of the running kernel, written by userspace before load.
@@ -54,10 +62,6 @@ const MAX_SOCKETS: u32 = 1 << 20;
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
-
-/// Child sockets whose handshake completed and that nobody accepted yet → handshake time.
-#[map]
-static QUEUED: HashMap<u64, u64> = HashMap::with_max_entries(MAX_SOCKETS, BPF_F_NO_PREALLOC);
 
 /// Accepted, not yet ended connections, keyed by sk address.
 #[map]
@@ -77,8 +81,18 @@ static PROCS: HashMap<u32, ProcCounters> = HashMap::with_max_entries(1 << 16, BP
 #[map]
 static STATS: Array<u64> = Array::with_max_entries(stat::COUNT, 0);
 
-#[tracepoint]
-pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+/// Processes a drain is waiting on (tgid → 1), written by userspace: the
+/// close that ends the last connection of one wakes the reader at once.
+#[map]
+static WATCHED: HashMap<u32, u8> = HashMap::with_max_entries(MAX_WATCHED, 0);
+const MAX_WATCHED: u32 = 1024;
+
+/// Wake-up and gating state, indexed by `gracewatch_common::control`.
+#[map]
+static CONTROL: Array<u64> = Array::with_max_entries(control::COUNT, 0);
+
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
     let _ = try_inet_sock_set_state(&ctx);
     0
 }
@@ -142,32 +156,79 @@ unsafe fn add<T: Copy>(p: *mut T, v: T) {
     unsafe { atomic_xadd::<T, T, { AtomicOrdering::Relaxed }>(p, v) };
 }
 
+/// Submits `ev`. An `urgent` record (the last close of a process a drain
+/// waits on, a listener opening or closing) wakes the reader at once;
+/// others only if the last wake-up is older than
+/// `WAKEUP_INTERVAL_NS` or the buffer is filling up (see
+/// `gracewatch_common::WAKEUP_INTERVAL_NS` for the reader's side). A wake-up
+/// is an IPI and a context switch: one per connection was most of what
+/// gracewatch cost a busy server.
 #[inline(always)]
-fn emit(ev: &Event) {
-    if EVENTS.output::<Event>(ev, 0).is_err() {
+fn emit(ev: &Event, urgent: bool) {
+    let flags = if wake_due(ev.ts_ns, urgent) {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    if EVENTS.output::<Event>(ev, flags as u64).is_err() {
         bump(stat::LOST_EVENTS);
     }
 }
 
 #[inline(always)]
-fn proc_add(tgid: u32, live: i64, accepted: u64, closed: u64) {
+fn wake_due(now: u64, urgent: bool) -> bool {
+    let Some(last) = CONTROL.get_ptr_mut(control::LAST_WAKEUP_NS) else {
+        return true;
+    };
+    // SAFETY: array values live as long as the map. Concurrent writers race
+    // benignly: each stores a recent time, and a lost store only means one
+    // more wake-up.
+    let due = urgent
+        || now.wrapping_sub(unsafe { core::ptr::read_volatile(last) }) >= WAKEUP_INTERVAL_NS
+        || EVENTS.query(BPF_RB_AVAIL_DATA as u64) * 4 >= EVENTS.query(BPF_RB_RING_SIZE as u64);
+    if due {
+        // SAFETY: as above.
+        unsafe { core::ptr::write_volatile(last, now) };
+    }
+    due
+}
+
+/// Whether a drain waits on `tgid` (its last close must wake the reader).
+#[inline(always)]
+fn watched(tgid: u32) -> bool {
+    // SAFETY: the value is only tested for presence.
+    unsafe { WATCHED.get(tgid) }.is_some()
+}
+
+#[inline(always)]
+fn control(index: u32) -> u64 {
+    CONTROL.get(index).copied().unwrap_or(0)
+}
+
+/// Adds to a process's counters; returns its live count after the change.
+/// (Read after the atomic add rather than fetched by it: fetching atomics
+/// need BPF ISA v3, and the programs build for the generic CPU. Of several
+/// CPUs closing a process's last connections at once, the last to add
+/// reads 0.)
+#[inline(always)]
+fn proc_add(tgid: u32, live: i64, accepted: u64, closed: u64) -> i64 {
     let mut p = PROCS.get_ptr_mut(tgid);
     if p.is_none() {
         let _ = PROCS.insert(tgid, ProcCounters::default(), BPF_NOEXIST as u64);
         p = PROCS.get_ptr_mut(tgid);
     }
-    if let Some(p) = p {
-        // SAFETY: `p` points into a map value (not preallocated, RCU-freed),
-        // valid for this program run; fields are updated with atomic adds.
-        unsafe {
-            add(&raw mut (*p).live, live);
-            if accepted != 0 {
-                add(&raw mut (*p).accepted, accepted);
-            }
-            if closed != 0 {
-                add(&raw mut (*p).closed, closed);
-            }
+    let Some(p) = p else { return 0 };
+    // SAFETY: `p` points into a map value (not preallocated, RCU-freed),
+    // valid for this program run; fields are updated with atomic adds.
+    unsafe {
+        if accepted != 0 {
+            add(&raw mut (*p).accepted, accepted);
         }
+        if closed != 0 {
+            add(&raw mut (*p).closed, closed);
+        }
+        add(&raw mut (*p).live, live);
+        core::ptr::read_volatile(&raw const (*p).live)
     }
 }
 
@@ -213,15 +274,12 @@ fn netns_of(cfg: &Config, sk: u64) -> u32 {
     kread(net, cfg.net_ns_inum).unwrap_or(0)
 }
 
-fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
+fn try_inet_sock_set_state(ctx: &RawTracePointContext) -> Result<(), i32> {
+    // TP_PROTO(const struct sock *sk, const int oldstate, const int newstate)
+    let sk: u64 = ctx.arg(0);
+    let old = ctx.arg::<u64>(1) as u8;
+    let new = ctx.arg::<u64>(2) as u8;
     let cfg = config();
-    let protocol: u16 = tp_read(ctx, cfg.tp_protocol)?;
-    if protocol != IPPROTO_TCP {
-        return Ok(());
-    }
-    let old = tp_read::<i32>(ctx, cfg.tp_oldstate)? as u8;
-    let new = tp_read::<i32>(ctx, cfg.tp_newstate)? as u8;
-    let sk: u64 = tp_read(ctx, cfg.tp_skaddr)?;
 
     let is_end = matches!(
         old,
@@ -230,6 +288,10 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         new,
         tcp_state::FIN_WAIT1 | tcp_state::LAST_ACK | tcp_state::CLOSE
     );
+    if is_end {
+        // Before any read: a `LIVE` socket is TCP.
+        return end_of_connection(&cfg, sk, old, new);
+    }
     let kind = if new == tcp_state::LISTEN {
         event_kind::LISTEN_START
     } else if old == tcp_state::LISTEN && new == tcp_state::CLOSE {
@@ -242,50 +304,54 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
             return Ok(());
         }
         event_kind::HANDSHAKE
-    } else if is_end {
-        0
     } else {
         return Ok(());
     };
+    if kread::<u16>(sk, cfg.sk_protocol)? != IPPROTO_TCP {
+        return Ok(());
+    }
+    let Some(mut ev) = sock_event(&cfg, sk, kind)? else {
+        return Ok(());
+    };
+    ev.old_state = old;
+    ev.new_state = new;
+    if kind == event_kind::HANDSHAKE {
+        emit(&ev, false);
+    } else if current_into(&cfg, &mut ev) {
+        emit(&ev, true);
+    }
+    Ok(())
+}
 
+/// An event about `sk` with its addresses, ports and network namespace, as
+/// `sock:inet_sock_set_state` would record them (IPv4 as IPv4-mapped);
+/// `None` for a socket that is not IPv4/IPv6.
+#[inline(always)]
+fn sock_event(cfg: &Config, sk: u64, kind: u8) -> Result<Option<Event>, i32> {
+    let family: u16 = kread(sk, cfg.skc_family)?;
+    if family != AF_INET && family != AF_INET6 {
+        return Ok(None);
+    }
     let mut ev = Event {
         ts_ns: now_ns(),
         sk,
-        old_state: old,
-        new_state: new,
-        family: tp_read(ctx, cfg.tp_family)?,
-        lport: tp_read(ctx, cfg.tp_sport)?,
-        rport: tp_read(ctx, cfg.tp_dport)?,
-        laddr: tp_read(ctx, cfg.tp_saddr_v6)?,
-        raddr: tp_read(ctx, cfg.tp_daddr_v6)?,
-        netns: netns_of(&cfg, sk),
+        kind,
+        family,
+        lport: kread(sk, cfg.skc_num)?,
+        rport: u16::from_be(kread(sk, cfg.skc_dport)?),
+        netns: netns_of(cfg, sk),
         ..Event::default()
     };
-
-    match kind {
-        event_kind::LISTEN_START | event_kind::LISTEN_STOP => {
-            ev.kind = kind;
-            if current_into(&cfg, &mut ev) {
-                emit(&ev);
-            }
-        }
-        event_kind::HANDSHAKE => {
-            ev.kind = kind;
-            emit(&ev);
-            if QUEUED.insert(sk, ev.ts_ns, BPF_NOEXIST as u64).is_err() {
-                // Already queued (duplicate transition) or the map is full.
-                if QUEUED.get_ptr(sk).is_none() {
-                    bump(stat::MAP_FULL);
-                    warn!(ctx, "QUEUED map full: connection not tracked");
-                    ev.kind = event_kind::QUEUE_DROP;
-                    ev.flags = event_flag::MAP_FULL;
-                    emit(&ev);
-                }
-            }
-        }
-        _ => end_of_connection(&cfg, &mut ev, sk),
+    if family == AF_INET6 {
+        ev.laddr = kread(sk, cfg.skc_v6_rcv_saddr)?;
+        ev.raddr = kread(sk, cfg.skc_v6_daddr)?;
+    } else {
+        let l: [u8; 4] = kread(sk, cfg.skc_rcv_saddr)?;
+        let r: [u8; 4] = kread(sk, cfg.skc_daddr)?;
+        ev.laddr = v4_mapped(l);
+        ev.raddr = v4_mapped(r);
     }
-    Ok(())
+    Ok(Some(ev))
 }
 
 /// `PF_EXITING` in `task_struct.flags` (include/linux/sched.h).
@@ -303,28 +369,66 @@ fn owner_exiting(cfg: &Config, owner: u32) -> bool {
     kread::<u32>(task, cfg.task_flags).is_ok_and(|f| f & PF_EXITING != 0)
 }
 
-/// A connection left ESTABLISHED/CLOSE_WAIT: report it to whichever map held it.
+/// A connection left ESTABLISHED/CLOSE_WAIT: report it to whichever map
+/// held it. Most sockets that get here are the client ends of outbound
+/// connections, held by none: they cost one lookup and one read (and a
+/// lookup by tuple only while pre-existing connections are registered).
 #[inline(always)]
-fn end_of_connection(cfg: &Config, ev: &mut Event, sk: u64) {
+fn end_of_connection(cfg: &Config, sk: u64, old: u8, new: u8) -> Result<(), i32> {
     if let Some(conn) = LIVE.get_ptr(sk) {
         // SAFETY: map values stay readable for the whole program run (RCU).
-        let owner = unsafe { (*conn).owner };
+        let conn = unsafe { *conn };
         if LIVE.remove(sk).is_ok() {
-            proc_add(owner, -1, 0, 1);
-            ev.kind = event_kind::CLOSE;
-            ev.tgid = owner;
-            if owner_exiting(cfg, owner) {
+            let live_after = proc_add(conn.owner, -1, 0, 1);
+            let mut ev = Event {
+                ts_ns: now_ns(),
+                sk,
+                tgid: conn.owner,
+                netns: conn.netns,
+                family: conn.family,
+                lport: conn.lport,
+                rport: conn.rport,
+                kind: event_kind::CLOSE,
+                old_state: old,
+                new_state: new,
+                laddr: conn.laddr,
+                raddr: conn.raddr,
+                ..Event::default()
+            };
+            if owner_exiting(cfg, conn.owner) {
                 ev.flags |= event_flag::OWNER_EXITING;
             }
-            emit(ev);
+            emit(&ev, live_after <= 0 && watched(conn.owner));
         }
-        return;
+        return Ok(());
     }
-    if QUEUED.remove(sk).is_ok() {
-        ev.kind = event_kind::QUEUE_DROP;
-        emit(ev);
-        return;
+    // A socket no process ever held (`sk_socket` is attached by accept and
+    // by socket(), and detached only after the close that moves it out of
+    // these states) is a child that died in an accept queue: userspace
+    // matches it to the handshake it saw, or ignores it.
+    let socket: u64 = kread(sk, cfg.sk_socket)?;
+    if socket == 0 {
+        if kread::<u16>(sk, cfg.sk_protocol)? != IPPROTO_TCP {
+            return Ok(());
+        }
+        if let Some(mut ev) = sock_event(cfg, sk, event_kind::QUEUE_DROP)? {
+            ev.old_state = old;
+            ev.new_state = new;
+            emit(&ev, false);
+        }
+        return Ok(());
     }
+    if control(control::PREEXISTING_REGISTERED) <= control(control::PREEXISTING_ENDED) {
+        return Ok(());
+    }
+    if kread::<u16>(sk, cfg.sk_protocol)? != IPPROTO_TCP {
+        return Ok(());
+    }
+    let Some(mut ev) = sock_event(cfg, sk, event_kind::PREEXISTING_CLOSE)? else {
+        return Ok(());
+    };
+    ev.old_state = old;
+    ev.new_state = new;
     let key = TupleKey {
         netns: ev.netns,
         family: ev.family,
@@ -338,14 +442,20 @@ fn end_of_connection(cfg: &Config, ev: &mut Event, sk: u64) {
         // SAFETY: as above.
         let owner = unsafe { *owner };
         if PREEXISTING.remove(key).is_ok() {
-            ev.kind = event_kind::PREEXISTING_CLOSE;
+            if let Some(ended) = CONTROL.get_ptr_mut(control::PREEXISTING_ENDED) {
+                // SAFETY: array values live as long as the map.
+                unsafe { add(ended, 1u64) };
+            }
             ev.tgid = owner;
             if owner_exiting(cfg, owner) {
                 ev.flags |= event_flag::OWNER_EXITING;
             }
-            emit(ev);
+            // Pre-existing connections are counted in userspace only, so
+            // any of them may be a drain's last.
+            emit(&ev, watched(owner));
         }
     }
+    Ok(())
 }
 
 /// Walks `current->files->fdt->fd[fd]->private_data->sk`.
@@ -379,40 +489,15 @@ fn try_sys_exit_accept(ctx: &TracePointContext, ret_off: u16) -> Result<(), i32>
             return Ok(());
         }
     };
-    let family: u16 = kread(sk, cfg.skc_family)?;
-    if family != AF_INET && family != AF_INET6 {
-        return Ok(());
-    }
     let protocol: u16 = kread(sk, cfg.sk_protocol)?;
     if protocol != IPPROTO_TCP {
         return Ok(());
     }
-
-    let mut ev = Event {
-        ts_ns: now_ns(),
-        sk,
-        kind: event_kind::ACCEPT,
-        family,
-        lport: kread(sk, cfg.skc_num)?,
-        rport: u16::from_be(kread(sk, cfg.skc_dport)?),
-        netns: netns_of(&cfg, sk),
-        ..Event::default()
+    let Some(mut ev) = sock_event(&cfg, sk, event_kind::ACCEPT)? else {
+        return Ok(());
     };
-    if family == AF_INET6 {
-        ev.laddr = kread(sk, cfg.skc_v6_rcv_saddr)?;
-        ev.raddr = kread(sk, cfg.skc_v6_daddr)?;
-    } else {
-        let l: [u8; 4] = kread(sk, cfg.skc_rcv_saddr)?;
-        let r: [u8; 4] = kread(sk, cfg.skc_daddr)?;
-        ev.laddr = v4_mapped(l);
-        ev.raddr = v4_mapped(r);
-    }
     if !current_into(&cfg, &mut ev) {
         return Ok(());
-    }
-
-    if QUEUED.remove(sk).is_ok() {
-        ev.flags = event_flag::WAS_QUEUED;
     }
     let conn = LiveConn {
         accepted_ns: ev.ts_ns,
@@ -425,13 +510,13 @@ fn try_sys_exit_accept(ctx: &TracePointContext, ret_off: u16) -> Result<(), i32>
         laddr: ev.laddr,
         raddr: ev.raddr,
     };
-    emit(&ev);
+    emit(&ev, false);
     if LIVE.insert(sk, conn, BPF_NOEXIST as u64).is_err() {
         bump(stat::MAP_FULL);
         warn!(ctx, "LIVE map full: connection not tracked");
         ev.kind = event_kind::CLOSE;
         ev.flags |= event_flag::MAP_FULL;
-        emit(&ev);
+        emit(&ev, false);
         return Ok(());
     }
     proc_add(ev.tgid, 1, 1, 0);
@@ -444,11 +529,11 @@ fn try_sys_exit_accept(ctx: &TracePointContext, ret_off: u16) -> Result<(), i32>
         tcp_state::ESTABLISHED | tcp_state::CLOSE_WAIT | tcp_state::SYN_RECV
     ) && LIVE.remove(sk).is_ok()
     {
-        proc_add(ev.tgid, -1, 0, 1);
+        let live_after = proc_add(ev.tgid, -1, 0, 1);
         ev.kind = event_kind::CLOSE;
         ev.ts_ns = now_ns();
         ev.new_state = state;
-        emit(&ev);
+        emit(&ev, live_after <= 0 && watched(ev.tgid));
     }
     Ok(())
 }

@@ -4,7 +4,11 @@
 //! counted twice. Afterwards it folds kernel events in as they arrive and
 //! notices processes that exited. Consumers read [`Status`] from it.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -13,7 +17,7 @@ use crate::{
     event::{ConnEvent, Snapshot},
     source::{
         MonitorError,
-        ebpf::{EbpfSource, ProgramStats, SourceOptions},
+        ebpf::{EbpfSource, ProgramStats, READER_QUIET, READER_TAIL, SourceOptions},
         monotonic_now, process_alive,
         replay::{ReplayClock, ReplayFeed},
         snapshot,
@@ -34,12 +38,26 @@ const RESCAN_MIN: Duration = Duration::from_secs(1);
 /// How often exited processes and lost events are looked for.
 const HOUSEKEEPING: Duration = Duration::from_millis(500);
 
+/// Building a [`Status`] walks every live connection. Routine changes
+/// (connections coming and going) are published at most every
+/// `max(PUBLISH_MIN, 20 × the last build's duration)`, so publishing costs
+/// at most ~5% of a core even on a host with 100k connections; significant
+/// ones (an exit, a listener, lost events: see
+/// [`Tracker::take_significant`]) at once. Drains do not wait for a status:
+/// they wake on [`MonitorHandle::changes`], bumped after every batch.
+const PUBLISH_MIN: Duration = Duration::from_millis(20);
+
 pub struct Monitor {
     source: EbpfSource,
     tracker: Tracker,
     started: Duration,
     lost_seen: u64,
     batch: Vec<ConnEvent>,
+    /// When the ring buffer last had records (see [`READER_TAIL`]).
+    last_records: Duration,
+    /// Changes not yet published, and when routine ones may be (see [`PUBLISH_MIN`]).
+    unpublished: bool,
+    next_publish: Duration,
     next_housekeeping: Duration,
     /// Every applied event, for consumers that show or count them.
     events: Option<broadcast::Sender<ConnEvent>>,
@@ -51,46 +69,110 @@ pub struct Monitor {
 impl Monitor {
     /// Attaches, snapshots, merges. When this returns, `status()` is exact.
     pub fn start(opts: SourceOptions) -> Result<Self, MonitorError> {
+        let mut monitor = Self::attach(opts)?;
+        monitor.merge_startup_snapshot()?;
+        Ok(monitor)
+    }
+
+    /// The status once, exact when it returns, as `gracewatch status`
+    /// prints it: attaches, snapshots, merges, detaches.
+    ///
+    /// Unlike [`Monitor::start`] it does not register the snapshot's
+    /// connections with the programs (nor look at them again after): that
+    /// is only for a monitor that goes on to see them end, and at 100k
+    /// connections it is most of the startup's system calls.
+    pub fn status_once(opts: SourceOptions) -> Result<Status, MonitorError> {
+        let mut monitor = Self::attach(opts)?;
+        let t0 = monotonic_now();
+        let snap = snapshot::take(monotonic_now).context("failed to take the snapshot")?;
+        // Everything the programs saw up to now is folded in first, so the
+        // merge can recognise connections both of them saw.
+        monitor.pump();
+        let t1 = monotonic_now();
+        let started = monitor.started;
+        let mut tracker = std::mem::take(&mut monitor.tracker);
+        // The programs have done their part. Detaching them waits out a
+        // kernel grace period per tracepoint (~80 ms each here), so that
+        // runs while we merge.
+        let detached = std::thread::Builder::new()
+            .name("gw-detach".to_owned())
+            .spawn(move || drop(monitor))
+            .context("failed to spawn a thread to detach the programs")?;
+        tracker.merge_snapshot(&snap);
+        drop(snap);
+        let now = monotonic_now();
+        let mut status = tracker.status(now);
+        status.uptime_ms = now.saturating_sub(started).as_millis() as u64;
+        let t2 = monotonic_now();
+        detached
+            .join()
+            .map_err(|_| anyhow::anyhow!("the thread detaching the programs panicked"))?;
+        log::debug!(
+            "status: attach {:?}, snapshot {:?}, merge {:?}, detach waited {:?}",
+            t0.saturating_sub(started),
+            t1.saturating_sub(t0),
+            t2.saturating_sub(t1),
+            monotonic_now().saturating_sub(t2)
+        );
+        Ok(status)
+    }
+
+    /// Loads and attaches the programs; the tracker knows nothing yet.
+    fn attach(opts: SourceOptions) -> Result<Self, MonitorError> {
         let started = monotonic_now();
         let source = EbpfSource::start(opts)?;
-        let mut monitor = Self {
+        Ok(Self {
             source,
             tracker: Tracker::new(),
             started,
             lost_seen: 0,
             batch: Vec::new(),
+            last_records: started,
+            unpublished: false,
+            next_publish: started,
             next_housekeeping: started + HOUSEKEEPING,
             events: None,
             rescan: None,
             next_rescan: started + RESCAN_MIN,
-        };
-        monitor.merge_startup_snapshot()?;
-        Ok(monitor)
+        })
     }
 
     fn merge_startup_snapshot(&mut self) -> anyhow::Result<()> {
+        let t0 = monotonic_now();
         let snap = snapshot::take(monotonic_now).context("failed to take the startup snapshot")?;
         // Everything the programs saw up to now is folded in first, so the
         // merge can recognise connections both of them saw.
         self.pump();
+        let t1 = monotonic_now();
         let added = self.tracker.merge_snapshot(&snap);
         drop(snap);
+        let t2 = monotonic_now();
         for (tuple, pid) in &added {
             self.source.register_preexisting(tuple, *pid)?;
         }
-        if added.is_empty() {
-            return Ok(());
-        }
-        // A pre-existing connection that ended between the snapshot and its
-        // registration produced no event: look again and retire those.
-        let still = snapshot::still_open(&added)
-            .context("failed to re-check the startup snapshot's connections")?;
-        for (tuple, _) in &added {
-            if !still.contains(tuple) && self.source.unregister_preexisting(tuple) {
-                self.tracker.forget_connection(tuple);
+        let t3 = monotonic_now();
+        if !added.is_empty() {
+            // A pre-existing connection that ended between the snapshot and
+            // its registration produced no event: look again and retire those.
+            let gone = snapshot::gone(&added)
+                .context("failed to re-check the startup snapshot's connections")?;
+            drop(added);
+            for tuple in &gone {
+                if self.source.unregister_preexisting(tuple) {
+                    self.tracker.forget_connection(tuple);
+                }
             }
+            self.pump();
         }
-        self.pump();
+        snapshot::release_freed_memory();
+        log::debug!(
+            "startup: attach {:?}, snapshot {:?}, merge {:?}, registration {:?}, re-check {:?}",
+            t0.saturating_sub(self.started),
+            t1.saturating_sub(t0),
+            t2.saturating_sub(t1),
+            t3.saturating_sub(t2),
+            monotonic_now().saturating_sub(t3)
+        );
         Ok(())
     }
 
@@ -98,6 +180,10 @@ impl Monitor {
     fn pump(&mut self) -> bool {
         self.batch.clear();
         self.source.drain(&mut self.batch);
+        if self.batch.is_empty() {
+            return false;
+        }
+        self.last_records = monotonic_now();
         for ev in &self.batch {
             self.tracker.apply(ev);
         }
@@ -106,7 +192,7 @@ impl Monitor {
                 let _ = tx.send(ev.clone());
             }
         }
-        !self.batch.is_empty()
+        true
     }
 
     fn apply_one(&mut self, ev: ConnEvent) {
@@ -118,9 +204,21 @@ impl Monitor {
 
     /// Waits for the next change (kernel events, an exited process, lost
     /// events). Returns after at most the housekeeping interval.
+    ///
+    /// The programs wake this reader at once only for records that can end
+    /// a drain, and otherwise at most every few milliseconds; so while
+    /// records keep coming it also looks on its own every
+    /// [`READER_TAIL`], and waits for a wake-up alone after
+    /// [`READER_QUIET`] without any (an idle host costs no wake-ups).
     pub async fn next_change(&mut self) -> anyhow::Result<bool> {
         let now = monotonic_now();
-        let wait = self.next_housekeeping.saturating_sub(now);
+        let mut wait = self.next_housekeeping.saturating_sub(now);
+        if now.saturating_sub(self.last_records) < READER_QUIET {
+            wait = wait.min(READER_TAIL);
+        }
+        if self.unpublished {
+            wait = wait.min(self.next_publish.saturating_sub(now));
+        }
         let mut changed = false;
         tokio::select! {
             r = self.source.readable() => { r?; }
@@ -189,6 +287,24 @@ impl Monitor {
         changed
     }
 
+    /// A status to publish now, if changes are waiting and one is due (see
+    /// [`PUBLISH_MIN`]); `changed` adds to the waiting changes.
+    pub fn due_status(&mut self, changed: bool) -> Option<Status> {
+        self.unpublished |= changed;
+        if !self.unpublished {
+            return None;
+        }
+        let t0 = monotonic_now();
+        if !self.tracker.take_significant() && t0 < self.next_publish {
+            return None;
+        }
+        let status = self.status();
+        let took = monotonic_now().saturating_sub(t0);
+        self.unpublished = false;
+        self.next_publish = t0 + PUBLISH_MIN.max(took * 20);
+        Some(status)
+    }
+
     pub fn status(&self) -> Status {
         let now = monotonic_now();
         let mut status = self.tracker.status(now);
@@ -198,6 +314,23 @@ impl Monitor {
 
     pub fn tracker(&self) -> &Tracker {
         &self.tracker
+    }
+}
+
+/// A drain starting (`true`) or ending (`false`) its wait on these pids.
+type WatchRequest = (Vec<u32>, bool);
+
+/// Keeps pids watched (see [`MonitorHandle::watch`]) until dropped.
+#[must_use = "the pids are watched only while the guard lives"]
+pub struct WatchGuard {
+    pids: Vec<u32>,
+    tx: mpsc::UnboundedSender<WatchRequest>,
+}
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        // A monitor that stopped has nothing left to unwatch.
+        let _ = self.tx.send((std::mem::take(&mut self.pids), false));
     }
 }
 
@@ -213,11 +346,14 @@ enum Query {
 
 /// A running monitor: the cheap, cloneable way every consumer (CLI, TUI,
 /// agent, drain, library users) reads it. The monitor task publishes a new
-/// [`Status`] after every batch of changes, so a subscriber wakes as soon as
-/// the kernel reports a close.
+/// [`Status`] as soon as a process's live count reaches zero (so a drain
+/// wakes as soon as the kernel reports its target's last close), and for
+/// routine changes at the pace described at [`PUBLISH_MIN`].
 #[derive(Clone)]
 pub struct MonitorHandle {
     status: watch::Receiver<Arc<Status>>,
+    changes: watch::Receiver<u64>,
+    watch_tx: mpsc::UnboundedSender<WatchRequest>,
     queries: mpsc::Sender<Query>,
     failed: watch::Receiver<Option<String>>,
     events: broadcast::Sender<ConnEvent>,
@@ -231,19 +367,44 @@ impl Monitor {
         let (events, _) = broadcast::channel(EVENT_BACKLOG);
         monitor.events = Some(events.clone());
         let (status_tx, status) = watch::channel(Arc::new(monitor.status()));
+        let (changes_tx, changes) = watch::channel(0u64);
+        let (watch_tx, mut watch_rx) = mpsc::unbounded_channel::<WatchRequest>();
         let (failed_tx, failed) = watch::channel(None);
         let (queries, mut rx) = mpsc::channel::<Query>(64);
         tokio::spawn(async move {
+            let mut watched: BTreeMap<u32, usize> = BTreeMap::new();
             loop {
                 tokio::select! {
                     changed = monitor.next_change() => match changed {
-                        Ok(true) => { status_tx.send_replace(Arc::new(monitor.status())); }
-                        Ok(false) => {}
+                        Ok(changed) => {
+                            if changed {
+                                changes_tx.send_modify(|n| *n += 1);
+                            }
+                            if let Some(status) = monitor.due_status(changed) {
+                                status_tx.send_replace(Arc::new(status));
+                            }
+                        }
                         Err(e) => {
                             let _ = failed_tx.send(Some(format!("{e:#}")));
                             return;
                         }
                     },
+                    Some((pids, on)) = watch_rx.recv() => {
+                                for pid in pids {
+                                    let n = watched.entry(pid).or_default();
+                                    if on {
+                                        *n += 1;
+                                    } else {
+                                        *n = n.saturating_sub(1);
+                                    }
+                                }
+                                watched.retain(|_, n| *n > 0);
+                                let pids: BTreeSet<u32> = watched.keys().copied().collect();
+                                if let Err(e) = monitor.source.set_watched(&pids) {
+                                    // Without it the drain reacts within the reader's tail period.
+                                    log::warn!("{e:#}");
+                                }
+                    }
                     q = rx.recv() => match q {
                         Some(Query::Connections(pids, reply)) => {
                             let mut all: Vec<ConnInfo> = Vec::new();
@@ -262,7 +423,12 @@ impl Monitor {
                             let _ = reply.send(n);
                         }
                         Some(Query::Sync(reply)) => {
-                            if monitor.pump() {
+                            let changed = monitor.pump();
+                            if changed {
+                                changes_tx.send_modify(|n| *n += 1);
+                            }
+                            if changed || monitor.unpublished {
+                                monitor.unpublished = false;
                                 status_tx.send_replace(Arc::new(monitor.status()));
                             }
                             let _ = reply.send(());
@@ -282,6 +448,8 @@ impl Monitor {
         });
         Ok(MonitorHandle {
             status,
+            changes,
+            watch_tx,
             queries,
             failed,
             events,
@@ -295,9 +463,28 @@ impl MonitorHandle {
         self.status.borrow().clone()
     }
 
-    /// A receiver that wakes on every published status.
+    /// A receiver that wakes on every published status (see
+    /// [`PUBLISH_MIN`] for how often that is).
     pub fn subscribe(&self) -> watch::Receiver<Arc<Status>> {
         self.status.clone()
+    }
+
+    /// A receiver that wakes after every batch of changes the monitor
+    /// applied (cheap: no status is built for it). Ask what changed with
+    /// the queries, e.g. [`MonitorHandle::live_of`].
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.clone()
+    }
+
+    /// Asks the kernel to wake the monitor at once when the last live
+    /// connection of one of `pids` closes (others are read within a few
+    /// milliseconds), for as long as the guard lives.
+    pub fn watch(&self, pids: &[u32]) -> WatchGuard {
+        let _ = self.watch_tx.send((pids.to_vec(), true));
+        WatchGuard {
+            pids: pids.to_vec(),
+            tx: self.watch_tx.clone(),
+        }
     }
 
     /// Every event the monitor applies from now on. A receiver that falls
@@ -406,6 +593,9 @@ impl MonitorHandle {
         let (feed, mut feed_rx) = ReplayFeed::channel();
         let (events_tx, _) = broadcast::channel(EVENT_BACKLOG);
         let (status_tx, status) = watch::channel(status_of(&tracker, &clock));
+        let (changes_tx, changes) = watch::channel(0u64);
+        // A replay has no kernel to tell: watch requests are dropped.
+        let (watch_tx, _) = mpsc::unbounded_channel::<WatchRequest>();
         let (never_fails, failed) = watch::channel(None);
         let (queries, mut rx) = mpsc::channel::<Query>(64);
         let publish = events_tx.clone();
@@ -426,6 +616,7 @@ impl MonitorHandle {
                             while let Ok(ev) = feed_rx.try_recv() {
                                 apply(ev, &mut tracker, &mut clock);
                             }
+                            changes_tx.send_modify(|n| *n += 1);
                             status_tx.send_replace(status_of(&tracker, &clock));
                         }
                         None => feed_open = false,
@@ -454,6 +645,7 @@ impl MonitorHandle {
                                 any = true;
                             }
                             if any {
+                                changes_tx.send_modify(|n| *n += 1);
                                 status_tx.send_replace(status_of(&tracker, &clock));
                             }
                             let _ = reply.send(());
@@ -469,6 +661,8 @@ impl MonitorHandle {
         });
         let handle = MonitorHandle {
             status,
+            changes,
+            watch_tx,
             queries,
             failed,
             events: events_tx,

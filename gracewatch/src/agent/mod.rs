@@ -67,11 +67,13 @@ pub struct AgentArgs {
     /// present. Without it, those requests are refused on TCP.
     #[arg(long, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
-    /// Do not turn on the kernel's BPF run-time statistics (which cost every
-    /// BPF program on the host two clock reads per run);
-    /// gracewatch_bpf_run_time_seconds_total then stays flat.
+    /// Turn on the kernel's BPF run-time statistics while the agent runs,
+    /// so gracewatch_bpf_run_time_seconds_total and gracewatch_bpf_runs_total
+    /// show what gracewatch's programs cost. Off by default: it costs every
+    /// BPF program on the host two clock reads per run (`sysctl
+    /// kernel.bpf_stats_enabled=1` turns them on host-wide instead).
     #[arg(long)]
-    pub no_bpf_stats: bool,
+    pub bpf_stats: bool,
 }
 
 /// Which listener a request came through: it decides whether drains need
@@ -295,7 +297,7 @@ pub async fn run(opts: SourceOptions, args: AgentArgs) -> anyhow::Result<u8> {
     let mut stats_fd = None;
     let result = match started {
         Ok(Some(handle)) => {
-            if !args.no_bpf_stats {
+            if args.bpf_stats {
                 match enable_run_time_stats() {
                     Ok(fd) => stats_fd = Some(fd),
                     Err(e) => {

@@ -275,8 +275,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     };
     match cli.command {
         Command::Status(filter) => {
-            let monitor = Monitor::start(opts)?;
-            let status = filter.apply(monitor.status());
+            let status = filter.apply(Monitor::status_once(opts)?);
             let mut out = std::io::stdout().lock();
             if filter.json {
                 serde_json::to_writer(&mut out, &status)?;

@@ -87,6 +87,10 @@ impl Gate<'_> {
         cancel: impl Future<Output = ()>,
     ) -> anyhow::Result<DrainReport> {
         tokio::pin!(cancel);
+        // The kernel wakes the monitor at once for the targets' last close,
+        // and the monitor bumps `changes` after every batch it applies.
+        let _watch = self.handle.watch(&self.alive_pids());
+        let mut changes = self.handle.changes();
         let mut status_rx = self.handle.subscribe();
         let mut events = self.handle.events();
         let deadline = self.spec.timeout.map(|t| self.start + t);
@@ -98,6 +102,7 @@ impl Gate<'_> {
 
         self.initial = self.live().await?;
         loop {
+            changes.borrow_and_update();
             let status = status_rx.borrow_and_update().clone();
             self.observe(&status);
             let live = self.live().await?;
@@ -170,7 +175,7 @@ impl Gate<'_> {
                 () = sleep_until_opt(deadline) => {
                     return Ok(self.on_deadline().await);
                 }
-                r = status_rx.changed() => {
+                r = changes.changed() => {
                     if r.is_err() {
                         anyhow::bail!("the monitor stopped: {}", self.handle.failure().unwrap_or_default());
                     }

@@ -7,6 +7,7 @@
 //! maps. Nothing is pinned, so nothing can be left behind.
 
 use std::{
+    collections::BTreeSet,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     time::Duration,
 };
@@ -15,13 +16,24 @@ use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, RingBuf},
-    programs::TracePoint,
+    programs::{RawTracePoint, TracePoint},
 };
-use gracewatch_common::{AF_INET, AF_INET6, Event, TupleKey, event_flag, event_kind, stat};
+use gracewatch_common::{
+    AF_INET, AF_INET6, Event, READER_QUIET_NS, READER_TAIL_NS, TupleKey, control, event_flag,
+    event_kind, stat,
+};
 use tokio::io::unix::AsyncFd;
 
 use super::{MonitorError, kernel_layout};
 use crate::event::{ConnEvent, ListenAddr, Tuple};
+
+/// While records keep coming, the reader looks at the ring buffer this often
+/// without being woken (the programs wake it at once only for records that
+/// can end a drain: see `gracewatch_common::WAKEUP_INTERVAL_NS`).
+pub const READER_TAIL: Duration = Duration::from_nanos(READER_TAIL_NS);
+
+/// After this long without records the reader waits for a wake-up alone.
+pub const READER_QUIET: Duration = Duration::from_nanos(READER_QUIET_NS);
 
 /// Sizes of the kernel-side tables.
 #[derive(Clone, Copy, Debug)]
@@ -44,9 +56,17 @@ impl Default for SourceOptions {
 pub struct EbpfSource {
     // Field order is drop order: readers first, then the programs and maps.
     events: AsyncFd<RingBuf<MapData>>,
+    queued: Handshakes,
     logger: Option<AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>>,
     preexisting: HashMap<MapData, TupleKey, u32>,
+    /// Registrations in `preexisting` less userspace's own removals, as
+    /// last written to `CONTROL[PREEXISTING_REGISTERED]`.
+    preexisting_registered: u64,
     stats: Array<MapData, u64>,
+    control: Array<MapData, u64>,
+    /// The kernel's `WATCHED` map, and what userspace last wrote to it.
+    watched: HashMap<MapData, u32, u8>,
+    watched_pids: BTreeSet<u32>,
     _ebpf: Ebpf,
 }
 
@@ -59,7 +79,6 @@ impl EbpfSource {
         let entries = opts.max_connections.max(1024);
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &cfg, true)
-            .map_max_entries("QUEUED", entries)
             .map_max_entries("LIVE", entries)
             .map_max_entries("PREEXISTING", entries)
             .map_max_entries("EVENTS", ring)
@@ -80,6 +99,7 @@ impl EbpfSource {
                 None
             }
         };
+        attach_raw(&mut ebpf, kernel_layout::RAW_TRACEPOINT).map_err(MonitorError::from_load)?;
         for (category, name) in kernel_layout::TRACEPOINTS {
             attach(&mut ebpf, category, name).map_err(MonitorError::from_load)?;
         }
@@ -95,11 +115,20 @@ impl EbpfSource {
             .context("failed to open map `PREEXISTING`")?;
         let stats =
             Array::try_from(take(&mut ebpf, "STATS")?).context("failed to open map `STATS`")?;
+        let control =
+            Array::try_from(take(&mut ebpf, "CONTROL")?).context("failed to open map `CONTROL`")?;
+        let watched = HashMap::try_from(take(&mut ebpf, "WATCHED")?)
+            .context("failed to open map `WATCHED`")?;
         Ok(Self {
             events,
+            queued: Handshakes::default(),
             logger,
             preexisting,
+            preexisting_registered: 0,
             stats,
+            control,
+            watched,
+            watched_pids: BTreeSet::new(),
             _ebpf: ebpf,
         })
     }
@@ -137,7 +166,10 @@ impl EbpfSource {
             }
             // SAFETY: the programs only submit `Event`s (checked length); the
             // record may be unaligned, hence read_unaligned.
-            let ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) };
+            let mut ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) };
+            if !self.queued.observe(&mut ev) {
+                continue;
+            }
             if let Some(ev) = decode(&ev) {
                 out.push(ev);
             }
@@ -173,20 +205,56 @@ impl EbpfSource {
     /// Tells the programs about a connection that was live before they
     /// attached, so its end is reported as `PreexistingClose`.
     pub fn register_preexisting(&mut self, tuple: &Tuple, pid: u32) -> anyhow::Result<()> {
-        self.preexisting
-            .insert(tuple_key(tuple), pid, 0)
-            .with_context(|| {
-                format!(
-                    "failed to register pre-existing connection {} → {}",
-                    tuple.remote, tuple.local
-                )
-            })
+        // Raised before the insert: the programs look into the map only
+        // while this count is ahead of the entries they removed.
+        self.set_preexisting_registered(self.preexisting_registered + 1)?;
+        let inserted = self.preexisting.insert(tuple_key(tuple), pid, 0);
+        if inserted.is_err() {
+            self.set_preexisting_registered(self.preexisting_registered - 1)?;
+        }
+        inserted.with_context(|| {
+            format!(
+                "failed to register pre-existing connection {} → {}",
+                tuple.remote, tuple.local
+            )
+        })
     }
 
     /// Removes a registration. `true` if it was still there, i.e. the
     /// programs never reported the connection's end.
     pub fn unregister_preexisting(&mut self, tuple: &Tuple) -> bool {
-        self.preexisting.remove(&tuple_key(tuple)).is_ok()
+        let removed = self.preexisting.remove(&tuple_key(tuple)).is_ok();
+        if removed {
+            // Lowered after the removal, for the same reason. Failing to
+            // lower it only costs the programs a needless lookup.
+            let _ = self.set_preexisting_registered(self.preexisting_registered - 1);
+        }
+        removed
+    }
+
+    /// The processes drains wait on: the close that ends the last
+    /// connection of one wakes the reader at once (others are read within
+    /// [`READER_TAIL`]).
+    pub fn set_watched(&mut self, pids: &BTreeSet<u32>) -> anyhow::Result<()> {
+        for pid in self.watched_pids.difference(pids) {
+            // Fails only if it was never inserted: nothing to undo.
+            let _ = self.watched.remove(pid);
+        }
+        for pid in pids.difference(&self.watched_pids) {
+            self.watched
+                .insert(pid, 1, 0)
+                .with_context(|| format!("failed to watch pid {pid} in map `WATCHED`"))?;
+        }
+        self.watched_pids.clone_from(pids);
+        Ok(())
+    }
+
+    fn set_preexisting_registered(&mut self, n: u64) -> anyhow::Result<()> {
+        self.control
+            .set(control::PREEXISTING_REGISTERED, n, 0)
+            .context("failed to update map `CONTROL`")?;
+        self.preexisting_registered = n;
+        Ok(())
     }
 }
 
@@ -217,6 +285,67 @@ fn attach(ebpf: &mut Ebpf, category: &str, name: &str) -> anyhow::Result<()> {
     prog.attach(category, name)
         .with_context(|| format!("failed to attach tracepoint `{category}/{name}`"))?;
     Ok(())
+}
+
+fn attach_raw(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<()> {
+    let prog: &mut RawTracePoint = ebpf
+        .program_mut(name)
+        .with_context(|| format!("eBPF object has no program `{name}`"))?
+        .try_into()
+        .with_context(|| format!("program `{name}` is not a raw tracepoint"))?;
+    prog.load()
+        .with_context(|| format!("failed to load program `{name}`"))?;
+    prog.attach(name)
+        .with_context(|| format!("failed to attach raw tracepoint `{name}`"))?;
+    Ok(())
+}
+
+/// Connections whose handshake the programs reported and that nobody has
+/// accepted yet, by socket address. The programs keep no map for the
+/// accept queue (an insert and a delete per connection cost a busy server
+/// more than everything else they do): from these, userspace flags an
+/// accept that took a connection it saw queued, and keeps a queue drop only
+/// for a socket it saw queued (the programs report every socket that ends
+/// without ever having been held).
+#[derive(Debug, Default)]
+struct Handshakes {
+    /// sk → handshake time (ns).
+    queued: std::collections::HashMap<u64, u64>,
+    /// Size at which stale entries are swept next.
+    sweep_at: usize,
+}
+
+impl Handshakes {
+    /// An entry older than this is dropped when the set grows: its accept
+    /// was lost or invisible (io_uring), and no accept queue holds a
+    /// connection this long on a server that is draining it.
+    const STALE_NS: u64 = 600 * 1_000_000_000;
+    const MIN_SWEEP: usize = 4096;
+
+    /// Updates the set with `ev` and sets its `WAS_QUEUED` flag; `false`
+    /// if the record means nothing (a queue drop of a socket never queued).
+    fn observe(&mut self, ev: &mut Event) -> bool {
+        match ev.kind {
+            event_kind::HANDSHAKE => {
+                self.queued.insert(ev.sk, ev.ts_ns);
+                if self.queued.len() >= self.sweep_at.max(Self::MIN_SWEEP) {
+                    let now = ev.ts_ns;
+                    self.queued
+                        .retain(|_, at| now.saturating_sub(*at) < Self::STALE_NS);
+                    self.sweep_at = self.queued.len() * 2;
+                }
+                true
+            }
+            event_kind::ACCEPT => {
+                if self.queued.remove(&ev.sk).is_some() {
+                    ev.flags |= event_flag::WAS_QUEUED;
+                }
+                true
+            }
+            event_kind::QUEUE_DROP => self.queued.remove(&ev.sk).is_some(),
+            _ => true,
+        }
+    }
 }
 
 fn tuple_key(t: &Tuple) -> TupleKey {
@@ -371,6 +500,61 @@ mod tests {
 
         ev.kind = 200;
         assert_eq!(decode(&ev), None);
+    }
+
+    #[test]
+    fn accepts_and_queue_drops_are_matched_to_handshakes() {
+        let ev = |kind, sk, ts_ns| Event {
+            kind,
+            sk,
+            ts_ns,
+            ..Event::default()
+        };
+        let mut h = Handshakes::default();
+        // Queued, then accepted: flagged once.
+        assert!(h.observe(&mut ev(event_kind::HANDSHAKE, 1, 10)));
+        let mut a = ev(event_kind::ACCEPT, 1, 20);
+        assert!(h.observe(&mut a));
+        assert_eq!(a.flags & event_flag::WAS_QUEUED, event_flag::WAS_QUEUED);
+        // Accepted without a handshake seen (queued before the programs).
+        let mut b = ev(event_kind::ACCEPT, 1, 30);
+        assert!(h.observe(&mut b));
+        assert_eq!(b.flags & event_flag::WAS_QUEUED, 0);
+        // Queued, then reset in the queue: kept once; an unmatched drop
+        // (a socket never held that was never queued either) is not.
+        assert!(h.observe(&mut ev(event_kind::HANDSHAKE, 2, 40)));
+        assert!(h.observe(&mut ev(event_kind::QUEUE_DROP, 2, 50)));
+        assert!(!h.observe(&mut ev(event_kind::QUEUE_DROP, 2, 60)));
+        assert!(!h.observe(&mut ev(event_kind::QUEUE_DROP, 3, 60)));
+        // Other records pass untouched.
+        let mut c = ev(event_kind::CLOSE, 1, 70);
+        assert!(h.observe(&mut c));
+        assert_eq!(c.flags, 0);
+        assert!(h.queued.is_empty());
+    }
+
+    #[test]
+    fn stale_handshakes_are_swept_as_the_set_grows() {
+        let mut h = Handshakes::default();
+        let stale = Handshakes::STALE_NS;
+        for sk in 0..Handshakes::MIN_SWEEP as u64 - 1 {
+            h.observe(&mut Event {
+                kind: event_kind::HANDSHAKE,
+                sk,
+                ts_ns: 1,
+                ..Event::default()
+            });
+        }
+        assert_eq!(h.queued.len(), Handshakes::MIN_SWEEP - 1);
+        // The next one fills the set: everything older than STALE_NS goes.
+        h.observe(&mut Event {
+            kind: event_kind::HANDSHAKE,
+            sk: u64::MAX,
+            ts_ns: stale + 2,
+            ..Event::default()
+        });
+        assert_eq!(h.queued.len(), 1);
+        assert!(h.queued.contains_key(&u64::MAX));
     }
 
     #[test]

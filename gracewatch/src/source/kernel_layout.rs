@@ -1,6 +1,6 @@
 //! Resolves the running kernel's layout into a [`Config`] for the programs:
-//! struct-member offsets from BTF (`/sys/kernel/btf/vmlinux`) and tracepoint
-//! field offsets from the tracefs `format` files.
+//! struct-member offsets from BTF (`/sys/kernel/btf/vmlinux`) and the accept
+//! tracepoints' field offsets from the tracefs `format` files.
 //!
 //! aya has no CO-RE for Rust programs, so nothing about the kernel's layout
 //! may be compiled in: a kernel with a different `struct file` must still
@@ -9,7 +9,7 @@
 use std::{collections::HashMap, fs, path::Path};
 
 use anyhow::{Context as _, anyhow, bail};
-use btf_rs::{Btf, Type};
+use btf_rs::{Backend, Btf, Type};
 use gracewatch_common::Config;
 
 use super::MonitorError;
@@ -17,12 +17,15 @@ use super::MonitorError;
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 pub const TRACEFS: &str = "/sys/kernel/tracing";
 
-/// The tracepoints the programs attach to, as (category, name).
-pub const TRACEPOINTS: [(&str, &str); 3] = [
-    ("sock", "inet_sock_set_state"),
+/// The classic tracepoints the programs attach to, as (category, name).
+pub const TRACEPOINTS: [(&str, &str); 2] = [
     ("syscalls", "sys_exit_accept4"),
     ("syscalls", "sys_exit_accept"),
 ];
+
+/// The raw tracepoint the state-change program attaches to (the event
+/// `sock:inet_sock_set_state`, without its trace record).
+pub const RAW_TRACEPOINT: &str = "inet_sock_set_state";
 
 /// Builds the programs' `CONFIG` for this kernel.
 pub fn resolve() -> Result<Config, MonitorError> {
@@ -31,9 +34,17 @@ pub fn resolve() -> Result<Config, MonitorError> {
             "kernel BTF not found at {VMLINUX_BTF}: gracewatch needs a kernel built with CONFIG_DEBUG_INFO_BTF=y"
         )));
     }
-    let btf = Btf::from_file(VMLINUX_BTF).map_err(|e| {
-        MonitorError::CannotMonitor(format!("cannot read kernel BTF {VMLINUX_BTF}: {e}"))
-    })?;
+    // Mapped, the few lookups below take milliseconds; parsed into the heap
+    // (the fallback, for kernels whose sysfs cannot map it) the whole of
+    // vmlinux's BTF costs ~150 ms and ~40 MB at every start.
+    let btf = Btf::from_file_with_backend(VMLINUX_BTF, Backend::Mmap)
+        .or_else(|e| {
+            log::debug!("cannot map kernel BTF {VMLINUX_BTF} ({e}): reading it instead");
+            Btf::from_file(VMLINUX_BTF)
+        })
+        .map_err(|e| {
+            MonitorError::CannotMonitor(format!("cannot read kernel BTF {VMLINUX_BTF}: {e}"))
+        })?;
     let mut cfg = struct_offsets(&btf).map_err(|e| {
         MonitorError::CannotMonitor(format!(
             "kernel BTF lacks a structure gracewatch needs: {e:#}"
@@ -47,23 +58,6 @@ pub fn resolve() -> Result<Config, MonitorError> {
     cfg.pidns_ino = pidns.st_ino;
 
     ensure_tracefs()?;
-    let sock = tracepoint_format("sock", "inet_sock_set_state")?;
-    let field = |name: &str| -> Result<u16, MonitorError> {
-        sock.get(name).copied().ok_or_else(|| {
-            MonitorError::CannotMonitor(format!(
-                "tracepoint sock/inet_sock_set_state has no field `{name}` on this kernel"
-            ))
-        })
-    };
-    cfg.tp_skaddr = field("skaddr")?;
-    cfg.tp_oldstate = field("oldstate")?;
-    cfg.tp_newstate = field("newstate")?;
-    cfg.tp_sport = field("sport")?;
-    cfg.tp_dport = field("dport")?;
-    cfg.tp_family = field("family")?;
-    cfg.tp_protocol = field("protocol")?;
-    cfg.tp_saddr_v6 = field("saddr_v6")?;
-    cfg.tp_daddr_v6 = field("daddr_v6")?;
     for (name, slot) in [
         ("sys_exit_accept4", &mut cfg.tp_accept4_ret),
         ("sys_exit_accept", &mut cfg.tp_accept_ret),
@@ -163,6 +157,7 @@ fn struct_offsets(btf: &Btf) -> anyhow::Result<Config> {
         skc_rcv_saddr: skc("skc_rcv_saddr")?,
         skc_net: skc("skc_net")?,
         sk_protocol: off("sock", "sk_protocol")?,
+        sk_socket: off("sock", "sk_socket")?,
         task_flags: off("task_struct", "flags")?,
         net_ns_inum: off("net", "ns")? + off("ns_common", "inum")?,
         ..Config::default()
@@ -252,6 +247,7 @@ mod tests {
         assert_eq!(cfg.skc_num, 14);
         assert_eq!(cfg.fdt_max_fds, 0);
         assert!(cfg.task_files > 0 && cfg.skc_net > 0 && cfg.net_ns_inum > 0);
+        assert!(cfg.sk_socket > cfg.skc_net && cfg.sk_protocol > cfg.skc_net);
         assert!(member_offset(&btf, "sock_common", "no_such_member").is_err());
     }
 }

@@ -74,6 +74,9 @@ pub struct Tracker {
     closed: Tombstones<Tuple>,
     exited: Tombstones<u32>,
     stops: VecDeque<StopMark>,
+    /// Something a consumer must see at once happened since the last
+    /// [`Tracker::take_significant`] (see there).
+    significant: bool,
 }
 
 #[derive(Debug)]
@@ -227,7 +230,26 @@ impl Tracker {
             ConnEvent::ProcessExit { at, pid } => self.process_exit(*at, *pid),
             ConnEvent::Lost { total, .. } => self.lost_events = *total,
         }
+        if !matches!(
+            ev,
+            ConnEvent::Handshake { .. }
+                | ConnEvent::Accept { .. }
+                | ConnEvent::Close { .. }
+                | ConnEvent::PreexistingClose { .. }
+                | ConnEvent::QueueDrop { .. }
+        ) {
+            self.significant = true;
+        }
         self.collect_idle();
+    }
+
+    /// Whether, since the last call, a process exited, a listener opened or
+    /// closed, or events were lost. Consumers are sent a fresh status at
+    /// once for these; connections coming and going can wait for the next
+    /// periodic one (a drain does not wait for a status: it asks for its
+    /// targets' count after every batch). Clears the flag.
+    pub fn take_significant(&mut self) -> bool {
+        std::mem::take(&mut self.significant)
     }
 
     /// A connection the source found to be gone without an event (e.g. it

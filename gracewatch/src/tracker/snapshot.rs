@@ -237,6 +237,11 @@ impl Tracker {
         let s = snap.at;
         let mut seen: HashSet<Tuple> = HashSet::with_capacity(snap.connections.len());
         let mut added = Vec::new();
+        // Sized once: growing to a startup snapshot's 100k connections
+        // would rehash the table a dozen times, the last with both copies
+        // alive.
+        self.conns
+            .reserve(snap.connections.len().saturating_sub(self.conns.len()));
         for sc in &snap.connections {
             if !seen.insert(sc.tuple) || self.closed.ended_since(&sc.tuple, s) {
                 // Ended after the dump saw it.

@@ -2050,3 +2050,39 @@ fn schema_is_strict() {
         }
     }
 }
+
+// --- what must be published at once ------------------------------------------
+
+#[test]
+fn significant_changes_are_flagged_once() {
+    let addr = la("10.0.0.1:80");
+    let mut t = Tracker::new();
+    let mut apply = |step: Step| -> bool {
+        let Step::Ev(ev) = step else {
+            unreachable!("events only")
+        };
+        t.apply(&ev);
+        t.take_significant()
+    };
+    // (step, significant): listeners, exits and lost events; connections
+    // coming and going never, not even a process's last.
+    let table = [
+        (listen(1, 100, addr, 1), true),
+        (hs(2, 1, t4(1)), false),
+        (acc(3, 1, t4(1), 1, true), false),
+        (hs(4, 2, t4(2)), false),
+        (acc(5, 2, t4(2), 1, true), false),
+        (close(6, 1, t4(1), 1), false),
+        (hs(7, 3, t4(3)), false),
+        (qdrop(8, 3, t4(3)), false),
+        (close(9, 2, t4(2), 1), false),
+        (acc(10, 4, t4(4), 1, false), false),
+        (lost(11, 3), true),
+        (close(12, 4, t4(4), 1), false),
+        (unlisten(13, 100, addr, 1), true),
+        (exit(14, 1), true),
+    ];
+    for (i, (step, want)) in table.into_iter().enumerate() {
+        assert_eq!(apply(step), want, "step {i}");
+    }
+}

@@ -7,10 +7,12 @@
 //! are interleaved in pairs, the order alternating (off/on, on/off, …), so
 //! drift on the VM hits both sides alike.
 //!
-//! During the "with" runs `kernel.bpf_stats_enabled` is on (the agent turns
-//! it on too by default) and the programs' `run_time_ns`/`run_cnt` are read
-//! with `bpftool -j prog show` before and after: the kernel's own
-//! accounting of the time our programs run per event.
+//! The pairs run the agent as deployed (BPF run-time statistics off: they
+//! cost every program two clock reads per run). After the pairs of each
+//! mode, one more run with the agent has `kernel.bpf_stats_enabled` on, and
+//! the programs' `run_time_ns`/`run_cnt` are read with `bpftool -j prog
+//! show` before and after it: the kernel's own accounting of the time our
+//! programs run per event.
 
 use std::{fmt::Write as _, fs, time::Duration};
 
@@ -74,6 +76,13 @@ struct Pair {
     cost: AgentCost,
 }
 
+/// The extra run per mode with the kernel's BPF statistics on.
+struct StatsRun {
+    mode: Mode,
+    wrk: Wrk,
+    cost: AgentCost,
+}
+
 pub fn run(ctx: &Ctx, pairs: u32, secs: u32) -> Result<String> {
     let ns = Netns::new("overhead")?;
     let dir = ctx.dir.join("nginx");
@@ -117,9 +126,8 @@ pub fn run(ctx: &Ctx, pairs: u32, secs: u32) -> Result<String> {
             log.display()
         );
     }
-    let _stats = BpfStatsSysctl::enable()?;
-
     let mut results = Vec::new();
+    let mut stats_runs = Vec::new();
     for mode in [Mode::Close, Mode::KeepAlive] {
         wrk(&ns, mode, 2)?; // warm-up
         for i in 0..pairs {
@@ -158,8 +166,19 @@ pub fn run(ctx: &Ctx, pairs: u32, secs: u32) -> Result<String> {
                 cost,
             });
         }
+        check_interrupted()?;
+        let stats = BpfStatsSysctl::enable()?;
+        let (w, cost) = with_agent(ctx, &ns, mode, secs)?;
+        drop(stats);
+        println!(
+            "overhead: {} with BPF run-time statistics on: {:.0} req/s, agent {:.1}% CPU",
+            mode.label(),
+            w.rps,
+            cost.cpu_pct
+        );
+        stats_runs.push(StatsRun { mode, wrk: w, cost });
     }
-    Ok(report(&results, pairs, secs))
+    Ok(report(&results, &stats_runs, pairs, secs))
 }
 
 fn with_agent(ctx: &Ctx, ns: &Netns, mode: Mode, secs: u32) -> Result<(Wrk, AgentCost)> {
@@ -245,15 +264,15 @@ fn parse_wrk(out: &str) -> Option<Wrk> {
     (w.rps > 0.0).then_some(w)
 }
 
-fn report(results: &[Pair], pairs: u32, secs: u32) -> String {
+fn report(results: &[Pair], stats_runs: &[StatsRun], pairs: u32, secs: u32) -> String {
     let mut md = String::new();
     let _ = writeln!(
         md,
         "nginx-light, 1 worker, `return 200 \"ok\"`, in a network namespace; `wrk -t1 --latency` \
          ({secs} s per run; 32 connections for `Connection: close`, 64 for keep-alive); {pairs} \
          interleaved pairs per mode, order alternating. \"with\" = `gracewatch agent` running \
-         (default options: BPF run-time stats on, 4 MiB ring buffer), started and ready before the \
-         run. Means over the pairs; ratio = with ÷ without.\n"
+         (default options: BPF run-time statistics off, 4 MiB ring buffer), started and ready \
+         before the run. Means over the pairs; ratio = with ÷ without.\n"
     );
     let _ = writeln!(
         md,
@@ -307,8 +326,9 @@ fn report(results: &[Pair], pairs: u32, secs: u32) -> String {
 
     let _ = writeln!(
         md,
-        "\nBPF programs' own run time (kernel `bpf_stats_enabled`, `bpftool -j prog show`, \
-         summed over the \"with\" runs):\n"
+        "\nBPF programs' own run time (kernel `bpf_stats_enabled`, `bpftool -j prog show`), \
+         from one more {secs} s run per mode with the agent and the statistics on (they add two \
+         clock reads to every run):\n"
     );
     let _ = writeln!(
         md,
@@ -316,8 +336,8 @@ fn report(results: &[Pair], pairs: u32, secs: u32) -> String {
     );
     let _ = writeln!(md, "|---|---|---:|---:|---:|");
     for mode in [Mode::Close, Mode::KeepAlive] {
-        let rs: Vec<&Pair> = results.iter().filter(|p| p.mode == mode).collect();
-        let requests: f64 = rs.iter().map(|p| p.with.rps * f64::from(secs)).sum();
+        let rs: Vec<&StatsRun> = stats_runs.iter().filter(|p| p.mode == mode).collect();
+        let requests: f64 = rs.iter().map(|p| p.wrk.rps * f64::from(secs)).sum();
         let mut names: Vec<String> = rs
             .iter()
             .flat_map(|p| p.cost.progs.iter().map(|x| x.0.clone()))
@@ -347,6 +367,22 @@ fn report(results: &[Pair], pairs: u32, secs: u32) -> String {
             total_n as f64 / requests,
             total_t as f64 / total_n.max(1) as f64,
             total_t as f64 / requests / 1000.0
+        );
+    }
+
+    for r in stats_runs {
+        let off: Vec<f64> = results
+            .iter()
+            .filter(|p| p.mode == r.mode)
+            .map(|p| p.without.rps)
+            .collect();
+        let _ = writeln!(
+            md,
+            "\n{} with the statistics on: {:.0} req/s ({:.3} of the mean without), agent {:.1}% of a core.",
+            r.mode.label(),
+            r.wrk.rps,
+            r.wrk.rps / mean(&off),
+            r.cost.cpu_pct
         );
     }
 
