@@ -200,7 +200,10 @@ pub struct Config {
     pub socket_sk: u32,
     pub skc_family: u32,
     pub skc_state: u32,
-    pub skc_num: u32,
+    /// `inet_sock.inet_sport` (network order), not `skc_num`: a socket
+    /// moving to CLOSE gives its port back (`skc_num = 0`) before the state
+    /// change is traced.
+    pub inet_sport: u32,
     pub skc_dport: u32,
     pub skc_v6_daddr: u32,
     pub skc_v6_rcv_saddr: u32,

@@ -337,7 +337,7 @@ fn sock_event(cfg: &Config, sk: u64, kind: u8) -> Result<Option<Event>, i32> {
         sk,
         kind,
         family,
-        lport: kread(sk, cfg.skc_num)?,
+        lport: u16::from_be(kread(sk, cfg.inet_sport)?),
         rport: u16::from_be(kread(sk, cfg.skc_dport)?),
         netns: netns_of(cfg, sk),
         ..Event::default()

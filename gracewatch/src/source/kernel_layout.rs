@@ -149,7 +149,7 @@ fn struct_offsets(btf: &Btf) -> anyhow::Result<Config> {
         socket_sk: off("socket", "sk")?,
         skc_family: skc("skc_family")?,
         skc_state: skc("skc_state")?,
-        skc_num: skc("skc_num")?,
+        inet_sport: off("inet_sock", "inet_sport")?,
         skc_dport: skc("skc_dport")?,
         skc_v6_daddr: skc("skc_v6_daddr")?,
         skc_v6_rcv_saddr: skc("skc_v6_rcv_saddr")?,
@@ -244,7 +244,7 @@ mod tests {
         assert_eq!(cfg.skc_daddr, 0);
         assert_eq!(cfg.skc_rcv_saddr, 4);
         assert_eq!(cfg.skc_dport, 12);
-        assert_eq!(cfg.skc_num, 14);
+        assert!(cfg.inet_sport > cfg.sk_protocol);
         assert_eq!(cfg.fdt_max_fds, 0);
         assert!(cfg.task_files > 0 && cfg.skc_net > 0 && cfg.net_ns_inum > 0);
         assert!(cfg.sk_socket > cfg.skc_net && cfg.sk_protocol > cfg.skc_net);
