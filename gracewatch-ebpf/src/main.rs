@@ -138,8 +138,8 @@ fn now_ns() -> u64 {
 }
 
 #[inline(always)]
-fn bump(index: u32) {
-    if let Some(p) = STATS.get_ptr_mut(index) {
+fn bump(map: &Array<u64>, index: u32) {
+    if let Some(p) = map.get_ptr_mut(index) {
         // SAFETY: array values live as long as the map; the atomic add makes
         // concurrent updates from several CPUs exact.
         unsafe { add(p, 1u64) };
@@ -171,7 +171,7 @@ fn emit(ev: &Event, urgent: bool) {
         BPF_RB_NO_WAKEUP
     };
     if EVENTS.output::<Event>(ev, flags as u64).is_err() {
-        bump(stat::LOST_EVENTS);
+        bump(&STATS, stat::LOST_EVENTS);
     }
 }
 
@@ -307,14 +307,9 @@ fn try_inet_sock_set_state(ctx: &RawTracePointContext) -> Result<(), i32> {
     } else {
         return Ok(());
     };
-    if kread::<u16>(sk, cfg.sk_protocol)? != IPPROTO_TCP {
-        return Ok(());
-    }
-    let Some(mut ev) = sock_event(&cfg, sk, kind)? else {
+    let Some(mut ev) = sock_event(&cfg, sk, kind, old, new)? else {
         return Ok(());
     };
-    ev.old_state = old;
-    ev.new_state = new;
     if kind == event_kind::HANDSHAKE {
         emit(&ev, false);
     } else if current_into(&cfg, &mut ev) {
@@ -325,9 +320,12 @@ fn try_inet_sock_set_state(ctx: &RawTracePointContext) -> Result<(), i32> {
 
 /// An event about `sk` with its addresses, ports and network namespace, as
 /// `sock:inet_sock_set_state` would record them (IPv4 as IPv4-mapped);
-/// `None` for a socket that is not IPv4/IPv6.
+/// `None` for a socket that is not TCP over IPv4/IPv6.
 #[inline(always)]
-fn sock_event(cfg: &Config, sk: u64, kind: u8) -> Result<Option<Event>, i32> {
+fn sock_event(cfg: &Config, sk: u64, kind: u8, old: u8, new: u8) -> Result<Option<Event>, i32> {
+    if kread::<u16>(sk, cfg.sk_protocol)? != IPPROTO_TCP {
+        return Ok(None);
+    }
     let family: u16 = kread(sk, cfg.skc_family)?;
     if family != AF_INET && family != AF_INET6 {
         return Ok(None);
@@ -336,6 +334,8 @@ fn sock_event(cfg: &Config, sk: u64, kind: u8) -> Result<Option<Event>, i32> {
         ts_ns: now_ns(),
         sk,
         kind,
+        old_state: old,
+        new_state: new,
         family,
         lport: u16::from_be(kread(sk, cfg.inet_sport)?),
         rport: u16::from_be(kread(sk, cfg.skc_dport)?),
@@ -408,12 +408,7 @@ fn end_of_connection(cfg: &Config, sk: u64, old: u8, new: u8) -> Result<(), i32>
     // matches it to the handshake it saw, or ignores it.
     let socket: u64 = kread(sk, cfg.sk_socket)?;
     if socket == 0 {
-        if kread::<u16>(sk, cfg.sk_protocol)? != IPPROTO_TCP {
-            return Ok(());
-        }
-        if let Some(mut ev) = sock_event(cfg, sk, event_kind::QUEUE_DROP)? {
-            ev.old_state = old;
-            ev.new_state = new;
+        if let Some(ev) = sock_event(cfg, sk, event_kind::QUEUE_DROP, old, new)? {
             emit(&ev, false);
         }
         return Ok(());
@@ -421,14 +416,9 @@ fn end_of_connection(cfg: &Config, sk: u64, old: u8, new: u8) -> Result<(), i32>
     if control(control::PREEXISTING_REGISTERED) <= control(control::PREEXISTING_ENDED) {
         return Ok(());
     }
-    if kread::<u16>(sk, cfg.sk_protocol)? != IPPROTO_TCP {
-        return Ok(());
-    }
-    let Some(mut ev) = sock_event(cfg, sk, event_kind::PREEXISTING_CLOSE)? else {
+    let Some(mut ev) = sock_event(cfg, sk, event_kind::PREEXISTING_CLOSE, old, new)? else {
         return Ok(());
     };
-    ev.old_state = old;
-    ev.new_state = new;
     let key = TupleKey {
         netns: ev.netns,
         family: ev.family,
@@ -442,10 +432,7 @@ fn end_of_connection(cfg: &Config, sk: u64, old: u8, new: u8) -> Result<(), i32>
         // SAFETY: as above.
         let owner = unsafe { *owner };
         if PREEXISTING.remove(key).is_ok() {
-            if let Some(ended) = CONTROL.get_ptr_mut(control::PREEXISTING_ENDED) {
-                // SAFETY: array values live as long as the map.
-                unsafe { add(ended, 1u64) };
-            }
+            bump(&CONTROL, control::PREEXISTING_ENDED);
             ev.tgid = owner;
             if owner_exiting(cfg, owner) {
                 ev.flags |= event_flag::OWNER_EXITING;
@@ -485,15 +472,11 @@ fn try_sys_exit_accept(ctx: &TracePointContext, ret_off: u16) -> Result<(), i32>
     let sk = match sock_of_fd(&cfg, ret as u64) {
         Ok(sk) => sk,
         Err(_) => {
-            bump(stat::ACCEPT_UNRESOLVED);
+            bump(&STATS, stat::ACCEPT_UNRESOLVED);
             return Ok(());
         }
     };
-    let protocol: u16 = kread(sk, cfg.sk_protocol)?;
-    if protocol != IPPROTO_TCP {
-        return Ok(());
-    }
-    let Some(mut ev) = sock_event(&cfg, sk, event_kind::ACCEPT)? else {
+    let Some(mut ev) = sock_event(&cfg, sk, event_kind::ACCEPT, 0, 0)? else {
         return Ok(());
     };
     if !current_into(&cfg, &mut ev) {
@@ -512,7 +495,7 @@ fn try_sys_exit_accept(ctx: &TracePointContext, ret_off: u16) -> Result<(), i32>
     };
     emit(&ev, false);
     if LIVE.insert(sk, conn, BPF_NOEXIST as u64).is_err() {
-        bump(stat::MAP_FULL);
+        bump(&STATS, stat::MAP_FULL);
         warn!(ctx, "LIVE map full: connection not tracked");
         ev.kind = event_kind::CLOSE;
         ev.flags |= event_flag::MAP_FULL;
