@@ -4,11 +4,7 @@
 //! counted twice. Afterwards it folds kernel events in as they arrive and
 //! notices processes that exited. Consumers read [`Status`] from it.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -58,6 +54,8 @@ pub struct Monitor {
     /// Changes not yet published, and when routine ones may be (see [`PUBLISH_MIN`]).
     unpublished: bool,
     next_publish: Duration,
+    /// Pids drains wait on, with how many drains wait on each.
+    watched: BTreeMap<u32, usize>,
     next_housekeeping: Duration,
     /// Every applied event, for consumers that show or count them.
     events: Option<broadcast::Sender<ConnEvent>>,
@@ -84,10 +82,7 @@ impl Monitor {
     pub fn status_once(opts: SourceOptions) -> Result<Status, MonitorError> {
         let mut monitor = Self::attach(opts)?;
         let t0 = monotonic_now();
-        let snap = snapshot::take(monotonic_now).context("failed to take the snapshot")?;
-        // Everything the programs saw up to now is folded in first, so the
-        // merge can recognise connections both of them saw.
-        monitor.pump();
+        let snap = monitor.snapshot()?;
         let t1 = monotonic_now();
         let started = monitor.started;
         let mut tracker = std::mem::take(&mut monitor.tracker);
@@ -100,9 +95,7 @@ impl Monitor {
             .context("failed to spawn a thread to detach the programs")?;
         tracker.merge_snapshot(&snap);
         drop(snap);
-        let now = monotonic_now();
-        let mut status = tracker.status(now);
-        status.uptime_ms = now.saturating_sub(started).as_millis() as u64;
+        let status = status_of(&tracker, started);
         let t2 = monotonic_now();
         detached
             .join()
@@ -130,6 +123,7 @@ impl Monitor {
             last_records: started,
             unpublished: false,
             next_publish: started,
+            watched: BTreeMap::new(),
             next_housekeeping: started + HOUSEKEEPING,
             events: None,
             rescan: None,
@@ -139,10 +133,7 @@ impl Monitor {
 
     fn merge_startup_snapshot(&mut self) -> anyhow::Result<()> {
         let t0 = monotonic_now();
-        let snap = snapshot::take(monotonic_now).context("failed to take the startup snapshot")?;
-        // Everything the programs saw up to now is folded in first, so the
-        // merge can recognise connections both of them saw.
-        self.pump();
+        let snap = self.snapshot()?;
         let t1 = monotonic_now();
         let added = self.tracker.merge_snapshot(&snap);
         drop(snap);
@@ -174,6 +165,14 @@ impl Monitor {
             monotonic_now().saturating_sub(t3)
         );
         Ok(())
+    }
+
+    /// The startup snapshot, with everything the programs saw up to now
+    /// folded in first, so the merge can recognise connections both saw.
+    fn snapshot(&mut self) -> anyhow::Result<Snapshot> {
+        let snap = snapshot::take(monotonic_now).context("failed to take the startup snapshot")?;
+        self.pump();
+        Ok(snap)
     }
 
     /// Applies whatever the kernel has delivered, without waiting.
@@ -287,34 +286,69 @@ impl Monitor {
         changed
     }
 
-    /// A status to publish now, if changes are waiting and one is due (see
-    /// [`PUBLISH_MIN`]); `changed` adds to the waiting changes.
-    pub fn due_status(&mut self, changed: bool) -> Option<Status> {
+    /// After a batch (`changed`): bumps the change counter, and publishes a
+    /// status if changes are waiting and one is due (see [`PUBLISH_MIN`])
+    /// or `now` asks for it regardless of the pace.
+    fn publish(
+        &mut self,
+        changed: bool,
+        now: bool,
+        changes: &watch::Sender<u64>,
+        status: &watch::Sender<Arc<Status>>,
+    ) {
+        if changed {
+            changes.send_modify(|n| *n += 1);
+        }
         self.unpublished |= changed;
         if !self.unpublished {
-            return None;
+            return;
         }
         let t0 = monotonic_now();
-        if !self.tracker.take_significant() && t0 < self.next_publish {
-            return None;
+        let significant = self.tracker.take_significant();
+        if !now && !significant && t0 < self.next_publish {
+            return;
         }
-        let status = self.status();
+        status.send_replace(Arc::new(self.status()));
         let took = monotonic_now().saturating_sub(t0);
         self.unpublished = false;
         self.next_publish = t0 + PUBLISH_MIN.max(took * 20);
-        Some(status)
+    }
+
+    /// One more (`on`) or one less drain waiting on each of `pids`; the
+    /// kernel is told when a pid's first drain starts and its last ends.
+    fn watch(&mut self, pids: &[u32], on: bool) {
+        for &pid in pids {
+            let n = self.watched.entry(pid).or_default();
+            let was = *n;
+            *n = if on { was + 1 } else { was.saturating_sub(1) };
+            let now = *n;
+            if now == 0 {
+                self.watched.remove(&pid);
+            }
+            if (was == 0) != (now == 0) {
+                if let Err(e) = self.source.set_watched(pid, on) {
+                    // Without it the drain still reacts within the reader's tail period.
+                    log::warn!("{e:#}");
+                }
+            }
+        }
     }
 
     pub fn status(&self) -> Status {
-        let now = monotonic_now();
-        let mut status = self.tracker.status(now);
-        status.uptime_ms = now.saturating_sub(self.started).as_millis() as u64;
-        status
+        status_of(&self.tracker, self.started)
     }
 
     pub fn tracker(&self) -> &Tracker {
         &self.tracker
     }
+}
+
+/// `tracker`'s status now, for a monitor started at `started`.
+fn status_of(tracker: &Tracker, started: Duration) -> Status {
+    let now = monotonic_now();
+    let mut status = tracker.status(now);
+    status.uptime_ms = now.saturating_sub(started).as_millis() as u64;
+    status
 }
 
 /// A drain starting (`true`) or ending (`false`) its wait on these pids.
@@ -346,9 +380,9 @@ enum Query {
 
 /// A running monitor: the cheap, cloneable way every consumer (CLI, TUI,
 /// agent, drain, library users) reads it. The monitor task publishes a new
-/// [`Status`] as soon as a process's live count reaches zero (so a drain
-/// wakes as soon as the kernel reports its target's last close), and for
-/// routine changes at the pace described at [`PUBLISH_MIN`].
+/// [`Status`] at the pace described at [`PUBLISH_MIN`], and bumps
+/// [`MonitorHandle::changes`] after every batch (a drain wakes on that, so
+/// it sees its target's last close as soon as the kernel reports it).
 #[derive(Clone)]
 pub struct MonitorHandle {
     status: watch::Receiver<Arc<Status>>,
@@ -372,39 +406,16 @@ impl Monitor {
         let (failed_tx, failed) = watch::channel(None);
         let (queries, mut rx) = mpsc::channel::<Query>(64);
         tokio::spawn(async move {
-            let mut watched: BTreeMap<u32, usize> = BTreeMap::new();
             loop {
                 tokio::select! {
                     changed = monitor.next_change() => match changed {
-                        Ok(changed) => {
-                            if changed {
-                                changes_tx.send_modify(|n| *n += 1);
-                            }
-                            if let Some(status) = monitor.due_status(changed) {
-                                status_tx.send_replace(Arc::new(status));
-                            }
-                        }
+                        Ok(changed) => monitor.publish(changed, false, &changes_tx, &status_tx),
                         Err(e) => {
                             let _ = failed_tx.send(Some(format!("{e:#}")));
                             return;
                         }
                     },
-                    Some((pids, on)) = watch_rx.recv() => {
-                                for pid in pids {
-                                    let n = watched.entry(pid).or_default();
-                                    if on {
-                                        *n += 1;
-                                    } else {
-                                        *n = n.saturating_sub(1);
-                                    }
-                                }
-                                watched.retain(|_, n| *n > 0);
-                                let pids: BTreeSet<u32> = watched.keys().copied().collect();
-                                if let Err(e) = monitor.source.set_watched(&pids) {
-                                    // Without it the drain reacts within the reader's tail period.
-                                    log::warn!("{e:#}");
-                                }
-                    }
+                    Some((pids, on)) = watch_rx.recv() => monitor.watch(&pids, on),
                     q = rx.recv() => match q {
                         Some(Query::Connections(pids, reply)) => {
                             let mut all: Vec<ConnInfo> = Vec::new();
@@ -424,13 +435,7 @@ impl Monitor {
                         }
                         Some(Query::Sync(reply)) => {
                             let changed = monitor.pump();
-                            if changed {
-                                changes_tx.send_modify(|n| *n += 1);
-                            }
-                            if changed || monitor.unpublished {
-                                monitor.unpublished = false;
-                                status_tx.send_replace(Arc::new(monitor.status()));
-                            }
+                            monitor.publish(changed, true, &changes_tx, &status_tx);
                             let _ = reply.send(());
                         }
                         Some(Query::ProgramStats(reply)) => {

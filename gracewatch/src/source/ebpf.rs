@@ -7,7 +7,6 @@
 //! maps. Nothing is pinned, so nothing can be left behind.
 
 use std::{
-    collections::BTreeSet,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     time::Duration,
 };
@@ -64,9 +63,8 @@ pub struct EbpfSource {
     preexisting_registered: u64,
     stats: Array<MapData, u64>,
     control: Array<MapData, u64>,
-    /// The kernel's `WATCHED` map, and what userspace last wrote to it.
+    /// The kernel's `WATCHED` map.
     watched: HashMap<MapData, u32, u8>,
-    watched_pids: BTreeSet<u32>,
     _ebpf: Ebpf,
 }
 
@@ -128,7 +126,6 @@ impl EbpfSource {
             stats,
             control,
             watched,
-            watched_pids: BTreeSet::new(),
             _ebpf: ebpf,
         })
     }
@@ -232,20 +229,18 @@ impl EbpfSource {
         removed
     }
 
-    /// The processes drains wait on: the close that ends the last
-    /// connection of one wakes the reader at once (others are read within
-    /// [`READER_TAIL`]).
-    pub fn set_watched(&mut self, pids: &BTreeSet<u32>) -> anyhow::Result<()> {
-        for pid in self.watched_pids.difference(pids) {
-            // Fails only if it was never inserted: nothing to undo.
-            let _ = self.watched.remove(pid);
-        }
-        for pid in pids.difference(&self.watched_pids) {
+    /// Whether a drain waits on `pid`: the close that ends the last
+    /// connection of a watched process wakes the reader at once (others are
+    /// read within [`READER_TAIL`]).
+    pub fn set_watched(&mut self, pid: u32, on: bool) -> anyhow::Result<()> {
+        if on {
             self.watched
                 .insert(pid, 1, 0)
                 .with_context(|| format!("failed to watch pid {pid} in map `WATCHED`"))?;
+        } else {
+            // Fails only if it was never inserted: nothing to undo.
+            let _ = self.watched.remove(&pid);
         }
-        self.watched_pids.clone_from(pids);
         Ok(())
     }
 
