@@ -93,6 +93,17 @@ fn prog_exists(id: u64) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// Which of `progs` still exist after up to 5 s. The kernel frees a
+/// program once its last fd and link are gone, but after an RCU grace
+/// period, so one may outlive its process's exit by a few milliseconds.
+fn progs_left(progs: Vec<u64>) -> Vec<u64> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while progs.iter().any(|&id| prog_exists(id)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    progs.into_iter().filter(|&id| prog_exists(id)).collect()
+}
+
 #[test]
 fn sigkill_mid_drain_signals_nothing_and_leaves_no_bpf_behind() {
     let Some(gw) = setup() else { return };
@@ -108,12 +119,7 @@ fn sigkill_mid_drain_signals_nothing_and_leaves_no_bpf_behind() {
         "three tracepoint programs attached: {progs:?}"
     );
     d.kill();
-    // The kernel releases programs and links with the last fd: no grace period.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while progs.iter().any(|&id| prog_exists(id)) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let left: Vec<u64> = progs.into_iter().filter(|&id| prog_exists(id)).collect();
+    let left = progs_left(progs);
     assert!(left.is_empty(), "BPF programs left behind: {left:?}");
     assert_eq!(srv.request("ping", "pong"), "pong");
     assert!(
@@ -286,7 +292,7 @@ fn interrupted_drain_exits_130_and_signals_nothing() {
         assert!(r["signal_sent"].is_null(), "{name}: {r}");
         let status = d.wait_exit(T);
         assert_eq!(status.code(), Some(130), "{name}");
-        let left: Vec<u64> = progs.into_iter().filter(|&id| prog_exists(id)).collect();
+        let left = progs_left(progs);
         assert!(
             left.is_empty(),
             "{name}: BPF programs left behind: {left:?}"
