@@ -63,8 +63,10 @@
 
 pub mod agent;
 pub mod cli;
+pub mod display;
 pub mod drain;
 pub mod event;
+pub mod input;
 pub mod monitor;
 pub mod source;
 pub mod tracker;

@@ -17,7 +17,7 @@ use tokio::{
 };
 
 use crate::{
-    cli::parse_duration,
+    input::{check_pid, parse_duration, parse_timeout},
     drain::{self, DrainReport, DrainSpec, OnTimeout, Progress, SignalSpec, TargetSpec, Targets},
     monitor::MonitorHandle,
 };
@@ -27,9 +27,6 @@ use crate::{
 pub const MAX_RUNNING: usize = 64;
 /// Finished drains kept for `GET /v1/drains/{id}`; the oldest go first.
 const MAX_KEPT: usize = 256;
-/// Longest `timeout` or `min_wait` accepted: beyond it a deadline is a typo
-/// (and past the range of the clock arithmetic).
-const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 
 /// `POST /v1/drains`: the options of `gracewatch drain`, as JSON. Durations
 /// are strings as on the command line (`"90s"`, `"2m"`, `"1500ms"`).
@@ -64,6 +61,14 @@ pub struct DrainRequest {
     /// Never signal before this much time has passed, even at zero.
     #[serde(default)]
     pub min_wait: Option<String>,
+    /// Trust a pidfile that root does not own, that group or others can
+    /// write, or whose owner does not own the process it names.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_unsafe_pidfile: bool,
+    /// Allow pid 1, kernel threads, the agent itself and its ancestors, and
+    /// `children` of pid 1 as targets.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_dangerous_target: bool,
 }
 
 impl DrainRequest {
@@ -77,21 +82,29 @@ impl DrainRequest {
             None => Some(SignalSpec::TERM),
             Some(s) => SignalSpec::parse_optional(s).map_err(|e| format!("signal: {e}"))?,
         };
-        let duration = |field: &str, value: &Option<String>| -> Result<Option<Duration>, String> {
+        // Bounded at parse time (crate::input), like the command line.
+        let duration = |field: &str,
+                        value: &Option<String>,
+                        parse: fn(&str) -> Result<Duration, String>|
+         -> Result<Option<Duration>, String> {
             let Some(s) = value else { return Ok(None) };
-            let d = parse_duration(s).map_err(|e| format!("{field}: {e}"))?;
-            if d > MAX_DURATION {
-                return Err(format!("{field}: `{s}` is longer than a year"));
-            }
-            Ok(Some(d))
+            parse(s).map(Some).map_err(|e| format!("{field}: {e}"))
         };
-        let timeout = duration("timeout", &self.timeout)?;
-        let min_wait = duration("min_wait", &self.min_wait)?.unwrap_or_default();
+        let timeout = duration("timeout", &self.timeout, parse_timeout)?;
+        let min_wait = duration("min_wait", &self.min_wait, parse_duration)?.unwrap_or_default();
+        for &pid in self.pids.iter().chain(&self.exclude) {
+            check_pid(pid)?;
+        }
+        if self.ports.contains(&0) {
+            return Err("ports: port 0 is not a port a connection can use (1 to 65535)".to_owned());
+        }
         let targets = TargetSpec {
             pids: self.pids.clone(),
             pidfile: self.pidfile.clone(),
             children: self.children,
             exclude: self.exclude.clone(),
+            allow_unsafe_pidfile: self.allow_unsafe_pidfile,
+            allow_dangerous_target: self.allow_dangerous_target,
         };
         let spec = DrainSpec {
             ports: self.ports.clone(),
@@ -325,8 +338,15 @@ mod tests {
                 pidfile: Some("/run/x.pid".into()),
                 children: true,
                 exclude: vec![3],
+                ..TargetSpec::default()
             }
         );
+        let allowed = request(
+            r#"{"pids": [1], "allow_unsafe_pidfile": true, "allow_dangerous_target": true}"#,
+        )
+        .expect("parses");
+        let (targets, _) = allowed.to_specs().expect("valid");
+        assert!(targets.allow_unsafe_pidfile && targets.allow_dangerous_target);
         assert_eq!(spec.ports, vec![80, 443]);
         assert_eq!(
             spec.signal.map(SignalSpec::name).as_deref(),
@@ -367,6 +387,15 @@ mod tests {
                 "timeout",
             ),
             (r#"{"pids": [1], "timeout": "400d"}"#, "timeout"),
+            (r#"{"pids": [1], "timeout": "10000000000000000000s"}"#, "timeout"),
+            (r#"{"pids": [1], "min_wait": "10000000000000000000s"}"#, "min_wait"),
+            (r#"{"pids": [1], "min_wait": "8785h"}"#, "min_wait"),
+            (r#"{"pids": [1], "timeout": "0s"}"#, "timeout"),
+            (r#"{"pids": [0]}"#, "pid 0"),
+            (r#"{"pids": [2147483648]}"#, "pid 2147483648"),
+            (r#"{"pids": [4194305]}"#, "out of range"),
+            (r#"{"pids": [5], "exclude": [4294967295]}"#, "out of range"),
+            (r#"{"pids": [5], "ports": [0]}"#, "port 0"),
         ] {
             let err = request(json).expect("parses").to_specs().expect_err(json);
             assert!(err.contains(why), "{json}: {err}");

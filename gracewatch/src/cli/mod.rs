@@ -7,8 +7,13 @@ use std::{io::Write as _, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
+pub use crate::input::parse_duration;
 use crate::{
+    display::terminal_safe,
     drain::{self, DrainSpec, OnTimeout, SignalSpec, TargetSpec},
+    input::{
+        parse_max_connections, parse_pid, parse_port, parse_ring_buffer_size, parse_timeout,
+    },
     monitor::Monitor,
     source::{MonitorError, ebpf::SourceOptions},
     tracker::Status,
@@ -64,7 +69,7 @@ enum Command {
         #[command(flatten)]
         filter: FilterArgs,
         /// Minimum time between two updates, e.g. `100ms`, `1s`.
-        #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+        #[arg(long, default_value = "100ms", value_parser = parse_duration, allow_hyphen_values = true)]
         interval: Duration,
     },
     /// Wait until the target holds no live connection, then signal it.
@@ -115,7 +120,7 @@ enum Command {
 #[derive(Debug, Args, Clone)]
 struct DrainArgs {
     /// Target process (repeatable).
-    #[arg(long = "pid", value_name = "PID")]
+    #[arg(long = "pid", value_name = "PID", value_parser = parse_pid, allow_hyphen_values = true)]
     pids: Vec<u32>,
     /// Read the target pid from this file (e.g. /run/nginx.pid.oldbin).
     #[arg(long, value_name = "PATH")]
@@ -126,13 +131,13 @@ struct DrainArgs {
     children: bool,
     /// Leave this process and its descendants out (e.g. the new master in
     /// nginx's binary upgrade, which is a child of the old one). Repeatable.
-    #[arg(long, value_name = "PID")]
+    #[arg(long, value_name = "PID", value_parser = parse_pid, allow_hyphen_values = true)]
     exclude: Vec<u32>,
     /// Count only connections on this local port (repeatable).
-    #[arg(long = "port", value_name = "PORT")]
+    #[arg(long = "port", value_name = "PORT", value_parser = parse_port, allow_hyphen_values = true)]
     ports: Vec<u16>,
     /// Give up after this long, e.g. `90s`, `2m`.
-    #[arg(long, value_parser = parse_duration, allow_hyphen_values = true)]
+    #[arg(long, value_parser = parse_timeout, allow_hyphen_values = true)]
     timeout: Option<Duration>,
     /// What to do when --timeout passes with connections left.
     #[arg(long, value_enum, default_value_t = OnTimeout::Leave)]
@@ -153,6 +158,15 @@ struct DrainArgs {
     /// File holding the agent's bearer token (drains over TCP need it).
     #[arg(long, value_name = "PATH", requires = "agent")]
     token_file: Option<PathBuf>,
+    /// Trust a --pidfile that is not owned by root, is writable by group or
+    /// others, or names a process of another user than the file's owner.
+    /// Whoever can write such a file chooses which process gets the signal.
+    #[arg(long)]
+    allow_unsafe_pidfile: bool,
+    /// Allow a target that is pid 1, a kernel thread, gracewatch itself or
+    /// one of its ancestors, or --children of pid 1 (every process).
+    #[arg(long)]
+    allow_dangerous_target: bool,
 }
 
 const DRAIN_HELP: &str = "\
@@ -176,10 +190,10 @@ Examples:
 #[derive(Debug, Args, Clone, Default)]
 pub struct FilterArgs {
     /// Only this process (repeatable).
-    #[arg(long = "pid", value_name = "PID")]
+    #[arg(long = "pid", value_name = "PID", value_parser = parse_pid, allow_hyphen_values = true)]
     pids: Vec<u32>,
     /// Only listeners on this port, and the processes holding them (repeatable).
-    #[arg(long = "port", value_name = "PORT")]
+    #[arg(long = "port", value_name = "PORT", value_parser = parse_port, allow_hyphen_values = true)]
     ports: Vec<u16>,
     /// Print JSON (documented in the README; schema in gracewatch/schema/).
     #[arg(long)]
@@ -189,10 +203,10 @@ pub struct FilterArgs {
 #[derive(Debug, Args, Clone)]
 struct KernelArgs {
     /// Capacity of the kernel's per-socket tables.
-    #[arg(long, global = true, default_value_t = 1 << 20, value_name = "N")]
+    #[arg(long, global = true, default_value_t = 1 << 20, value_name = "N", value_parser = parse_max_connections, allow_hyphen_values = true)]
     max_connections: u32,
     /// Size of the kernel→gracewatch event ring buffer, in bytes (rounded up to a power of two).
-    #[arg(long, global = true, default_value_t = 1 << 22, value_name = "BYTES")]
+    #[arg(long, global = true, default_value_t = 1 << 22, value_name = "BYTES", value_parser = parse_ring_buffer_size, allow_hyphen_values = true)]
     ring_buffer_size: u32,
 }
 
@@ -204,44 +218,17 @@ fn parse_signal(s: &str) -> Result<SignalArg, String> {
     SignalSpec::parse_optional(s).map(SignalArg)
 }
 
-/// Parses `90s`, `2m`, `1500ms`, `1h`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    if s.starts_with('-') {
-        return Err(format!("`{s}`: a duration cannot be negative"));
-    }
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration (examples: 500ms, 90s, 2m)"))?;
-    let secs = match unit {
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use ms, s, m or h)")),
-    };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("`{s}` is not a valid duration"));
-    }
-    // `from_secs_f64` panics past u64 seconds: input must never crash us.
-    Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is too long a duration"))
-}
-
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            eprintln!("{}", one_line_usage_error(&e));
+            return ExitCode::from(exit::USAGE);
+        }
         Err(e) => {
-            let code = if e.use_stderr() {
-                exit::USAGE
-            } else {
-                exit::OK
-            };
+            // --help and --version: clap's own output, on stdout.
             let _ = e.print();
-            return ExitCode::from(code);
+            return ExitCode::from(exit::OK);
         }
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
@@ -262,9 +249,29 @@ pub fn main() -> ExitCode {
                 Some(MonitorError::CannotMonitor(_)) => exit::CANNOT_MONITOR,
                 _ => exit::RUNTIME,
             };
-            eprintln!("gracewatch: {e:#}");
+            eprintln!("gracewatch: {}", terminal_safe(&format!("{e:#}")));
             ExitCode::from(code)
         }
+    }
+}
+
+/// clap's error as one line (`error: …`), so a script's log shows the
+/// whole reason on the line it greps: the usage block and the `--help`
+/// hint are dropped, the remaining lines joined.
+fn one_line_usage_error(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let parts: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information")
+        })
+        .collect();
+    let line = terminal_safe(&parts.join(" ")).into_owned();
+    if line.starts_with("error:") {
+        line
+    } else {
+        format!("error: {line}")
     }
 }
 
@@ -347,6 +354,8 @@ async fn drain_cmd(
             timeout: args.timeout.map(|d| format!("{}s", d.as_secs_f64())),
             on_timeout: args.on_timeout,
             min_wait: Some(format!("{}s", args.min_wait.as_secs_f64())),
+            allow_unsafe_pidfile: args.allow_unsafe_pidfile,
+            allow_dangerous_target: args.allow_dangerous_target,
         };
         let token = args.token_file.as_deref();
         return Ok(crate::agent::client::drain_cmd(url, token, req, args.json).await);
@@ -363,10 +372,12 @@ async fn drain_cmd(
         pidfile: args.pidfile.clone(),
         children: args.children,
         exclude: args.exclude.clone(),
+        allow_unsafe_pidfile: args.allow_unsafe_pidfile,
+        allow_dangerous_target: args.allow_dangerous_target,
     }) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("gracewatch: {e}");
+            eprintln!("gracewatch: {}", terminal_safe(&e.to_string()));
             return Ok(exit::USAGE);
         }
     };
@@ -387,7 +398,7 @@ async fn drain_cmd(
             if json {
                 print_json_line("progress", p);
             } else {
-                eprintln!("gracewatch: {}", p.message);
+                eprintln!("gracewatch: {}", terminal_safe(&p.message));
             }
         },
         cancel,
@@ -396,13 +407,13 @@ async fn drain_cmd(
     if json {
         print_json_line("result", &report);
     } else {
-        eprintln!("gracewatch: {}", report.message);
+        eprintln!("gracewatch: {}", terminal_safe(&report.message));
         for h in &report.held {
             eprintln!(
                 "gracewatch:   still held by pid {}: {} ← {} (age {:.1}s)",
                 h.pid,
-                h.local,
-                h.peer,
+                terminal_safe(&h.local),
+                terminal_safe(&h.peer),
                 h.age_ms as f64 / 1000.0
             );
         }
@@ -478,24 +489,6 @@ impl FilterArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_parse_with_units_and_reject_garbage() {
-        let ok = [
-            ("90s", 90_000),
-            ("2m", 120_000),
-            ("1500ms", 1500),
-            ("1h", 3_600_000),
-            ("3", 3000),
-            ("0.5s", 500),
-        ];
-        for (s, ms) in ok {
-            assert_eq!(parse_duration(s), Ok(Duration::from_millis(ms)), "{s}");
-        }
-        for bad in ["", "-1s", "abc", "10x", "1.2.3s", "s"] {
-            assert!(parse_duration(bad).is_err(), "{bad} should be rejected");
-        }
-    }
 
     #[test]
     fn bad_arguments_are_usage_errors() {

@@ -3,7 +3,10 @@
 use std::fmt::Write as _;
 
 use super::FilterArgs;
-use crate::tracker::{ProcessStatus, Status};
+use crate::{
+    display::terminal_safe,
+    tracker::{ProcessStatus, Status},
+};
 
 /// The `gracewatch status` table, or a sentence saying why it is empty.
 pub fn table(status: &Status, filter: &FilterArgs) -> String {
@@ -30,7 +33,7 @@ pub fn table(status: &Status, filter: &FilterArgs) -> String {
             out,
             "{:<8} {:<16} {:>6}  {}",
             p.pid,
-            p.comm,
+            terminal_safe(&p.comm),
             p.live,
             list_or_dash(&p.listeners)
         );
@@ -45,7 +48,7 @@ pub fn table(status: &Status, filter: &FilterArgs) -> String {
         let holders: Vec<String> = l
             .holders
             .iter()
-            .map(|h| format!("{} {} ({})", h.pid, h.comm, h.live))
+            .map(|h| format!("{} {} ({})", h.pid, terminal_safe(&h.comm), h.live))
             .collect();
         let _ = writeln!(
             out,
@@ -94,7 +97,7 @@ pub fn changes(prev: Option<&Status>, cur: &Status) -> String {
                     out,
                     "{t} pid {} ({}) live {}  listeners: {}",
                     p.pid,
-                    p.comm,
+                    terminal_safe(&p.comm),
                     p.live,
                     list_or_dash(&p.listeners)
                 );
@@ -103,14 +106,17 @@ pub fn changes(prev: Option<&Status>, cur: &Status) -> String {
                 let _ = writeln!(
                     out,
                     "{t} pid {} ({}) live {} → {}",
-                    p.pid, p.comm, old.live, p.live
+                    p.pid,
+                    terminal_safe(&p.comm),
+                    old.live,
+                    p.live
                 );
                 if old.listeners != p.listeners {
                     let _ = writeln!(
                         out,
                         "{t} pid {} ({}) listeners: {}",
                         p.pid,
-                        p.comm,
+                        terminal_safe(&p.comm),
                         list_or_dash(&p.listeners)
                     );
                 }
@@ -124,7 +130,9 @@ pub fn changes(prev: Option<&Status>, cur: &Status) -> String {
                 let _ = writeln!(
                     out,
                     "{t} pid {} ({}) gone (held {} live)",
-                    p.pid, p.comm, p.live
+                    p.pid,
+                    terminal_safe(&p.comm),
+                    p.live
                 );
             }
         }

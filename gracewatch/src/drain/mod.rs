@@ -5,6 +5,7 @@
 //! TUI and the agent; the outcome maps to the exit codes of DESIGN.md §5.
 
 mod gate;
+mod policy;
 mod signal;
 
 use std::{path::PathBuf, time::Duration};
@@ -26,6 +27,11 @@ pub struct TargetSpec {
     pub children: bool,
     /// Leave these (and their descendants) out.
     pub exclude: Vec<u32>,
+    /// Trust a pidfile whoever owns it (see [`choose`]).
+    pub allow_unsafe_pidfile: bool,
+    /// Allow pid 1, kernel threads, gracewatch itself and its ancestors,
+    /// and `children` of pid 1 as targets.
+    pub allow_dangerous_target: bool,
 }
 
 /// What to do when the deadline passes with connections left.
@@ -83,10 +89,24 @@ impl Targets {
 }
 
 /// Resolves and pins the targets. Every failure is the user's input.
+///
+/// Refused unless the spec's `allow_*` flags say otherwise: pids outside
+/// 1..=[`crate::input::PID_MAX`]; pid 1, kernel threads, this process and
+/// its ancestors (named or among the descendants); `children` of pid 1; a
+/// pidfile that is not a small regular file; a pidfile that root does not
+/// own, that group or others can write, or whose owner is not the owner of
+/// the process it names (systemd's rule for `PIDFile=`).
 pub fn choose(spec: &TargetSpec) -> Result<Targets, TargetError> {
+    for &pid in spec.pids.iter().chain(&spec.exclude) {
+        crate::input::check_pid(pid).map_err(TargetError)?;
+    }
     let mut pids = spec.pids.clone();
-    if let Some(path) = &spec.pidfile {
-        pids.push(read_pidfile(path)?);
+    let pidfile = match &spec.pidfile {
+        Some(path) => Some(policy::read_pidfile(path)?),
+        None => None,
+    };
+    if let Some(file) = &pidfile {
+        pids.push(file.pid);
     }
     if pids.is_empty() {
         return Err(TargetError(
@@ -97,17 +117,23 @@ pub fn choose(spec: &TargetSpec) -> Result<Targets, TargetError> {
     if pids.is_empty() {
         return Err(TargetError("every target is excluded".to_owned()));
     }
+    if spec.children {
+        policy::check_children_roots(&pids, spec.allow_dangerous_target)?;
+    }
+    let protected = policy::Protected::new();
     // Pin the named processes first, so a pid that does not exist is
     // reported before anything else happens.
     let mut procs = Vec::new();
     for &pid in &pids {
-        if pid == 0 || procs.iter().any(|p: &PinnedProcess| p.pid == pid) {
-            if pid == 0 {
-                return Err(TargetError("pid 0 is not a process".to_owned()));
-            }
+        if procs.iter().any(|p: &PinnedProcess| p.pid == pid) {
             continue;
         }
-        procs.push(PinnedProcess::open(pid).map_err(|e| TargetError(format!("{e:#}")))?);
+        let proc = PinnedProcess::open(pid).map_err(|e| TargetError(format!("{e:#}")))?;
+        protected.check(&proc, spec.allow_dangerous_target)?;
+        if let Some(file) = pidfile.as_ref().filter(|f| f.pid == pid) {
+            file.vouches_for(&proc, spec.allow_unsafe_pidfile)?;
+        }
+        procs.push(proc);
     }
     if spec.children {
         let below = process::descendants(&pids, &spec.exclude)
@@ -115,25 +141,12 @@ pub fn choose(spec: &TargetSpec) -> Result<Targets, TargetError> {
         for pid in below {
             // A child that exits between the listing and here is simply not a target.
             if let Ok(p) = PinnedProcess::open(pid) {
+                protected.check(&p, spec.allow_dangerous_target)?;
                 procs.push(p);
             }
         }
     }
     Ok(Targets { procs })
-}
-
-fn read_pidfile(path: &std::path::Path) -> Result<u32, TargetError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| TargetError(format!("cannot read pidfile {}: {e}", path.display())))?;
-    let trimmed = text.trim();
-    match trimmed.parse::<u32>() {
-        Ok(pid) if pid > 0 => Ok(pid),
-        _ => Err(TargetError(format!(
-            "pidfile {} does not hold a pid (found {:?})",
-            path.display(),
-            trimmed.chars().take(40).collect::<String>()
-        ))),
-    }
 }
 
 /// How a drain ended.

@@ -55,12 +55,12 @@ const EVENT_BATCH: usize = 4096;
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct TuiArgs {
     /// Only this process (repeatable).
-    #[arg(long = "pid", value_name = "PID")]
+    #[arg(long = "pid", value_name = "PID", value_parser = crate::input::parse_pid, allow_hyphen_values = true)]
     pub pids: Vec<u32>,
     /// Only processes holding a listener on this port (repeatable). A
     /// process stays shown once it matched, e.g. after it closed its
     /// listener to drain.
-    #[arg(long = "port", value_name = "PORT")]
+    #[arg(long = "port", value_name = "PORT", value_parser = crate::input::parse_port, allow_hyphen_values = true)]
     pub ports: Vec<u16>,
     /// Only processes with this command name (repeatable).
     #[arg(long = "comm", value_name = "NAME")]
