@@ -106,7 +106,7 @@ impl Dialog {
         let timeout = match self.timeout.trim() {
             "" => None,
             t if t.eq_ignore_ascii_case("none") => None,
-            t => Some(crate::cli::parse_duration(t)?),
+            t => Some(crate::input::parse_timeout(t)?),
         };
         Ok(DrainSpec {
             signal,

@@ -23,7 +23,10 @@ use super::{
     keys::BINDINGS,
     model::{CHART_SPAN, LogKind, Model, Proc, Role, human},
 };
-use crate::source::snapshot::{TCP_CLOSE_WAIT, TCP_ESTABLISHED};
+use crate::{
+    display::terminal_safe,
+    source::snapshot::{TCP_CLOSE_WAIT, TCP_ESTABLISHED},
+};
 
 const PALETTE: [Color; 8] = [
     Color::Cyan,
@@ -101,7 +104,7 @@ fn render_header(frame: &mut Frame, area: Rect, app: &App) {
         let mut parts = Vec::new();
         parts.extend(f.pids.iter().map(|p| format!("pid {p}")));
         parts.extend(f.ports.iter().map(|p| format!("port {p}")));
-        parts.extend(f.comms.iter().map(|c| format!("comm {c}")));
+        parts.extend(f.comms.iter().map(|c| format!("comm {}", terminal_safe(c))));
         spans.push(Span::styled(format!(" · {}", parts.join(", ")), DIM));
     }
     if app.paused() {
@@ -244,7 +247,7 @@ fn render_table(frame: &mut Frame, area: Rect, app: &App) {
         let cells = cols.iter().map(|c| {
             let text: Line = match c.title {
                 "PID" => Line::from(p.pid.to_string()),
-                "COMMAND" => Line::from(p.comm.clone()),
+                "COMMAND" => Line::from(terminal_safe(&p.comm).into_owned()),
                 "ROLE" => Line::styled(p.role.name(), role_style(p.role)),
                 "LIVE" => Line::from(if p.present || p.role == Role::Drained {
                     p.live.to_string()
@@ -303,7 +306,7 @@ fn progress_line(p: &Proc, now: std::time::Duration, width: usize) -> Line<'stat
     match p.role {
         Role::Draining => {
             let Some((done, eta)) = p.drain_progress(now) else {
-                return Line::from(p.reason.clone());
+                return Line::from(terminal_safe(&p.reason).into_owned());
             };
             let pct = format!(" {:>3.0}%", done * 100.0);
             let eta = match eta {
@@ -326,7 +329,7 @@ fn progress_line(p: &Proc, now: std::time::Duration, width: usize) -> Line<'stat
                     human(at.saturating_sub(d.since)),
                     d.from_live
                 ),
-                None => p.reason.clone(),
+                None => terminal_safe(&p.reason).into_owned(),
             };
             Line::styled(text, Style::new().fg(Color::Green))
         }
@@ -442,7 +445,7 @@ fn render_chart(frame: &mut Frame, area: Rect, app: &App) {
         .iter()
         .map(|(p, pts)| {
             Dataset::default()
-                .name(format!("{} {}", p.pid, p.comm))
+                .name(format!("{} {}", p.pid, terminal_safe(&p.comm)))
                 .marker(symbols::Marker::Braille)
                 .graph_type(GraphType::Line)
                 .style(if p.role == Role::Exited {
@@ -525,7 +528,7 @@ fn render_log(frame: &mut Frame, area: Rect, app: &App) {
             if !narrow {
                 spans.push(Span::styled(format!("{tag:<8} "), style));
             }
-            spans.push(Span::raw(e.text.clone()));
+            spans.push(Span::raw(terminal_safe(&e.text).into_owned()));
             Line::from(spans)
         })
         .collect();
@@ -602,13 +605,13 @@ fn render_detail(frame: &mut Frame, area: Rect, app: &App) {
     let title = format!(
         "pid {} ({}) · {role} · {count} live connection{}, oldest first",
         d.pid,
-        d.comm,
+        terminal_safe(&d.comm),
         if count == 1 { "" } else { "s" }
     );
     let block = panel(&title);
     let message = match (&d.rows, &d.error) {
         (_, Some(e)) => Some(Line::styled(
-            format!("cannot list connections: {e}"),
+            format!("cannot list connections: {}", terminal_safe(e)),
             Style::new().fg(Color::Red),
         )),
         (None, None) => Some(Line::styled("loading…", DIM)),
@@ -744,14 +747,17 @@ fn render_dialog(frame: &mut Frame, area: Rect, app: &App) {
         return;
     };
     let title = match d.kind {
-        DialogKind::Drain => format!("Drain pid {} ({})", d.pid, d.comm),
-        DialogKind::Signal => format!("Signal pid {} ({})", d.pid, d.comm),
+        DialogKind::Drain => format!("Drain pid {} ({})", d.pid, terminal_safe(&d.comm)),
+        DialogKind::Signal => format!("Signal pid {} ({})", d.pid, terminal_safe(&d.comm)),
         DialogKind::CancelDrain => format!("Cancel drain of pid {}", d.pid),
     };
     let mut lines = Vec::new();
     if d.confirming {
         lines.push(Line::raw(""));
-        lines.push(Line::styled(d.question(), Style::new().bold()));
+        lines.push(Line::styled(
+            terminal_safe(&d.question()).into_owned(),
+            Style::new().bold(),
+        ));
         lines.push(Line::raw(""));
         lines.push(Line::from(vec![
             Span::styled(" y ", Style::new().fg(Color::Black).bg(Color::Green)),
@@ -789,7 +795,10 @@ fn render_dialog(frame: &mut Frame, area: Rect, app: &App) {
         lines.push(Line::raw(""));
         match (&d.error, &d.pin) {
             (Some(e), _) | (None, Pin::Failed(e)) => {
-                lines.push(Line::styled(e.clone(), Style::new().fg(Color::Red)));
+                lines.push(Line::styled(
+                    terminal_safe(e).into_owned(),
+                    Style::new().fg(Color::Red),
+                ));
             }
             _ => lines.push(Line::styled(
                 if d.kind == DialogKind::Drain {

@@ -732,3 +732,56 @@ fn the_tui_subcommand_parses_its_filters() {
         assert!(err.use_stderr(), "{bad:?}");
     }
 }
+
+#[test]
+fn a_timeout_out_of_range_is_an_error_in_the_dialog() {
+    for typed in ["10000000000000000000s", "8785h", "0"] {
+        let mut app = handover_app();
+        press(&mut app, "d");
+        app.pinned(OLD, Ok(()));
+        handle_key(&mut app, key(KeyCode::Tab));
+        press(&mut app, typed);
+        assert_eq!(handle_key(&mut app, key(KeyCode::Enter)), vec![], "{typed}");
+        let Mode::Dialog(d) = &app.mode else {
+            panic!("dialog closed on {typed}: {:?}", app.mode)
+        };
+        assert!(
+            d.error
+                .as_deref()
+                .is_some_and(|e| e.contains("too long") || e.contains("above zero")),
+            "{typed}: {d:?}"
+        );
+    }
+}
+
+#[test]
+fn process_names_with_control_characters_are_shown_escaped() {
+    // A name any user can set with prctl(PR_SET_NAME): sets the terminal
+    // title, then returns to the start of the line.
+    let evil = "x\u{1b}]0;pwn\u{7}\r";
+    let mut model = Model::new(StartFilter::default(), at(0.0));
+    let st = status(
+        vec![proc(OLD, evil, 1, &["0.0.0.0:8080"], 1, 0)],
+        vec![listener("0.0.0.0:8080", &[(OLD, evil, 1)], 0, 0)],
+    );
+    model.on_event(&accept(0.5, OLD, evil, 8080, 40000));
+    model.observe(&st, at(1.0));
+    model.tick(at(1.0));
+    let mut app = App::new(model, at(1.0));
+    app.selected = Some(OLD);
+    press(&mut app, "s");
+    let buffer = draw(&app, 120, 40).backend().buffer().clone();
+    let screen: String = buffer
+        .content()
+        .chunks(usize::from(buffer.area.width))
+        .map(|row| row.iter().map(|c| c.symbol()).collect::<String>() + "\n")
+        .collect();
+    // In the table (cut to its column) and in full in the dialog's title.
+    let shown = screen.matches(r"x\x1b]0;pwn\x07").count();
+    assert!(shown >= 2, "name shown escaped {shown} times:\n{screen}");
+    assert!(screen.contains(r"(x\x1b]0;pwn\x07\r)"), "{screen}");
+    assert!(
+        buffer.content().iter().all(|c| !c.symbol().contains(char::is_control)),
+        "a control character reached the terminal buffer"
+    );
+}
