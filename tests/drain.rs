@@ -404,7 +404,7 @@ fn bad_input() {
 
     let dir = TempDir::new("drain-bad");
     let missing = dir.path("missing.pid");
-    let garbled = dir.write("garbled.pid", "not a pid\n");
+    let garbled = dir.write("garbled.pid", "garbage\n");
     let trailing = dir.write("trailing.pid", &format!("{live}abc\n"));
     let empty = dir.write("empty.pid", "");
     let zero = dir.write("zero.pid", "0\n");
@@ -437,13 +437,13 @@ fn bad_input() {
         (vec!["drain", "--pid", "-3"], true, vec!["-3"]),
         (vec!["drain"], false, vec!["--pid", "--pidfile"]),
         (vec!["drain", "--pid", &live, "--pidfile", &missing], false, vec![&missing, "pidfile"]),
-        (vec!["drain", "--pid", &live, "--pidfile", &garbled], false, vec![&garbled, "not a pid"]),
+        (vec!["drain", "--pid", &live, "--pidfile", &garbled], false, vec![&garbled, "does not hold a pid"]),
         (vec!["drain", "--pid", &live, "--pidfile", &trailing], false, vec![&trailing]),
         (vec!["drain", "--pid", &live, "--pidfile", &empty], false, vec![&empty]),
         (vec!["drain", "--pid", &live, "--pidfile", &zero], false, vec![&zero]),
         (vec!["drain", "--pid", &live, "--pid", &dead], false, vec![&dead, "does not exist"]),
         (vec!["wait", "--pid", &dead], false, vec![&dead, "does not exist"]),
-        (vec!["drain", "--pid", "0"], false, vec!["0"]),
+        (vec!["drain", "--pid", "0"], true, vec!["--pid", "0"]),
     ];
     let soft = Soft::new();
     for (args, clap, words) in &cases {

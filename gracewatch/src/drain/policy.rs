@@ -137,21 +137,21 @@ impl PidfileTarget {
             return Ok(());
         }
         let shown = terminal_safe(&self.path.to_string_lossy()).into_owned();
-        let hint = "pass --allow-unsafe-pidfile (API: \"allow_unsafe_pidfile\": true) if you trust whoever can write it";
+        let hint = "pass --allow-unsafe-pidfile (API: allow_unsafe_pidfile) to trust whoever can write it";
         if self.shared_write {
             return Err(TargetError(format!(
-                "pidfile {shown} is writable by group or others, so anyone of them chooses the target: refused ({hint})"
+                "pidfile {shown} is writable by group or others, so any of them chooses the target: refused; {hint}"
             )));
         }
         let Some(uid) = real_uid(proc.pid) else {
             return Err(TargetError(format!(
-                "pidfile {shown} is owned by uid {} and the owner of pid {} cannot be read: refused ({hint})",
+                "pidfile {shown} is owned by uid {} and the owner of pid {} cannot be read: refused; {hint}",
                 self.owner, proc.pid
             )));
         };
         if still_same(proc) && uid != self.owner {
             return Err(TargetError(format!(
-                "pidfile {shown} is owned by uid {}, but pid {} runs as uid {uid}: refused, the file's owner could aim the signal at another user's process ({hint})",
+                "pidfile {shown} is owned by uid {}, but pid {} runs as uid {uid}: refused, the file's owner could aim the signal at another user's process; {hint}",
                 self.owner, proc.pid
             )));
         }
@@ -195,7 +195,7 @@ impl Protected {
         } else {
             format!("pid {pid} ({})", terminal_safe(&proc.comm))
         };
-        let hint = "pass --allow-dangerous-target (API: \"allow_dangerous_target\": true) if you mean it";
+        let hint = "pass --allow-dangerous-target (API: allow_dangerous_target) if you mean it";
         let why = if pid == 1 {
             Some("is the init process: signalling it can take the whole host or container down")
         } else if pid == std::process::id() {
@@ -218,7 +218,7 @@ impl Protected {
             // A process that exited (and whose pid may be reused) is not
             // judged by what /proc says about that pid now.
             Some(_) if !still_same(proc) => Ok(()),
-            Some(why) => Err(TargetError(format!("{who} {why}: refused ({hint})"))),
+            Some(why) => Err(TargetError(format!("{who} {why}: refused; {hint}"))),
             None => Ok(()),
         }
     }
@@ -228,7 +228,7 @@ impl Protected {
 pub(super) fn check_children_roots(roots: &[u32], allow: bool) -> Result<(), TargetError> {
     if !allow && roots.contains(&1) {
         return Err(TargetError(
-            "--children of pid 1 is every process on the host (or in the container): refused (pass --allow-dangerous-target, API: \"allow_dangerous_target\": true, if you mean it)"
+            "--children of pid 1 is every process on the host (or in the container): refused; pass --allow-dangerous-target (API: allow_dangerous_target) if you mean it"
                 .to_owned(),
         ));
     }
