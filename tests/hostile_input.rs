@@ -673,6 +673,17 @@ fn process_names_are_escaped_in_status_and_watch() {
     let line = found.unwrap_or_else(|| panic!("watch never named pid {pid}: {seen:?}"));
     assert!(!has_control(line.trim_end_matches('\n')), "watch printed a control character: {line:?}");
     assert!(line.contains(EVIL_SHOWN), "watch line: {line:?}");
+
+    // Drain progress names the target: a wait that cannot drain (the
+    // server holds its connection) prints it until the deadline.
+    let r = run(&gw, &["wait", "--pid", &pid, "--timeout", "2s"], STARTUP_TIMEOUT);
+    assert_eq!(r.code, Some(124), "{}", r.context());
+    assert!(!has_control(&r.stderr), "drain messages printed a control character: {:?}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!("pid {pid} ({EVIL_SHOWN})")),
+        "drain messages: {}",
+        r.stderr
+    );
 }
 
 /// `tmux` of our own (`-L`), killed on drop.

@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{DrainRequest, DrainStatus};
-use crate::{cli::exit, drain::DrainReport, tracker::Status};
+use crate::{cli::exit, display::terminal_safe, drain::DrainReport, tracker::Status};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Added to a long-poll's wait for the whole request.
@@ -378,7 +378,7 @@ fn print_line(value: &serde_json::Value, json: bool) {
         return;
     }
     if let Some(msg) = value["message"].as_str() {
-        eprintln!("gracewatch: {msg}");
+        eprintln!("gracewatch: {}", terminal_safe(msg));
     }
     if value["type"] == "result" {
         for h in value["held"]
@@ -389,8 +389,8 @@ fn print_line(value: &serde_json::Value, json: bool) {
             eprintln!(
                 "gracewatch:   still held by pid {}: {} ← {} (age {:.1}s)",
                 h["pid"],
-                h["local"].as_str().unwrap_or_default(),
-                h["peer"].as_str().unwrap_or_default(),
+                terminal_safe(h["local"].as_str().unwrap_or_default()),
+                terminal_safe(h["peer"].as_str().unwrap_or_default()),
                 h["age_ms"].as_f64().unwrap_or_default() / 1000.0
             );
         }
@@ -458,7 +458,8 @@ pub async fn drain_cmd(url: &str, token_file: Option<&Path>, req: DrainRequest, 
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             Err(e) => {
-                eprintln!("gracewatch: {e}");
+                // The agent's refusal quotes what the request named.
+                eprintln!("gracewatch: {}", terminal_safe(&e.to_string()));
                 return e.exit_code();
             }
         }

@@ -173,8 +173,10 @@ const DRAIN_HELP: &str = "\
 Exit codes:
   0    drained (and the signal was delivered, if one was asked for)
   1    runtime error
-  2    usage error: bad arguments, unknown signal, bad duration, missing or
-       garbled pidfile, a pid that does not exist (nothing is signalled)
+  2    usage error: bad arguments, unknown signal, a number out of range,
+       missing, garbled or untrusted pidfile, a pid that does not exist, a
+       refused target (pid 1, a kernel thread, gracewatch or its ancestors,
+       --children of pid 1): nothing is signalled
   3    the target exited before it drained (the message says how many
        connections it still held)
   4    cannot monitor: missing privileges or kernel support

@@ -19,7 +19,7 @@ use rustix::{
 };
 
 use super::TargetError;
-use crate::{display::terminal_safe, input::check_pid, source::process::PinnedProcess};
+use crate::{input::check_pid, source::process::PinnedProcess};
 
 /// `task_struct.flags` bit of a kernel thread (`include/linux/sched.h`).
 const PF_KTHREAD: u64 = 0x0020_0000;
@@ -42,9 +42,10 @@ pub(super) struct PidfileTarget {
 /// Opens `path` without following a final symlink and without blocking
 /// (a FIFO would otherwise hang the caller until a writer shows up),
 /// refuses anything but a small regular file, and reads at most
-/// [`PIDFILE_MAX_BYTES`]. Errors name the file, never its content.
+/// [`PIDFILE_MAX_BYTES`]. Errors name the file, never its content (and
+/// are escaped where they reach a terminal, like every message).
 pub(super) fn read_pidfile(path: &Path) -> Result<PidfileTarget, TargetError> {
-    let shown = terminal_safe(&path.to_string_lossy()).into_owned();
+    let shown = path.display();
     let fail = |why: String| TargetError(format!("pidfile {shown}: {why}"));
     let fd: OwnedFd = rustix::fs::open(
         path,
@@ -136,7 +137,7 @@ impl PidfileTarget {
         if allow || (self.owner == 0 && !self.shared_write) {
             return Ok(());
         }
-        let shown = terminal_safe(&self.path.to_string_lossy()).into_owned();
+        let shown = self.path.display();
         let hint = "pass --allow-unsafe-pidfile (API: allow_unsafe_pidfile) to trust whoever can write it";
         if self.shared_write {
             return Err(TargetError(format!(
@@ -193,7 +194,7 @@ impl Protected {
         let who = if proc.comm.is_empty() {
             format!("pid {pid}")
         } else {
-            format!("pid {pid} ({})", terminal_safe(&proc.comm))
+            format!("pid {pid} ({})", proc.comm)
         };
         let hint = "pass --allow-dangerous-target (API: allow_dangerous_target) if you mean it";
         let why = if pid == 1 {
