@@ -730,7 +730,8 @@ fn drains_through_the_agent_end_like_local_drains() {
         "POST",
         "/v1/drains",
         &[("Authorization", &agent.auth())],
-        br#"{"pids": [999999999]}"#,
+        // In range (PID_MAX_LIMIT), above any pid_max: never a process.
+        br#"{"pids": [4194304]}"#,
     )
     .expect("POST");
     assert_eq!(code, 400, "{body}");

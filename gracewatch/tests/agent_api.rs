@@ -894,7 +894,24 @@ async fn every_bad_input_gets_a_4xx_json_error_and_the_agent_survives() {
         (
             b"{\"pids\": [999999999]}".to_vec(),
             StatusCode::BAD_REQUEST,
+            "out of range",
+        ),
+        (
+            b"{\"pids\": [2147483648]}".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "out of range",
+        ),
+        // In range, but above any pid_max: never a process.
+        (
+            b"{\"pids\": [4194304]}".to_vec(),
+            StatusCode::BAD_REQUEST,
             "does not exist",
+        ),
+        (
+            format!("{{\"pids\": [{pid}], \"timeout\": \"10000000000000000000s\"}}")
+                .into_bytes(),
+            StatusCode::BAD_REQUEST,
+            "timeout",
         ),
         (
             b"{\"pidfile\": \"/nonexistent/gracewatch.pid\"}".to_vec(),
