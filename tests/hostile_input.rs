@@ -122,7 +122,12 @@ impl Ran {
     fn assert_refused(&self, what: &str, words: &[&str]) {
         let lines: Vec<&str> = self.stderr.lines().filter(|l| !l.is_empty()).collect();
         assert_eq!(self.code, Some(2), "{what}: {}", self.context());
-        assert_eq!(lines.len(), 1, "{what}: one line expected: {}", self.context());
+        assert_eq!(
+            lines.len(),
+            1,
+            "{what}: one line expected: {}",
+            self.context()
+        );
         assert!(self.took < PROMPT, "{what}: too slow: {}", self.context());
         for w in words {
             assert!(
@@ -222,7 +227,12 @@ impl Agent {
     }
 
     /// One HTTP/1.1 exchange on the unix socket: status, body, time taken.
-    fn http(&self, method: &str, path: &str, body: Option<&Value>) -> std::io::Result<(u16, String, Duration)> {
+    fn http(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> std::io::Result<(u16, String, Duration)> {
         let started = Instant::now();
         let mut stream = UnixStream::connect(&self.socket)?;
         stream.set_read_timeout(Some(PROMPT * 3))?;
@@ -258,7 +268,10 @@ impl Agent {
             .unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {body}"));
         let error = v["error"].as_str().unwrap_or_default().to_owned();
         for w in words {
-            assert!(error.contains(w), "{what}: the error does not say {w:?}: {error}");
+            assert!(
+                error.contains(w),
+                "{what}: the error does not say {w:?}: {error}"
+            );
         }
         eprintln!("{what}: 400 {error} ({took:?})");
         error
@@ -270,8 +283,15 @@ impl Agent {
             .http("GET", "/livez", None)
             .unwrap_or_else(|e| panic!("after {what}: /livez does not answer: {e}"));
         assert_eq!(code, 200, "after {what}: /livez {body}");
-        assert!(took < Duration::from_secs(1), "after {what}: /livez took {took:?}");
-        assert_eq!(proc_state(self.pid()).map(|s| s != 'T'), Some(true), "after {what}: the agent is stopped");
+        assert!(
+            took < Duration::from_secs(1),
+            "after {what}: /livez took {took:?}"
+        );
+        assert_eq!(
+            proc_state(self.pid()).map(|s| s != 'T'),
+            Some(true),
+            "after {what}: the agent is stopped"
+        );
     }
 
     /// SIGTERM: must exit 0 within 5 s.
@@ -342,17 +362,37 @@ fn hostile_pidfiles_are_refused_promptly_by_the_cli() {
     std::os::unix::fs::symlink(&secret, &link).expect("symlink");
     let mut target = Proc::sleeper(None);
 
-    run(&gw, &["drain", "--pidfile", &fifo, "--signal", "KILL"], PROMPT * 2)
-        .assert_refused("FIFO pidfile", &[&fifo, "FIFO"]);
-    run(&gw, &["drain", "--pidfile", "/dev/zero", "--signal", "KILL"], PROMPT * 2)
-        .assert_refused("/dev/zero pidfile", &["/dev/zero", "character device"]);
-    let r = run(&gw, &["drain", "--pidfile", &secret, "--signal", "KILL"], PROMPT * 2);
+    run(
+        &gw,
+        &["drain", "--pidfile", &fifo, "--signal", "KILL"],
+        PROMPT * 2,
+    )
+    .assert_refused("FIFO pidfile", &[&fifo, "FIFO"]);
+    run(
+        &gw,
+        &["drain", "--pidfile", "/dev/zero", "--signal", "KILL"],
+        PROMPT * 2,
+    )
+    .assert_refused("/dev/zero pidfile", &["/dev/zero", "character device"]);
+    let r = run(
+        &gw,
+        &["drain", "--pidfile", &secret, "--signal", "KILL"],
+        PROMPT * 2,
+    );
     r.assert_refused("secret file as pidfile", &[&secret, "does not hold a pid"]);
     for part in ["4242", "s3cr3t", "t0ken", "leak"] {
-        assert!(!r.stderr.contains(part), "the error quotes the file: {}", r.stderr);
+        assert!(
+            !r.stderr.contains(part),
+            "the error quotes the file: {}",
+            r.stderr
+        );
     }
-    run(&gw, &["drain", "--pidfile", &link, "--signal", "KILL"], PROMPT * 2)
-        .assert_refused("symlink pidfile", &[&link, "symbolic link"]);
+    run(
+        &gw,
+        &["drain", "--pidfile", &link, "--signal", "KILL"],
+        PROMPT * 2,
+    )
+    .assert_refused("symlink pidfile", &[&link, "symbolic link"]);
     assert!(target.running(), "nothing may be signalled");
 }
 
@@ -360,7 +400,8 @@ fn hostile_pidfiles_are_refused_promptly_by_the_cli() {
 fn pidfiles_are_trusted_only_as_far_as_their_owner() {
     let Some(gw) = setup() else { return };
     let dir = TempDir::new("hostile-owner");
-    std::fs::set_permissions(dir.root(), std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    std::fs::set_permissions(dir.root(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod dir");
     let mut root_target = Proc::sleeper(None);
     let mut nobody_target = Proc::sleeper(Some(NOBODY));
     // Written by an unprivileged service, naming root's process.
@@ -373,23 +414,48 @@ fn pidfiles_are_trusted_only_as_far_as_their_owner() {
     let shared = dir.path("shared.pid");
     write_mode(&shared, &format!("{}\n", root_target.pid()), 0o666, 0);
 
-    run(&gw, &["drain", "--pidfile", &foreign, "--signal", "KILL"], PROMPT * 2).assert_refused(
+    run(
+        &gw,
+        &["drain", "--pidfile", &foreign, "--signal", "KILL"],
+        PROMPT * 2,
+    )
+    .assert_refused(
         "pidfile of uid 65534 naming a root process",
         &[&foreign, "uid 65534", "uid 0", "--allow-unsafe-pidfile"],
     );
-    run(&gw, &["drain", "--pidfile", &shared, "--signal", "KILL"], PROMPT * 2).assert_refused(
+    run(
+        &gw,
+        &["drain", "--pidfile", &shared, "--signal", "KILL"],
+        PROMPT * 2,
+    )
+    .assert_refused(
         "world-writable pidfile",
-        &[&shared, "writable by group or others", "--allow-unsafe-pidfile"],
+        &[
+            &shared,
+            "writable by group or others",
+            "--allow-unsafe-pidfile",
+        ],
     );
     assert!(root_target.running(), "a refused pidfile signalled its pid");
 
     // Owners match: trusted (a wait: nothing is signalled either way).
-    let r = run(&gw, &["wait", "--pidfile", &own, "--timeout", "20s"], STARTUP_TIMEOUT);
+    let r = run(
+        &gw,
+        &["wait", "--pidfile", &own, "--timeout", "20s"],
+        STARTUP_TIMEOUT,
+    );
     assert_eq!(r.code, Some(0), "own process: {}", r.context());
     // The flag names the danger and overrides.
     let r = run(
         &gw,
-        &["wait", "--pidfile", &foreign, "--timeout", "20s", "--allow-unsafe-pidfile"],
+        &[
+            "wait",
+            "--pidfile",
+            &foreign,
+            "--timeout",
+            "20s",
+            "--allow-unsafe-pidfile",
+        ],
         STARTUP_TIMEOUT,
     );
     assert_eq!(r.code, Some(0), "--allow-unsafe-pidfile: {}", r.context());
@@ -415,7 +481,10 @@ fn pidfiles_are_trusted_only_as_far_as_their_owner() {
         )
         .expect("agent answers");
     assert_eq!(code, 202, "allow_unsafe_pidfile: {body}");
-    assert!(root_target.running(), "the agent signalled a refused pidfile's pid");
+    assert!(
+        root_target.running(),
+        "the agent signalled a refused pidfile's pid"
+    );
     agent.stop();
 }
 
@@ -447,7 +516,10 @@ fn hostile_pidfiles_neither_block_nor_bloat_the_agent() {
     }
     let after = rss_kb(agent.pid());
     eprintln!("agent RSS {before} kB -> {after} kB after 5 /dev/zero pidfiles");
-    assert!(after < before + 5 * 1024, "agent RSS grew from {before} kB to {after} kB");
+    assert!(
+        after < before + 5 * 1024,
+        "agent RSS grew from {before} kB to {after} kB"
+    );
     agent.assert_alive("/dev/zero pidfiles");
 
     let error = agent.assert_refused(
@@ -467,17 +539,22 @@ fn hostile_pidfiles_neither_block_nor_bloat_the_agent() {
 /// A kernel thread: kthreadd (pid 2) on the host, else the first one found.
 fn kernel_thread() -> u32 {
     let is_kthread = |pid: u32| {
-        std::fs::read(format!("/proc/{pid}/stat")).ok().and_then(|s| {
-            let close = s.iter().rposition(|&b| b == b')')?;
-            let rest = String::from_utf8_lossy(&s[close + 1..]).into_owned();
-            let flags: u64 = rest.split_whitespace().nth(6)?.parse().ok()?;
-            Some(flags & 0x0020_0000 != 0)
-        }) == Some(true)
+        std::fs::read(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                let close = s.iter().rposition(|&b| b == b')')?;
+                let rest = String::from_utf8_lossy(&s[close + 1..]).into_owned();
+                let flags: u64 = rest.split_whitespace().nth(6)?.parse().ok()?;
+                Some(flags & 0x0020_0000 != 0)
+            })
+            == Some(true)
     };
     if is_kthread(2) {
         return 2;
     }
-    (3..100_000).find(|&p| is_kthread(p)).expect("no kernel thread visible")
+    (3..100_000)
+        .find(|&p| is_kthread(p))
+        .expect("no kernel thread visible")
 }
 
 #[test]
@@ -489,12 +566,24 @@ fn dangerous_targets_are_refused_by_the_cli() {
     let me = std::process::id().to_string();
     let before = (proc_state(1), proc_state(kthread));
     // SIGCONT: harmless even if a refusal failed.
-    run(&gw, &["drain", "--pid", "1", "--signal", "CONT"], PROMPT * 2)
-        .assert_refused("pid 1", &["pid 1", "init", "--allow-dangerous-target"]);
-    run(&gw, &["drain", "--pid", &kt, "--signal", "CONT"], PROMPT * 2)
-        .assert_refused("a kernel thread", &[&kt, "kernel thread"]);
-    run(&gw, &["drain", "--pid", &me, "--signal", "CONT"], PROMPT * 2)
-        .assert_refused("gracewatch's parent", &[&me, "ancestor"]);
+    run(
+        &gw,
+        &["drain", "--pid", "1", "--signal", "CONT"],
+        PROMPT * 2,
+    )
+    .assert_refused("pid 1", &["pid 1", "init", "--allow-dangerous-target"]);
+    run(
+        &gw,
+        &["drain", "--pid", &kt, "--signal", "CONT"],
+        PROMPT * 2,
+    )
+    .assert_refused("a kernel thread", &[&kt, "kernel thread"]);
+    run(
+        &gw,
+        &["drain", "--pid", &me, "--signal", "CONT"],
+        PROMPT * 2,
+    )
+    .assert_refused("gracewatch's parent", &[&me, "ancestor"]);
     run(
         &gw,
         &["wait", "--pid", "1", "--children", "--timeout", "2s"],
@@ -506,7 +595,14 @@ fn dangerous_targets_are_refused_by_the_cli() {
     // thread holds no connection, so it is drained at once).
     let r = run(
         &gw,
-        &["wait", "--pid", &kt, "--timeout", "20s", "--allow-dangerous-target"],
+        &[
+            "wait",
+            "--pid",
+            &kt,
+            "--timeout",
+            "20s",
+            "--allow-dangerous-target",
+        ],
         STARTUP_TIMEOUT,
     );
     assert_eq!(r.code, Some(0), "--allow-dangerous-target: {}", r.context());
@@ -582,7 +678,10 @@ a, _ = s.accept()
 print("ready", flush=True)
 sys.stdin.read()
 "#,
-            name = EVIL_COMM.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+            name = EVIL_COMM
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>(),
             port = port
         );
         let mut child = ns
@@ -598,7 +697,11 @@ sys.stdin.read()
             .expect("read ready");
         assert_eq!(line.trim(), "ready", "the evil server did not start");
         let comm = std::fs::read(format!("/proc/{}/comm", child.id())).expect("comm");
-        assert_eq!(comm.strip_suffix(b"\n"), Some(EVIL_COMM), "prctl did not name it");
+        assert_eq!(
+            comm.strip_suffix(b"\n"),
+            Some(EVIL_COMM),
+            "prctl did not name it"
+        );
         EvilServer(child)
     }
 
@@ -637,9 +740,21 @@ fn process_names_are_escaped_in_status_and_watch() {
 
     let r = run(&gw, &["status", "--port", "7431"], STARTUP_TIMEOUT);
     assert_eq!(r.code, Some(0), "{}", r.context());
-    assert!(!has_control(&r.stdout), "status printed a control character: {:?}", r.stdout);
-    let row = r.stdout.lines().find(|l| l.starts_with(&pid)).unwrap_or_default();
-    assert!(row.contains(EVIL_SHOWN), "status row: {row:?}\n{}", r.stdout);
+    assert!(
+        !has_control(&r.stdout),
+        "status printed a control character: {:?}",
+        r.stdout
+    );
+    let row = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&pid))
+        .unwrap_or_default();
+    assert!(
+        row.contains(EVIL_SHOWN),
+        "status row: {row:?}\n{}",
+        r.stdout
+    );
 
     let mut watch = Command::new(gw.bin())
         .args(["watch", "--port", "7431"])
@@ -671,14 +786,25 @@ fn process_names_are_escaped_in_status_and_watch() {
     let _ = watch.kill();
     let _ = watch.wait();
     let line = found.unwrap_or_else(|| panic!("watch never named pid {pid}: {seen:?}"));
-    assert!(!has_control(line.trim_end_matches('\n')), "watch printed a control character: {line:?}");
+    assert!(
+        !has_control(line.trim_end_matches('\n')),
+        "watch printed a control character: {line:?}"
+    );
     assert!(line.contains(EVIL_SHOWN), "watch line: {line:?}");
 
     // Drain progress names the target: a wait that cannot drain (the
     // server holds its connection) prints it until the deadline.
-    let r = run(&gw, &["wait", "--pid", &pid, "--timeout", "2s"], STARTUP_TIMEOUT);
+    let r = run(
+        &gw,
+        &["wait", "--pid", &pid, "--timeout", "2s"],
+        STARTUP_TIMEOUT,
+    );
     assert_eq!(r.code, Some(124), "{}", r.context());
-    assert!(!has_control(&r.stderr), "drain messages printed a control character: {:?}", r.stderr);
+    assert!(
+        !has_control(&r.stderr),
+        "drain messages printed a control character: {:?}",
+        r.stderr
+    );
     assert!(
         r.stderr.contains(&format!("pid {pid} ({EVIL_SHOWN})")),
         "drain messages: {}",
@@ -693,7 +819,18 @@ impl Tmux {
     fn start() -> Option<Tmux> {
         let socket = format!("gw-hostile-{}", std::process::id());
         let ok = Command::new("tmux")
-            .args(["-L", &socket, "new-session", "-d", "-s", "tui", "-x", "120", "-y", "40"])
+            .args([
+                "-L",
+                &socket,
+                "new-session",
+                "-d",
+                "-s",
+                "tui",
+                "-x",
+                "120",
+                "-y",
+                "40",
+            ])
             .arg("env PS1='gw$ ' TERM=xterm-256color bash --norc --noprofile")
             .stdin(Stdio::null())
             .status()
@@ -724,7 +861,10 @@ impl Tmux {
             if check(&screen) {
                 return screen;
             }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}:\n{screen}");
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}:\n{screen}"
+            );
             thread::sleep(Duration::from_millis(100));
         }
     }
@@ -749,11 +889,18 @@ fn process_names_are_escaped_in_the_tui() {
     let pid = server.pid().to_string();
     tmux.wait("a prompt", |s| s.contains("gw$"));
     let title_before = tmux.tmux(&["display-message", "-p", "-t", "tui", "#{pane_title}"]);
-    tmux.tmux(&["send-keys", "-t", "tui", "-l", &format!("{} tui --port 7432", gw.bin().display())]);
+    tmux.tmux(&[
+        "send-keys",
+        "-t",
+        "tui",
+        "-l",
+        &format!("{} tui --port 7432", gw.bin().display()),
+    ]);
     tmux.tmux(&["send-keys", "-t", "tui", "Enter"]);
     // The table cuts the name to its column; the escapes show in it.
     let screen = tmux.wait("the server's row", |s| {
-        s.lines().any(|l| l.contains(&pid) && l.contains(r"ev\x1b]0;pwn"))
+        s.lines()
+            .any(|l| l.contains(&pid) && l.contains(r"ev\x1b]0;pwn"))
     });
     assert!(!screen.contains("pwn\r"), "{screen}");
     // The signal dialog names it in full.
@@ -763,8 +910,16 @@ fn process_names_are_escaped_in_the_tui() {
     });
     tmux.tmux(&["send-keys", "-t", "tui", "Escape"]);
     tmux.tmux(&["send-keys", "-t", "tui", "q"]);
-    tmux.wait("the prompt back", |s| s.lines().rev().find(|l| !l.trim().is_empty()).is_some_and(|l| l.starts_with("gw$")));
+    tmux.wait("the prompt back", |s| {
+        s.lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .is_some_and(|l| l.starts_with("gw$"))
+    });
     let title_after = tmux.tmux(&["display-message", "-p", "-t", "tui", "#{pane_title}"]);
-    assert_eq!(title_after, title_before, "the process name set the terminal's title");
+    assert_eq!(
+        title_after, title_before,
+        "the process name set the terminal's title"
+    );
     assert_ne!(title_after.trim(), "pwn");
 }

@@ -52,7 +52,10 @@ mod tests {
     #[test]
     fn plain_names_are_borrowed_unchanged() {
         for name in ["nginx", "python3", "gunicorn: work", "café", "名前"] {
-            assert!(matches!(terminal_safe(name), Cow::Borrowed(n) if n == name), "{name}");
+            assert!(
+                matches!(terminal_safe(name), Cow::Borrowed(n) if n == name),
+                "{name}"
+            );
         }
     }
 

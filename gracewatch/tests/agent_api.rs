@@ -908,8 +908,7 @@ async fn every_bad_input_gets_a_4xx_json_error_and_the_agent_survives() {
             "does not exist",
         ),
         (
-            format!("{{\"pids\": [{pid}], \"timeout\": \"10000000000000000000s\"}}")
-                .into_bytes(),
+            format!("{{\"pids\": [{pid}], \"timeout\": \"10000000000000000000s\"}}").into_bytes(),
             StatusCode::BAD_REQUEST,
             "timeout",
         ),

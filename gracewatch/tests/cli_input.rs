@@ -58,7 +58,16 @@ fn hostile_values(kind: Kind) -> Vec<String> {
         "10000000000000000000",
     ];
     let mut v: Vec<String> = match kind {
-        Kind::Pid => vec!["0", "-1", "2147483648", "4294967295", "4194305", "abc", "1.5", ""],
+        Kind::Pid => vec![
+            "0",
+            "-1",
+            "2147483648",
+            "4294967295",
+            "4194305",
+            "abc",
+            "1.5",
+            "",
+        ],
         Kind::Port => vec!["0", "-1", "65536", "http", ""],
         Kind::DurationZeroOk => vec![
             "-1",
@@ -190,7 +199,12 @@ fn every_numeric_option_refuses_zero_negative_huge_and_garbage_with_one_line() {
         }
     }
     assert!(swept > 200, "only {swept} invocations");
-    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]

@@ -17,8 +17,8 @@ use tokio::{
 };
 
 use crate::{
-    input::{check_pid, parse_duration, parse_timeout},
     drain::{self, DrainReport, DrainSpec, OnTimeout, Progress, SignalSpec, TargetSpec, Targets},
+    input::{check_pid, parse_duration, parse_timeout},
     monitor::MonitorHandle,
 };
 
@@ -387,8 +387,14 @@ mod tests {
                 "timeout",
             ),
             (r#"{"pids": [1], "timeout": "400d"}"#, "timeout"),
-            (r#"{"pids": [1], "timeout": "10000000000000000000s"}"#, "timeout"),
-            (r#"{"pids": [1], "min_wait": "10000000000000000000s"}"#, "min_wait"),
+            (
+                r#"{"pids": [1], "timeout": "10000000000000000000s"}"#,
+                "timeout",
+            ),
+            (
+                r#"{"pids": [1], "min_wait": "10000000000000000000s"}"#,
+                "min_wait",
+            ),
             (r#"{"pids": [1], "min_wait": "8785h"}"#, "min_wait"),
             (r#"{"pids": [1], "timeout": "0s"}"#, "timeout"),
             (r#"{"pids": [0]}"#, "pid 0"),

@@ -11,9 +11,7 @@ pub use crate::input::parse_duration;
 use crate::{
     display::terminal_safe,
     drain::{self, DrainSpec, OnTimeout, SignalSpec, TargetSpec},
-    input::{
-        parse_max_connections, parse_pid, parse_port, parse_ring_buffer_size, parse_timeout,
-    },
+    input::{parse_max_connections, parse_pid, parse_port, parse_ring_buffer_size, parse_timeout},
     monitor::Monitor,
     source::{MonitorError, ebpf::SourceOptions},
     tracker::Status,

@@ -86,15 +86,14 @@ pub(super) fn read_pidfile(path: &Path) -> Result<PidfileTarget, TargetError> {
             Ok(n) => len += n,
             Err(Errno::INTR) => {}
             Err(e) => {
-                return Err(fail(format!(
-                    "cannot read it: {}",
-                    std::io::Error::from(e)
-                )));
+                return Err(fail(format!("cannot read it: {}", std::io::Error::from(e))));
             }
         }
     }
     if len > PIDFILE_MAX_BYTES {
-        return Err(fail("grew past the size of a pid while being read".to_owned()));
+        return Err(fail(
+            "grew past the size of a pid while being read".to_owned(),
+        ));
     }
     let pid = std::str::from_utf8(&buf[..len])
         .ok()
@@ -138,7 +137,8 @@ impl PidfileTarget {
             return Ok(());
         }
         let shown = self.path.display();
-        let hint = "pass --allow-unsafe-pidfile (API: allow_unsafe_pidfile) to trust whoever can write it";
+        let hint =
+            "pass --allow-unsafe-pidfile (API: allow_unsafe_pidfile) to trust whoever can write it";
         if self.shared_write {
             return Err(TargetError(format!(
                 "pidfile {shown} is writable by group or others, so any of them chooses the target: refused; {hint}"
@@ -283,10 +283,17 @@ mod tests {
         let f = stat_fields(std::process::id()).expect("own stat");
         assert_eq!(f.flags & PF_KTHREAD, 0);
         assert!(f.ppid.is_some());
-        assert_eq!(real_uid(std::process::id()), Some(rustix::process::getuid().as_raw()));
+        assert_eq!(
+            real_uid(std::process::id()),
+            Some(rustix::process::getuid().as_raw())
+        );
         let p = Protected::new();
         assert!(p.own.contains(&std::process::id()));
-        assert!(p.own.len() >= 2, "the test runner has a parent: {:?}", p.own);
+        assert!(
+            p.own.len() >= 2,
+            "the test runner has a parent: {:?}",
+            p.own
+        );
     }
 
     #[test]
@@ -341,7 +348,11 @@ mod tests {
 
     #[test]
     fn special_files_are_refused_without_blocking() {
-        for (path, word) in [("/dev/zero", "character device"), ("/proc/self", "symbolic link"), ("/tmp", "directory")] {
+        for (path, word) in [
+            ("/dev/zero", "character device"),
+            ("/proc/self", "symbolic link"),
+            ("/tmp", "directory"),
+        ] {
             let msg = read_pidfile(Path::new(path)).err().expect(path).0;
             assert!(msg.contains(word), "{path}: {msg}");
         }

@@ -781,7 +781,10 @@ fn process_names_with_control_characters_are_shown_escaped() {
     assert!(shown >= 2, "name shown escaped {shown} times:\n{screen}");
     assert!(screen.contains(r"(x\x1b]0;pwn\x07\r)"), "{screen}");
     assert!(
-        buffer.content().iter().all(|c| !c.symbol().contains(char::is_control)),
+        buffer
+            .content()
+            .iter()
+            .all(|c| !c.symbol().contains(char::is_control)),
         "a control character reached the terminal buffer"
     );
 }
