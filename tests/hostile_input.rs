@@ -48,6 +48,9 @@ const NOBODY: u32 = 65534;
 /// the terminal's title, CR returns to the start of the line, ESC [ 2 K
 /// erases it. 14 bytes: the kernel keeps 15 with the NUL.
 const EVIL_COMM: &[u8] = b"ev\x1b]0;pwn\x07\r\x1b[2K";
+/// How long the agent may take to exit on SIGTERM: its own grace period
+/// for drains and connections (5 s) and slack for a loaded machine.
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// Address space the agent may use in these tests (bytes).
 const AGENT_MAX_AS: u64 = 4 << 30;
 /// How it must be shown on a terminal.
@@ -294,13 +297,13 @@ impl Agent {
         );
     }
 
-    /// SIGTERM: must exit 0 within 5 s.
+    /// SIGTERM: must exit 0 within [`STOP_TIMEOUT`].
     fn stop(mut self) {
         let mut child = self.child.take().expect("running");
         if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + STOP_TIMEOUT;
         let status = loop {
             if let Some(s) = child.try_wait().expect("poll agent") {
                 break Some(s);
@@ -586,19 +589,57 @@ fn dangerous_targets_are_refused_by_the_cli() {
     .assert_refused("gracewatch's parent", &[&me, "ancestor"]);
     run(
         &gw,
-        &["wait", "--pid", "1", "--children", "--timeout", "2s"],
+        &[
+            "drain",
+            "--pid",
+            "1",
+            "--children",
+            "--signal",
+            "CONT",
+            "--timeout",
+            "2s",
+        ],
         PROMPT * 2,
     )
     .assert_refused("--children of pid 1", &["--children of pid 1"]);
-    assert_eq!((proc_state(1), proc_state(kthread)), before);
-    // The override is honoured (a wait: nothing is signalled; a kernel
-    // thread holds no connection, so it is drained at once).
-    let r = run(
+    // No signal, but SIGKILL at the deadline: a drain that can signal.
+    run(
         &gw,
         &[
             "wait",
             "--pid",
             &kt,
+            "--timeout",
+            "2s",
+            "--on-timeout",
+            "kill",
+        ],
+        PROMPT * 2,
+    )
+    .assert_refused(
+        "wait --on-timeout kill on a kernel thread",
+        &["kernel thread"],
+    );
+    assert_eq!((proc_state(1), proc_state(kthread)), before);
+    // A wait that can never signal only watches: the policy, which guards
+    // against signals, lets it through (`wait --pid 1` is the preStop
+    // recipe in a container whose server is pid 1). A kernel thread holds
+    // no connection, so it is drained at once.
+    let r = run(
+        &gw,
+        &["wait", "--pid", &kt, "--timeout", "20s"],
+        STARTUP_TIMEOUT,
+    );
+    assert_eq!(r.code, Some(0), "wait on a kernel thread: {}", r.context());
+    // The override is honoured (SIGCONT: a kernel thread ignores it).
+    let r = run(
+        &gw,
+        &[
+            "drain",
+            "--pid",
+            &kt,
+            "--signal",
+            "CONT",
             "--timeout",
             "20s",
             "--allow-dangerous-target",
@@ -632,7 +673,7 @@ fn dangerous_targets_are_refused_by_the_agent() {
     );
     agent.assert_refused(
         "agent: children of pid 1",
-        &json!({"pids": [1], "children": true, "signal": "none", "timeout": "2s"}),
+        &json!({"pids": [1], "children": true, "signal": "CONT", "timeout": "2s"}),
         &["children of pid 1"],
     );
     agent.assert_refused(
@@ -641,6 +682,15 @@ fn dangerous_targets_are_refused_by_the_agent() {
         &["itself"],
     );
     agent.assert_alive("a STOP aimed at the agent");
+    // Only watching the agent itself is fine (nothing can be signalled).
+    let (code, body, _) = agent
+        .http(
+            "POST",
+            "/v1/drains",
+            Some(&json!({"pids": [agent.pid()], "signal": "none", "timeout": "1s"})),
+        )
+        .expect("agent answers");
+    assert_eq!(code, 202, "a wait on the agent itself: {body}");
     agent.assert_refused(
         "agent: pid out of range",
         &json!({"pids": [2_147_483_648_u64], "signal": "CONT"}),

@@ -98,6 +98,13 @@ impl DrainRequest {
         if self.ports.contains(&0) {
             return Err("ports: port 0 is not a port a connection can use (1 to 65535)".to_owned());
         }
+        let spec = DrainSpec {
+            ports: self.ports.clone(),
+            signal,
+            timeout,
+            on_timeout: self.on_timeout,
+            min_wait,
+        };
         let targets = TargetSpec {
             pids: self.pids.clone(),
             pidfile: self.pidfile.clone(),
@@ -105,13 +112,7 @@ impl DrainRequest {
             exclude: self.exclude.clone(),
             allow_unsafe_pidfile: self.allow_unsafe_pidfile,
             allow_dangerous_target: self.allow_dangerous_target,
-        };
-        let spec = DrainSpec {
-            ports: self.ports.clone(),
-            signal,
-            timeout,
-            on_timeout: self.on_timeout,
-            min_wait,
+            wait_only: !spec.can_signal(),
         };
         Ok((targets, spec))
     }
@@ -347,6 +348,25 @@ mod tests {
         .expect("parses");
         let (targets, _) = allowed.to_specs().expect("valid");
         assert!(targets.allow_unsafe_pidfile && targets.allow_dangerous_target);
+        assert!(
+            !targets.wait_only,
+            "TERM by default: the target policy applies"
+        );
+        for (json, wait_only) in [
+            (r#"{"pids": [1], "signal": "none"}"#, true),
+            (
+                r#"{"pids": [1], "signal": "none", "timeout": "5s", "on_timeout": "signal"}"#,
+                true,
+            ),
+            (
+                r#"{"pids": [1], "signal": "none", "timeout": "5s", "on_timeout": "kill"}"#,
+                false,
+            ),
+            (r#"{"pids": [1], "signal": "CONT"}"#, false),
+        ] {
+            let (targets, _) = request(json).expect("parses").to_specs().expect("valid");
+            assert_eq!(targets.wait_only, wait_only, "{json}");
+        }
         assert_eq!(spec.ports, vec![80, 443]);
         assert_eq!(
             spec.signal.map(SignalSpec::name).as_deref(),

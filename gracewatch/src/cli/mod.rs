@@ -374,6 +374,7 @@ async fn drain_cmd(
         exclude: args.exclude.clone(),
         allow_unsafe_pidfile: args.allow_unsafe_pidfile,
         allow_dangerous_target: args.allow_dangerous_target,
+        wait_only: !spec.can_signal(),
     }) {
         Ok(t) => t,
         Err(e) => {

@@ -32,6 +32,11 @@ pub struct TargetSpec {
     /// Allow pid 1, kernel threads, gracewatch itself and its ancestors,
     /// and `children` of pid 1 as targets.
     pub allow_dangerous_target: bool,
+    /// The drain can never signal (no signal, and no SIGKILL at the
+    /// deadline): it only watches, so the target policy, which guards
+    /// against signals, does not apply (`gracewatch wait --pid 1` in a
+    /// container whose server is pid 1). Pidfiles are checked all the same.
+    pub wait_only: bool,
 }
 
 /// What to do when the deadline passes with connections left.
@@ -72,6 +77,14 @@ impl Default for DrainSpec {
     }
 }
 
+impl DrainSpec {
+    /// Whether this drain can send any signal (the drain signal, or SIGKILL
+    /// at the deadline).
+    pub fn can_signal(&self) -> bool {
+        self.signal.is_some() || (self.timeout.is_some() && self.on_timeout == OnTimeout::Kill)
+    }
+}
+
 /// Bad input: the caller exits 2 (or answers 4xx).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -92,7 +105,8 @@ impl Targets {
 ///
 /// Refused unless the spec's `allow_*` flags say otherwise: pids outside
 /// 1..=[`crate::input::PID_MAX`]; pid 1, kernel threads, this process and
-/// its ancestors (named or among the descendants); `children` of pid 1; a
+/// its ancestors (named or among the descendants) and `children` of pid 1,
+/// unless the drain is `wait_only`; a
 /// pidfile that is not a small regular file; a pidfile that root does not
 /// own, that group or others can write, or whose owner is not the owner of
 /// the process it names (systemd's rule for `PIDFile=`).
@@ -117,8 +131,9 @@ pub fn choose(spec: &TargetSpec) -> Result<Targets, TargetError> {
     if pids.is_empty() {
         return Err(TargetError("every target is excluded".to_owned()));
     }
+    let allow_danger = spec.allow_dangerous_target || spec.wait_only;
     if spec.children {
-        policy::check_children_roots(&pids, spec.allow_dangerous_target)?;
+        policy::check_children_roots(&pids, allow_danger)?;
     }
     let protected = policy::Protected::new();
     // Pin the named processes first, so a pid that does not exist is
@@ -129,7 +144,7 @@ pub fn choose(spec: &TargetSpec) -> Result<Targets, TargetError> {
             continue;
         }
         let proc = PinnedProcess::open(pid).map_err(|e| TargetError(format!("{e:#}")))?;
-        protected.check(&proc, spec.allow_dangerous_target)?;
+        protected.check(&proc, allow_danger)?;
         if let Some(file) = pidfile.as_ref().filter(|f| f.pid == pid) {
             file.vouches_for(&proc, spec.allow_unsafe_pidfile)?;
         }
@@ -141,7 +156,7 @@ pub fn choose(spec: &TargetSpec) -> Result<Targets, TargetError> {
         for pid in below {
             // A child that exits between the listing and here is simply not a target.
             if let Ok(p) = PinnedProcess::open(pid) {
-                protected.check(&p, spec.allow_dangerous_target)?;
+                protected.check(&p, allow_danger)?;
                 procs.push(p);
             }
         }
