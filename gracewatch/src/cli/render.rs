@@ -169,3 +169,48 @@ fn list_or_dash(items: &[String]) -> String {
         items.join(", ")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tracker::{HolderStatus, ListenerStatus};
+
+    /// A status whose one process calls itself `name`.
+    fn named(name: &str, live: u64) -> Status {
+        Status {
+            processes: vec![ProcessStatus {
+                pid: 42,
+                comm: name.to_owned(),
+                live,
+                listeners: vec!["127.0.0.1:80".to_owned()],
+                ..ProcessStatus::default()
+            }],
+            listeners: vec![ListenerStatus {
+                address: "127.0.0.1:80".to_owned(),
+                holders: vec![HolderStatus {
+                    pid: 42,
+                    comm: name.to_owned(),
+                    live,
+                }],
+                ..ListenerStatus::default()
+            }],
+            ..Status::default()
+        }
+    }
+
+    #[test]
+    fn names_reach_the_terminal_escaped() {
+        let evil = "ev\x1b]0;pwn\x07\r\x1b[2K";
+        let shown = r"ev\x1b]0;pwn\x07\r\x1b[2K";
+        let table = table(&named(evil, 1), &FilterArgs::default());
+        let new = changes(None, &named(evil, 1));
+        let moved = changes(Some(&named(evil, 1)), &named(evil, 0));
+        let gone = changes(Some(&named(evil, 0)), &Status::default());
+        for out in [&table, &new, &moved, &gone] {
+            assert!(!out.chars().any(|c| c.is_control() && c != '\n'), "{out:?}");
+            assert!(out.contains(shown), "{out}");
+        }
+        // The listener table names the holder too.
+        assert_eq!(table.matches(shown).count(), 2, "{table}");
+    }
+}
