@@ -144,13 +144,20 @@ impl PidfileTarget {
                 "pidfile {shown} is writable by group or others, so any of them chooses the target: refused; {hint}"
             )));
         }
-        let Some(uid) = real_uid(proc.pid) else {
+        let uid = real_uid(proc.pid);
+        // A process that exited is not judged by what /proc says about its
+        // pid now (which may be another process's); its pidfd can no
+        // longer signal anything.
+        if !still_same(proc) {
+            return Ok(());
+        }
+        let Some(uid) = uid else {
             return Err(TargetError(format!(
                 "pidfile {shown} is owned by uid {} and the owner of pid {} cannot be read: refused; {hint}",
                 self.owner, proc.pid
             )));
         };
-        if still_same(proc) && uid != self.owner {
+        if uid != self.owner {
             return Err(TargetError(format!(
                 "pidfile {shown} is owned by uid {}, but pid {} runs as uid {uid}: refused, the file's owner could aim the signal at another user's process; {hint}",
                 self.owner, proc.pid
