@@ -8,8 +8,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gracewatch_e2e::{Child, Client, Gracewatch, Netns, live_of, program, setup};
-use serde_json::Value;
+use gracewatch_e2e::{
+    Child, Client, Gracewatch, Netns, Server, live_of, monotonic_ns, program, setup, without_caps,
+};
+use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -303,4 +305,93 @@ fn interrupted_drain_exits_130_and_signals_nothing() {
             "{name}: the target must not be signalled"
         );
     }
+}
+
+/// The gate's last look at the target's own fds cannot be made: gracewatch
+/// runs without CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH (it can still load
+/// its programs) and the target belongs to another user, so its
+/// `/proc/PID/fd` and network namespace are closed to it. That decides
+/// nothing: the gate keeps looking, and at the deadline exits 124 naming
+/// the reason, having signalled nothing. (Before: the unreadable table
+/// counted as "holds nothing": exit 0 and SIGTERM.)
+#[test]
+fn unreadable_fd_table_is_a_doubt_not_a_drain() {
+    let Some(gw) = setup() else { return };
+    let ns = Netns::new("fault-fdread");
+    let addr = "127.0.0.1:7607";
+    let server = Server::listen_with(&ns, addr, Some(65534), &[]);
+    let pid = server.pid().to_string();
+    let wrapper = without_caps("cap_sys_ptrace,cap_dac_read_search");
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let drain = gw.spawn_drain_under(
+        &wrapper,
+        &["drain", "--pid", &pid, "--timeout", "2s", "--json"],
+    );
+    let doubt = drain.wait_progress("the fd check's doubt", T, |p| {
+        p["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("cannot confirm"))
+    });
+    eprintln!("progress: {}", doubt["message"]);
+    let done = drain.wait(T);
+    done.assert_code(124);
+    let result = done.assert_result(&[
+        ("outcome", json!("timeout")),
+        ("signal_sent", Value::Null),
+        ("still_held", json!(0)),
+    ]);
+    let message = result["message"].as_str().unwrap_or_default();
+    eprintln!("result: {message}");
+    assert!(
+        message.contains(&format!("the fds of pid {pid}")) && message.contains("cannot be read"),
+        "the result must name the unreadable fd table: {message:?}"
+    );
+    server.ping();
+    server.assert_no_signal("the drain could not be confirmed");
+}
+
+/// Any user can name its process with bytes that are not UTF-8
+/// (`prctl(PR_SET_NAME)`). Such a server holding connections stays in
+/// `status --json` and `watch --json` with its count (no false exit), and a
+/// drain on it ends 0 as soon as it empties. (Before: its /proc/PID/stat
+/// failed to read as text, which counted as "exited": it vanished from the
+/// status within half a second, and the drain ran into its timeout.)
+#[test]
+fn a_process_named_with_non_utf8_bytes_stays_counted_and_drains() {
+    let Some(gw) = setup() else { return };
+    let ns = Netns::new("fault-comm");
+    let addr = "127.0.0.1:7608";
+    let server = Server::listen_with(&ns, addr, None, &["--name-hex", "fffe6777"]);
+    let pid = server.pid();
+    let comm = std::fs::read(format!("/proc/{pid}/comm")).unwrap_or_default();
+    assert_eq!(comm, b"\xff\xfegw\n", "the server renamed itself");
+    let _clients = Client::connect(&ns, addr, 2);
+    server.wait_accepted(2);
+
+    let watch = gw.watch(&["--port", "7608"]);
+    let seen = watch.wait_until(T, "the server with 2 live", |s| live_of(s, pid) == Some(2));
+    eprintln!("listed as {}", gracewatch_e2e::process(&seen, pid).map(|p| p["comm"].clone()).unwrap_or_default());
+    // Several housekeeping passes (every 500 ms) look at its liveness:
+    // nothing may change. This waits for something that must not happen.
+    std::thread::sleep(Duration::from_millis(1500));
+    let latest = watch.latest().expect("a status line");
+    assert_eq!(live_of(&latest, pid), Some(2), "watch lost it: {latest}");
+    let status = gw.status(&["--port", "7608"]);
+    assert_eq!(live_of(&status, pid), Some(2), "status lost it: {status}");
+
+    let pid_s = pid.to_string();
+    let drain = gw.spawn_drain(&["drain", "--pid", &pid_s, "--timeout", "10s", "--json"]);
+    assert_eq!(drain.wait_ready()["live"], 2);
+    let closed_ns = monotonic_ns();
+    assert_eq!(server.closeall(), 2);
+    let done = drain.wait(T);
+    done.assert_code(0);
+    done.assert_result(&[("outcome", json!("drained")), ("signal_sent", json!("SIGTERM"))]);
+    let took = done.exited_ns.saturating_sub(closed_ns);
+    eprintln!("drained {:.1} ms after the server emptied", took as f64 / 1e6);
+    assert!(
+        took < 2_000_000_000,
+        "the drain took {} ms after the server emptied",
+        took / 1_000_000
+    );
 }

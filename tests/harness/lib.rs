@@ -31,7 +31,7 @@ pub mod status;
 
 use std::{path::Path, process::Command, time::Duration};
 
-pub use drain::{Drain, Finished, check_drain_shape, gap_ms, monotonic_ns};
+pub use drain::{Drain, Finished, check_drain_shape, gap_ms, monotonic_ns, without_caps};
 pub use gracewatch::{Gracewatch, Watch};
 pub use netns::Netns;
 pub use process::Child;

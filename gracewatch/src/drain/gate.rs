@@ -642,3 +642,113 @@ async fn sleep_until_opt(at: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{net::SocketAddr, os::unix::process::ExitStatusExt as _, time::Duration};
+
+    use super::*;
+    use crate::{
+        drain::{TargetSpec, choose},
+        event::{ConnEvent, Snapshot, Tuple},
+    };
+
+    fn tuple(local_port: u16, peer_port: u16) -> Tuple {
+        let addr = |p: u16| -> SocketAddr { format!("127.0.0.1:{p}").parse().expect("address") };
+        Tuple {
+            netns: 1,
+            local: addr(local_port),
+            remote: addr(peer_port),
+        }
+    }
+
+    fn accept(pid: u32, sk: u64, peer_port: u16) -> ConnEvent {
+        ConnEvent::Accept {
+            at: Duration::from_millis(sk),
+            sk,
+            tuple: tuple(80, peer_port),
+            pid,
+            comm: "t".to_owned(),
+            was_queued: false,
+        }
+    }
+
+    fn close(pid: u32, sk: u64, peer_port: u16, by_exit: bool) -> ConnEvent {
+        ConnEvent::Close {
+            at: Duration::from_millis(sk),
+            sk,
+            tuple: tuple(80, peer_port),
+            pid,
+            by_exit,
+        }
+    }
+
+    /// A connection of the target ends because the target is exiting, and
+    /// a flood of other events (more than any subscriber's backlog) follows
+    /// in the same batch. The gate must still know the target is exiting:
+    /// no signal, and exit 3 with the connection it held once its pidfd
+    /// says it is gone. (Counting from the event broadcast, the lagged
+    /// gate skipped that close, found 0 live and no socket fd, signalled
+    /// the target and reported `drained`.)
+    #[tokio::test]
+    async fn an_exit_close_is_not_lost_in_a_flood_of_events() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id();
+        let (handle, feed) =
+            MonitorHandle::from_replay_with_feed(vec![accept(pid, 1, 40000)], Snapshot::default());
+        let targets = choose(&TargetSpec {
+            pids: vec![pid],
+            ..TargetSpec::default()
+        })
+        .expect("the child is a target");
+        let (progress_tx, mut progress) = tokio::sync::mpsc::unbounded_channel();
+        let gate_handle = handle.clone();
+        let mut drain = tokio::spawn(async move {
+            let spec = DrainSpec::default();
+            run(
+                &gate_handle,
+                targets,
+                &spec,
+                |p| {
+                    let _ = progress_tx.send(p.live);
+                },
+                std::future::pending(),
+            )
+            .await
+        });
+        assert_eq!(progress.recv().await, Some(1), "the gate counts 1 live");
+
+        // No await in between: the monitor applies all of it in one batch.
+        feed.send(close(pid, 1, 40000, true)).expect("feed");
+        for i in 0..5000u64 {
+            let port = 1000 + (i % 30000) as u16;
+            feed.send(accept(1, 100 + i, port)).expect("feed");
+            feed.send(close(1, 100 + i, port, false)).expect("feed");
+        }
+        let early = tokio::time::timeout(Duration::from_millis(500), &mut drain).await;
+        assert!(
+            early.is_err(),
+            "the gate ended while its target was exiting: {early:?}"
+        );
+        assert_eq!(
+            child.try_wait().expect("try_wait"),
+            None,
+            "the target was signalled"
+        );
+
+        child.kill().expect("kill the target");
+        let status = child.wait().expect("wait");
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        let report = tokio::time::timeout(Duration::from_secs(10), drain)
+            .await
+            .expect("the gate sees the exit")
+            .expect("the gate task");
+        assert_eq!(report.outcome, Outcome::TargetExited, "{report:?}");
+        assert_eq!(report.exit_code, 3);
+        assert_eq!(report.still_held, 1, "{report:?}");
+        assert_eq!(report.signal_sent, None);
+    }
+}

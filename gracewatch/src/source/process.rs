@@ -327,8 +327,8 @@ mod tests {
         assert_eq!(judge(Ok(false)), Liveness::Alive);
     }
 
-    #[test]
-    fn comm_and_parent_of_a_process_whose_name_is_not_utf8() {
+    #[tokio::test]
+    async fn comm_and_parent_of_a_process_whose_name_is_not_utf8() {
         // PR_SET_NAME on a thread of ours names the thread; the process's
         // comm is its main thread's, so use a child that renames itself.
         let mut child = std::process::Command::new("python3")
