@@ -390,10 +390,14 @@ async fn drain_cmd(
     };
     let handle = Monitor::spawn(opts)?;
     let json = args.json;
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    use tokio::signal::unix::{SignalKind, signal as unix_signal};
+    let mut sigterm = unix_signal(SignalKind::terminate())?;
+    // Registered now, not when the drain first polls `cancel`: a Ctrl-C
+    // right after the first progress line must interrupt, not kill us.
+    let mut sigint = unix_signal(SignalKind::interrupt())?;
     let cancel = async move {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+            _ = sigint.recv() => {}
             _ = sigterm.recv() => {}
         }
     };

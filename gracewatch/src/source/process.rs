@@ -133,9 +133,12 @@ pub fn errno_text(e: rustix::io::Errno) -> String {
         rustix::io::Errno::NFILE => "ENFILE",
         rustix::io::Errno::NOMEM => "ENOMEM",
         rustix::io::Errno::NOENT => "ENOENT",
-        _ => return format!("errno {} ({e})", e.raw_os_error()),
+        _ => return format!("errno {}", e.raw_os_error()),
     };
-    format!("{name} ({e})")
+    // rustix says "Operation not permitted (os error 1)": the name says the number.
+    let text = e.to_string();
+    let meaning = text.split(" (os error").next().unwrap_or(&text);
+    format!("{name} ({meaning})")
 }
 
 /// Whether a pidfd polls readable: the whole thread group has exited. A
