@@ -56,6 +56,8 @@ pub fn gap_ms(later: u64, earlier: u64) -> String {
 /// A running `gracewatch drain|wait ARGS…` (killed on drop).
 pub struct Drain {
     what: String,
+    /// A `drain` that was asked to signal (not `wait`, not `--signal none`).
+    asks_signal: bool,
     pid: u32,
     pidfd: OwnedFd,
     spawned_ns: u64,
@@ -116,8 +118,15 @@ impl Gracewatch {
             let status = child.wait();
             let _ = tx.send((status, monotonic_ns()));
         });
+        let asks_signal = args.first() == Some(&"drain")
+            && !args.iter().enumerate().any(|(i, a)| {
+                a.eq_ignore_ascii_case("--signal=none")
+                    || (*a == "--signal"
+                        && args.get(i + 1).is_some_and(|v| v.eq_ignore_ascii_case("none")))
+            });
         Drain {
             what,
+            asks_signal,
             pid,
             pidfd,
             spawned_ns,
@@ -287,6 +296,7 @@ impl Drain {
         let stderr = wait_eof(&self.stderr);
         let finished = Finished {
             what: self.what.clone(),
+            asks_signal: self.asks_signal,
             pid: self.pid,
             status,
             exited_ns,
@@ -338,6 +348,7 @@ fn parse_line(line: &str) -> Result<Value, String> {
 #[derive(Debug)]
 pub struct Finished {
     what: String,
+    asks_signal: bool,
     /// gracewatch's pid (what a signalled server reports as the sender).
     pub pid: u32,
     pub status: ExitStatus,
@@ -452,10 +463,6 @@ impl Finished {
         let Some(result) = self.json().into_iter().rev().find(|v| v["type"] == "result") else {
             return;
         };
-        let Some(sent) = result["signal_sent"].as_str() else {
-            return;
-        };
-        let name = sent.trim_start_matches("SIG").to_owned();
         let targets: Vec<u32> = result["targets"]
             .as_array()
             .map(|a| {
@@ -464,6 +471,13 @@ impl Finished {
                     .collect()
             })
             .unwrap_or_default();
+        let Some(sent) = result["signal_sent"].as_str() else {
+            if self.asks_signal {
+                self.check_targets_gone(&targets);
+            }
+            return;
+        };
+        let name = sent.trim_start_matches("SIG").to_owned();
         let since = self.spawned_ns;
         let seen = |all: &[(u32, Vec<crate::SignalSeen>)]| -> Vec<(u32, crate::SignalSeen)> {
             all.iter()
@@ -500,6 +514,28 @@ impl Finished {
                 "{}: exit 0, but target {pid} still held {} connection(s) when it received {sent}: {s:?}\n{}",
                 self.what,
                 s.open,
+                self.context()
+            );
+        }
+    }
+
+    /// A drain asked to signal that ends 0 without a signal says its
+    /// targets exited by themselves: each `server.py` target of its own
+    /// (not relayed) output must be gone (its output closed).
+    #[track_caller]
+    fn check_targets_gone(&self, targets: &[u32]) {
+        for (pid, lines, view) in crate::programs::servers_among(targets) {
+            if view != crate::process::View::Own {
+                continue;
+            }
+            let gone = matches!(
+                lines.wait(crate::PROGRAM_TIMEOUT, |_| None::<()>),
+                Err(true)
+            );
+            assert!(
+                gone,
+                "{}: exit 0 and no signal sent, but target {pid} still runs: nothing it was asked to deliver was delivered\n{}",
+                self.what,
                 self.context()
             );
         }

@@ -26,21 +26,29 @@ fn register(pid: u32, child: &Child) {
     all.push((pid, Arc::downgrade(child.stdout()), child.view()));
 }
 
-/// The signals that the `server.py` processes among `pids` reported so
-/// far, per pid; pids that are no running `server.py` of ours are left out.
-pub(crate) fn signals_seen_by(pids: &[u32]) -> Vec<(u32, Vec<SignalSeen>)> {
+/// The output of the `server.py` processes among `pids` that this test
+/// binary still drives (others are left out).
+pub(crate) fn servers_among(pids: &[u32]) -> Vec<(u32, Arc<Lines>, View)> {
     let all = SERVERS.lock().unwrap_or_else(|e| e.into_inner());
     all.iter()
         .filter(|(pid, _, _)| pids.contains(pid))
-        .filter_map(|(pid, lines, view)| {
-            let lines = lines.upgrade()?;
+        .filter_map(|(pid, lines, view)| Some((*pid, lines.upgrade()?, *view)))
+        .collect()
+}
+
+/// The signals that the `server.py` processes among `pids` reported so
+/// far, per pid; pids that are no running `server.py` of ours are left out.
+pub(crate) fn signals_seen_by(pids: &[u32]) -> Vec<(u32, Vec<SignalSeen>)> {
+    servers_among(pids)
+        .into_iter()
+        .map(|(pid, lines, view)| {
             let snapshot = lines.snapshot();
             let seen = view
                 .filter(&snapshot)
                 .into_iter()
                 .filter_map(SignalSeen::parse)
                 .collect();
-            Some((*pid, seen))
+            (pid, seen)
         })
         .collect()
 }
