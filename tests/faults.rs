@@ -9,7 +9,8 @@ use std::{
 };
 
 use gracewatch_e2e::{
-    Child, Client, Gracewatch, Netns, Server, live_of, monotonic_ns, program, setup, without_caps,
+    Child, Client, Drain, Gracewatch, Netns, Server, live_of, monotonic_ns, program,
+    report_signals_of, setup, without_caps,
 };
 use serde_json::{Value, json};
 
@@ -33,36 +34,31 @@ fn sharer(ns: &Netns, addr: &str, n: u64) -> (Child, u32, Client) {
     child.wait_line("`accepted N`", T, |l| {
         l.iter().any(|l| l.starts_with("accepted ")).then_some(())
     });
+    // Its `signal TERM T open=N` lines check every drain that signals it.
+    report_signals_of(pid, &child);
     (child, pid, client)
 }
 
-/// Runs `gracewatch ARGS --json` in the background, its stdout as lines.
-fn drain(gw: &Gracewatch, args: &[&str]) -> Child {
-    let mut cmd = Command::new(gw.bin());
-    cmd.args(args).arg("--json");
-    Child::spawn_command("gracewatch drain", cmd)
+/// Runs `gracewatch ARGS --json` in the background (the harness checks its
+/// lines and, if it ends 0 with a signal, the target's own report).
+fn drain(gw: &Gracewatch, args: &[&str]) -> Drain {
+    let mut args = args.to_vec();
+    args.push("--json");
+    gw.spawn_drain(&args)
 }
 
 /// Waits for the first `progress` line (the drain is running and attached).
-fn wait_progress(d: &Child) {
-    d.wait_line("a progress line", T, |l| {
-        l.iter()
-            .any(|l| l.contains("\"type\":\"progress\""))
-            .then_some(())
-    });
+fn wait_progress(d: &Drain) {
+    d.wait_ready();
 }
 
-/// Waits for the `result` line.
-fn result(d: &Child) -> Value {
-    d.wait_line("the result line", T, |l| {
-        l.iter()
-            .find(|l| l.contains("\"type\":\"result\""))
-            .and_then(|l| serde_json::from_str(l).ok())
-    })
+/// Waits for the end and returns the `result` object.
+fn result(d: Drain) -> Value {
+    d.wait(T).result()
 }
 
-fn has_result(d: &Child) -> bool {
-    d.lines().iter().any(|l| l.contains("\"type\":\"result\""))
+fn has_result(d: &Drain) -> bool {
+    d.has_exited()
 }
 
 /// Ids of the BPF programs a process holds, from its fds' `fdinfo`
@@ -111,16 +107,16 @@ fn sigkill_mid_drain_signals_nothing_and_leaves_no_bpf_behind() {
     let Some(gw) = setup() else { return };
     let ns = Netns::new("fault-kill");
     let (srv, pid, _client) = sharer(&ns, "127.0.0.1:7601", 2);
-    let mut d = drain(&gw, &["drain", "--pid", &pid.to_string()]);
+    let d = drain(&gw, &["drain", "--pid", &pid.to_string()]);
     wait_progress(&d);
-    let gw_pid = d.process_id().expect("drain pid");
-    let progs = bpf_progs_of(gw_pid);
+    let progs = bpf_progs_of(d.pid());
     assert_eq!(
         progs.len(),
         3,
         "three tracepoint programs attached: {progs:?}"
     );
-    d.kill();
+    // Dropping it SIGKILLs it and waits for its exit.
+    drop(d);
     let left = progs_left(progs);
     assert!(left.is_empty(), "BPF programs left behind: {left:?}");
     assert_eq!(srv.request("ping", "pong"), "pong");
@@ -158,12 +154,13 @@ fn ring_buffer_overflow_is_reported_and_repaired() {
     wait_progress(&d);
     client.closeall();
     srv.send("closeall");
-    let r = result(&d);
+    let r = result(d);
     assert_eq!(r["outcome"], "drained", "{r}");
     assert_eq!(r["initial_live"], 900, "{r}");
-    srv.wait_line("signal TERM", T, |l| {
-        l.contains(&"signal TERM").then_some(())
+    let seen = srv.wait_line("signal TERM", T, |l| {
+        l.iter().find(|l| l.starts_with("signal TERM ")).map(|l| (*l).to_owned())
     });
+    assert!(seen.contains(" open=0 "), "signalled while holding: {seen}");
 }
 
 /// The accepting process forks; the child inherits the live fds. The parent
@@ -193,7 +190,7 @@ fn fork_inherited_connections_pin_the_holder_not_the_accepter() {
         "must not be drained while it holds the fds"
     );
     srv.request("closeall", "closed");
-    let r = result(&d);
+    let r = result(d);
     assert_eq!(r["outcome"], "drained", "{r}");
     watch.wait_until(T, "the child alone holds them", |s| {
         live_of(s, child) == Some(2) && live_of(s, pid).unwrap_or(0) == 0
@@ -228,7 +225,7 @@ fn scm_rights_passed_connections_move_to_the_receiver() {
         "must not be drained while it holds the fds"
     );
     srv.request("closeall", "closed");
-    let r = result(&d);
+    let r = result(d);
     assert_eq!(r["outcome"], "drained", "{r}");
     watch.wait_until(T, "the receiver alone holds them", |s| {
         live_of(s, receiver) == Some(3) && live_of(s, pid).unwrap_or(0) == 0
@@ -248,7 +245,7 @@ fn close_wait_never_closed_times_out_naming_the_connection() {
         &gw,
         &["drain", "--pid", &pid.to_string(), "--timeout", "2s"],
     );
-    let r = result(&d);
+    let r = result(d);
     let took = started.elapsed();
     assert_eq!(r["outcome"], "timeout", "{r}");
     assert_eq!(r["exit_code"], 124, "{r}");
@@ -281,19 +278,19 @@ fn interrupted_drain_exits_130_and_signals_nothing() {
         (rustix::process::Signal::INT, "SIGINT"),
         (rustix::process::Signal::TERM, "SIGTERM"),
     ] {
-        let mut d = drain(&gw, &["drain", "--pid", &pid.to_string()]);
+        let d = drain(&gw, &["drain", "--pid", &pid.to_string()]);
         wait_progress(&d);
-        let gw_pid = d.process_id().expect("drain pid");
+        let gw_pid = d.pid();
         let progs = bpf_progs_of(gw_pid);
         assert_eq!(progs.len(), 3, "{name}: programs attached: {progs:?}");
         let raw = rustix::process::Pid::from_raw(gw_pid as i32).expect("pid");
         rustix::process::kill_process(raw, sig).expect("signal gracewatch");
-        let r = result(&d);
+        let done = d.wait(T);
+        let r = done.result();
         assert_eq!(r["outcome"], "interrupted", "{name}: {r}");
         assert_eq!(r["exit_code"], 130, "{name}: {r}");
         assert!(r["signal_sent"].is_null(), "{name}: {r}");
-        let status = d.wait_exit(T);
-        assert_eq!(status.code(), Some(130), "{name}");
+        assert_eq!(done.code(), Some(130), "{name}");
         let left = progs_left(progs);
         assert!(
             left.is_empty(),

@@ -35,7 +35,7 @@ pub use drain::{Drain, Finished, check_drain_shape, gap_ms, monotonic_ns, withou
 pub use gracewatch::{Gracewatch, Watch};
 pub use netns::Netns;
 pub use process::Child;
-pub use programs::{Client, ConnCount, Server, SignalSeen, wait_accepted_sum};
+pub use programs::{Client, ConnCount, Server, SignalSeen, report_signals_of, wait_accepted_sum};
 pub use soft::Soft;
 pub use status::{Expect, holders, listener, live_of, process};
 

@@ -20,6 +20,13 @@ use crate::{
 /// whether the target saw that signal and held nothing then.
 static SERVERS: Mutex<Vec<(u32, Weak<Lines>, View)>> = Mutex::new(Vec::new());
 
+/// Makes `child` (process `pid`, printing `signal NAME T open=N from=PID`
+/// lines as `server.py` does) an oracle for the drains that target it.
+/// [`Server`]s are registered on their own.
+pub fn report_signals_of(pid: u32, child: &Child) {
+    register(pid, child);
+}
+
 fn register(pid: u32, child: &Child) {
     let mut all = SERVERS.lock().unwrap_or_else(|e| e.into_inner());
     all.retain(|(p, lines, _)| *p != pid && lines.strong_count() > 0);
