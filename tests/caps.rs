@@ -12,9 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gracewatch_e2e::{
-    Child, Client, Netns, STARTUP_TIMEOUT, Server, TempDir, setup, without_caps,
-};
+use gracewatch_e2e::{Child, Client, Netns, STARTUP_TIMEOUT, Server, TempDir, setup, without_caps};
 use serde_json::{Value, json};
 
 /// Runs `gracewatch ARGS` with `drop` removed from the bounding and
@@ -120,7 +118,14 @@ fn refused_signal_exits_5_and_the_target_lives() {
         .spawn_drain_under(
             &wrapper,
             &[
-                "drain", "--pid", &pid, "--timeout", "1s", "--on-timeout", "kill", "--json",
+                "drain",
+                "--pid",
+                &pid,
+                "--timeout",
+                "1s",
+                "--on-timeout",
+                "kill",
+                "--json",
             ],
         )
         .wait(STARTUP_TIMEOUT);
@@ -132,7 +137,9 @@ fn refused_signal_exits_5_and_the_target_lives() {
     ]);
     let message = result["message"].as_str().unwrap_or_default();
     assert!(
-        message.contains("deadline passed") && message.contains("EPERM") && message.contains("SIGKILL"),
+        message.contains("deadline passed")
+            && message.contains("EPERM")
+            && message.contains("SIGKILL"),
         "{message:?}"
     );
     server.ping();
@@ -219,7 +226,9 @@ fn agent_without_cap_kill_reports_the_refused_signal() {
     assert_eq!(report["outcome"], "signal_refused", "{status}");
     assert_eq!(report["exit_code"], 5, "{status}");
     assert!(
-        report["message"].as_str().is_some_and(|m| m.contains("EPERM")),
+        report["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("EPERM")),
         "{status}"
     );
 
@@ -227,7 +236,10 @@ fn agent_without_cap_kill_reports_the_refused_signal() {
     let pid_s = pid.to_string();
     let done = gw.drain_to_end(&["drain", "--agent", &unix, "--pid", &pid_s, "--json"]);
     done.assert_code(5);
-    done.assert_result(&[("outcome", json!("signal_refused")), ("signal_sent", Value::Null)]);
+    done.assert_result(&[
+        ("outcome", json!("signal_refused")),
+        ("signal_sent", Value::Null),
+    ]);
 
     let (_, metrics) = unix_http(Path::new(&socket), "GET", "/metrics", "");
     assert!(

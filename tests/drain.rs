@@ -604,7 +604,10 @@ fn children_are_waited_for_but_only_the_named_root_is_signalled() {
     assert_eq!(drain.wait_ready()["live"], 3);
     assert_eq!(old.closeall(), 2);
     drain.wait_progress("1 live (the child's)", STATE_TIMEOUT, |p| p["live"] == 1);
-    assert!(!drain.has_exited(), "the drain ended while the child held a connection");
+    assert!(
+        !drain.has_exited(),
+        "the drain ended while the child held a connection"
+    );
     old.assert_no_signal("a descendant still held a connection");
     assert_eq!(new.closeall(), 1);
     let done = drain.wait(STATE_TIMEOUT);

@@ -158,7 +158,9 @@ fn ring_buffer_overflow_is_reported_and_repaired() {
     assert_eq!(r["outcome"], "drained", "{r}");
     assert_eq!(r["initial_live"], 900, "{r}");
     let seen = srv.wait_line("signal TERM", T, |l| {
-        l.iter().find(|l| l.starts_with("signal TERM ")).map(|l| (*l).to_owned())
+        l.iter()
+            .find(|l| l.starts_with("signal TERM "))
+            .map(|l| (*l).to_owned())
     });
     assert!(seen.contains(" open=0 "), "signalled while holding: {seen}");
 }
@@ -367,7 +369,12 @@ fn a_process_named_with_non_utf8_bytes_stays_counted_and_drains() {
 
     let watch = gw.watch(&["--port", "7608"]);
     let seen = watch.wait_until(T, "the server with 2 live", |s| live_of(s, pid) == Some(2));
-    eprintln!("listed as {}", gracewatch_e2e::process(&seen, pid).map(|p| p["comm"].clone()).unwrap_or_default());
+    eprintln!(
+        "listed as {}",
+        gracewatch_e2e::process(&seen, pid)
+            .map(|p| p["comm"].clone())
+            .unwrap_or_default()
+    );
     // Several housekeeping passes (every 500 ms) look at its liveness:
     // nothing may change. This waits for something that must not happen.
     std::thread::sleep(Duration::from_millis(1500));
@@ -383,9 +390,15 @@ fn a_process_named_with_non_utf8_bytes_stays_counted_and_drains() {
     assert_eq!(server.closeall(), 2);
     let done = drain.wait(T);
     done.assert_code(0);
-    done.assert_result(&[("outcome", json!("drained")), ("signal_sent", json!("SIGTERM"))]);
+    done.assert_result(&[
+        ("outcome", json!("drained")),
+        ("signal_sent", json!("SIGTERM")),
+    ]);
     let took = done.exited_ns.saturating_sub(closed_ns);
-    eprintln!("drained {:.1} ms after the server emptied", took as f64 / 1e6);
+    eprintln!(
+        "drained {:.1} ms after the server emptied",
+        took as f64 / 1e6
+    );
     assert!(
         took < 2_000_000_000,
         "the drain took {} ms after the server emptied",

@@ -16,9 +16,9 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use crate::{
     event::{ConnEvent, Snapshot},
     source::{
-        MonitorError,
+        Liveness, MonitorError,
         ebpf::{EbpfSource, ProgramStats, READER_QUIET, READER_TAIL, SourceOptions},
-        Liveness, liveness, monotonic_now,
+        liveness, monotonic_now,
         replay::{ReplayClock, ReplayFeed},
         snapshot,
     },
@@ -197,8 +197,7 @@ impl Monitor {
         self.last_records = monotonic_now();
         for ev in &self.batch {
             self.tracker.apply(ev);
-            self.exits
-                .record(ev, |pid| self.watched.contains_key(&pid));
+            self.exits.record(ev, |pid| self.watched.contains_key(&pid));
         }
         if let Some(tx) = &self.events {
             for ev in &self.batch {

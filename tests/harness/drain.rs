@@ -122,7 +122,9 @@ impl Gracewatch {
             && !args.iter().enumerate().any(|(i, a)| {
                 a.eq_ignore_ascii_case("--signal=none")
                     || (*a == "--signal"
-                        && args.get(i + 1).is_some_and(|v| v.eq_ignore_ascii_case("none")))
+                        && args
+                            .get(i + 1)
+                            .is_some_and(|v| v.eq_ignore_ascii_case("none")))
             });
         Drain {
             what,
@@ -460,7 +462,12 @@ impl Finished {
         if self.code() != Some(0) {
             return;
         }
-        let Some(result) = self.json().into_iter().rev().find(|v| v["type"] == "result") else {
+        let Some(result) = self
+            .json()
+            .into_iter()
+            .rev()
+            .find(|v| v["type"] == "result")
+        else {
             return;
         };
         let targets: Vec<u32> = result["targets"]

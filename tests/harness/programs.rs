@@ -102,7 +102,10 @@ impl Server {
         }
         args.extend(["-u", &prog, "--listen", address]);
         args.extend_from_slice(extra);
-        let label = format!("server {address} {extra:?} uid {uid:?} (netns {})", ns.name());
+        let label = format!(
+            "server {address} {extra:?} uid {uid:?} (netns {})",
+            ns.name()
+        );
         let child = if uid.is_some() {
             Child::spawn(ns, &label, "setpriv", &args)
         } else {

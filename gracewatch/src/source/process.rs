@@ -166,7 +166,10 @@ pub fn liveness(pid: u32) -> Liveness {
         return Liveness::Exited;
     };
     judge(pidfd_open(raw, PidfdFlags::empty()).and_then(|fd| {
-        let mut fds = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
+        let mut fds = [rustix::event::PollFd::new(
+            &fd,
+            rustix::event::PollFlags::IN,
+        )];
         rustix::event::poll(&mut fds, Some(&rustix::time::Timespec::default())).map(|n| n > 0)
     }))
 }
