@@ -436,27 +436,28 @@ impl ExitAccounts {
         self.exited.remove(&pid);
     }
 
-    fn of(&self, pid: u32, ports: &[u16]) -> ExitAccount {
-        let closed_by_exit = self.closes.get(&pid).map_or(0, |by_port| {
-            by_port
-                .iter()
-                .filter(|(port, _)| ports.is_empty() || ports.contains(port))
-                .map(|(_, n)| n)
-                .sum()
-        });
+    /// The accounts of `pids` taken together.
+    fn of(&self, pids: &[u32], ports: &[u16]) -> ExitAccount {
+        let closed_by_exit = pids
+            .iter()
+            .filter_map(|pid| self.closes.get(pid))
+            .flat_map(|by_port| by_port.iter())
+            .filter(|(port, _)| ports.is_empty() || ports.contains(port))
+            .map(|(_, n)| n)
+            .sum();
         ExitAccount {
             closed_by_exit,
-            seen_exit: self.exited.contains(&pid),
+            seen_exit: pids.iter().any(|pid| self.exited.contains(pid)),
         }
     }
 }
 
-/// One watched process's exit, as [`MonitorHandle::exit_account`] tells it.
+/// Watched processes' exits, as [`MonitorHandle::exit_account`] tells them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ExitAccount {
-    /// Live connections it held that ended because it was exiting.
+    /// Live connections they held that ended because their owner was exiting.
     pub closed_by_exit: u64,
-    /// The monitor saw it gone.
+    /// The monitor saw one of them gone.
     pub seen_exit: bool,
 }
 
@@ -481,7 +482,7 @@ enum Query {
     /// Apply everything the kernel delivered so far, then answer.
     Sync(oneshot::Sender<()>),
     /// Exit accounts of watched pids, counting closes on these ports (all if empty).
-    ExitAccount(u32, Vec<u16>, oneshot::Sender<ExitAccount>),
+    ExitAccount(Vec<u32>, Vec<u16>, oneshot::Sender<ExitAccount>),
     /// Run-time statistics of the eBPF programs (`None` without a kernel source).
     ProgramStats(oneshot::Sender<Option<ProgramStats>>),
 }
@@ -525,13 +526,13 @@ impl Monitor {
                     },
                     Some((pids, on)) = watch_rx.recv() => monitor.watch(&pids, on),
                     q = rx.recv() => match q {
-                        Some(Query::ExitAccount(pid, ports, reply)) => {
+                        Some(Query::ExitAccount(pids, ports, reply)) => {
                             // A drain asks right after it starts watching:
                             // take its watch request first.
-                            while let Ok((pids, on)) = watch_rx.try_recv() {
-                                monitor.watch(&pids, on);
+                            while let Ok((watch, on)) = watch_rx.try_recv() {
+                                monitor.watch(&watch, on);
                             }
-                            let _ = reply.send(monitor.exits.of(pid, &ports));
+                            let _ = reply.send(monitor.exits.of(&pids, &ports));
                         }
                         Some(Query::Connections(pids, reply)) => {
                             let mut all: Vec<ConnInfo> = Vec::new();
@@ -629,13 +630,13 @@ impl MonitorHandle {
         rx.await.context("the monitor stopped")
     }
 
-    /// How `pid`, which a drain watches (see [`MonitorHandle::watch`]),
-    /// exited so far: by-exit closes on `ports` (all if empty) and whether
-    /// the monitor saw it gone. Kept by the monitor from the moment the
-    /// watch starts, so no lagging subscriber can miss one.
-    pub async fn exit_account(&self, pid: u32, ports: &[u16]) -> anyhow::Result<ExitAccount> {
+    /// How `pids`, which a drain watches (see [`MonitorHandle::watch`]),
+    /// exited so far: their by-exit closes on `ports` (all if empty) and
+    /// whether the monitor saw one gone. Kept by the monitor from the
+    /// moment the watch starts, so no lagging subscriber can miss one.
+    pub async fn exit_account(&self, pids: &[u32], ports: &[u16]) -> anyhow::Result<ExitAccount> {
         let (tx, rx) = oneshot::channel();
-        self.ask(Query::ExitAccount(pid, ports.to_vec(), tx))
+        self.ask(Query::ExitAccount(pids.to_vec(), ports.to_vec(), tx))
             .await?;
         rx.await.context("the monitor stopped")
     }
@@ -791,8 +792,8 @@ impl MonitorHandle {
                         Some(Query::ProgramStats(reply)) => {
                             let _ = reply.send(None);
                         }
-                        Some(Query::ExitAccount(pid, ports, reply)) => {
-                            let _ = reply.send(exits.of(pid, &ports));
+                        Some(Query::ExitAccount(pids, ports, reply)) => {
+                            let _ = reply.send(exits.of(&pids, &ports));
                         }
                         None => return,
                     },

@@ -251,13 +251,11 @@ impl Gate<'_> {
     /// or saw connections of it end because it was exiting. Its count then
     /// fell to zero without a drain; its pidfd will be readable in a moment.
     async fn exiting(&self) -> anyhow::Result<bool> {
-        for p in &self.alive {
-            let account = self.handle.exit_account(p.pid, &self.spec.ports).await?;
-            if account.seen_exit || account.closed_by_exit > 0 {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+        let account = self
+            .handle
+            .exit_account(&self.alive_pids(), &self.spec.ports)
+            .await?;
+        Ok(account.seen_exit || account.closed_by_exit > 0)
     }
 
     fn port_counts(&self, port: u16) -> bool {
@@ -316,7 +314,7 @@ impl Gate<'_> {
         self.handle.sync().await?;
         let held = self
             .handle
-            .exit_account(gone.pid, &self.spec.ports)
+            .exit_account(&[gone.pid], &self.spec.ports)
             .await?
             .closed_by_exit
             + self.handle.live_of(&[gone.pid], &self.spec.ports).await?;
