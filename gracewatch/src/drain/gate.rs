@@ -136,6 +136,7 @@ impl Gate<'_> {
                         FdCheck::Clear => return Ok(self.finish_drained().await),
                         FdCheck::Held(held) => {
                             recheck_at = Some(now + RECHECK);
+                            self.doubt = None;
                             if last_live != Some(u64::MAX) {
                                 on_progress(&self.progress(0, format!(
                                     "kernel count is 0 but the targets' fds still hold {held} live inbound socket(s) (shared or passed fds): waiting"
