@@ -324,6 +324,39 @@ mod tests {
         assert_eq!(liveness(u32::MAX), Liveness::Exited, "not a pid");
     }
 
+    /// A main thread that exited while another thread runs leaves a
+    /// zombie leader, but the process lives on (and holds its fds).
+    #[test]
+    fn a_zombie_leader_with_a_live_thread_is_alive() {
+        let mut child = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import ctypes,sys,threading\nthreading.Thread(target=sys.stdin.read).start()\nprint('ok', flush=True)\nctypes.CDLL(None).syscall(60, 0)",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn python3");
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+            &mut line,
+        );
+        let pid = child.id();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let state =
+            || stat_after_comm(pid).and_then(|s| s.split_whitespace().next().map(str::to_owned));
+        while state().as_deref() != Some("Z") && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(state().as_deref(), Some("Z"), "the leader exited");
+        assert_eq!(liveness(pid), Liveness::Alive, "its thread still runs");
+        // EOF ends the reader thread: the whole process exits.
+        drop(child.stdin.take());
+        let _ = child.wait();
+        assert_eq!(liveness(pid), Liveness::Exited);
+    }
+
     #[test]
     fn a_failure_to_look_is_not_an_exit() {
         for e in [
