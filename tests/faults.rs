@@ -405,3 +405,45 @@ fn a_process_named_with_non_utf8_bytes_stays_counted_and_drains() {
         took / 1_000_000
     );
 }
+
+/// gracewatch runs out of file descriptors (EMFILE: its limit is lowered
+/// below what it holds, with `prlimit`). A liveness look that cannot be
+/// made is no exit: the server and its connections stay in the status, and
+/// the failure is said once, not on every pass. (Before: a failed read of
+/// /proc/PID/stat meant "exited": the server vanished with its count.)
+#[test]
+fn running_out_of_fds_is_not_an_exit() {
+    let Some(gw) = setup() else { return };
+    let ns = Netns::new("fault-emfile");
+    let addr = "127.0.0.1:7609";
+    let server = Server::listen(&ns, addr);
+    let pid = server.pid();
+    let _clients = Client::connect(&ns, addr, 2);
+    server.wait_accepted(2);
+    let watch = gw.watch(&["--port", "7609"]);
+    watch.wait_until(T, "the server with 2 live", |s| live_of(s, pid) == Some(2));
+    let gw_pid = watch.pid().expect("watch runs").to_string();
+    let out = Command::new("prlimit")
+        .args(["--pid", &gw_pid, "--nofile=3:3"])
+        .output()
+        .expect("prlimit runs (util-linux)");
+    assert!(out.status.success(), "prlimit: {out:?}");
+    // Several housekeeping passes (every 500 ms) try to look and fail with
+    // EMFILE. This waits for something that must not happen.
+    std::thread::sleep(Duration::from_millis(2000));
+    let latest = watch.latest().expect("a status line");
+    assert_eq!(
+        live_of(&latest, pid),
+        Some(2),
+        "the server must stay with its 2 connections: {latest}\n{:?}",
+        watch.stderr_lines()
+    );
+    let stderr = watch.stderr_lines();
+    let said: Vec<&String> = stderr
+        .iter()
+        .filter(|l| l.contains("cannot tell whether pid"))
+        .collect();
+    eprintln!("stderr: {stderr:?}");
+    assert_eq!(said.len(), 1, "said once: {stderr:?}");
+    assert!(said[0].contains("EMFILE"), "{said:?}");
+}
