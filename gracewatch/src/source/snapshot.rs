@@ -1201,11 +1201,37 @@ sys.stdin.read()
         }
     }
 
+    #[test]
+    fn running_out_of_resources_is_told_apart_from_a_process_gone() {
+        let wrapped = |e: rustix::io::Errno| {
+            anyhow::Error::new(e)
+                .context("failed to open fd directory")
+                .context("failed to list socket fds of pid 7")
+        };
+        for e in [
+            rustix::io::Errno::MFILE,
+            rustix::io::Errno::NFILE,
+            rustix::io::Errno::NOMEM,
+        ] {
+            assert!(is_resource_error(&wrapped(e)), "{e}");
+        }
+        for e in [
+            rustix::io::Errno::NOENT,
+            rustix::io::Errno::SRCH,
+            rustix::io::Errno::ACCESS,
+        ] {
+            assert!(!is_resource_error(&wrapped(e)), "{e}");
+        }
+        let io = anyhow::Error::new(std::io::Error::from_raw_os_error(libc::EMFILE));
+        assert!(is_resource_error(&io));
+    }
+
     /// A walk's findings: (inode, pid) pairs, each pid named `p<pid>`.
     fn table(sockets: &[(u64, u32)]) -> ProcTable {
         let mut table = ProcTable {
             sockets: sockets.to_vec(),
             comms: sockets.iter().map(|&(_, p)| (p, format!("p{p}"))).collect(),
+            failed: None,
         };
         table.seal();
         table
