@@ -12,8 +12,8 @@
 use std::{os::unix::process::ExitStatusExt as _, time::Duration};
 
 use gracewatch_e2e::{
-    Client, Netns, PROGRAM_TIMEOUT, STARTUP_TIMEOUT, STATE_TIMEOUT, Server, Soft, TempDir, gap_ms,
-    monotonic_ns, setup,
+    Child, Client, Netns, PROGRAM_TIMEOUT, STARTUP_TIMEOUT, STATE_TIMEOUT, Server, Soft, TempDir,
+    gap_ms, monotonic_ns, program, setup,
 };
 use serde_json::{Value, json};
 
@@ -488,4 +488,150 @@ fn bad_input() {
     server.ping();
     server.assert_no_signal("every invocation was bad input");
     soft.finish();
+}
+
+/// A target that has exited but is not reaped yet (a zombie: its parent
+/// does not wait for it) is no target: exit 2 saying it already exited,
+/// nothing signalled, nothing reported drained — as for the same pid once
+/// reaped ("does not exist"). Under `--children` a zombie descendant is
+/// simply not a target. (Before: `drain` exited 0 with `"signal_sent":
+/// "SIGTERM"` sent to the dead process, `wait` said "drained in 0.0s".)
+#[test]
+fn zombie_target_is_an_exited_target() {
+    let Some(gw) = setup() else { return };
+    let ns = Netns::new("drain-zombie");
+    let parent = Child::spawn(
+        &ns,
+        "zombie parent",
+        "python3",
+        &["-u", &program("zombie.py")],
+    );
+    let (zombie, parent_pid): (u32, u32) =
+        parent.wait_line("`zombie PID parent PPID`", PROGRAM_TIMEOUT, |lines| {
+            lines.iter().find_map(|l| {
+                let mut w = l.strip_prefix("zombie ")?.split_whitespace();
+                let z = w.next()?.parse().ok()?;
+                let p = w.nth(1)?.parse().ok()?;
+                Some((z, p))
+            })
+        });
+    let z = zombie.to_string();
+    let p = parent_pid.to_string();
+    let state = std::fs::read_to_string(format!("/proc/{zombie}/stat")).unwrap_or_default();
+    assert!(
+        state.contains(") Z "),
+        "pid {zombie} should be a zombie: {state:?}"
+    );
+
+    let soft = Soft::new();
+    let expect_2 = |args: &[&str], words: &[&str]| {
+        let done = gw.drain_to_end(args);
+        let first = done.stderr.first().cloned().unwrap_or_default();
+        eprintln!("gracewatch {args:?} -> {:?}: {first}", done.code());
+        if done.code() != Some(2) {
+            soft.fail(format!(
+                "gracewatch {args:?}: exited {}, expected 2\n{}",
+                done.status,
+                done.context()
+            ));
+            return;
+        }
+        if !done.stdout.is_empty() || done.stderr.len() != 1 {
+            soft.fail(format!(
+                "gracewatch {args:?}: expected one stderr line and no stdout\n{}",
+                done.context()
+            ));
+        }
+        for w in words {
+            if !first.contains(w) {
+                soft.fail(format!("gracewatch {args:?}: {first:?} does not say {w:?}"));
+            }
+        }
+    };
+    expect_2(&["drain", "--pid", &z, "--json"], &[&z, "already exited"]);
+    expect_2(&["wait", "--pid", &z], &[&z, "already exited"]);
+    expect_2(
+        &["drain", "--pid", &z, "--signal", "QUIT", "--json"],
+        &[&z, "already exited"],
+    );
+
+    // Its parent with --children: the zombie is not among the targets.
+    let done = gw.drain_to_end(&["wait", "--pid", &p, "--children", "--json"]);
+    done.assert_code(0);
+    done.assert_result(&[
+        ("targets", json!([parent_pid])),
+        ("outcome", json!("drained")),
+        ("signal_sent", Value::Null),
+    ]);
+
+    // Reaped: the same answer, for the reason it now has.
+    parent.request("reap", "reaped");
+    expect_2(&["drain", "--pid", &z, "--json"], &[&z, "does not exist"]);
+    expect_2(&["wait", "--pid", &z], &[&z, "does not exist"]);
+    soft.finish();
+}
+
+/// `--children` waits for the named process and its descendants, but
+/// signals only the named root: servers pass the signal on to their
+/// workers, and workers already on their way out are left alone. Here the
+/// old server and its handover child both hold connections; the drain
+/// waits for both, then only the old server gets the signal. (Before:
+/// every live descendant was signalled too.)
+#[test]
+fn children_are_waited_for_but_only_the_named_root_is_signalled() {
+    let Some(gw) = setup() else { return };
+    let ns = Netns::new("drain-children");
+    let addr = "127.0.0.1:7408";
+    let old = Server::listen(&ns, addr);
+    let _c1 = Client::connect(&ns, addr, 2);
+    old.wait_accepted(2);
+    let new = old.handover();
+    old.stopaccept();
+    let _c2 = Client::connect(&ns, addr, 1);
+    new.wait_accepted(1);
+
+    let old_pid = old.pid().to_string();
+    // USR1 does not end server.py, so the child stays reachable through it.
+    let drain = gw.spawn_drain(&[
+        "drain",
+        "--pid",
+        &old_pid,
+        "--children",
+        "--signal",
+        "USR1",
+        "--json",
+    ]);
+    assert_eq!(drain.wait_ready()["live"], 3);
+    assert_eq!(old.closeall(), 2);
+    drain.wait_progress("1 live (the child's)", STATE_TIMEOUT, |p| p["live"] == 1);
+    assert!(
+        !drain.has_exited(),
+        "the drain ended while the child held a connection"
+    );
+    old.assert_no_signal("a descendant still held a connection");
+    assert_eq!(new.closeall(), 1);
+    let done = drain.wait(STATE_TIMEOUT);
+    done.assert_code(0);
+    let result = done.assert_result(&[
+        ("outcome", json!("drained")),
+        ("signal_sent", json!("SIGUSR1")),
+        ("initial_live", json!(3)),
+    ]);
+    let mut targets: Vec<u64> = result["targets"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default();
+    targets.sort_unstable();
+    let mut expected = vec![u64::from(old.pid()), u64::from(new.pid())];
+    expected.sort_unstable();
+    assert_eq!(targets, expected, "both are waited for");
+    let seen = old.wait_signal(STATE_TIMEOUT);
+    assert_eq!(
+        (seen.name.as_str(), seen.from, seen.open),
+        ("USR1", done.pid, 0),
+        "the named root gets the signal from gracewatch, holding nothing"
+    );
+    // Round trip through the child: any signal it took is reported first.
+    new.ping();
+    new.assert_no_signal("a descendant under --children is never signalled");
 }

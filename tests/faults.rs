@@ -8,8 +8,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gracewatch_e2e::{Child, Client, Gracewatch, Netns, live_of, program, setup};
-use serde_json::Value;
+use gracewatch_e2e::{
+    Child, Client, Drain, Gracewatch, Netns, Server, live_of, monotonic_ns, program,
+    report_signals_of, setup, without_caps,
+};
+use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -31,36 +34,31 @@ fn sharer(ns: &Netns, addr: &str, n: u64) -> (Child, u32, Client) {
     child.wait_line("`accepted N`", T, |l| {
         l.iter().any(|l| l.starts_with("accepted ")).then_some(())
     });
+    // Its `signal TERM T open=N` lines check every drain that signals it.
+    report_signals_of(pid, &child);
     (child, pid, client)
 }
 
-/// Runs `gracewatch ARGS --json` in the background, its stdout as lines.
-fn drain(gw: &Gracewatch, args: &[&str]) -> Child {
-    let mut cmd = Command::new(gw.bin());
-    cmd.args(args).arg("--json");
-    Child::spawn_command("gracewatch drain", cmd)
+/// Runs `gracewatch ARGS --json` in the background (the harness checks its
+/// lines and, if it ends 0 with a signal, the target's own report).
+fn drain(gw: &Gracewatch, args: &[&str]) -> Drain {
+    let mut args = args.to_vec();
+    args.push("--json");
+    gw.spawn_drain(&args)
 }
 
 /// Waits for the first `progress` line (the drain is running and attached).
-fn wait_progress(d: &Child) {
-    d.wait_line("a progress line", T, |l| {
-        l.iter()
-            .any(|l| l.contains("\"type\":\"progress\""))
-            .then_some(())
-    });
+fn wait_progress(d: &Drain) {
+    d.wait_ready();
 }
 
-/// Waits for the `result` line.
-fn result(d: &Child) -> Value {
-    d.wait_line("the result line", T, |l| {
-        l.iter()
-            .find(|l| l.contains("\"type\":\"result\""))
-            .and_then(|l| serde_json::from_str(l).ok())
-    })
+/// Waits for the end and returns the `result` object.
+fn result(d: Drain) -> Value {
+    d.wait(T).result()
 }
 
-fn has_result(d: &Child) -> bool {
-    d.lines().iter().any(|l| l.contains("\"type\":\"result\""))
+fn has_result(d: &Drain) -> bool {
+    d.has_exited()
 }
 
 /// Ids of the BPF programs a process holds, from its fds' `fdinfo`
@@ -109,16 +107,16 @@ fn sigkill_mid_drain_signals_nothing_and_leaves_no_bpf_behind() {
     let Some(gw) = setup() else { return };
     let ns = Netns::new("fault-kill");
     let (srv, pid, _client) = sharer(&ns, "127.0.0.1:7601", 2);
-    let mut d = drain(&gw, &["drain", "--pid", &pid.to_string()]);
+    let d = drain(&gw, &["drain", "--pid", &pid.to_string()]);
     wait_progress(&d);
-    let gw_pid = d.process_id().expect("drain pid");
-    let progs = bpf_progs_of(gw_pid);
+    let progs = bpf_progs_of(d.pid());
     assert_eq!(
         progs.len(),
         3,
         "three tracepoint programs attached: {progs:?}"
     );
-    d.kill();
+    // Dropping it SIGKILLs it and waits for its exit.
+    drop(d);
     let left = progs_left(progs);
     assert!(left.is_empty(), "BPF programs left behind: {left:?}");
     assert_eq!(srv.request("ping", "pong"), "pong");
@@ -156,12 +154,15 @@ fn ring_buffer_overflow_is_reported_and_repaired() {
     wait_progress(&d);
     client.closeall();
     srv.send("closeall");
-    let r = result(&d);
+    let r = result(d);
     assert_eq!(r["outcome"], "drained", "{r}");
     assert_eq!(r["initial_live"], 900, "{r}");
-    srv.wait_line("signal TERM", T, |l| {
-        l.contains(&"signal TERM").then_some(())
+    let seen = srv.wait_line("signal TERM", T, |l| {
+        l.iter()
+            .find(|l| l.starts_with("signal TERM "))
+            .map(|l| (*l).to_owned())
     });
+    assert!(seen.contains(" open=0 "), "signalled while holding: {seen}");
 }
 
 /// The accepting process forks; the child inherits the live fds. The parent
@@ -191,7 +192,7 @@ fn fork_inherited_connections_pin_the_holder_not_the_accepter() {
         "must not be drained while it holds the fds"
     );
     srv.request("closeall", "closed");
-    let r = result(&d);
+    let r = result(d);
     assert_eq!(r["outcome"], "drained", "{r}");
     watch.wait_until(T, "the child alone holds them", |s| {
         live_of(s, child) == Some(2) && live_of(s, pid).unwrap_or(0) == 0
@@ -226,7 +227,7 @@ fn scm_rights_passed_connections_move_to_the_receiver() {
         "must not be drained while it holds the fds"
     );
     srv.request("closeall", "closed");
-    let r = result(&d);
+    let r = result(d);
     assert_eq!(r["outcome"], "drained", "{r}");
     watch.wait_until(T, "the receiver alone holds them", |s| {
         live_of(s, receiver) == Some(3) && live_of(s, pid).unwrap_or(0) == 0
@@ -246,7 +247,7 @@ fn close_wait_never_closed_times_out_naming_the_connection() {
         &gw,
         &["drain", "--pid", &pid.to_string(), "--timeout", "2s"],
     );
-    let r = result(&d);
+    let r = result(d);
     let took = started.elapsed();
     assert_eq!(r["outcome"], "timeout", "{r}");
     assert_eq!(r["exit_code"], 124, "{r}");
@@ -279,19 +280,19 @@ fn interrupted_drain_exits_130_and_signals_nothing() {
         (rustix::process::Signal::INT, "SIGINT"),
         (rustix::process::Signal::TERM, "SIGTERM"),
     ] {
-        let mut d = drain(&gw, &["drain", "--pid", &pid.to_string()]);
+        let d = drain(&gw, &["drain", "--pid", &pid.to_string()]);
         wait_progress(&d);
-        let gw_pid = d.process_id().expect("drain pid");
+        let gw_pid = d.pid();
         let progs = bpf_progs_of(gw_pid);
         assert_eq!(progs.len(), 3, "{name}: programs attached: {progs:?}");
         let raw = rustix::process::Pid::from_raw(gw_pid as i32).expect("pid");
         rustix::process::kill_process(raw, sig).expect("signal gracewatch");
-        let r = result(&d);
+        let done = d.wait(T);
+        let r = done.result();
         assert_eq!(r["outcome"], "interrupted", "{name}: {r}");
         assert_eq!(r["exit_code"], 130, "{name}: {r}");
         assert!(r["signal_sent"].is_null(), "{name}: {r}");
-        let status = d.wait_exit(T);
-        assert_eq!(status.code(), Some(130), "{name}");
+        assert_eq!(done.code(), Some(130), "{name}");
         let left = progs_left(progs);
         assert!(
             left.is_empty(),
@@ -303,4 +304,146 @@ fn interrupted_drain_exits_130_and_signals_nothing() {
             "{name}: the target must not be signalled"
         );
     }
+}
+
+/// The gate's last look at the target's own fds cannot be made: gracewatch
+/// runs without CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH (it can still load
+/// its programs) and the target belongs to another user, so its
+/// `/proc/PID/fd` and network namespace are closed to it. That decides
+/// nothing: the gate keeps looking, and at the deadline exits 124 naming
+/// the reason, having signalled nothing. (Before: the unreadable table
+/// counted as "holds nothing": exit 0 and SIGTERM.)
+#[test]
+fn unreadable_fd_table_is_a_doubt_not_a_drain() {
+    let Some(gw) = setup() else { return };
+    let ns = Netns::new("fault-fdread");
+    let addr = "127.0.0.1:7607";
+    let server = Server::listen_with(&ns, addr, Some(65534), &[]);
+    let pid = server.pid().to_string();
+    let wrapper = without_caps("cap_sys_ptrace,cap_dac_read_search");
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let drain = gw.spawn_drain_under(
+        &wrapper,
+        &["drain", "--pid", &pid, "--timeout", "2s", "--json"],
+    );
+    let doubt = drain.wait_progress("the fd check's doubt", T, |p| {
+        p["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("cannot confirm"))
+    });
+    eprintln!("progress: {}", doubt["message"]);
+    let done = drain.wait(T);
+    done.assert_code(124);
+    let result = done.assert_result(&[
+        ("outcome", json!("timeout")),
+        ("signal_sent", Value::Null),
+        ("still_held", json!(0)),
+    ]);
+    let message = result["message"].as_str().unwrap_or_default();
+    eprintln!("result: {message}");
+    assert!(
+        message.contains(&format!("the fds of pid {pid}")) && message.contains("cannot be read"),
+        "the result must name the unreadable fd table: {message:?}"
+    );
+    server.ping();
+    server.assert_no_signal("the drain could not be confirmed");
+}
+
+/// Any user can name its process with bytes that are not UTF-8
+/// (`prctl(PR_SET_NAME)`). Such a server holding connections stays in
+/// `status --json` and `watch --json` with its count (no false exit), and a
+/// drain on it ends 0 as soon as it empties. (Before: its /proc/PID/stat
+/// failed to read as text, which counted as "exited": it vanished from the
+/// status within half a second, and the drain ran into its timeout.)
+#[test]
+fn a_process_named_with_non_utf8_bytes_stays_counted_and_drains() {
+    let Some(gw) = setup() else { return };
+    let ns = Netns::new("fault-comm");
+    let addr = "127.0.0.1:7608";
+    let server = Server::listen_with(&ns, addr, None, &["--name-hex", "fffe6777"]);
+    let pid = server.pid();
+    let comm = std::fs::read(format!("/proc/{pid}/comm")).unwrap_or_default();
+    assert_eq!(comm, b"\xff\xfegw\n", "the server renamed itself");
+    let _clients = Client::connect(&ns, addr, 2);
+    server.wait_accepted(2);
+
+    let watch = gw.watch(&["--port", "7608"]);
+    let seen = watch.wait_until(T, "the server with 2 live", |s| live_of(s, pid) == Some(2));
+    eprintln!(
+        "listed as {}",
+        gracewatch_e2e::process(&seen, pid)
+            .map(|p| p["comm"].clone())
+            .unwrap_or_default()
+    );
+    // Several housekeeping passes (every 500 ms) look at its liveness:
+    // nothing may change. This waits for something that must not happen.
+    std::thread::sleep(Duration::from_millis(1500));
+    let latest = watch.latest().expect("a status line");
+    assert_eq!(live_of(&latest, pid), Some(2), "watch lost it: {latest}");
+    let status = gw.status(&["--port", "7608"]);
+    assert_eq!(live_of(&status, pid), Some(2), "status lost it: {status}");
+
+    let pid_s = pid.to_string();
+    let drain = gw.spawn_drain(&["drain", "--pid", &pid_s, "--timeout", "10s", "--json"]);
+    assert_eq!(drain.wait_ready()["live"], 2);
+    let closed_ns = monotonic_ns();
+    assert_eq!(server.closeall(), 2);
+    let done = drain.wait(T);
+    done.assert_code(0);
+    done.assert_result(&[
+        ("outcome", json!("drained")),
+        ("signal_sent", json!("SIGTERM")),
+    ]);
+    let took = done.exited_ns.saturating_sub(closed_ns);
+    eprintln!(
+        "drained {:.1} ms after the server emptied",
+        took as f64 / 1e6
+    );
+    assert!(
+        took < 2_000_000_000,
+        "the drain took {} ms after the server emptied",
+        took / 1_000_000
+    );
+}
+
+/// gracewatch runs out of file descriptors (EMFILE: its limit is lowered
+/// below what it holds, with `prlimit`). A liveness look that cannot be
+/// made is no exit: the server and its connections stay in the status, and
+/// the failure is said once, not on every pass. (Before: a failed read of
+/// /proc/PID/stat meant "exited": the server vanished with its count.)
+#[test]
+fn running_out_of_fds_is_not_an_exit() {
+    let Some(gw) = setup() else { return };
+    let ns = Netns::new("fault-emfile");
+    let addr = "127.0.0.1:7609";
+    let server = Server::listen(&ns, addr);
+    let pid = server.pid();
+    let _clients = Client::connect(&ns, addr, 2);
+    server.wait_accepted(2);
+    let watch = gw.watch(&["--port", "7609"]);
+    watch.wait_until(T, "the server with 2 live", |s| live_of(s, pid) == Some(2));
+    let gw_pid = watch.pid().expect("watch runs").to_string();
+    let out = Command::new("prlimit")
+        .args(["--pid", &gw_pid, "--nofile=3:3"])
+        .output()
+        .expect("prlimit runs (util-linux)");
+    assert!(out.status.success(), "prlimit: {out:?}");
+    // Several housekeeping passes (every 500 ms) try to look and fail with
+    // EMFILE. This waits for something that must not happen.
+    std::thread::sleep(Duration::from_millis(2000));
+    let latest = watch.latest().expect("a status line");
+    assert_eq!(
+        live_of(&latest, pid),
+        Some(2),
+        "the server must stay with its 2 connections: {latest}\n{:?}",
+        watch.stderr_lines()
+    );
+    let stderr = watch.stderr_lines();
+    let said: Vec<&String> = stderr
+        .iter()
+        .filter(|l| l.contains("cannot tell whether pid"))
+        .collect();
+    eprintln!("stderr: {stderr:?}");
+    assert_eq!(said.len(), 1, "said once: {stderr:?}");
+    assert!(said[0].contains("EMFILE"), "{said:?}");
 }

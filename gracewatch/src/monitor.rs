@@ -4,7 +4,11 @@
 //! counted twice. Afterwards it folds kernel events in as they arrive and
 //! notices processes that exited. Consumers read [`Status`] from it.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -12,9 +16,9 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use crate::{
     event::{ConnEvent, Snapshot},
     source::{
-        MonitorError,
+        Liveness, MonitorError,
         ebpf::{EbpfSource, ProgramStats, READER_QUIET, READER_TAIL, SourceOptions},
-        monotonic_now, process_alive,
+        liveness, monotonic_now,
         replay::{ReplayClock, ReplayFeed},
         snapshot,
     },
@@ -56,6 +60,12 @@ pub struct Monitor {
     next_publish: Duration,
     /// Pids drains wait on, with how many drains wait on each.
     watched: BTreeMap<u32, usize>,
+    /// Exits and by-exit closes of watched pids, for drains to query
+    /// (see [`ExitAccounts`]).
+    exits: ExitAccounts,
+    /// A liveness look failed (EMFILE…) and was logged: not again until
+    /// one full pass succeeds.
+    liveness_doubt: bool,
     next_housekeeping: Duration,
     /// Every applied event, for consumers that show or count them.
     events: Option<broadcast::Sender<ConnEvent>>,
@@ -124,6 +134,8 @@ impl Monitor {
             unpublished: false,
             next_publish: started,
             watched: BTreeMap::new(),
+            exits: ExitAccounts::default(),
+            liveness_doubt: false,
             next_housekeeping: started + HOUSEKEEPING,
             events: None,
             rescan: None,
@@ -185,6 +197,7 @@ impl Monitor {
         self.last_records = monotonic_now();
         for ev in &self.batch {
             self.tracker.apply(ev);
+            self.exits.record(ev, |pid| self.watched.contains_key(&pid));
         }
         if let Some(tx) = &self.events {
             for ev in &self.batch {
@@ -196,6 +209,8 @@ impl Monitor {
 
     fn apply_one(&mut self, ev: ConnEvent) {
         self.tracker.apply(&ev);
+        self.exits
+            .record(&ev, |pid| self.watched.contains_key(&pid));
         if let Some(tx) = &self.events {
             let _ = tx.send(ev);
         }
@@ -270,11 +285,32 @@ impl Monitor {
             changed = true;
         }
         let pids: Vec<u32> = self.tracker.pids().collect();
+        let mut doubt = None;
         for pid in pids {
-            if !process_alive(pid) {
-                self.apply_one(ConnEvent::ProcessExit { at: now, pid });
-                changed = true;
+            match liveness(pid) {
+                Liveness::Alive => {}
+                Liveness::Exited => {
+                    self.apply_one(ConnEvent::ProcessExit { at: now, pid });
+                    changed = true;
+                }
+                // Not an exit: its connections stay counted until a look succeeds.
+                Liveness::Unknown(e) => doubt = doubt.or(Some((pid, e))),
             }
+        }
+        match doubt {
+            Some((pid, e)) if !self.liveness_doubt => {
+                self.liveness_doubt = true;
+                log::warn!(
+                    "cannot tell whether pid {pid} still runs ({}): its connections stay counted; said once until it recovers",
+                    crate::source::process::errno_text(e)
+                );
+            }
+            Some(_) => {}
+            None if self.liveness_doubt => {
+                self.liveness_doubt = false;
+                log::info!("process liveness checks work again");
+            }
+            None => {}
         }
         if self.rescan.is_none() && now >= self.next_rescan {
             self.rescan = Some(tokio::task::spawn_blocking(|| {
@@ -324,6 +360,7 @@ impl Monitor {
             let now = *n;
             if now == 0 {
                 self.watched.remove(&pid);
+                self.exits.forget(pid);
             }
             if (was == 0) != (now == 0) {
                 if let Err(e) = self.source.set_watched(pid, on) {
@@ -354,6 +391,76 @@ fn status_of(tracker: &Tracker, started: Duration) -> Status {
 /// A drain starting (`true`) or ending (`false`) its wait on these pids.
 type WatchRequest = (Vec<u32>, bool);
 
+/// What drains must know about their targets' exits, kept by the monitor
+/// itself (a drain reading the event broadcast could lag behind and miss
+/// them): per pid, connections that ended because their owner was exiting
+/// (by local port), and whether the process was seen gone. Only pids some
+/// drain watches are kept, and forgotten when the last drain stops.
+#[derive(Debug, Default)]
+struct ExitAccounts {
+    closes: HashMap<u32, HashMap<u16, u64>>,
+    exited: HashSet<u32>,
+}
+
+impl ExitAccounts {
+    fn record(&mut self, ev: &ConnEvent, keep: impl Fn(u32) -> bool) {
+        match ev {
+            ConnEvent::Close {
+                pid,
+                by_exit: true,
+                tuple,
+                ..
+            }
+            | ConnEvent::PreexistingClose {
+                pid,
+                by_exit: true,
+                tuple,
+                ..
+            } if keep(*pid) => {
+                *self
+                    .closes
+                    .entry(*pid)
+                    .or_default()
+                    .entry(tuple.local.port())
+                    .or_default() += 1;
+            }
+            ConnEvent::ProcessExit { pid, .. } if keep(*pid) => {
+                self.exited.insert(*pid);
+            }
+            _ => {}
+        }
+    }
+
+    fn forget(&mut self, pid: u32) {
+        self.closes.remove(&pid);
+        self.exited.remove(&pid);
+    }
+
+    /// The accounts of `pids` taken together.
+    fn of(&self, pids: &[u32], ports: &[u16]) -> ExitAccount {
+        let closed_by_exit = pids
+            .iter()
+            .filter_map(|pid| self.closes.get(pid))
+            .flat_map(|by_port| by_port.iter())
+            .filter(|(port, _)| ports.is_empty() || ports.contains(port))
+            .map(|(_, n)| n)
+            .sum();
+        ExitAccount {
+            closed_by_exit,
+            seen_exit: pids.iter().any(|pid| self.exited.contains(pid)),
+        }
+    }
+}
+
+/// Watched processes' exits, as [`MonitorHandle::exit_account`] tells them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitAccount {
+    /// Live connections they held that ended because their owner was exiting.
+    pub closed_by_exit: u64,
+    /// The monitor saw one of them gone.
+    pub seen_exit: bool,
+}
+
 /// Keeps pids watched (see [`MonitorHandle::watch`]) until dropped.
 #[must_use = "the pids are watched only while the guard lives"]
 pub struct WatchGuard {
@@ -374,6 +481,8 @@ enum Query {
     LiveOf(Vec<u32>, Vec<u16>, oneshot::Sender<u64>),
     /// Apply everything the kernel delivered so far, then answer.
     Sync(oneshot::Sender<()>),
+    /// Exit accounts of watched pids, counting closes on these ports (all if empty).
+    ExitAccount(Vec<u32>, Vec<u16>, oneshot::Sender<ExitAccount>),
     /// Run-time statistics of the eBPF programs (`None` without a kernel source).
     ProgramStats(oneshot::Sender<Option<ProgramStats>>),
 }
@@ -417,6 +526,14 @@ impl Monitor {
                     },
                     Some((pids, on)) = watch_rx.recv() => monitor.watch(&pids, on),
                     q = rx.recv() => match q {
+                        Some(Query::ExitAccount(pids, ports, reply)) => {
+                            // A drain asks right after it starts watching:
+                            // take its watch request first.
+                            while let Ok((watch, on)) = watch_rx.try_recv() {
+                                monitor.watch(&watch, on);
+                            }
+                            let _ = reply.send(monitor.exits.of(&pids, &ports));
+                        }
                         Some(Query::Connections(pids, reply)) => {
                             let mut all: Vec<ConnInfo> = Vec::new();
                             for pid in pids {
@@ -509,6 +626,17 @@ impl MonitorHandle {
     pub async fn live_of(&self, pids: &[u32], ports: &[u16]) -> anyhow::Result<u64> {
         let (tx, rx) = oneshot::channel();
         self.ask(Query::LiveOf(pids.to_vec(), ports.to_vec(), tx))
+            .await?;
+        rx.await.context("the monitor stopped")
+    }
+
+    /// How `pids`, which a drain watches (see [`MonitorHandle::watch`]),
+    /// exited so far: their by-exit closes on `ports` (all if empty) and
+    /// whether the monitor saw one gone. Kept by the monitor from the
+    /// moment the watch starts, so no lagging subscriber can miss one.
+    pub async fn exit_account(&self, pids: &[u32], ports: &[u16]) -> anyhow::Result<ExitAccount> {
+        let (tx, rx) = oneshot::channel();
+        self.ask(Query::ExitAccount(pids.to_vec(), ports.to_vec(), tx))
             .await?;
         rx.await.context("the monitor stopped")
     }
@@ -608,18 +736,24 @@ impl MonitorHandle {
             // A replay never fails; held so `failure()` keeps reading `None`.
             let _never_fails = never_fails;
             let mut feed_open = true;
-            let apply = |ev: ConnEvent, tracker: &mut Tracker, clock: &mut ReplayClock| {
+            // A replay keeps the exit accounts of every pid (tests are small).
+            let mut exits = ExitAccounts::default();
+            let apply = |ev: ConnEvent,
+                         tracker: &mut Tracker,
+                         clock: &mut ReplayClock,
+                         exits: &mut ExitAccounts| {
                 clock.observe(ev.at());
                 tracker.apply(&ev);
+                exits.record(&ev, |_| true);
                 let _ = publish.send(ev);
             };
             loop {
                 tokio::select! {
                     ev = feed_rx.recv(), if feed_open => match ev {
                         Some(ev) => {
-                            apply(ev, &mut tracker, &mut clock);
+                            apply(ev, &mut tracker, &mut clock, &mut exits);
                             while let Ok(ev) = feed_rx.try_recv() {
-                                apply(ev, &mut tracker, &mut clock);
+                                apply(ev, &mut tracker, &mut clock, &mut exits);
                             }
                             changes_tx.send_modify(|n| *n += 1);
                             status_tx.send_replace(status_of(&tracker, &clock));
@@ -646,7 +780,7 @@ impl MonitorHandle {
                         Some(Query::Sync(reply)) => {
                             let mut any = false;
                             while let Ok(ev) = feed_rx.try_recv() {
-                                apply(ev, &mut tracker, &mut clock);
+                                apply(ev, &mut tracker, &mut clock, &mut exits);
                                 any = true;
                             }
                             if any {
@@ -657,6 +791,9 @@ impl MonitorHandle {
                         }
                         Some(Query::ProgramStats(reply)) => {
                             let _ = reply.send(None);
+                        }
+                        Some(Query::ExitAccount(pids, ports, reply)) => {
+                            let _ = reply.send(exits.of(&pids, &ports));
                         }
                         None => return,
                     },

@@ -469,6 +469,7 @@ async fn metrics_parse_and_match_the_status() {
     for outcome in [
         "drained",
         "target_exited",
+        "signal_refused",
         "timeout",
         "interrupted",
         "error",

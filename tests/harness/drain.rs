@@ -35,6 +35,18 @@ pub fn monotonic_ns() -> u64 {
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
+/// A wrapper for [`Gracewatch::spawn_drain_under`]: runs the binary with
+/// the capabilities `drop` (e.g. `cap_kill`) removed, as `capsh` does.
+pub fn without_caps(drop: &str) -> Vec<String> {
+    vec![
+        "capsh".to_owned(),
+        format!("--drop={drop}"),
+        "--".to_owned(),
+        "-c".to_owned(),
+        "exec \"$0\" \"$@\"".to_owned(),
+    ]
+}
+
 /// Formats a difference of two monotonic stamps (`later - earlier`) in ms.
 pub fn gap_ms(later: u64, earlier: u64) -> String {
     let d = later as i128 - earlier as i128;
@@ -44,6 +56,8 @@ pub fn gap_ms(later: u64, earlier: u64) -> String {
 /// A running `gracewatch drain|wait ARGS…` (killed on drop).
 pub struct Drain {
     what: String,
+    /// A `drain` that was asked to signal (not `wait`, not `--signal none`).
+    asks_signal: bool,
     pid: u32,
     pidfd: OwnedFd,
     spawned_ns: u64,
@@ -62,10 +76,28 @@ impl Gracewatch {
     /// in the background.
     #[track_caller]
     pub fn spawn_drain(&self, args: &[&str]) -> Drain {
-        let what = format!("gracewatch {}", args.join(" "));
+        self.spawn_drain_under(&[], args)
+    }
+
+    /// [`Gracewatch::spawn_drain`] through a program that execs the binary
+    /// given after `wrapper` (the pid stays gracewatch's), e.g. `capsh
+    /// --drop=cap_kill -- -c 'exec "$0" "$@"'` (see [`without_caps`]).
+    #[track_caller]
+    pub fn spawn_drain_under(&self, wrapper: &[&str], args: &[&str]) -> Drain {
+        let what = format!("{} gracewatch {}", wrapper.join(" "), args.join(" "))
+            .trim()
+            .to_owned();
         let spawned_ns = monotonic_ns();
         let spawned = Instant::now();
-        let mut child = Command::new(self.bin())
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(rest).arg(self.bin());
+                cmd
+            }
+            None => Command::new(self.bin()),
+        };
+        let mut child = cmd
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -86,8 +118,17 @@ impl Gracewatch {
             let status = child.wait();
             let _ = tx.send((status, monotonic_ns()));
         });
+        let asks_signal = args.first() == Some(&"drain")
+            && !args.iter().enumerate().any(|(i, a)| {
+                a.eq_ignore_ascii_case("--signal=none")
+                    || (*a == "--signal"
+                        && args
+                            .get(i + 1)
+                            .is_some_and(|v| v.eq_ignore_ascii_case("none")))
+            });
         Drain {
             what,
+            asks_signal,
             pid,
             pidfd,
             spawned_ns,
@@ -257,6 +298,7 @@ impl Drain {
         let stderr = wait_eof(&self.stderr);
         let finished = Finished {
             what: self.what.clone(),
+            asks_signal: self.asks_signal,
             pid: self.pid,
             status,
             exited_ns,
@@ -266,6 +308,7 @@ impl Drain {
             stderr,
         };
         finished.check_lines();
+        finished.check_signal_oracle();
         finished
     }
 
@@ -307,6 +350,7 @@ fn parse_line(line: &str) -> Result<Value, String> {
 #[derive(Debug)]
 pub struct Finished {
     what: String,
+    asks_signal: bool,
     /// gracewatch's pid (what a signalled server reports as the sender).
     pub pid: u32,
     pub status: ExitStatus,
@@ -406,6 +450,104 @@ impl Finished {
         }
     }
 
+    /// The promise behind exit 0, checked against the targets themselves
+    /// for every drain that ends 0 having sent a signal: each `server.py`
+    /// target reports every signal it takes with the connections it held
+    /// at that moment. At least one target must have seen the signal after
+    /// gracewatch started, and every target that saw it must have held
+    /// nothing. Targets that are no `server.py` (nginx…) are left to the
+    /// test's own oracle.
+    #[track_caller]
+    fn check_signal_oracle(&self) {
+        if self.code() != Some(0) {
+            return;
+        }
+        let Some(result) = self
+            .json()
+            .into_iter()
+            .rev()
+            .find(|v| v["type"] == "result")
+        else {
+            return;
+        };
+        let targets: Vec<u32> = result["targets"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| p.as_u64().and_then(|p| u32::try_from(p).ok()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let Some(sent) = result["signal_sent"].as_str() else {
+            if self.asks_signal {
+                self.check_targets_gone(&targets);
+            }
+            return;
+        };
+        let name = sent.trim_start_matches("SIG").to_owned();
+        let since = self.spawned_ns;
+        let seen = |all: &[(u32, Vec<crate::SignalSeen>)]| -> Vec<(u32, crate::SignalSeen)> {
+            all.iter()
+                .flat_map(|(pid, signals)| {
+                    signals
+                        .iter()
+                        .filter(|s| s.name == name && s.at_ns >= since)
+                        .map(|s| (*pid, s.clone()))
+                })
+                .collect()
+        };
+        if crate::programs::signals_seen_by(&targets).is_empty() {
+            return;
+        }
+        // The target reports a signal as it takes it, a moment after the send.
+        let deadline = Instant::now() + crate::PROGRAM_TIMEOUT;
+        let observed = loop {
+            let observed = seen(&crate::programs::signals_seen_by(&targets));
+            if !observed.is_empty() || Instant::now() >= deadline {
+                break observed;
+            }
+            thread::sleep(Duration::from_millis(5));
+        };
+        assert!(
+            !observed.is_empty(),
+            "{}: exit 0 with signal_sent {sent}, but no target ({targets:?}) reported receiving it\n{}",
+            self.what,
+            self.context()
+        );
+        for (pid, s) in &observed {
+            assert_eq!(
+                s.open,
+                0,
+                "{}: exit 0, but target {pid} still held {} connection(s) when it received {sent}: {s:?}\n{}",
+                self.what,
+                s.open,
+                self.context()
+            );
+        }
+    }
+
+    /// A drain asked to signal that ends 0 without a signal says its
+    /// targets exited by themselves: each `server.py` target of its own
+    /// (not relayed) output must be gone (its output closed).
+    #[track_caller]
+    fn check_targets_gone(&self, targets: &[u32]) {
+        for (pid, lines, view) in crate::programs::servers_among(targets) {
+            if view != crate::process::View::Own {
+                continue;
+            }
+            let gone = matches!(
+                lines.wait(crate::PROGRAM_TIMEOUT, |_| None::<()>),
+                Err(true)
+            );
+            assert!(
+                gone,
+                "{}: exit 0 and no signal sent, but target {pid} still runs: nothing it was asked to deliver was delivered\n{}",
+                self.what,
+                self.context()
+            );
+        }
+    }
+
     pub fn context(&self) -> String {
         format!(
             "  stdout of {}:\n{}\n  stderr:\n{}",
@@ -498,7 +640,14 @@ impl Ty {
             Ty::Pids => x.as_array().is_some_and(|a| a.iter().all(Value::is_u64)),
             Ty::Outcome => matches!(
                 x.as_str(),
-                Some("drained" | "target_exited" | "timeout" | "interrupted" | "error")
+                Some(
+                    "drained"
+                        | "target_exited"
+                        | "signal_refused"
+                        | "timeout"
+                        | "interrupted"
+                        | "error"
+                )
             ),
             Ty::OptSignal => x.is_null() || x.as_str().is_some_and(|s| s.starts_with("SIG")),
             Ty::OptHeld => x.is_null() || held_ok(x),

@@ -188,6 +188,20 @@ impl Watch {
         watch
     }
 
+    /// Its pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(std::process::Child::id)
+    }
+
+    /// Its stderr (warnings) so far.
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.stderr.snapshot()
+    }
+
     /// The latest status printed.
     pub fn latest(&self) -> Option<Value> {
         self.stdout

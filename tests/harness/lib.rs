@@ -31,11 +31,11 @@ pub mod status;
 
 use std::{path::Path, process::Command, time::Duration};
 
-pub use drain::{Drain, Finished, check_drain_shape, gap_ms, monotonic_ns};
+pub use drain::{Drain, Finished, check_drain_shape, gap_ms, monotonic_ns, without_caps};
 pub use gracewatch::{Gracewatch, Watch};
 pub use netns::Netns;
 pub use process::Child;
-pub use programs::{Client, ConnCount, Server, SignalSeen, wait_accepted_sum};
+pub use programs::{Client, ConnCount, Server, SignalSeen, report_signals_of, wait_accepted_sum};
 pub use soft::Soft;
 pub use status::{Expect, holders, listener, live_of, process};
 

@@ -4,11 +4,61 @@
 //! kernel state it describes is already in place.
 
 use std::{
+    sync::{Arc, Mutex, Weak},
     thread,
     time::{Duration, Instant},
 };
 
-use crate::{Child, Netns, PROGRAM_TIMEOUT, process::tail, program};
+use crate::{
+    Child, Netns, PROGRAM_TIMEOUT,
+    process::{Lines, View, tail},
+    program,
+};
+
+/// Every live `server.py` of this test binary, by pid: the independent
+/// oracle [`crate::Drain`] asks, for every drain that ends 0 with a signal,
+/// whether the target saw that signal and held nothing then.
+static SERVERS: Mutex<Vec<(u32, Weak<Lines>, View)>> = Mutex::new(Vec::new());
+
+/// Makes `child` (process `pid`, printing `signal NAME T open=N from=PID`
+/// lines as `server.py` does) an oracle for the drains that target it.
+/// [`Server`]s are registered on their own.
+pub fn report_signals_of(pid: u32, child: &Child) {
+    register(pid, child);
+}
+
+fn register(pid: u32, child: &Child) {
+    let mut all = SERVERS.lock().unwrap_or_else(|e| e.into_inner());
+    all.retain(|(p, lines, _)| *p != pid && lines.strong_count() > 0);
+    all.push((pid, Arc::downgrade(child.stdout()), child.view()));
+}
+
+/// The output of the `server.py` processes among `pids` that this test
+/// binary still drives (others are left out).
+pub(crate) fn servers_among(pids: &[u32]) -> Vec<(u32, Arc<Lines>, View)> {
+    let all = SERVERS.lock().unwrap_or_else(|e| e.into_inner());
+    all.iter()
+        .filter(|(pid, _, _)| pids.contains(pid))
+        .filter_map(|(pid, lines, view)| Some((*pid, lines.upgrade()?, *view)))
+        .collect()
+}
+
+/// The signals that the `server.py` processes among `pids` reported so
+/// far, per pid; pids that are no running `server.py` of ours are left out.
+pub(crate) fn signals_seen_by(pids: &[u32]) -> Vec<(u32, Vec<SignalSeen>)> {
+    servers_among(pids)
+        .into_iter()
+        .map(|(pid, lines, view)| {
+            let snapshot = lines.snapshot();
+            let seen = view
+                .filter(&snapshot)
+                .into_iter()
+                .filter_map(SignalSeen::parse)
+                .collect();
+            (pid, seen)
+        })
+        .collect()
+}
 
 /// A `server.py` process: listens (or adopts an inherited listener),
 /// accepts in the background and holds every connection until told.
@@ -29,6 +79,38 @@ impl Server {
             "python3",
             &["-u", &program("server.py"), "--listen", address],
         );
+        Server::from_ready(child)
+    }
+
+    /// Like [`Server::listen`], with extra `server.py` options (e.g.
+    /// `--name-hex fffe41`) and run as `uid` if given (`setpriv`, no
+    /// supplementary groups): another user's process.
+    #[track_caller]
+    pub fn listen_with(ns: &Netns, address: &str, uid: Option<u32>, extra: &[&str]) -> Server {
+        let prog = program("server.py");
+        let ids = uid.map(|u| (format!("--reuid={u}"), format!("--regid={u}")));
+        let mut args: Vec<&str> = Vec::new();
+        if let Some((reuid, regid)) = &ids {
+            // The system interpreter: a per-user install (pyenv under
+            // /root) is not reachable for another user.
+            args.extend([
+                reuid.as_str(),
+                regid.as_str(),
+                "--clear-groups",
+                "/usr/bin/python3",
+            ]);
+        }
+        args.extend(["-u", &prog, "--listen", address]);
+        args.extend_from_slice(extra);
+        let label = format!(
+            "server {address} {extra:?} uid {uid:?} (netns {})",
+            ns.name()
+        );
+        let child = if uid.is_some() {
+            Child::spawn(ns, &label, "setpriv", &args)
+        } else {
+            Child::spawn(ns, &label, "python3", &args)
+        };
         Server::from_ready(child)
     }
 
@@ -75,6 +157,7 @@ impl Server {
         let (Some(pid), Some(address)) = (pid, address) else {
             panic!("{}: malformed ready line {ready:?}", child.label());
         };
+        register(pid, &child);
         Server {
             child,
             pid,
@@ -320,7 +403,7 @@ pub struct SignalSeen {
 }
 
 impl SignalSeen {
-    fn parse(line: &str) -> Option<SignalSeen> {
+    pub(crate) fn parse(line: &str) -> Option<SignalSeen> {
         let mut words = line.strip_prefix("signal ")?.split_whitespace();
         let name = words.next()?.to_owned();
         let at_ns = words.next()?.parse().ok()?;

@@ -41,6 +41,9 @@ stdin commands:
                         background thread
   tochild CMD           forward CMD to the handover child's stdin
 
+`--name-hex HEX` sets the process name (comm) to those bytes first (e.g.
+`fffe67`, not UTF-8), as any user can with prctl(PR_SET_NAME).
+
 `handover` is the classic graceful-restart hand-off: fork/exec a new
 `server.py --inherit-fd N` with the listening fd passed (subprocess pass_fds),
 both processes then accept from the same listener until the old one is told
@@ -275,7 +278,21 @@ def main():
     group.add_argument("--listen", metavar="ADDR:PORT")
     group.add_argument("--inherit-fd", type=int, metavar="N")
     parser.add_argument("--backlog", type=int, default=128)
+    parser.add_argument(
+        "--name-hex",
+        metavar="HEX",
+        help="set the process name (comm) to these bytes, e.g. fffe67 (not UTF-8)",
+    )
     args = parser.parse_args()
+
+    if args.name_hex:
+        # PR_SET_NAME from the main thread names the process: any user can
+        # give it bytes that are not UTF-8.
+        import ctypes
+
+        name = bytes.fromhex(args.name_hex)
+        if ctypes.CDLL(None, use_errno=True).prctl(15, name, 0, 0, 0) != 0:
+            raise SystemExit(f"prctl(PR_SET_NAME) failed: errno {ctypes.get_errno()}")
 
     # Before any other thread starts, so that every thread inherits the mask
     # and only signal_loop() takes these signals.

@@ -7,7 +7,10 @@ copy, by fork inheritance or by SCM_RIGHTS passing to another process.
   sharer.py --listen 127.0.0.1:PORT --accept N
 
 stdout: `ready PID` once listening; `accepted N` when all N are accepted;
-replies below; `signal TERM` if SIGTERM arrives (then it exits).
+replies below; `signal TERM T open=N from=0` if SIGTERM arrives, with T its
+CLOCK_MONOTONIC time in ns and N the accepted connections this process
+still held then (the sender is unknown to a Python handler: 0); then it
+exits.
 stdin:
   fork       fork a child that inherits every accepted fd and holds them
              (reply `child PID`)
@@ -25,9 +28,19 @@ import socket
 import sys
 import time
 
+# This process's own copies of the accepted connections (for the signal report).
+_conns = []
+
+
 def emit(line):
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+def on_term(*_):
+    t = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    emit(f"signal TERM {t} open={len(_conns)} from=0")
+    os._exit(0)
 
 def main():
     ap = argparse.ArgumentParser()
@@ -35,13 +48,15 @@ def main():
     ap.add_argument("--accept", type=int, required=True)
     args = ap.parse_args()
     host, _, port = args.listen.rpartition(":")
-    signal.signal(signal.SIGTERM, lambda *_: (emit("signal TERM"), os._exit(0)))
+    signal.signal(signal.SIGTERM, on_term)
     lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     lst.bind((host, int(port)))
     lst.listen(128)
     emit(f"ready {os.getpid()}")
-    conns = [lst.accept()[0] for _ in range(args.accept)]
+    conns = _conns
+    for _ in range(args.accept):
+        conns.append(lst.accept()[0])
     emit(f"accepted {len(conns)}")
     children = []
     for line in sys.stdin:
@@ -73,10 +88,13 @@ def main():
             children.append(pid)
             emit(f"passed {pid} {n}")
         elif cmd == "closeall":
-            for c in conns:
-                c.close()
-            emit(f"closed {len(conns)}")
-            conns = []
+            # Close first, forget after: while a signal reports open=N, N
+            # counts every connection not yet closed.
+            n = len(conns)
+            while conns:
+                conns[0].close()
+                conns.pop(0)
+            emit(f"closed {n}")
         elif cmd == "ping":
             emit("pong")
         elif cmd == "exit":

@@ -11,7 +11,7 @@
 //!
 //! Label cardinality is bounded by construction: `pid`/`comm` only for
 //! processes that hold a listening socket or a live inbound connection,
-//! `netns`/`address` only for listening sockets, `outcome` has five values.
+//! `netns`/`address` only for listening sockets, `outcome` has six values.
 
 use std::sync::Arc;
 
@@ -169,9 +169,10 @@ impl Metrics {
     }
 }
 
-const OUTCOMES: [Outcome; 5] = [
+const OUTCOMES: [Outcome; 6] = [
     Outcome::Drained,
     Outcome::TargetExited,
+    Outcome::SignalRefused,
     Outcome::Timeout,
     Outcome::Interrupted,
     Outcome::Error,
@@ -182,6 +183,7 @@ fn outcome_label(o: Outcome) -> &'static str {
     match o {
         Outcome::Drained => "drained",
         Outcome::TargetExited => "target_exited",
+        Outcome::SignalRefused => "signal_refused",
         Outcome::Timeout => "timeout",
         Outcome::Interrupted => "interrupted",
         Outcome::Error => "error",
@@ -447,6 +449,7 @@ mod tests {
             "gracewatch_lost_events_total 7",
             "gracewatch_drains_total{outcome=\"timeout\"} 1",
             "gracewatch_drains_total{outcome=\"drained\"} 0",
+            "gracewatch_drains_total{outcome=\"signal_refused\"} 0",
             "gracewatch_drain_duration_seconds_count{outcome=\"timeout\"} 1",
             "gracewatch_drains_running 0",
             "gracewatch_bpf_run_time_seconds_total 0.25",

@@ -17,12 +17,18 @@ use crate::{
     tracker::Status,
 };
 
-/// Exit codes shared by every subcommand (`drain`/`wait` add 3 and 124).
+/// Exit codes shared by every subcommand. `drain`/`wait` add the outcome
+/// codes of [`Outcome::exit_code`](crate::drain::Outcome::exit_code), named
+/// here too.
 pub mod exit {
     pub const OK: u8 = 0;
     pub const RUNTIME: u8 = 1;
     pub const USAGE: u8 = 2;
+    pub const TARGET_EXITED: u8 = 3;
     pub const CANNOT_MONITOR: u8 = 4;
+    /// The kernel refused the signal (a target that has not exited).
+    pub const SIGNAL_REFUSED: u8 = 5;
+    pub const TIMEOUT: u8 = 124;
     pub const INTERRUPTED: u8 = 130;
 }
 
@@ -123,8 +129,8 @@ struct DrainArgs {
     /// Read the target pid from this file (e.g. /run/nginx.pid.oldbin).
     #[arg(long, value_name = "PATH")]
     pidfile: Option<PathBuf>,
-    /// Also drain the targets' descendants as they are now (nginx/HAProxy
-    /// workers, gunicorn workers…).
+    /// Also wait for the targets' descendants as they are now (nginx/HAProxy
+    /// workers, gunicorn workers…). Only the named targets are signalled.
     #[arg(long)]
     children: bool,
     /// Leave this process and its descendants out (e.g. the new master in
@@ -172,14 +178,26 @@ Exit codes:
   0    drained (and the signal was delivered, if one was asked for)
   1    runtime error
   2    usage error: bad arguments, unknown signal, a number out of range,
-       missing, garbled or untrusted pidfile, a pid that does not exist, a
-       refused target (pid 1, a kernel thread, gracewatch or its ancestors,
+       missing, garbled or untrusted pidfile, a pid that does not exist or
+       already exited (also a zombie its parent has not reaped), a refused
+       target (pid 1, a kernel thread, gracewatch or its ancestors,
        --children of pid 1): nothing is signalled
   3    the target exited before it drained (the message says how many
        connections it still held)
   4    cannot monitor: missing privileges or kernel support
-  124  --timeout passed with live connections left (like timeout(1))
+  5    the kernel refused the signal (e.g. EPERM: another user's process
+       and no CAP_KILL); the message names the errno and the target, which
+       lives on
+  124  --timeout passed with live connections left, or the drain could not
+       be confirmed (e.g. the target's fds cannot be read; the message says
+       why), like timeout(1)
   130  interrupted (Ctrl-C or SIGTERM): nothing is signalled
+
+Who is signalled: the named targets (--pid, --pidfile) still alive. With
+--children the drain also waits for every descendant, but signals only the
+named roots: servers pass the signal on to their workers (nginx, HAProxy
+master-worker, gunicorn, Apache), and workers already on their way out are
+left alone.
 
 Examples:
   gracewatch drain --pid \"$OLD\" --timeout 2m            # SIGTERM at zero
@@ -384,10 +402,14 @@ async fn drain_cmd(
     };
     let handle = Monitor::spawn(opts)?;
     let json = args.json;
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    use tokio::signal::unix::{SignalKind, signal as unix_signal};
+    let mut sigterm = unix_signal(SignalKind::terminate())?;
+    // Registered now, not when the drain first polls `cancel`: a Ctrl-C
+    // right after the first progress line must interrupt, not kill us.
+    let mut sigint = unix_signal(SignalKind::interrupt())?;
     let cancel = async move {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+            _ = sigint.recv() => {}
             _ = sigterm.recv() => {}
         }
     };

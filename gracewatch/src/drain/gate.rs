@@ -3,21 +3,25 @@
 //! polling delay; timers only drive the deadline, `--min-wait` and progress.
 
 use std::{
-    collections::{BTreeSet, HashMap, VecDeque},
+    collections::{BTreeSet, VecDeque},
     future::Future,
     net::SocketAddr,
     time::Duration,
 };
 
-use tokio::{sync::broadcast::error::TryRecvError, time::Instant};
+use tokio::time::Instant;
 
 use super::{
     DrainReport, DrainSpec, HeldConnection, OnTimeout, Outcome, Progress, SignalSpec, Targets,
 };
 use crate::{
-    event::{ConnEvent, ListenAddr},
+    event::ListenAddr,
     monitor::MonitorHandle,
-    source::{monotonic_now, process::PinnedProcess, snapshot},
+    source::{
+        monotonic_now,
+        process::{Delivery, PinnedProcess, errno_text},
+        snapshot,
+    },
     tracker::Status,
 };
 
@@ -33,14 +37,15 @@ struct Gate<'a> {
     spec: &'a DrainSpec,
     alive: Vec<PinnedProcess>,
     all: Vec<u32>,
+    /// The targets the user named (not their descendants): the only ones
+    /// signalled. Servers pass the signal on to their workers.
+    named: BTreeSet<u32>,
     start: Instant,
     initial: u64,
     peak: u64,
-    /// Connections that ended because their owner was exiting, per target.
-    closed_by_exit: HashMap<u32, u64>,
-    /// Targets the monitor reported gone (`ProcessExit`) before their pidfd
-    /// said so: their connections left the count without a close.
-    exiting: BTreeSet<u32>,
+    /// Why the last look at the targets' fds could not decide, if it could
+    /// not: the gate waits, and names it if the deadline passes.
+    doubt: Option<String>,
     /// Addresses the targets listen(ed) on, so connections stay "inbound"
     /// for the fd check even after the listener is closed.
     listen_addrs: BTreeSet<ListenAddr>,
@@ -58,16 +63,17 @@ pub async fn run(
     cancel: impl Future<Output = ()>,
 ) -> DrainReport {
     let all = targets.pids();
+    let named = targets.named_pids().into_iter().collect();
     let mut gate = Gate {
         handle,
         spec,
         alive: targets.procs,
         all,
+        named,
         start: Instant::now(),
         initial: 0,
         peak: 0,
-        closed_by_exit: HashMap::new(),
-        exiting: BTreeSet::new(),
+        doubt: None,
         listen_addrs: BTreeSet::new(),
         samples: VecDeque::new(),
     };
@@ -92,7 +98,6 @@ impl Gate<'_> {
         let _watch = self.handle.watch(&self.alive_pids());
         let mut changes = self.handle.changes();
         let mut status_rx = self.handle.subscribe();
-        let mut events = self.handle.events();
         let deadline = self.spec.timeout.map(|t| self.start + t);
         let min_wait_at = self.start + self.spec.min_wait;
         let mut next_progress = self.start;
@@ -100,17 +105,20 @@ impl Gate<'_> {
         let mut last_live = None;
         let mut waiting_for_exit = false;
 
+        // Asked first so that the monitor keeps the targets' exit accounts
+        // from before the first count on.
+        self.exiting().await?;
         self.initial = self.live().await?;
         loop {
             changes.borrow_and_update();
             let status = status_rx.borrow_and_update().clone();
             self.observe(&status);
             let live = self.live().await?;
-            // After `live`: the monitor broadcasts a batch's events before it
-            // answers the next query, so every close that `live` reflects is
-            // counted here (counting first would miss closes of a batch
-            // applied in between, and take an exiting target for drained).
-            self.count_exit_closes(&mut events);
+            // After `live`: the monitor answers in order, so every close
+            // that `live` reflects is in the exit accounts asked for here
+            // (asking first would miss closes of a batch applied in between,
+            // and take an exiting target for drained).
+            let exiting = self.exiting().await?;
             self.peak = self.peak.max(live);
             let now = Instant::now();
 
@@ -119,27 +127,40 @@ impl Gate<'_> {
                 && !waiting_for_exit
                 && recheck_at.is_none_or(|t| now >= t)
             {
-                let held = self.fd_check();
-                if held > 0 {
-                    recheck_at = Some(now + RECHECK);
-                    if last_live != Some(u64::MAX) {
-                        on_progress(&self.progress(0, format!(
-                            "kernel count is 0 but the targets' fds still hold {held} live inbound socket(s) (shared or passed fds): waiting"
-                        )).await);
-                        last_live = Some(u64::MAX);
-                    }
-                } else if self.alive.iter().any(|p| {
-                    self.exiting.contains(&p.pid)
-                        || self.closed_by_exit.get(&p.pid).is_some_and(|&n| n > 0)
-                }) {
+                if exiting {
                     // Its connections ended because it is exiting: that is
                     // not a drain; its pidfd will say so in a moment.
                     waiting_for_exit = true;
                 } else {
-                    return Ok(self.finish_drained().await);
+                    match self.fd_check().await {
+                        FdCheck::Clear => return Ok(self.finish_drained().await),
+                        FdCheck::Held(held) => {
+                            recheck_at = Some(now + RECHECK);
+                            self.doubt = None;
+                            if last_live != Some(u64::MAX) {
+                                on_progress(&self.progress(0, format!(
+                                    "kernel count is 0 but the targets' fds still hold {held} live inbound socket(s) (shared or passed fds): waiting"
+                                )).await);
+                                last_live = Some(u64::MAX);
+                            }
+                        }
+                        // Its pidfd ends the drain (exit 3 or 0) at once.
+                        FdCheck::TargetExited => recheck_at = Some(now + RECHECK),
+                        FdCheck::Unknown(why) => {
+                            recheck_at = Some(now + RECHECK);
+                            if self.doubt.as_ref() != Some(&why) {
+                                on_progress(&self.progress(0, format!(
+                                    "kernel count is 0 but {why}: cannot confirm the drain, looking again"
+                                )).await);
+                                last_live = Some(u64::MAX);
+                            }
+                            self.doubt = Some(why);
+                        }
+                    }
                 }
             } else if live > 0 {
                 recheck_at = None;
+                self.doubt = None;
             }
 
             if last_live != Some(live) || now >= next_progress {
@@ -167,7 +188,7 @@ impl Gate<'_> {
                     return Ok(self.report(Outcome::Interrupted, None, "interrupted: nothing was signalled".to_owned()).await);
                 }
                 i = first_exit(&self.alive) => {
-                    if let Some(report) = self.on_exit(i, &mut events).await? {
+                    if let Some(report) = self.on_exit(i).await? {
                         return Ok(report);
                     }
                     waiting_for_exit = false;
@@ -227,70 +248,76 @@ impl Gate<'_> {
         }
     }
 
-    fn count_exit_closes(&mut self, events: &mut tokio::sync::broadcast::Receiver<ConnEvent>) {
-        loop {
-            match events.try_recv() {
-                Ok(ConnEvent::Close {
-                    pid,
-                    by_exit: true,
-                    tuple,
-                    ..
-                })
-                | Ok(ConnEvent::PreexistingClose {
-                    pid,
-                    by_exit: true,
-                    tuple,
-                    ..
-                }) if self.all.contains(&pid) && self.port_counts(tuple.local.port()) => {
-                    *self.closed_by_exit.entry(pid).or_default() += 1;
-                }
-                // The monitor drops a process's connections when it sees it
-                // gone from /proc — which a multi-threaded process is (its
-                // leader a zombie) while its other threads still hold and
-                // then close its fds: its count reaches zero with no close,
-                // before its pidfd is readable.
-                Ok(ConnEvent::ProcessExit { pid, .. }) if self.all.contains(&pid) => {
-                    self.exiting.insert(pid);
-                }
-                Ok(_) | Err(TryRecvError::Lagged(_)) => {}
-                Err(TryRecvError::Empty | TryRecvError::Closed) => return,
-            }
-        }
+    /// Whether a live target is on its way out: the monitor saw it gone,
+    /// or saw connections of it end because it was exiting. Its count then
+    /// fell to zero without a drain; its pidfd will be readable in a moment.
+    async fn exiting(&self) -> anyhow::Result<bool> {
+        let account = self
+            .handle
+            .exit_account(&self.alive_pids(), &self.spec.ports)
+            .await?;
+        Ok(account.seen_exit || account.closed_by_exit > 0)
     }
 
     fn port_counts(&self, port: u16) -> bool {
         self.spec.ports.is_empty() || self.spec.ports.contains(&port)
     }
 
-    /// Live inbound sockets the targets still hold by their own fd tables.
-    fn fd_check(&self) -> usize {
+    /// Live inbound sockets the targets still hold by their own fd tables,
+    /// looked at off the async runtime (procfs, netlink, setns block). A
+    /// table that cannot be read decides nothing.
+    async fn fd_check(&self) -> FdCheck {
         let known: Vec<ListenAddr> = self.listen_addrs.iter().copied().collect();
-        self.alive
+        let targets: Vec<(u32, String)> = self
+            .alive
             .iter()
             .filter(|p| !p.has_exited())
-            .map(|p| {
-                snapshot::live_inbound_fds_with(p.pid, &known)
-                    .map(|v| {
-                        v.iter()
-                            .filter(|t| self.port_counts(t.local.port()))
-                            .count()
-                    })
-                    .unwrap_or(0)
-            })
-            .sum()
+            .map(|p| (p.pid, p.comm.clone()))
+            .collect();
+        let ports = self.spec.ports.clone();
+        let looked = tokio::task::spawn_blocking(move || {
+            let mut held = 0;
+            for (pid, comm) in targets {
+                match snapshot::live_inbound_fds_with(pid, &known) {
+                    Ok(v) => {
+                        held += v
+                            .iter()
+                            .filter(|t| ports.is_empty() || ports.contains(&t.local.port()))
+                            .count();
+                    }
+                    Err(e) => {
+                        return Err((
+                            pid,
+                            format!("the fds of pid {pid} ({comm}) cannot be read: {e:#}"),
+                        ));
+                    }
+                }
+            }
+            Ok(held)
+        })
+        .await;
+        match looked {
+            Ok(Ok(0)) => FdCheck::Clear,
+            Ok(Ok(held)) => FdCheck::Held(held),
+            // A target that exited meanwhile: its pidfd ends the drain.
+            Ok(Err((pid, _))) if self.alive.iter().any(|p| p.pid == pid && p.has_exited()) => {
+                FdCheck::TargetExited
+            }
+            Ok(Err((_, why))) => FdCheck::Unknown(why),
+            Err(e) => FdCheck::Unknown(format!("the fd check failed: {e}")),
+        }
     }
 
-    async fn on_exit(
-        &mut self,
-        index: usize,
-        events: &mut tokio::sync::broadcast::Receiver<ConnEvent>,
-    ) -> anyhow::Result<Option<DrainReport>> {
+    async fn on_exit(&mut self, index: usize) -> anyhow::Result<Option<DrainReport>> {
         let gone = self.alive.remove(index);
         // Its sockets were closed before its pidfd became readable: make the
         // monitor apply those events, then count what it still held.
         self.handle.sync().await?;
-        self.count_exit_closes(events);
-        let held = self.closed_by_exit.get(&gone.pid).copied().unwrap_or(0)
+        let held = self
+            .handle
+            .exit_account(&[gone.pid], &self.spec.ports)
+            .await?
+            .closed_by_exit
             + self.handle.live_of(&[gone.pid], &self.spec.ports).await?;
         if held > 0 {
             let msg = format!(
@@ -312,25 +339,36 @@ impl Gate<'_> {
     }
 
     async fn finish_drained(&mut self) -> DrainReport {
-        let signal = self.spec.signal;
-        let sent = signal.map(|s| self.send(s));
         let took = self.start.elapsed().as_secs_f64();
         let who = self.who();
-        let msg = match (signal, sent) {
-            (Some(s), Some(0)) => {
-                format!("{who} drained in {took:.1}s but exited before {s} could be sent")
-            }
-            (Some(s), _) => format!(
-                "{who} drained in {took:.1}s (peak {} live); sent {s}",
-                self.peak
-            ),
-            (None, _) => format!("{who} drained in {took:.1}s (peak {} live)", self.peak),
+        let Some(signal) = self.spec.signal else {
+            let msg = format!("{who} drained in {took:.1}s (peak {} live)", self.peak);
+            return self.report(Outcome::Drained, None, msg).await;
         };
-        let sent_name = match (signal, sent) {
-            (Some(s), Some(n)) if n > 0 => Some(s),
-            _ => None,
+        let sent = self.send(signal);
+        if let Some(refused) = sent.refused() {
+            let msg = format!(
+                "{who} drained in {took:.1}s, but {refused}{}",
+                sent.also_delivered(signal)
+            );
+            return self
+                .report(Outcome::SignalRefused, sent.any_delivered(signal), msg)
+                .await;
+        }
+        let msg = if sent.delivered.is_empty() {
+            format!(
+                "{who} drained in {took:.1}s; {} exited by itself before {signal} could be sent",
+                sent.exited_names()
+            )
+        } else {
+            format!(
+                "{who} drained in {took:.1}s (peak {} live); sent {signal} to {}",
+                self.peak,
+                sent.delivered.join(", ")
+            )
         };
-        self.report(Outcome::Drained, sent_name, msg).await
+        self.report(Outcome::Drained, sent.any_delivered(signal), msg)
+            .await
     }
 
     async fn on_deadline(&mut self) -> DrainReport {
@@ -338,42 +376,62 @@ impl Gate<'_> {
         // What was held at the deadline, taken before a signal (SIGKILL)
         // can make the target close them.
         let (still_held, held) = self.held(10).await;
-        let (sent, what) = match self.spec.on_timeout {
-            OnTimeout::Leave => (None, "nothing was signalled".to_owned()),
-            OnTimeout::Signal => match self.spec.signal {
-                Some(s) if self.send(s) > 0 => (Some(s), format!("sent {s} anyway")),
-                _ => (None, "nothing was signalled".to_owned()),
-            },
-            OnTimeout::Kill => {
-                if self.send(SignalSpec::KILL) > 0 {
-                    (Some(SignalSpec::KILL), "sent SIGKILL".to_owned())
-                } else {
-                    (None, "nothing was signalled".to_owned())
-                }
+        let signal = match self.spec.on_timeout {
+            OnTimeout::Leave => None,
+            OnTimeout::Signal => self.spec.signal,
+            OnTimeout::Kill => Some(SignalSpec::KILL),
+        };
+        let sent = signal.map(|s| (s, self.send(s)));
+        let what = match &sent {
+            None => "nothing was signalled".to_owned(),
+            Some((s, sent)) if sent.refused().is_some() => format!(
+                "{}{}",
+                sent.refused().unwrap_or_default(),
+                sent.also_delivered(*s)
+            ),
+            Some((s, sent)) if !sent.delivered.is_empty() => {
+                format!("sent {s} to {}", sent.delivered.join(", "))
             }
+            Some((s, _)) => format!("{s} not sent: the targets exited"),
+        };
+        let doubt = match &self.doubt {
+            Some(why) if live == 0 => format!(" (by the kernel's count), but {why}"),
+            _ => String::new(),
         };
         let msg = format!(
-            "deadline passed: {} still held {live} live connection(s); {what}",
+            "deadline passed: {} still held {live} live connection(s){doubt}; {what}",
             self.who()
         );
-        let mut report = self.report(Outcome::Timeout, sent, msg).await;
+        let refused = sent.as_ref().is_some_and(|(_, s)| s.refused().is_some());
+        let delivered = sent.and_then(|(s, sent)| sent.any_delivered(s));
+        let outcome = if refused {
+            Outcome::SignalRefused
+        } else {
+            Outcome::Timeout
+        };
+        let mut report = self.report(outcome, delivered, msg).await;
         report.still_held = still_held;
         report.held = held;
         report
     }
 
-    /// Signals every target still alive; returns how many received it.
-    fn send(&self, signal: SignalSpec) -> usize {
-        self.alive
-            .iter()
-            .filter(|p| match p.signal(signal.number()) {
-                Ok(()) => true,
-                Err(e) => {
-                    log::debug!("{e:#}");
-                    false
-                }
-            })
-            .count()
+    /// Sends `signal` to every named target still alive (descendants
+    /// chosen with `--children` are waited for, never signalled: servers
+    /// pass it on to their workers).
+    fn send(&self, signal: SignalSpec) -> Sent {
+        let mut sent = Sent::default();
+        for p in self.alive.iter().filter(|p| self.named.contains(&p.pid)) {
+            let who = format!("pid {} ({})", p.pid, p.comm);
+            match p.signal(signal.number()) {
+                Delivery::Delivered => sent.delivered.push(who),
+                Delivery::Exited => sent.exited.push(who),
+                Delivery::Refused(e) => sent.refused.push(format!(
+                    "the kernel refused {signal} for {who}: {}",
+                    errno_text(e)
+                )),
+            }
+        }
+        sent
     }
 
     fn who(&self) -> String {
@@ -514,6 +572,53 @@ impl Gate<'_> {
     }
 }
 
+/// What a look at the targets' own fd tables found.
+enum FdCheck {
+    /// No live inbound socket: drained.
+    Clear,
+    /// This many still held (shared or passed fds the kernel count misses).
+    Held(usize),
+    /// A target exited while it was looked at.
+    TargetExited,
+    /// A table could not be read (why): nothing can be concluded.
+    Unknown(String),
+}
+
+/// Who a signal reached, by `pid N (comm)`.
+#[derive(Default)]
+struct Sent {
+    delivered: Vec<String>,
+    exited: Vec<String>,
+    /// One sentence per refusal, naming the errno and the target.
+    refused: Vec<String>,
+}
+
+impl Sent {
+    fn refused(&self) -> Option<String> {
+        (!self.refused.is_empty()).then(|| self.refused.join("; "))
+    }
+
+    fn any_delivered(&self, signal: SignalSpec) -> Option<SignalSpec> {
+        (!self.delivered.is_empty()).then_some(signal)
+    }
+
+    fn also_delivered(&self, signal: SignalSpec) -> String {
+        if self.delivered.is_empty() {
+            String::new()
+        } else {
+            format!(" ({signal} was delivered to {})", self.delivered.join(", "))
+        }
+    }
+
+    fn exited_names(&self) -> String {
+        if self.exited.is_empty() {
+            "every named target".to_owned()
+        } else {
+            self.exited.join(", ")
+        }
+    }
+}
+
 /// Resolves with the index of the first process in `procs` that exits.
 async fn first_exit(procs: &[PinnedProcess]) -> usize {
     if procs.is_empty() {
@@ -534,5 +639,115 @@ async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::SocketAddr, os::unix::process::ExitStatusExt as _, time::Duration};
+
+    use super::*;
+    use crate::{
+        drain::{TargetSpec, choose},
+        event::{ConnEvent, Snapshot, Tuple},
+    };
+
+    fn tuple(local_port: u16, peer_port: u16) -> Tuple {
+        let addr = |p: u16| -> SocketAddr { format!("127.0.0.1:{p}").parse().expect("address") };
+        Tuple {
+            netns: 1,
+            local: addr(local_port),
+            remote: addr(peer_port),
+        }
+    }
+
+    fn accept(pid: u32, sk: u64, peer_port: u16) -> ConnEvent {
+        ConnEvent::Accept {
+            at: Duration::from_millis(sk),
+            sk,
+            tuple: tuple(80, peer_port),
+            pid,
+            comm: "t".to_owned(),
+            was_queued: false,
+        }
+    }
+
+    fn close(pid: u32, sk: u64, peer_port: u16, by_exit: bool) -> ConnEvent {
+        ConnEvent::Close {
+            at: Duration::from_millis(sk),
+            sk,
+            tuple: tuple(80, peer_port),
+            pid,
+            by_exit,
+        }
+    }
+
+    /// A connection of the target ends because the target is exiting, and
+    /// a flood of other events (more than any subscriber's backlog) follows
+    /// in the same batch. The gate must still know the target is exiting:
+    /// no signal, and exit 3 with the connection it held once its pidfd
+    /// says it is gone. (Counting from the event broadcast, the lagged
+    /// gate skipped that close, found 0 live and no socket fd, signalled
+    /// the target and reported `drained`.)
+    #[tokio::test]
+    async fn an_exit_close_is_not_lost_in_a_flood_of_events() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id();
+        let (handle, feed) =
+            MonitorHandle::from_replay_with_feed(vec![accept(pid, 1, 40000)], Snapshot::default());
+        let targets = choose(&TargetSpec {
+            pids: vec![pid],
+            ..TargetSpec::default()
+        })
+        .expect("the child is a target");
+        let (progress_tx, mut progress) = tokio::sync::mpsc::unbounded_channel();
+        let gate_handle = handle.clone();
+        let mut drain = tokio::spawn(async move {
+            let spec = DrainSpec::default();
+            run(
+                &gate_handle,
+                targets,
+                &spec,
+                |p| {
+                    let _ = progress_tx.send(p.live);
+                },
+                std::future::pending(),
+            )
+            .await
+        });
+        assert_eq!(progress.recv().await, Some(1), "the gate counts 1 live");
+
+        // No await in between: the monitor applies all of it in one batch.
+        feed.send(close(pid, 1, 40000, true)).expect("feed");
+        for i in 0..5000u64 {
+            let port = 1000 + (i % 30000) as u16;
+            feed.send(accept(1, 100 + i, port)).expect("feed");
+            feed.send(close(1, 100 + i, port, false)).expect("feed");
+        }
+        let early = tokio::time::timeout(Duration::from_millis(500), &mut drain).await;
+        assert!(
+            early.is_err(),
+            "the gate ended while its target was exiting: {early:?}"
+        );
+        assert_eq!(
+            child.try_wait().expect("try_wait"),
+            None,
+            "the target was signalled"
+        );
+
+        child.kill().expect("kill the target");
+        let status = child.wait().expect("wait");
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        let report = tokio::time::timeout(Duration::from_secs(10), drain)
+            .await
+            .expect("the gate sees the exit")
+            .expect("the gate task");
+        assert_eq!(report.outcome, Outcome::TargetExited, "{report:?}");
+        assert_eq!(report.exit_code, 3);
+        assert_eq!(report.still_held, 1, "{report:?}");
+        assert_eq!(report.signal_sent, None);
     }
 }

@@ -92,12 +92,21 @@ pub struct TargetError(pub String);
 
 /// The processes a drain watches, each pinned by a pidfd.
 pub struct Targets {
+    /// The named processes first, then their descendants (`--children`).
     pub procs: Vec<PinnedProcess>,
+    /// How many of `procs` (the first ones) were named: only those are
+    /// signalled.
+    pub named: usize,
 }
 
 impl Targets {
     pub fn pids(&self) -> Vec<u32> {
         self.procs.iter().map(|p| p.pid).collect()
+    }
+
+    /// The named targets (the ones a drain signals).
+    pub fn named_pids(&self) -> Vec<u32> {
+        self.procs.iter().take(self.named).map(|p| p.pid).collect()
     }
 }
 
@@ -150,18 +159,20 @@ pub fn choose(spec: &TargetSpec) -> Result<Targets, TargetError> {
         }
         procs.push(proc);
     }
+    let named = procs.len();
     if spec.children {
         let below = process::descendants(&pids, &spec.exclude)
             .map_err(|e| TargetError(format!("{e:#}")))?;
         for pid in below {
-            // A child that exits between the listing and here is simply not a target.
+            // A child that exits between the listing and here, or already
+            // had (a zombie), is simply not a target.
             if let Ok(p) = PinnedProcess::open(pid) {
                 protected.check(&p, allow_danger)?;
                 procs.push(p);
             }
         }
     }
-    Ok(Targets { procs })
+    Ok(Targets { procs, named })
 }
 
 /// How a drain ended.
@@ -176,6 +187,9 @@ pub enum Outcome {
     Timeout,
     /// Stopped by the user (Ctrl-C, SIGTERM, a cancelled API drain).
     Interrupted,
+    /// The kernel refused the signal for a target that has not exited
+    /// (EPERM: another user's process and no CAP_KILL). It lives on.
+    SignalRefused,
     /// Monitoring failed.
     Error,
 }
@@ -183,12 +197,14 @@ pub enum Outcome {
 impl Outcome {
     /// The process exit code for this outcome (DESIGN.md §5).
     pub fn exit_code(self) -> u8 {
+        use crate::cli::exit;
         match self {
-            Self::Drained => 0,
-            Self::Error => 1,
-            Self::TargetExited => 3,
-            Self::Timeout => 124,
-            Self::Interrupted => 130,
+            Self::Drained => exit::OK,
+            Self::Error => exit::RUNTIME,
+            Self::TargetExited => exit::TARGET_EXITED,
+            Self::SignalRefused => exit::SIGNAL_REFUSED,
+            Self::Timeout => exit::TIMEOUT,
+            Self::Interrupted => exit::INTERRUPTED,
         }
     }
 }

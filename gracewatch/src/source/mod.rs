@@ -7,7 +7,7 @@ pub mod kernel_layout;
 pub mod netns;
 pub mod process;
 
-pub use process::process_alive;
+pub use process::{Liveness, liveness};
 pub mod replay;
 pub mod snapshot;
 

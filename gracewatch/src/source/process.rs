@@ -20,18 +20,28 @@ pub struct PinnedProcess {
 }
 
 impl PinnedProcess {
-    /// Opens a pidfd for `pid`. Fails if the process does not exist.
+    /// Opens a pidfd for `pid`. Fails if the process does not exist, and
+    /// also if it has already exited but its parent has not reaped it yet
+    /// (a zombie holds nothing and can receive no signal that matters): both
+    /// are "no such process" to a caller choosing targets.
     pub fn open(pid: u32) -> anyhow::Result<Self> {
-        let raw = Pid::from_raw(pid as i32)
+        let raw = i32::try_from(pid)
+            .ok()
+            .and_then(Pid::from_raw)
             .with_context(|| format!("pid {pid} is not a valid process id"))?;
-        let fd = pidfd_open(raw, PidfdFlags::empty()).map_err(|e| {
-            if e == rustix::io::Errno::SRCH {
+        let fd = pidfd_open(raw, PidfdFlags::empty()).map_err(|e| match e {
+            // EINVAL: the number names a thread, not a process.
+            rustix::io::Errno::SRCH | rustix::io::Errno::INVAL => {
                 anyhow::anyhow!("pid {pid} does not exist")
-            } else {
-                anyhow::anyhow!("failed to open pidfd for pid {pid}: {e}")
             }
+            e => anyhow::anyhow!("failed to open pidfd for pid {pid}: {e}"),
         })?;
         let comm = comm_of(pid).unwrap_or_default();
+        if pidfd_exited(&fd) {
+            anyhow::bail!(
+                "pid {pid} ({comm}) does not exist any more: it already exited (its parent has not reaped it yet)"
+            );
+        }
         let fd =
             super::register_readable(fd).with_context(|| format!("failed to watch pid {pid}"))?;
         Ok(Self { pid, comm, fd })
@@ -60,29 +70,134 @@ impl PinnedProcess {
         }
     }
 
-    /// Whether the process has exited, without waiting.
+    /// Whether the process has exited (every thread of it), without
+    /// waiting. A failed poll says "not known to have exited".
     pub fn has_exited(&self) -> bool {
-        let mut fds = [rustix::event::PollFd::new(
-            self.fd.get_ref(),
-            rustix::event::PollFlags::IN,
-        )];
-        matches!(rustix::event::poll(&mut fds, Some(&rustix::time::Timespec::default())), Ok(n) if n > 0)
+        pidfd_exited(self.fd.get_ref())
     }
 
     /// Sends `signal` to exactly this process (never to a recycled pid).
-    pub fn signal(&self, signal: i32) -> anyhow::Result<()> {
-        let sig = Signal::from_named_raw(signal)
-            .with_context(|| format!("{signal} is not a signal number"))?;
-        pidfd_send_signal(self.fd.get_ref(), sig)
-            .with_context(|| format!("failed to send signal {signal} to pid {}", self.pid))
+    ///
+    /// A process that has exited is told apart by its pidfd, never by a
+    /// failed send: checked before (a zombie accepts signals it will never
+    /// act on) and, when the kernel refuses, after (ESRCH is confirmed).
+    pub fn signal(&self, signal: i32) -> Delivery {
+        if !(1..=libc::SIGRTMAX()).contains(&signal) {
+            return Delivery::Refused(rustix::io::Errno::INVAL);
+        }
+        // SAFETY: `signal` is a valid, non-zero signal number (checked just
+        // above); it is only sent to another process, never handled,
+        // blocked or consumed in ours, which is what the reserved real-time
+        // numbers forbid.
+        let sig = unsafe { Signal::from_raw_unchecked(signal) };
+        if self.has_exited() {
+            return Delivery::Exited;
+        }
+        match pidfd_send_signal(self.fd.get_ref(), sig) {
+            Ok(()) => Delivery::Delivered,
+            Err(_) if self.has_exited() => Delivery::Exited,
+            Err(e) => Delivery::Refused(e),
+        }
     }
 }
 
-/// The command name of `pid` (`/proc/<pid>/comm`).
+/// What became of a signal sent through a pidfd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// The kernel queued it for the live process.
+    Delivered,
+    /// The process had exited (its pidfd said so): nobody received it.
+    Exited,
+    /// The kernel refused it for a process that has not exited (EPERM
+    /// without CAP_KILL for another user's process, …).
+    Refused(rustix::io::Errno),
+}
+
+impl Delivery {
+    /// `Err` with a one-line reason for anything but delivery.
+    pub fn into_result(self, pid: u32, comm: &str, signal: i32) -> anyhow::Result<()> {
+        match self {
+            Self::Delivered => Ok(()),
+            Self::Exited => anyhow::bail!("pid {pid} ({comm}) has already exited"),
+            Self::Refused(e) => anyhow::bail!(
+                "the kernel refused signal {signal} for pid {pid} ({comm}): {}",
+                errno_text(e)
+            ),
+        }
+    }
+}
+
+/// `EPERM (Operation not permitted)`: the errno's name, then its meaning.
+pub fn errno_text(e: rustix::io::Errno) -> String {
+    let name = match e {
+        rustix::io::Errno::PERM => "EPERM",
+        rustix::io::Errno::SRCH => "ESRCH",
+        rustix::io::Errno::INVAL => "EINVAL",
+        rustix::io::Errno::ACCESS => "EACCES",
+        rustix::io::Errno::MFILE => "EMFILE",
+        rustix::io::Errno::NFILE => "ENFILE",
+        rustix::io::Errno::NOMEM => "ENOMEM",
+        rustix::io::Errno::NOENT => "ENOENT",
+        _ => return format!("errno {}", e.raw_os_error()),
+    };
+    // rustix says "Operation not permitted (os error 1)": the name says the number.
+    let text = e.to_string();
+    let meaning = text.split(" (os error").next().unwrap_or(&text);
+    format!("{name} ({meaning})")
+}
+
+/// Whether a pidfd polls readable: the whole thread group has exited. A
+/// zombie main thread whose other threads still run is not readable (its
+/// sockets are not released yet).
+fn pidfd_exited(fd: &OwnedFd) -> bool {
+    let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
+    matches!(rustix::event::poll(&mut fds, Some(&rustix::time::Timespec::default())), Ok(n) if n > 0)
+}
+
+/// What is known about a process's life. `Unknown` is not an exit: a
+/// failure to look (EMFILE, ENOMEM…) must never retire a process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Liveness {
+    Alive,
+    Exited,
+    Unknown(rustix::io::Errno),
+}
+
+/// Whether the process `pid` still runs, from a pidfd: ESRCH (no such
+/// process) or a readable pidfd (every thread exited) is an exit; anything
+/// else that fails is `Unknown`. Nothing is read from /proc.
+pub fn liveness(pid: u32) -> Liveness {
+    let Some(raw) = i32::try_from(pid).ok().and_then(Pid::from_raw) else {
+        return Liveness::Exited;
+    };
+    judge(pidfd_open(raw, PidfdFlags::empty()).and_then(|fd| {
+        let mut fds = [rustix::event::PollFd::new(
+            &fd,
+            rustix::event::PollFlags::IN,
+        )];
+        rustix::event::poll(&mut fds, Some(&rustix::time::Timespec::default())).map(|n| n > 0)
+    }))
+}
+
+/// A pidfd look (`Ok(readable)`) as liveness. ESRCH: no such process;
+/// EINVAL: the number is now a thread of another process, so the process
+/// it named is gone. Every other failure is a doubt, not an exit.
+fn judge(look: rustix::io::Result<bool>) -> Liveness {
+    match look {
+        Ok(false) => Liveness::Alive,
+        Ok(true) | Err(rustix::io::Errno::SRCH | rustix::io::Errno::INVAL) => Liveness::Exited,
+        Err(e) => Liveness::Unknown(e),
+    }
+}
+
+/// The command name of `pid` (`/proc/<pid>/comm`). Any process may set
+/// bytes that are not UTF-8 (`prctl(PR_SET_NAME)`): shown lossily.
 pub fn comm_of(pid: u32) -> Option<String> {
-    fs::read_to_string(format!("/proc/{pid}/comm"))
-        .ok()
-        .map(|s| s.trim_end().to_owned())
+    fs::read(format!("/proc/{pid}/comm")).ok().map(|b| {
+        String::from_utf8_lossy(&b)
+            .trim_end_matches('\n')
+            .to_owned()
+    })
 }
 
 /// Every descendant of `roots` (children, grandchildren…) as they are now,
@@ -126,25 +241,13 @@ fn parent_of(pid: u32) -> Option<u32> {
         .ok()
 }
 
-/// Whether `pid` still exists. A zombie counts as gone (it holds no fds)
-/// only once it is the last of its threads: a main thread that exited while
-/// others still run (or are still releasing the process's sockets) leaves
-/// the process alive.
-pub fn process_alive(pid: u32) -> bool {
-    let Some(stat) = stat_after_comm(pid) else {
-        return false;
-    };
-    match stat.split_whitespace().next().unwrap_or("X") {
-        "Z" | "X" => fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|d| d.count() > 1),
-        _ => true,
-    }
-}
-
 /// `/proc/<pid>/stat` after the command name: `state ppid …`. The name may
-/// hold spaces and parentheses, hence the split at the last `)`.
+/// hold spaces, parentheses and bytes that are not UTF-8, hence bytes and
+/// the split at the last `)`.
 fn stat_after_comm(pid: u32) -> Option<String> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')').map(|(_, rest)| rest.to_owned())
+    let stat = fs::read(format!("/proc/{pid}/stat")).ok()?;
+    let end = stat.iter().rposition(|&b| b == b')')?;
+    Some(String::from_utf8_lossy(stat.get(end + 1..)?).into_owned())
 }
 
 #[cfg(test)]
@@ -185,29 +288,116 @@ mod tests {
                 .expect("tree")
                 .contains(&pid)
         );
-        pinned.signal(libc::SIGKILL).expect("kill via pidfd");
+        // A real-time signal too (its default action ends `sleep`).
+        assert_eq!(pinned.signal(libc::SIGRTMIN() + 1), Delivery::Delivered);
         pinned.exited().await.expect("exit seen");
         assert!(pinned.has_exited());
+        // Exited, not yet reaped: no signal is reported delivered to it,
+        // and it cannot be chosen as a target.
+        assert_eq!(pinned.signal(libc::SIGTERM), Delivery::Exited);
+        let err = PinnedProcess::open(pid).err().map(|e| format!("{e:#}"));
+        assert!(
+            err.as_deref().is_some_and(|e| e.contains("already exited")),
+            "{err:?}"
+        );
         let _ = child.wait();
         // Reaped: the pid may now be reused, and the pidfd refuses to signal.
-        assert!(pinned.signal(libc::SIGTERM).is_err());
+        assert_eq!(pinned.signal(libc::SIGTERM), Delivery::Exited);
         assert!(PinnedProcess::open(u32::MAX / 2).is_err());
     }
 
     #[test]
-    fn process_alive_tells_running_zombie_and_reaped_apart() {
-        assert!(process_alive(std::process::id()));
+    fn liveness_tells_running_zombie_and_reaped_apart() {
+        assert_eq!(liveness(std::process::id()), Liveness::Alive);
         let mut child = std::process::Command::new("true")
             .spawn()
             .expect("spawn true");
         let pid = child.id();
         // Unreaped and single-threaded: a zombie holding nothing counts as gone.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while process_alive(pid) && std::time::Instant::now() < deadline {
+        while liveness(pid) == Liveness::Alive && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        assert!(!process_alive(pid), "a zombie is not alive");
+        assert_eq!(liveness(pid), Liveness::Exited, "a zombie is not alive");
         let _ = child.wait();
-        assert!(!process_alive(pid), "a reaped pid is not alive");
+        assert_eq!(liveness(pid), Liveness::Exited, "a reaped pid is not alive");
+        assert_eq!(liveness(u32::MAX), Liveness::Exited, "not a pid");
+    }
+
+    /// A main thread that exited while another thread runs leaves a
+    /// zombie leader, but the process lives on (and holds its fds).
+    #[test]
+    fn a_zombie_leader_with_a_live_thread_is_alive() {
+        let mut child = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import ctypes,sys,threading\nthreading.Thread(target=sys.stdin.read).start()\nprint('ok', flush=True)\nctypes.CDLL(None).syscall(60, 0)",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn python3");
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+            &mut line,
+        );
+        let pid = child.id();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let state =
+            || stat_after_comm(pid).and_then(|s| s.split_whitespace().next().map(str::to_owned));
+        while state().as_deref() != Some("Z") && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(state().as_deref(), Some("Z"), "the leader exited");
+        assert_eq!(liveness(pid), Liveness::Alive, "its thread still runs");
+        // EOF ends the reader thread: the whole process exits.
+        drop(child.stdin.take());
+        let _ = child.wait();
+        assert_eq!(liveness(pid), Liveness::Exited);
+    }
+
+    #[test]
+    fn a_failure_to_look_is_not_an_exit() {
+        for e in [
+            rustix::io::Errno::MFILE,
+            rustix::io::Errno::NFILE,
+            rustix::io::Errno::NOMEM,
+            rustix::io::Errno::PERM,
+        ] {
+            assert_eq!(judge(Err(e)), Liveness::Unknown(e));
+        }
+        assert_eq!(judge(Err(rustix::io::Errno::SRCH)), Liveness::Exited);
+        assert_eq!(judge(Ok(true)), Liveness::Exited);
+        assert_eq!(judge(Ok(false)), Liveness::Alive);
+    }
+
+    #[tokio::test]
+    async fn comm_and_parent_of_a_process_whose_name_is_not_utf8() {
+        // PR_SET_NAME on a thread of ours names the thread; the process's
+        // comm is its main thread's, so use a child that renames itself.
+        let mut child = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import ctypes,sys\nctypes.CDLL(None).prctl(15, b'\\xff\\xfe(x) y', 0, 0, 0)\nprint('ok', flush=True)\nsys.stdin.read()",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn python3");
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+            &mut line,
+        );
+        let pid = child.id();
+        assert_eq!(line.trim(), "ok");
+        assert_eq!(comm_of(pid).as_deref(), Some("\u{fffd}\u{fffd}(x) y"));
+        assert_eq!(parent_of(pid), Some(std::process::id()));
+        assert_eq!(liveness(pid), Liveness::Alive);
+        let pinned = PinnedProcess::open(pid).expect("pidfd");
+        assert_eq!(pinned.comm, "\u{fffd}\u{fffd}(x) y");
+        drop(child.stdin.take());
+        let _ = child.wait();
     }
 }

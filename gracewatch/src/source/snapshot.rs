@@ -194,6 +194,9 @@ struct ProcTable {
     sockets: Vec<(u64, u32)>,
     /// Command name of each pid in `sockets`.
     comms: HashMap<u32, String>,
+    /// Why the walk stopped early (out of fds or memory), if it did: the
+    /// table is then partial and must not be taken for the host's state.
+    failed: Option<String>,
 }
 
 impl ProcTable {
@@ -267,6 +270,10 @@ fn scan(proc_dir: BorrowedFd<'_>, pids: &[u32]) -> anyhow::Result<(ProcTable, Ve
                 .map_err(|_| anyhow!("a /proc walker thread panicked"))?;
             table.sockets.extend(part.sockets);
             table.comms.extend(part.comms);
+            table.failed = table.failed.or(part.failed);
+        }
+        if let Some(why) = table.failed {
+            anyhow::bail!("the /proc walk ran out of resources ({why}): no partial snapshot");
         }
         table.seal();
         let dumps = dumper
@@ -276,8 +283,25 @@ fn scan(proc_dir: BorrowedFd<'_>, pids: &[u32]) -> anyhow::Result<(ProcTable, Ve
     })
 }
 
+/// Whether `err` comes from a lack of resources (EMFILE, ENFILE, ENOMEM),
+/// not from the process it was about.
+fn is_resource_error(err: &anyhow::Error) -> bool {
+    err.chain().any(|c| {
+        let errno = c.downcast_ref::<rustix::io::Errno>().copied().or_else(|| {
+            c.downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::raw_os_error)
+                .map(rustix::io::Errno::from_raw_os_error)
+        });
+        matches!(
+            errno,
+            Some(rustix::io::Errno::MFILE | rustix::io::Errno::NFILE | rustix::io::Errno::NOMEM)
+        )
+    })
+}
+
 /// One walker: takes the next pid until none is left. Processes that vanish
-/// or deny access are skipped.
+/// or deny access are skipped; a lack of resources stops the walk (see
+/// [`ProcTable::failed`]).
 fn walk(
     proc_dir: BorrowedFd<'_>,
     pids: &[u32],
@@ -295,6 +319,13 @@ fn walk(
                 table.comms.insert(pid, comm);
             }
             Ok(None) => {}
+            // Out of fds or memory says nothing about the process: a
+            // snapshot without it would retire its connections.
+            Err(err) if is_resource_error(&err) => {
+                table.sockets.truncate(before);
+                table.failed.get_or_insert(format!("pid {pid}: {err:#}"));
+                return table;
+            }
             Err(err) => {
                 table.sockets.truncate(before);
                 debug!("skipping pid {pid}: {err:#}");
@@ -1170,11 +1201,37 @@ sys.stdin.read()
         }
     }
 
+    #[test]
+    fn running_out_of_resources_is_told_apart_from_a_process_gone() {
+        let wrapped = |e: rustix::io::Errno| {
+            anyhow::Error::new(e)
+                .context("failed to open fd directory")
+                .context("failed to list socket fds of pid 7")
+        };
+        for e in [
+            rustix::io::Errno::MFILE,
+            rustix::io::Errno::NFILE,
+            rustix::io::Errno::NOMEM,
+        ] {
+            assert!(is_resource_error(&wrapped(e)), "{e}");
+        }
+        for e in [
+            rustix::io::Errno::NOENT,
+            rustix::io::Errno::SRCH,
+            rustix::io::Errno::ACCESS,
+        ] {
+            assert!(!is_resource_error(&wrapped(e)), "{e}");
+        }
+        let io = anyhow::Error::new(std::io::Error::from_raw_os_error(libc::EMFILE));
+        assert!(is_resource_error(&io));
+    }
+
     /// A walk's findings: (inode, pid) pairs, each pid named `p<pid>`.
     fn table(sockets: &[(u64, u32)]) -> ProcTable {
         let mut table = ProcTable {
             sockets: sockets.to_vec(),
             comms: sockets.iter().map(|&(_, p)| (p, format!("p{p}"))).collect(),
+            failed: None,
         };
         table.seal();
         table

@@ -39,7 +39,7 @@ use crate::{
     drain::{self, DrainReport, Progress, TargetSpec, Targets},
     event::{ConnEvent, Tuple},
     monitor::{Monitor, MonitorHandle},
-    source::{ebpf::SourceOptions, monotonic_now, process_alive, snapshot},
+    source::{Liveness, ebpf::SourceOptions, liveness, monotonic_now, snapshot},
 };
 
 /// Shortest time between two redraws caused by data (4 Hz).
@@ -233,7 +233,7 @@ async fn event_loop<B: Backend>(
                 // A process that holds nothing is no longer in the status;
                 // only its pid says whether it still runs.
                 for pid in app.model.gone_alive() {
-                    if !process_alive(pid) {
+                    if !running(pid) {
                         app.model.liveness(pid, false, now);
                         dirty = true;
                     }
@@ -258,8 +258,14 @@ fn on_event(app: &mut App, ev: &ConnEvent) {
 /// Asks the system whether processes that left the status still run.
 fn check_gone(app: &mut App, now: Duration) {
     for pid in app.model.unchecked_gone() {
-        app.model.liveness(pid, process_alive(pid), now);
+        app.model.liveness(pid, running(pid), now);
     }
+}
+
+/// Whether `pid` may still run: only a pidfd that says so is an exit; a
+/// failure to look (EMFILE…) keeps the process and is asked again later.
+fn running(pid: u32) -> bool {
+    liveness(pid) != Liveness::Exited
 }
 
 /// Carries out one effect; returns whether to quit.
@@ -297,7 +303,13 @@ fn apply(
                 Some((p, targets)) if p == pid => targets
                     .procs
                     .iter()
-                    .try_for_each(|proc| proc.signal(signal.number()))
+                    .try_for_each(|proc| {
+                        proc.signal(signal.number()).into_result(
+                            proc.pid,
+                            &proc.comm,
+                            signal.number(),
+                        )
+                    })
                     .map_err(|e| format!("{e:#}")),
                 _ => Err("the process was not pinned".to_owned()),
             };
