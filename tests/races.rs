@@ -1,0 +1,148 @@
+//! Resets racing accepts. Clients that connect and reset at once (SO_LINGER
+//! {1, 0}, then close) make the peer's RST reach the server's socket on one
+//! CPU while the server accepts it on another. The state-change program runs
+//! just before the kernel stores the new state, so a reset can slip between
+//! the accept program's insert and its look at the state: such a connection
+//! must still end in gracewatch's count (the rescans retire what a fresh
+//! snapshot no longer shows; the kernel's `tcp_destroy_sock` ends it when
+//! the server lets go of it), and a drain or wait after the storm must end
+//! at once.
+//!
+//! Bounded: a few rounds of at most `PER_ROUND` connections, stopped after
+//! `STORM` in all, so the whole test stays well under a minute.
+
+use std::time::{Duration, Instant};
+
+use gracewatch_e2e::{Client, Expect, Netns, STATE_TIMEOUT, Server, live_of, program, setup};
+
+/// Connections per round: below the listener's backlog, so that no
+/// handshake is dropped and the server accepts exactly what the clients
+/// completed.
+const PER_ROUND: u64 = 3000;
+const ROUNDS: usize = 12;
+/// Time for all rounds together (each also stops after 8 s).
+const STORM: Duration = Duration::from_secs(30);
+/// How long gracewatch may take to agree with the server after a round:
+/// a rescan (one a second on an idle host) must have retired anything the
+/// events missed.
+const HEAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs `resetter.py` inside `ns` to completion; returns the connections it
+/// established (and reset).
+fn reset_storm(ns: &Netns, addr: &str, count: u64) -> u64 {
+    let out = ns
+        .command("python3")
+        .args([
+            &program("resetter.py"),
+            "--connect",
+            addr,
+            "--count",
+            &count.to_string(),
+            "--workers",
+            "4",
+            "--seconds",
+            "8",
+        ])
+        .output()
+        .expect("failed to run resetter.py");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "resetter.py failed ({}): {stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("done ")?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("resetter.py printed no `done N`: {stdout}"))
+}
+
+#[test]
+fn resets_racing_accepts_leave_exact_counts() {
+    let Some(gw) = setup() else { return };
+    let ns = Netns::new("races");
+    let addr = "127.0.0.1:7401";
+    let server = Server::listen_with_backlog(&ns, addr, 4096);
+    let pid = server.pid();
+    let pid_arg = pid.to_string();
+
+    // Two connections that stay open through the storm: the counts must
+    // come back to exactly these, and the wait below pends on them.
+    let kept = Client::connect(&ns, addr, 2);
+    server.wait_accepted(2);
+    let watch = gw.watch(&["--pid", &pid_arg]);
+    watch.wait_for(&Expect::new().live(pid, 2));
+    let waiter = gw.spawn_drain(&["wait", "--pid", &pid_arg, "--timeout", "120s", "--json"]);
+    assert_eq!(waiter.wait_ready()["live"], 2, "the wait's first progress");
+
+    let start = Instant::now();
+    let mut accepted = 2;
+    let mut held = 2;
+    let mut storms = 0;
+    for round in 1..=ROUNDS {
+        if start.elapsed() > STORM {
+            break;
+        }
+        let n = reset_storm(&ns, addr, PER_ROUND);
+        storms += n;
+        accepted += n;
+        held += n;
+        server.wait_accepted(accepted);
+        // The server's own view: the kept two are established, every reset
+        // one is held in CLOSE (not live).
+        let count = server.count();
+        let truth = count.established + count.close_wait;
+        assert_eq!(
+            count.open, held,
+            "round {round}: the server holds every connection it accepted since the last round"
+        );
+        let t0 = Instant::now();
+        watch.wait_until(
+            HEAL_TIMEOUT,
+            &format!("round {round}: live {truth} as the server counts it ({count:?})"),
+            |s| live_of(s, pid) == Some(truth),
+        );
+        eprintln!(
+            "round {round}: {n} connections reset, {} held in CLOSE, gracewatch agreed after {:?}",
+            count.reset,
+            t0.elapsed()
+        );
+        // Letting go of the reset ones destroys them (the server's fd limit
+        // is also finite).
+        held -= server.close_reset();
+        watch.wait_until(
+            HEAL_TIMEOUT,
+            &format!("round {round}: live {truth} after the reset connections were closed"),
+            |s| live_of(s, pid) == Some(truth),
+        );
+    }
+    assert!(
+        storms >= 1000,
+        "only {storms} connections were reset: the storm did not run"
+    );
+
+    // The server lets go of everything: the kept two end with events, the
+    // reset ones are destroyed. Every count must reach 0 and the wait end
+    // drained, promptly.
+    let closed_ns = gracewatch_e2e::monotonic_ns();
+    server.closeall();
+    drop(kept);
+    let done = waiter.wait(HEAL_TIMEOUT);
+    done.assert_code(0);
+    eprintln!(
+        "wait ended {} after the server closed everything",
+        gracewatch_e2e::gap_ms(done.exited_ns, closed_ns)
+    );
+    watch.wait_until(STATE_TIMEOUT, "live 0 after closeall", |s| {
+        live_of(s, pid).unwrap_or(0) == 0
+    });
+    // A fresh drain agrees and signals the server at once.
+    let drain = gw.drain_to_end(&["drain", "--pid", &pid_arg, "--timeout", "10s", "--json"]);
+    drain.assert_code(0);
+    assert!(
+        drain.elapsed < Duration::from_secs(10),
+        "the drain took {:?}",
+        drain.elapsed
+    );
+}
