@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::{
-    event::{ConnEvent, Snapshot},
+    event::{ConnEvent, Snapshot, Tuple},
     source::{
         MonitorError,
         ebpf::{EbpfSource, ProgramStats, READER_QUIET, READER_TAIL, SourceOptions},
@@ -62,6 +62,23 @@ pub struct Monitor {
     /// A background snapshot in flight (see [`RESCAN_MIN`]).
     rescan: Option<tokio::task::JoinHandle<anyhow::Result<(Snapshot, Duration)>>>,
     next_rescan: Duration,
+    untracked: Untracked,
+}
+
+/// Connections the kernel side could not track: accepts that found `LIVE`
+/// full, and pre-existing connections whose registration in `PREEXISTING`
+/// failed. Both degrade the same way: counted (once per episode, as a
+/// [`ConnEvent::MapFull`]), logged once, and left to the rescans, which
+/// find the untracked connections and retire those that ended.
+#[derive(Debug, Default)]
+struct Untracked {
+    /// The kernel's count of failed `LIVE` inserts, as last read.
+    kernel_seen: u64,
+    /// It rose at the last housekeeping.
+    kernel_failing: bool,
+    /// The last snapshot merge could not register some connections.
+    registration_failing: bool,
+    episodes: u64,
 }
 
 impl Monitor {
@@ -128,6 +145,7 @@ impl Monitor {
             events: None,
             rescan: None,
             next_rescan: started + RESCAN_MIN,
+            untracked: Untracked::default(),
         })
     }
 
@@ -138,9 +156,9 @@ impl Monitor {
         let added = self.tracker.merge_snapshot(&snap);
         drop(snap);
         let t2 = monotonic_now();
-        for (tuple, pid) in &added {
-            self.source.register_preexisting(tuple, *pid)?;
-        }
+        // A registration that fails leaves the connection counted, its end
+        // seen by a rescan instead of an event: degrade, do not abort.
+        self.register_added(&added, t2);
         let t3 = monotonic_now();
         if !added.is_empty() {
             // A pre-existing connection that ended between the snapshot and
@@ -248,12 +266,54 @@ impl Monitor {
     /// like the startup ones.
     fn merge_rescan(&mut self, snap: &Snapshot) -> bool {
         self.pump();
-        for (tuple, pid) in self.tracker.merge_snapshot(snap) {
-            if let Err(e) = self.source.register_preexisting(&tuple, pid) {
-                log::warn!("{e:#}");
-            }
+        let added = self.tracker.merge_snapshot(snap);
+        let now = monotonic_now();
+        self.register_added(&added, now);
+        // Connections the programs reported and the snapshot found gone:
+        // their kernel entries would otherwise stay until the socket is freed.
+        for (sk, since) in self.tracker.take_retired() {
+            self.source.forget_live(sk, since);
         }
         true
+    }
+
+    /// Registers a merge's new pre-existing connections with the programs.
+    /// Failures (a full `PREEXISTING` map) are logged once and counted
+    /// (see [`Untracked`]); the connections stay counted.
+    fn register_added(&mut self, added: &[(Tuple, u32)], now: Duration) {
+        let mut failed = 0usize;
+        let mut first = None;
+        for (tuple, pid) in added {
+            if let Err(e) = self.source.register_preexisting(tuple, *pid) {
+                failed += 1;
+                first.get_or_insert(e);
+            }
+        }
+        let was = self.untracked.registration_failing;
+        self.untracked.registration_failing = failed > 0;
+        if let Some(e) = first {
+            if !was {
+                log::warn!(
+                    "{failed} pre-existing connection(s) could not be registered with the kernel \
+                     ({e:#}): their ends are seen by rescans only"
+                );
+                self.untracked_episode(now, !self.untracked.kernel_failing);
+            }
+        }
+    }
+
+    /// Counts an episode of untracked connections (unless one is already
+    /// running) and asks for a rescan to find them.
+    fn untracked_episode(&mut self, now: Duration, new: bool) {
+        if new {
+            // Later ones are found by the periodic rescans.
+            self.next_rescan = self.next_rescan.min(now);
+            self.untracked.episodes += 1;
+            self.apply_one(ConnEvent::MapFull {
+                at: now,
+                total: self.untracked.episodes,
+            });
+        }
     }
 
     fn housekeeping(&mut self, now: Duration) -> bool {
@@ -268,6 +328,22 @@ impl Monitor {
             // Counts may be stale: repair them with a rescan right away.
             self.next_rescan = now;
             changed = true;
+        }
+        let full = self.source.untracked_map_full();
+        let was = self.untracked.kernel_failing;
+        self.untracked.kernel_failing = full != self.untracked.kernel_seen;
+        if self.untracked.kernel_failing {
+            let n = full.wrapping_sub(self.untracked.kernel_seen);
+            self.untracked.kernel_seen = full;
+            if !was {
+                log::warn!(
+                    "the kernel's connection table is full ({n} accept(s) not tracked; raise \
+                     --max-connections): counting them from rescans"
+                );
+            }
+            let new = !was && !self.untracked.registration_failing;
+            self.untracked_episode(now, new);
+            changed |= new;
         }
         let pids: Vec<u32> = self.tracker.pids().collect();
         for pid in pids {

@@ -65,10 +65,11 @@ pub struct Tracker {
     /// Queued connections no known listener matches.
     unmatched_queue: u64,
     lost_events: u64,
-    /// `lost_events` as of the last snapshot merge: while it lags, events
-    /// may be missing and the next snapshot repairs even connections the
-    /// programs reported.
-    lost_repaired: u64,
+    /// Episodes of untracked connections (see [`ConnEvent::MapFull`]).
+    map_full: u64,
+    /// Kernel-reported connections the last snapshot merge retired, as (sk,
+    /// accepted at): the source drops their kernel entries.
+    retired: Vec<(SockId, Duration)>,
     /// `at` of the newest merged snapshot.
     last_snapshot: Option<Duration>,
     closed: Tombstones<Tuple>,
@@ -229,6 +230,7 @@ impl Tracker {
             ConnEvent::PreexistingClose { at, tuple, .. } => self.preexisting_close(*at, tuple),
             ConnEvent::ProcessExit { at, pid } => self.process_exit(*at, *pid),
             ConnEvent::Lost { total, .. } => self.lost_events = *total,
+            ConnEvent::MapFull { total, .. } => self.map_full = *total,
         }
         if !matches!(
             ev,
@@ -244,7 +246,7 @@ impl Tracker {
     }
 
     /// Whether, since the last call, a process exited, a listener opened or
-    /// closed, or events were lost. Consumers are sent a fresh status at
+    /// closed, events were lost or connections went untracked. Consumers are sent a fresh status at
     /// once for these; connections coming and going can wait for the next
     /// periodic one (a drain does not wait for a status: it asks for its
     /// targets' count after every batch). Clears the flag.
@@ -257,6 +259,12 @@ impl Tracker {
     pub fn forget_connection(&mut self, tuple: &Tuple) {
         self.remove_conn(tuple);
         self.collect_idle();
+    }
+
+    /// The kernel-reported connections the last snapshot merge found gone
+    /// (see [`Tracker::merge_snapshot`]), as (sk, accepted at); emptied.
+    pub fn take_retired(&mut self) -> Vec<(SockId, Duration)> {
+        std::mem::take(&mut self.retired)
     }
 
     /// Who holds what at monotonic time `now` (the clock of event `at`s).
@@ -344,6 +352,7 @@ impl Tracker {
             processes,
             listeners,
             lost_events: self.lost_events,
+            map_full_total: self.map_full,
         }
     }
 

@@ -238,6 +238,8 @@ enum Exp {
     LiveOf(u32, Vec<u16>, u64),
     Unmatched(u64),
     Uptime(u64),
+    /// Kernel-reported connections the last merge retired: (sk, accepted at ms).
+    Retired(Vec<(u64, u64)>),
 }
 
 struct Case {
@@ -300,6 +302,10 @@ fn listener_of<'a>(name: &str, st: &'a Status, addr: &ListenAddr) -> &'a Listene
 fn check(name: &str, t: &Tracker, st: &Status, e: &Exp) {
     let ctx = format!("{name}: {e:?}");
     match e {
+        Exp::Retired(want) => {
+            let want: Vec<(u64, Duration)> = want.iter().map(|&(sk, at)| (sk, ms(at))).collect();
+            assert_eq!(t.retired, want, "{ctx}");
+        }
         Exp::Procs(pids) => {
             let got: Vec<u32> = st.processes.iter().map(|p| p.pid).collect();
             assert_eq!(&got, pids, "{ctx}");
@@ -525,8 +531,21 @@ fn empty_tracker() {
             processes: vec![],
             listeners: vec![],
             lost_events: 0,
+            map_full_total: 0,
         }
     );
+}
+
+#[test]
+fn untracked_episodes_reach_the_status_at_once() {
+    let mut t = Tracker::new();
+    t.take_significant();
+    t.apply(&ConnEvent::MapFull {
+        at: ms(5),
+        total: 2,
+    });
+    assert!(t.take_significant(), "an untracked episode is published at once");
+    assert_eq!(t.status(ms(6)).map_full_total, 2);
 }
 
 #[test]
@@ -1027,24 +1046,34 @@ fn process_exit_and_lost() {
             ],
         ),
         case(
-            "without lost events a rescan trusts the programs about reported connections",
+            "without lost events too, a rescan retires a reported connection it no longer shows \
+             (a reset that raced its accept)",
             vec![
                 listen(1, 100, l4(), 10),
                 acc(2, 200, t4(1), 10, false),
-                snap(10, vec![sl(l4(), 7, 0, &[10])], vec![], vec![]),
+                acc(3, 201, t4(2), 10, false),
+                snap(
+                    10,
+                    vec![sl(l4(), 7, 0, &[10])],
+                    vec![sc(t4(2), 72, 1, &[10])],
+                    vec![],
+                ),
             ],
-            vec![Exp::Live(10, 1)],
+            vec![
+                Exp::Live(10, 1),
+                Exp::Conns(10, vec![(t4(2), false, Some(l4()))]),
+                Exp::Retired(vec![(200, 2)]),
+            ],
         ),
         case(
-            "a loss is repaired once: later snapshots trust the programs again",
+            "a connection accepted during or after the snapshot survives it",
             vec![
                 listen(1, 100, l4(), 10),
-                lost(2, 1),
-                snap(3, vec![sl(l4(), 7, 0, &[10])], vec![], vec![]),
-                acc(4, 200, t4(1), 10, false),
+                acc(10, 200, t4(1), 10, false),
+                acc(12, 201, t4(2), 10, false),
                 snap(10, vec![sl(l4(), 7, 0, &[10])], vec![], vec![]),
             ],
-            vec![Exp::Live(10, 1)],
+            vec![Exp::Live(10, 2), Exp::Retired(vec![])],
         ),
         case(
             "exit removes the process from listeners and connections",
@@ -1262,7 +1291,12 @@ fn snapshots() {
             vec![
                 listen(1, 100, l4(), 10),
                 acc(2, 200, t4(1), 11, false),
-                snap(5, vec![sl(l4(), 7, 0, &[20])], vec![], vec![]),
+                snap(
+                    5,
+                    vec![sl(l4(), 7, 0, &[20])],
+                    vec![sc(t4(1), 71, 1, &[11])],
+                    vec![],
+                ),
             ],
             vec![
                 Exp::Holders(l4(), vec![(20, 0)]),
@@ -1963,6 +1997,7 @@ fn status_json_matches_schema() {
         }],
         listeners: vec![],
         lost_events: u64::MAX,
+        map_full_total: u64::MAX,
     };
     for (name, status) in [
         ("empty", Tracker::new().status(ms(0))),
@@ -2001,6 +2036,7 @@ fn schema_is_strict() {
         "processes",
         "listeners",
         "lost_events",
+        "map_full_total",
     ] {
         let mut missing = good.clone();
         missing.as_object_mut().unwrap().remove(key);
