@@ -10,10 +10,17 @@
 //!
 //! Bounded: a few rounds of at most `PER_ROUND` connections, stopped after
 //! `STORM` in all, so the whole test stays well under a minute.
+//!
+//! Also here: the kernel's tables filling up (`--max-connections`), the
+//! other way connections go untracked. Startup and later accepts must
+//! degrade the same way: counted once per episode, logged once, repaired by
+//! rescans, counts exact.
 
 use std::time::{Duration, Instant};
 
-use gracewatch_e2e::{Client, Expect, Netns, STATE_TIMEOUT, Server, live_of, program, setup};
+use gracewatch_e2e::{
+    Client, Expect, Netns, STARTUP_TIMEOUT, STATE_TIMEOUT, Server, live_of, program, setup,
+};
 
 /// Connections per round: below the listener's backlog, so that no
 /// handshake is dropped and the server accepts exactly what the clients
@@ -145,4 +152,65 @@ fn resets_racing_accepts_leave_exact_counts() {
         "the drain took {:?}",
         drain.elapsed
     );
+}
+
+/// The smallest table `--max-connections` allows.
+const TABLE: u64 = 1024;
+
+fn map_full(status: &serde_json::Value) -> u64 {
+    status["map_full_total"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn full_tables_degrade_and_heal() {
+    let Some(gw) = setup() else { return };
+    let ns = Netns::new("full");
+    let addr = "127.0.0.1:7402";
+    let server = Server::listen_with_backlog(&ns, addr, 4096);
+    let pid = server.pid();
+    let pid_arg = pid.to_string();
+    let n = TABLE + 100;
+
+    // More pre-existing connections than the table holds: startup cannot
+    // register them all. It must still start, count every one, and say so.
+    let before = Client::connect(&ns, addr, n);
+    server.wait_accepted(n);
+    let max = TABLE.to_string();
+    let watch = gw.watch(&["--pid", &pid_arg, "--max-connections", &max]);
+    let s = watch.wait_until(STARTUP_TIMEOUT, "all pre-existing connections counted", |s| {
+        live_of(s, pid) == Some(n)
+    });
+    assert_eq!(map_full(&s), 1, "one episode at startup: {s}");
+
+    // As many again while it runs: the live table fills after TABLE
+    // accepts. The rest are found by rescans; one episode, one warning.
+    let after = Client::connect(&ns, addr, n);
+    server.wait_accepted(2 * n);
+    let s = watch.wait_until(STATE_TIMEOUT * 2, "every connection counted", |s| {
+        live_of(s, pid) == Some(2 * n)
+    });
+    let episodes = map_full(&s);
+    assert!(
+        (2..=3).contains(&episodes),
+        "the full live table is one episode (not one per accept): map_full_total {episodes}"
+    );
+    let warnings = watch
+        .stderr_lines()
+        .iter()
+        .filter(|l| l.contains("table is full") || l.contains("could not be registered"))
+        .count();
+    assert_eq!(
+        warnings as u64,
+        episodes,
+        "one warning per episode: {:?}",
+        watch.stderr_lines()
+    );
+
+    // Everything ends: tracked ones by events, the others by rescans.
+    assert_eq!(server.closeall(), 2 * n);
+    drop((before, after));
+    watch.wait_until(STATE_TIMEOUT * 2, "live 0 once the server closed all", |s| {
+        live_of(s, pid).unwrap_or(0) == 0
+    });
+    watch.wait_for(&Expect::new().live(pid, 0));
 }

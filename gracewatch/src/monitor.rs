@@ -292,28 +292,29 @@ impl Monitor {
         let was = self.untracked.registration_failing;
         self.untracked.registration_failing = failed > 0;
         if let Some(e) = first {
-            if !was {
-                log::warn!(
-                    "{failed} pre-existing connection(s) could not be registered with the kernel \
-                     ({e:#}): their ends are seen by rescans only"
+            if !was && !self.untracked.kernel_failing {
+                self.untracked_episode(
+                    now,
+                    format_args!(
+                        "{failed} pre-existing connection(s) could not be registered with the \
+                         kernel ({e:#}): their ends are seen by rescans only"
+                    ),
                 );
-                self.untracked_episode(now, !self.untracked.kernel_failing);
             }
         }
     }
 
-    /// Counts an episode of untracked connections (unless one is already
-    /// running) and asks for a rescan to find them.
-    fn untracked_episode(&mut self, now: Duration, new: bool) {
-        if new {
-            // Later ones are found by the periodic rescans.
-            self.next_rescan = self.next_rescan.min(now);
-            self.untracked.episodes += 1;
-            self.apply_one(ConnEvent::MapFull {
-                at: now,
-                total: self.untracked.episodes,
-            });
-        }
+    /// Starts an episode of untracked connections: counted, logged once,
+    /// and a rescan to find them (later ones are found by the periodic
+    /// rescans).
+    fn untracked_episode(&mut self, now: Duration, why: std::fmt::Arguments<'_>) {
+        log::warn!("{why}");
+        self.next_rescan = self.next_rescan.min(now);
+        self.untracked.episodes += 1;
+        self.apply_one(ConnEvent::MapFull {
+            at: now,
+            total: self.untracked.episodes,
+        });
     }
 
     fn housekeeping(&mut self, now: Duration) -> bool {
@@ -335,15 +336,16 @@ impl Monitor {
         if self.untracked.kernel_failing {
             let n = full.wrapping_sub(self.untracked.kernel_seen);
             self.untracked.kernel_seen = full;
-            if !was {
-                log::warn!(
-                    "the kernel's connection table is full ({n} accept(s) not tracked; raise \
-                     --max-connections): counting them from rescans"
+            if !was && !self.untracked.registration_failing {
+                self.untracked_episode(
+                    now,
+                    format_args!(
+                        "the kernel's connection table is full ({n} accept(s) not tracked; \
+                         raise --max-connections): counting them from rescans"
+                    ),
                 );
+                changed = true;
             }
-            let new = !was && !self.untracked.registration_failing;
-            self.untracked_episode(now, new);
-            changed |= new;
         }
         let pids: Vec<u32> = self.tracker.pids().collect();
         for pid in pids {

@@ -302,6 +302,11 @@ impl Watch {
         }
     }
 
+    /// Everything it printed on stderr so far.
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.stderr.snapshot()
+    }
+
     fn stderr_tail(&self) -> String {
         format!(
             "  stderr of gracewatch watch:\n{}",
