@@ -449,6 +449,8 @@ impl Drop for WatchGuard {
 /// A question for the monitor task about its tracker's state.
 enum Query {
     Connections(Vec<u32>, oneshot::Sender<Vec<ConnInfo>>),
+    /// (pids, ports, k): the count and the k oldest.
+    Oldest(Vec<u32>, Vec<u16>, usize, oneshot::Sender<(u64, Vec<ConnInfo>)>),
     LiveOf(Vec<u32>, Vec<u16>, oneshot::Sender<u64>),
     /// Apply everything the kernel delivered so far, then answer.
     Sync(oneshot::Sender<()>),
@@ -496,16 +498,19 @@ impl Monitor {
                     Some((pids, on)) = watch_rx.recv() => monitor.watch(&pids, on),
                     q = rx.recv() => match q {
                         Some(Query::Connections(pids, reply)) => {
-                            let mut all: Vec<ConnInfo> = Vec::new();
-                            for pid in pids {
-                                for c in monitor.tracker.connections_of(pid) {
-                                    if !all.iter().any(|a| a.tuple == c.tuple) {
-                                        all.push(c);
-                                    }
-                                }
-                            }
-                            all.sort_by_key(|c| c.since);
-                            let _ = reply.send(all);
+                            let _ = reply.send(monitor.tracker.connections_of_any(&pids));
+                        }
+                        Some(Query::Oldest(pids, ports, k, reply)) => {
+                            let t0 = monotonic_now();
+                            let answer = monitor.tracker.oldest_of(&pids, &ports, k);
+                            log::debug!(
+                                "query: {} connection(s) of {} pid(s), {} oldest listed in {:?}",
+                                answer.0,
+                                pids.len(),
+                                answer.1.len(),
+                                monotonic_now().saturating_sub(t0)
+                            );
+                            let _ = reply.send(answer);
                         }
                         Some(Query::LiveOf(pids, ports, reply)) => {
                             let n = pids.iter().map(|&p| monitor.tracker.live_of(p, &ports)).sum();
@@ -580,6 +585,21 @@ impl MonitorHandle {
     pub async fn connections(&self, pids: &[u32]) -> anyhow::Result<Vec<ConnInfo>> {
         let (tx, rx) = oneshot::channel();
         self.ask(Query::Connections(pids.to_vec(), tx)).await?;
+        rx.await.context("the monitor stopped")
+    }
+
+    /// How many live connections `pids` hold (only those on `ports` if any
+    /// are given), with the `k` oldest, oldest first. Cheap whatever the
+    /// count: only the `k` are copied.
+    pub async fn oldest_connections(
+        &self,
+        pids: &[u32],
+        ports: &[u16],
+        k: usize,
+    ) -> anyhow::Result<(u64, Vec<ConnInfo>)> {
+        let (tx, rx) = oneshot::channel();
+        self.ask(Query::Oldest(pids.to_vec(), ports.to_vec(), k, tx))
+            .await?;
         rx.await.context("the monitor stopped")
     }
 
@@ -706,16 +726,10 @@ impl MonitorHandle {
                     },
                     q = rx.recv() => match q {
                         Some(Query::Connections(pids, reply)) => {
-                            let mut all: Vec<ConnInfo> = Vec::new();
-                            for pid in pids {
-                                for c in tracker.connections_of(pid) {
-                                    if !all.iter().any(|a| a.tuple == c.tuple) {
-                                        all.push(c);
-                                    }
-                                }
-                            }
-                            all.sort_by_key(|c| c.since);
-                            let _ = reply.send(all);
+                            let _ = reply.send(tracker.connections_of_any(&pids));
+                        }
+                        Some(Query::Oldest(pids, ports, k, reply)) => {
+                            let _ = reply.send(tracker.oldest_of(&pids, &ports, k));
                         }
                         Some(Query::LiveOf(pids, ports, reply)) => {
                             let n = pids.iter().map(|&p| tracker.live_of(p, &ports)).sum();

@@ -2122,3 +2122,55 @@ fn significant_changes_are_flagged_once() {
         assert_eq!(apply(step), want, "step {i}");
     }
 }
+
+#[test]
+fn connection_lists_for_several_pids_count_each_connection_once() {
+    // Pid 10 accepted three connections on port 80 and one on port 81; the
+    // oldest on port 80 is shared with pid 11 (fork); pid 12 holds one.
+    let t = run_steps(
+        "lists",
+        &[
+            listen(1, 100, l4(), 10),
+            acc(2, 200, t4(1), 10, false),
+            acc(3, 201, t4(2), 10, false),
+            acc(4, 202, tp(81, 3), 10, false),
+            acc(5, 203, t4(4), 12, false),
+            acc(6, 204, t4(5), 10, false),
+            snap(
+                7,
+                vec![sl(l4(), 7, 0, &[10, 11, 12])],
+                vec![
+                    sc(t4(1), 71, 1, &[10, 11]),
+                    sc(t4(2), 72, 1, &[10]),
+                    sc(tp(81, 3), 73, 1, &[10]),
+                    sc(t4(4), 74, 1, &[12]),
+                    sc(t4(5), 75, 1, &[10]),
+                ],
+                vec![],
+            ),
+        ],
+    );
+    let tuples = |v: &[ConnInfo]| v.iter().map(|c| c.tuple).collect::<Vec<_>>();
+    // The shared one appears once, oldest first.
+    assert_eq!(
+        tuples(&t.connections_of_any(&[11, 10])),
+        vec![t4(1), t4(2), tp(81, 3), t4(5)]
+    );
+    assert_eq!(t.connections_of(11).len(), 1);
+    // Count of all, only the k oldest listed, in order.
+    let (n, oldest) = t.oldest_of(&[10, 11, 12], &[], 2);
+    assert_eq!((n, tuples(&oldest)), (5, vec![t4(1), t4(2)]));
+    assert_eq!(oldest[0].holders, vec![10, 11]);
+    // Restricted to ports.
+    let (n, oldest) = t.oldest_of(&[10], &[81], 10);
+    assert_eq!((n, tuples(&oldest)), (1, vec![tp(81, 3)]));
+    let (n, oldest) = t.oldest_of(&[10, 12], &[80], 3);
+    assert_eq!((n, tuples(&oldest)), (4, vec![t4(1), t4(2), t4(4)]));
+    // k = 0: the count alone; nobody's: nothing.
+    assert_eq!(t.oldest_of(&[10], &[], 0), (4, vec![]));
+    assert_eq!(t.oldest_of(&[99], &[], 5), (0, vec![]));
+    // The list and the count agree with the full listing.
+    let all = t.connections_of_any(&[10, 11, 12]);
+    let (n, oldest) = t.oldest_of(&[10, 11, 12], &[], usize::MAX);
+    assert_eq!((n as usize, &oldest), (all.len(), &all));
+}
