@@ -451,18 +451,16 @@ fn end_preexisting(cfg: &Config, sk: u64, old: u8, new: u8) -> Result<(), i32> {
     Ok(())
 }
 
-/// The kernel is freeing `sk` (TP_PROTO(struct sock *sk)). It runs for
-/// every TCP socket, so the common case (the end was already reported) is
-/// one hash lookup, plus a look by tuple only while pre-existing
-/// connections are registered.
+/// The kernel is freeing `sk` (TP_PROTO(struct sock *sk)), which is in
+/// CLOSE by then. It runs for every TCP socket, so the common case (the end
+/// was already reported) is one hash lookup, plus a look by tuple only
+/// while pre-existing connections are registered.
 fn try_tcp_destroy_sock(ctx: &RawTracePointContext) -> Result<(), i32> {
     let sk: u64 = ctx.arg(0);
-    let cfg = config();
-    let state: u8 = kread(sk, cfg.skc_state).unwrap_or(tcp_state::CLOSE);
-    if end_live(sk, state, tcp_state::CLOSE) {
+    if end_live(sk, tcp_state::CLOSE, tcp_state::CLOSE) {
         return Ok(());
     }
-    end_preexisting(&cfg, sk, state, tcp_state::CLOSE)
+    end_preexisting(&config(), sk, tcp_state::CLOSE, tcp_state::CLOSE)
 }
 
 /// Walks `current->files->fdt->fd[fd]->private_data->sk`.
@@ -520,10 +518,9 @@ fn try_sys_exit_accept(ctx: &TracePointContext, ret_off: u16) -> Result<(), i32>
     emit(&ev, false);
     if let Err(e) = LIVE.insert(sk, conn, BPF_NOEXIST as u64) {
         // EEXIST after the removal above needs a second accept of the same
-        // socket, which the kernel never does: keep the newer entry.
-        if e == -EEXIST && LIVE.insert(sk, conn, BPF_ANY as u64).is_ok() {
-            // Fall through to the state check.
-        } else {
+        // socket, which the kernel never does: the newer entry wins then.
+        let replaced = e == -EEXIST && LIVE.insert(sk, conn, BPF_ANY as u64).is_ok();
+        if !replaced {
             // The map is full. Userspace counts the episode from STATS
             // and rescans; the compensating CLOSE keeps its counts exact
             // until then.

@@ -330,11 +330,15 @@ impl Monitor {
             self.next_rescan = now;
             changed = true;
         }
-        let full = self.source.untracked_map_full();
+        // Unreadable: as if unchanged (the periodic rescans go on anyway).
+        let full = self
+            .source
+            .untracked_map_full()
+            .unwrap_or(self.untracked.kernel_seen);
         let was = self.untracked.kernel_failing;
         self.untracked.kernel_failing = full != self.untracked.kernel_seen;
         if self.untracked.kernel_failing {
-            let n = full.wrapping_sub(self.untracked.kernel_seen);
+            let n = full.saturating_sub(self.untracked.kernel_seen);
             self.untracked.kernel_seen = full;
             if !was && !self.untracked.registration_failing {
                 self.untracked_episode(

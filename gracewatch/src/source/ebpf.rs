@@ -162,9 +162,10 @@ impl EbpfSource {
         self.stats.get(&stat::LOST_EVENTS, 0).unwrap_or(0)
     }
 
-    /// Sockets the kernel could not track because a map was full.
-    pub fn untracked_map_full(&self) -> u64 {
-        self.stats.get(&stat::MAP_FULL, 0).unwrap_or(0)
+    /// Accepts the kernel could not track because `LIVE` was full, since
+    /// load (`None` if the counter cannot be read).
+    pub fn untracked_map_full(&self) -> Option<u64> {
+        self.stats.get(&stat::MAP_FULL, 0).ok()
     }
 
     /// Time the kernel spent running our programs, and how many times they

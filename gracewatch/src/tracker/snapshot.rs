@@ -302,10 +302,25 @@ impl Tracker {
                 .get(&(t.netns, t.local.port()))
                 .is_some_and(|ls| ls.iter().any(|l| l.matches(t.netns, t.local)))
         };
+        // And only where the snapshot read a holder's fds: a process whose
+        // fd table could not be read (gone, denied, out of fds) shows none of
+        // its connections, which is no evidence that they ended.
+        let walked: HashSet<u32> = snap
+            .listeners
+            .iter()
+            .flat_map(|l| &l.holders)
+            .chain(snap.connections.iter().flat_map(|c| &c.holders))
+            .map(|h| h.pid)
+            .collect();
         let stale: Vec<Tuple> = self
             .conns
             .iter()
-            .filter(|(t, c)| c.since < s && !seen.contains(*t) && covered(t))
+            .filter(|(t, c)| {
+                c.since < s
+                    && !seen.contains(*t)
+                    && covered(t)
+                    && c.holders.iter().any(|p| walked.contains(p))
+            })
             .map(|(t, _)| *t)
             .collect();
         for t in stale {

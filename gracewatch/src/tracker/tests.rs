@@ -1066,6 +1066,17 @@ fn process_exit_and_lost() {
             ],
         ),
         case(
+            "a rescan that could not read the holder's fds retires none of its connections",
+            vec![
+                listen(1, 100, l4(), 10),
+                acc(2, 200, t4(1), 10, false),
+                // The listener is in the dump, but pid 10's fd table was
+                // unreadable: no holder, no connection.
+                snap(10, vec![sl(l4(), 7, 0, &[])], vec![], vec![]),
+            ],
+            vec![Exp::Conns(10, vec![(t4(1), false, Some(l4()))]), Exp::Retired(vec![])],
+        ),
+        case(
             "a connection accepted during or after the snapshot survives it",
             vec![
                 listen(1, 100, l4(), 10),
