@@ -177,9 +177,11 @@ fn full_tables_degrade_and_heal() {
     server.wait_accepted(n);
     let max = TABLE.to_string();
     let watch = gw.watch(&["--pid", &pid_arg, "--max-connections", &max]);
-    let s = watch.wait_until(STARTUP_TIMEOUT, "all pre-existing connections counted", |s| {
-        live_of(s, pid) == Some(n)
-    });
+    let s = watch.wait_until(
+        STARTUP_TIMEOUT,
+        "all pre-existing connections counted",
+        |s| live_of(s, pid) == Some(n),
+    );
     assert_eq!(map_full(&s), 1, "one episode at startup: {s}");
 
     // As many again while it runs: the live table fills after TABLE
@@ -209,8 +211,10 @@ fn full_tables_degrade_and_heal() {
     // Everything ends: tracked ones by events, the others by rescans.
     assert_eq!(server.closeall(), 2 * n);
     drop((before, after));
-    watch.wait_until(STATE_TIMEOUT * 2, "live 0 once the server closed all", |s| {
-        live_of(s, pid).unwrap_or(0) == 0
-    });
+    watch.wait_until(
+        STATE_TIMEOUT * 2,
+        "live 0 once the server closed all",
+        |s| live_of(s, pid).unwrap_or(0) == 0,
+    );
     watch.wait_for(&Expect::new().live(pid, 0));
 }

@@ -50,8 +50,8 @@ use aya_ebpf::{
     programs::{RawTracePointContext, TracePointContext},
 };
 use gracewatch_common::{
-    AF_INET, AF_INET6, Config, Event, IPPROTO_TCP, LiveConn, TupleKey, WAKEUP_INTERVAL_NS,
-    control, event_flag, event_kind, stat, tcp_state,
+    AF_INET, AF_INET6, Config, Event, IPPROTO_TCP, LiveConn, TupleKey, WAKEUP_INTERVAL_NS, control,
+    event_flag, event_kind, stat, tcp_state,
 };
 
 /// Offsets of the running kernel, written by userspace before load.

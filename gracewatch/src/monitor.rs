@@ -454,7 +454,12 @@ impl Drop for WatchGuard {
 enum Query {
     Connections(Vec<u32>, oneshot::Sender<Vec<ConnInfo>>),
     /// (pids, ports, k): the count and the k oldest.
-    Oldest(Vec<u32>, Vec<u16>, usize, oneshot::Sender<(u64, Vec<ConnInfo>)>),
+    Oldest(
+        Vec<u32>,
+        Vec<u16>,
+        usize,
+        oneshot::Sender<(u64, Vec<ConnInfo>)>,
+    ),
     LiveOf(Vec<u32>, Vec<u16>, oneshot::Sender<u64>),
     /// Apply everything the kernel delivered so far, then answer.
     Sync(oneshot::Sender<()>),

@@ -544,7 +544,10 @@ fn untracked_episodes_reach_the_status_at_once() {
         at: ms(5),
         total: 2,
     });
-    assert!(t.take_significant(), "an untracked episode is published at once");
+    assert!(
+        t.take_significant(),
+        "an untracked episode is published at once"
+    );
     assert_eq!(t.status(ms(6)).map_full_total, 2);
 }
 
@@ -1074,7 +1077,10 @@ fn process_exit_and_lost() {
                 // unreadable: no holder, no connection.
                 snap(10, vec![sl(l4(), 7, 0, &[])], vec![], vec![]),
             ],
-            vec![Exp::Conns(10, vec![(t4(1), false, Some(l4()))]), Exp::Retired(vec![])],
+            vec![
+                Exp::Conns(10, vec![(t4(1), false, Some(l4()))]),
+                Exp::Retired(vec![]),
+            ],
         ),
         case(
             "a connection accepted during or after the snapshot survives it",

@@ -318,11 +318,13 @@ fn time_connection_list(ctx: &Ctx, pids: &[u32]) -> Result<ListTiming> {
             continue;
         };
         let count = q.split_whitespace().next().and_then(|n| n.parse().ok());
-        let ms = q.rsplit_once(" listed in ").and_then(|(_, d)| parse_debug_ms(d));
-        if let (Some(count), Some(ms)) = (count, ms) {
-            if worst.as_ref().is_none_or(|w| ms > w.ms) {
-                worst = Some(ListTiming { ms, count });
-            }
+        let ms = q
+            .rsplit_once(" listed in ")
+            .and_then(|(_, d)| parse_debug_ms(d));
+        if let (Some(count), Some(ms)) = (count, ms)
+            && worst.as_ref().is_none_or(|w| ms > w.ms)
+        {
+            worst = Some(ListTiming { ms, count });
         }
     }
     worst.with_context(|| format!("gracewatch wait logged no connection-list query: {stderr}"))
