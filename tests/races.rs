@@ -34,6 +34,40 @@ const STORM: Duration = Duration::from_secs(30);
 /// events missed.
 const HEAL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Entries in the kernel's `LIVE` map (connections the programs track by
+/// socket) of the gracewatch process `pid`: the map is found through the
+/// process's fds (`map_id:` in fdinfo) and read with bpftool.
+fn live_map_entries(pid: u32) -> usize {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let mut ids: Vec<u64> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("map_id:")?.trim().parse().ok())
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let bpftool = |args: &[&str]| -> serde_json::Value {
+        let out = std::process::Command::new("bpftool")
+            .arg("-j")
+            .args(args)
+            .output()
+            .expect("failed to run bpftool");
+        assert!(out.status.success(), "bpftool {args:?}: {out:?}");
+        serde_json::from_slice(&out.stdout).expect("bpftool printed JSON")
+    };
+    let live: Vec<u64> = ids
+        .into_iter()
+        .filter(|id| bpftool(&["map", "show", "id", &id.to_string()])["name"] == "LIVE")
+        .collect();
+    assert_eq!(live.len(), 1, "gracewatch (pid {pid}) holds one LIVE map");
+    bpftool(&["map", "dump", "id", &live[0].to_string()])
+        .as_array()
+        .map_or(0, Vec::len)
+}
+
 /// Runs `resetter.py` inside `ns` to completion; returns the connections it
 /// established (and reset).
 fn reset_storm(ns: &Netns, addr: &str, count: u64) -> u64 {
@@ -104,7 +138,21 @@ fn resets_racing_accepts_leave_exact_counts() {
             count.open, held,
             "round {round}: the server holds every connection it accepted since the last round"
         );
+        // The kept two predate gracewatch (tracked by tuple), so no
+        // connection the programs track by socket is live: a missed end is
+        // retired by a rescan, which drops the kernel entry too. Waiting for
+        // that first also means the status read next is not one printed
+        // before the storm's last events.
         let t0 = Instant::now();
+        let pid_gw = watch.pid();
+        while live_map_entries(pid_gw) != 0 {
+            assert!(
+                t0.elapsed() < HEAL_TIMEOUT,
+                "round {round}: {} LIVE entries left for ended connections after {HEAL_TIMEOUT:?}",
+                live_map_entries(pid_gw)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
         watch.wait_until(
             HEAL_TIMEOUT,
             &format!("round {round}: live {truth} as the server counts it ({count:?})"),
@@ -144,6 +192,7 @@ fn resets_racing_accepts_leave_exact_counts() {
     watch.wait_until(STATE_TIMEOUT, "live 0 after closeall", |s| {
         live_of(s, pid).unwrap_or(0) == 0
     });
+    assert_eq!(live_map_entries(watch.pid()), 0, "LIVE entries left at the end");
     // A fresh drain agrees and signals the server at once.
     let drain = gw.drain_to_end(&["drain", "--pid", &pid_arg, "--timeout", "10s", "--json"]);
     drain.assert_code(0);

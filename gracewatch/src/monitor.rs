@@ -26,7 +26,8 @@ const EVENT_BACKLOG: usize = 8192;
 
 /// Rescans refresh what events cannot tell: which processes hold a
 /// listener they inherited (fork/exec handover) or got over a unix socket,
-/// holders that closed their copy, and repairs after lost events. They run
+/// holders that closed their copy, and connections whose end no event
+/// reported (lost events, a reset racing its accept, a full kernel table). They run
 /// at most this often, and never take more than ~5% of the time (the
 /// interval grows to 20× the last rescan's duration on a busy host).
 const RESCAN_MIN: Duration = Duration::from_secs(1);
@@ -159,6 +160,7 @@ impl Monitor {
         // A registration that fails leaves the connection counted, its end
         // seen by a rescan instead of an event: degrade, do not abort.
         self.register_added(&added, t2);
+        self.forget_retired();
         let t3 = monotonic_now();
         if !added.is_empty() {
             // A pre-existing connection that ended between the snapshot and
@@ -269,12 +271,17 @@ impl Monitor {
         let added = self.tracker.merge_snapshot(snap);
         let now = monotonic_now();
         self.register_added(&added, now);
-        // Connections the programs reported and the snapshot found gone:
-        // their kernel entries would otherwise stay until the socket is freed.
+        self.forget_retired();
+        true
+    }
+
+    /// Drops the kernel entries of the connections the programs reported
+    /// and the last merge found gone: they would otherwise stay until the
+    /// socket is freed.
+    fn forget_retired(&mut self) {
         for (sk, since) in self.tracker.take_retired() {
             self.source.forget_live(sk, since);
         }
-        true
     }
 
     /// Registers a merge's new pre-existing connections with the programs.

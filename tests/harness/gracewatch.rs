@@ -302,6 +302,16 @@ impl Watch {
         }
     }
 
+    /// The process id of the running `gracewatch watch`.
+    pub fn pid(&self) -> u32 {
+        self.process
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(std::process::Child::id)
+            .expect("the watch is running")
+    }
+
     /// Everything it printed on stderr so far.
     pub fn stderr_lines(&self) -> Vec<String> {
         self.stderr.snapshot()
