@@ -192,7 +192,11 @@ fn resets_racing_accepts_leave_exact_counts() {
     watch.wait_until(STATE_TIMEOUT, "live 0 after closeall", |s| {
         live_of(s, pid).unwrap_or(0) == 0
     });
-    assert_eq!(live_map_entries(watch.pid()), 0, "LIVE entries left at the end");
+    assert_eq!(
+        live_map_entries(watch.pid()),
+        0,
+        "LIVE entries left at the end"
+    );
     // A fresh drain agrees and signals the server at once.
     let drain = gw.drain_to_end(&["drain", "--pid", &pid_arg, "--timeout", "10s", "--json"]);
     drain.assert_code(0);
