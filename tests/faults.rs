@@ -112,8 +112,8 @@ fn sigkill_mid_drain_signals_nothing_and_leaves_no_bpf_behind() {
     let progs = bpf_progs_of(d.pid());
     assert_eq!(
         progs.len(),
-        3,
-        "three tracepoint programs attached: {progs:?}"
+        4,
+        "four tracepoint programs attached: {progs:?}"
     );
     // Dropping it SIGKILLs it and waits for its exit.
     drop(d);
@@ -284,7 +284,7 @@ fn interrupted_drain_exits_130_and_signals_nothing() {
         wait_progress(&d);
         let gw_pid = d.pid();
         let progs = bpf_progs_of(gw_pid);
-        assert_eq!(progs.len(), 3, "{name}: programs attached: {progs:?}");
+        assert_eq!(progs.len(), 4, "{name}: programs attached: {progs:?}");
         let raw = rustix::process::Pid::from_raw(gw_pid as i32).expect("pid");
         rustix::process::kill_process(raw, sig).expect("signal gracewatch");
         let done = d.wait(T);

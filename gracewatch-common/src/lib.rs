@@ -123,24 +123,14 @@ pub struct LiveConn {
 }
 const _: () = assert!(core::mem::size_of::<LiveConn>() == 56);
 
-/// Value of the `PROCS` map (keyed by tgid): authoritative per-process counters
-/// for connections the programs saw accepted. Updated with atomic adds only.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ProcCounters {
-    pub live: i64,
-    pub accepted: u64,
-    pub closed: u64,
-}
-const _: () = assert!(core::mem::size_of::<ProcCounters>() == 24);
-
 /// Indexes into the `STATS` array.
 pub mod stat {
     /// Ring-buffer reservations that failed: events userspace never saw.
     pub const LOST_EVENTS: u32 = 0;
     /// Accepted fds whose socket could not be resolved from the fd table.
     pub const ACCEPT_UNRESOLVED: u32 = 1;
-    /// Sockets not tracked because `LIVE` was full.
+    /// Accepted sockets not tracked because `LIVE` was full (one per failed
+    /// insert; userspace reports episodes).
     pub const MAP_FULL: u32 = 2;
     pub const COUNT: u32 = 4;
 }
@@ -163,7 +153,7 @@ pub mod control {
 }
 
 /// The programs wake the ring buffer's reader at once for a record that can
-/// end a drain (the last live connection of a process userspace listed in
+/// end a drain (a live connection of a process userspace listed in
 /// `WATCHED` closed), for a listener opening or closing, and when the
 /// buffer is a quarter full; any other record wakes it only if no wake-up was sent for
 /// this long. A busy host so costs the reader a few hundred wake-ups a
@@ -236,8 +226,6 @@ mod pod {
     unsafe impl aya::Pod for super::TupleKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::LiveConn {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::ProcCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Config {}
 }

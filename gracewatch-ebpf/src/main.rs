@@ -1,4 +1,4 @@
-//! gracewatch's kernel side: three tracepoints that attribute every inbound
+//! gracewatch's kernel side: four tracepoints that attribute every inbound
 //! TCP connection to the process that accepted it and count it until it ends.
 //!
 //! - `syscalls:sys_exit_accept4` / `sys_exit_accept` (classic tracepoints)
@@ -12,6 +12,11 @@
 //!   runs in whatever context changes the state (often softirq), so it never
 //!   attributes anything to `current` except for LISTEN transitions, which
 //!   only happen in the process calling `listen()`/`close()`.
+//! - `tcp_destroy_sock` (raw) is the backstop: the kernel frees the socket,
+//!   so an entry still in `LIVE` (or `PREEXISTING`) is an end the state
+//!   change missed. That happens: `inet_sock_set_state` runs just before the
+//!   kernel stores the new state, so a reset on one CPU can slip between the
+//!   accept program's insert and its look at the state on another.
 //!
 //! Membership in `LIVE`/`PREEXISTING` is the truth; whoever deletes an entry
 //! successfully is the one that reports its end, so a socket racing between
@@ -33,8 +38,8 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
-        BPF_RB_RING_SIZE, bpf_pidns_info,
+        BPF_ANY, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP,
+        BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE, bpf_pidns_info,
     },
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
@@ -44,10 +49,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, RingBuf},
     programs::{RawTracePointContext, TracePointContext},
 };
-use aya_log_ebpf::warn;
 use gracewatch_common::{
-    AF_INET, AF_INET6, Config, Event, IPPROTO_TCP, LiveConn, ProcCounters, TupleKey,
-    WAKEUP_INTERVAL_NS, control, event_flag, event_kind, stat, tcp_state,
+    AF_INET, AF_INET6, Config, Event, IPPROTO_TCP, LiveConn, TupleKey, WAKEUP_INTERVAL_NS, control,
+    event_flag, event_kind, stat, tcp_state,
 };
 
 /// Offsets of the running kernel, written by userspace before load.
@@ -73,16 +77,13 @@ static LIVE: HashMap<u64, LiveConn> = HashMap::with_max_entries(MAX_SOCKETS, BPF
 static PREEXISTING: HashMap<TupleKey, u32> =
     HashMap::with_max_entries(MAX_SOCKETS, BPF_F_NO_PREALLOC);
 
-/// Per-process counters for connections seen accepted (tgid → counters).
-#[map]
-static PROCS: HashMap<u32, ProcCounters> = HashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);
-
 /// Health counters, indexed by `gracewatch_common::stat`.
 #[map]
 static STATS: Array<u64> = Array::with_max_entries(stat::COUNT, 0);
 
-/// Processes a drain is waiting on (tgid → 1), written by userspace: the
-/// close that ends the last connection of one wakes the reader at once.
+/// Processes a drain is waiting on (tgid → 1), written by userspace: any
+/// close of a connection one of them owns wakes the reader at once (it may
+/// be the last; the programs keep no per-process count to tell).
 #[map]
 static WATCHED: HashMap<u32, u8> = HashMap::with_max_entries(MAX_WATCHED, 0);
 const MAX_WATCHED: u32 = 1024;
@@ -94,6 +95,12 @@ static CONTROL: Array<u64> = Array::with_max_entries(control::COUNT, 0);
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: RawTracePointContext) -> i32 {
     let _ = try_inet_sock_set_state(&ctx);
+    0
+}
+
+#[raw_tracepoint(tracepoint = "tcp_destroy_sock")]
+pub fn tcp_destroy_sock(ctx: RawTracePointContext) -> i32 {
+    let _ = try_tcp_destroy_sock(&ctx);
     0
 }
 
@@ -156,8 +163,8 @@ unsafe fn add<T: Copy>(p: *mut T, v: T) {
     unsafe { atomic_xadd::<T, T, { AtomicOrdering::Relaxed }>(p, v) };
 }
 
-/// Submits `ev`. An `urgent` record (the last close of a process a drain
-/// waits on, a listener opening or closing) wakes the reader at once;
+/// Submits `ev`. An `urgent` record (a close of a process a drain waits
+/// on, a listener opening or closing) wakes the reader at once;
 /// others only if the last wake-up is older than
 /// `WAKEUP_INTERVAL_NS` or the buffer is filling up (see
 /// `gracewatch_common::WAKEUP_INTERVAL_NS` for the reader's side). A wake-up
@@ -193,7 +200,7 @@ fn wake_due(now: u64, urgent: bool) -> bool {
     due
 }
 
-/// Whether a drain waits on `tgid` (its last close must wake the reader).
+/// Whether a drain waits on `tgid` (its closes must wake the reader).
 #[inline(always)]
 fn watched(tgid: u32) -> bool {
     // SAFETY: the value is only tested for presence.
@@ -203,33 +210,6 @@ fn watched(tgid: u32) -> bool {
 #[inline(always)]
 fn control(index: u32) -> u64 {
     CONTROL.get(index).copied().unwrap_or(0)
-}
-
-/// Adds to a process's counters; returns its live count after the change.
-/// (Read after the atomic add rather than fetched by it: fetching atomics
-/// need BPF ISA v3, and the programs build for the generic CPU. Of several
-/// CPUs closing a process's last connections at once, the last to add
-/// reads 0.)
-#[inline(always)]
-fn proc_add(tgid: u32, live: i64, accepted: u64, closed: u64) -> i64 {
-    let mut p = PROCS.get_ptr_mut(tgid);
-    if p.is_none() {
-        let _ = PROCS.insert(tgid, ProcCounters::default(), BPF_NOEXIST as u64);
-        p = PROCS.get_ptr_mut(tgid);
-    }
-    let Some(p) = p else { return 0 };
-    // SAFETY: `p` points into a map value (not preallocated, RCU-freed),
-    // valid for this program run; fields are updated with atomic adds.
-    unsafe {
-        if accepted != 0 {
-            add(&raw mut (*p).accepted, accepted);
-        }
-        if closed != 0 {
-            add(&raw mut (*p).closed, closed);
-        }
-        add(&raw mut (*p).live, live);
-        core::ptr::read_volatile(&raw const (*p).live)
-    }
 }
 
 /// The current tgid as seen from gracewatch's pid namespace; `None` for a
@@ -375,31 +355,7 @@ fn owner_exiting(cfg: &Config, owner: u32) -> bool {
 /// lookup by tuple only while pre-existing connections are registered).
 #[inline(always)]
 fn end_of_connection(cfg: &Config, sk: u64, old: u8, new: u8) -> Result<(), i32> {
-    if let Some(conn) = LIVE.get_ptr(sk) {
-        // SAFETY: map values stay readable for the whole program run (RCU).
-        let conn = unsafe { *conn };
-        if LIVE.remove(sk).is_ok() {
-            let live_after = proc_add(conn.owner, -1, 0, 1);
-            let mut ev = Event {
-                ts_ns: now_ns(),
-                sk,
-                tgid: conn.owner,
-                netns: conn.netns,
-                family: conn.family,
-                lport: conn.lport,
-                rport: conn.rport,
-                kind: event_kind::CLOSE,
-                old_state: old,
-                new_state: new,
-                laddr: conn.laddr,
-                raddr: conn.raddr,
-                ..Event::default()
-            };
-            if owner_exiting(cfg, conn.owner) {
-                ev.flags |= event_flag::OWNER_EXITING;
-            }
-            emit(&ev, live_after <= 0 && watched(conn.owner));
-        }
+    if end_live(sk, old, new) {
         return Ok(());
     }
     // A socket no process ever held (`sk_socket` is attached by accept and
@@ -413,6 +369,56 @@ fn end_of_connection(cfg: &Config, sk: u64, old: u8, new: u8) -> Result<(), i32>
         }
         return Ok(());
     }
+    end_preexisting(cfg, sk, old, new)
+}
+
+/// If `sk` is in `LIVE`, removes it and reports its end (whoever removes
+/// the entry reports it, so a socket is reported once). `true` if it was
+/// there, removed by us or by a racing program.
+///
+/// A BPF function of its own, not inlined: the accept program calls it
+/// with its own event on the stack, and both would not fit one frame.
+#[inline(never)]
+fn end_live(sk: u64, old: u8, new: u8) -> bool {
+    let Some(conn) = LIVE.get_ptr(sk) else {
+        return false;
+    };
+    // SAFETY: map values stay readable for the whole program run (RCU).
+    let conn = unsafe { *conn };
+    if LIVE.remove(sk).is_ok() {
+        report_live_end(&config(), sk, &conn, old, new);
+    }
+    true
+}
+
+/// Emits the CLOSE of a `LIVE` entry this program removed.
+#[inline(always)]
+fn report_live_end(cfg: &Config, sk: u64, conn: &LiveConn, old: u8, new: u8) {
+    let mut ev = Event {
+        ts_ns: now_ns(),
+        sk,
+        tgid: conn.owner,
+        netns: conn.netns,
+        family: conn.family,
+        lport: conn.lport,
+        rport: conn.rport,
+        kind: event_kind::CLOSE,
+        old_state: old,
+        new_state: new,
+        laddr: conn.laddr,
+        raddr: conn.raddr,
+        ..Event::default()
+    };
+    if owner_exiting(cfg, conn.owner) {
+        ev.flags |= event_flag::OWNER_EXITING;
+    }
+    emit(&ev, watched(conn.owner));
+}
+
+/// If `sk`'s tuple is in `PREEXISTING`, removes it and reports its end.
+/// Costs nothing while no pre-existing connection is registered.
+#[inline(always)]
+fn end_preexisting(cfg: &Config, sk: u64, old: u8, new: u8) -> Result<(), i32> {
     if control(control::PREEXISTING_REGISTERED) <= control(control::PREEXISTING_ENDED) {
         return Ok(());
     }
@@ -443,6 +449,18 @@ fn end_of_connection(cfg: &Config, sk: u64, old: u8, new: u8) -> Result<(), i32>
         }
     }
     Ok(())
+}
+
+/// The kernel is freeing `sk` (TP_PROTO(struct sock *sk)), which is in
+/// CLOSE by then. It runs for every TCP socket, so the common case (the end
+/// was already reported) is one hash lookup, plus a look by tuple only
+/// while pre-existing connections are registered.
+fn try_tcp_destroy_sock(ctx: &RawTracePointContext) -> Result<(), i32> {
+    let sk: u64 = ctx.arg(0);
+    if end_live(sk, tcp_state::CLOSE, tcp_state::CLOSE) {
+        return Ok(());
+    }
+    end_preexisting(&config(), sk, tcp_state::CLOSE, tcp_state::CLOSE)
 }
 
 /// Walks `current->files->fdt->fd[fd]->private_data->sk`.
@@ -493,16 +511,26 @@ fn try_sys_exit_accept(ctx: &TracePointContext, ret_off: u16) -> Result<(), i32>
         laddr: ev.laddr,
         raddr: ev.raddr,
     };
+    // An entry for this address is a freed socket whose end was never
+    // seen (the address was reused): report that end first, so userspace
+    // reads it before this birth.
+    end_live(sk, tcp_state::CLOSE, tcp_state::CLOSE);
     emit(&ev, false);
-    if LIVE.insert(sk, conn, BPF_NOEXIST as u64).is_err() {
-        bump(&STATS, stat::MAP_FULL);
-        warn!(ctx, "LIVE map full: connection not tracked");
-        ev.kind = event_kind::CLOSE;
-        ev.flags |= event_flag::MAP_FULL;
-        emit(&ev, false);
-        return Ok(());
+    if let Err(e) = LIVE.insert(sk, conn, BPF_NOEXIST as u64) {
+        // EEXIST after the removal above needs a second accept of the same
+        // socket, which the kernel never does: the newer entry wins then.
+        let replaced = e == -EEXIST && LIVE.insert(sk, conn, BPF_ANY as u64).is_ok();
+        if !replaced {
+            // The map is full. Userspace counts the episode from STATS
+            // and rescans; the compensating CLOSE keeps its counts exact
+            // until then.
+            bump(&STATS, stat::MAP_FULL);
+            ev.kind = event_kind::CLOSE;
+            ev.flags |= event_flag::MAP_FULL;
+            emit(&ev, false);
+            return Ok(());
+        }
     }
-    proc_add(ev.tgid, 1, 1, 0);
 
     // The connection may have ended between its handshake and this accept
     // (reset in the queue, or before the programs attached).
@@ -512,14 +540,16 @@ fn try_sys_exit_accept(ctx: &TracePointContext, ret_off: u16) -> Result<(), i32>
         tcp_state::ESTABLISHED | tcp_state::CLOSE_WAIT | tcp_state::SYN_RECV
     ) && LIVE.remove(sk).is_ok()
     {
-        let live_after = proc_add(ev.tgid, -1, 0, 1);
         ev.kind = event_kind::CLOSE;
         ev.ts_ns = now_ns();
         ev.new_state = state;
-        emit(&ev, live_after <= 0 && watched(ev.tgid));
+        emit(&ev, watched(ev.tgid));
     }
     Ok(())
 }
+
+/// `EEXIST` as the map helpers return it (negated).
+const EEXIST: i32 = 17;
 
 #[inline(always)]
 fn v4_mapped(a: [u8; 4]) -> [u8; 16] {

@@ -147,6 +147,12 @@ pub enum ConnEvent {
     /// The kernel could not deliver some events (ring buffer full); `total`
     /// is the running count since the programs were loaded.
     Lost { at: Duration, total: u64 },
+    /// Connections went untracked: a kernel table was full (more
+    /// connections than `--max-connections`) or a pre-existing connection
+    /// could not be registered. `total` counts such episodes since start
+    /// (one per run of failures, not one per connection). Until a rescan
+    /// finds them, those connections are missing or their ends are late.
+    MapFull { at: Duration, total: u64 },
 }
 
 impl ConnEvent {
@@ -160,7 +166,8 @@ impl ConnEvent {
             | Self::QueueDrop { at, .. }
             | Self::PreexistingClose { at, .. }
             | Self::ProcessExit { at, .. }
-            | Self::Lost { at, .. } => *at,
+            | Self::Lost { at, .. }
+            | Self::MapFull { at, .. } => *at,
         }
     }
 }

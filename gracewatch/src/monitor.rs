@@ -14,7 +14,7 @@ use anyhow::Context as _;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::{
-    event::{ConnEvent, Snapshot},
+    event::{ConnEvent, Snapshot, Tuple},
     source::{
         Liveness, MonitorError,
         ebpf::{EbpfSource, ProgramStats, READER_QUIET, READER_TAIL, SourceOptions},
@@ -30,7 +30,8 @@ const EVENT_BACKLOG: usize = 8192;
 
 /// Rescans refresh what events cannot tell: which processes hold a
 /// listener they inherited (fork/exec handover) or got over a unix socket,
-/// holders that closed their copy, and repairs after lost events. They run
+/// holders that closed their copy, and connections whose end no event
+/// reported (lost events, a reset racing its accept, a full kernel table). They run
 /// at most this often, and never take more than ~5% of the time (the
 /// interval grows to 20× the last rescan's duration on a busy host).
 const RESCAN_MIN: Duration = Duration::from_secs(1);
@@ -72,6 +73,23 @@ pub struct Monitor {
     /// A background snapshot in flight (see [`RESCAN_MIN`]).
     rescan: Option<tokio::task::JoinHandle<anyhow::Result<(Snapshot, Duration)>>>,
     next_rescan: Duration,
+    untracked: Untracked,
+}
+
+/// Connections the kernel side could not track: accepts that found `LIVE`
+/// full, and pre-existing connections whose registration in `PREEXISTING`
+/// failed. Both degrade the same way: counted (once per episode, as a
+/// [`ConnEvent::MapFull`]), logged once, and left to the rescans, which
+/// find the untracked connections and retire those that ended.
+#[derive(Debug, Default)]
+struct Untracked {
+    /// The kernel's count of failed `LIVE` inserts, as last read.
+    kernel_seen: u64,
+    /// It rose at the last housekeeping.
+    kernel_failing: bool,
+    /// The last snapshot merge could not register some connections.
+    registration_failing: bool,
+    episodes: u64,
 }
 
 impl Monitor {
@@ -140,6 +158,7 @@ impl Monitor {
             events: None,
             rescan: None,
             next_rescan: started + RESCAN_MIN,
+            untracked: Untracked::default(),
         })
     }
 
@@ -150,9 +169,10 @@ impl Monitor {
         let added = self.tracker.merge_snapshot(&snap);
         drop(snap);
         let t2 = monotonic_now();
-        for (tuple, pid) in &added {
-            self.source.register_preexisting(tuple, *pid)?;
-        }
+        // A registration that fails leaves the connection counted, its end
+        // seen by a rescan instead of an event: degrade, do not abort.
+        self.register_added(&added, t2);
+        self.forget_retired();
         let t3 = monotonic_now();
         if !added.is_empty() {
             // A pre-existing connection that ended between the snapshot and
@@ -263,12 +283,60 @@ impl Monitor {
     /// like the startup ones.
     fn merge_rescan(&mut self, snap: &Snapshot) -> bool {
         self.pump();
-        for (tuple, pid) in self.tracker.merge_snapshot(snap) {
-            if let Err(e) = self.source.register_preexisting(&tuple, pid) {
-                log::warn!("{e:#}");
+        let added = self.tracker.merge_snapshot(snap);
+        let now = monotonic_now();
+        self.register_added(&added, now);
+        self.forget_retired();
+        true
+    }
+
+    /// Drops the kernel entries of the connections the programs reported
+    /// and the last merge found gone: they would otherwise stay until the
+    /// socket is freed.
+    fn forget_retired(&mut self) {
+        for (sk, since) in self.tracker.take_retired() {
+            self.source.forget_live(sk, since);
+        }
+    }
+
+    /// Registers a merge's new pre-existing connections with the programs.
+    /// Failures (a full `PREEXISTING` map) are logged once and counted
+    /// (see [`Untracked`]); the connections stay counted.
+    fn register_added(&mut self, added: &[(Tuple, u32)], now: Duration) {
+        let mut failed = 0usize;
+        let mut first = None;
+        for (tuple, pid) in added {
+            if let Err(e) = self.source.register_preexisting(tuple, *pid) {
+                failed += 1;
+                first.get_or_insert(e);
             }
         }
-        true
+        let was = self.untracked.registration_failing;
+        self.untracked.registration_failing = failed > 0;
+        if let Some(e) = first {
+            if !was && !self.untracked.kernel_failing {
+                self.untracked_episode(
+                    now,
+                    format_args!(
+                        "{failed} pre-existing connection(s) could not be registered with the \
+                         kernel ({e:#}): their ends are seen by rescans only"
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Starts an episode of untracked connections: counted, logged once,
+    /// and a rescan to find them (later ones are found by the periodic
+    /// rescans).
+    fn untracked_episode(&mut self, now: Duration, why: std::fmt::Arguments<'_>) {
+        log::warn!("{why}");
+        self.next_rescan = self.next_rescan.min(now);
+        self.untracked.episodes += 1;
+        self.apply_one(ConnEvent::MapFull {
+            at: now,
+            total: self.untracked.episodes,
+        });
     }
 
     fn housekeeping(&mut self, now: Duration) -> bool {
@@ -283,6 +351,27 @@ impl Monitor {
             // Counts may be stale: repair them with a rescan right away.
             self.next_rescan = now;
             changed = true;
+        }
+        // Unreadable: as if unchanged (the periodic rescans go on anyway).
+        let full = self
+            .source
+            .untracked_map_full()
+            .unwrap_or(self.untracked.kernel_seen);
+        let was = self.untracked.kernel_failing;
+        self.untracked.kernel_failing = full != self.untracked.kernel_seen;
+        if self.untracked.kernel_failing {
+            let n = full.saturating_sub(self.untracked.kernel_seen);
+            self.untracked.kernel_seen = full;
+            if !was && !self.untracked.registration_failing {
+                self.untracked_episode(
+                    now,
+                    format_args!(
+                        "the kernel's connection table is full ({n} accept(s) not tracked; \
+                         raise --max-connections): counting them from rescans"
+                    ),
+                );
+                changed = true;
+            }
         }
         let pids: Vec<u32> = self.tracker.pids().collect();
         let mut doubt = None;
@@ -478,6 +567,13 @@ impl Drop for WatchGuard {
 /// A question for the monitor task about its tracker's state.
 enum Query {
     Connections(Vec<u32>, oneshot::Sender<Vec<ConnInfo>>),
+    /// (pids, ports, k): the count and the k oldest.
+    Oldest(
+        Vec<u32>,
+        Vec<u16>,
+        usize,
+        oneshot::Sender<(u64, Vec<ConnInfo>)>,
+    ),
     LiveOf(Vec<u32>, Vec<u16>, oneshot::Sender<u64>),
     /// Apply everything the kernel delivered so far, then answer.
     Sync(oneshot::Sender<()>),
@@ -535,16 +631,19 @@ impl Monitor {
                             let _ = reply.send(monitor.exits.of(&pids, &ports));
                         }
                         Some(Query::Connections(pids, reply)) => {
-                            let mut all: Vec<ConnInfo> = Vec::new();
-                            for pid in pids {
-                                for c in monitor.tracker.connections_of(pid) {
-                                    if !all.iter().any(|a| a.tuple == c.tuple) {
-                                        all.push(c);
-                                    }
-                                }
-                            }
-                            all.sort_by_key(|c| c.since);
-                            let _ = reply.send(all);
+                            let _ = reply.send(monitor.tracker.connections_of_any(&pids));
+                        }
+                        Some(Query::Oldest(pids, ports, k, reply)) => {
+                            let t0 = monotonic_now();
+                            let answer = monitor.tracker.oldest_of(&pids, &ports, k);
+                            log::debug!(
+                                "query: {} connection(s) of {} pid(s), {} oldest listed in {:?}",
+                                answer.0,
+                                pids.len(),
+                                answer.1.len(),
+                                monotonic_now().saturating_sub(t0)
+                            );
+                            let _ = reply.send(answer);
                         }
                         Some(Query::LiveOf(pids, ports, reply)) => {
                             let n = pids.iter().map(|&p| monitor.tracker.live_of(p, &ports)).sum();
@@ -619,6 +718,21 @@ impl MonitorHandle {
     pub async fn connections(&self, pids: &[u32]) -> anyhow::Result<Vec<ConnInfo>> {
         let (tx, rx) = oneshot::channel();
         self.ask(Query::Connections(pids.to_vec(), tx)).await?;
+        rx.await.context("the monitor stopped")
+    }
+
+    /// How many live connections `pids` hold (only those on `ports` if any
+    /// are given), with the `k` oldest, oldest first. Cheap whatever the
+    /// count: only the `k` are copied.
+    pub async fn oldest_connections(
+        &self,
+        pids: &[u32],
+        ports: &[u16],
+        k: usize,
+    ) -> anyhow::Result<(u64, Vec<ConnInfo>)> {
+        let (tx, rx) = oneshot::channel();
+        self.ask(Query::Oldest(pids.to_vec(), ports.to_vec(), k, tx))
+            .await?;
         rx.await.context("the monitor stopped")
     }
 
@@ -762,16 +876,10 @@ impl MonitorHandle {
                     },
                     q = rx.recv() => match q {
                         Some(Query::Connections(pids, reply)) => {
-                            let mut all: Vec<ConnInfo> = Vec::new();
-                            for pid in pids {
-                                for c in tracker.connections_of(pid) {
-                                    if !all.iter().any(|a| a.tuple == c.tuple) {
-                                        all.push(c);
-                                    }
-                                }
-                            }
-                            all.sort_by_key(|c| c.since);
-                            let _ = reply.send(all);
+                            let _ = reply.send(tracker.connections_of_any(&pids));
+                        }
+                        Some(Query::Oldest(pids, ports, k, reply)) => {
+                            let _ = reply.send(tracker.oldest_of(&pids, &ports, k));
                         }
                         Some(Query::LiveOf(pids, ports, reply)) => {
                             let n = pids.iter().map(|&p| tracker.live_of(p, &ports)).sum();

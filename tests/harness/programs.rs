@@ -114,6 +114,27 @@ impl Server {
         Server::from_ready(child)
     }
 
+    /// Like [`Server::listen`], with an accept queue of `backlog` (the
+    /// kernel caps it at `net.core.somaxconn`).
+    #[track_caller]
+    pub fn listen_with_backlog(ns: &Netns, address: &str, backlog: u32) -> Server {
+        let backlog = backlog.to_string();
+        let child = Child::spawn(
+            ns,
+            &format!("server {address} (netns {})", ns.name()),
+            "python3",
+            &[
+                "-u",
+                &program("server.py"),
+                "--listen",
+                address,
+                "--backlog",
+                &backlog,
+            ],
+        );
+        Server::from_ready(child)
+    }
+
     /// Like [`Server::listen`], but the server process gets exactly `pid`
     /// (`with_pid.py`: clone3 with `set_tid`), which must be free.
     #[track_caller]
@@ -223,6 +244,17 @@ impl Server {
             "{}: unexpected reply",
             self.child.label()
         );
+    }
+
+    /// Closes the connections the peer reset (state CLOSE); returns how many.
+    #[track_caller]
+    pub fn close_reset(&self) -> u64 {
+        let reply = self.child.request("closereset", "closed");
+        reply
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{}: malformed reply {reply:?}", self.child.label()))
     }
 
     /// Closes every connection this server holds; returns how many.

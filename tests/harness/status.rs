@@ -84,6 +84,7 @@ pub fn check_shape(status: &Value) -> Result<(), String> {
             ("processes", Ty::Arr),
             ("listeners", Ty::Arr),
             ("lost_events", Ty::U64),
+            ("map_full_total", Ty::U64),
         ],
         &mut errors,
     );

@@ -7,7 +7,8 @@ line-oriented so that tests wait for acknowledgements instead of sleeping:
 stdout (one event per line, flushed at once):
   ready PID ADDR        listening (or inherited listener adopted); ADDR = bound address
   accepted N            one more connection accepted; N = total accepted by this process
-  closed K              reply to `close K` / `closeall` (K = how many were closed)
+  closed K              reply to `close K` / `closeall` / `closereset` (K = how
+                        many were closed; `closereset` closes those the peer reset)
   count open=N established=E close_wait=W reset=R other=O
                         reply to `count`: open fds of accepted connections, by
                         kernel TCP state (TCP_INFO): close_wait = the peer sent
@@ -33,7 +34,7 @@ stdout (one event per line, flushed at once):
   error MESSAGE         a command failed (the harness fails the test)
 
 stdin commands:
-  close K | closeall | count | stopaccept | handover | closelistener | exit
+  close K | closeall | closereset | count | stopaccept | handover | closelistener | exit
   ping | now
   closeafter MS…        close the oldest open connections one at a time, the
                         I-th MS milliseconds after the command (in-flight
@@ -225,6 +226,14 @@ class Server:
         threading.Thread(target=run, daemon=True).start()
         emit(f"scheduled {len(delays_ms)}")
 
+    def close_reset(self):
+        with self.lock:
+            victims = [c for c in self.conns if tcp_state(c) == 7]
+            self.conns = [c for c in self.conns if tcp_state(c) != 7]
+        for conn in victims:
+            conn.close()
+        emit(f"closed {len(victims)}")
+
     def count(self):
         counts = {"established": 0, "close_wait": 0, "reset": 0, "other": 0}
         with self.lock:
@@ -330,6 +339,8 @@ def main():
                 server.close(n)
             elif cmd == "count":
                 server.count()
+            elif cmd == "closereset":
+                server.close_reset()
             elif cmd == "stopaccept":
                 server.stop_accepting()
                 emit("stopped")

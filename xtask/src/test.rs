@@ -22,7 +22,7 @@ const NETNS_PREFIX: &str = "gw-";
 /// Names of our programs as `bpftool prog show` prints them. The kernel keeps
 /// 15 characters of a name (`inet_sock_set_s`); bpftool shows the full name
 /// only when the program carries BTF, so match on the truncated prefix.
-const PROG_NAME_PREFIXES: &[&str] = &["inet_sock_set_s", "sys_exit_accept"];
+const PROG_NAME_PREFIXES: &[&str] = &["inet_sock_set_s", "sys_exit_accept", "tcp_destroy_soc"];
 
 /// How long programs and namespaces may take to go away after the last test
 /// process exits (the kernel releases BPF programs asynchronously).
@@ -316,6 +316,7 @@ mod tests {
 14: tracepoint  name sys_exit_accept  tag 0123456789abcdef  gpl
 15: cgroup_skb  name sd_fw_egress  tag 0123456789abcdef  gpl
 16: tracepoint  name inet_sock_set_state  tag 0123456789abcdef  gpl
+17: raw_tracepoint  name tcp_destroy_soc  tag 0123456789abcdef  gpl
 ";
         let found = Leftovers::parse(netns, progs);
         assert_eq!(
@@ -327,7 +328,7 @@ mod tests {
             .iter()
             .filter_map(|l| l.split(':').next())
             .collect();
-        assert_eq!(ids, ["12", "13", "14", "16"]);
+        assert_eq!(ids, ["12", "13", "14", "16", "17"]);
     }
 
     #[test]

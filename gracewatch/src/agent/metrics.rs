@@ -330,6 +330,13 @@ impl Collector for Scrape {
             MetricType::Counter,
         )?)?;
 
+        ConstCounter::new(status.map_full_total).encode(enc.encode_descriptor(
+            "gracewatch_map_full",
+            "Episodes in which connections went untracked (a kernel table full, or a pre-existing connection not registered); counts may lag until the next rescan.",
+            None,
+            MetricType::Counter,
+        )?)?;
+
         if let Some(p) = self.programs {
             gauge(
                 &mut enc,
@@ -411,6 +418,7 @@ mod tests {
                 queue_drops_total: 0,
             }],
             lost_events: 7,
+            map_full_total: 2,
         }
     }
 
@@ -447,6 +455,7 @@ mod tests {
             "gracewatch_listener_accept_queue_depth{netns=\"4026531840\",address=\"0.0.0.0:80\"} 1",
             "gracewatch_listener_accepted_connections_total{netns=\"4026531840\",address=\"0.0.0.0:80\"} 5",
             "gracewatch_lost_events_total 7",
+            "gracewatch_map_full_total 2",
             "gracewatch_drains_total{outcome=\"timeout\"} 1",
             "gracewatch_drains_total{outcome=\"drained\"} 0",
             "gracewatch_drains_total{outcome=\"signal_refused\"} 0",

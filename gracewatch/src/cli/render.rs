@@ -67,6 +67,13 @@ pub fn table(status: &Status, filter: &FilterArgs) -> String {
             status.lost_events
         );
     }
+    if status.map_full_total > 0 {
+        let _ = writeln!(
+            out,
+            "\nwarning: the kernel's connection table was full {} time(s) (raise --max-connections); counts are repaired by the next rescan",
+            status.map_full_total
+        );
+    }
     out
 }
 

@@ -449,18 +449,13 @@ impl Gate<'_> {
 
     async fn held(&self, limit: usize) -> (u64, Vec<HeldConnection>) {
         let now = monotonic_now();
-        let conns = self
+        let (total, oldest) = self
             .handle
-            .connections(&self.alive_pids())
+            .oldest_connections(&self.alive_pids(), &self.spec.ports, limit)
             .await
             .unwrap_or_default();
-        let conns: Vec<_> = conns
-            .into_iter()
-            .filter(|c| self.port_counts(c.tuple.local.port()))
-            .collect();
-        let held = conns
+        let held = oldest
             .iter()
-            .take(limit)
             .map(|c| HeldConnection {
                 pid: c.holders.first().copied().unwrap_or(0),
                 local: c.tuple.local.to_string(),
@@ -468,7 +463,7 @@ impl Gate<'_> {
                 age_ms: now.saturating_sub(c.since).as_millis() as u64,
             })
             .collect();
-        (conns.len() as u64, held)
+        (total, held)
     }
 
     fn rates(&self) -> (f64, u64) {

@@ -18,8 +18,8 @@ use aya::{
     programs::{RawTracePoint, TracePoint},
 };
 use gracewatch_common::{
-    AF_INET, AF_INET6, Event, READER_QUIET_NS, READER_TAIL_NS, TupleKey, control, event_flag,
-    event_kind, stat,
+    AF_INET, AF_INET6, Event, LiveConn, READER_QUIET_NS, READER_TAIL_NS, TupleKey, control,
+    event_flag, event_kind, stat,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -56,8 +56,9 @@ pub struct EbpfSource {
     // Field order is drop order: readers first, then the programs and maps.
     events: AsyncFd<RingBuf<MapData>>,
     queued: Handshakes,
-    logger: Option<AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>>,
     preexisting: HashMap<MapData, TupleKey, u32>,
+    /// The kernel's `LIVE` map (sk → accepted connection).
+    live: HashMap<MapData, u64, LiveConn>,
     /// Registrations in `preexisting` less userspace's own removals, as
     /// last written to `CONTROL[PREEXISTING_REGISTERED]`.
     preexisting_registered: u64,
@@ -90,14 +91,9 @@ impl EbpfSource {
                 )
             })?;
 
-        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
-            Ok(l) => super::register_readable(l).ok(),
-            Err(e) => {
-                log::debug!("eBPF logger unavailable: {e}");
-                None
-            }
-        };
-        attach_raw(&mut ebpf, kernel_layout::RAW_TRACEPOINT).map_err(MonitorError::from_load)?;
+        for name in kernel_layout::RAW_TRACEPOINTS {
+            attach_raw(&mut ebpf, name).map_err(MonitorError::from_load)?;
+        }
         for (category, name) in kernel_layout::TRACEPOINTS {
             attach(&mut ebpf, category, name).map_err(MonitorError::from_load)?;
         }
@@ -111,6 +107,8 @@ impl EbpfSource {
             super::register_readable(events).context("failed to poll ring buffer `EVENTS`")?;
         let preexisting = HashMap::try_from(take(&mut ebpf, "PREEXISTING")?)
             .context("failed to open map `PREEXISTING`")?;
+        let live =
+            HashMap::try_from(take(&mut ebpf, "LIVE")?).context("failed to open map `LIVE`")?;
         let stats =
             Array::try_from(take(&mut ebpf, "STATS")?).context("failed to open map `STATS`")?;
         let control =
@@ -120,8 +118,8 @@ impl EbpfSource {
         Ok(Self {
             events,
             queued: Handshakes::default(),
-            logger,
             preexisting,
+            live,
             preexisting_registered: 0,
             stats,
             control,
@@ -130,27 +128,13 @@ impl EbpfSource {
         })
     }
 
-    /// Waits until the ring buffer (or the programs' log) has something.
+    /// Waits until the ring buffer has something.
     pub async fn readable(&mut self) -> anyhow::Result<()> {
-        match &mut self.logger {
-            Some(logger) => {
-                tokio::select! {
-                    r = self.events.readable_mut() => { r.context("failed to poll ring buffer")?.clear_ready(); }
-                    r = logger.readable_mut() => {
-                        let mut guard = r.context("failed to poll eBPF log")?;
-                        guard.get_inner_mut().flush();
-                        guard.clear_ready();
-                    }
-                }
-            }
-            None => {
-                self.events
-                    .readable_mut()
-                    .await
-                    .context("failed to poll ring buffer")?
-                    .clear_ready();
-            }
-        }
+        self.events
+            .readable_mut()
+            .await
+            .context("failed to poll ring buffer")?
+            .clear_ready();
         Ok(())
     }
 
@@ -178,9 +162,10 @@ impl EbpfSource {
         self.stats.get(&stat::LOST_EVENTS, 0).unwrap_or(0)
     }
 
-    /// Sockets the kernel could not track because a map was full.
-    pub fn untracked_map_full(&self) -> u64 {
-        self.stats.get(&stat::MAP_FULL, 0).unwrap_or(0)
+    /// Accepts the kernel could not track because `LIVE` was full, since
+    /// load (`None` if the counter cannot be read).
+    pub fn untracked_map_full(&self) -> Option<u64> {
+        self.stats.get(&stat::MAP_FULL, 0).ok()
     }
 
     /// Time the kernel spent running our programs, and how many times they
@@ -229,9 +214,26 @@ impl EbpfSource {
         removed
     }
 
-    /// Whether a drain waits on `pid`: the close that ends the last
-    /// connection of a watched process wakes the reader at once (others are
-    /// read within [`READER_TAIL`]).
+    /// Drops the `LIVE` entry of a connection the programs reported
+    /// (accepted at `since`) that a rescan found gone: its end was missed,
+    /// and the entry would stay until the socket is freed. An entry
+    /// accepted at another time belongs to a later socket at the same
+    /// address and is left alone.
+    pub fn forget_live(&mut self, sk: u64, since: Duration) {
+        let accepted_ns = u64::try_from(since.as_nanos()).unwrap_or(u64::MAX);
+        match self.live.get(&sk, 0) {
+            Ok(conn) if conn.accepted_ns == accepted_ns => {
+                // Fails only if the programs removed it meanwhile (and
+                // reported its end, which the tracker no longer needs).
+                let _ = self.live.remove(&sk);
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether a drain waits on `pid`: any close of a connection a watched
+    /// process owns wakes the reader at once (others are read within
+    /// [`READER_TAIL`]).
     pub fn set_watched(&mut self, pid: u32, on: bool) -> anyhow::Result<()> {
         if on {
             self.watched

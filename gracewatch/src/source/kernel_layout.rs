@@ -23,9 +23,10 @@ pub const TRACEPOINTS: [(&str, &str); 2] = [
     ("syscalls", "sys_exit_accept"),
 ];
 
-/// The raw tracepoint the state-change program attaches to (the event
-/// `sock:inet_sock_set_state`, without its trace record).
-pub const RAW_TRACEPOINT: &str = "inet_sock_set_state";
+/// The raw tracepoints the programs attach to, each program named after
+/// its tracepoint: the state changes (the event `sock:inet_sock_set_state`,
+/// without its trace record) and the backstop `tcp:tcp_destroy_sock`.
+pub const RAW_TRACEPOINTS: [&str; 2] = ["inet_sock_set_state", "tcp_destroy_sock"];
 
 /// Builds the programs' `CONFIG` for this kernel.
 pub fn resolve() -> Result<Config, MonitorError> {

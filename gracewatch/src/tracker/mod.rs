@@ -25,7 +25,7 @@ mod tombstone;
 pub use status::*;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque},
     time::Duration,
 };
 
@@ -65,10 +65,11 @@ pub struct Tracker {
     /// Queued connections no known listener matches.
     unmatched_queue: u64,
     lost_events: u64,
-    /// `lost_events` as of the last snapshot merge: while it lags, events
-    /// may be missing and the next snapshot repairs even connections the
-    /// programs reported.
-    lost_repaired: u64,
+    /// Episodes of untracked connections (see [`ConnEvent::MapFull`]).
+    map_full: u64,
+    /// Kernel-reported connections the last snapshot merge retired, as (sk,
+    /// accepted at): the source drops their kernel entries.
+    retired: Vec<(SockId, Duration)>,
     /// `at` of the newest merged snapshot.
     last_snapshot: Option<Duration>,
     closed: Tombstones<Tuple>,
@@ -229,6 +230,7 @@ impl Tracker {
             ConnEvent::PreexistingClose { at, tuple, .. } => self.preexisting_close(*at, tuple),
             ConnEvent::ProcessExit { at, pid } => self.process_exit(*at, *pid),
             ConnEvent::Lost { total, .. } => self.lost_events = *total,
+            ConnEvent::MapFull { total, .. } => self.map_full = *total,
         }
         if !matches!(
             ev,
@@ -244,7 +246,7 @@ impl Tracker {
     }
 
     /// Whether, since the last call, a process exited, a listener opened or
-    /// closed, or events were lost. Consumers are sent a fresh status at
+    /// closed, events were lost or connections went untracked. Consumers are sent a fresh status at
     /// once for these; connections coming and going can wait for the next
     /// periodic one (a drain does not wait for a status: it asks for its
     /// targets' count after every batch). Clears the flag.
@@ -257,6 +259,12 @@ impl Tracker {
     pub fn forget_connection(&mut self, tuple: &Tuple) {
         self.remove_conn(tuple);
         self.collect_idle();
+    }
+
+    /// The kernel-reported connections the last snapshot merge found gone
+    /// (see [`Tracker::merge_snapshot`]), as (sk, accepted at); emptied.
+    pub fn take_retired(&mut self) -> Vec<(SockId, Duration)> {
+        std::mem::take(&mut self.retired)
     }
 
     /// Who holds what at monotonic time `now` (the clock of event `at`s).
@@ -344,25 +352,60 @@ impl Tracker {
             processes,
             listeners,
             lost_events: self.lost_events,
+            map_full_total: self.map_full,
         }
     }
 
     /// Live connections held by `pid`, oldest first (for drain output and the TUI detail view).
     pub fn connections_of(&self, pid: u32) -> Vec<ConnInfo> {
+        self.connections_of_any(&[pid])
+    }
+
+    /// Live connections held by any of `pids`, each once, oldest first:
+    /// one pass over the connections and a sort.
+    pub fn connections_of_any(&self, pids: &[u32]) -> Vec<ConnInfo> {
+        let wanted = sorted(pids);
         let mut out: Vec<ConnInfo> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.holders.contains(&pid))
-            .map(|(tuple, c)| ConnInfo {
-                tuple: *tuple,
-                holders: c.holders.iter().copied().collect(),
-                since: c.since,
-                preexisting: c.sk.is_none(),
-                listener: c.listener,
-            })
+            .filter(|(_, c)| held_by_any(c, &wanted))
+            .map(|(tuple, c)| conn_info(tuple, c))
             .collect();
         out.sort_by_key(|c| (c.since, c.tuple));
         out
+    }
+
+    /// How many live connections any of `pids` hold (only those on `ports`
+    /// if any are given), and the `k` oldest of them, oldest first. One
+    /// pass; only the `k` returned are copied out.
+    pub fn oldest_of(&self, pids: &[u32], ports: &[u16], k: usize) -> (u64, Vec<ConnInfo>) {
+        // A max-heap of the k oldest seen so far: its top is the youngest
+        // of them, the one a still older connection replaces.
+        let mut oldest: BinaryHeap<(Duration, Tuple)> =
+            BinaryHeap::with_capacity(k.min(self.conns.len()));
+        let mut total = 0u64;
+        let wanted = sorted(pids);
+        for (tuple, c) in &self.conns {
+            if !(ports.is_empty() || ports.contains(&tuple.local.port()))
+                || !held_by_any(c, &wanted)
+            {
+                continue;
+            }
+            total += 1;
+            let key = (c.since, *tuple);
+            if oldest.len() < k {
+                oldest.push(key);
+            } else if oldest.peek().is_some_and(|top| key < *top) {
+                oldest.pop();
+                oldest.push(key);
+            }
+        }
+        let list = oldest
+            .into_sorted_vec()
+            .iter()
+            .filter_map(|(_, t)| self.conns.get(t).map(|c| conn_info(t, c)))
+            .collect();
+        (total, list)
     }
 
     /// Live count of one pid (sum over its listeners, optionally restricted
@@ -745,6 +788,27 @@ impl Tracker {
                 self.procs.remove(&pid);
             }
         }
+    }
+}
+
+fn sorted(pids: &[u32]) -> Vec<u32> {
+    let mut v = pids.to_vec();
+    v.sort_unstable();
+    v
+}
+
+/// Whether one of the sorted `pids` holds `c`.
+fn held_by_any(c: &Conn, pids: &[u32]) -> bool {
+    c.holders.iter().any(|p| pids.binary_search(p).is_ok())
+}
+
+fn conn_info(tuple: &Tuple, c: &Conn) -> ConnInfo {
+    ConnInfo {
+        tuple: *tuple,
+        holders: c.holders.iter().copied().collect(),
+        since: c.since,
+        preexisting: c.sk.is_none(),
+        listener: c.listener,
     }
 }
 

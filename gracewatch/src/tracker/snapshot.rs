@@ -28,8 +28,11 @@ impl Tracker {
     /// connections that were NOT already known from events and were added as
     /// pre-existing, as (tuple, pid charged) pairs: the source registers these in the
     /// kernel `PREEXISTING` map so their end is reported as PreexistingClose.
+    /// The kernel-reported connections it retired are then in
+    /// [`Tracker::take_retired`].
     pub fn merge_snapshot(&mut self, snap: &Snapshot) -> Vec<(Tuple, u32)> {
         let s = snap.at;
+        self.retired.clear();
         self.last_snapshot = Some(self.last_snapshot.map_or(s, |last| last.max(s)));
 
         let mut comms: BTreeMap<u32, &str> = BTreeMap::new();
@@ -279,11 +282,14 @@ impl Tracker {
             added.push((sc.tuple, charged));
         }
 
-        // Repair: a pre-existing connection older than this snapshot and not
-        // in it has ended unseen (so has a reported one, after lost events). The snapshot only calls a connection
-        // inbound when a listener it saw matches it, so one whose listener is
-        // gone (a server draining after closing its listener) is not
-        // evidence of an end and stays.
+        // Repair: a connection older than this snapshot and not in it has
+        // ended unseen: a pre-existing one whose registration failed, or a
+        // reported one whose end the programs missed (lost events, or a
+        // reset that raced its accept). One accepted at or after `s` may be
+        // missing from the dump and is left alone. The snapshot only calls a
+        // connection inbound when a listener it saw matches it, so one whose
+        // listener is gone (a server draining after closing its listener) is
+        // not evidence of an end and stays.
         let mut vouched: HashMap<(NetNs, u16), Vec<ListenAddr>> = HashMap::new();
         for sl in &snap.listeners {
             vouched
@@ -296,23 +302,33 @@ impl Tracker {
                 .get(&(t.netns, t.local.port()))
                 .is_some_and(|ls| ls.iter().any(|l| l.matches(t.netns, t.local)))
         };
-        // After lost events, a connection the programs reported may have
-        // ended unseen as well (its Close was among the lost).
-        let repair_reported = self.lost_events > self.lost_repaired;
-        self.lost_repaired = self.lost_events;
+        // And only where the snapshot read a holder's fds: a process whose
+        // fd table could not be read (gone, denied, out of fds) shows none of
+        // its connections, which is no evidence that they ended.
+        let walked: HashSet<u32> = snap
+            .listeners
+            .iter()
+            .flat_map(|l| &l.holders)
+            .chain(snap.connections.iter().flat_map(|c| &c.holders))
+            .map(|h| h.pid)
+            .collect();
         let stale: Vec<Tuple> = self
             .conns
             .iter()
             .filter(|(t, c)| {
-                (c.sk.is_none() || repair_reported)
-                    && c.since < s
+                c.since < s
                     && !seen.contains(*t)
                     && covered(t)
+                    && c.holders.iter().any(|p| walked.contains(p))
             })
             .map(|(t, _)| *t)
             .collect();
         for t in stale {
-            self.remove_conn(&t);
+            if let Some(conn) = self.remove_conn(&t) {
+                if let Some(sk) = conn.sk {
+                    self.retired.push((sk, conn.since));
+                }
+            }
         }
         added
     }

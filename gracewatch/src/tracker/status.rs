@@ -23,6 +23,11 @@ pub struct Status {
     /// Kernel events lost since start (ring buffer full). Non-zero means
     /// counts may be stale until the next rescan repairs them.
     pub lost_events: u64,
+    /// Episodes in which connections went untracked since start: a kernel
+    /// table was full (more connections than `--max-connections`) or a
+    /// pre-existing connection could not be registered. Non-zero means some
+    /// counts may lag until the next rescan repairs them.
+    pub map_full_total: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

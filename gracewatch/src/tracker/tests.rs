@@ -238,6 +238,8 @@ enum Exp {
     LiveOf(u32, Vec<u16>, u64),
     Unmatched(u64),
     Uptime(u64),
+    /// Kernel-reported connections the last merge retired: (sk, accepted at ms).
+    Retired(Vec<(u64, u64)>),
 }
 
 struct Case {
@@ -300,6 +302,10 @@ fn listener_of<'a>(name: &str, st: &'a Status, addr: &ListenAddr) -> &'a Listene
 fn check(name: &str, t: &Tracker, st: &Status, e: &Exp) {
     let ctx = format!("{name}: {e:?}");
     match e {
+        Exp::Retired(want) => {
+            let want: Vec<(u64, Duration)> = want.iter().map(|&(sk, at)| (sk, ms(at))).collect();
+            assert_eq!(t.retired, want, "{ctx}");
+        }
         Exp::Procs(pids) => {
             let got: Vec<u32> = st.processes.iter().map(|p| p.pid).collect();
             assert_eq!(&got, pids, "{ctx}");
@@ -525,8 +531,24 @@ fn empty_tracker() {
             processes: vec![],
             listeners: vec![],
             lost_events: 0,
+            map_full_total: 0,
         }
     );
+}
+
+#[test]
+fn untracked_episodes_reach_the_status_at_once() {
+    let mut t = Tracker::new();
+    t.take_significant();
+    t.apply(&ConnEvent::MapFull {
+        at: ms(5),
+        total: 2,
+    });
+    assert!(
+        t.take_significant(),
+        "an untracked episode is published at once"
+    );
+    assert_eq!(t.status(ms(6)).map_full_total, 2);
 }
 
 #[test]
@@ -1027,24 +1049,48 @@ fn process_exit_and_lost() {
             ],
         ),
         case(
-            "without lost events a rescan trusts the programs about reported connections",
+            "without lost events too, a rescan retires a reported connection it no longer shows \
+             (a reset that raced its accept)",
             vec![
                 listen(1, 100, l4(), 10),
                 acc(2, 200, t4(1), 10, false),
-                snap(10, vec![sl(l4(), 7, 0, &[10])], vec![], vec![]),
+                acc(3, 201, t4(2), 10, false),
+                snap(
+                    10,
+                    vec![sl(l4(), 7, 0, &[10])],
+                    vec![sc(t4(2), 72, 1, &[10])],
+                    vec![],
+                ),
             ],
-            vec![Exp::Live(10, 1)],
+            vec![
+                Exp::Live(10, 1),
+                Exp::Conns(10, vec![(t4(2), false, Some(l4()))]),
+                Exp::Retired(vec![(200, 2)]),
+            ],
         ),
         case(
-            "a loss is repaired once: later snapshots trust the programs again",
+            "a rescan that could not read the holder's fds retires none of its connections",
             vec![
                 listen(1, 100, l4(), 10),
-                lost(2, 1),
-                snap(3, vec![sl(l4(), 7, 0, &[10])], vec![], vec![]),
-                acc(4, 200, t4(1), 10, false),
+                acc(2, 200, t4(1), 10, false),
+                // The listener is in the dump, but pid 10's fd table was
+                // unreadable: no holder, no connection.
+                snap(10, vec![sl(l4(), 7, 0, &[])], vec![], vec![]),
+            ],
+            vec![
+                Exp::Conns(10, vec![(t4(1), false, Some(l4()))]),
+                Exp::Retired(vec![]),
+            ],
+        ),
+        case(
+            "a connection accepted during or after the snapshot survives it",
+            vec![
+                listen(1, 100, l4(), 10),
+                acc(10, 200, t4(1), 10, false),
+                acc(12, 201, t4(2), 10, false),
                 snap(10, vec![sl(l4(), 7, 0, &[10])], vec![], vec![]),
             ],
-            vec![Exp::Live(10, 1)],
+            vec![Exp::Live(10, 2), Exp::Retired(vec![])],
         ),
         case(
             "exit removes the process from listeners and connections",
@@ -1262,7 +1308,12 @@ fn snapshots() {
             vec![
                 listen(1, 100, l4(), 10),
                 acc(2, 200, t4(1), 11, false),
-                snap(5, vec![sl(l4(), 7, 0, &[20])], vec![], vec![]),
+                snap(
+                    5,
+                    vec![sl(l4(), 7, 0, &[20])],
+                    vec![sc(t4(1), 71, 1, &[11])],
+                    vec![],
+                ),
             ],
             vec![
                 Exp::Holders(l4(), vec![(20, 0)]),
@@ -1963,6 +2014,7 @@ fn status_json_matches_schema() {
         }],
         listeners: vec![],
         lost_events: u64::MAX,
+        map_full_total: u64::MAX,
     };
     for (name, status) in [
         ("empty", Tracker::new().status(ms(0))),
@@ -2001,6 +2053,7 @@ fn schema_is_strict() {
         "processes",
         "listeners",
         "lost_events",
+        "map_full_total",
     ] {
         let mut missing = good.clone();
         missing.as_object_mut().unwrap().remove(key);
@@ -2085,4 +2138,56 @@ fn significant_changes_are_flagged_once() {
     for (i, (step, want)) in table.into_iter().enumerate() {
         assert_eq!(apply(step), want, "step {i}");
     }
+}
+
+#[test]
+fn connection_lists_for_several_pids_count_each_connection_once() {
+    // Pid 10 accepted three connections on port 80 and one on port 81; the
+    // oldest on port 80 is shared with pid 11 (fork); pid 12 holds one.
+    let t = run_steps(
+        "lists",
+        &[
+            listen(1, 100, l4(), 10),
+            acc(2, 200, t4(1), 10, false),
+            acc(3, 201, t4(2), 10, false),
+            acc(4, 202, tp(81, 3), 10, false),
+            acc(5, 203, t4(4), 12, false),
+            acc(6, 204, t4(5), 10, false),
+            snap(
+                7,
+                vec![sl(l4(), 7, 0, &[10, 11, 12])],
+                vec![
+                    sc(t4(1), 71, 1, &[10, 11]),
+                    sc(t4(2), 72, 1, &[10]),
+                    sc(tp(81, 3), 73, 1, &[10]),
+                    sc(t4(4), 74, 1, &[12]),
+                    sc(t4(5), 75, 1, &[10]),
+                ],
+                vec![],
+            ),
+        ],
+    );
+    let tuples = |v: &[ConnInfo]| v.iter().map(|c| c.tuple).collect::<Vec<_>>();
+    // The shared one appears once, oldest first.
+    assert_eq!(
+        tuples(&t.connections_of_any(&[11, 10])),
+        vec![t4(1), t4(2), tp(81, 3), t4(5)]
+    );
+    assert_eq!(t.connections_of(11).len(), 1);
+    // Count of all, only the k oldest listed, in order.
+    let (n, oldest) = t.oldest_of(&[10, 11, 12], &[], 2);
+    assert_eq!((n, tuples(&oldest)), (5, vec![t4(1), t4(2)]));
+    assert_eq!(oldest[0].holders, vec![10, 11]);
+    // Restricted to ports.
+    let (n, oldest) = t.oldest_of(&[10], &[81], 10);
+    assert_eq!((n, tuples(&oldest)), (1, vec![tp(81, 3)]));
+    let (n, oldest) = t.oldest_of(&[10, 12], &[80], 3);
+    assert_eq!((n, tuples(&oldest)), (4, vec![t4(1), t4(2), t4(4)]));
+    // k = 0: the count alone; nobody's: nothing.
+    assert_eq!(t.oldest_of(&[10], &[], 0), (4, vec![]));
+    assert_eq!(t.oldest_of(&[99], &[], 5), (0, vec![]));
+    // The list and the count agree with the full listing.
+    let all = t.connections_of_any(&[10, 11, 12]);
+    let (n, oldest) = t.oldest_of(&[10, 11, 12], &[], usize::MAX);
+    assert_eq!((n as usize, &oldest), (all.len(), &all));
 }

@@ -263,6 +263,8 @@ pub struct Model {
     /// When the latest status arrived.
     pub status_at: Duration,
     pub lost_events: u64,
+    /// Episodes of untracked connections (a full kernel table), latest total.
+    pub map_full: u64,
     pub log: VecDeque<LogEntry>,
     /// Every listener of the latest status, parsed, to place accepted connections.
     all_listeners: Vec<(ListenAddr, ListenerKey)>,
@@ -283,6 +285,7 @@ impl Model {
             listeners: Vec::new(),
             status_at: started,
             lost_events: 0,
+            map_full: 0,
             log: VecDeque::new(),
             all_listeners: Vec::new(),
             observed: false,
@@ -318,6 +321,8 @@ impl Model {
 
     /// Folds in a status published by the monitor.
     pub fn observe(&mut self, status: &Status, now: Duration) {
+        // An episode before the event subscription (at startup) shows too.
+        self.map_full = self.map_full.max(status.map_full_total);
         let mut keys_of: HashMap<u32, Vec<ListenerKey>> = HashMap::new();
         for l in &status.listeners {
             for h in &l.holders {
@@ -559,6 +564,18 @@ impl Model {
                     );
                     self.lost_events = *total;
                     self.push_log(*at, LogKind::Warning, line);
+                }
+            }
+            ConnEvent::MapFull { at, total } => {
+                if *total > self.map_full {
+                    self.map_full = *total;
+                    self.push_log(
+                        *at,
+                        LogKind::Warning,
+                        "the kernel's connection table is full (raise --max-connections): \
+                         some connections are counted only by rescans"
+                            .to_owned(),
+                    );
                 }
             }
             ConnEvent::Handshake { .. }

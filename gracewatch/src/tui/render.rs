@@ -99,6 +99,12 @@ fn render_header(frame: &mut Frame, area: Rect, app: &App) {
             Style::new().fg(Color::Red).bold(),
         ));
     }
+    if model.map_full > 0 {
+        spans.push(Span::styled(
+            " · table full",
+            Style::new().fg(Color::Red).bold(),
+        ));
+    }
     let f = &model.filter;
     if !f.is_empty() {
         let mut parts = Vec::new();

@@ -373,6 +373,42 @@ fn a_process_that_leaves_is_drained_if_alive_and_exited_if_not() {
 }
 
 #[test]
+fn a_full_kernel_table_is_a_header_warning_logged_once_per_episode() {
+    let mut m = Model::new(StartFilter::default(), T0);
+    let mut s = status(vec![], vec![]);
+    m.observe(&s, at(0.0));
+    let header = |m: &Model| {
+        let app = App::new(m.clone(), at(2.0));
+        let terminal = draw(&app, 100, 12);
+        let buf = terminal.backend().buffer();
+        (0..buf.area.width)
+            .map(|x| buf[(x, 0)].symbol().to_owned())
+            .collect::<String>()
+    };
+    assert!(!header(&m).contains("table full"), "{}", header(&m));
+    // One episode: one event, then statuses that repeat its total.
+    m.on_event(&ConnEvent::MapFull {
+        at: at(1.0),
+        total: 1,
+    });
+    s.map_full_total = 1;
+    m.observe(&s, at(1.0));
+    m.observe(&s, at(1.5));
+    let warnings = |m: &Model| {
+        m.log
+            .iter()
+            .filter(|e| e.kind == LogKind::Warning && e.text.contains("table is full"))
+            .count()
+    };
+    assert_eq!(warnings(&m), 1);
+    assert!(header(&m).contains("table full"), "{}", header(&m));
+    // An episode before the TUI subscribed shows from the status alone.
+    let mut late = Model::new(StartFilter::default(), T0);
+    late.observe(&s, at(1.0));
+    assert!(header(&late).contains("table full"), "{}", header(&late));
+}
+
+#[test]
 fn a_listener_opened_is_logged_once() {
     let mut m = Model::new(StartFilter::default(), T0);
     m.observe(&status(vec![], vec![]), at(0.0));

@@ -12,7 +12,10 @@
 //! 3. `gracewatch status --json` from cold start (attach, snapshot, merge),
 //!    timed, counted against the truth;
 //! 4. a `gracewatch agent` started *after* the connections exist (it learns
-//!    them from its startup snapshot): time to ready, exact count, VmHWM.
+//!    them from its startup snapshot): time to ready, exact count, VmHWM;
+//! 5. the connection list a drain asks for (how many the servers hold and
+//!    the 10 oldest), timed inside the monitor of a `gracewatch wait` on
+//!    the servers: what a drain pays per progress tick and at its deadline.
 
 use std::{
     fmt::Write as _,
@@ -29,6 +32,7 @@ use crate::cmd::command;
 const PORT: u16 = 9200;
 const GOAL_SPEEDUP: f64 = 10.0;
 const GOAL_RSS_MB: f64 = 150.0;
+const GOAL_LIST_MS: f64 = 200.0;
 /// Runs of each timed command (ss -tanp takes tens of seconds at 100k).
 const RUNS: usize = 3;
 
@@ -235,6 +239,13 @@ pub fn run(ctx: &Ctx, n: u32) -> Result<String> {
         );
     }
 
+    // 5. The drain's connection list.
+    let list = time_connection_list(ctx, &spids)?;
+    println!(
+        "scale: connection list of the servers ({} connections, 10 oldest): {:.3} ms",
+        list.count, list.ms
+    );
+
     // 4. An agent started after them.
     let after = Agent::start(ctx, "127.0.0.1:19465", &[], Duration::from_secs(300))?;
     let status = after.status()?;
@@ -267,7 +278,71 @@ pub fn run(ctx: &Ctx, n: u32) -> Result<String> {
         ss_p,
         ss_plain,
         gw,
+        list,
     }))
+}
+
+/// The slowest "count + 10 oldest" query of a drain's gate, in ms, and
+/// the count it answered.
+struct ListTiming {
+    ms: f64,
+    count: u64,
+}
+
+/// Runs `gracewatch wait` on `pids` until its 1 s timeout (they hold their
+/// connections: exit 124) with the monitor's debug log on, and reads the
+/// time of each connection-list query it answered from that log.
+fn time_connection_list(ctx: &Ctx, pids: &[u32]) -> Result<ListTiming> {
+    let mut c = command(&ctx.bin);
+    c.env("RUST_LOG", "gracewatch::monitor=debug")
+        .args(["wait", "--timeout", "1s", "--json"]);
+    for p in pids {
+        c.args(["--pid", &p.to_string()]);
+    }
+    let out = c
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .context("failed to run gracewatch wait")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.code() != Some(124) {
+        bail!(
+            "gracewatch wait ended {} (expected 124, the deadline): {stderr}",
+            out.status
+        );
+    }
+    let mut worst: Option<ListTiming> = None;
+    for line in stderr.lines() {
+        let Some(q) = line.split_once("query: ").map(|(_, q)| q) else {
+            continue;
+        };
+        let count = q.split_whitespace().next().and_then(|n| n.parse().ok());
+        let ms = q
+            .rsplit_once(" listed in ")
+            .and_then(|(_, d)| parse_debug_ms(d));
+        if let (Some(count), Some(ms)) = (count, ms)
+            && worst.as_ref().is_none_or(|w| ms > w.ms)
+        {
+            worst = Some(ListTiming { ms, count });
+        }
+    }
+    worst.with_context(|| format!("gracewatch wait logged no connection-list query: {stderr}"))
+}
+
+/// A `Duration`'s `Debug` form (`850.2µs`, `1.5ms`, `2.1s`, `12ns`) in ms.
+fn parse_debug_ms(d: &str) -> Option<f64> {
+    let d = d.trim();
+    let split = d.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (num, unit) = d.split_at(split);
+    let v: f64 = num.parse().ok()?;
+    Some(match unit {
+        "ns" => v / 1e6,
+        "µs" => v / 1e3,
+        "ms" => v,
+        "s" => v * 1e3,
+        _ => return None,
+    })
 }
 
 /// Runs `c`, reading all its stdout; (wall seconds, stdout).
@@ -339,6 +414,7 @@ struct Report {
     ss_p: Timed,
     ss_plain: Timed,
     gw: Timed,
+    list: ListTiming,
 }
 
 fn report(r: &Report) -> String {
@@ -442,5 +518,29 @@ fn report(r: &Report) -> String {
         "Goal: agent under {GOAL_RSS_MB} MB RSS holding them — {} (peak VmHWM {worst:.1} MB).",
         verdict(worst < GOAL_RSS_MB)
     );
+    let _ = writeln!(
+        md,
+        "\nList the connections of the processes holding them (what a drain asks at each \
+         progress tick and at its deadline: how many, and the 10 oldest), timed in the monitor of \
+         a `gracewatch wait` on the servers: **{:.3} ms** for {} connections (slowest of its \
+         queries). Goal: under {GOAL_LIST_MS} ms — {}.",
+        r.list.ms,
+        r.list.count,
+        verdict(r.list.ms < GOAL_LIST_MS && r.list.count == r.truth)
+    );
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_debug_ms;
+
+    #[test]
+    fn debug_durations_parse_to_ms() {
+        assert_eq!(parse_debug_ms("1.5ms"), Some(1.5));
+        assert_eq!(parse_debug_ms("850µs"), Some(0.85));
+        assert_eq!(parse_debug_ms("2s"), Some(2000.0));
+        assert_eq!(parse_debug_ms("12ns"), Some(0.000012));
+        assert_eq!(parse_debug_ms("soon"), None);
+    }
 }
