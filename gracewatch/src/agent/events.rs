@@ -47,6 +47,7 @@ impl Hub {
     }
 
     /// Subscribers served now.
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.subscribers.lock().map_or(0, |s| s.len())
     }
