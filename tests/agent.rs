@@ -265,7 +265,8 @@ struct Agent {
 
 impl Agent {
     fn start(gw: &Gracewatch, dir: &TempDir) -> Agent {
-        let token = format!("t{:x}", std::process::id() as u64 * 7919 + 17);
+        // At least 16 characters: the agent refuses shorter tokens.
+        let token = format!("t{:031x}", std::process::id() as u64 * 7919 + 17);
         let token_file = dir.path("token");
         std::fs::write(&token_file, format!("{token}\n")).expect("write token");
         std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600))

@@ -25,6 +25,8 @@ use crate::{cli::parse_duration, drain, monitor::MonitorHandle};
 const MAX_BODY: usize = 64 * 1024;
 /// Longest long-poll (`?wait=`) accepted.
 const MAX_WAIT: Duration = Duration::from_secs(3600);
+/// Most bytes of queued event lines sent in one chunk.
+const EVENTS_CHUNK: usize = 32 * 1024;
 /// How long `DELETE` waits for the cancelled drain's report.
 const CANCEL_WAIT: Duration = Duration::from_secs(5);
 
@@ -282,9 +284,17 @@ async fn events(State(ctx): State<Ctx>, headers: HeaderMap) -> Result<Response, 
             .insert(header::RETRY_AFTER, HeaderValue::from_static("10"));
         return Ok(resp);
     };
+    // Lines that queued up meanwhile go out in one chunk: a busy host costs
+    // one write per wake-up, not one per event.
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        let line = rx.recv().await?;
-        Some((Ok::<_, std::convert::Infallible>(line.to_string()), rx))
+        let mut chunk = rx.recv().await?.to_string();
+        while chunk.len() < EVENTS_CHUNK {
+            match rx.try_recv() {
+                Ok(line) => chunk.push_str(&line),
+                Err(_) => break,
+            }
+        }
+        Some((Ok::<_, std::convert::Infallible>(chunk), rx))
     });
     Ok(ndjson(Body::from_stream(stream)))
 }

@@ -398,8 +398,7 @@ pub async fn run(opts: SourceOptions, args: AgentArgs) -> anyhow::Result<u8> {
     };
     let agent = Agent::new(token);
     agent.set_max_tcp_connections(budget);
-    let tcp = TcpListener::bind(args.listen)
-        .await
+    let tcp = listen_tcp(args.listen)
         .with_context(|| format!("failed to listen on {}", args.listen))?;
     let local = tcp.local_addr().unwrap_or(args.listen);
     let unix = args.unix.as_deref().map(bind_unix).transpose()?;
@@ -481,6 +480,21 @@ pub async fn run(opts: SourceOptions, args: AgentArgs) -> anyhow::Result<u8> {
     // programs and exits.
     monitor_thread.stop();
     result
+}
+
+/// Connections the kernel completes for the agent before it accepts them:
+/// a burst of clients (a fleet's scrapers, or an attacker) waits there
+/// instead of having its SYNs dropped (the kernel caps it at somaxconn).
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// The thread the monitor runs on, with its own single-threaded runtime.
