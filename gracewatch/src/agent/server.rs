@@ -52,6 +52,8 @@ pub const MAX_TCP_CONNECTIONS: usize = 4096;
 /// File descriptors kept for everything but TCP clients: the unix socket's
 /// clients, the eBPF maps and programs, rescans of `/proc`, pidfds.
 pub const FD_RESERVE: u64 = 1024;
+/// `SO_SNDBUF` of TCP clients (the kernel doubles it for its bookkeeping).
+const SEND_BUFFER: usize = 128 * 1024;
 /// How long shutdown lets open connections finish.
 const DRAIN_CONNECTIONS: Duration = Duration::from_secs(5);
 
@@ -110,6 +112,10 @@ impl Accept for TcpListener {
         let (stream, _) = TcpListener::accept(self).await?;
         // Small JSON answers and event lines: no Nagle delay.
         let _ = stream.set_nodelay(true);
+        // A fixed send buffer instead of autotuning (up to 4 MiB each): a
+        // client that stops reading pins this much kernel memory, and a
+        // stuck event reader reaches its lagged line sooner.
+        let _ = rustix::net::sockopt::set_socket_send_buffer_size(&stream, SEND_BUFFER);
         Ok(stream)
     }
 }
