@@ -108,7 +108,10 @@ fn dechunk(mut body: &str) -> String {
 
 /// Sends `request` (a whole HTTP/1.1 request, `Connection: close`) and
 /// reads the answer to the end.
-fn exchange(mut stream: impl std::io::Read + std::io::Write, request: &str) -> std::io::Result<Answer> {
+fn exchange(
+    mut stream: impl std::io::Read + std::io::Write,
+    request: &str,
+) -> std::io::Result<Answer> {
     stream.write_all(request.as_bytes())?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
@@ -139,7 +142,10 @@ struct Agent {
 impl Agent {
     /// Starts the agent with the open-file limit `nofile` (as its unit sets).
     fn start(gw: &Gracewatch, dir: &TempDir, nofile: u64) -> Agent {
-        let token = format!("{:032x}", u128::from(std::process::id()) * 0x9e37_79b9_7f4a_7c15 + 7);
+        let token = format!(
+            "{:032x}",
+            u128::from(std::process::id()) * 0x9e37_79b9_7f4a_7c15 + 7
+        );
         let token_file = dir.write("token", &format!("{token}\n"));
         std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600))
             .expect("chmod token");
@@ -220,8 +226,8 @@ impl Agent {
 
     /// (VmRSS, VmHWM) in MB.
     fn rss_mb(&self) -> (f64, f64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .expect("agent status");
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("agent status");
         let field = |name: &str| {
             status
                 .lines()
@@ -300,7 +306,8 @@ impl Flood {
         let readers = streams
             .into_iter()
             .map(|mut s| {
-                s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+                s.set_read_timeout(Some(Duration::from_secs(5)))
+                    .expect("timeout");
                 let mut head = [0u8; 12];
                 let code = s
                     .read_exact(&mut head)
@@ -310,7 +317,10 @@ impl Flood {
                 (s, code)
             })
             .collect();
-        eprintln!("flood: {STUCK_READERS} event readers connected after {:?}", t0.elapsed());
+        eprintln!(
+            "flood: {STUCK_READERS} event readers connected after {:?}",
+            t0.elapsed()
+        );
         let idle_started = Instant::now();
         let idle = (0..IDLE)
             .map(|_| TcpStream::connect(addr).expect("connect idle"))
@@ -400,10 +410,15 @@ fn a_flood_of_hostile_clients_never_delays_a_drain_over_the_unix_socket() {
     // The agent first works through the connections the kernel queued for
     // it during the burst (a /livez sent right after it waits behind them).
     let t = Instant::now();
-    let first = agent.tcp(&get("/livez", "")).expect("GET /livez after the burst");
+    let first = agent
+        .tcp(&get("/livez", ""))
+        .expect("GET /livez after the burst");
     let catch_up_ms = t.elapsed().as_secs_f64() * 1000.0;
     assert_eq!(first.code, 200, "{first:?}");
-    assert!(catch_up_ms < 5000.0, "first /livez after the burst took {catch_up_ms:.0} ms");
+    assert!(
+        catch_up_ms < 5000.0,
+        "first /livez after the burst took {catch_up_ms:.0} ms"
+    );
     // Every attacker is held now (the agent counts its own connections).
     let held = (SLOWLORIS + IDLE + STUCK_READERS) as u64;
     let deadline = Instant::now() + Duration::from_secs(3);
@@ -418,15 +433,23 @@ fn a_flood_of_hostile_clients_never_delays_a_drain_over_the_unix_socket() {
         if own >= held {
             break Instant::now();
         }
-        assert!(Instant::now() < deadline, "the agent holds {own} of {held} attackers");
+        assert!(
+            Instant::now() < deadline,
+            "the agent holds {own} of {held} attackers"
+        );
         thread::sleep(Duration::from_millis(50));
     };
     // Under attack: /livez on TCP answers in under a second...
     let t = Instant::now();
-    let livez = agent.tcp(&get("/livez", "")).expect("GET /livez under attack");
+    let livez = agent
+        .tcp(&get("/livez", ""))
+        .expect("GET /livez under attack");
     let livez_ms = t.elapsed().as_secs_f64() * 1000.0;
     assert_eq!(livez.code, 200, "{livez:?}");
-    assert!(livez_ms < 1000.0, "/livez took {livez_ms:.0} ms under attack");
+    assert!(
+        livez_ms < 1000.0,
+        "/livez took {livez_ms:.0} ms under attack"
+    );
     eprintln!("flood: /livez at {:?}", attack_started.elapsed());
     // ...the counts of the real server stay exact...
     let status = agent.unix(&get("/v1/status", "")).expect("GET /v1/status");
@@ -440,7 +463,10 @@ fn a_flood_of_hostile_clients_never_delays_a_drain_over_the_unix_socket() {
     // ...and a drain over the unix socket signals within 100 ms of the
     // server's last close.
     let started = agent
-        .unix(&post("/v1/drains", &json!({"pids": [pid], "signal": "TERM", "timeout": "30s"}).to_string()))
+        .unix(&post(
+            "/v1/drains",
+            &json!({"pids": [pid], "signal": "TERM", "timeout": "30s"}).to_string(),
+        ))
         .expect("POST /v1/drains");
     assert_eq!(started.code, 202, "{started:?}");
     let id = serde_json::from_str::<Value>(&started.body).expect("json")["id"]
@@ -526,15 +552,23 @@ fn oversized_and_malformed_requests_get_json_errors() {
     let agent = Agent::start(&gw, &dir, UNIT_NOFILE);
     let big = "a".repeat(400 * 1024);
     let cases = [
-        (format!("GET /livez HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\n\r\n"), 431),
+        (
+            format!("GET /livez HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\n\r\n"),
+            431,
+        ),
         ("GET /livez HTTP/1.1\r\nHo st: a\r\n\r\n".to_owned(), 400),
         (get("/nope", ""), 404),
-        ("PUT /livez HTTP/1.1\r\nHost: a\r\nConnection: close\r\nContent-Length: 0\r\n\r\n".to_owned(), 405),
+        (
+            "PUT /livez HTTP/1.1\r\nHost: a\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+                .to_owned(),
+            405,
+        ),
     ];
     for (request, code) in cases {
         // A 431 may come before the whole request was sent.
         let mut s = TcpStream::connect(&agent.addr).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
         let _ = s.write_all(request.as_bytes());
         let mut raw = Vec::new();
         let _ = s.read_to_end(&mut raw);
@@ -576,23 +610,32 @@ fn read_endpoints_leak_no_kernel_address_and_peers_need_the_token() {
         });
     }
     let subscribe = |auth: Option<&str>, unix: bool| -> Box<dyn std::io::Read + Send> {
-        let extra = auth.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+        let extra = auth
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
         let req = format!("GET /v1/events HTTP/1.1\r\nHost: a\r\n{extra}\r\n");
         if unix {
             let mut s = UnixStream::connect(&agent.socket).expect("connect");
             s.write_all(req.as_bytes()).expect("write");
-            s.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .expect("timeout");
             Box::new(s)
         } else {
             let mut s = TcpStream::connect(&agent.addr).expect("connect");
             s.write_all(req.as_bytes()).expect("write");
-            s.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .expect("timeout");
             Box::new(s)
         }
     };
     let mut readers = [
         ("tcp, no token", subscribe(None, false), false, Vec::new()),
-        ("tcp, token", subscribe(Some(&agent.token), false), true, Vec::new()),
+        (
+            "tcp, token",
+            subscribe(Some(&agent.token), false),
+            true,
+            Vec::new(),
+        ),
         ("unix socket", subscribe(None, true), true, Vec::new()),
     ];
     // Wait until `record` runs: it prints our probe connections.
@@ -611,7 +654,10 @@ fn read_endpoints_leak_no_kernel_address_and_peers_need_the_token() {
         if !accepts.is_empty() {
             break accepts;
         }
-        assert!(Instant::now() < deadline, "gracewatch record printed nothing");
+        assert!(
+            Instant::now() < deadline,
+            "gracewatch record printed nothing"
+        );
     };
     let _ = record.kill();
     let _ = record.wait();
@@ -636,14 +682,21 @@ fn read_endpoints_leak_no_kernel_address_and_peers_need_the_token() {
             .filter_map(|l| serde_json::from_str(l).ok())
             .filter(|v: &Value| v["kind"] == "accept" && v["pid"] == json!(server.pid()))
             .collect();
-        assert!(!events.is_empty(), "{what}: no accept of the server in {text}");
+        assert!(
+            !events.is_empty(),
+            "{what}: no accept of the server in {text}"
+        );
         for ev in &events {
             let sk = ev["sk"].as_u64().unwrap_or_else(|| panic!("{what}: {ev}"));
             for r in &record_accepts {
                 if r["tuple"]["local"] == ev["tuple"]["local"]
                     && r["tuple"].get("remote") == ev["tuple"].get("remote")
                 {
-                    assert_ne!(r["sk"].as_u64(), Some(sk), "{what}: the same id in two processes: {ev}");
+                    assert_ne!(
+                        r["sk"].as_u64(),
+                        Some(sk),
+                        "{what}: the same id in two processes: {ev}"
+                    );
                 }
             }
             assert_eq!(ev["tuple"].get("remote").is_some(), *peers, "{what}: {ev}");
@@ -667,10 +720,13 @@ fn a_reader_that_never_reads_is_dropped_and_others_get_every_event() {
     let mut slow = TcpStream::connect(&agent.addr).expect("connect");
     // A small receive window, so the agent's queue for it fills quickly.
     rustix::net::sockopt::set_socket_recv_buffer_size(&slow, 4096).expect("SO_RCVBUF");
-    slow.write_all(b"GET /v1/events HTTP/1.1\r\nHost: a\r\n\r\n").expect("write");
+    slow.write_all(b"GET /v1/events HTTP/1.1\r\nHost: a\r\n\r\n")
+        .expect("write");
     let mut fast = TcpStream::connect(&agent.addr).expect("connect");
-    fast.write_all(b"GET /v1/events HTTP/1.1\r\nHost: a\r\n\r\n").expect("write");
-    fast.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    fast.write_all(b"GET /v1/events HTTP/1.1\r\nHost: a\r\n\r\n")
+        .expect("write");
+    fast.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
     let wanted = 3_000usize;
     let needle = format!("\"local\":\"127.0.0.1:{port}\"");
     let counter = {
@@ -706,10 +762,14 @@ fn a_reader_that_never_reads_is_dropped_and_others_get_every_event() {
         }
     }
     let seen = counter.join().expect("counter thread");
-    eprintln!("slow reader: {wanted} accepts made and counted in {:?}", made.elapsed());
+    eprintln!(
+        "slow reader: {wanted} accepts made and counted in {:?}",
+        made.elapsed()
+    );
     assert_eq!(seen, wanted, "the reader that keeps up lost events");
     // The slow reader's stream ends with the lagged line.
-    slow.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
     let mut raw = Vec::new();
     let mut buf = vec![0u8; 256 * 1024];
     while !raw.ends_with(b"\r\n0\r\n\r\n") {
@@ -718,10 +778,17 @@ fn a_reader_that_never_reads_is_dropped_and_others_get_every_event() {
             Ok(n) => raw.extend_from_slice(&buf[..n]),
         }
     }
-    let body = dechunk(String::from_utf8_lossy(&raw).split_once("\r\n\r\n").map_or("", |(_, b)| b));
+    let body = dechunk(
+        String::from_utf8_lossy(&raw)
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b),
+    );
     let last = body.lines().last().unwrap_or_default();
     let got = body.matches(&needle).count();
-    eprintln!("slow reader: got {got} events of this test's listener, {} bytes", body.len());
+    eprintln!(
+        "slow reader: got {got} events of this test's listener, {} bytes",
+        body.len()
+    );
     assert!(last.contains("\"kind\":\"lagged\""), "last line: {last}");
     assert!(got < wanted, "the slow reader got {got} of {wanted}");
     agent.stop();
@@ -739,18 +806,32 @@ fn unsafe_token_files_and_socket_directories_are_refused_at_start() {
     };
     let good = file("good", good_token, 0o600);
     let fifo = dir.path("fifo");
-    assert!(Command::new("mkfifo").arg(&fifo).status().expect("mkfifo").success());
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo")
+            .success()
+    );
     let open_dir = dir.path("open");
     std::fs::create_dir(&open_dir).expect("mkdir");
     std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
     let private_sock = dir.path("agent.sock");
     let open_sock = format!("{open_dir}/agent.sock");
     let cases: [(String, &str, &str); 6] = [
-        (file("readable", good_token, 0o644), &private_sock, "mode 644"),
+        (
+            file("readable", good_token, 0o644),
+            &private_sock,
+            "mode 644",
+        ),
         (file("short", "x\n", 0o600), &private_sock, "shorter than"),
         (fifo, &private_sock, "not a regular file"),
         ("/dev/zero".to_owned(), &private_sock, "not a regular file"),
-        (file("huge", &"a".repeat(100_000), 0o600), &private_sock, "larger than"),
+        (
+            file("huge", &"a".repeat(100_000), 0o600),
+            &private_sock,
+            "larger than",
+        ),
         (good, &open_sock, "writable by group or others"),
     ];
     for (token, socket, needle) in cases {
@@ -776,13 +857,28 @@ fn unsafe_token_files_and_socket_directories_are_refused_at_start() {
             thread::sleep(Duration::from_millis(20));
         };
         let mut err = String::new();
-        child.stderr.take().expect("piped").read_to_string(&mut err).expect("stderr");
+        child
+            .stderr
+            .take()
+            .expect("piped")
+            .read_to_string(&mut err)
+            .expect("stderr");
         assert_eq!(status.code(), Some(2), "{token}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
         assert!(err.contains(needle), "{token}: {err}");
-        assert!(!err.contains("0123456789abcdef"), "never echoes a token: {err}");
-        assert!(started.elapsed() < Duration::from_secs(2), "{token}: took {:?}", started.elapsed());
-        assert!(!Path::new(&open_sock).exists(), "no socket in an open directory");
+        assert!(
+            !err.contains("0123456789abcdef"),
+            "never echoes a token: {err}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{token}: took {:?}",
+            started.elapsed()
+        );
+        assert!(
+            !Path::new(&open_sock).exists(),
+            "no socket in an open directory"
+        );
     }
 }
 
@@ -794,7 +890,10 @@ fn metrics_pass_promtool_and_follow_the_accept_header() {
         .find(|p| Path::new(p).is_file());
     let Some(promtool) = promtool else {
         let why = "`promtool` is not installed (Debian package `prometheus`; `cargo xtask setup --test-deps` installs it)";
-        assert!(!gracewatch_e2e::in_ci(), "{why} (CI=true: this is a failure, not a skip)");
+        assert!(
+            !gracewatch_e2e::in_ci(),
+            "{why} (CI=true: this is a failure, not a skip)"
+        );
         eprintln!("SKIPPED: {why}");
         return;
     };
@@ -832,8 +931,17 @@ fn metrics_pass_promtool_and_follow_the_accept_header() {
     let agent = Agent::start(&gw, &dir, UNIT_NOFILE);
     let text = agent.tcp(&get("/metrics", "")).expect("GET /metrics");
     assert_eq!(text.code, 200, "{text:?}");
-    assert!(text.head.contains("content-type: text/plain; version=0.0.4"), "{}", text.head);
-    assert!(!text.body.contains('\r') && !text.body.contains('\x1b'), "raw control characters:\n{}", text.body);
+    assert!(
+        text.head
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{}",
+        text.head
+    );
+    assert!(
+        !text.body.contains('\r') && !text.body.contains('\x1b'),
+        "raw control characters:\n{}",
+        text.body
+    );
     assert!(
         text.body.contains("comm=\"ev\\\\r\\\\u{1b}]0;il\"} 2"),
         "the server's name, escaped, with its 2 connections:\n{}",
@@ -866,7 +974,12 @@ fn metrics_pass_promtool_and_follow_the_accept_header() {
             "Accept: application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.3,*/*;q=0.2\r\n",
         ))
         .expect("GET /metrics");
-    assert!(open.head.contains("content-type: application/openmetrics-text"), "{}", open.head);
+    assert!(
+        open.head
+            .contains("content-type: application/openmetrics-text"),
+        "{}",
+        open.head
+    );
     assert!(open.body.ends_with("# EOF\n"), "{}", open.body);
     agent.stop();
     let _ = evil.kill();

@@ -1023,7 +1023,10 @@ async fn raw(url: &str, request: &str) -> (String, String) {
         .expect("read");
     let text = String::from_utf8_lossy(&bytes).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         let mut out = String::new();
         let mut rest = body;
         while let Some((len, tail)) = rest.split_once("\r\n") {
@@ -1056,7 +1059,10 @@ async fn metrics_default_to_the_prometheus_text_format() {
                 .contains("content-type: text/plain; version=0.0.4"),
             "{accept:?}: {head}"
         );
-        assert!(!text.contains("# EOF") && !text.contains("# UNIT "), "{text}");
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT "),
+            "{text}"
+        );
         // Every family has its HELP under the name its samples carry.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let name = line.split(['{', ' ']).next().unwrap_or_default();
@@ -1100,7 +1106,12 @@ async fn events_hide_kernel_addresses_always_and_peers_from_untrusted_readers() 
     }
     // A wrong token is refused, not answered with less.
     let wrong = call(&t.client(Some("nope")), Method::GET, "/v1/events", None).await;
-    assert_error(&wrong, StatusCode::UNAUTHORIZED, "invalid token", "wrong token");
+    assert_error(
+        &wrong,
+        StatusCode::UNAUTHORIZED,
+        "invalid token",
+        "wrong token",
+    );
 
     let sk: u64 = 0xffff_8881_0322_5c80;
     let mut ev = accept(7, "srv", 1);
@@ -1188,8 +1199,7 @@ async fn a_reader_that_falls_behind_gets_a_lagged_line_and_is_dropped() {
     let text = String::from_utf8_lossy(&bytes);
     let lagged = text
         .lines()
-        .filter(|l| l.starts_with('{'))
-        .last()
+        .rfind(|l| l.starts_with('{'))
         .expect("some lines");
     let v: Value = serde_json::from_str(lagged).expect("json");
     assert_eq!(v["kind"], "lagged", "{lagged}");
@@ -1207,7 +1217,9 @@ async fn event_subscribers_are_capped_with_a_json_503() {
     let addr = t.url.trim_start_matches("http://").to_owned();
     let mut held = Vec::new();
     for _ in 0..gracewatch::agent::MAX_SUBSCRIBERS {
-        let mut s = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+        let mut s = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
         s.write_all(b"GET /v1/events HTTP/1.1\r\nhost: x\r\n\r\n")
             .await
             .expect("write");
@@ -1216,11 +1228,20 @@ async fn event_subscribers_are_capped_with_a_json_503() {
             .await
             .expect("answer head")
             .expect("read");
-        assert!(buf[..n].starts_with(b"HTTP/1.1 200 "), "{:?}", String::from_utf8_lossy(&buf[..n]));
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200 "),
+            "{:?}",
+            String::from_utf8_lossy(&buf[..n])
+        );
         held.push(s);
     }
     let got = call(&t.client(None), Method::GET, "/v1/events", None).await;
-    assert_error(&got, StatusCode::SERVICE_UNAVAILABLE, "event streams", "one too many");
+    assert_error(
+        &got,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "event streams",
+        "one too many",
+    );
     // A slot frees when a reader leaves.
     drop(held.pop());
     let deadline = tokio::time::Instant::now() + LIMIT;
@@ -1255,12 +1276,20 @@ async fn requests_hyper_cannot_parse_get_json_errors() {
             "431",
         ),
         ("garbage", "\x01\x02 nonsense\r\n\r\n".to_owned(), "400"),
-        ("bad header", "GET /livez HTTP/1.1\r\nho st: x\r\n\r\n".to_owned(), "400"),
+        (
+            "bad header",
+            "GET /livez HTTP/1.1\r\nho st: x\r\n\r\n".to_owned(),
+            "400",
+        ),
     ] {
         let (head, body) = raw(&t.url, &request).await;
-        assert!(head.starts_with(&format!("HTTP/1.1 {status} ")), "{what}: {head}");
         assert!(
-            head.to_ascii_lowercase().contains("content-type: application/json"),
+            head.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{what}: {head}"
+        );
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: application/json"),
             "{what}: {head}"
         );
         let v: Value = serde_json::from_str(&body)
@@ -1268,7 +1297,11 @@ async fn requests_hyper_cannot_parse_get_json_errors() {
         assert!(v["error"].is_string(), "{what}: {v}");
     }
     // The agent still serves.
-    let (head, body) = raw(&t.url, "GET /livez HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await;
+    let (head, body) = raw(
+        &t.url,
+        "GET /livez HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
     assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
     assert_eq!(body, "ok\n");
 }
@@ -1280,9 +1313,15 @@ async fn slowloris_and_idle_connections_are_closed_by_the_header_timeout() {
     let t = TestAgent::start(None, Vec::new()).await;
     let addr = t.url.trim_start_matches("http://").to_owned();
     let started = tokio::time::Instant::now();
-    let mut idle = tokio::net::TcpStream::connect(&addr).await.expect("connect");
-    let mut slow = tokio::net::TcpStream::connect(&addr).await.expect("connect");
-    slow.write_all(b"GET /livez HTTP/1.1\r\n").await.expect("write");
+    let mut idle = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let mut slow = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    slow.write_all(b"GET /livez HTTP/1.1\r\n")
+        .await
+        .expect("write");
     let drip = async {
         // A header byte every second: it never completes.
         let mut buf = [0u8; 64];
@@ -1290,9 +1329,10 @@ async fn slowloris_and_idle_connections_are_closed_by_the_header_timeout() {
             if slow.write_all(b"x").await.is_err() {
                 return;
             }
-            match tokio::time::timeout(Duration::from_secs(1), slow.read(&mut buf)).await {
-                Ok(Ok(0) | Err(_)) => return,
-                _ => {}
+            if let Ok(Ok(0) | Err(_)) =
+                tokio::time::timeout(Duration::from_secs(1), slow.read(&mut buf)).await
+            {
+                return;
             }
         }
         panic!("the slowloris connection was never closed");
@@ -1322,11 +1362,19 @@ async fn a_full_tcp_budget_never_blocks_the_unix_socket() {
     let url = serve(&agent).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let sock = dir.path().join("agent.sock");
-    tokio::spawn(agent.clone().serve_unix(bind_unix(&sock).expect("bind unix")));
+    tokio::spawn(
+        agent
+            .clone()
+            .serve_unix(bind_unix(&sock).expect("bind unix")),
+    );
     let addr = url.trim_start_matches("http://").to_owned();
     let mut idle = Vec::new();
     for _ in 0..4 {
-        idle.push(tokio::net::TcpStream::connect(&addr).await.expect("connect"));
+        idle.push(
+            tokio::net::TcpStream::connect(&addr)
+                .await
+                .expect("connect"),
+        );
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     // TCP is full: a fifth client waits in the backlog...
@@ -1334,7 +1382,10 @@ async fn a_full_tcp_budget_never_blocks_the_unix_socket() {
     let blocked = tcp
         .request(Method::GET, "/livez", None, Duration::from_millis(500))
         .await;
-    assert!(blocked.is_err(), "the fifth TCP client was served: {blocked:?}");
+    assert!(
+        blocked.is_err(),
+        "the fifth TCP client was served: {blocked:?}"
+    );
     // ...while the unix socket answers at once.
     let unix = AgentClient::new(&format!("unix:{}", sock.display()), None).expect("client");
     let started = std::time::Instant::now();
@@ -1343,7 +1394,11 @@ async fn a_full_tcp_budget_never_blocks_the_unix_socket() {
         .await
         .expect("unix socket answers");
     assert_eq!(status, StatusCode::OK, "{body:?}");
-    assert!(started.elapsed() < Duration::from_millis(500), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
     // Once the idle clients leave, TCP serves again.
     drop(idle);
     let (status, _) = tcp
@@ -1367,7 +1422,10 @@ fn unsafe_token_files_are_refused() {
         p
     };
     let good = write("good", "0123456789abcdef0123\n", 0o600);
-    assert_eq!(read_token(&good).expect("good token"), "0123456789abcdef0123");
+    assert_eq!(
+        read_token(&good).expect("good token"),
+        "0123456789abcdef0123"
+    );
     // Followed through a symlink (Kubernetes secret volumes are links).
     let link = dir.path().join("link");
     symlink(&good, &link).expect("symlink");
@@ -1397,8 +1455,14 @@ fn unsafe_token_files_are_refused() {
         let text = format!("{err:#}");
         assert!(text.contains(needle), "{}: {text}", path.display());
         assert!(!text.contains('\n'), "one line: {text}");
-        assert!(!text.contains("0123456789"), "never echoes the token: {text}");
-        assert!(started.elapsed() < Duration::from_secs(1), "{needle}: blocked");
+        assert!(
+            !text.contains("0123456789"),
+            "never echoes the token: {text}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{needle}: blocked"
+        );
     }
     if rustix::process::geteuid().is_root() {
         let other = write("other", "0123456789abcdef0123", 0o600);
@@ -1415,13 +1479,19 @@ fn unsafe_socket_directories_are_refused() {
     std::fs::create_dir(&open).expect("mkdir");
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
     let err = bind_unix(&open.join("agent.sock")).expect_err("world-writable dir");
-    assert!(format!("{err:#}").contains("writable by group or others"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("writable by group or others"),
+        "{err:#}"
+    );
     assert!(!open.join("agent.sock").exists(), "nothing created");
 
     let group = dir.path().join("group");
     std::fs::create_dir(&group).expect("mkdir");
     std::fs::set_permissions(&group, std::fs::Permissions::from_mode(0o770)).expect("chmod");
-    assert!(bind_unix(&group.join("agent.sock")).is_err(), "group-writable dir");
+    assert!(
+        bind_unix(&group.join("agent.sock")).is_err(),
+        "group-writable dir"
+    );
 
     let private = dir.path().join("private");
     std::fs::create_dir(&private).expect("mkdir");
@@ -1433,7 +1503,10 @@ fn unsafe_socket_directories_are_refused() {
     rt.block_on(async {
         let path = private.join("agent.sock");
         let _l = bind_unix(&path).expect("a private directory is fine");
-        let mode = std::fs::symlink_metadata(&path).expect("stat").permissions().mode();
+        let mode = std::fs::symlink_metadata(&path)
+            .expect("stat")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600, "{mode:o}");
     });
     if rustix::process::geteuid().is_root() {

@@ -4,6 +4,13 @@
 
 use std::{sync::Arc, time::Duration};
 
+use super::{
+    Agent, Transport,
+    drains::{DrainRequest, Entry, MAX_RUNNING},
+    events::{MAX_SUBSCRIBERS, redact_peers},
+    metrics::{Format, Scrape},
+};
+use crate::{cli::parse_duration, drain, monitor::MonitorHandle};
 use axum::{
     Router,
     body::Body,
@@ -13,13 +20,6 @@ use axum::{
     routing::{get, post},
 };
 use serde::Serialize;
-use super::{
-    Agent, Transport,
-    drains::{DrainRequest, Entry, MAX_RUNNING},
-    events::{MAX_SUBSCRIBERS, redact_peers},
-    metrics::{Format, Scrape},
-};
-use crate::{cli::parse_duration, drain, monitor::MonitorHandle};
 
 /// Largest request body accepted (a drain request is a few hundred bytes).
 const MAX_BODY: usize = 64 * 1024;

@@ -192,7 +192,8 @@ mod tests {
             lines.push(l);
         }
         assert_eq!(lines.len(), SUBSCRIBER_BACKLOG);
-        let last: serde_json::Value = serde_json::from_str(lines.last().expect("last")).expect("json");
+        let last: serde_json::Value =
+            serde_json::from_str(lines.last().expect("last")).expect("json");
         assert_eq!(last["kind"], "lagged", "{last}");
         assert!(slow.is_closed() || slow.try_recv().is_err());
     }
@@ -205,7 +206,10 @@ mod tests {
             .collect();
         assert!(hub.subscribe(false).is_none());
         drop(subs);
-        assert!(hub.subscribe(false).is_some(), "closed ones free their slot");
+        assert!(
+            hub.subscribe(false).is_some(),
+            "closed ones free their slot"
+        );
     }
 
     #[test]

@@ -563,7 +563,9 @@ mod tests {
 
     #[test]
     fn before_the_monitor_starts_only_agent_series_are_exported() {
-        let text = Metrics::new().render(Scrape::default(), Format::Text).expect("encodes");
+        let text = Metrics::new()
+            .render(Scrape::default(), Format::Text)
+            .expect("encodes");
         assert!(text.contains("gracewatch_ready 0\n"), "{text}");
         assert!(!text.contains("gracewatch_process_"), "{text}");
     }
@@ -585,7 +587,10 @@ mod format_tests {
                 "application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2",
                 Format::OpenMetrics,
             ),
-            ("application/openmetrics-text;q=0.2, text/plain", Format::Text),
+            (
+                "application/openmetrics-text;q=0.2, text/plain",
+                Format::Text,
+            ),
             ("application/openmetrics-text;q=0", Format::Text),
         ] {
             assert_eq!(Format::negotiate(accept), want, "{accept}");
@@ -595,13 +600,23 @@ mod format_tests {
     #[test]
     fn the_text_format_describes_counters_by_sample_name() {
         let m = Metrics::new();
-        let text = m
-            .render(Scrape::default(), Format::Text)
-            .expect("encodes");
-        assert!(text.contains("# HELP gracewatch_connections_accepted_total "), "{text}");
-        assert!(text.contains("# TYPE gracewatch_connections_accepted_total counter\n"), "{text}");
-        assert!(text.contains("\ngracewatch_connections_accepted_total 0\n"), "{text}");
-        assert!(!text.contains("# EOF") && !text.contains("# UNIT"), "{text}");
+        let text = m.render(Scrape::default(), Format::Text).expect("encodes");
+        assert!(
+            text.contains("# HELP gracewatch_connections_accepted_total "),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE gracewatch_connections_accepted_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\ngracewatch_connections_accepted_total 0\n"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
+        );
         let open = m
             .render(Scrape::default(), Format::OpenMetrics)
             .expect("encodes");

@@ -398,8 +398,8 @@ pub async fn run(opts: SourceOptions, args: AgentArgs) -> anyhow::Result<u8> {
     };
     let agent = Agent::new(token);
     agent.set_max_tcp_connections(budget);
-    let tcp = listen_tcp(args.listen)
-        .with_context(|| format!("failed to listen on {}", args.listen))?;
+    let tcp =
+        listen_tcp(args.listen).with_context(|| format!("failed to listen on {}", args.listen))?;
     let local = tcp.local_addr().unwrap_or(args.listen);
     let unix = args.unix.as_deref().map(bind_unix).transpose()?;
     let mut servers = vec![tokio::spawn(agent.clone().serve_tcp(tcp))];
@@ -532,7 +532,12 @@ fn spawn_monitor_thread(opts: SourceOptions) -> anyhow::Result<(MonitorThread, S
             });
         })
         .context("failed to spawn the monitor thread")?;
-    Ok((MonitorThread { stop: Some(stop_tx) }, started))
+    Ok((
+        MonitorThread {
+            stop: Some(stop_tx),
+        },
+        started,
+    ))
 }
 
 /// Whether `sysctl kernel.bpf_stats_enabled` is on (someone else turned

@@ -69,7 +69,7 @@ pub fn fd_budget() -> anyhow::Result<usize> {
             current: lim.maximum,
             maximum: lim.maximum,
         };
-        match setrlimit(Resource::Nofile, wanted.clone()) {
+        match setrlimit(Resource::Nofile, wanted) {
             Ok(()) => lim = wanted,
             Err(e) => log::warn!("cannot raise the open file limit to its hard limit: {e}"),
         }
@@ -352,8 +352,14 @@ mod tests {
         );
         let body = out.split("\r\n\r\n").nth(1).expect("body");
         let v: serde_json::Value = serde_json::from_str(body).expect("json");
-        assert!(v["error"].as_str().expect("error").contains("header"), "{v}");
-        assert!(out.contains(&format!("content-length: {}\r\n", body.len())), "{out}");
+        assert!(
+            v["error"].as_str().expect("error").contains("header"),
+            "{v}"
+        );
+        assert!(
+            out.contains(&format!("content-length: {}\r\n", body.len())),
+            "{out}"
+        );
         // An answer of the API (with a body), a success, a partial head:
         // left alone.
         for other in [
