@@ -9,11 +9,14 @@
 //! piece: give it a handle, serve its router on TCP or a unix socket.
 //!
 //! Security model: read-only endpoints are open to whoever can reach the
-//! listener (loopback by default). Endpoints that can signal a process
-//! (`POST`/`DELETE /v1/drains…`) need `Authorization: Bearer <token>` on TCP,
-//! and are refused on TCP altogether when no token file was given; on the
-//! unix socket (created `0600`, so only its owner and root can connect) they
-//! need no token.
+//! listener (loopback by default), without kernel addresses and, unless the
+//! reader is trusted, without peer addresses. Endpoints that can signal a
+//! process (`POST`/`DELETE /v1/drains…`) need `Authorization: Bearer
+//! <token>` on TCP, and are refused on TCP altogether when no token file was
+//! given; on the unix socket (created `0600` in a directory only the agent
+//! can write, so only its owner and root can connect) they need no token.
+//! Whatever clients do, what they can make the agent hold is bounded (see
+//! [`server`] and the event hub).
 
 mod api;
 pub mod client;
@@ -67,7 +70,10 @@ pub struct AgentArgs {
     #[arg(long, value_name = "PATH")]
     pub unix: Option<PathBuf>,
     /// File holding the bearer token that POST/DELETE requests on TCP must
-    /// present. Without it, those requests are refused on TCP.
+    /// present (and that lets TCP readers see peer addresses). Without it,
+    /// those requests are refused on TCP. It must be a regular file of root
+    /// or the agent's user, mode 0600 or stricter, holding at least 16
+    /// characters.
     #[arg(long, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
     /// Turn on the kernel's BPF run-time statistics while the agent runs,
@@ -297,12 +303,24 @@ pub fn read_token(path: &Path) -> anyhow::Result<String> {
 /// drain requests of deploy tooling. Accepted: owned by root or the
 /// agent's user and writable by no one else, or a root-owned sticky
 /// directory like `/tmp` (where only the owner of an entry can remove it).
+///
+/// A missing directory is created, mode 0700 (its parent must exist): a
+/// shared volume that everyone can write, like a Kubernetes `emptyDir`, is
+/// used through a private directory of the agent's inside it.
 pub fn check_socket_dir(path: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::MetadataExt as _;
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("cannot create the socket directory {}", dir.display()));
+        }
+    }
     let meta = fs::metadata(dir)
         .with_context(|| format!("cannot inspect the socket directory {}", dir.display()))?;
     if !meta.is_dir() {
