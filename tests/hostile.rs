@@ -490,6 +490,11 @@ fn a_flood_of_hostile_clients_never_delays_a_drain_over_the_unix_socket() {
         "signalled before the last close ({})",
         gap_ms(signal.at_ns, closed[2])
     );
+    let (_, rss_under_attack) = agent.rss_mb();
+    eprintln!(
+        "flood: first /livez {catch_up_ms:.0} ms, /livez {livez_ms:.1} ms, drain reaction {reaction_ms:.1} ms, \
+         RSS start {rss_start:.1} MB, peak so far {rss_under_attack:.1} MB"
+    );
     assert!(
         Instant::now() < flood.idle_started + HEADER_READ_TIMEOUT,
         "the measurements ended after the first attackers could time out"
