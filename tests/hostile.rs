@@ -667,44 +667,45 @@ fn read_endpoints_leak_no_kernel_address_and_peers_need_the_token() {
     let _ = record.kill();
     let _ = record.wait();
     let mut buf = vec![0u8; 64 * 1024];
-    for (what, stream, peers, seen) in readers.iter_mut() {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            match stream.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => seen.extend_from_slice(&buf[..n]),
-                Err(_) => {
-                    if String::from_utf8_lossy(seen).contains("\"kind\":\"accept\"") {
-                        break;
-                    }
-                }
-            }
-        }
-        let text = String::from_utf8_lossy(seen).into_owned();
-        let events: Vec<Value> = text
-            .lines()
+    let server_accepts = |text: &str| -> Vec<Value> {
+        text.lines()
             .filter(|l| l.starts_with('{'))
             .filter_map(|l| serde_json::from_str(l).ok())
             .filter(|v: &Value| v["kind"] == "accept" && v["pid"] == json!(server.pid()))
-            .collect();
-        assert!(
-            !events.is_empty(),
-            "{what}: no accept of the server in {text}"
-        );
-        for ev in &events {
-            let sk = ev["sk"].as_u64().unwrap_or_else(|| panic!("{what}: {ev}"));
-            for r in &record_accepts {
-                if r["tuple"]["local"] == ev["tuple"]["local"]
-                    && r["tuple"].get("remote") == ev["tuple"].get("remote")
-                {
-                    assert_ne!(
-                        r["sk"].as_u64(),
-                        Some(sk),
-                        "{what}: the same id in two processes: {ev}"
-                    );
-                }
+            .collect()
+    };
+    for (what, stream, peers, seen) in readers.iter_mut() {
+        // The last probe's accept, seen by the agent and by `record`: the
+        // two ids must differ. (This reader subscribed before the first probe.)
+        let record_sk = record_accepts.last().map(|r| r["sk"].clone());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while server_accepts(&String::from_utf8_lossy(seen)).len() < clients.len()
+            && Instant::now() < deadline
+        {
+            match stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+                Err(_) => {}
             }
+        }
+        let text = String::from_utf8_lossy(seen).into_owned();
+        let accepts = server_accepts(&text);
+        assert_eq!(accepts.len(), clients.len(), "{what}: {text}");
+        let (Some(ev), Some(record_sk)) = (accepts.last().cloned(), record_sk) else {
+            panic!("{what}: no accept in {text}");
+        };
+        assert!(ev["sk"].is_u64() && record_sk.is_u64(), "{what}: {ev}");
+        assert_ne!(
+            ev["sk"], record_sk,
+            "{what}: the same socket id in two processes: {ev}"
+        );
+        for ev in server_accepts(&text) {
             assert_eq!(ev["tuple"].get("remote").is_some(), *peers, "{what}: {ev}");
+            assert_eq!(
+                ev["tuple"]["local"],
+                json!(addr),
+                "{what}: local addresses stay: {ev}"
+            );
         }
     }
     // Drain answers hide peers the same way.
