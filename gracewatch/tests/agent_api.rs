@@ -607,6 +607,20 @@ async fn drain_waits_for_the_last_close_and_streams_progress() {
         Some(1),
         "{status:?}"
     );
+    // The held connection's peer: shown with the token, hidden without.
+    let peer = |v: &Value| v["progress"]["oldest"]["peer"].clone();
+    let (_, with) = call(&client, Method::GET, &format!("/v1/drains/{id}"), None).await;
+    assert_eq!(peer(&with), json!("127.0.0.2:40001"), "{with}");
+    let (_, without) = call(
+        &t.client(None),
+        Method::GET,
+        &format!("/v1/drains/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(peer(&without), json!("hidden"), "{without}");
+    let (_, listed) = call(&t.client(None), Method::GET, "/v1/drains", None).await;
+    assert!(!listed.to_string().contains("127.0.0.2"), "{listed}");
 
     let follower = {
         let client = client.clone();

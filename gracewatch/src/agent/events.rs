@@ -122,19 +122,53 @@ pub(crate) fn encode(ev: &ConnEvent, peers: bool) -> Arc<str> {
 }
 
 /// Hides every `peer` field (drain progress and reports) from readers that
-/// may not see peer addresses.
+/// may not see peer addresses, and those addresses wherever else they
+/// appear (the human `message` of progress and reports quotes them).
 pub(crate) fn redact_peers(v: &mut serde_json::Value) {
+    let mut peers = Vec::new();
+    collect_peers(v, &mut peers);
+    // Longest first, so no address is left half-replaced by a shorter one.
+    peers.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    peers.dedup();
+    hide(v, &peers);
+}
+
+fn collect_peers(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (key, value) in map {
+                match value {
+                    serde_json::Value::String(p) if key == "peer" && !p.is_empty() => {
+                        out.push(p.clone());
+                    }
+                    other => collect_peers(other, out),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|i| collect_peers(i, out)),
+        _ => {}
+    }
+}
+
+fn hide(v: &mut serde_json::Value, peers: &[String]) {
     match v {
         serde_json::Value::Object(map) => {
             for (key, value) in map.iter_mut() {
                 if key == "peer" && value.is_string() {
                     *value = "hidden".into();
                 } else {
-                    redact_peers(value);
+                    hide(value, peers);
                 }
             }
         }
-        serde_json::Value::Array(items) => items.iter_mut().for_each(redact_peers),
+        serde_json::Value::Array(items) => items.iter_mut().for_each(|i| hide(i, peers)),
+        serde_json::Value::String(text) => {
+            for p in peers {
+                if text.contains(p.as_str()) {
+                    *text = text.replace(p.as_str(), "(peer hidden)");
+                }
+            }
+        }
         _ => {}
     }
 }
@@ -214,7 +248,7 @@ mod tests {
 
     #[test]
     fn peers_are_hidden_in_drain_answers() {
-        let mut v = serde_json::json!({"report": {"held": [{"pid": 1, "local": "10.0.0.1:80", "peer": "192.0.2.7:4000", "age_ms": 5}]}, "progress": {"oldest": {"peer": "192.0.2.8:1"}}});
+        let mut v = serde_json::json!({"report": {"held": [{"pid": 1, "local": "10.0.0.1:80", "peer": "192.0.2.7:4000", "age_ms": 5}], "message": "held by 192.0.2.7:4000"}, "progress": {"oldest": {"peer": "192.0.2.8:1"}, "message": "oldest from 192.0.2.8:1"}});
         redact_peers(&mut v);
         let text = v.to_string();
         assert!(!text.contains("192.0.2."), "{text}");
