@@ -265,7 +265,8 @@ struct Agent {
 
 impl Agent {
     fn start(gw: &Gracewatch, dir: &TempDir) -> Agent {
-        let token = format!("t{:x}", std::process::id() as u64 * 7919 + 17);
+        // At least 16 characters: the agent refuses shorter tokens.
+        let token = format!("t{:031x}", std::process::id() as u64 * 7919 + 17);
         let token_file = dir.path("token");
         std::fs::write(&token_file, format!("{token}\n")).expect("write token");
         std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600))
@@ -741,7 +742,10 @@ fn drains_through_the_agent_end_like_local_drains() {
     let addr = next_addr();
     let server = Server::listen(&ns, &addr);
     let bad_token = dir.path("bad-token");
-    std::fs::write(&bad_token, "nope\n").expect("write");
+    // A well-formed token file (the client refuses unsafe ones, exit 2)
+    // holding the wrong token.
+    std::fs::write(&bad_token, "nope-nope-nope-nope-nope\n").expect("write");
+    std::fs::set_permissions(&bad_token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let pid = server.pid().to_string();
     let url = format!("http://{}", agent.addr);
     let mut bg = Bg::spawn(

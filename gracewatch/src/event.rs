@@ -6,6 +6,7 @@
 //! CLOCK_MONOTONIC durations (the clock `bpf_ktime_get_ns` uses).
 
 use std::{
+    hash::BuildHasher as _,
     net::{IpAddr, SocketAddr},
     time::Duration,
 };
@@ -13,7 +14,27 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 /// Kernel address of a `struct sock`: identifies a socket while it lives.
+///
+/// It is a kernel heap address, which would undo KASLR for whoever reads
+/// it: it never leaves the process as is. JSON carries [`opaque_sock_id`]
+/// instead (see [`serialize_sock_id`]).
 pub type SockId = u64;
+
+/// An id for `sk` that is stable within this process (so a recording still
+/// pairs each close with its accept) but tells nothing about the address:
+/// SipHash keyed with 128 random bits drawn once per process.
+pub fn opaque_sock_id(sk: SockId) -> u64 {
+    static KEY: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    KEY.get_or_init(std::collections::hash_map::RandomState::new)
+        .hash_one(sk)
+}
+
+/// Serializes a [`SockId`] as its [`opaque_sock_id`]: every JSON that
+/// carries events (`record`, the agent's `/v1/events`) goes through here.
+pub fn serialize_sock_id<S: serde::Serializer>(sk: &SockId, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(opaque_sock_id(*sk))
+}
 
 /// Inode number of a network namespace (`readlink /proc/<pid>/ns/net`).
 pub type NetNs = u32;
@@ -89,6 +110,7 @@ pub enum ConnEvent {
     /// `pid` put the socket `sk` into LISTEN on `addr`.
     ListenStart {
         at: Duration,
+        #[serde(serialize_with = "serialize_sock_id")]
         sk: SockId,
         addr: ListenAddr,
         pid: u32,
@@ -97,6 +119,7 @@ pub enum ConnEvent {
     /// The listening socket `sk` was closed for good (last fd released) by `pid`.
     ListenStop {
         at: Duration,
+        #[serde(serialize_with = "serialize_sock_id")]
         sk: SockId,
         addr: ListenAddr,
         pid: u32,
@@ -105,6 +128,7 @@ pub enum ConnEvent {
     /// An inbound handshake completed; the connection waits in an accept queue.
     Handshake {
         at: Duration,
+        #[serde(serialize_with = "serialize_sock_id")]
         sk: SockId,
         tuple: Tuple,
     },
@@ -112,6 +136,7 @@ pub enum ConnEvent {
     /// it leaves an accept queue they counted.
     Accept {
         at: Duration,
+        #[serde(serialize_with = "serialize_sock_id")]
         sk: SockId,
         tuple: Tuple,
         pid: u32,
@@ -122,6 +147,7 @@ pub enum ConnEvent {
     /// ended because `pid` was exiting (not by an explicit close).
     Close {
         at: Duration,
+        #[serde(serialize_with = "serialize_sock_id")]
         sk: SockId,
         tuple: Tuple,
         pid: u32,
@@ -131,6 +157,7 @@ pub enum ConnEvent {
     /// A connection died in an accept queue before anyone accepted it.
     QueueDrop {
         at: Duration,
+        #[serde(serialize_with = "serialize_sock_id")]
         sk: SockId,
         tuple: Tuple,
     },

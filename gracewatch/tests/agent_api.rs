@@ -305,11 +305,16 @@ async fn events_stream_as_ndjson_and_end_at_shutdown() {
             text.push_str(&String::from_utf8_lossy(&data));
         }
     }
-    let events: Vec<ConnEvent> = text
+    let events: Vec<Value> = text
         .lines()
-        .map(|l| serde_json::from_str(l).expect("a ConnEvent per line"))
+        .map(|l| serde_json::from_str(l).expect("a JSON object per line"))
         .collect();
-    assert_eq!(events, vec![accept(7, "srv", 1), close(7, 1)]);
+    assert_eq!(events.len(), 2, "{text}");
+    assert_eq!(events[0]["kind"], "accept", "{text}");
+    assert_eq!(events[0]["pid"], 7, "{text}");
+    assert_eq!(events[1]["kind"], "close", "{text}");
+    // The opaque socket id still pairs the close with its accept.
+    assert_eq!(events[0]["sk"], events[1]["sk"], "{text}");
 
     // Shutdown ends the stream instead of hanging the server.
     t.agent.shutdown().await;
@@ -416,22 +421,18 @@ fn parse_metrics(text: &str) -> Result<Samples, String> {
     Ok(samples)
 }
 
-async fn scrape(client: &AgentClient) -> Samples {
-    let resp = client
-        .send(Method::GET, "/metrics", None)
-        .await
-        .expect("GET /metrics");
-    assert_eq!(resp.status(), StatusCode::OK);
-    let ctype = resp
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    assert!(ctype.starts_with("application/openmetrics-text"), "{ctype}");
-    use http_body_util::BodyExt as _;
-    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-    let text = String::from_utf8(bytes.to_vec()).expect("utf-8");
+async fn scrape(t: &TestAgent) -> Samples {
+    let (head, text) = raw(
+        &t.url,
+        "GET /metrics HTTP/1.1\r\nhost: x\r\naccept: application/openmetrics-text; version=1.0.0\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text"),
+        "{head}"
+    );
     parse_metrics(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
 }
 
@@ -446,8 +447,7 @@ async fn metrics_parse_and_match_the_status() {
         ],
     )
     .await;
-    let client = t.client(None);
-    let m = scrape(&client).await;
+    let m = scrape(&t).await;
     let proc_live = "gracewatch_process_live_connections{pid=\"4242\",comm=\"server\"}";
     let lis = format!("{{netns=\"{NETNS}\",address=\"{LISTEN}\"}}");
     assert_eq!(m.get(proc_live), Some(&2.0), "{m:#?}");
@@ -495,13 +495,13 @@ async fn metrics_parse_and_match_the_status() {
     ])
     .await;
     // The counters are fed through the event broadcast: give it a moment.
-    let mut m = scrape(&client).await;
+    let mut m = scrape(&t).await;
     for _ in 0..100 {
         if m.get("gracewatch_connections_closed_total") == Some(&2.0) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
-        m = scrape(&client).await;
+        m = scrape(&t).await;
     }
     assert_eq!(m.get(proc_live), Some(&1.0));
     assert_eq!(m.get("gracewatch_connections_accepted_total"), Some(&1.0));
@@ -571,7 +571,7 @@ async fn drain_of_an_idle_process_signals_it_and_reports_drained() {
     let (code, list) = call(&client, Method::GET, "/v1/drains", None).await;
     assert_eq!(code, StatusCode::OK);
     assert_eq!(list["drains"][0]["id"], id.as_str());
-    let m = scrape(&client).await;
+    let m = scrape(&t).await;
     assert_eq!(
         m.get("gracewatch_drains_total{outcome=\"drained\"}"),
         Some(&1.0)
@@ -608,6 +608,20 @@ async fn drain_waits_for_the_last_close_and_streams_progress() {
         Some(1),
         "{status:?}"
     );
+    // The held connection's peer: shown with the token, hidden without.
+    let peer = |v: &Value| v["progress"]["oldest"]["peer"].clone();
+    let (_, with) = call(&client, Method::GET, &format!("/v1/drains/{id}"), None).await;
+    assert_eq!(peer(&with), json!("127.0.0.2:40001"), "{with}");
+    let (_, without) = call(
+        &t.client(None),
+        Method::GET,
+        &format!("/v1/drains/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(peer(&without), json!("hidden"), "{without}");
+    let (_, listed) = call(&t.client(None), Method::GET, "/v1/drains", None).await;
+    assert!(!listed.to_string().contains("127.0.0.2"), "{listed}");
 
     let follower = {
         let client = client.clone();
@@ -691,7 +705,7 @@ async fn drain_timeout_cancel_and_target_exit_map_to_the_cli_outcomes() {
     );
     let _ = target.wait();
 
-    let m = scrape(&client).await;
+    let m = scrape(&t).await;
     for (outcome, n) in [
         ("timeout", 1.0),
         ("interrupted", 1.0),
@@ -1021,4 +1035,525 @@ async fn every_bad_input_gets_a_4xx_json_error_and_the_agent_survives() {
     let (code, list) = call(&client, Method::GET, "/v1/drains", None).await;
     assert_eq!((code, list), (StatusCode::OK, json!({ "drains": [] })));
     kill(target);
+}
+
+// --- hostile clients (no kernel involved) --------------------------------------
+
+/// Sends `request` as is on a new TCP connection and reads until the agent
+/// closes it (bounded by [`LIMIT`]): the answer's head and body (de-chunked
+/// if need be).
+async fn raw(url: &str, request: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let addr = url.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut bytes = Vec::new();
+    tokio::time::timeout(LIMIT, stream.read_to_end(&mut bytes))
+        .await
+        .expect("the agent answers and closes within the limit")
+        .expect("read");
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some((len, tail)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
+            if n == 0 || tail.len() < n {
+                break;
+            }
+            out.push_str(&tail[..n]);
+            rest = tail[n..].trim_start_matches("\r\n");
+        }
+        out
+    } else {
+        body.to_owned()
+    };
+    (head.to_owned(), body)
+}
+
+#[tokio::test]
+async fn metrics_default_to_the_prometheus_text_format() {
+    let t = TestAgent::start(None, vec![listen(7, "srv")]).await;
+    for accept in ["", "accept: text/plain\r\n", "accept: */*\r\n"] {
+        let (head, text) = raw(
+            &t.url,
+            &format!("GET /metrics HTTP/1.1\r\nhost: x\r\n{accept}connection: close\r\n\r\n"),
+        )
+        .await;
+        assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: text/plain; version=0.0.4"),
+            "{accept:?}: {head}"
+        );
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT "),
+            "{text}"
+        );
+        // Every family has its HELP under the name its samples carry.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap_or_default();
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .filter(|f| text.contains(&format!("# TYPE {f} histogram")))
+                .unwrap_or(name);
+            assert!(
+                text.contains(&format!("# HELP {family} ")),
+                "no HELP for {name}:\n{text}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn events_hide_kernel_addresses_always_and_peers_from_untrusted_readers() {
+    let t = TestAgent::start(Some("0123456789abcdef"), vec![listen(7, "srv")]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("agent.sock");
+    tokio::spawn(
+        t.agent
+            .clone()
+            .serve_unix(bind_unix(&sock).expect("bind unix")),
+    );
+    let unix = AgentClient::new(&format!("unix:{}", sock.display()), None).expect("client");
+    let readers = [
+        ("tcp without token", t.client(None), false),
+        ("tcp with token", t.client(Some("0123456789abcdef")), true),
+        ("unix socket", unix, true),
+    ];
+    let mut bodies = Vec::new();
+    for (what, client, _) in &readers {
+        let resp = client
+            .send(Method::GET, "/v1/events", None)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+        assert_eq!(resp.status(), StatusCode::OK, "{what}");
+        bodies.push(resp.into_body());
+    }
+    // A wrong token is refused, not answered with less.
+    let wrong = call(&t.client(Some("nope")), Method::GET, "/v1/events", None).await;
+    assert_error(
+        &wrong,
+        StatusCode::UNAUTHORIZED,
+        "invalid token",
+        "wrong token",
+    );
+
+    let sk: u64 = 0xffff_8881_0322_5c80;
+    let mut ev = accept(7, "srv", 1);
+    if let ConnEvent::Accept { sk: s, .. } = &mut ev {
+        *s = sk;
+    }
+    t.feed([ev]).await;
+    use http_body_util::BodyExt as _;
+    for ((what, _, peers), body) in readers.iter().zip(&mut bodies) {
+        let frame = tokio::time::timeout(LIMIT, body.frame())
+            .await
+            .expect("an event within the limit")
+            .expect("stream open")
+            .expect("frame");
+        let line = String::from_utf8_lossy(frame.data_ref().expect("data")).into_owned();
+        let v: Value = serde_json::from_str(&line).expect("json");
+        assert_eq!(v["kind"], "accept", "{what}: {line}");
+        assert!(v["sk"].is_u64(), "{what}: an opaque id stays: {line}");
+        assert_ne!(v["sk"], json!(sk), "{what}: {line}");
+        assert!(!line.contains(&sk.to_string()), "{what}: {line}");
+        assert_eq!(v["tuple"]["local"], LISTEN, "{what}: {line}");
+        assert_eq!(
+            v["tuple"].get("remote").is_some(),
+            *peers,
+            "{what}: peer shown only to trusted readers: {line}"
+        );
+        assert_eq!(line.contains("127.0.0.2"), *peers, "{what}: {line}");
+    }
+}
+
+#[tokio::test]
+async fn a_reader_that_falls_behind_gets_a_lagged_line_and_is_dropped() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let t = TestAgent::start(None, vec![listen(7, "srv")]).await;
+    let addr: SocketAddr = t.url.trim_start_matches("http://").parse().expect("addr");
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let mut slow = socket.connect(addr).await.expect("connect");
+    slow.write_all(b"GET /v1/events HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("write");
+    // A reader that keeps up, for comparison.
+    let resp = t
+        .client(None)
+        .send(Method::GET, "/v1/events", None)
+        .await
+        .expect("GET /v1/events");
+    let mut fast = resp.into_body();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Far more than the slow reader's queue and socket buffers hold, fed in
+    // steps the agent keeps up with; the fast reader reads them all.
+    let total: u16 = 20_000;
+    let mut fast_lines = 0usize;
+    use http_body_util::BodyExt as _;
+    for chunk in (0..total).collect::<Vec<_>>().chunks(2_000) {
+        t.feed(chunk.iter().map(|&i| accept(7, "srv", i))).await;
+        while fast_lines < usize::from(chunk[chunk.len() - 1]) + 1 {
+            let frame = tokio::time::timeout(LIMIT, fast.frame())
+                .await
+                .expect("the fast reader keeps getting events")
+                .expect("stream open")
+                .expect("frame");
+            let data = frame.into_data().expect("data");
+            fast_lines += data.iter().filter(|&&b| b == b'\n').count();
+            assert!(
+                !String::from_utf8_lossy(&data).contains("lagged"),
+                "the fast reader is never dropped"
+            );
+        }
+    }
+    assert_eq!(fast_lines, usize::from(total));
+    // The slow reader now reads what it was sent: its stream ends (the
+    // last chunk of the answer) with the lagged line.
+    let mut bytes = Vec::new();
+    tokio::time::timeout(LIMIT, async {
+        let mut buf = vec![0u8; 64 * 1024];
+        while !bytes.ends_with(b"\r\n0\r\n\r\n") {
+            let n = slow.read(&mut buf).await.expect("read");
+            assert!(n > 0, "closed before the end of the answer");
+            bytes.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("the slow reader's stream ends");
+    let text = String::from_utf8_lossy(&bytes);
+    let lagged = text
+        .lines()
+        .rfind(|l| l.starts_with('{'))
+        .expect("some lines");
+    let v: Value = serde_json::from_str(lagged).expect("json");
+    assert_eq!(v["kind"], "lagged", "{lagged}");
+    let got = text.matches("\"kind\":\"accept\"").count();
+    assert!(
+        got < usize::from(total),
+        "the slow reader was dropped early ({got} of {total} events)"
+    );
+}
+
+#[tokio::test]
+async fn event_subscribers_are_capped_with_a_json_503() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let t = TestAgent::start(None, vec![listen(7, "srv")]).await;
+    let addr = t.url.trim_start_matches("http://").to_owned();
+    let mut held = Vec::new();
+    for _ in 0..gracewatch::agent::MAX_SUBSCRIBERS {
+        let mut s = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        s.write_all(b"GET /v1/events HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(LIMIT, s.read(&mut buf))
+            .await
+            .expect("answer head")
+            .expect("read");
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200 "),
+            "{:?}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        held.push(s);
+    }
+    let got = call(&t.client(None), Method::GET, "/v1/events", None).await;
+    assert_error(
+        &got,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "event streams",
+        "one too many",
+    );
+    // A slot frees when a reader leaves.
+    drop(held.pop());
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let resp = t
+            .client(None)
+            .send(Method::GET, "/v1/events", None)
+            .await
+            .expect("GET /v1/events");
+        if resp.status() == StatusCode::OK {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no slot freed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn requests_hyper_cannot_parse_get_json_errors() {
+    let t = TestAgent::start(None, Vec::new()).await;
+    let big = "x".repeat(20_000);
+    let many: String = (0..100).map(|i| format!("x-h{i}: v\r\n")).collect();
+    for (what, request, status) in [
+        (
+            "oversized header",
+            format!("GET /livez HTTP/1.1\r\nhost: x\r\nx-big: {big}\r\n\r\n"),
+            "431",
+        ),
+        (
+            "too many headers",
+            format!("GET /livez HTTP/1.1\r\nhost: x\r\n{many}\r\n"),
+            "431",
+        ),
+        ("garbage", "\x01\x02 nonsense\r\n\r\n".to_owned(), "400"),
+        (
+            "bad header",
+            "GET /livez HTTP/1.1\r\nho st: x\r\n\r\n".to_owned(),
+            "400",
+        ),
+    ] {
+        let (head, body) = raw(&t.url, &request).await;
+        assert!(
+            head.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{what}: {head}"
+        );
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: application/json"),
+            "{what}: {head}"
+        );
+        let v: Value = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("{what}: body is not JSON ({e}): {body:?}"));
+        assert!(v["error"].is_string(), "{what}: {v}");
+    }
+    // The agent still serves.
+    let (head, body) = raw(
+        &t.url,
+        "GET /livez HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    assert_eq!(body, "ok\n");
+}
+
+#[tokio::test]
+async fn slowloris_and_idle_connections_are_closed_by_the_header_timeout() {
+    use gracewatch::agent::server::HEADER_READ_TIMEOUT;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let t = TestAgent::start(None, Vec::new()).await;
+    let addr = t.url.trim_start_matches("http://").to_owned();
+    let started = tokio::time::Instant::now();
+    let mut idle = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let mut slow = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    slow.write_all(b"GET /livez HTTP/1.1\r\n")
+        .await
+        .expect("write");
+    let drip = async {
+        // A header byte every second: it never completes.
+        let mut buf = [0u8; 64];
+        for _ in 0..30 {
+            if slow.write_all(b"x").await.is_err() {
+                return;
+            }
+            if let Ok(Ok(0) | Err(_)) =
+                tokio::time::timeout(Duration::from_secs(1), slow.read(&mut buf)).await
+            {
+                return;
+            }
+        }
+        panic!("the slowloris connection was never closed");
+    };
+    let wait_idle = async {
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(HEADER_READ_TIMEOUT * 2, idle.read(&mut buf))
+            .await
+            .expect("the idle connection is closed within the timeout");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    };
+    tokio::join!(drip, wait_idle);
+    let took = started.elapsed();
+    assert!(
+        took >= HEADER_READ_TIMEOUT - Duration::from_millis(500)
+            && took < HEADER_READ_TIMEOUT + Duration::from_secs(3),
+        "closed after {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_full_tcp_budget_never_blocks_the_unix_socket() {
+    let t = TestAgent::start(None, vec![listen(7, "srv")]).await;
+    let agent = Agent::new(None);
+    assert!(agent.set_monitor(t.handle.clone()));
+    agent.set_max_tcp_connections(4);
+    let url = serve(&agent).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("agent.sock");
+    tokio::spawn(
+        agent
+            .clone()
+            .serve_unix(bind_unix(&sock).expect("bind unix")),
+    );
+    let addr = url.trim_start_matches("http://").to_owned();
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(
+            tokio::net::TcpStream::connect(&addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // TCP is full: a fifth client waits in the backlog...
+    let tcp = AgentClient::new(&url, None).expect("client");
+    let blocked = tcp
+        .request(Method::GET, "/livez", None, Duration::from_millis(500))
+        .await;
+    assert!(
+        blocked.is_err(),
+        "the fifth TCP client was served: {blocked:?}"
+    );
+    // ...while the unix socket answers at once.
+    let unix = AgentClient::new(&format!("unix:{}", sock.display()), None).expect("client");
+    let started = std::time::Instant::now();
+    let (status, body) = unix
+        .request(Method::GET, "/v1/status", None, LIMIT)
+        .await
+        .expect("unix socket answers");
+    assert_eq!(status, StatusCode::OK, "{body:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+    // Once the idle clients leave, TCP serves again.
+    drop(idle);
+    let (status, _) = tcp
+        .request(Method::GET, "/livez", None, LIMIT)
+        .await
+        .expect("TCP answers again");
+    assert_eq!(status, StatusCode::OK);
+}
+
+// --- token files and socket directories ----------------------------------------
+
+#[test]
+fn unsafe_token_files_are_refused() {
+    use gracewatch::agent::read_token;
+    use std::os::unix::fs::symlink;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |name: &str, text: &str, mode: u32| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).expect("write");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        p
+    };
+    let good = write("good", "0123456789abcdef0123\n", 0o600);
+    assert_eq!(
+        read_token(&good).expect("good token"),
+        "0123456789abcdef0123"
+    );
+    // Followed through a symlink (Kubernetes secret volumes are links).
+    let link = dir.path().join("link");
+    symlink(&good, &link).expect("symlink");
+    assert!(read_token(&link).is_ok());
+
+    let fifo = dir.path().join("fifo");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).expect("cstring");
+    // SAFETY: `c` is a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let zero_link = dir.path().join("zero");
+    symlink("/dev/zero", &zero_link).expect("symlink");
+    let cases = [
+        (write("readable", "0123456789abcdef0123", 0o644), "mode 644"),
+        (write("group", "0123456789abcdef0123", 0o640), "mode 640"),
+        (write("short", "x\n", 0o600), "shorter than 16"),
+        (write("empty", "\n", 0o600), "empty"),
+        (write("large", &"a".repeat(5000), 0o600), "larger than"),
+        (write("spaces", "0123456789 abcdef0123", 0o600), "spaces"),
+        (fifo, "not a regular file"),
+        (zero_link, "not a regular file"),
+        (dir.path().to_path_buf(), "not a regular file"),
+        (dir.path().join("missing"), "cannot open"),
+    ];
+    for (path, needle) in cases {
+        let started = std::time::Instant::now();
+        let err = read_token(&path).expect_err(needle);
+        let text = format!("{err:#}");
+        assert!(text.contains(needle), "{}: {text}", path.display());
+        assert!(!text.contains('\n'), "one line: {text}");
+        assert!(
+            !text.contains("0123456789"),
+            "never echoes the token: {text}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{needle}: blocked"
+        );
+    }
+    if rustix::process::geteuid().is_root() {
+        let other = write("other", "0123456789abcdef0123", 0o600);
+        std::os::unix::fs::chown(&other, Some(65534), Some(65534)).expect("chown");
+        let err = read_token(&other).expect_err("owned by nobody");
+        assert!(format!("{err:#}").contains("owned by uid 65534"), "{err:#}");
+    }
+}
+
+#[test]
+fn unsafe_socket_directories_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).expect("mkdir");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let err = bind_unix(&open.join("agent.sock")).expect_err("world-writable dir");
+    assert!(
+        format!("{err:#}").contains("writable by group or others"),
+        "{err:#}"
+    );
+    assert!(!open.join("agent.sock").exists(), "nothing created");
+
+    let group = dir.path().join("group");
+    std::fs::create_dir(&group).expect("mkdir");
+    std::fs::set_permissions(&group, std::fs::Permissions::from_mode(0o770)).expect("chmod");
+    assert!(
+        bind_unix(&group.join("agent.sock")).is_err(),
+        "group-writable dir"
+    );
+
+    let private = dir.path().join("private");
+    std::fs::create_dir(&private).expect("mkdir");
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let path = private.join("agent.sock");
+        let _l = bind_unix(&path).expect("a private directory is fine");
+        let mode = std::fs::symlink_metadata(&path)
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    });
+    if rustix::process::geteuid().is_root() {
+        // A root-owned sticky directory (like /tmp) is fine: only the
+        // owner of an entry can remove it.
+        let sticky = dir.path().join("sticky");
+        std::fs::create_dir(&sticky).expect("mkdir");
+        std::fs::set_permissions(&sticky, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+        rt.block_on(async {
+            assert!(bind_unix(&sticky.join("agent.sock")).is_ok());
+        });
+        // Someone else's directory is not.
+        let theirs = dir.path().join("theirs");
+        std::fs::create_dir(&theirs).expect("mkdir");
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).expect("chown");
+        let err = bind_unix(&theirs.join("agent.sock")).expect_err("owned by nobody");
+        assert!(format!("{err:#}").contains("owned by uid 65534"), "{err:#}");
+    }
 }

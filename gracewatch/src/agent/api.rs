@@ -4,6 +4,13 @@
 
 use std::{sync::Arc, time::Duration};
 
+use super::{
+    Agent, Transport,
+    drains::{DrainRequest, Entry, MAX_RUNNING},
+    events::{MAX_SUBSCRIBERS, redact_peers},
+    metrics::{Format, Scrape},
+};
+use crate::{cli::parse_duration, drain, monitor::MonitorHandle};
 use axum::{
     Router,
     body::Body,
@@ -13,19 +20,13 @@ use axum::{
     routing::{get, post},
 };
 use serde::Serialize;
-use tokio::sync::broadcast::error::RecvError;
-
-use super::{
-    Agent, Transport,
-    drains::{DrainRequest, Entry, MAX_RUNNING},
-    metrics::{self, Scrape},
-};
-use crate::{cli::parse_duration, drain, monitor::MonitorHandle};
 
 /// Largest request body accepted (a drain request is a few hundred bytes).
 const MAX_BODY: usize = 64 * 1024;
 /// Longest long-poll (`?wait=`) accepted.
 const MAX_WAIT: Duration = Duration::from_secs(3600);
+/// Most bytes of queued event lines sent in one chunk.
+const EVENTS_CHUNK: usize = 32 * 1024;
 /// How long `DELETE` waits for the cancelled drain's report.
 const CANCEL_WAIT: Duration = Duration::from_secs(5);
 
@@ -97,9 +98,12 @@ fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Response {
 }
 
 /// One NDJSON line: `value`'s fields plus `"type": kind` (the format of
-/// `gracewatch drain --json`).
-fn typed_line<T: Serialize>(kind: &str, value: &T) -> String {
+/// `gracewatch drain --json`), peer addresses hidden unless `peers`.
+fn typed_line<T: Serialize>(kind: &str, value: &T, peers: bool) -> String {
     let mut v = serde_json::to_value(value).unwrap_or_default();
+    if !peers {
+        redact_peers(&mut v);
+    }
     if let serde_json::Value::Object(map) = &mut v {
         map.insert("type".to_owned(), kind.into());
     }
@@ -132,6 +136,37 @@ impl Ctx {
             ));
         }
         Ok(handle)
+    }
+
+    /// Whether answers to this request may carry peer addresses: on the
+    /// unix socket, and on TCP with the bearer token (a wrong token is
+    /// refused rather than silently answered with less).
+    fn may_see_peers(&self, headers: &HeaderMap) -> Result<bool, ApiError> {
+        if self.transport == Transport::Unix {
+            return Ok(true);
+        }
+        if self.agent.shared.token.is_none() || !headers.contains_key(header::AUTHORIZATION) {
+            return Ok(false);
+        }
+        self.authorize(headers).map(|()| true)
+    }
+
+    /// `value` as JSON, with peer addresses hidden unless `peers`.
+    fn json_for<T: Serialize>(&self, peers: bool, status: StatusCode, value: &T) -> Response {
+        if peers {
+            return json(status, value);
+        }
+        match serde_json::to_value(value) {
+            Ok(mut v) => {
+                redact_peers(&mut v);
+                json(status, &v)
+            }
+            Err(e) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("failed to encode the answer: {e}"),
+            )
+            .into_response(),
+        }
     }
 
     /// Requests that can signal a process: trusted on the unix socket, and
@@ -186,7 +221,13 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn metrics(State(ctx): State<Ctx>) -> Response {
+async fn metrics(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
+    let format = Format::negotiate(
+        headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default(),
+    );
     let shared = &ctx.agent.shared;
     let monitor = ctx.agent.monitor();
     let programs = match monitor {
@@ -200,8 +241,8 @@ async fn metrics(State(ctx): State<Ctx>) -> Response {
             .bpf_stats_enabled
             .load(std::sync::atomic::Ordering::Relaxed),
     };
-    match shared.metrics.render(scrape) {
-        Ok(text) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),
+    match shared.metrics.render(scrape, format) {
+        Ok(text) => ([(header::CONTENT_TYPE, format.content_type())], text).into_response(),
         Err(_) => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "failed to encode the metrics",
@@ -227,21 +268,33 @@ async fn status(State(ctx): State<Ctx>) -> Result<Response, ApiError> {
 }
 
 /// Every event the monitor applies from now on, one JSON object per line
-/// (as `gracewatch record` prints them). A reader too slow to keep up gets
-/// `{"kind": "lagged", "skipped": N}` and continues with newer events.
-async fn events(State(ctx): State<Ctx>) -> Result<Response, ApiError> {
-    let rx = ctx.monitor()?.events();
-    let stop = ctx.shutdown();
-    let stream = futures_util::stream::unfold((rx, stop), |(mut rx, mut stop)| async move {
-        let line = tokio::select! {
-            ev = rx.recv() => match ev {
-                Ok(ev) => serde_json::to_string(&ev).map(|s| s + "\n").unwrap_or_default(),
-                Err(RecvError::Lagged(n)) => format!("{{\"kind\":\"lagged\",\"skipped\":{n}}}\n"),
-                Err(RecvError::Closed) => return None,
-            },
-            _ = stop.wait_for(|s| *s) => return None,
-        };
-        Some((Ok::<_, std::convert::Infallible>(line), (rx, stop)))
+/// (as `gracewatch record` prints them, peer addresses only for trusted
+/// readers). A reader too slow to keep up gets a last `{"kind": "lagged",
+/// ...}` line and is disconnected; at most [`MAX_SUBSCRIBERS`] at once.
+async fn events(State(ctx): State<Ctx>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let peers = ctx.may_see_peers(&headers)?;
+    ctx.monitor()?;
+    let Some(rx) = ctx.agent.shared.events.subscribe(peers) else {
+        let mut resp = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{MAX_SUBSCRIBERS} event streams are served already: try again later"),
+        )
+        .into_response();
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("10"));
+        return Ok(resp);
+    };
+    // Lines that queued up meanwhile go out in one chunk: a busy host costs
+    // one write per wake-up, not one per event.
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let mut chunk = rx.recv().await?.to_string();
+        while chunk.len() < EVENTS_CHUNK {
+            match rx.try_recv() {
+                Ok(line) => chunk.push_str(&line),
+                Err(_) => break,
+            }
+        }
+        Some((Ok::<_, std::convert::Infallible>(chunk), rx))
     });
     Ok(ndjson(Body::from_stream(stream)))
 }
@@ -314,7 +367,8 @@ async fn start_drain(
     Ok(resp)
 }
 
-async fn list_drains(State(ctx): State<Ctx>) -> Response {
+async fn list_drains(State(ctx): State<Ctx>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let peers = ctx.may_see_peers(&headers)?;
     let drains: Vec<_> = ctx
         .agent
         .shared
@@ -323,7 +377,11 @@ async fn list_drains(State(ctx): State<Ctx>) -> Response {
         .iter()
         .map(|e| e.status())
         .collect();
-    json(StatusCode::OK, &serde_json::json!({ "drains": drains }))
+    Ok(ctx.json_for(
+        peers,
+        StatusCode::OK,
+        &serde_json::json!({ "drains": drains }),
+    ))
 }
 
 /// `?wait=DURATION`: hold the answer until the drain is done (or the wait
@@ -360,9 +418,11 @@ fn parse_wait(query: Option<&str>) -> Result<Option<Duration>, ApiError> {
 
 async fn get_drain(
     State(ctx): State<Ctx>,
+    headers: HeaderMap,
     id: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
+    let peers = ctx.may_see_peers(&headers)?;
     let wait = parse_wait(query.as_deref())?;
     let entry = ctx.drain(id)?;
     if let Some(wait) = wait {
@@ -372,7 +432,7 @@ async fn get_drain(
             _ = stop.wait_for(|s| *s) => {}
         }
     }
-    Ok(json(StatusCode::OK, &entry.status()))
+    Ok(ctx.json_for(peers, StatusCode::OK, &entry.status()))
 }
 
 async fn cancel_drain(
@@ -392,8 +452,10 @@ async fn cancel_drain(
 /// `"result"`). Ends after the result.
 async fn stream_drain(
     State(ctx): State<Ctx>,
+    headers: HeaderMap,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
+    let peers = ctx.may_see_peers(&headers)?;
     let entry = ctx.drain(id)?;
     let mut progress = entry.progress.subscribe();
     // The current progress, if any, goes out first.
@@ -402,7 +464,7 @@ async fn stream_drain(
     let state = (progress, report, ctx.shutdown(), false);
     let stream = futures_util::stream::unfold(
         state,
-        |(mut progress, mut report, mut stop, finished)| async move {
+        move |(mut progress, mut report, mut stop, finished)| async move {
             if finished {
                 return None;
             }
@@ -418,8 +480,8 @@ async fn stream_drain(
                 };
                 let (line, finished) = match next {
                     Next::Progress(None) => continue,
-                    Next::Progress(Some(p)) => (typed_line("progress", &p), false),
-                    Next::Done(Some(d)) => (typed_line("result", &d), true),
+                    Next::Progress(Some(p)) => (typed_line("progress", &p, peers), false),
+                    Next::Done(Some(d)) => (typed_line("result", &d, peers), true),
                     Next::Done(None) | Next::Stop => return None,
                 };
                 let state = (progress, report, stop, finished);

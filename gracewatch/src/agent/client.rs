@@ -29,6 +29,11 @@ const REQUEST_SLACK: Duration = Duration::from_secs(30);
 const READY_PATIENCE: Duration = Duration::from_secs(60);
 /// Reconnections `drain --agent` tries when it loses the agent mid-drain.
 const RECONNECTS: u32 = 5;
+/// Largest answer read whole (a status of a host with many processes fits;
+/// an endless or hostile answer does not grow memory past this).
+pub const MAX_ANSWER: usize = 64 * 1024 * 1024;
+/// Longest line of a drain stream (a progress or result object is a few KiB).
+pub const MAX_STREAM_LINE: usize = 1024 * 1024;
 
 /// Why a request to the agent failed.
 #[derive(Debug, thiserror::Error)]
@@ -201,11 +206,10 @@ impl AgentClient {
         let work = async {
             let resp = self.send(method, path, body).await?;
             let status = resp.status();
-            let body = resp
-                .into_body()
+            let body = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER)
                 .collect()
                 .await
-                .context("failed to read the agent's answer")?
+                .map_err(|e| anyhow::anyhow!("failed to read the agent's answer: {e}"))?
                 .to_bytes();
             Ok((status, body))
         };
@@ -312,10 +316,10 @@ impl AgentClient {
         let status = resp.status();
         let mut body = resp.into_body();
         if !status.is_success() {
-            let bytes = body
+            let bytes = http_body_util::Limited::new(body, MAX_STREAM_LINE)
                 .collect()
                 .await
-                .context("failed to read the agent's answer")?
+                .map_err(|e| anyhow::anyhow!("failed to read the agent's answer: {e}"))?
                 .to_bytes();
             return Err(refused(status, &bytes));
         }
@@ -337,6 +341,13 @@ impl AgentClient {
                         .context("the agent's result is not a drain report")?;
                     return Ok(Some(report));
                 }
+            }
+            // What is left is the start of a line: bounded, whatever the
+            // agent (or whoever answers on its address) sends.
+            if buf.len() > MAX_STREAM_LINE {
+                return Err(ClientError::Transport(anyhow::anyhow!(
+                    "the agent's stream sent a line longer than {MAX_STREAM_LINE} bytes"
+                )));
             }
         }
         Ok(None)

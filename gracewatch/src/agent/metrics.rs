@@ -1,5 +1,8 @@
 //! `/metrics`: what the agent exports to Prometheus, through the
-//! `prometheus-client` crate (OpenMetrics text).
+//! `prometheus-client` crate. It encodes OpenMetrics text, served to
+//! clients that ask for it (`Accept: application/openmetrics-text`, as
+//! Prometheus does); everyone else gets the Prometheus text format 0.0.4
+//! it is rewritten to (see [`Format`]).
 //!
 //! Two kinds of series. Those read from the current [`Status`] (per process,
 //! per listener, lost events, BPF run time) are encoded afresh at every
@@ -12,6 +15,8 @@
 //! Label cardinality is bounded by construction: `pid`/`comm` only for
 //! processes that hold a listening socket or a live inbound connection,
 //! `netns`/`address` only for listening sockets, `outcome` has six values.
+//! Label values come from processes (`comm`): control characters in them
+//! are escaped ([`label_safe`]) so no CR or ESC reaches a scraper.
 
 use std::sync::Arc;
 
@@ -35,8 +40,97 @@ use crate::{
     tracker::Status,
 };
 
-/// `Content-Type` of the exposition.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The two exposition formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Format {
+    /// OpenMetrics 1.0 text.
+    OpenMetrics,
+    /// The Prometheus text format 0.0.4 (`text/plain`), the default.
+    Text,
+}
+
+impl Format {
+    /// Picks the format an `Accept` header prefers: OpenMetrics only when it
+    /// is asked for with a quality at least that of `text/plain` or `*/*`.
+    pub(crate) fn negotiate(accept: &str) -> Self {
+        let mut open_metrics = 0.0_f32;
+        let mut text = 0.0_f32;
+        for range in accept.split(',') {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or_default().to_ascii_lowercase();
+            let q = parts
+                .filter_map(|p| p.split_once('='))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+                .and_then(|(_, v)| v.trim().parse::<f32>().ok())
+                .unwrap_or(1.0);
+            match media.as_str() {
+                "application/openmetrics-text" => open_metrics = open_metrics.max(q),
+                "text/plain" | "text/*" | "*/*" => text = text.max(q),
+                _ => {}
+            }
+        }
+        if open_metrics > 0.0 && open_metrics >= text {
+            Self::OpenMetrics
+        } else {
+            Self::Text
+        }
+    }
+
+    pub(crate) fn content_type(self) -> &'static str {
+        match self {
+            Self::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Self::Text => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+}
+
+/// OpenMetrics text as the Prometheus text format 0.0.4: no `# UNIT` or
+/// `# EOF` lines, and counters described under their sample name
+/// (`…_total`), which is what `promtool check metrics` and 0.0.4 parsers
+/// look for.
+fn to_text_format(open_metrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = open_metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open_metrics.len());
+    for line in open_metrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let described = ["# HELP ", "# TYPE "].into_iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match described {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// A label value with control characters (CR, ESC, …) written as Rust
+/// escapes (`\r`, `\u{1b}`): process names are chosen by whoever runs the
+/// process, and must not reach a terminal or a parser raw.
+pub(crate) fn label_safe(value: &str) -> String {
+    if !value.chars().any(char::is_control) {
+        return value.to_owned();
+    }
+    let mut out = String::with_capacity(value.len() + 8);
+    for c in value.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
 
 /// Drain durations range from "already idle" to "long-poll clients for an hour".
 const DRAIN_BUCKETS: [f64; 13] = [
@@ -158,14 +252,17 @@ impl Metrics {
     }
 
     /// The whole exposition: agent-lifetime series, then those of `now`.
-    pub(crate) fn render(&self, now: Scrape) -> Result<String, std::fmt::Error> {
+    pub(crate) fn render(&self, now: Scrape, format: Format) -> Result<String, std::fmt::Error> {
         let mut out = String::new();
         text::encode_registry(&mut out, &self.registry)?;
         let mut current = Registry::default();
         current.register_collector(Box::new(now));
         text::encode_registry(&mut out, &current)?;
         text::encode_eof(&mut out)?;
-        Ok(out)
+        Ok(match format {
+            Format::OpenMetrics => out,
+            Format::Text => to_text_format(&out),
+        })
     }
 }
 
@@ -220,7 +317,7 @@ impl Collector for Scrape {
         )?;
 
         let proc_labels =
-            |pid: u32, comm: &str| [("pid", pid.to_string()), ("comm", comm.to_owned())];
+            |pid: u32, comm: &str| [("pid", pid.to_string()), ("comm", label_safe(comm))];
         {
             let mut m = enc.encode_descriptor(
                 "gracewatch_process_live_connections",
@@ -275,7 +372,7 @@ impl Collector for Scrape {
         let listener_labels = |netns: u32, address: &str| {
             [
                 ("netns", netns.to_string()),
-                ("address", address.to_owned()),
+                ("address", label_safe(address)),
             ]
         };
         type Field = fn(&crate::tracker::ListenerStatus) -> u64;
@@ -397,7 +494,7 @@ mod tests {
             uptime_ms: 1500,
             processes: vec![ProcessStatus {
                 pid: 42,
-                comm: "we\"ird\\name\n".to_owned(),
+                comm: "we\"ird\\name\n\r\u{1b}]0;x".to_owned(),
                 live: 3,
                 listeners: vec!["0.0.0.0:80".to_owned()],
                 accepted_total: 5,
@@ -439,18 +536,21 @@ mod tests {
             message: String::new(),
         });
         let text = m
-            .render(Scrape {
-                status: Some(Arc::new(status())),
-                programs: Some(ProgramStats {
-                    run_time: std::time::Duration::from_millis(250),
-                    run_count: 9,
-                }),
-                bpf_stats_enabled: true,
-            })
+            .render(
+                Scrape {
+                    status: Some(Arc::new(status())),
+                    programs: Some(ProgramStats {
+                        run_time: std::time::Duration::from_millis(250),
+                        run_count: 9,
+                    }),
+                    bpf_stats_enabled: true,
+                },
+                Format::OpenMetrics,
+            )
             .expect("encodes");
         for line in [
             "gracewatch_ready 1",
-            "gracewatch_process_live_connections{pid=\"42\",comm=\"we\\\"ird\\\\name\\n\"} 3",
+            "gracewatch_process_live_connections{pid=\"42\",comm=\"we\\\"ird\\\\name\\\\n\\\\r\\\\u{1b}]0;x\"} 3",
             "gracewatch_listener_live_connections{netns=\"4026531840\",address=\"0.0.0.0:80\"} 3",
             "gracewatch_listener_accept_queue_depth{netns=\"4026531840\",address=\"0.0.0.0:80\"} 1",
             "gracewatch_listener_accepted_connections_total{netns=\"4026531840\",address=\"0.0.0.0:80\"} 5",
@@ -463,7 +563,7 @@ mod tests {
             "gracewatch_drains_running 0",
             "gracewatch_bpf_run_time_seconds_total 0.25",
             "gracewatch_bpf_runs_total 9",
-            "gracewatch_process_oldest_connection_age_seconds{pid=\"42\",comm=\"we\\\"ird\\\\name\\n\"} 2.5",
+            "gracewatch_process_oldest_connection_age_seconds{pid=\"42\",comm=\"we\\\"ird\\\\name\\\\n\\\\r\\\\u{1b}]0;x\"} 2.5",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
@@ -475,8 +575,71 @@ mod tests {
 
     #[test]
     fn before_the_monitor_starts_only_agent_series_are_exported() {
-        let text = Metrics::new().render(Scrape::default()).expect("encodes");
+        let text = Metrics::new()
+            .render(Scrape::default(), Format::Text)
+            .expect("encodes");
         assert!(text.contains("gracewatch_ready 0\n"), "{text}");
         assert!(!text.contains("gracewatch_process_"), "{text}");
+    }
+}
+
+#[cfg(test)]
+mod format_tests {
+    use super::*;
+
+    #[test]
+    fn accept_headers_pick_the_format() {
+        for (accept, want) in [
+            ("", Format::Text),
+            ("text/plain", Format::Text),
+            ("*/*", Format::Text),
+            ("application/json", Format::Text),
+            ("application/openmetrics-text", Format::OpenMetrics),
+            (
+                "application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2",
+                Format::OpenMetrics,
+            ),
+            (
+                "application/openmetrics-text;q=0.2, text/plain",
+                Format::Text,
+            ),
+            ("application/openmetrics-text;q=0", Format::Text),
+        ] {
+            assert_eq!(Format::negotiate(accept), want, "{accept}");
+        }
+    }
+
+    #[test]
+    fn the_text_format_describes_counters_by_sample_name() {
+        let m = Metrics::new();
+        let text = m.render(Scrape::default(), Format::Text).expect("encodes");
+        assert!(
+            text.contains("# HELP gracewatch_connections_accepted_total "),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE gracewatch_connections_accepted_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\ngracewatch_connections_accepted_total 0\n"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
+        );
+        let open = m
+            .render(Scrape::default(), Format::OpenMetrics)
+            .expect("encodes");
+        assert!(open.ends_with("# EOF\n"), "{open}");
+    }
+
+    #[test]
+    fn control_characters_never_reach_a_label_raw() {
+        assert_eq!(label_safe("nginx"), "nginx");
+        let safe = label_safe("a\r\u{1b}[2Jb\u{9b}");
+        assert!(!safe.chars().any(char::is_control), "{safe:?}");
+        assert!(safe.starts_with("a\\r\\u{1b}[2Jb"), "{safe:?}");
     }
 }

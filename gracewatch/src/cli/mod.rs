@@ -250,10 +250,17 @@ pub fn main() -> ExitCode {
         }
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // The agent serves many clients while drains run: two worker threads,
+    // so one busy connection never holds up the rest (its monitor has a
+    // thread of its own). The other commands need one thread.
+    let mut builder = if matches!(cli.command, Command::Agent(_)) {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(2);
+        b
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("gracewatch: failed to start the async runtime: {e}");
