@@ -101,7 +101,7 @@ fn counts_before_and_after_start() {
 
     // The peer closes 3 (those of `after`, which the server has not closed):
     // the server side is in CLOSE_WAIT and the server still holds them, so
-    // they are still live (DESIGN §4).
+    // they are still live (ARCHITECTURE.md §4).
     after.close(3);
     server.wait_count("3 connections in CLOSE_WAIT", |c| {
         c.open == 6 && c.close_wait == 3
@@ -166,7 +166,7 @@ fn reset_by_peer_still_held() {
     // The client aborts its 2 oldest connections (RST). The kernel ends them
     // at once: the server's sockets go to CLOSE, although the server has not
     // noticed and still holds both fds. "Live" is ESTABLISHED or CLOSE_WAIT
-    // (DESIGN §4): a reset connection is over, nothing more can be read from
+    // (ARCHITECTURE.md §4): a reset connection is over, nothing more can be read from
     // or written to it, and a drain must not wait for the server to get
     // around to closing its fd. So live drops by 2 now, not when the fds close.
     client.reset(2);

@@ -1,5 +1,5 @@
 //! The drain gate end to end (`gracewatch drain` / `wait`, issue 3): real
-//! servers, real signals, exit codes as DESIGN.md §5 defines them.
+//! servers, real signals, exit codes as ARCHITECTURE.md §5 defines them.
 //!
 //! `server.py` takes its signals in a dedicated `sigwaitinfo()` thread and
 //! reports each one as `signal NAME T open=N from=PID`, with T its

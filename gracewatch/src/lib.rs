@@ -2,7 +2,7 @@
 //! listener from the kernel (eBPF tracepoints), and gate graceful restarts on
 //! the true drain.
 //!
-//! Data flows one way (DESIGN.md §2): [`source`] (the only module that
+//! Data flows one way (ARCHITECTURE.md §2): [`source`] (the only module that
 //! touches aya, netlink and procfs) produces [`event::ConnEvent`]s and
 //! [`event::Snapshot`]s; [`tracker::Tracker`] folds them into a
 //! [`tracker::Status`]; the consumers ([`cli`], [`agent`]) only read `Status`.

@@ -1,7 +1,8 @@
 //! `cargo xtask setup`: makes the host able to build (and with
 //! `--test-deps`, to test) gracewatch. Every item is checked first and
 //! installed only when missing, so a second run is quick and changes nothing.
-//! The recipe is the one verified in DESIGN.md §7.
+//! The recipe: the aya 0.14 family (newer needs rustc 1.98), the nightly
+//! `rust-src` component, and bpf-linker built against Debian's LLVM 22.
 
 use std::{fs, path::Path, thread, time::Duration};
 

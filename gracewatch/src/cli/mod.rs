@@ -1,4 +1,4 @@
-//! The command line: argument parsing (clap), exit codes (DESIGN.md §5), and
+//! The command line: argument parsing (clap), exit codes (ARCHITECTURE.md §5), and
 //! dispatch to the subcommands. Errors are printed once, here.
 
 mod render;

@@ -2,7 +2,7 @@
 //! connection, confirm it with a fresh look at their own file descriptors,
 //! then signal them — through pidfds opened when they were chosen, so a
 //! recycled pid is never signalled. Used by `gracewatch drain`/`wait`, the
-//! TUI and the agent; the outcome maps to the exit codes of DESIGN.md §5.
+//! TUI and the agent; the outcome maps to the exit codes of ARCHITECTURE.md §5.
 
 mod gate;
 mod policy;
@@ -195,7 +195,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// The process exit code for this outcome (DESIGN.md §5).
+    /// The process exit code for this outcome (ARCHITECTURE.md §5).
     pub fn exit_code(self) -> u8 {
         use crate::cli::exit;
         match self {
