@@ -259,10 +259,6 @@ impl Gate<'_> {
         Ok(account.seen_exit || account.closed_by_exit > 0)
     }
 
-    fn port_counts(&self, port: u16) -> bool {
-        self.spec.ports.is_empty() || self.spec.ports.contains(&port)
-    }
-
     /// Live inbound sockets the targets still hold by their own fd tables,
     /// looked at off the async runtime (procfs, netlink, setns block). A
     /// table that cannot be read decides nothing.
