@@ -19,7 +19,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gracewatch_e2e::{Client, Gracewatch, Netns, STARTUP_TIMEOUT, STATE_TIMEOUT, Server, setup};
+use gracewatch_e2e::{
+    Client, Gracewatch, Netns, STARTUP_TIMEOUT, STATE_TIMEOUT, Server, http, setup,
+};
 use serde_json::{Value, json};
 
 /// How long Prometheus may take to start and to scrape a change.
@@ -83,38 +85,8 @@ fn http(
     stream.write_all(body)?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let chunked = head.lines().any(|l| {
-        l.to_ascii_lowercase()
-            .starts_with("transfer-encoding: chunked")
-    });
-    let body = if chunked {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
-    Ok((code, body))
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        body = rest[n..].trim_start_matches("\r\n");
-    }
-    out
+    let answer = http::parse_answer(&raw);
+    Ok((answer.code, answer.body))
 }
 
 fn percent_encode(s: &str) -> String {

@@ -24,7 +24,10 @@ use std::{
 };
 
 use gracewatch_e2e::{
-    Client, Gracewatch, Netns, PROGRAM_TIMEOUT, STARTUP_TIMEOUT, Server, TempDir, gap_ms, setup,
+    Client, Gracewatch, Netns, PROGRAM_TIMEOUT, STARTUP_TIMEOUT, Server, TempDir, collect_lines,
+    gap_ms,
+    http::{Answer, dechunk, parse_answer},
+    setup,
 };
 use serde_json::{Value, json};
 
@@ -64,46 +67,6 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("ephemeral port")
         .port()
-}
-
-/// An answer: status code, head (lower-cased names), de-chunked body.
-#[derive(Debug)]
-struct Answer {
-    code: u16,
-    head: String,
-    body: String,
-}
-
-fn parse_answer(raw: &[u8]) -> Answer {
-    let text = String::from_utf8_lossy(raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let head = head.to_ascii_lowercase();
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = if head.contains("transfer-encoding: chunked") {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
-    Answer { code, head, body }
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        body = rest[n..].trim_start_matches("\r\n");
-    }
-    out
 }
 
 /// Sends `request` (a whole HTTP/1.1 request, `Connection: close`) and
@@ -171,14 +134,7 @@ impl Agent {
             });
         }
         let mut child = cmd.spawn().expect("spawn gracewatch agent");
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let sink = stderr.clone();
-        let pipe = child.stderr.take().expect("piped");
-        thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-            }
-        });
+        let stderr = collect_lines(child.stderr.take().expect("piped"));
         let agent = Agent {
             child,
             addr,

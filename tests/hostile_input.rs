@@ -36,7 +36,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gracewatch_e2e::{Gracewatch, Netns, STARTUP_TIMEOUT, TempDir, in_ci, setup};
+use gracewatch_e2e::{
+    Gracewatch, Netns, STARTUP_TIMEOUT, TempDir, Tmux, collect_lines, http, setup,
+};
 use serde_json::{Value, json};
 
 /// A refused request or command must answer within this (the old code
@@ -197,14 +199,7 @@ impl Agent {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn agent");
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let sink = stderr.clone();
-        let pipe = child.stderr.take().expect("piped");
-        thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-            }
-        });
+        let stderr = collect_lines(child.stderr.take().expect("piped"));
         let agent = Agent {
             child: Some(child),
             socket,
@@ -248,14 +243,8 @@ impl Agent {
         )?;
         let mut raw = Vec::new();
         stream.read_to_end(&mut raw)?;
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let code = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        Ok((code, body.to_owned(), started.elapsed()))
+        let answer = http::parse_answer(&raw);
+        Ok((answer.code, answer.body, started.elapsed()))
     }
 
     /// POST /v1/drains must answer 400 promptly, with a JSON error naming
@@ -862,114 +851,59 @@ fn process_names_are_escaped_in_status_and_watch() {
     );
 }
 
-/// `tmux` of our own (`-L`), killed on drop.
-struct Tmux(String);
-
-impl Tmux {
-    fn start() -> Option<Tmux> {
-        let socket = format!("gw-hostile-{}", std::process::id());
-        let ok = Command::new("tmux")
-            .args([
-                "-L",
-                &socket,
-                "new-session",
-                "-d",
-                "-s",
-                "tui",
-                "-x",
-                "120",
-                "-y",
-                "40",
-            ])
-            .arg("env PS1='gw$ ' TERM=xterm-256color bash --norc --noprofile")
-            .stdin(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            assert!(!in_ci(), "tmux is not available");
-            eprintln!("skipped: tmux is not available");
-            return None;
-        }
-        Some(Tmux(socket))
-    }
-
-    fn tmux(&self, args: &[&str]) -> String {
-        let out = Command::new("tmux")
-            .args(["-L", &self.0])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run tmux");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    #[track_caller]
-    fn wait(&self, what: &str, check: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        loop {
-            let screen = self.tmux(&["capture-pane", "-p", "-t", "tui"]);
-            if check(&screen) {
-                return screen;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}:\n{screen}"
-            );
-            thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        let _ = Command::new("tmux")
-            .args(["-L", &self.0, "kill-server"])
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
 #[test]
 fn process_names_are_escaped_in_the_tui() {
     let Some(gw) = setup() else { return };
-    let Some(tmux) = Tmux::start() else { return };
+    let Some(tmux) = Tmux::start("hostile") else {
+        return;
+    };
     let ns = Netns::new("hostile-tui");
     let server = EvilServer::start(&ns, 7432);
     let pid = server.pid().to_string();
-    tmux.wait("a prompt", |s| s.contains("gw$"));
-    let title_before = tmux.tmux(&["display-message", "-p", "-t", "tui", "#{pane_title}"]);
-    tmux.tmux(&[
-        "send-keys",
-        "-t",
-        "tui",
-        "-l",
-        &format!("{} tui --port 7432", gw.bin().display()),
-    ]);
-    tmux.tmux(&["send-keys", "-t", "tui", "Enter"]);
+    let shown = |ok: bool, what: &str| {
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("no {what} yet"))
+        }
+    };
+    tmux.wait("a prompt", STARTUP_TIMEOUT, |s| {
+        shown(s.contains("gw$"), "prompt")
+    });
+    let title_before = tmux.title();
+    tmux.type_line(&format!("{} tui --port 7432", gw.bin().display()));
     // The table cuts the name to its column; the escapes show in it.
-    let screen = tmux.wait("the server's row", |s| {
-        s.lines()
-            .any(|l| l.contains(&pid) && l.contains(r"ev\x1b]0;pwn"))
+    let screen = tmux.wait("the server's row", STARTUP_TIMEOUT, |s| {
+        shown(
+            s.lines()
+                .any(|l| l.contains(&pid) && l.contains(r"ev\x1b]0;pwn")),
+            "row",
+        )
     });
     assert!(!screen.contains("pwn\r"), "{screen}");
     // The signal dialog names it in full.
-    tmux.tmux(&["send-keys", "-t", "tui", "s"]);
-    tmux.wait("the signal dialog", |s| {
-        s.contains(&format!("Signal pid {pid} ({EVIL_SHOWN})"))
+    tmux.keys(&["s"]);
+    tmux.wait("the signal dialog", STARTUP_TIMEOUT, |s| {
+        shown(
+            s.contains(&format!("Signal pid {pid} ({EVIL_SHOWN})")),
+            "dialog",
+        )
     });
-    tmux.tmux(&["send-keys", "-t", "tui", "Escape"]);
-    tmux.tmux(&["send-keys", "-t", "tui", "q"]);
-    tmux.wait("the prompt back", |s| {
-        s.lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .is_some_and(|l| l.starts_with("gw$"))
+    tmux.keys(&["Escape"]);
+    tmux.keys(&["q"]);
+    tmux.wait("the prompt back", STARTUP_TIMEOUT, |s| {
+        shown(
+            s.lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .is_some_and(|l| l.starts_with("gw$")),
+            "prompt",
+        )
     });
-    let title_after = tmux.tmux(&["display-message", "-p", "-t", "tui", "#{pane_title}"]);
+    let title_after = tmux.title();
     assert_eq!(
         title_after, title_before,
         "the process name set the terminal's title"
     );
-    assert_ne!(title_after.trim(), "pwn");
+    assert_ne!(title_after, "pwn");
 }

@@ -22,22 +22,25 @@
 
 mod drain;
 mod gracewatch;
+pub mod http;
 mod netns;
 pub mod nginx;
 mod process;
 mod programs;
 mod soft;
 pub mod status;
+mod tmux;
 
 use std::{path::Path, process::Command, time::Duration};
 
 pub use drain::{Drain, Finished, check_drain_shape, gap_ms, monotonic_ns, without_caps};
 pub use gracewatch::{Gracewatch, Watch};
 pub use netns::Netns;
-pub use process::Child;
+pub use process::{Child, collect_lines};
 pub use programs::{Client, ConnCount, Server, SignalSeen, report_signals_of, wait_accepted_sum};
 pub use soft::Soft;
 pub use status::{Expect, holders, listener, live_of, process};
+pub use tmux::Tmux;
 
 /// How long a test waits for gracewatch to reflect a change it caused.
 pub const STATE_TIMEOUT: Duration = Duration::from_secs(5);

@@ -324,15 +324,11 @@ mod tests {
         assert_eq!(liveness(u32::MAX), Liveness::Exited, "not a pid");
     }
 
-    /// A main thread that exited while another thread runs leaves a
-    /// zombie leader, but the process lives on (and holds its fds).
-    #[test]
-    fn a_zombie_leader_with_a_live_thread_is_alive() {
+    /// Runs `script` in python3 with piped stdin and returns once it printed
+    /// its first line (the script is set up), with that line.
+    fn python_ready(script: &str) -> (std::process::Child, String) {
         let mut child = std::process::Command::new("python3")
-            .args([
-                "-c",
-                "import ctypes,sys,threading\nthreading.Thread(target=sys.stdin.read).start()\nprint('ok', flush=True)\nctypes.CDLL(None).syscall(60, 0)",
-            ])
+            .args(["-c", script])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -341,6 +337,16 @@ mod tests {
         let _ = std::io::BufRead::read_line(
             &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
             &mut line,
+        );
+        (child, line)
+    }
+
+    /// A main thread that exited while another thread runs leaves a
+    /// zombie leader, but the process lives on (and holds its fds).
+    #[test]
+    fn a_zombie_leader_with_a_live_thread_is_alive() {
+        let (mut child, _) = python_ready(
+            "import ctypes,sys,threading\nthreading.Thread(target=sys.stdin.read).start()\nprint('ok', flush=True)\nctypes.CDLL(None).syscall(60, 0)",
         );
         let pid = child.id();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -376,19 +382,8 @@ mod tests {
     async fn comm_and_parent_of_a_process_whose_name_is_not_utf8() {
         // PR_SET_NAME on a thread of ours names the thread; the process's
         // comm is its main thread's, so use a child that renames itself.
-        let mut child = std::process::Command::new("python3")
-            .args([
-                "-c",
-                "import ctypes,sys\nctypes.CDLL(None).prctl(15, b'\\xff\\xfe(x) y', 0, 0, 0)\nprint('ok', flush=True)\nsys.stdin.read()",
-            ])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn python3");
-        let mut line = String::new();
-        let _ = std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
-            &mut line,
+        let (mut child, line) = python_ready(
+            "import ctypes,sys\nctypes.CDLL(None).prctl(15, b'\\xff\\xfe(x) y', 0, 0, 0)\nprint('ok', flush=True)\nsys.stdin.read()",
         );
         let pid = child.id();
         assert_eq!(line.trim(), "ok");
