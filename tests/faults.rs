@@ -134,7 +134,20 @@ fn ring_buffer_overflow_is_reported_and_repaired() {
     // 4 KiB holds ~45 events; 900 connections make ~2700 in a burst.
     // (900: the default fd limit of 1024 bounds one python process.)
     let watch = gw.watch(&["--ring-buffer-size", "4096", "--port", "7602"]);
-    let (srv, pid, client) = sharer(&ns, "127.0.0.1:7602", 900);
+    // A reader on its own thread can keep up with a burst this size; frozen,
+    // it cannot, and the programs must drop what does not fit.
+    let gw_pid = watch.pid().expect("watch runs").to_string();
+    let signal = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &gw_pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {gw_pid} failed");
+    };
+    signal("-STOP");
+    let burst = std::panic::catch_unwind(|| sharer(&ns, "127.0.0.1:7602", 900));
+    signal("-CONT");
+    let (srv, pid, client) = burst.unwrap_or_else(|e| std::panic::resume_unwind(e));
     let st = watch.wait_until(T, "900 live with lost events reported", |s| {
         live_of(s, pid) == Some(900) && s["lost_events"].as_u64().is_some_and(|n| n > 0)
     });
