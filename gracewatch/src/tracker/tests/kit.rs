@@ -1,0 +1,554 @@
+//! The test kit: named builders for events, snapshots and expected status
+//! fragments, the table runner with its [`case!`] macro (one `#[test]` per
+//! row, so a failure names its case and rows run in parallel), and the
+//! invariants checked after every step.
+
+pub(super) use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    time::Duration,
+};
+
+pub(super) use crate::event::{
+    ConnEvent, Holder, ListenAddr, NetNs, SnapConn, SnapListener, Snapshot, Tuple,
+};
+pub(super) use crate::tracker::{
+    ConnInfo, ListenerStatus, ProcessStatus, STATUS_SCHEMA, Status, Tracker,
+};
+
+/// One table row as its own test: `case!(name, [steps], [expected])`, or
+/// `case!(name, now = MS, [steps], [expected])` to read the status at another
+/// time than 100 s.
+macro_rules! case {
+    ($name:ident, now = $now:expr, [$($step:expr),* $(,)?], [$($expect:expr),* $(,)?] $(,)?) => {
+        #[test]
+        fn $name() {
+            $crate::tracker::tests::kit::run_case(
+                stringify!($name),
+                &[$($step),*],
+                $now,
+                &[$($expect),*],
+            );
+        }
+    };
+    ($name:ident, [$($step:expr),* $(,)?], [$($expect:expr),* $(,)?] $(,)?) => {
+        case!($name, now = 100_000, [$($step),*], [$($expect),*]);
+    };
+}
+
+pub(super) const NS: NetNs = 4_026_531_840;
+pub(super) const NS2: NetNs = 4_026_532_001;
+
+// --- vocabulary -------------------------------------------------------------
+
+pub(super) fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+pub(super) fn socket_addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+pub(super) fn listen_addr(s: &str) -> ListenAddr {
+    listen_addr_in(NS, s)
+}
+
+pub(super) fn listen_addr_in(netns: NetNs, s: &str) -> ListenAddr {
+    ListenAddr {
+        netns,
+        local: socket_addr(s),
+    }
+}
+
+pub(super) fn tuple(local: &str, remote: &str) -> Tuple {
+    tuple_in(NS, local, remote)
+}
+
+pub(super) fn tuple_in(netns: NetNs, local: &str, remote: &str) -> Tuple {
+    Tuple {
+        netns,
+        local: socket_addr(local),
+        remote: socket_addr(remote),
+    }
+}
+
+/// Connection `n` to 10.0.0.1:80.
+pub(super) fn conn_v4(n: u16) -> Tuple {
+    tuple("10.0.0.1:80", &format!("192.0.2.1:{}", 40000 + n))
+}
+
+/// Connection `n` to 10.0.0.1:`port`.
+pub(super) fn conn_v4_port(port: u16, n: u16) -> Tuple {
+    tuple(
+        &format!("10.0.0.1:{port}"),
+        &format!("192.0.2.1:{}", 40000 + n),
+    )
+}
+
+pub(super) fn wildcard_v4() -> ListenAddr {
+    listen_addr("0.0.0.0:80")
+}
+
+pub(super) fn specific_v4() -> ListenAddr {
+    listen_addr("10.0.0.1:80")
+}
+
+pub(super) fn wildcard_v6() -> ListenAddr {
+    listen_addr("[::]:80")
+}
+
+pub(super) fn specific_v6() -> ListenAddr {
+    listen_addr("[2001:db8::1]:443")
+}
+
+pub(super) fn conn_v6() -> Tuple {
+    tuple("[2001:db8::1]:443", "[2001:db8::99]:50000")
+}
+
+/// An IPv4 client of a dual-stack IPv6 socket, as the kernel reports it.
+pub(super) fn conn_v4_mapped() -> Tuple {
+    tuple("[::ffff:10.0.0.1]:80", "[::ffff:192.0.2.7]:40007")
+}
+
+pub(super) fn event_comm(pid: u32) -> String {
+    format!("e{pid}")
+}
+
+pub(super) fn listen_start(at: u64, sk: u64, addr: ListenAddr, pid: u32) -> Step {
+    Step::Ev(ConnEvent::ListenStart {
+        at: ms(at),
+        sk,
+        addr,
+        pid,
+        comm: event_comm(pid),
+    })
+}
+
+pub(super) fn listen_stop(at: u64, sk: u64, addr: ListenAddr, pid: u32) -> Step {
+    Step::Ev(ConnEvent::ListenStop {
+        at: ms(at),
+        sk,
+        addr,
+        pid,
+        comm: event_comm(pid),
+    })
+}
+
+pub(super) fn handshake(at: u64, sk: u64, tuple: Tuple) -> Step {
+    Step::Ev(ConnEvent::Handshake {
+        at: ms(at),
+        sk,
+        tuple,
+    })
+}
+
+/// A process accepts a connection that was not counted in the queue (its
+/// handshake came before the programs attached, or was not seen).
+pub(super) fn accept(at: u64, sk: u64, tuple: Tuple, pid: u32) -> Step {
+    accept_event(at, sk, tuple, pid, false)
+}
+
+/// A process accepts a connection whose handshake was counted in the queue.
+pub(super) fn accept_queued(at: u64, sk: u64, tuple: Tuple, pid: u32) -> Step {
+    accept_event(at, sk, tuple, pid, true)
+}
+
+fn accept_event(at: u64, sk: u64, tuple: Tuple, pid: u32, was_queued: bool) -> Step {
+    Step::Ev(ConnEvent::Accept {
+        at: ms(at),
+        sk,
+        tuple,
+        pid,
+        comm: event_comm(pid),
+        was_queued,
+    })
+}
+
+pub(super) fn close(at: u64, sk: u64, tuple: Tuple, pid: u32) -> Step {
+    Step::Ev(ConnEvent::Close {
+        at: ms(at),
+        sk,
+        tuple,
+        pid,
+        by_exit: false,
+    })
+}
+
+pub(super) fn queue_drop(at: u64, sk: u64, tuple: Tuple) -> Step {
+    Step::Ev(ConnEvent::QueueDrop {
+        at: ms(at),
+        sk,
+        tuple,
+    })
+}
+
+pub(super) fn preexisting_close(at: u64, tuple: Tuple, pid: u32) -> Step {
+    Step::Ev(ConnEvent::PreexistingClose {
+        at: ms(at),
+        tuple,
+        pid,
+        by_exit: false,
+    })
+}
+
+pub(super) fn process_exit(at: u64, pid: u32) -> Step {
+    Step::Ev(ConnEvent::ProcessExit { at: ms(at), pid })
+}
+
+pub(super) fn lost_events(at: u64, total: u64) -> Step {
+    Step::Ev(ConnEvent::Lost { at: ms(at), total })
+}
+
+pub(super) fn holders(pids: &[u32]) -> Vec<Holder> {
+    pids.iter()
+        .map(|&pid| Holder {
+            pid,
+            comm: format!("s{pid}"),
+        })
+        .collect()
+}
+
+pub(super) fn snap_listener(
+    addr: ListenAddr,
+    inode: u64,
+    accept_queue: u32,
+    pids: &[u32],
+) -> SnapListener {
+    SnapListener {
+        addr,
+        inode,
+        accept_queue,
+        holders: holders(pids),
+    }
+}
+
+/// TCP states as `sock_diag` reports them.
+pub(super) const ESTABLISHED: u8 = 1;
+pub(super) const CLOSE_WAIT: u8 = 8;
+
+pub(super) fn snap_conn(tuple: Tuple, inode: u64, state: u8, pids: &[u32]) -> SnapConn {
+    SnapConn {
+        tuple,
+        inode,
+        state,
+        holders: holders(pids),
+    }
+}
+
+/// A snapshot step and the (tuple, pid charged) pairs it must return.
+pub(super) fn snapshot(
+    at: u64,
+    listeners: Vec<SnapListener>,
+    connections: Vec<SnapConn>,
+    returns: Vec<(Tuple, u32)>,
+) -> Step {
+    Step::Snap(
+        Snapshot {
+            at: ms(at),
+            listeners,
+            connections,
+        },
+        returns,
+    )
+}
+
+pub(super) fn forget(tuple: Tuple) -> Step {
+    Step::Forget(tuple)
+}
+
+pub(super) enum Step {
+    Ev(ConnEvent),
+    Snap(Snapshot, Vec<(Tuple, u32)>),
+    Forget(Tuple),
+}
+
+/// A fragment of the expected outcome.
+#[derive(Debug)]
+pub(super) enum Expect {
+    /// Exactly these pids in `status.processes`, in this order.
+    Processes(Vec<u32>),
+    Live(u32, u64),
+    /// (pid, accepted_total, closed_total)
+    Totals(u32, u64, u64),
+    ProcListeners(u32, Vec<&'static str>),
+    Comm(u32, &'static str),
+    Oldest(u32, Option<u64>),
+    /// Exactly these listeners, in this order.
+    Listeners(Vec<(NetNs, &'static str)>),
+    /// A listener's holders with their live counts, in order.
+    Holders(ListenAddr, Vec<(u32, u64)>),
+    Queue(ListenAddr, u64),
+    /// (listener, accepted_total, queue_drops_total)
+    ListenerTotals(ListenAddr, u64, u64),
+    Family(ListenAddr, &'static str),
+    Lost(u64),
+    /// `connections_of(pid)`: (tuple, preexisting, listener), oldest first.
+    Connections(u32, Vec<(Tuple, bool, Option<ListenAddr>)>),
+    ConnectionHolders(u32, Tuple, Vec<u32>),
+    ConnectionSince(u32, Tuple, u64),
+    LiveOf(u32, Vec<u16>, u64),
+    Unmatched(u64),
+    Uptime(u64),
+    /// Kernel-reported connections the last merge retired: (sk, accepted at ms).
+    Retired(Vec<(u64, u64)>),
+}
+
+pub(super) fn run_steps(name: &str, steps: &[Step]) -> Tracker {
+    let mut t = Tracker::new();
+    for (i, step) in steps.iter().enumerate() {
+        match step {
+            Step::Ev(ev) => t.apply(ev),
+            Step::Snap(s, want) => {
+                let got = t.merge_snapshot(s);
+                assert_eq!(&got, want, "{name}: step {i}: merge_snapshot returned");
+            }
+            Step::Forget(tuple) => t.forget_connection(tuple),
+        }
+        check_invariants(&t, ms(100_000), &format!("{name}: after step {i}"));
+    }
+    t
+}
+
+/// Runs one table row: the steps (checking the invariants after each), then
+/// every expected fragment against the status at `now` (ms).
+pub(super) fn run_case(name: &str, steps: &[Step], now: u64, expect: &[Expect]) {
+    let t = run_steps(name, steps);
+    let st = t.status(ms(now));
+    for e in expect {
+        check(name, &t, &st, e);
+    }
+}
+
+fn proc_of<'a>(name: &str, st: &'a Status, pid: u32) -> &'a ProcessStatus {
+    st.processes
+        .iter()
+        .find(|p| p.pid == pid)
+        .unwrap_or_else(|| panic!("{name}: pid {pid} not in status: {st:#?}"))
+}
+
+fn listener_of<'a>(name: &str, st: &'a Status, addr: &ListenAddr) -> &'a ListenerStatus {
+    let address = addr.local.to_string();
+    st.listeners
+        .iter()
+        .find(|l| l.netns == addr.netns && l.address == address)
+        .unwrap_or_else(|| panic!("{name}: listener {address} not in status: {st:#?}"))
+}
+
+fn check(name: &str, t: &Tracker, st: &Status, e: &Expect) {
+    let ctx = format!("{name}: {e:?}");
+    match e {
+        Expect::Retired(want) => {
+            let want: Vec<(u64, Duration)> = want.iter().map(|&(sk, at)| (sk, ms(at))).collect();
+            assert_eq!(t.retired, want, "{ctx}");
+        }
+        Expect::Processes(pids) => {
+            let got: Vec<u32> = st.processes.iter().map(|p| p.pid).collect();
+            assert_eq!(&got, pids, "{ctx}");
+        }
+        Expect::Live(pid, n) => {
+            // A process holding nothing is absent; its live count is zero.
+            let got = st
+                .processes
+                .iter()
+                .find(|p| p.pid == *pid)
+                .map_or(0, |p| p.live);
+            assert_eq!(got, *n, "{ctx}");
+            assert_eq!(t.live_of(*pid, &[]), *n, "{ctx}: live_of");
+        }
+        Expect::Totals(pid, accepted, closed) => {
+            let p = proc_of(name, st, *pid);
+            assert_eq!(
+                (p.accepted_total, p.closed_total),
+                (*accepted, *closed),
+                "{ctx}"
+            );
+        }
+        Expect::ProcListeners(pid, addrs) => {
+            assert_eq!(&proc_of(name, st, *pid).listeners, addrs, "{ctx}");
+        }
+        Expect::Comm(pid, comm) => assert_eq!(proc_of(name, st, *pid).comm, *comm, "{ctx}"),
+        Expect::Oldest(pid, want) => {
+            assert_eq!(proc_of(name, st, *pid).oldest_live_ms, *want, "{ctx}")
+        }
+        Expect::Listeners(want) => {
+            let got: Vec<(NetNs, String)> = st
+                .listeners
+                .iter()
+                .map(|l| (l.netns, l.address.clone()))
+                .collect();
+            let want: Vec<(NetNs, String)> =
+                want.iter().map(|(n, a)| (*n, (*a).to_owned())).collect();
+            assert_eq!(got, want, "{ctx}");
+        }
+        Expect::Holders(addr, want) => {
+            let got: Vec<(u32, u64)> = listener_of(name, st, addr)
+                .holders
+                .iter()
+                .map(|h| (h.pid, h.live))
+                .collect();
+            assert_eq!(&got, want, "{ctx}");
+        }
+        Expect::Queue(addr, n) => assert_eq!(listener_of(name, st, addr).accept_queue, *n, "{ctx}"),
+        Expect::ListenerTotals(addr, accepted, drops) => {
+            let l = listener_of(name, st, addr);
+            assert_eq!(
+                (l.accepted_total, l.queue_drops_total),
+                (*accepted, *drops),
+                "{ctx}"
+            );
+        }
+        Expect::Family(addr, family) => {
+            assert_eq!(listener_of(name, st, addr).family, *family, "{ctx}")
+        }
+        Expect::Lost(n) => assert_eq!(st.lost_events, *n, "{ctx}"),
+        Expect::Connections(pid, want) => {
+            let got: Vec<(Tuple, bool, Option<ListenAddr>)> = t
+                .connections_of(*pid)
+                .into_iter()
+                .map(|c| (c.tuple, c.preexisting, c.listener))
+                .collect();
+            assert_eq!(&got, want, "{ctx}");
+        }
+        Expect::ConnectionHolders(pid, tuple, want) => {
+            let c = t
+                .connections_of(*pid)
+                .into_iter()
+                .find(|c| c.tuple == *tuple);
+            assert_eq!(c.map(|c| c.holders), Some(want.clone()), "{ctx}");
+        }
+        Expect::ConnectionSince(pid, tuple, since) => {
+            let c = t
+                .connections_of(*pid)
+                .into_iter()
+                .find(|c| c.tuple == *tuple);
+            assert_eq!(c.map(|c| c.since), Some(ms(*since)), "{ctx}");
+        }
+        Expect::LiveOf(pid, ports, n) => assert_eq!(t.live_of(*pid, ports), *n, "{ctx}"),
+        Expect::Unmatched(n) => assert_eq!(t.unmatched_queue, *n, "{ctx}"),
+        Expect::Uptime(n) => assert_eq!(st.uptime_ms, *n, "{ctx}"),
+    }
+}
+
+/// What must hold after any input sequence.
+pub(super) fn check_invariants(t: &Tracker, now: Duration, ctx: &str) {
+    let st = t.status(now);
+    assert_eq!(st.schema, STATUS_SCHEMA, "{ctx}");
+    let mut pids: Vec<u32> = t.pids().collect();
+    pids.sort_unstable();
+    let listed: Vec<u32> = st.processes.iter().map(|p| p.pid).collect();
+    assert_eq!(
+        pids, listed,
+        "{ctx}: pids() lists exactly the processes of status()"
+    );
+
+    // Indexes agree with the records.
+    for (sk, tuple) in &t.conn_by_sk {
+        assert_eq!(
+            t.conns.get(tuple).and_then(|c| c.sk),
+            Some(*sk),
+            "{ctx}: conn_by_sk"
+        );
+    }
+    for (tuple, c) in &t.conns {
+        assert!(
+            !c.holders.is_empty(),
+            "{ctx}: connection {tuple:?} without holders"
+        );
+        if let Some(sk) = c.sk {
+            assert_eq!(t.conn_by_sk.get(&sk), Some(tuple), "{ctx}: sk index");
+        }
+        if let Some(l) = c.listener {
+            assert!(
+                t.listeners.contains_key(&l),
+                "{ctx}: connection names a gone listener"
+            );
+        }
+    }
+    for (sk, addr) in &t.listener_by_sk {
+        let l = t
+            .listeners
+            .get(addr)
+            .unwrap_or_else(|| panic!("{ctx}: listener_by_sk to a gone listener"));
+        assert!(
+            l.sockets.iter().any(|s| s.sk == Some(*sk)),
+            "{ctx}: listener_by_sk"
+        );
+    }
+    for (addr, l) in &t.listeners {
+        assert!(
+            !l.sockets.is_empty(),
+            "{ctx}: listener {addr:?} without sockets"
+        );
+        for s in &l.sockets {
+            if let Some(sk) = s.sk {
+                assert_eq!(
+                    t.listener_by_sk.get(&sk),
+                    Some(addr),
+                    "{ctx}: socket sk not indexed"
+                );
+            }
+        }
+    }
+
+    // Process records: exactly the pids holding something, with exact counts.
+    let mut holding: BTreeMap<u32, u64> = BTreeMap::new();
+    for c in t.conns.values() {
+        for pid in &c.holders {
+            *holding.entry(*pid).or_default() += 1;
+        }
+    }
+    for l in t.listeners.values() {
+        for pid in l.holder_pids() {
+            holding.entry(pid).or_default();
+        }
+    }
+    let recorded: BTreeSet<u32> = t.procs.keys().copied().collect();
+    let expected: BTreeSet<u32> = holding.keys().copied().collect();
+    assert_eq!(recorded, expected, "{ctx}: process records");
+    for (pid, n) in &holding {
+        assert_eq!(t.procs[pid].live, *n, "{ctx}: live counter of {pid}");
+    }
+
+    // Status agrees with the records and with the queries.
+    let pids: Vec<u32> = st.processes.iter().map(|p| p.pid).collect();
+    assert_eq!(
+        pids,
+        holding.keys().copied().collect::<Vec<_>>(),
+        "{ctx}: status pids"
+    );
+    for p in &st.processes {
+        let n = holding[&p.pid];
+        assert_eq!(p.live, n, "{ctx}: live of {}", p.pid);
+        assert_eq!(t.live_of(p.pid, &[]), n, "{ctx}: live_of");
+        let conns = t.connections_of(p.pid);
+        assert_eq!(conns.len() as u64, n, "{ctx}: connections_of");
+        assert!(
+            conns.windows(2).all(|w| w[0].since <= w[1].since),
+            "{ctx}: oldest first"
+        );
+        assert_eq!(p.oldest_live_ms.is_some(), n > 0, "{ctx}: oldest_live_ms");
+        let through: u64 = st
+            .listeners
+            .iter()
+            .flat_map(|l| &l.holders)
+            .filter(|h| h.pid == p.pid)
+            .map(|h| h.live)
+            .sum();
+        assert!(
+            through <= p.live,
+            "{ctx}: listener lives of {} exceed its live",
+            p.pid
+        );
+    }
+    let keys: Vec<(NetNs, SocketAddr)> = t.listeners.keys().map(|a| (a.netns, a.local)).collect();
+    assert!(
+        keys.windows(2).all(|w| w[0] < w[1]),
+        "{ctx}: listeners sorted"
+    );
+    for l in &st.listeners {
+        assert!(
+            l.holders.windows(2).all(|w| w[0].pid < w[1].pid),
+            "{ctx}: holders sorted"
+        );
+    }
+}
