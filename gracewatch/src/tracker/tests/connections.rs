@@ -5,7 +5,6 @@ use super::kit::*;
 
 // --- accept and close ---
 
-// handshakes queue on the listener
 case!(
     handshakes_queue_on_the_listener,
     [
@@ -16,7 +15,6 @@ case!(
     [Expect::Queue(wildcard_v4(), 2), Expect::Live(10, 0)]
 );
 
-// a queued accept leaves the queue and goes live
 case!(
     a_queued_accept_leaves_the_queue_and_goes_live,
     [
@@ -36,7 +34,7 @@ case!(
     ]
 );
 
-// processes that accept without listening become holders (prefork workers)
+// Processes that accept without listening become holders (prefork workers).
 case!(
     prefork_workers_that_accept_without_listening_become_holders,
     [
@@ -54,7 +52,6 @@ case!(
     ]
 );
 
-// close ends the connection
 case!(
     close_ends_the_connection,
     [
@@ -72,7 +69,6 @@ case!(
     ]
 );
 
-// close with an unknown sk falls back to the tuple
 case!(
     close_with_an_unknown_sk_falls_back_to_the_tuple,
     [
@@ -87,14 +83,12 @@ case!(
     [Expect::Live(10, 0), Expect::Totals(10, 0, 1)]
 );
 
-// close of a connection never seen is ignored
 case!(
     close_of_a_connection_never_seen_is_ignored,
     [close(5, 999, conn_v4(1), 77)],
     [Expect::Processes(vec![]), Expect::Listeners(vec![])]
 );
 
-// close older than the connection with that tuple is ignored
 case!(
     close_older_than_the_connection_with_that_tuple_is_ignored,
     [
@@ -109,7 +103,6 @@ case!(
     [Expect::Live(10, 1)]
 );
 
-// a duplicate accept is counted once
 case!(
     a_duplicate_accept_is_counted_once,
     [
@@ -124,7 +117,6 @@ case!(
     ]
 );
 
-// an sk reused by a new connection replaces the stale one
 case!(
     an_sk_reused_by_a_new_connection_replaces_the_stale_one,
     [
@@ -139,7 +131,6 @@ case!(
     ]
 );
 
-// a tuple reused with a new sk replaces the stale one
 case!(
     a_tuple_reused_with_a_new_sk_replaces_the_stale_one,
     [
@@ -155,7 +146,6 @@ case!(
     ]
 );
 
-// accept with no known listener still counts
 case!(
     accept_with_no_known_listener_still_counts,
     [accept(2, 200, conn_v4(1), 10)],
@@ -168,7 +158,6 @@ case!(
     ]
 );
 
-// the most specific listener wins
 case!(
     the_most_specific_listener_wins,
     [
@@ -185,7 +174,6 @@ case!(
     ]
 );
 
-// an IPv4 wildcard beats the dual-stack IPv6 wildcard
 case!(
     an_ipv4_wildcard_beats_the_dual_stack_ipv6_wildcard,
     [
@@ -199,7 +187,6 @@ case!(
     ]
 );
 
-// IPv6 end to end
 case!(
     ipv6_end_to_end,
     [
@@ -216,7 +203,6 @@ case!(
     ]
 );
 
-// IPv6 close
 case!(
     ipv6_close,
     [
@@ -230,7 +216,6 @@ case!(
     ]
 );
 
-// dual-stack: an IPv4-mapped accept on the IPv6 wildcard listener
 case!(
     dual_stack_an_ipv4_mapped_accept_on_the_ipv6_wildcard_listener,
     [
@@ -244,7 +229,6 @@ case!(
     ]
 );
 
-// CLOSE_WAIT has no event: only Close ends a connection
 case!(
     close_wait_has_no_event_only_close_ends_a_connection,
     [
@@ -254,7 +238,6 @@ case!(
     [Expect::Live(10, 1), Expect::Oldest(10, Some(100_000 - 2))]
 );
 
-// oldest_live_ms follows the oldest live connection
 case!(
     oldest_live_ms_follows_the_oldest_live_connection,
     [
@@ -265,7 +248,6 @@ case!(
     [Expect::Oldest(10, Some(100_000 - 3_000))]
 );
 
-// oldest_live_ms never goes negative
 case!(
     oldest_live_ms_never_goes_negative,
     now = 1_000,
@@ -275,7 +257,6 @@ case!(
 
 // --- accept queue ---
 
-// a queue drop leaves the queue and counts
 case!(
     a_queue_drop_leaves_the_queue_and_counts,
     [
@@ -290,7 +271,6 @@ case!(
     ]
 );
 
-// queue drops saturate at zero
 case!(
     queue_drops_saturate_at_zero,
     [
@@ -304,7 +284,6 @@ case!(
     ]
 );
 
-// a handshake no listener matches is kept aside
 case!(
     a_handshake_no_listener_matches_is_kept_aside,
     [handshake(2, 200, conn_v4(1)), handshake(2, 201, conn_v4(2))],
@@ -315,7 +294,6 @@ case!(
     ]
 );
 
-// unmatched queue drains by drop and by accept
 case!(
     unmatched_queue_drains_by_drop_and_by_accept,
     [
@@ -328,7 +306,7 @@ case!(
     [Expect::Unmatched(0), Expect::Live(10, 1)]
 );
 
-// a closing listener hands its queue to the unmatched count until the drops arrive
+// A closing listener hands its queue to the unmatched count until the drops arrive.
 case!(
     closing_listener_hands_its_queue_to_the_unmatched_count,
     [
@@ -340,7 +318,7 @@ case!(
     [Expect::Listeners(vec![]), Expect::Unmatched(2)]
 );
 
-// ... and the drops take it back
+// After a listener closed with a queue, the drops take it back from the unmatched count.
 case!(
     drops_after_the_listener_closed_take_its_queue_back,
     [
@@ -354,7 +332,7 @@ case!(
     [Expect::Unmatched(0)]
 );
 
-// the snapshot's queue beyond the counted one is a pre-existing remainder
+// The snapshot's queue beyond the counted one is a pre-existing remainder.
 case!(
     snapshot_queue_beyond_the_counted_one_is_a_remainder,
     [
@@ -370,7 +348,7 @@ case!(
     [Expect::Queue(wildcard_v4(), 3)]
 );
 
-// an unqueued accept takes from the remainder, a queued one from the count
+// An unqueued accept takes from the remainder, a queued one from the count.
 case!(
     unqueued_accept_takes_from_the_remainder_queued_from_the_count,
     [
@@ -390,7 +368,6 @@ case!(
     [Expect::Queue(wildcard_v4(), 0), Expect::Live(10, 4)]
 );
 
-// a snapshot with a smaller queue leaves no remainder
 case!(
     a_snapshot_with_a_smaller_queue_leaves_no_remainder,
     [
@@ -409,7 +386,6 @@ case!(
 
 // --- queries ---
 
-// connections_of is oldest first; live_of filters by port
 case!(
     connections_of_is_oldest_first_live_of_filters_by_port,
     [

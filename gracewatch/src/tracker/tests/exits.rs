@@ -3,7 +3,6 @@
 
 use super::kit::*;
 
-// exit removes the process from listeners and connections
 case!(
     exit_removes_the_process_from_listeners_and_connections,
     [
@@ -21,7 +20,6 @@ case!(
     ]
 );
 
-// exit keeps a shared connection for the other holder
 case!(
     exit_keeps_a_shared_connection_for_the_other_holder,
     [
@@ -41,7 +39,6 @@ case!(
     ]
 );
 
-// the kernel's Close after an exit is ignored
 case!(
     the_kernels_close_after_an_exit_is_ignored,
     [
@@ -54,7 +51,6 @@ case!(
     [Expect::Processes(vec![]), Expect::Listeners(vec![])]
 );
 
-// a late birth of an exited process does not resurrect it
 case!(
     a_late_birth_of_an_exited_process_does_not_resurrect_it,
     [
@@ -69,7 +65,6 @@ case!(
     ]
 );
 
-// a recycled pid starts fresh
 case!(
     a_recycled_pid_starts_fresh,
     [
@@ -84,7 +79,6 @@ case!(
     ]
 );
 
-// a process that let go of everything is forgotten
 case!(
     a_process_that_let_go_of_everything_is_forgotten,
     [
@@ -95,7 +89,6 @@ case!(
     [Expect::Processes(vec![10]), Expect::Totals(10, 1, 0)]
 );
 
-// exit of an unknown pid is harmless
 case!(
     exit_of_an_unknown_pid_is_harmless,
     [listen_start(1, 100, wildcard_v4(), 10), process_exit(5, 99)],

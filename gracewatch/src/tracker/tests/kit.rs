@@ -36,23 +36,28 @@ macro_rules! case {
     };
 }
 
+/// The host namespace and another one.
 pub(super) const NS: NetNs = 4_026_531_840;
 pub(super) const NS2: NetNs = 4_026_532_001;
 
 // --- vocabulary -------------------------------------------------------------
 
+/// `n` milliseconds of the monotonic clock events are stamped with.
 pub(super) fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
+/// Parses `ip:port`.
 pub(super) fn socket_addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
+/// A listening address in the default namespace [`NS`].
 pub(super) fn listen_addr(s: &str) -> ListenAddr {
     listen_addr_in(NS, s)
 }
 
+/// A listening address in namespace `netns`.
 pub(super) fn listen_addr_in(netns: NetNs, s: &str) -> ListenAddr {
     ListenAddr {
         netns,
@@ -60,10 +65,12 @@ pub(super) fn listen_addr_in(netns: NetNs, s: &str) -> ListenAddr {
     }
 }
 
+/// A connection `local` <- `remote` in the default namespace [`NS`].
 pub(super) fn tuple(local: &str, remote: &str) -> Tuple {
     tuple_in(NS, local, remote)
 }
 
+/// A connection `local` <- `remote` in namespace `netns`.
 pub(super) fn tuple_in(netns: NetNs, local: &str, remote: &str) -> Tuple {
     Tuple {
         netns,
@@ -85,22 +92,27 @@ pub(super) fn conn_v4_port(port: u16, n: u16) -> Tuple {
     )
 }
 
+/// The IPv4 wildcard listener on port 80.
 pub(super) fn wildcard_v4() -> ListenAddr {
     listen_addr("0.0.0.0:80")
 }
 
+/// A listener on one IPv4 address, port 80 (more specific than the wildcard).
 pub(super) fn specific_v4() -> ListenAddr {
     listen_addr("10.0.0.1:80")
 }
 
+/// The IPv6 wildcard listener on port 80 (dual stack).
 pub(super) fn wildcard_v6() -> ListenAddr {
     listen_addr("[::]:80")
 }
 
+/// A listener on one IPv6 address, port 443.
 pub(super) fn specific_v6() -> ListenAddr {
     listen_addr("[2001:db8::1]:443")
 }
 
+/// A connection to `specific_v6()`.
 pub(super) fn conn_v6() -> Tuple {
     tuple("[2001:db8::1]:443", "[2001:db8::99]:50000")
 }
@@ -110,6 +122,7 @@ pub(super) fn conn_v4_mapped() -> Tuple {
     tuple("[::ffff:10.0.0.1]:80", "[::ffff:192.0.2.7]:40007")
 }
 
+/// The comm an event reports for `pid` (a snapshot reports `s{pid}`).
 pub(super) fn event_comm(pid: u32) -> String {
     format!("e{pid}")
 }
@@ -199,6 +212,7 @@ pub(super) fn lost_events(at: u64, total: u64) -> Step {
     Step::Ev(ConnEvent::Lost { at: ms(at), total })
 }
 
+/// Holders as a snapshot reports them (comm `s{pid}`).
 pub(super) fn holders(pids: &[u32]) -> Vec<Holder> {
     pids.iter()
         .map(|&pid| Holder {
@@ -208,6 +222,7 @@ pub(super) fn holders(pids: &[u32]) -> Vec<Holder> {
         .collect()
 }
 
+/// A listening socket in a snapshot, with its accept queue and holders.
 pub(super) fn snap_listener(
     addr: ListenAddr,
     inode: u64,
@@ -226,6 +241,7 @@ pub(super) fn snap_listener(
 pub(super) const ESTABLISHED: u8 = 1;
 pub(super) const CLOSE_WAIT: u8 = 8;
 
+/// A connection in a snapshot, in TCP `state`, with its holders.
 pub(super) fn snap_conn(tuple: Tuple, inode: u64, state: u8, pids: &[u32]) -> SnapConn {
     SnapConn {
         tuple,
@@ -252,13 +268,18 @@ pub(super) fn snapshot(
     )
 }
 
+/// The source found `tuple` gone without an event ([`Tracker::forget_connection`]).
 pub(super) fn forget(tuple: Tuple) -> Step {
     Step::Forget(tuple)
 }
 
+/// One input to the tracker in a table row.
 pub(super) enum Step {
+    /// An event to apply.
     Ev(ConnEvent),
+    /// A snapshot to merge and the (tuple, pid charged) pairs the merge must return.
     Snap(Snapshot, Vec<(Tuple, u32)>),
+    /// A connection to forget.
     Forget(Tuple),
 }
 

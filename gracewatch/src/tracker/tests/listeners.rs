@@ -5,7 +5,6 @@ use super::kit::*;
 
 // --- listeners ---
 
-// listen start ipv4
 case!(
     listen_start_ipv4,
     [listen_start(1, 100, wildcard_v4(), 10)],
@@ -23,7 +22,6 @@ case!(
     ]
 );
 
-// listen start ipv6 wildcard
 case!(
     listen_start_ipv6_wildcard,
     [listen_start(1, 100, wildcard_v6(), 10)],
@@ -34,7 +32,6 @@ case!(
     ]
 );
 
-// listen stop removes the listener and the idle process
 case!(
     listen_stop_removes_the_listener_and_the_idle_process,
     [
@@ -44,7 +41,6 @@ case!(
     [Expect::Listeners(vec![]), Expect::Processes(vec![])]
 );
 
-// listen stop keeps accepted connections live, without a listener
 case!(
     listen_stop_keeps_accepted_connections_live_without_a_listener,
     [
@@ -61,7 +57,6 @@ case!(
     ]
 );
 
-// SO_REUSEPORT second socket on the address merges holders
 case!(
     so_reuseport_second_socket_on_the_address_merges_holders,
     [
@@ -75,7 +70,6 @@ case!(
     ]
 );
 
-// SO_REUSEPORT: one socket closing leaves the other listening
 case!(
     so_reuseport_one_socket_closing_leaves_the_other_listening,
     [
@@ -90,7 +84,7 @@ case!(
     ]
 );
 
-// ListenStart again for a known socket merges holders
+// ListenStart again for a known socket merges holders.
 case!(
     listen_start_again_for_a_known_socket_merges_holders,
     [
@@ -100,7 +94,6 @@ case!(
     [Expect::Holders(wildcard_v4(), vec![(10, 0), (20, 0)])]
 );
 
-// listen stop of an unknown socket is ignored
 case!(
     listen_stop_of_an_unknown_socket_is_ignored,
     [
@@ -114,7 +107,6 @@ case!(
     ]
 );
 
-// a listening sk seen on another address: the stale socket goes
 case!(
     a_listening_sk_seen_on_another_address_the_stale_socket_goes,
     [
@@ -127,7 +119,6 @@ case!(
     ]
 );
 
-// the same address in two namespaces stays apart
 case!(
     the_same_address_in_two_namespaces_stays_apart,
     [
@@ -144,7 +135,7 @@ case!(
     ]
 );
 
-// listeners sorted by namespace then address; process listeners by address
+// Listeners sorted by namespace then address; process listeners by address.
 case!(
     listeners_sorted_by_namespace_then_address,
     [
@@ -177,7 +168,6 @@ case!(
 
 // --- handover ---
 
-// fd passing: old and new process both accept from one socket
 case!(
     fd_passing_old_and_new_process_both_accept_from_one_socket,
     [
@@ -195,7 +185,6 @@ case!(
     ]
 );
 
-// fd passing: the old process drains, then exits
 case!(
     fd_passing_the_old_process_drains_then_exits,
     [
@@ -214,7 +203,6 @@ case!(
     ]
 );
 
-// SO_REUSEPORT: the old socket closes while its process still drains
 case!(
     so_reuseport_the_old_socket_closes_while_its_process_still_drains,
     [
@@ -233,7 +221,6 @@ case!(
     ]
 );
 
-// SO_REUSEPORT: drained old process leaves the status
 case!(
     so_reuseport_drained_old_process_leaves_the_status,
     [

@@ -3,7 +3,7 @@
 
 use super::kit::*;
 
-// after lost events a rescan drops a reported connection it no longer shows
+// After lost events a rescan drops a reported connection it no longer shows.
 case!(
     rescan_after_lost_events_drops_a_connection_it_no_longer_shows,
     [
@@ -25,7 +25,8 @@ case!(
     ]
 );
 
-// without lost events too, a rescan retires a reported connection it no longer shows (a reset that raced its accept)
+// Without lost events too, a rescan retires a reported connection it no longer shows (a reset that
+// raced its accept).
 case!(
     rescan_retires_a_connection_it_no_longer_shows_without_lost_events,
     [
@@ -46,7 +47,7 @@ case!(
     ]
 );
 
-// a rescan that could not read the holder's fds retires none of its connections
+// A rescan that could not read the holder's fds retires none of its connections.
 case!(
     rescan_blind_to_a_holders_fds_retires_none_of_its_connections,
     [
@@ -67,7 +68,6 @@ case!(
     ]
 );
 
-// a connection accepted during or after the snapshot survives it
 case!(
     a_connection_accepted_during_or_after_the_snapshot_survives_it,
     [
@@ -84,7 +84,6 @@ case!(
     [Expect::Live(10, 2), Expect::Retired(vec![])]
 );
 
-// lost events: the latest total
 case!(
     lost_events_the_latest_total,
     [lost_events(1, 3), lost_events(2, 7)],

@@ -3,7 +3,7 @@
 
 use super::kit::*;
 
-// startup snapshot: pre-existing connections, charged to their first holder
+// Startup snapshot: pre-existing connections, charged to their first holder.
 case!(
     startup_snapshot_charges_preexisting_connections_to_the_first_holder,
     [snapshot(
@@ -35,7 +35,7 @@ case!(
     ]
 );
 
-// dual-stack: a plain IPv4 tuple from the snapshot on the IPv6 wildcard listener
+// Dual-stack: a plain IPv4 tuple from the snapshot on the IPv6 wildcard listener.
 case!(
     dual_stack_snapshot_ipv4_tuple_on_the_ipv6_wildcard_listener,
     [snapshot(
@@ -51,7 +51,6 @@ case!(
     ]
 );
 
-// a CLOSE_WAIT connection in the snapshot is live
 case!(
     a_close_wait_connection_in_the_snapshot_is_live,
     [snapshot(
@@ -63,7 +62,6 @@ case!(
     [Expect::Live(10, 1)]
 );
 
-// snapshot holders replace older listener holders
 case!(
     snapshot_holders_replace_older_listener_holders,
     [
@@ -83,7 +81,6 @@ case!(
     ]
 );
 
-// snapshot holders add to listener holders; the named socket keeps its sk
 case!(
     snapshot_holders_add_to_listener_holders_the_named_socket_keeps_its_sk,
     [
@@ -99,7 +96,6 @@ case!(
     [Expect::Listeners(vec![]), Expect::Processes(vec![])]
 );
 
-// holders learned after the snapshot survive it
 case!(
     holders_learned_after_the_snapshot_survive_it,
     [
@@ -115,7 +111,6 @@ case!(
     [Expect::Holders(wildcard_v4(), vec![(10, 0), (30, 1)])]
 );
 
-// a listener learned after the snapshot survives it
 case!(
     a_listener_learned_after_the_snapshot_survives_it,
     [
@@ -128,7 +123,6 @@ case!(
     ]
 );
 
-// a listener learned before the snapshot and absent from it is gone
 case!(
     a_listener_learned_before_the_snapshot_and_absent_from_it_is_gone,
     [
@@ -138,7 +132,6 @@ case!(
     [Expect::Listeners(vec![]), Expect::Processes(vec![])]
 );
 
-// a listener closed after the snapshot is not brought back
 case!(
     a_listener_closed_after_the_snapshot_is_not_brought_back,
     [
@@ -154,7 +147,6 @@ case!(
     [Expect::Listeners(vec![]), Expect::Processes(vec![])]
 );
 
-// a listener started and closed after the snapshot does not hide another
 case!(
     a_listener_started_and_closed_after_the_snapshot_does_not_hide_another,
     [
@@ -173,7 +165,7 @@ case!(
     ]
 );
 
-// startup order: a ListenStart older than the merged snapshot names its socket
+// Startup order: a ListenStart older than the merged snapshot names its socket.
 case!(
     startup_order_older_listen_start_names_the_snapshot_socket,
     [
@@ -191,7 +183,7 @@ case!(
     ]
 );
 
-// startup order: ... so its ListenStop removes the listener
+// Startup order: the ListenStop of a socket named that way removes the listener.
 case!(
     startup_order_then_its_listen_stop_removes_the_listener,
     [
@@ -207,7 +199,7 @@ case!(
     [Expect::Listeners(vec![])]
 );
 
-// a ListenStop older than the snapshot for an unknown socket is ignored
+// A ListenStop older than the snapshot for an unknown socket is ignored.
 case!(
     listen_stop_older_than_the_snapshot_for_an_unknown_socket_is_ignored,
     [
@@ -222,7 +214,7 @@ case!(
     [Expect::Listeners(vec![(NS, "0.0.0.0:80")])]
 );
 
-// a ListenStop newer than the snapshot closes a socket only the snapshot knew
+// A ListenStop newer than the snapshot closes a socket only the snapshot knew.
 case!(
     listen_stop_newer_than_the_snapshot_closes_a_snapshot_only_socket,
     [
@@ -237,7 +229,6 @@ case!(
     [Expect::Listeners(vec![])]
 );
 
-// two snapshot sockets on one address: the closer's goes
 case!(
     two_snapshot_sockets_on_one_address_the_closers_goes,
     [
@@ -255,7 +246,7 @@ case!(
     [Expect::Holders(wildcard_v4(), vec![(20, 0)])]
 );
 
-// dedupe, events first: an accepted connection in the snapshot is not added again
+// Dedupe, events first: an accepted connection in the snapshot is not added again.
 case!(
     dedupe_events_first_snapshot_does_not_add_an_accepted_connection,
     [
@@ -276,7 +267,6 @@ case!(
     ]
 );
 
-// dedupe, snapshot first: the older accept replaces the pre-existing entry
 case!(
     dedupe_snapshot_first_the_older_accept_replaces_the_pre_existing_entry,
     [
@@ -297,7 +287,6 @@ case!(
     ]
 );
 
-// dedupe, snapshot first: its Close then ends it
 case!(
     dedupe_snapshot_first_its_close_then_ends_it,
     [
@@ -313,7 +302,6 @@ case!(
     [Expect::Live(10, 0)]
 );
 
-// the snapshot shares an accepted connection with a second holder
 case!(
     the_snapshot_shares_an_accepted_connection_with_a_second_holder,
     [
@@ -334,7 +322,6 @@ case!(
     ]
 );
 
-// snapshot holders win over an older accept, in either order
 case!(
     snapshot_holders_win_over_an_older_accept_in_either_order,
     [
@@ -354,7 +341,6 @@ case!(
     ]
 );
 
-// a rescan repairs a pre-existing connection that ended unseen
 case!(
     a_rescan_repairs_a_pre_existing_connection_that_ended_unseen,
     [
@@ -381,7 +367,6 @@ case!(
     ]
 );
 
-// a rescan keeps a pre-existing connection whose listener it cannot see
 case!(
     a_rescan_keeps_a_pre_existing_connection_whose_listener_it_cannot_see,
     [
@@ -400,7 +385,6 @@ case!(
     ]
 );
 
-// a rescan adds a connection whose accept was lost
 case!(
     a_rescan_adds_a_connection_whose_accept_was_lost,
     [
@@ -415,7 +399,6 @@ case!(
     [Expect::Live(10, 1)]
 );
 
-// the same snapshot twice adds nothing the second time
 case!(
     the_same_snapshot_twice_adds_nothing_the_second_time,
     [
@@ -438,7 +421,6 @@ case!(
     ]
 );
 
-// a connection closed after the snapshot is not brought back
 case!(
     a_connection_closed_after_the_snapshot_is_not_brought_back,
     [
@@ -455,7 +437,6 @@ case!(
     [Expect::Live(10, 0)]
 );
 
-// a connection accepted after the snapshot keeps the event's view
 case!(
     a_connection_accepted_after_the_snapshot_keeps_the_events_view,
     [
@@ -475,7 +456,6 @@ case!(
     ]
 );
 
-// a holder that exited after the snapshot is not brought back
 case!(
     a_holder_that_exited_after_the_snapshot_is_not_brought_back,
     [
@@ -493,7 +473,7 @@ case!(
     ]
 );
 
-// PreexistingClose ends it and counts for each holder
+// PreexistingClose ends it and counts for each holder.
 case!(
     preexisting_close_ends_it_and_counts_for_each_holder,
     [
@@ -512,7 +492,7 @@ case!(
     ]
 );
 
-// PreexistingClose for an accepted connection is ignored
+// PreexistingClose for an accepted connection is ignored.
 case!(
     preexisting_close_for_an_accepted_connection_is_ignored,
     [
@@ -523,7 +503,7 @@ case!(
     [Expect::Live(10, 1)]
 );
 
-// PreexistingClose for an unknown tuple is ignored
+// PreexistingClose for an unknown tuple is ignored.
 case!(
     preexisting_close_for_an_unknown_tuple_is_ignored,
     [
@@ -533,7 +513,6 @@ case!(
     [Expect::Live(10, 0), Expect::Totals(10, 0, 0)]
 );
 
-// forget_connection removes a pre-existing connection
 case!(
     forget_connection_removes_a_pre_existing_connection,
     [
@@ -553,7 +532,7 @@ case!(
     ]
 );
 
-// comm: the snapshot is newer than the ListenStart
+// Comm: the snapshot is newer than the ListenStart.
 case!(
     comm_from_a_snapshot_newer_than_the_listen_start,
     [
@@ -568,7 +547,6 @@ case!(
     [Expect::Comm(10, "s10")]
 );
 
-// comm: an event newer than the snapshot
 case!(
     comm_an_event_newer_than_the_snapshot,
     [
