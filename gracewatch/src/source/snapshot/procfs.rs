@@ -176,7 +176,7 @@ pub(super) fn read_comm(dir: BorrowedFd<'_>) -> anyhow::Result<String> {
         .to_owned())
 }
 
-/// nsfs inode numbers are 32-bit (see [`netns`]).
+/// nsfs inode numbers are 32-bit (see [`crate::source::netns`]).
 pub(super) fn ns_inode(ino: u64) -> anyhow::Result<NetNs> {
     NetNs::try_from(ino)
         .map_err(|_| anyhow!("network namespace inode {ino} does not fit in 32 bits"))
