@@ -317,3 +317,120 @@ impl MonitorHandle {
         (monitor.serve(), feed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{net::SocketAddr, time::Duration};
+
+    use super::*;
+    use crate::event::Tuple;
+
+    /// Pids no process has: a replay must not look at the host, so they
+    /// stay as the events say.
+    const PID: u32 = 4_000_000_001;
+
+    fn tuple(peer_port: u16) -> Tuple {
+        let addr = |p: u16| -> SocketAddr { format!("127.0.0.1:{p}").parse().expect("address") };
+        Tuple {
+            netns: 1,
+            local: addr(80),
+            remote: addr(peer_port),
+        }
+    }
+
+    fn accept(sk: u64) -> ConnEvent {
+        accept_by(PID, sk)
+    }
+
+    fn accept_by(pid: u32, sk: u64) -> ConnEvent {
+        ConnEvent::Accept {
+            at: Duration::from_millis(sk),
+            sk,
+            tuple: tuple(40000 + sk as u16),
+            pid,
+            comm: "t".to_owned(),
+            was_queued: false,
+        }
+    }
+
+    fn close_by_exit(sk: u64) -> ConnEvent {
+        ConnEvent::Close {
+            at: Duration::from_millis(sk),
+            sk,
+            tuple: tuple(40000 + sk as u16),
+            pid: PID,
+            by_exit: true,
+        }
+    }
+
+    fn live(handle: &MonitorHandle) -> Option<u64> {
+        live_of(handle, PID)
+    }
+
+    fn live_of(handle: &MonitorHandle, pid: u32) -> Option<u64> {
+        let status = handle.status();
+        let process = status.processes.iter().find(|p| p.pid == pid);
+        process.map(|p| p.live)
+    }
+
+    /// The replay runs on the same core as the kernel monitor and keeps
+    /// its own semantics: recorded events are the starting state (in no
+    /// exit account), fed ones are applied and published at once on
+    /// `sync`, every pid's exit account is kept (watched or not, and after
+    /// its watch ends), pids it never heard of are not looked up on the
+    /// host, and it has no program statistics and never fails.
+    #[tokio::test]
+    async fn a_replay_keeps_its_semantics_on_the_shared_core() {
+        let (handle, feed) = MonitorHandle::from_replay_with_feed(
+            vec![accept(1), accept(2), close_by_exit(2)],
+            Snapshot::default(),
+        );
+        assert_eq!(live(&handle), Some(1));
+        let account = handle.exit_account(&[PID], &[]).await.expect("account");
+        assert_eq!(account, ExitAccount::default(), "recorded events are state");
+
+        let changes = *handle.changes().borrow();
+        feed.send(accept(3)).expect("feed");
+        feed.send(close_by_exit(1)).expect("feed");
+        handle.sync().await.expect("sync");
+        assert_eq!(live(&handle), Some(1));
+        assert!(*handle.changes().borrow() > changes);
+        let account = handle.exit_account(&[PID], &[80]).await.expect("account");
+        assert_eq!(account.closed_by_exit, 1, "unwatched pids are kept");
+
+        drop(handle.watch(&[PID]));
+        feed.send(ConnEvent::ProcessExit {
+            at: Duration::from_millis(10),
+            pid: PID,
+        })
+        .expect("feed");
+        handle.sync().await.expect("sync");
+        let account = handle.exit_account(&[PID], &[]).await.expect("account");
+        assert_eq!(
+            account,
+            ExitAccount {
+                closed_by_exit: 1,
+                seen_exit: true
+            },
+            "kept after the watch ended"
+        );
+        assert_eq!(live(&handle), None, "the recorded exit ended it");
+
+        // Past a housekeeping round: no liveness look, no rescan, no failure.
+        feed.send(accept_by(PID + 1, 4)).expect("feed");
+        tokio::time::sleep(super::super::pump::HOUSEKEEPING * 2).await;
+        handle.sync().await.expect("sync");
+        assert_eq!(
+            live_of(&handle, PID + 1),
+            Some(1),
+            "a pid unknown to the host stays"
+        );
+        assert_eq!(handle.program_stats().await.expect("stats"), None);
+        assert_eq!(handle.failure(), None);
+        drop(feed);
+        handle
+            .sync()
+            .await
+            .expect("a replay answers after its feed is dropped");
+    }
+}
