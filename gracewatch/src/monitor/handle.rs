@@ -69,7 +69,8 @@ enum Query {
 
 /// A running monitor: the cheap, cloneable way every consumer (CLI, TUI,
 /// agent, drain, library users) reads it. The monitor task publishes a new
-/// [`Status`] at the pace described at [`PUBLISH_MIN`](super::publish::PUBLISH_MIN), and bumps
+/// [`Status`] at a bounded pace (routine changes at most every 20 ms, more
+/// seldom on a busy host; significant ones at once), and bumps
 /// [`MonitorHandle::changes`] after every batch (a drain wakes on that, so
 /// it sees its target's last close as soon as the kernel reports it).
 #[derive(Clone)]
@@ -193,7 +194,7 @@ impl MonitorHandle {
     }
 
     /// A receiver that wakes on every published status (see
-    /// [`PUBLISH_MIN`](super::publish::PUBLISH_MIN) for how often that is).
+    /// [`MonitorHandle`] for how often that is).
     pub fn subscribe(&self) -> watch::Receiver<Arc<Status>> {
         self.status.clone()
     }
