@@ -255,6 +255,60 @@ impl EbpfSource {
     }
 }
 
+impl super::Source for EbpfSource {
+    // The programs wake the reader at once only for records that can end
+    // a drain, so while records keep coming the monitor also looks on its own.
+    const TAIL: Option<(Duration, Duration)> = Some((READER_QUIET, READER_TAIL));
+
+    fn readable(&mut self) -> impl std::future::Future<Output = anyhow::Result<()>> + Send {
+        EbpfSource::readable(self)
+    }
+
+    fn drain(&mut self, out: &mut Vec<ConnEvent>) {
+        EbpfSource::drain(self, out);
+    }
+
+    fn now(&self) -> Duration {
+        super::monotonic_now()
+    }
+
+    fn liveness(&self, pid: u32) -> super::Liveness {
+        super::liveness(pid)
+    }
+
+    fn rescanner(&self) -> Option<fn() -> anyhow::Result<crate::event::Snapshot>> {
+        Some(|| super::snapshot::take(super::monotonic_now))
+    }
+
+    fn lost_events(&self) -> u64 {
+        EbpfSource::lost_events(self)
+    }
+
+    fn untracked_map_full(&self) -> Option<u64> {
+        EbpfSource::untracked_map_full(self)
+    }
+
+    fn program_stats(&self) -> anyhow::Result<Option<ProgramStats>> {
+        EbpfSource::program_stats(self).map(Some)
+    }
+
+    fn register_preexisting(&mut self, tuple: &Tuple, pid: u32) -> anyhow::Result<()> {
+        EbpfSource::register_preexisting(self, tuple, pid)
+    }
+
+    fn unregister_preexisting(&mut self, tuple: &Tuple) -> bool {
+        EbpfSource::unregister_preexisting(self, tuple)
+    }
+
+    fn forget_live(&mut self, sk: u64, since: Duration) {
+        EbpfSource::forget_live(self, sk, since);
+    }
+
+    fn set_watched(&mut self, pid: u32, on: bool) -> anyhow::Result<()> {
+        EbpfSource::set_watched(self, pid, on)
+    }
+}
+
 /// Run-time statistics of the loaded programs, summed over all of them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProgramStats {

@@ -11,7 +11,84 @@ pub use process::{Liveness, liveness};
 pub mod replay;
 pub mod snapshot;
 
-use std::{fs, time::Duration};
+use std::{fs, future::Future, time::Duration};
+
+use crate::event::{ConnEvent, Snapshot, Tuple};
+
+/// What the monitor runs on: the eBPF programs ([`ebpf::EbpfSource`]) or a
+/// recording ([`replay::ReplaySource`]). The monitor owns everything above
+/// it (tracker, exit accounts, pacing, queries) once for both; what a
+/// source cannot do has a default that does nothing, so a replay only says
+/// how it delivers events and what its clock reads.
+pub trait Source: Send + 'static {
+    /// Whether the events are a recording, the whole truth about a small
+    /// input: the monitor then publishes every batch at once instead of
+    /// pacing status builds, and keeps the exit accounts of every pid,
+    /// watched or not, for as long as it runs.
+    const RECORDING: bool = false;
+
+    /// For a source whose [`Source::readable`] does not wake for every
+    /// record: while records keep coming, the monitor also looks every
+    /// `.1`, until `.0` passes without any.
+    const TAIL: Option<(Duration, Duration)> = None;
+
+    /// Resolves once events may be waiting (a wake-up with none is fine).
+    /// Must be cancel-safe: the monitor races it against timers and queries.
+    fn readable(&mut self) -> impl Future<Output = anyhow::Result<()>> + Send;
+
+    /// Moves every event delivered so far into `out`, without waiting.
+    fn drain(&mut self, out: &mut Vec<ConnEvent>);
+
+    /// Now, on the clock of this source's events (status ages, uptime).
+    fn now(&self) -> Duration;
+
+    /// Whether `pid` still runs. A recording's processes exit when its
+    /// events say so.
+    fn liveness(&self, _pid: u32) -> Liveness {
+        Liveness::Alive
+    }
+
+    /// How to take a fresh snapshot for a rescan (run off the runtime);
+    /// `None` if there is nothing to rescan.
+    fn rescanner(&self) -> Option<fn() -> anyhow::Result<Snapshot>> {
+        None
+    }
+
+    /// Events the source could not deliver so far.
+    fn lost_events(&self) -> u64 {
+        0
+    }
+
+    /// Accepts the source could not track because its table was full, so
+    /// far (`None` if it cannot tell).
+    fn untracked_map_full(&self) -> Option<u64> {
+        None
+    }
+
+    /// Run-time statistics of the eBPF programs (`None` without any).
+    fn program_stats(&self) -> anyhow::Result<Option<ebpf::ProgramStats>> {
+        Ok(None)
+    }
+
+    /// Asks to be told the end of a connection found by a snapshot.
+    fn register_preexisting(&mut self, _tuple: &Tuple, _pid: u32) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// Withdraws a registration: `true` if its end was never reported.
+    fn unregister_preexisting(&mut self, _tuple: &Tuple) -> bool {
+        false
+    }
+
+    /// Drops what the source keeps about a connection it reported (accepted
+    /// at `since`) that a rescan found gone.
+    fn forget_live(&mut self, _sk: u64, _since: Duration) {}
+
+    /// Whether a drain waits on `pid` (its closes may be delivered sooner).
+    fn set_watched(&mut self, _pid: u32, _on: bool) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
 
 /// Failures a caller branches on (to pick exit code 4 or 1).
 #[derive(Debug, thiserror::Error)]

@@ -1,6 +1,8 @@
 //! A source with no kernel behind it: recorded events (the output of
-//! `gracewatch record`) or hand-made ones, folded by a real [`Tracker`] in a
-//! monitor task built by [`MonitorHandle::from_replay`]. Everything
+//! `gracewatch record`) or hand-made ones, and more fed later, folded by a
+//! real [`Tracker`] in the same monitor core as the kernel's (built by
+//! [`MonitorHandle::from_replay`]). It never fails, has no kernel
+//! statistics and nothing to rescan. Everything
 //! downstream of the monitor handle (the drain gate, the agent's HTTP API,
 //! the TUI) can then run and be tested without root or eBPF.
 //!
@@ -13,6 +15,63 @@ use anyhow::Context as _;
 use tokio::sync::mpsc;
 
 use crate::event::ConnEvent;
+
+/// The events a [`ReplayFeed`] hands over, on the replay's clock.
+#[derive(Debug)]
+pub struct ReplaySource {
+    clock: ReplayClock,
+    feed: mpsc::UnboundedReceiver<ConnEvent>,
+    /// Received while waiting for the feed, not yet drained.
+    received: Vec<ConnEvent>,
+    /// The feed was dropped: nothing more will come.
+    feed_closed: bool,
+}
+
+impl ReplaySource {
+    /// A source fed through the returned [`ReplayFeed`], whose clock starts
+    /// at `clock`.
+    pub(crate) fn new(clock: ReplayClock) -> (Self, ReplayFeed) {
+        let (feed, rx) = ReplayFeed::channel();
+        let source = Self {
+            clock,
+            feed: rx,
+            received: Vec::new(),
+            feed_closed: false,
+        };
+        (source, feed)
+    }
+}
+
+impl super::Source for ReplaySource {
+    const RECORDING: bool = true;
+
+    async fn readable(&mut self) -> anyhow::Result<()> {
+        if self.feed_closed {
+            // A replay without a feed keeps answering; it never fails.
+            std::future::pending::<()>().await;
+        }
+        match self.feed.recv().await {
+            Some(ev) => {
+                self.clock.observe(ev.at());
+                self.received.push(ev);
+            }
+            None => self.feed_closed = true,
+        }
+        Ok(())
+    }
+
+    fn drain(&mut self, out: &mut Vec<ConnEvent>) {
+        out.append(&mut self.received);
+        while let Ok(ev) = self.feed.try_recv() {
+            self.clock.observe(ev.at());
+            out.push(ev);
+        }
+    }
+
+    fn now(&self) -> Duration {
+        self.clock.now()
+    }
+}
 
 /// Feeds more events to a replay monitor after it started (see
 /// [`MonitorHandle::from_replay_with_feed`](crate::monitor::MonitorHandle::from_replay_with_feed)).

@@ -1,0 +1,97 @@
+//! The monitor joins a [`Source`] to a [`Tracker`]: one core, whichever
+//! the source (the eBPF programs or a replay). For the kernel it attaches
+//! the programs *first*, then takes the startup snapshot, so no connection
+//! falls in a gap between the two, and it dedupes what both saw so none is
+//! counted twice. Afterwards it folds events in as they arrive, notices
+//! processes that exited, and answers consumers through a
+//! [`MonitorHandle`].
+//!
+//! - `startup`: attach, snapshot, merge (and a replay's recorded start);
+//! - `pump`: events into the tracker, exit accounts, housekeeping, rescans;
+//! - `publish`: the status and change counter consumers read, and their pace;
+//! - `handle`: the task, the handle and the query protocol.
+
+mod handle;
+mod publish;
+mod pump;
+mod startup;
+
+use std::{collections::BTreeMap, time::Duration};
+
+use tokio::sync::broadcast;
+
+pub use self::handle::{ExitAccount, MonitorHandle, WatchGuard};
+use self::pump::{ExitAccounts, Untracked};
+use crate::{
+    event::{ConnEvent, Snapshot},
+    source::{Source, ebpf::EbpfSource},
+    tracker::{Status, Tracker},
+};
+
+/// A monitor over a source: the kernel's by default. [`Monitor::spawn`]
+/// runs it as a task behind a [`MonitorHandle`]; [`Monitor::start`] and
+/// [`Monitor::next_change`] drive it by hand.
+pub struct Monitor<S = EbpfSource> {
+    source: S,
+    tracker: Tracker,
+    /// When the monitor started, on the source's clock (for the uptime).
+    started: Duration,
+    lost_seen: u64,
+    batch: Vec<ConnEvent>,
+    /// When the source last had records (see [`Source::TAIL`]).
+    last_records: Duration,
+    /// Changes not yet published, and when routine ones may be (see
+    /// [`publish::PUBLISH_MIN`]).
+    unpublished: bool,
+    next_publish: Duration,
+    /// Pids drains wait on, with how many drains wait on each.
+    watched: BTreeMap<u32, usize>,
+    /// Exits and by-exit closes of watched pids, for drains to query
+    /// (see [`ExitAccounts`]).
+    exits: ExitAccounts,
+    /// A liveness look failed (EMFILE…) and was logged: not again until
+    /// one full pass succeeds.
+    liveness_doubt: bool,
+    next_housekeeping: Duration,
+    /// Every applied event, for consumers that show or count them.
+    events: Option<broadcast::Sender<ConnEvent>>,
+    /// A background snapshot in flight (see [`pump::RESCAN_MIN`]).
+    rescan: Option<tokio::task::JoinHandle<anyhow::Result<(Snapshot, Duration)>>>,
+    next_rescan: Duration,
+    untracked: Untracked,
+}
+
+impl<S: Source> Monitor<S> {
+    /// A monitor of `source` and `tracker`, started at `started` on the
+    /// source's clock and at `now` on the host's (pacing runs on the host's
+    /// clock, whatever the source's).
+    fn over(source: S, tracker: Tracker, started: Duration, now: Duration) -> Self {
+        Self {
+            source,
+            tracker,
+            started,
+            lost_seen: 0,
+            batch: Vec::new(),
+            last_records: now,
+            unpublished: false,
+            next_publish: now,
+            watched: BTreeMap::new(),
+            exits: ExitAccounts::default(),
+            liveness_doubt: false,
+            next_housekeeping: now + pump::HOUSEKEEPING,
+            events: None,
+            rescan: None,
+            next_rescan: now + pump::RESCAN_MIN,
+            untracked: Untracked::default(),
+        }
+    }
+
+    /// The status now.
+    pub fn status(&self) -> Status {
+        publish::status_of(&self.tracker, self.source.now(), self.started)
+    }
+
+    pub fn tracker(&self) -> &Tracker {
+        &self.tracker
+    }
+}

@@ -1,0 +1,349 @@
+//! The monitor's loop body, the same for every source: folds what the
+//! source delivered into the tracker and the exit accounts, and keeps the
+//! count honest between events (lost events, a full kernel table, processes
+//! that exited without a word, rescans that find what no event told).
+
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
+
+use super::{ExitAccount, Monitor};
+use crate::{
+    event::{ConnEvent, Snapshot, Tuple},
+    source::{Liveness, Source, monotonic_now},
+};
+
+/// Rescans refresh what events cannot tell: which processes hold a
+/// listener they inherited (fork/exec handover) or got over a unix socket,
+/// holders that closed their copy, and connections whose end no event
+/// reported (lost events, a reset racing its accept, a full kernel table). They run
+/// at most this often, and never take more than ~5% of the time (the
+/// interval grows to 20× the last rescan's duration on a busy host).
+pub(super) const RESCAN_MIN: Duration = Duration::from_secs(1);
+
+/// How often exited processes and lost events are looked for.
+pub(super) const HOUSEKEEPING: Duration = Duration::from_millis(500);
+
+/// Connections the kernel side could not track: accepts that found `LIVE`
+/// full, and pre-existing connections whose registration in `PREEXISTING`
+/// failed. Both degrade the same way: counted (once per episode, as a
+/// [`ConnEvent::MapFull`]), logged once, and left to the rescans, which
+/// find the untracked connections and retire those that ended.
+#[derive(Debug, Default)]
+pub(super) struct Untracked {
+    /// The kernel's count of failed `LIVE` inserts, as last read.
+    kernel_seen: u64,
+    /// It rose at the last housekeeping.
+    kernel_failing: bool,
+    /// The last snapshot merge could not register some connections.
+    registration_failing: bool,
+    episodes: u64,
+}
+
+impl<S: Source> Monitor<S> {
+    /// Applies whatever the source has delivered, without waiting.
+    pub(super) fn pump(&mut self) -> bool {
+        self.batch.clear();
+        self.source.drain(&mut self.batch);
+        if self.batch.is_empty() {
+            return false;
+        }
+        self.last_records = monotonic_now();
+        for ev in &self.batch {
+            self.tracker.apply(ev);
+            self.exits
+                .record(ev, |pid| S::RECORDING || self.watched.contains_key(&pid));
+        }
+        if let Some(tx) = &self.events {
+            for ev in &self.batch {
+                let _ = tx.send(ev.clone());
+            }
+        }
+        true
+    }
+
+    fn apply_one(&mut self, ev: ConnEvent) {
+        self.tracker.apply(&ev);
+        self.exits
+            .record(&ev, |pid| S::RECORDING || self.watched.contains_key(&pid));
+        if let Some(tx) = &self.events {
+            let _ = tx.send(ev);
+        }
+    }
+
+    /// Waits for the next change (events, an exited process, lost events).
+    /// Returns after at most the housekeeping interval.
+    ///
+    /// The eBPF programs wake this reader at once only for records that
+    /// can end a drain, and otherwise at most every few milliseconds; so
+    /// while records keep coming it also looks on its own (see
+    /// [`Source::TAIL`]), and waits for a wake-up alone after a quiet
+    /// spell (an idle host costs no wake-ups).
+    pub async fn next_change(&mut self) -> anyhow::Result<bool> {
+        let now = monotonic_now();
+        let mut wait = self.next_housekeeping.saturating_sub(now);
+        if let Some((quiet, tail)) = S::TAIL {
+            if now.saturating_sub(self.last_records) < quiet {
+                wait = wait.min(tail);
+            }
+        }
+        if self.unpublished {
+            wait = wait.min(self.next_publish.saturating_sub(now));
+        }
+        let mut changed = false;
+        tokio::select! {
+            r = self.source.readable() => { r?; }
+            () = tokio::time::sleep(wait) => {}
+            done = join_pending(&mut self.rescan) => {
+                self.rescan = None;
+                match done {
+                    Ok(Ok((snap, took))) => {
+                        changed |= self.merge_rescan(&snap);
+                        self.next_rescan = monotonic_now() + RESCAN_MIN.max(took * 20);
+                    }
+                    Ok(Err(e)) => log::warn!("rescan failed: {e:#}"),
+                    Err(e) => log::warn!("rescan task failed: {e}"),
+                }
+            }
+        }
+        changed |= self.pump();
+        let now = monotonic_now();
+        if now >= self.next_housekeeping {
+            self.next_housekeeping = now + HOUSEKEEPING;
+            changed |= self.housekeeping(now);
+        }
+        Ok(changed)
+    }
+
+    /// Folds a periodic snapshot in; connections it finds that no event
+    /// told of (lost events, accepts the programs cannot see) are registered
+    /// like the startup ones.
+    fn merge_rescan(&mut self, snap: &Snapshot) -> bool {
+        self.pump();
+        let added = self.tracker.merge_snapshot(snap);
+        let now = monotonic_now();
+        self.register_added(&added, now);
+        self.forget_retired();
+        true
+    }
+
+    /// Drops the kernel entries of the connections the programs reported
+    /// and the last merge found gone: they would otherwise stay until the
+    /// socket is freed.
+    pub(super) fn forget_retired(&mut self) {
+        for (sk, since) in self.tracker.take_retired() {
+            self.source.forget_live(sk, since);
+        }
+    }
+
+    /// Registers a merge's new pre-existing connections with the programs.
+    /// Failures (a full `PREEXISTING` map) are logged once and counted
+    /// (see [`Untracked`]); the connections stay counted.
+    pub(super) fn register_added(&mut self, added: &[(Tuple, u32)], now: Duration) {
+        let mut failed = 0usize;
+        let mut first = None;
+        for (tuple, pid) in added {
+            if let Err(e) = self.source.register_preexisting(tuple, *pid) {
+                failed += 1;
+                first.get_or_insert(e);
+            }
+        }
+        let was = self.untracked.registration_failing;
+        self.untracked.registration_failing = failed > 0;
+        if let Some(e) = first {
+            if !was && !self.untracked.kernel_failing {
+                self.untracked_episode(
+                    now,
+                    format_args!(
+                        "{failed} pre-existing connection(s) could not be registered with the \
+                         kernel ({e:#}): their ends are seen by rescans only"
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Starts an episode of untracked connections: counted, logged once,
+    /// and a rescan to find them (later ones are found by the periodic
+    /// rescans).
+    fn untracked_episode(&mut self, now: Duration, why: std::fmt::Arguments<'_>) {
+        log::warn!("{why}");
+        self.next_rescan = self.next_rescan.min(now);
+        self.untracked.episodes += 1;
+        self.apply_one(ConnEvent::MapFull {
+            at: now,
+            total: self.untracked.episodes,
+        });
+    }
+
+    fn housekeeping(&mut self, now: Duration) -> bool {
+        let mut changed = false;
+        let lost = self.source.lost_events();
+        if lost != self.lost_seen {
+            self.lost_seen = lost;
+            self.apply_one(ConnEvent::Lost {
+                at: now,
+                total: lost,
+            });
+            // Counts may be stale: repair them with a rescan right away.
+            self.next_rescan = now;
+            changed = true;
+        }
+        // Unreadable: as if unchanged (the periodic rescans go on anyway).
+        let full = self
+            .source
+            .untracked_map_full()
+            .unwrap_or(self.untracked.kernel_seen);
+        let was = self.untracked.kernel_failing;
+        self.untracked.kernel_failing = full != self.untracked.kernel_seen;
+        if self.untracked.kernel_failing {
+            let n = full.saturating_sub(self.untracked.kernel_seen);
+            self.untracked.kernel_seen = full;
+            if !was && !self.untracked.registration_failing {
+                self.untracked_episode(
+                    now,
+                    format_args!(
+                        "the kernel's connection table is full ({n} accept(s) not tracked; \
+                         raise --max-connections): counting them from rescans"
+                    ),
+                );
+                changed = true;
+            }
+        }
+        let pids: Vec<u32> = self.tracker.pids().collect();
+        let mut doubt = None;
+        for pid in pids {
+            match self.source.liveness(pid) {
+                Liveness::Alive => {}
+                Liveness::Exited => {
+                    self.apply_one(ConnEvent::ProcessExit { at: now, pid });
+                    changed = true;
+                }
+                // Not an exit: its connections stay counted until a look succeeds.
+                Liveness::Unknown(e) => doubt = doubt.or(Some((pid, e))),
+            }
+        }
+        match doubt {
+            Some((pid, e)) if !self.liveness_doubt => {
+                self.liveness_doubt = true;
+                log::warn!(
+                    "cannot tell whether pid {pid} still runs ({}): its connections stay counted; said once until it recovers",
+                    crate::source::process::errno_text(e)
+                );
+            }
+            Some(_) => {}
+            None if self.liveness_doubt => {
+                self.liveness_doubt = false;
+                log::info!("process liveness checks work again");
+            }
+            None => {}
+        }
+        if self.rescan.is_none() && now >= self.next_rescan {
+            if let Some(take) = self.source.rescanner() {
+                self.rescan = Some(tokio::task::spawn_blocking(move || {
+                    let t0 = monotonic_now();
+                    let snap = take()?;
+                    Ok((snap, monotonic_now().saturating_sub(t0)))
+                }));
+            }
+        }
+        changed
+    }
+
+    /// One more (`on`) or one less drain waiting on each of `pids`; the
+    /// source is told when a pid's first drain starts and its last ends.
+    pub(super) fn watch(&mut self, pids: &[u32], on: bool) {
+        for &pid in pids {
+            let n = self.watched.entry(pid).or_default();
+            let was = *n;
+            *n = if on { was + 1 } else { was.saturating_sub(1) };
+            let now = *n;
+            if now == 0 {
+                self.watched.remove(&pid);
+                // A recording keeps every account (see `Source::RECORDING`).
+                if !S::RECORDING {
+                    self.exits.forget(pid);
+                }
+            }
+            if (was == 0) != (now == 0) {
+                if let Err(e) = self.source.set_watched(pid, on) {
+                    // Without it the drain still reacts within the reader's tail period.
+                    log::warn!("{e:#}");
+                }
+            }
+        }
+    }
+}
+
+/// Awaits the task if there is one; never resolves otherwise.
+async fn join_pending<T>(
+    task: &mut Option<tokio::task::JoinHandle<T>>,
+) -> Result<T, tokio::task::JoinError> {
+    match task {
+        Some(handle) => handle.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What drains must know about their targets' exits, kept by the monitor
+/// itself (a drain reading the event broadcast could lag behind and miss
+/// them): per pid, connections that ended because their owner was exiting
+/// (by local port), and whether the process was seen gone. Only pids some
+/// drain watches are kept (every pid for a recording), and forgotten when
+/// the last drain stops.
+#[derive(Debug, Default)]
+pub(super) struct ExitAccounts {
+    closes: HashMap<u32, HashMap<u16, u64>>,
+    exited: HashSet<u32>,
+}
+
+impl ExitAccounts {
+    fn record(&mut self, ev: &ConnEvent, keep: impl Fn(u32) -> bool) {
+        match ev {
+            ConnEvent::Close {
+                pid,
+                by_exit: true,
+                tuple,
+                ..
+            }
+            | ConnEvent::PreexistingClose {
+                pid,
+                by_exit: true,
+                tuple,
+                ..
+            } if keep(*pid) => {
+                *self
+                    .closes
+                    .entry(*pid)
+                    .or_default()
+                    .entry(tuple.local.port())
+                    .or_default() += 1;
+            }
+            ConnEvent::ProcessExit { pid, .. } if keep(*pid) => {
+                self.exited.insert(*pid);
+            }
+            _ => {}
+        }
+    }
+
+    fn forget(&mut self, pid: u32) {
+        self.closes.remove(&pid);
+        self.exited.remove(&pid);
+    }
+
+    /// The accounts of `pids` taken together.
+    pub(super) fn of(&self, pids: &[u32], ports: &[u16]) -> ExitAccount {
+        let closed_by_exit = pids
+            .iter()
+            .filter_map(|pid| self.closes.get(pid))
+            .flat_map(|by_port| by_port.iter())
+            .filter(|(port, _)| ports.is_empty() || ports.contains(port))
+            .map(|(_, n)| n)
+            .sum();
+        ExitAccount {
+            closed_by_exit,
+            seen_exit: pids.iter().any(|pid| self.exited.contains(pid)),
+        }
+    }
+}
