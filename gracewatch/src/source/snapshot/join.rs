@@ -162,13 +162,7 @@ mod tests {
     use crate::{event::Holder, source::snapshot::procfs::table_of};
 
     fn diag(state: u8, local: &str, remote: &str, rqueue: u32, inode: u64) -> DiagSocket {
-        DiagSocket {
-            state,
-            local: local.parse().unwrap(),
-            remote: remote.parse().unwrap(),
-            rqueue,
-            inode,
-        }
+        DiagSocket::of(state, local, remote, rqueue, inode)
     }
 
     /// What `dump_netns` keeps of these sockets.

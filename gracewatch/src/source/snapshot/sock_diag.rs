@@ -224,6 +224,21 @@ fn parse_datagram(
     Ok(Reply::More)
 }
 
+/// A socket as a dump would report it, for tests here and in the join.
+#[cfg(test)]
+impl DiagSocket {
+    pub(super) fn of(state: u8, local: &str, remote: &str, rqueue: u32, inode: u64) -> Self {
+        #![allow(clippy::unwrap_used)]
+        Self {
+            state,
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            rqueue,
+            inode,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -404,13 +419,7 @@ mod tests {
     }
 
     fn sock(state: u8, local: &str, remote: &str, rqueue: u32, inode: u64) -> DiagSocket {
-        DiagSocket {
-            state,
-            local: local.parse().unwrap(),
-            remote: remote.parse().unwrap(),
-            rqueue,
-            inode,
-        }
+        DiagSocket::of(state, local, remote, rqueue, inode)
     }
 
     fn fixture_sockets() -> [DiagSocket; 4] {
