@@ -13,6 +13,12 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+/// TCP state numbers (include/net/tcp_states.h), as the kernel reports
+/// them and consumers show them.
+pub const TCP_ESTABLISHED: u8 = 1;
+pub const TCP_CLOSE_WAIT: u8 = 8;
+pub const TCP_LISTEN: u8 = 10;
+
 /// Kernel address of a `struct sock`: identifies a socket while it lives.
 ///
 /// It is a kernel heap address, which would undo KASLR for whoever reads

@@ -15,7 +15,7 @@
 //! 1. **start a monitor**: [`monitor::Monitor::spawn`] loads and attaches the
 //!    eBPF programs, merges the startup snapshot, and returns a cheap,
 //!    cloneable [`monitor::MonitorHandle`] (it needs root or `CAP_BPF` +
-//!    `CAP_PERFMON`; it fails with [`source::MonitorError::CannotMonitor`]
+//!    `CAP_PERFMON`; it fails with [`monitor::MonitorError::CannotMonitor`]
 //!    otherwise). [`monitor::MonitorHandle::from_replay`] gives the same
 //!    handle over recorded events, without a kernel, for tests and demos;
 //! 2. **subscribe to status updates**: [`monitor::MonitorHandle::subscribe`]
@@ -33,8 +33,7 @@
 //! use std::time::Duration;
 //! use gracewatch::{
 //!     drain::{self, DrainSpec, TargetSpec},
-//!     monitor::Monitor,
-//!     source::ebpf::SourceOptions,
+//!     monitor::{Monitor, SourceOptions},
 //! };
 //!
 //! # async fn example(old_pid: u32) -> anyhow::Result<()> {

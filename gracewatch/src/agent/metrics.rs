@@ -36,7 +36,7 @@ use prometheus_client::{
 use crate::{
     drain::{DrainReport, Outcome},
     event::ConnEvent,
-    source::ebpf::ProgramStats,
+    monitor::ProgramStats,
     tracker::Status,
 };
 

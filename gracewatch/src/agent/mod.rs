@@ -46,8 +46,7 @@ pub use events::{MAX_SUBSCRIBERS, SUBSCRIBER_BACKLOG};
 
 use crate::{
     cli::exit,
-    monitor::{Monitor, MonitorHandle},
-    source::ebpf::{SourceOptions, enable_run_time_stats},
+    monitor::{Monitor, MonitorHandle, SourceOptions, enable_run_time_stats},
 };
 
 /// Where the agent listens unless told otherwise: loopback only.
@@ -528,7 +527,7 @@ impl MonitorThread {
     }
 }
 
-type Started = tokio::sync::oneshot::Receiver<Result<MonitorHandle, crate::source::MonitorError>>;
+type Started = tokio::sync::oneshot::Receiver<Result<MonitorHandle, crate::monitor::MonitorError>>;
 
 /// Starts [`Monitor::spawn`] on a thread of its own and returns how to
 /// stop it, and the handle once the monitor started.

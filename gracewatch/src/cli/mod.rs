@@ -12,8 +12,7 @@ use crate::{
     display::terminal_safe,
     drain::{self, DrainSpec, OnTimeout, SignalSpec, TargetSpec},
     input::{parse_max_connections, parse_pid, parse_port, parse_ring_buffer_size, parse_timeout},
-    monitor::Monitor,
-    source::{MonitorError, ebpf::SourceOptions},
+    monitor::{Monitor, MonitorError, SourceOptions},
     tracker::Status,
 };
 

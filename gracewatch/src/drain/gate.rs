@@ -16,12 +16,8 @@ use super::{
 };
 use crate::{
     event::ListenAddr,
-    monitor::MonitorHandle,
-    source::{
-        monotonic_now,
-        process::{Delivery, PinnedProcess, errno_text},
-        snapshot,
-    },
+    monitor::{FdLook, MonitorHandle, monotonic_now},
+    source::process::{Delivery, PinnedProcess, errno_text},
     tracker::Status,
 };
 
@@ -259,9 +255,9 @@ impl Gate<'_> {
         Ok(account.seen_exit || account.closed_by_exit > 0)
     }
 
-    /// Live inbound sockets the targets still hold by their own fd tables,
-    /// looked at off the async runtime (procfs, netlink, setns block). A
-    /// table that cannot be read decides nothing.
+    /// Live inbound sockets the targets still hold by their own fd tables
+    /// (the monitor looks off the async runtime). A table that cannot be
+    /// read decides nothing.
     async fn fd_check(&self) -> FdCheck {
         let known: Vec<ListenAddr> = self.listen_addrs.iter().copied().collect();
         let targets: Vec<(u32, String)> = self
@@ -270,37 +266,20 @@ impl Gate<'_> {
             .filter(|p| !p.has_exited())
             .map(|p| (p.pid, p.comm.clone()))
             .collect();
-        let ports = self.spec.ports.clone();
-        let looked = tokio::task::spawn_blocking(move || {
-            let mut held = 0;
-            for (pid, comm) in targets {
-                match snapshot::live_inbound_fds_with(pid, &known) {
-                    Ok(v) => {
-                        held += v
-                            .iter()
-                            .filter(|t| ports.is_empty() || ports.contains(&t.local.port()))
-                            .count();
-                    }
-                    Err(e) => {
-                        return Err((
-                            pid,
-                            format!("the fds of pid {pid} ({comm}) cannot be read: {e:#}"),
-                        ));
-                    }
-                }
-            }
-            Ok(held)
-        })
-        .await;
+        let looked = self
+            .handle
+            .held_fds(targets, known, self.spec.ports.clone())
+            .await;
         match looked {
-            Ok(Ok(0)) => FdCheck::Clear,
-            Ok(Ok(held)) => FdCheck::Held(held),
+            FdLook::Held(0) => FdCheck::Clear,
+            FdLook::Held(held) => FdCheck::Held(held),
             // A target that exited meanwhile: its pidfd ends the drain.
-            Ok(Err((pid, _))) if self.alive.iter().any(|p| p.pid == pid && p.has_exited()) => {
+            FdLook::Doubt { pid: Some(pid), .. }
+                if self.alive.iter().any(|p| p.pid == pid && p.has_exited()) =>
+            {
                 FdCheck::TargetExited
             }
-            Ok(Err((_, why))) => FdCheck::Unknown(why),
-            Err(e) => FdCheck::Unknown(format!("the fd check failed: {e}")),
+            FdLook::Doubt { reason, .. } => FdCheck::Unknown(reason),
         }
     }
 

@@ -9,9 +9,17 @@
 //! - `startup`: attach, snapshot, merge (and a replay's recorded start);
 //! - `pump`: events into the tracker, exit accounts, housekeeping, rescans;
 //! - `publish`: the status and change counter consumers read, and their pace;
-//! - `handle`: the task, the handle and the query protocol.
+//! - `handle`: the task, the handle and the query protocol;
+//! - `look`: the direct looks consumers ask the handle for (fd tables,
+//!   TCP states, liveness).
+//!
+//! Consumers name the source's configuration and error types through this
+//! module, so none of them imports `source/`.
 
+#[cfg(test)]
+mod boundaries;
 mod handle;
+mod look;
 mod publish;
 mod pump;
 mod startup;
@@ -21,6 +29,11 @@ use std::{collections::BTreeMap, time::Duration};
 use tokio::sync::broadcast;
 
 pub use self::handle::{ExitAccount, MonitorHandle, WatchGuard};
+pub use self::look::FdLook;
+pub use crate::source::{
+    MonitorError, monotonic_now,
+    ebpf::{ProgramStats, SourceOptions, enable_run_time_stats},
+};
 use self::pump::{ExitAccounts, Untracked};
 use crate::{
     event::{ConnEvent, Snapshot},

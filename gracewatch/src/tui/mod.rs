@@ -38,8 +38,7 @@ use self::{
 use crate::{
     drain::{self, DrainReport, Progress, TargetSpec, Targets},
     event::{ConnEvent, Tuple},
-    monitor::{Monitor, MonitorHandle},
-    source::{Liveness, ebpf::SourceOptions, liveness, monotonic_now, snapshot},
+    monitor::{Monitor, MonitorHandle, SourceOptions, monotonic_now},
 };
 
 /// Shortest time between two redraws caused by data (4 Hz).
@@ -201,7 +200,7 @@ async fn event_loop<B: Backend>(
                         anyhow::bail!("the monitor stopped: {}", handle.failure().unwrap_or_default());
                     }
                 }
-                check_gone(&mut app, now);
+                check_gone(&mut app, handle, now);
                 dirty = true;
             }
             changed = status_rx.changed() => {
@@ -211,7 +210,7 @@ async fn event_loop<B: Backend>(
                 let status = status_rx.borrow_and_update().clone();
                 let now = monotonic_now();
                 app.model.observe(&status, now);
-                check_gone(&mut app, now);
+                check_gone(&mut app, handle, now);
                 dirty = true;
             }
             Some(done) = done_rx.recv() => {
@@ -233,7 +232,7 @@ async fn event_loop<B: Backend>(
                 // A process that holds nothing is no longer in the status;
                 // only its pid says whether it still runs.
                 for pid in app.model.gone_alive() {
-                    if !running(pid) {
+                    if !handle.may_run(pid) {
                         app.model.liveness(pid, false, now);
                         dirty = true;
                     }
@@ -256,16 +255,10 @@ fn on_event(app: &mut App, ev: &ConnEvent) {
 }
 
 /// Asks the system whether processes that left the status still run.
-fn check_gone(app: &mut App, now: Duration) {
+fn check_gone(app: &mut App, handle: &MonitorHandle, now: Duration) {
     for pid in app.model.unchecked_gone() {
-        app.model.liveness(pid, running(pid), now);
+        app.model.liveness(pid, handle.may_run(pid), now);
     }
-}
-
-/// Whether `pid` may still run: only a pidfd that says so is an exit; a
-/// failure to look (EMFILE…) keeps the process and is asked again later.
-fn running(pid: u32) -> bool {
-    liveness(pid) != Liveness::Exited
 }
 
 /// Carries out one effect; returns whether to quit.
@@ -373,15 +366,10 @@ fn fetch_connections(
             let conns = handle.connections(&[pid]).await?;
             // The state needs a fresh look at the process's own fds; if
             // that fails (it exited), the list is still worth showing.
-            let states: HashMap<Tuple, u8> =
-                tokio::task::spawn_blocking(move || snapshot::live_inbound_conns_with(pid, &known))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|c| (c.tuple, c.state))
-                    .collect();
+            let states: HashMap<Tuple, u8> = handle
+                .conn_states(pid, known)
+                .await
+                .unwrap_or_default();
             let rows = conns
                 .into_iter()
                 .map(|c| ConnRow {

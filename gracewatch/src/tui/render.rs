@@ -25,7 +25,7 @@ use super::{
 };
 use crate::{
     display::terminal_safe,
-    source::snapshot::{TCP_CLOSE_WAIT, TCP_ESTABLISHED},
+    event::{TCP_CLOSE_WAIT, TCP_ESTABLISHED},
 };
 
 const PALETTE: [Color; 8] = [

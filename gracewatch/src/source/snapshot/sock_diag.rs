@@ -18,10 +18,7 @@ use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIA
 
 use crate::source::netns::NetNsHandle;
 
-/// TCP state numbers (include/net/tcp_states.h).
-pub const TCP_ESTABLISHED: u8 = 1;
-pub const TCP_CLOSE_WAIT: u8 = 8;
-pub const TCP_LISTEN: u8 = 10;
+pub use crate::event::{TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_LISTEN};
 
 /// One TCP socket from a sock_diag dump.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,0 +1,84 @@
+//! Direct looks at the host that consumers need beside the tracker's
+//! counts: the targets' own fd tables (the drain gate's fd check), a
+//! connection's TCP state (the TUI's detail view) and whether a process
+//! still runs. They go through [`MonitorHandle`] so that no consumer
+//! touches procfs, netlink or pidfds itself; each runs off the async
+//! runtime where it blocks (procfs, netlink and setns do).
+
+use std::collections::HashMap;
+
+use super::MonitorHandle;
+use crate::{
+    event::{ListenAddr, Tuple},
+    source::{Liveness, liveness, snapshot},
+};
+
+/// What a look at some processes' fd tables found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FdLook {
+    /// Every table was read: this many live inbound sockets are held.
+    Held(usize),
+    /// A table could not be read, so nothing is decided: `pid` names the
+    /// process whose table failed (none if the look itself failed).
+    Doubt { pid: Option<u32>, reason: String },
+}
+
+impl MonitorHandle {
+    /// Live inbound sockets that `targets` (pid, command name) hold by
+    /// their own fd tables, counting only those on `ports` if any are
+    /// given. A socket counts as inbound when its local address is one of
+    /// `known` listeners or one the process listens on now. Fails closed:
+    /// the first table that cannot be read makes the whole look a
+    /// [`FdLook::Doubt`].
+    pub async fn held_fds(
+        &self,
+        targets: Vec<(u32, String)>,
+        known: Vec<ListenAddr>,
+        ports: Vec<u16>,
+    ) -> FdLook {
+        let looked = tokio::task::spawn_blocking(move || {
+            let mut held = 0;
+            for (pid, comm) in targets {
+                match snapshot::live_inbound_fds_with(pid, &known) {
+                    Ok(v) => {
+                        held += v
+                            .iter()
+                            .filter(|t| ports.is_empty() || ports.contains(&t.local.port()))
+                            .count();
+                    }
+                    Err(e) => {
+                        return FdLook::Doubt {
+                            pid: Some(pid),
+                            reason: format!("the fds of pid {pid} ({comm}) cannot be read: {e:#}"),
+                        };
+                    }
+                }
+            }
+            FdLook::Held(held)
+        })
+        .await;
+        looked.unwrap_or_else(|e| FdLook::Doubt {
+            pid: None,
+            reason: format!("the fd check failed: {e}"),
+        })
+    }
+
+    /// The TCP states of the live inbound connections `pid` holds by its
+    /// own fd table (inbound as for [`MonitorHandle::held_fds`]).
+    pub async fn conn_states(
+        &self,
+        pid: u32,
+        known: Vec<ListenAddr>,
+    ) -> anyhow::Result<HashMap<Tuple, u8>> {
+        let conns =
+            tokio::task::spawn_blocking(move || snapshot::live_inbound_conns_with(pid, &known))
+                .await??;
+        Ok(conns.into_iter().map(|c| (c.tuple, c.state)).collect())
+    }
+
+    /// Whether `pid` may still run: only a pidfd that says so is an exit;
+    /// a failure to look (EMFILE…) keeps the process, to be asked again.
+    pub fn may_run(&self, pid: u32) -> bool {
+        liveness(pid) != Liveness::Exited
+    }
+}
