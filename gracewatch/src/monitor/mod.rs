@@ -30,11 +30,12 @@ use tokio::sync::broadcast;
 
 pub use self::handle::{ExitAccount, MonitorHandle, WatchGuard};
 pub use self::look::FdLook;
-pub use crate::source::{
-    MonitorError, monotonic_now,
-    ebpf::{ProgramStats, SourceOptions, enable_run_time_stats},
-};
 use self::pump::{ExitAccounts, Untracked};
+pub use crate::source::{
+    MonitorError,
+    ebpf::{ProgramStats, SourceOptions, enable_run_time_stats},
+    monotonic_now,
+};
 use crate::{
     event::{ConnEvent, Snapshot},
     source::{Source, ebpf::EbpfSource},

@@ -366,10 +366,8 @@ fn fetch_connections(
             let conns = handle.connections(&[pid]).await?;
             // The state needs a fresh look at the process's own fds; if
             // that fails (it exited), the list is still worth showing.
-            let states: HashMap<Tuple, u8> = handle
-                .conn_states(pid, known)
-                .await
-                .unwrap_or_default();
+            let states: HashMap<Tuple, u8> =
+                handle.conn_states(pid, known).await.unwrap_or_default();
             let rows = conns
                 .into_iter()
                 .map(|c| ConnRow {
