@@ -82,3 +82,40 @@ impl MonitorHandle {
         liveness(pid) != Liveness::Exited
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Snapshot;
+
+    /// Above the kernel's PID_MAX_LIMIT: never a running process.
+    const NO_SUCH_PID: u32 = 4_194_305;
+
+    #[tokio::test]
+    async fn an_unreadable_fd_table_is_a_doubt_naming_its_pid() {
+        let handle = MonitorHandle::from_replay(Vec::new(), Snapshot::default());
+        assert_eq!(
+            handle.held_fds(Vec::new(), Vec::new(), Vec::new()).await,
+            FdLook::Held(0)
+        );
+        let looked = handle
+            .held_fds(vec![(NO_SUCH_PID, "gone".into())], Vec::new(), vec![80])
+            .await;
+        let FdLook::Doubt { pid, reason } = looked else {
+            panic!("a missing fd table decided something: {looked:?}");
+        };
+        assert_eq!(pid, Some(NO_SUCH_PID));
+        assert!(
+            reason.contains(&format!("pid {NO_SUCH_PID} (gone)")),
+            "{reason}"
+        );
+        assert!(handle.conn_states(NO_SUCH_PID, Vec::new()).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn liveness_tells_a_running_process_from_a_missing_one() {
+        let handle = MonitorHandle::from_replay(Vec::new(), Snapshot::default());
+        assert!(handle.may_run(std::process::id()));
+        assert!(!handle.may_run(NO_SUCH_PID));
+    }
+}
