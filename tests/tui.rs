@@ -84,8 +84,22 @@ fn tui_follows_an_fd_handover_restart() {
 
     // The restart: the new process inherits the listener; both accept.
     let new = old.handover();
-    let _c2 = Client::connect(&ns, addr, 3);
-    wait_accepted_sum(&[&old, &new], 7);
+    let mut c2 = vec![Client::connect(&ns, addr, 3)];
+    let mut sent = 7;
+    wait_accepted_sum(&[&old, &new], sent);
+    // Which of two processes waiting in accept() gets a connection is the
+    // kernel's choice: connect until the new one has taken one, so that it
+    // is seen accepting while the old one still serves.
+    while new.count().open == 0 && sent < 30 {
+        c2.push(Client::connect(&ns, addr, 1));
+        sent += 1;
+        wait_accepted_sum(&[&old, &new], sent);
+    }
+    assert!(
+        new.count().open > 0,
+        "the new server accepted none of {} connections",
+        sent - 4
+    );
     let (o, n) = (old.count().open, new.count().open);
     tmux.wait(
         &format!("both pids: old {o} live, new {n} live"),
