@@ -652,6 +652,14 @@ fn drains_through_the_agent_end_like_local_drains() {
             },
             "{via:?}: drained"
         );
+        // The independent oracle: the server's own report of the signal
+        // and of what it held when it took it.
+        let seen = server.wait_signal(STATE_TIMEOUT);
+        assert_eq!(
+            (seen.name.as_str(), seen.open),
+            ("TERM", 0),
+            "{via:?}: the server's own report of the signal"
+        );
         eventually(STATE_TIMEOUT, "the server to die of SIGTERM", || {
             if exited(server.pid()) {
                 Ok(())

@@ -441,6 +441,7 @@ fn a_flood_of_hostile_clients_never_delays_a_drain_over_the_unix_socket() {
     let report: Value = serde_json::from_str(&done.body).expect("drain JSON");
     assert_eq!(report["report"]["outcome"], "drained", "{}", done.body);
     assert_eq!(signal.name, "TERM");
+    assert_eq!(signal.open, 0, "signalled while holding connections");
     assert!(
         signal.at_ns >= closed[2],
         "signalled before the last close ({})",
