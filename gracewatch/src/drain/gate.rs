@@ -161,8 +161,9 @@ impl Gate<'_> {
 
             if last_live != Some(live) || now >= next_progress {
                 if last_live != Some(u64::MAX) || live > 0 {
-                    let msg = self.describe(live, &status).await;
-                    on_progress(&self.progress(live, msg).await);
+                    let oldest = self.oldest().await;
+                    let msg = self.describe(live, &status, oldest.as_ref());
+                    on_progress(&self.progress_with(live, oldest, msg));
                 }
                 last_live = Some(live);
                 next_progress = now + PROGRESS_EVERY;
@@ -359,15 +360,13 @@ impl Gate<'_> {
         let sent = signal.map(|s| (s, self.send(s)));
         let what = match &sent {
             None => "nothing was signalled".to_owned(),
-            Some((s, sent)) if sent.refused().is_some() => format!(
-                "{}{}",
-                sent.refused().unwrap_or_default(),
-                sent.also_delivered(*s)
-            ),
-            Some((s, sent)) if !sent.delivered.is_empty() => {
-                format!("sent {s} to {}", sent.delivered.join(", "))
-            }
-            Some((s, _)) => format!("{s} not sent: the targets exited"),
+            Some((s, sent)) => match sent.refused() {
+                Some(why) => format!("{why}{}", sent.also_delivered(*s)),
+                None if !sent.delivered.is_empty() => {
+                    format!("sent {s} to {}", sent.delivered.join(", "))
+                }
+                None => format!("{s} not sent: the targets exited"),
+            },
         };
         let doubt = match &self.doubt {
             Some(why) if live == 0 => format!(" (by the kernel's count), but {why}"),
@@ -456,7 +455,7 @@ impl Gate<'_> {
         (closes, accepted)
     }
 
-    async fn describe(&self, live: u64, status: &Status) -> String {
+    fn describe(&self, live: u64, status: &Status, oldest: Option<&HeldConnection>) -> String {
         let mut parts = Vec::new();
         for pid in self.alive_pids() {
             let comm = status
@@ -480,10 +479,7 @@ impl Gate<'_> {
             if closes > 0.0 {
                 msg.push_str(&format!(", ~{:.0}s to zero", live as f64 / closes));
             }
-            if let (_, Some(oldest)) = {
-                let (_, v) = self.held(1).await;
-                ((), v.into_iter().next())
-            } {
+            if let Some(oldest) = oldest {
                 msg.push_str(&format!(
                     ", oldest {:.1}s from {}",
                     oldest.age_ms as f64 / 1000.0,
@@ -502,15 +498,29 @@ impl Gate<'_> {
         msg
     }
 
+    /// The oldest connection the targets hold, for progress lines.
+    async fn oldest(&self) -> Option<HeldConnection> {
+        self.held(1).await.1.into_iter().next()
+    }
+
     async fn progress(&self, live: u64, message: String) -> Progress {
+        let oldest = self.oldest().await;
+        self.progress_with(live, oldest, message)
+    }
+
+    fn progress_with(
+        &self,
+        live: u64,
+        oldest: Option<HeldConnection>,
+        message: String,
+    ) -> Progress {
         let (closes, accepted) = self.rates();
-        let (_, oldest) = self.held(1).await;
         Progress {
             elapsed_ms: self.start.elapsed().as_millis() as u64,
             live,
             closes_per_sec: (closes * 10.0).round() / 10.0,
             eta_ms: (live > 0 && closes > 0.0).then(|| (live as f64 / closes * 1000.0) as u64),
-            oldest: oldest.into_iter().next(),
+            oldest,
             accepted_last_10s: accepted,
             message,
         }
