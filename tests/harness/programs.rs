@@ -118,21 +118,7 @@ impl Server {
     /// kernel caps it at `net.core.somaxconn`).
     #[track_caller]
     pub fn listen_with_backlog(ns: &Netns, address: &str, backlog: u32) -> Server {
-        let backlog = backlog.to_string();
-        let child = Child::spawn(
-            ns,
-            &format!("server {address} (netns {})", ns.name()),
-            "python3",
-            &[
-                "-u",
-                &program("server.py"),
-                "--listen",
-                address,
-                "--backlog",
-                &backlog,
-            ],
-        );
-        Server::from_ready(child)
+        Server::listen_with(ns, address, None, &["--backlog", &backlog.to_string()])
     }
 
     /// Like [`Server::listen`], but the server process gets exactly `pid`
