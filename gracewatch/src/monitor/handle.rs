@@ -1,6 +1,7 @@
 //! The running monitor and how consumers talk to it: one task per monitor,
 //! whatever its source, serving a cloneable [`MonitorHandle`] (status and
-//! change subscriptions, events, watch requests and the queries).
+//! change subscriptions, the restart model, events, watch requests, drain
+//! notes and the queries).
 
 use std::sync::Arc;
 
@@ -16,7 +17,7 @@ use crate::{
         monotonic_now,
         replay::ReplayFeed,
     },
-    tracker::{ConnInfo, Status},
+    tracker::{ConnInfo, Restarts, Status, restart::DrainNote},
 };
 
 /// Events buffered per subscriber of [`MonitorHandle::events`].
@@ -76,6 +77,8 @@ enum Query {
 #[derive(Clone)]
 pub struct MonitorHandle {
     status: watch::Receiver<Arc<Status>>,
+    restarts: watch::Receiver<Arc<Restarts>>,
+    drain_notes: mpsc::UnboundedSender<(u32, DrainNote)>,
     changes: watch::Receiver<u64>,
     watch_tx: mpsc::UnboundedSender<WatchRequest>,
     queries: mpsc::Sender<Query>,
@@ -98,12 +101,16 @@ impl<S: Source> Monitor<S> {
     fn serve(mut self) -> MonitorHandle {
         let (events, _) = broadcast::channel(EVENT_BACKLOG);
         self.events = Some(events.clone());
-        let (status_tx, status) = watch::channel(Arc::new(self.status()));
+        let (first, first_restarts) = self.observe();
+        let (status_tx, status) = watch::channel(Arc::new(first));
+        let (restarts_tx, restarts) = watch::channel(first_restarts);
         let (changes_tx, changes) = watch::channel(0u64);
         let out = Outlets {
             changes: changes_tx,
             status: status_tx,
+            restarts: restarts_tx,
         };
+        let (drain_notes, mut notes_rx) = mpsc::unbounded_channel::<(u32, DrainNote)>();
         let (watch_tx, mut watch_rx) = mpsc::unbounded_channel::<WatchRequest>();
         let (failed_tx, failed) = watch::channel(None);
         let (queries, mut rx) = mpsc::channel::<Query>(64);
@@ -118,6 +125,11 @@ impl<S: Source> Monitor<S> {
                         }
                     },
                     Some((pids, on)) = watch_rx.recv() => self.watch(&pids, on),
+                    Some((pid, note)) = notes_rx.recv() => {
+                        self.restarts.drain_note(pid, note, self.source.now());
+                        self.unpublished = true;
+                        self.publish(false, true, &out);
+                    }
                     q = rx.recv() => match q {
                         Some(q) => self.answer(q, &mut watch_rx, &out),
                         None => return,
@@ -128,6 +140,8 @@ impl<S: Source> Monitor<S> {
         });
         MonitorHandle {
             status,
+            restarts,
+            drain_notes,
             changes,
             watch_tx,
             queries,
@@ -197,6 +211,26 @@ impl MonitorHandle {
     /// [`MonitorHandle`] for how often that is).
     pub fn subscribe(&self) -> watch::Receiver<Arc<Status>> {
         self.status.clone()
+    }
+
+    /// The restart model (roles, handovers, rates) as of the latest
+    /// status: published with every status, just before it, so a consumer
+    /// woken by [`MonitorHandle::subscribe`] reads the model that goes
+    /// with the status (or a newer one).
+    pub fn restarts(&self) -> Arc<Restarts> {
+        self.restarts.borrow().clone()
+    }
+
+    /// A receiver that wakes on every published restart model.
+    pub fn subscribe_restarts(&self) -> watch::Receiver<Arc<Restarts>> {
+        self.restarts.clone()
+    }
+
+    /// Tells the restart model that a drain gracewatch runs on `pid`
+    /// started or ended (its role follows: see [`DrainNote`]).
+    pub fn note_drain(&self, pid: u32, note: DrainNote) {
+        // A monitor that stopped has no model left to tell.
+        let _ = self.drain_notes.send((pid, note));
     }
 
     /// A receiver that wakes after every batch of changes the monitor

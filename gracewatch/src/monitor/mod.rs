@@ -8,7 +8,8 @@
 //!
 //! - `startup`: attach, snapshot, merge (and a replay's recorded start);
 //! - `pump`: events into the tracker, exit accounts, housekeeping, rescans;
-//! - `publish`: the status and change counter consumers read, and their pace;
+//! - `publish`: the status, the restart model and the change counter
+//!   consumers read, and their pace;
 //! - `handle`: the task, the handle and the query protocol;
 //! - `look`: the direct looks consumers ask the handle for (fd tables,
 //!   TCP states, liveness).
@@ -39,7 +40,7 @@ pub use crate::source::{
 use crate::{
     event::{ConnEvent, Snapshot},
     source::{Source, ebpf::EbpfSource},
-    tracker::{Status, Tracker},
+    tracker::{Restarts, Status, Tracker},
 };
 
 /// A monitor over a source: the kernel's by default. [`Monitor::spawn`]
@@ -48,6 +49,9 @@ use crate::{
 pub struct Monitor<S = EbpfSource> {
     source: S,
     tracker: Tracker,
+    /// The meaning of restarts, fed with every published status, every
+    /// event and the liveness of processes that left the status.
+    restarts: Restarts,
     /// When the monitor started, on the source's clock (for the uptime).
     started: Duration,
     lost_seen: u64,
@@ -83,6 +87,7 @@ impl<S: Source> Monitor<S> {
         Self {
             source,
             tracker,
+            restarts: Restarts::new(),
             started,
             lost_seen: 0,
             batch: Vec::new(),

@@ -1,6 +1,6 @@
 //! What consumers read from a running monitor, and how often it is
-//! rebuilt: the change counter after every batch, the [`Status`] at a pace
-//! that keeps its cost bounded.
+//! rebuilt: the change counter after every batch, the [`Status`] and the
+//! [`Restarts`] fed with it at a pace that keeps their cost bounded.
 
 use std::{sync::Arc, time::Duration};
 
@@ -8,8 +8,8 @@ use tokio::sync::watch;
 
 use super::Monitor;
 use crate::{
-    source::{Source, monotonic_now},
-    tracker::{Status, Tracker},
+    source::{Liveness, Source, monotonic_now},
+    tracker::{Restarts, Status, Tracker},
 };
 
 /// Building a [`Status`] walks every live connection. Routine changes
@@ -28,6 +28,7 @@ pub(super) const PUBLISH_MIN: Duration = Duration::from_millis(20);
 pub(super) struct Outlets {
     pub(super) changes: watch::Sender<u64>,
     pub(super) status: watch::Sender<Arc<Status>>,
+    pub(super) restarts: watch::Sender<Arc<Restarts>>,
 }
 
 impl<S: Source> Monitor<S> {
@@ -43,14 +44,36 @@ impl<S: Source> Monitor<S> {
             return;
         }
         let t0 = monotonic_now();
-        let significant = self.tracker.take_significant();
+        let significant = self.tracker.take_significant() | self.restarts.take_significant();
         if !now && !significant && !S::RECORDING && t0 < self.next_publish {
             return;
         }
-        to.status.send_replace(Arc::new(self.status()));
+        let (status, restarts) = self.observe();
+        // The restart model first: a consumer woken by the status reads
+        // the model that goes with it (or a newer one).
+        to.restarts.send_replace(restarts);
+        to.status.send_replace(Arc::new(status));
         let took = monotonic_now().saturating_sub(t0);
         self.unpublished = false;
         self.next_publish = t0 + PUBLISH_MIN.max(took * 20);
+    }
+}
+
+impl<S: Source> Monitor<S> {
+    /// The status now, folded into the restart model; processes that left
+    /// the status are asked whether they still run (a failed look is no
+    /// exit: asked again at the next housekeeping).
+    pub(super) fn observe(&mut self) -> (Status, Arc<Restarts>) {
+        let status = self.status();
+        let now = self.source.now();
+        self.restarts.observe(&status, now);
+        for pid in self.restarts.unchecked_gone() {
+            let alive = self.source.liveness(pid) != Liveness::Exited;
+            self.restarts.liveness(pid, alive, now);
+        }
+        // Facts of this status go out with it.
+        self.restarts.take_significant();
+        (status, Arc::new(self.restarts.clone()))
     }
 }
 

@@ -52,6 +52,7 @@ impl<S: Source> Monitor<S> {
         self.last_records = monotonic_now();
         for ev in &self.batch {
             self.tracker.apply(ev);
+            self.restarts.on_event(ev);
             self.exits
                 .record(ev, |pid| S::RECORDING || self.watched.contains_key(&pid));
         }
@@ -65,6 +66,7 @@ impl<S: Source> Monitor<S> {
 
     fn apply_one(&mut self, ev: ConnEvent) {
         self.tracker.apply(&ev);
+        self.restarts.on_event(&ev);
         self.exits
             .record(&ev, |pid| S::RECORDING || self.watched.contains_key(&pid));
         if let Some(tx) = &self.events {
@@ -239,6 +241,7 @@ impl<S: Source> Monitor<S> {
             }
             None => {}
         }
+        changed |= self.restart_housekeeping();
         if self.rescan.is_none() && now >= self.next_rescan {
             if let Some(take) = self.source.rescanner() {
                 self.rescan = Some(tokio::task::spawn_blocking(move || {
@@ -249,6 +252,20 @@ impl<S: Source> Monitor<S> {
             }
         }
         changed
+    }
+
+    /// Time-based restart roles (a handover's quiet old process), and
+    /// whether processes that left the status but ran at the last look
+    /// still run. Returns whether the model has news to publish.
+    fn restart_housekeeping(&mut self) -> bool {
+        let now = self.source.now();
+        for pid in self.restarts.gone_alive() {
+            if self.source.liveness(pid) == Liveness::Exited {
+                self.restarts.liveness(pid, false, now);
+            }
+        }
+        self.restarts.tick(now);
+        self.restarts.significant()
     }
 
     /// One more (`on`) or one less drain waiting on each of `pids`; the

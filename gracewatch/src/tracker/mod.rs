@@ -1,6 +1,7 @@
 //! The tracker owns the meaning of "live", "queued", "holder": a pure state
 //! machine fed with [`ConnEvent`]s and [`Snapshot`]s, read as a [`Status`].
-//! No I/O, no clocks: callers pass the time in.
+//! No I/O, no clocks: callers pass the time in. [`restart`] reads a
+//! restart's meaning (roles, handovers, rates) from the statuses and events.
 //!
 //! A live connection is keyed by its tuple (two live connections never share
 //! one in a namespace), with an index by `sk` for the ones the kernel
@@ -16,12 +17,14 @@
 //! here panics on any input order: missed or duplicated events only make
 //! counts stale until the next snapshot repairs them.
 
+pub mod restart;
 mod snapshot;
 mod status;
 #[cfg(test)]
 mod tests;
 mod tombstone;
 
+pub use restart::Restarts;
 pub use status::*;
 
 use std::{

@@ -86,7 +86,7 @@ impl Dialog {
             kind,
             pid: p.pid,
             comm: p.comm.clone(),
-            live: p.live,
+            live: p.live(),
             signal: "TERM".to_owned(),
             timeout: String::new(),
             focus: Field::Signal,
@@ -254,7 +254,7 @@ impl App {
                 needle.is_empty()
                     || p.pid.to_string().contains(&needle)
                     || p.comm.to_lowercase().contains(&needle)
-                    || p.role.name().contains(&needle)
+                    || p.role().name().contains(&needle)
                     || p.listeners.iter().any(|l| l.contains(&needle))
             })
             .collect()
@@ -339,7 +339,7 @@ impl App {
     pub fn actionable(&self) -> Result<&Proc, String> {
         match self.selected_proc() {
             None => Err("no process selected".to_owned()),
-            Some(p) if p.role == Role::Exited => Err(format!("pid {} has exited", p.pid)),
+            Some(p) if p.role() == Role::Exited => Err(format!("pid {} has exited", p.pid)),
             Some(p) => Ok(p),
         }
     }

@@ -36,9 +36,10 @@ use self::{
     model::{LogKind, Model, StartFilter},
 };
 use crate::{
-    drain::{self, DrainReport, Progress, TargetSpec, Targets},
+    drain::{self, DrainReport, Outcome, Progress, TargetSpec, Targets},
     event::{ConnEvent, Tuple},
     monitor::{Monitor, MonitorHandle, SourceOptions, monotonic_now},
+    tracker::restart::DrainNote,
 };
 
 /// Shortest time between two redraws caused by data (4 Hz).
@@ -118,7 +119,7 @@ async fn event_loop<B: Backend>(
     let mut status_rx = handle.subscribe();
     let mut events = handle.events();
     let first = status_rx.borrow_and_update().clone();
-    app.model.observe(&first, started);
+    app.model.observe(&first, &handle.restarts(), started);
     app.model.tick(started);
 
     let mut keys = EventStream::new();
@@ -200,7 +201,6 @@ async fn event_loop<B: Backend>(
                         anyhow::bail!("the monitor stopped: {}", handle.failure().unwrap_or_default());
                     }
                 }
-                check_gone(&mut app, handle, now);
                 dirty = true;
             }
             changed = status_rx.changed() => {
@@ -208,9 +208,9 @@ async fn event_loop<B: Backend>(
                     anyhow::bail!("the monitor stopped: {}", handle.failure().unwrap_or_default());
                 }
                 let status = status_rx.borrow_and_update().clone();
-                let now = monotonic_now();
-                app.model.observe(&status, now);
-                check_gone(&mut app, handle, now);
+                // Published just before the status (see `MonitorHandle::restarts`).
+                let restarts = handle.restarts();
+                app.model.observe(&status, &restarts, monotonic_now());
                 dirty = true;
             }
             Some(done) = done_rx.recv() => {
@@ -220,6 +220,7 @@ async fn event_loop<B: Backend>(
                     Done::Drain(pid, report) => {
                         drains.remove(&pid);
                         app.drain_ended(pid);
+                        handle.note_drain(pid, drain_note(&report));
                         app.model.drain_finished(pid, &report, now);
                     }
                     Done::Connections(pid, rows) => app.detail_loaded(pid, rows),
@@ -227,16 +228,7 @@ async fn event_loop<B: Backend>(
                 dirty = true;
             }
             _ = tick.tick() => {
-                let now = monotonic_now();
-                app.model.tick(now);
-                // A process that holds nothing is no longer in the status;
-                // only its pid says whether it still runs.
-                for pid in app.model.gone_alive() {
-                    if !handle.may_run(pid) {
-                        app.model.liveness(pid, false, now);
-                        dirty = true;
-                    }
-                }
+                app.model.tick(monotonic_now());
                 if let Some(pid) = app.detail_pid() {
                     if detail_due.is_some_and(|t| Instant::now() >= t) {
                         fetch_connections(pid, &app, handle, &done_tx);
@@ -254,10 +246,12 @@ fn on_event(app: &mut App, ev: &ConnEvent) {
     app.model.on_event(ev);
 }
 
-/// Asks the system whether processes that left the status still run.
-fn check_gone(app: &mut App, handle: &MonitorHandle, now: Duration) {
-    for pid in app.model.unchecked_gone() {
-        app.model.liveness(pid, handle.may_run(pid), now);
+/// How a drain's end changes its target's role (see [`DrainNote`]).
+fn drain_note(report: &DrainReport) -> DrainNote {
+    match report.outcome {
+        Outcome::Drained => DrainNote::Drained,
+        Outcome::Interrupted => DrainNote::Cancelled,
+        _ => DrainNote::Ended,
     }
 }
 
@@ -320,6 +314,7 @@ fn apply(
             };
             let what = app::summarize_drain(&spec);
             app.model.drain_started(pid, &what, now);
+            handle.note_drain(pid, DrainNote::Started);
             let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
             drains.insert(pid, cancel_tx);
             let handle = handle.clone();

@@ -1,42 +1,27 @@
 //! What the TUI knows about the host, folded from the monitor's [`Status`]
-//! stream and its [`ConnEvent`]s: per-process history (rates, a chart
-//! series), the role of each process in a restart, the listeners, and the
-//! event log. Pure like the tracker: callers pass the time in, nothing here
-//! reads a clock or the system, so every transition is testable by hand.
-//!
-//! Roles are the TUI's reading of a restart, derived from what the kernel
-//! shows (the tracker only counts):
-//!
-//! - **serving**: the default;
-//! - **draining**: it holds live connections and either a drain was started
-//!   on it here, or it closed its listener, or another process keeps
-//!   accepting on a listener it shares while it accepts nothing (the
-//!   handover of an fd-passing restart);
-//! - **drained**: it was draining and reached zero (or let go of everything);
-//! - **exited**: it is gone. Kept a while, greyed, then dropped.
+//! stream, its [`ConnEvent`]s and its restart model ([`Restarts`]): the
+//! processes shown with their chart series, the listeners, and the event
+//! log. The meaning of a restart (roles, handovers, rates) is the
+//! tracker's ([`crate::tracker::restart`]); this module only chooses what
+//! to show and words it. Pure: callers pass the time in, nothing here reads
+//! a clock or the system, so every transition is testable by hand.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     net::SocketAddr,
     time::Duration,
 };
 
+pub use crate::tracker::restart::{KEEP_GONE, Role};
 use crate::{
-    drain::{DrainReport, Outcome, Progress},
+    drain::{DrainReport, Progress},
     event::{ConnEvent, ListenAddr, NetNs},
-    tracker::{ListenerStatus, Status},
+    tracker::{
+        ListenerStatus, Restarts, Status,
+        restart::{Change, Fact, ProcRestart},
+    },
 };
 
-/// Window over which accepts/s and closes/s are measured.
-pub const RATE_WINDOW: Duration = Duration::from_secs(5);
-/// A process that accepted nothing for this long while others accepted on
-/// its listener is draining…
-pub const HANDOVER_QUIET: Duration = Duration::from_secs(2);
-/// …once the others accepted at least this many connections since its last
-/// accept (one stray connection is not a handover).
-pub const HANDOVER_MIN_ACCEPTS: u64 = 3;
-/// How long an exited (or vanished) process stays in the table.
-pub const KEEP_GONE: Duration = Duration::from_secs(60);
 /// The chart's span, and how much per-process history is kept.
 pub const CHART_SPAN: Duration = Duration::from_secs(300);
 /// Log lines kept.
@@ -77,136 +62,57 @@ pub fn port_of(address: &str) -> Option<u16> {
     address.rsplit_once(':').and_then(|(_, p)| p.parse().ok())
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Role {
-    Serving,
-    Draining,
-    Drained,
-    Exited,
-}
-
-impl Role {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Serving => "serving",
-            Self::Draining => "draining",
-            Self::Drained => "drained",
-            Self::Exited => "exited",
-        }
-    }
-}
-
-/// A drain in the TUI's sense: from when the process started draining.
-#[derive(Clone, Debug, PartialEq)]
-pub struct DrainMark {
-    /// Live connections when the drain began (the progress bar's 0 %).
-    pub from_live: u64,
-    pub since: Duration,
-    /// Started here with `d` (the drain gate runs); otherwise inferred.
-    pub by_user: bool,
-    /// The gate's latest progress, for drains started here.
-    pub progress: Option<Progress>,
-    /// When it reached zero.
-    pub done_at: Option<Duration>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Sample {
-    at: Duration,
-    accepted: u64,
-    closed: u64,
-}
-
+/// A process shown: what the status and the restart model say of it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Proc {
     pub pid: u32,
     pub comm: String,
-    pub role: Role,
-    pub role_since: Duration,
-    /// Why it has its role (shown in the log and the detail view).
-    pub reason: String,
-    pub live: u64,
-    /// Listeners it holds now.
+    /// Listeners it holds now, as the status names them.
     pub listeners: Vec<String>,
-    /// Listeners it held or accepted from since it was first seen.
-    pub keys: BTreeSet<ListenerKey>,
-    /// It held a listener in some status (a handover child may accept from
-    /// an inherited one before a rescan lists it as a holder).
-    pub held_listener: bool,
-    pub accepted_total: u64,
-    pub closed_total: u64,
     /// Age of its oldest live connection at `Model::status_at`.
     pub oldest_live_ms: Option<u64>,
-    pub first_seen: Duration,
-    /// In the latest status.
-    pub present: bool,
-    /// When it left the status or exited.
-    pub gone_at: Option<Duration>,
-    /// Whether the loop has checked if a vanished process is still alive.
-    pub alive_checked: bool,
-    /// Connections that ended because it was exiting.
-    pub exit_closes: u64,
-    pub drain: Option<DrainMark>,
+    /// Its role, drain and rates, as the tracker's restart model has them.
+    pub restart: ProcRestart,
+    /// The gate's latest progress, while a drain started here runs.
+    pub progress: Option<Progress>,
     /// Live connections, one point per second: (seconds since start, live).
     pub history: VecDeque<(u64, u64)>,
-    samples: VecDeque<Sample>,
-    last_accept: Option<Duration>,
-    /// Accepts by processes sharing a listener with it since its last accept.
-    others_accepted: u64,
 }
 
 impl Proc {
-    fn new(pid: u32, comm: &str, now: Duration) -> Self {
+    fn new(pid: u32, comm: &str, restart: ProcRestart) -> Self {
         Self {
             pid,
             comm: comm.to_owned(),
-            role: Role::Serving,
-            role_since: now,
-            reason: String::new(),
-            live: 0,
             listeners: Vec::new(),
-            keys: BTreeSet::new(),
-            held_listener: false,
-            accepted_total: 0,
-            closed_total: 0,
             oldest_live_ms: None,
-            first_seen: now,
-            present: true,
-            gone_at: None,
-            alive_checked: false,
-            exit_closes: 0,
-            drain: None,
+            restart,
+            progress: None,
             history: VecDeque::new(),
-            samples: VecDeque::new(),
-            last_accept: None,
-            others_accepted: 0,
         }
     }
 
-    /// Accepts/s and closes/s over the last [`RATE_WINDOW`] as of `now`.
+    pub fn role(&self) -> Role {
+        self.restart.role
+    }
+
+    pub fn live(&self) -> u64 {
+        self.restart.live
+    }
+
+    /// In the latest status.
+    pub fn present(&self) -> bool {
+        self.restart.present
+    }
+
+    /// Accepts/s and closes/s as of `now` (see [`ProcRestart::rates`]).
     pub fn rates(&self, now: Duration) -> (f64, f64) {
-        let Some(last) = self.samples.back() else {
-            return (0.0, 0.0);
-        };
-        let from = now.saturating_sub(RATE_WINDOW);
-        let base = self
-            .samples
-            .iter()
-            .rev()
-            .find(|s| s.at <= from)
-            .or(self.samples.front())
-            .copied()
-            .unwrap_or(*last);
-        let span = now.saturating_sub(base.at).as_secs_f64().max(1.0);
-        (
-            last.accepted.saturating_sub(base.accepted) as f64 / span,
-            last.closed.saturating_sub(base.closed) as f64 / span,
-        )
+        self.restart.rates(now)
     }
 
     /// Oldest live connection's age as of `now`.
     pub fn oldest_age(&self, status_at: Duration, now: Duration) -> Option<Duration> {
-        if !self.present || self.live == 0 {
+        if !self.present() || self.live() == 0 {
             return None;
         }
         self.oldest_live_ms
@@ -215,22 +121,18 @@ impl Proc {
 
     /// Fraction of the drain done (0..=1) and the estimated time to zero.
     pub fn drain_progress(&self, now: Duration) -> Option<(f64, Option<Duration>)> {
-        let mark = self.drain.as_ref()?;
-        let from = mark.from_live.max(self.live).max(1);
-        let done = 1.0 - self.live as f64 / from as f64;
-        let eta = match &mark.progress {
+        let mark = self.restart.drain.as_ref()?;
+        let live = self.live();
+        let from = mark.from_live.max(live).max(1);
+        let done = 1.0 - live as f64 / from as f64;
+        let eta = match &self.progress {
             Some(p) if mark.by_user => p.eta_ms.map(Duration::from_millis),
             _ => {
                 let (_, closes) = self.rates(now);
-                (closes > 0.0 && self.live > 0)
-                    .then(|| Duration::from_secs_f64(self.live as f64 / closes))
+                (closes > 0.0 && live > 0).then(|| Duration::from_secs_f64(live as f64 / closes))
             }
         };
         Some((done.clamp(0.0, 1.0), eta))
-    }
-
-    fn shares_with(&self, other: &Proc) -> bool {
-        self.keys.iter().any(|k| other.keys.contains(k))
     }
 }
 
@@ -266,13 +168,12 @@ pub struct Model {
     /// Episodes of untracked connections (a full kernel table), latest total.
     pub map_full: u64,
     pub log: VecDeque<LogEntry>,
-    /// Every listener of the latest status, parsed, to place accepted connections.
-    all_listeners: Vec<(ListenAddr, ListenerKey)>,
     observed: bool,
     /// (listener, pid, opened) already logged from an event, so the holder
     /// change seen in the next status is not logged twice.
     announced: BTreeSet<(ListenerKey, u32, bool)>,
-    handovers: BTreeSet<(ListenerKey, u32)>,
+    /// `seq` of the last restart fact taken from the restart model.
+    last_fact: Option<u64>,
     last_history_sec: Option<u64>,
 }
 
@@ -287,10 +188,9 @@ impl Model {
             lost_events: 0,
             map_full: 0,
             log: VecDeque::new(),
-            all_listeners: Vec::new(),
             observed: false,
             announced: BTreeSet::new(),
-            handovers: BTreeSet::new(),
+            last_fact: None,
             last_history_sec: None,
         }
     }
@@ -315,23 +215,17 @@ impl Model {
 
     /// Whether a process not yet shown should be.
     fn wants(&self, pid: u32, comm: &str, ports: &[u16]) -> bool {
-        self.procs.get(&pid).is_some_and(|p| p.role != Role::Exited)
+        self.procs
+            .get(&pid)
+            .is_some_and(|p| p.role() != Role::Exited)
             || self.filter.matches(pid, comm, ports)
     }
 
-    /// Folds in a status published by the monitor.
-    pub fn observe(&mut self, status: &Status, now: Duration) {
+    /// Folds in a status published by the monitor, with the restart model
+    /// published with it.
+    pub fn observe(&mut self, status: &Status, restarts: &Restarts, now: Duration) {
         // An episode before the event subscription (at startup) shows too.
         self.map_full = self.map_full.max(status.map_full_total);
-        let mut keys_of: HashMap<u32, Vec<ListenerKey>> = HashMap::new();
-        for l in &status.listeners {
-            for h in &l.holders {
-                keys_of
-                    .entry(h.pid)
-                    .or_default()
-                    .push((l.netns, l.address.clone()));
-            }
-        }
         let before: BTreeMap<ListenerKey, BTreeSet<u32>> = self
             .listeners
             .iter()
@@ -342,93 +236,39 @@ impl Model {
                 )
             })
             .collect();
+        // What happened before this status (accepts, exits, time) is logged
+        // before what the status shows.
+        self.take_facts(restarts, Some(restarts.observed_from()));
 
-        let mut accepted_by: Vec<(u32, u64)> = Vec::new();
-        let mut seen = BTreeSet::new();
         for p in &status.processes {
             let ports: Vec<u16> = p.listeners.iter().filter_map(|a| port_of(a)).collect();
             if !self.wants(p.pid, &p.comm, &ports) {
                 continue;
             }
-            seen.insert(p.pid);
             let reused = self
                 .procs
                 .get(&p.pid)
-                .is_some_and(|old| old.role == Role::Exited);
+                .is_some_and(|old| old.role() == Role::Exited);
             if reused {
                 self.procs.remove(&p.pid);
             }
-            let observed = self.observed;
-            let proc = self
-                .procs
-                .entry(p.pid)
-                .or_insert_with(|| Proc::new(p.pid, &p.comm, now));
-            let delta = if proc.samples.is_empty() {
-                // Accepts before the first look are history, unless the
-                // process appeared while we watched.
-                if observed { p.accepted_total } else { 0 }
-            } else {
-                p.accepted_total.saturating_sub(proc.accepted_total)
-            };
+            let proc = self.procs.entry(p.pid).or_insert_with(|| {
+                let restart = restarts.process(p.pid).cloned().unwrap_or_else(|| {
+                    // The restart model published before this status: it
+                    // has the process with the next one.
+                    let mut r = ProcRestart::new(p.pid, &p.comm, now);
+                    r.live = p.live;
+                    r
+                });
+                Proc::new(p.pid, &p.comm, restart)
+            });
             if !p.comm.is_empty() {
                 proc.comm.clone_from(&p.comm);
             }
-            proc.live = p.live;
             proc.listeners.clone_from(&p.listeners);
-            proc.held_listener |= !p.listeners.is_empty();
-            proc.accepted_total = p.accepted_total;
-            proc.closed_total = p.closed_total;
             proc.oldest_live_ms = p.oldest_live_ms;
-            proc.present = true;
-            proc.gone_at = None;
-            proc.alive_checked = false;
-            if let Some(keys) = keys_of.get(&p.pid) {
-                proc.keys.extend(keys.iter().cloned());
-            }
-            proc.samples.push_back(Sample {
-                at: now,
-                accepted: p.accepted_total,
-                closed: p.closed_total,
-            });
-            prune_samples(&mut proc.samples, now);
-            if delta > 0 {
-                proc.last_accept = Some(now);
-                proc.others_accepted = 0;
-                accepted_by.push((p.pid, delta));
-            }
-        }
-        for (pid, n) in accepted_by {
-            let Some(acceptor) = self.procs.get(&pid).cloned() else {
-                continue;
-            };
-            for other in self.procs.values_mut() {
-                if other.pid != pid && other.shares_with(&acceptor) {
-                    other.others_accepted += n;
-                }
-            }
-        }
-        for proc in self.procs.values_mut() {
-            if proc.present && !seen.contains(&proc.pid) {
-                proc.present = false;
-                proc.gone_at = Some(now);
-                proc.alive_checked = false;
-            }
         }
 
-        self.all_listeners = status
-            .listeners
-            .iter()
-            .filter_map(|l| {
-                let local = l.address.parse().ok()?;
-                Some((
-                    ListenAddr {
-                        netns: l.netns,
-                        local,
-                    },
-                    (l.netns, l.address.clone()),
-                ))
-            })
-            .collect();
         self.listeners = status
             .listeners
             .iter()
@@ -445,7 +285,99 @@ impl Model {
         }
         self.status_at = now;
         self.observed = true;
-        self.reassess(now);
+        self.follow(restarts);
+    }
+
+    /// Takes what the restart model says: the roles of the processes shown
+    /// and the facts not yet logged.
+    pub fn follow(&mut self, restarts: &Restarts) {
+        self.take_facts(restarts, None);
+        for p in self.procs.values_mut() {
+            if let Some(r) = restarts.process(p.pid) {
+                // A process forgotten by the model keeps its last word here.
+                p.restart.clone_from(r);
+            }
+        }
+    }
+
+    /// Logs the restart facts after the last one taken and before `until`
+    /// (all for `None`).
+    fn take_facts(&mut self, restarts: &Restarts, until: Option<u64>) {
+        let facts: Vec<Fact> = restarts
+            .facts_after(self.last_fact)
+            .take_while(|f| until.is_none_or(|u| f.seq < u))
+            .cloned()
+            .collect();
+        for fact in facts {
+            self.last_fact = Some(fact.seq);
+            self.log_fact(&fact);
+        }
+    }
+
+    fn log_fact(&mut self, fact: &Fact) {
+        let pid = fact.pid;
+        match &fact.change {
+            Change::Handover {
+                listener,
+                comm,
+                alongside,
+            } => {
+                if !self.wants(pid, comm, &[listener.local.port()]) {
+                    return;
+                }
+                let others: Vec<String> = alongside
+                    .iter()
+                    .filter(|q| self.procs.contains_key(q))
+                    .map(|&q| self.label(q))
+                    .collect();
+                if others.is_empty() {
+                    return;
+                }
+                let line = format!(
+                    "{}: pid {pid} ({comm}) starts accepting alongside {}",
+                    display_addr(listener.local),
+                    others.join(", ")
+                );
+                self.push_log(fact.at, LogKind::Handover, line);
+            }
+            Change::Role {
+                to,
+                why,
+                live,
+                drained,
+                ..
+            } => {
+                // Drains started here are logged by the loop.
+                if !self.procs.contains_key(&pid) || why.by_drain() {
+                    return;
+                }
+                let text = match (to, drained) {
+                    (Role::Draining, _) => format!("draining: {}, {live} live", why.text()),
+                    (Role::Drained, Some((took, from))) => {
+                        format!("drained: 0 live after {} (from {from})", human(*took))
+                    }
+                    (Role::Drained, None) => "drained: holds nothing any more".to_owned(),
+                    (Role::Serving, _) => "accepts again: serving".to_owned(),
+                    (Role::Exited, _) => return,
+                };
+                let line = format!("{} {text}", self.label(pid));
+                self.push_log(fact.at, LogKind::Role, line);
+            }
+            Change::Exited { held, was } => {
+                if !self.procs.contains_key(&pid) {
+                    return;
+                }
+                let label = self.label(pid);
+                let line = if *held > 0 {
+                    format!("{label} exited holding {held} live connection(s)")
+                } else if matches!(was, Role::Drained | Role::Draining) {
+                    format!("{label} exited after draining")
+                } else {
+                    format!("{label} exited")
+                };
+                self.push_log(fact.at, LogKind::Exit, line);
+            }
+        }
     }
 
     /// Logs processes that took or let go of a listener someone else holds
@@ -501,7 +433,8 @@ impl Model {
         }
     }
 
-    /// Folds in one kernel event (listeners, accepts, exits, losses).
+    /// Folds in one kernel event (listeners, losses). Accepts and exits
+    /// reach the log through the restart model.
     pub fn on_event(&mut self, ev: &ConnEvent) {
         match ev {
             ConnEvent::ListenStart {
@@ -538,24 +471,6 @@ impl Model {
                     self.push_log(*at, LogKind::Listener, line);
                 }
             }
-            ConnEvent::Accept {
-                at,
-                tuple,
-                pid,
-                comm,
-                ..
-            } => self.on_accept(*at, tuple.netns, tuple.local, *pid, comm),
-            ConnEvent::Close {
-                pid, by_exit: true, ..
-            }
-            | ConnEvent::PreexistingClose {
-                pid, by_exit: true, ..
-            } => {
-                if let Some(p) = self.procs.get_mut(pid) {
-                    p.exit_closes += 1;
-                }
-            }
-            ConnEvent::ProcessExit { at, pid } => self.mark_exited(*pid, *at),
             ConnEvent::Lost { at, total } => {
                 if *total > self.lost_events {
                     let line = format!(
@@ -580,201 +495,41 @@ impl Model {
             }
             ConnEvent::Handshake { .. }
             | ConnEvent::QueueDrop { .. }
+            | ConnEvent::Accept { .. }
             | ConnEvent::Close { .. }
-            | ConnEvent::PreexistingClose { .. } => {}
+            | ConnEvent::PreexistingClose { .. }
+            | ConnEvent::ProcessExit { .. } => {}
         }
     }
 
-    /// Places an accepted connection on its listener; a process that starts
-    /// accepting on a listener an earlier process serves is a handover.
-    fn on_accept(&mut self, at: Duration, netns: NetNs, local: SocketAddr, pid: u32, comm: &str) {
-        if !self.wants(pid, comm, &[local.port()]) {
-            return;
-        }
-        let Some(key) = self
-            .all_listeners
-            .iter()
-            .filter(|(addr, _)| addr.matches(netns, local))
-            .max_by_key(|(addr, _)| addr.specificity(local))
-            .map(|(_, key)| key.clone())
-        else {
-            return;
-        };
-        let newcomer_since = self.procs.get(&pid).map(|p| p.first_seen);
-        if let Some(p) = self.procs.get_mut(&pid) {
-            p.keys.insert(key.clone());
-        }
-        if self.handovers.contains(&(key.clone(), pid)) {
-            return;
-        }
-        let earlier = self
-            .procs
-            .values()
-            .filter(|q| {
-                q.pid != pid
-                    && q.present
-                    && q.role == Role::Serving
-                    && q.listeners.contains(&key.1)
-                    && newcomer_since.is_none_or(|t| q.first_seen < t)
-            })
-            .map(|q| q.pid)
-            .collect::<Vec<_>>();
-        if earlier.is_empty() {
-            return;
-        }
-        self.handovers.insert((key.clone(), pid));
-        let others = earlier
-            .iter()
-            .map(|&q| self.label(q))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let line = format!(
-            "{}: pid {pid} ({comm}) starts accepting alongside {others}",
-            key.1
-        );
-        self.push_log(at, LogKind::Handover, line);
-    }
-
-    /// Processes that left the status and whose liveness the loop should check.
-    pub fn unchecked_gone(&self) -> Vec<u32> {
-        self.procs
-            .values()
-            .filter(|p| !p.present && !p.alive_checked && p.role != Role::Exited)
-            .map(|p| p.pid)
-            .collect()
-    }
-
-    /// Processes that left the status but were alive when last checked.
-    pub fn gone_alive(&self) -> Vec<u32> {
-        self.procs
-            .values()
-            .filter(|p| !p.present && p.alive_checked && p.role != Role::Exited)
-            .map(|p| p.pid)
-            .collect()
-    }
-
-    /// The loop's answer for a process that left the status.
-    pub fn liveness(&mut self, pid: u32, alive: bool, now: Duration) {
-        if alive {
-            if let Some(p) = self.procs.get_mut(&pid) {
-                p.alive_checked = true;
-            }
-            self.reassess(now);
-        } else {
-            self.mark_exited(pid, now);
-        }
-    }
-
-    pub fn mark_exited(&mut self, pid: u32, at: Duration) {
-        let label = self.label(pid);
-        let Some(p) = self.procs.get_mut(&pid) else {
-            return;
-        };
-        if p.role == Role::Exited {
-            return;
-        }
-        let held = p.exit_closes.max(if p.present { p.live } else { 0 });
-        let was = p.role;
-        set_role(p, Role::Exited, at, "");
-        p.present = false;
-        p.live = 0;
-        p.gone_at = Some(at);
-        let line = if held > 0 {
-            format!("{label} exited holding {held} live connection(s)")
-        } else if matches!(was, Role::Drained | Role::Draining) {
-            format!("{label} exited after draining")
-        } else {
-            format!("{label} exited")
-        };
-        self.push_log(at, LogKind::Exit, line);
-    }
-
-    /// Role transitions that depend on time as well as on counts.
-    fn reassess(&mut self, now: Duration) {
-        let mut lines = Vec::new();
-        for p in self.procs.values_mut() {
-            let user_drain = p
-                .drain
-                .as_ref()
-                .is_some_and(|d| d.by_user && d.done_at.is_none());
-            match p.role {
-                Role::Exited => {}
-                _ if !p.present => {
-                    if !p.alive_checked {
-                        continue;
-                    }
-                    if p.role != Role::Drained {
-                        let from = p.role;
-                        p.live = 0;
-                        set_role(p, Role::Drained, now, "holds nothing any more");
-                        lines.push((p.pid, drained_line(p, from, now)));
-                    }
-                }
-                Role::Serving if p.live > 0 => {
-                    let quiet = now.saturating_sub(p.last_accept.unwrap_or(p.first_seen));
-                    let why = if p.listeners.is_empty() && p.held_listener {
-                        Some("closed its listener")
-                    } else if p.others_accepted >= HANDOVER_MIN_ACCEPTS && quiet >= HANDOVER_QUIET {
-                        Some("another process accepts on its listener")
-                    } else {
-                        None
-                    };
-                    if let Some(why) = why {
-                        start_draining(p, now, why, false);
-                        lines.push((p.pid, format!("draining: {why}, {} live", p.live)));
-                    }
-                }
-                Role::Serving => {}
-                Role::Draining | Role::Drained
-                    if !user_drain && p.last_accept.is_some_and(|t| t > p.role_since) =>
-                {
-                    set_role(p, Role::Serving, now, "accepts again");
-                    p.drain = None;
-                    lines.push((p.pid, "accepts again: serving".to_owned()));
-                }
-                Role::Draining if p.live == 0 => {
-                    set_role(p, Role::Drained, now, "reached zero");
-                    lines.push((p.pid, drained_line(p, Role::Draining, now)));
-                }
-                Role::Draining | Role::Drained => {}
-            }
-        }
-        for (pid, text) in lines {
-            let line = format!("{} {text}", self.label(pid));
-            self.push_log(now, LogKind::Role, line);
-        }
-    }
-
-    /// Time passes: roles that depend on quiet time, the chart's series,
-    /// and forgetting processes gone long ago.
+    /// Time passes: the chart's series, and forgetting processes gone
+    /// long ago.
     pub fn tick(&mut self, now: Duration) {
-        self.reassess(now);
         let sec = now.saturating_sub(self.started).as_secs();
         if self.last_history_sec.is_none_or(|s| sec > s) {
             self.last_history_sec = Some(sec);
             let keep_from = sec.saturating_sub(CHART_SPAN.as_secs());
             for p in self.procs.values_mut() {
-                if p.role != Role::Exited {
-                    p.history
-                        .push_back((sec, if p.present { p.live } else { 0 }));
+                if p.role() != Role::Exited {
+                    let live = if p.present() { p.live() } else { 0 };
+                    p.history.push_back((sec, live));
                 }
                 while p.history.front().is_some_and(|&(s, _)| s < keep_from) {
                     p.history.pop_front();
                 }
-                prune_samples(&mut p.samples, now);
             }
         }
         self.procs.retain(|_, p| {
-            p.present || p.gone_at.is_none_or(|t| now.saturating_sub(t) < KEEP_GONE)
+            p.present()
+                || p.restart
+                    .gone_at
+                    .is_none_or(|t| now.saturating_sub(t) < KEEP_GONE)
         });
     }
 
-    /// A drain started here with `d`.
+    /// A drain started here with `d` (the loop tells the restart model).
     pub fn drain_started(&mut self, pid: u32, what: &str, now: Duration) {
         let label = self.label(pid);
-        if let Some(p) = self.procs.get_mut(&pid) {
-            start_draining(p, now, "drain started", true);
-        }
         self.push_log(
             now,
             LogKind::Drain,
@@ -783,26 +538,15 @@ impl Model {
     }
 
     pub fn drain_progress(&mut self, pid: u32, progress: Progress) {
-        if let Some(mark) = self.procs.get_mut(&pid).and_then(|p| p.drain.as_mut()) {
-            mark.progress = Some(progress);
+        if let Some(p) = self.procs.get_mut(&pid) {
+            p.progress = Some(progress);
         }
     }
 
+    /// A drain started here ended (the loop tells the restart model).
     pub fn drain_finished(&mut self, pid: u32, report: &DrainReport, now: Duration) {
         if let Some(p) = self.procs.get_mut(&pid) {
-            if let Some(mark) = p.drain.as_mut() {
-                mark.by_user = false;
-                mark.progress = None;
-            }
-            if report.outcome == Outcome::Drained && p.role == Role::Draining {
-                set_role(p, Role::Drained, now, "drain finished");
-                if let Some(mark) = p.drain.as_mut() {
-                    mark.done_at.get_or_insert(now);
-                }
-            } else if report.outcome == Outcome::Interrupted && p.role == Role::Draining {
-                set_role(p, Role::Serving, now, "drain cancelled");
-                p.drain = None;
-            }
+            p.progress = None;
         }
         let kind = if report.signal_sent.is_some() {
             LogKind::Signal
@@ -839,8 +583,8 @@ impl Model {
     pub fn total_live(&self) -> u64 {
         self.procs
             .values()
-            .filter(|p| p.present)
-            .map(|p| p.live)
+            .filter(|p| p.present())
+            .map(|p| p.live())
             .sum()
     }
 
@@ -848,64 +592,8 @@ impl Model {
     pub fn listen_addrs_of(&self, pid: u32) -> Vec<ListenAddr> {
         self.procs
             .get(&pid)
-            .map(|p| {
-                p.keys
-                    .iter()
-                    .filter_map(|(netns, a)| {
-                        Some(ListenAddr {
-                            netns: *netns,
-                            local: a.parse().ok()?,
-                        })
-                    })
-                    .collect()
-            })
+            .map(|p| p.restart.keys.iter().copied().collect())
             .unwrap_or_default()
-    }
-}
-
-fn set_role(p: &mut Proc, role: Role, now: Duration, reason: &str) {
-    p.role = role;
-    p.role_since = now;
-    reason.clone_into(&mut p.reason);
-}
-
-fn start_draining(p: &mut Proc, now: Duration, why: &str, by_user: bool) {
-    set_role(p, Role::Draining, now, why);
-    let keep = p.drain.as_ref().is_some_and(|d| d.done_at.is_none());
-    if keep {
-        if let Some(d) = p.drain.as_mut() {
-            d.by_user |= by_user;
-        }
-    } else {
-        p.drain = Some(DrainMark {
-            from_live: p.live,
-            since: now,
-            by_user,
-            progress: None,
-            done_at: None,
-        });
-    }
-}
-
-fn drained_line(p: &mut Proc, from: Role, now: Duration) -> String {
-    match p.drain.as_mut() {
-        Some(mark) if from == Role::Draining => {
-            mark.done_at = Some(now);
-            format!(
-                "drained: 0 live after {} (from {})",
-                human(now.saturating_sub(mark.since)),
-                mark.from_live
-            )
-        }
-        _ => "drained: holds nothing any more".to_owned(),
-    }
-}
-
-fn prune_samples(samples: &mut VecDeque<Sample>, now: Duration) {
-    // Keep one sample at or before the window's start as the baseline.
-    let from = now.saturating_sub(RATE_WINDOW);
-    while samples.len() > 1 && samples.get(1).is_some_and(|s| s.at <= from) {
-        samples.pop_front();
     }
 }
 

@@ -79,7 +79,7 @@ fn role_style(role: Role) -> Style {
 
 fn render_header(frame: &mut Frame, area: Rect, app: &App) {
     let (model, now) = app.view();
-    let shown = model.procs.values().filter(|p| p.present).count();
+    let shown = model.procs.values().filter(|p| p.present()).count();
     let mut spans = vec![
         Span::styled(" gracewatch ", Style::new().bold().reversed()),
         Span::raw(if area.width >= 80 {
@@ -254,16 +254,16 @@ fn render_table(frame: &mut Frame, area: Rect, app: &App) {
             let text: Line = match c.title {
                 "PID" => Line::from(p.pid.to_string()),
                 "COMMAND" => Line::from(terminal_safe(&p.comm).into_owned()),
-                "ROLE" => Line::styled(p.role.name(), role_style(p.role)),
-                "LIVE" => Line::from(if p.present || p.role == Role::Drained {
-                    p.live.to_string()
+                "ROLE" => Line::styled(p.role().name(), role_style(p.role())),
+                "LIVE" => Line::from(if p.present() || p.role() == Role::Drained {
+                    p.live().to_string()
                 } else {
                     "-".to_owned()
                 }),
                 "ACC/s" | "CLO/s" => {
                     let (acc, clo) = p.rates(now);
                     let v = if c.title == "ACC/s" { acc } else { clo };
-                    Line::from(if p.present { rate(v) } else { "-".to_owned() })
+                    Line::from(if p.present() { rate(v) } else { "-".to_owned() })
                 }
                 "OLDEST" => Line::from(
                     p.oldest_age(model.status_at, now)
@@ -278,7 +278,7 @@ fn render_table(frame: &mut Frame, area: Rect, app: &App) {
             })
         });
         let row = Row::new(cells);
-        if p.role == Role::Exited {
+        if p.role() == Role::Exited {
             row.style(DIM)
         } else {
             row
@@ -309,10 +309,10 @@ fn rate(v: f64) -> String {
 /// Progress bar and ETA for a draining process; for the others, a word on
 /// what they are doing.
 fn progress_line(p: &Proc, now: std::time::Duration, width: usize) -> Line<'static> {
-    match p.role {
+    match p.role() {
         Role::Draining => {
             let Some((done, eta)) = p.drain_progress(now) else {
-                return Line::from(terminal_safe(&p.reason).into_owned());
+                return Line::from(terminal_safe(p.restart.why.text()).into_owned());
             };
             let pct = format!(" {:>3.0}%", done * 100.0);
             let eta = match eta {
@@ -329,19 +329,19 @@ fn progress_line(p: &Proc, now: std::time::Duration, width: usize) -> Line<'stat
             ])
         }
         Role::Drained => {
-            let text = match p.drain.as_ref().and_then(|d| Some((d, d.done_at?))) {
+            let text = match p.restart.drain.as_ref().and_then(|d| Some((d, d.done_at?))) {
                 Some((d, at)) => format!(
                     "0 live after {} (from {})",
                     human(at.saturating_sub(d.since)),
                     d.from_live
                 ),
-                None => terminal_safe(&p.reason).into_owned(),
+                None => terminal_safe(p.restart.why.text()).into_owned(),
             };
             Line::styled(text, Style::new().fg(Color::Green))
         }
         Role::Exited => Line::from(format!(
             "exited {} ago",
-            human(now.saturating_sub(p.gone_at.unwrap_or(now)))
+            human(now.saturating_sub(p.restart.gone_at.unwrap_or(now)))
         )),
         Role::Serving => Line::styled(p.listeners.join(" "), DIM),
     }
@@ -454,7 +454,7 @@ fn render_chart(frame: &mut Frame, area: Rect, app: &App) {
                 .name(format!("{} {}", p.pid, terminal_safe(&p.comm)))
                 .marker(symbols::Marker::Braille)
                 .graph_type(GraphType::Line)
-                .style(if p.role == Role::Exited {
+                .style(if p.role() == Role::Exited {
                     DIM
                 } else {
                     Style::new().fg(color_of(model, p.pid))
@@ -474,7 +474,7 @@ fn render_chart(frame: &mut Frame, area: Rect, app: &App) {
     };
     let mut title = vec![Span::styled(name, Style::new().bold())];
     for (p, _) in &series {
-        let style = if p.role == Role::Exited {
+        let style = if p.role() == Role::Exited {
             DIM
         } else {
             Style::new().fg(color_of(model, p.pid))
@@ -606,7 +606,7 @@ fn render_detail(frame: &mut Frame, area: Rect, app: &App) {
     let Some(d) = &app.detail else {
         return;
     };
-    let role = model.procs.get(&d.pid).map_or("gone", |p| p.role.name());
+    let role = model.procs.get(&d.pid).map_or("gone", |p| p.role().name());
     let count = d.rows.as_ref().map_or(0, Vec::len);
     let title = format!(
         "pid {} ({}) · {role} · {count} live connection{}, oldest first",

@@ -17,7 +17,7 @@ use super::{
 use crate::{
     drain::{DrainSpec, SignalSpec},
     event::{ConnEvent, ListenAddr, Tuple},
-    tracker::{HolderStatus, ListenerStatus, ProcessStatus, Status},
+    tracker::{HolderStatus, ListenerStatus, ProcessStatus, Restarts, Status},
 };
 
 const NS: u32 = 4026531840;
@@ -105,9 +105,59 @@ fn accept(secs: f64, pid: u32, comm: &str, port: u16, peer_port: u16) -> ConnEve
     }
 }
 
+/// The TUI's model fed like the loop feeds it, with the restart model the
+/// monitor runs beside it (the monitor feeds that one the same events and
+/// statuses, and ticks it).
+struct Fed {
+    model: Model,
+    restarts: Restarts,
+}
+
+impl std::ops::Deref for Fed {
+    type Target = Model;
+    fn deref(&self) -> &Model {
+        &self.model
+    }
+}
+
+impl Fed {
+    fn new(filter: StartFilter, started: Duration) -> Self {
+        Self {
+            model: Model::new(filter, started),
+            restarts: Restarts::new(),
+        }
+    }
+
+    fn on_event(&mut self, ev: &ConnEvent) {
+        self.restarts.on_event(ev);
+        self.model.on_event(ev);
+    }
+
+    fn observe(&mut self, status: &Status, now: Duration) {
+        self.restarts.observe(status, now);
+        self.model.observe(status, &self.restarts, now);
+    }
+
+    fn tick(&mut self, now: Duration) {
+        self.restarts.tick(now);
+        self.model.follow(&self.restarts);
+        self.model.tick(now);
+    }
+
+    fn unchecked_gone(&self) -> Vec<u32> {
+        self.restarts.unchecked_gone()
+    }
+
+    /// The monitor's answer for a process that left the status.
+    fn liveness(&mut self, pid: u32, alive: bool, now: Duration) {
+        self.restarts.liveness(pid, alive, now);
+        self.model.follow(&self.restarts);
+    }
+}
+
 /// Steps the model second by second to `until`, applying each status at
 /// its time, like the loop does (status, then a tick).
-fn play(model: &mut Model, steps: &[(f64, Vec<ConnEvent>, Status)], until: f64) {
+fn play(model: &mut Fed, steps: &[(f64, Vec<ConnEvent>, Status)], until: f64) {
     let mut steps = steps.iter().peekable();
     let mut t = 0.0;
     while t <= until {
@@ -132,8 +182,8 @@ fn metrics_listener() -> ListenerStatus {
 
 /// An fd-passing restart in progress: the old server (4211) drains while
 /// the new one (4297), which inherited the listener, takes the traffic.
-fn handover_model(until: f64) -> Model {
-    let mut m = Model::new(StartFilter::default(), T0);
+fn handover_model(until: f64) -> Fed {
+    let mut m = Fed::new(StartFilter::default(), T0);
     let l = "127.0.0.1:8080";
     let steps = vec![
         (
@@ -201,10 +251,21 @@ fn handover_model(until: f64) -> Model {
 }
 
 fn handover_app() -> App {
-    let model = handover_model(14.0);
+    handover_app_fed().0
+}
+
+/// [`handover_app`] with the restart model that fed it, to go on.
+fn handover_app_fed() -> (App, Restarts) {
+    let Fed { model, restarts } = handover_model(14.0);
     let mut app = App::new(model, at(14.0));
     app.selected = Some(OLD);
-    app
+    (app, restarts)
+}
+
+/// The monitor saw `pid` exit at `at`; the app's model follows.
+fn exit_in(app: &mut App, restarts: &mut Restarts, pid: u32, at: Duration) {
+    restarts.on_event(&ConnEvent::ProcessExit { at, pid });
+    app.model.follow(restarts);
 }
 
 fn draw(app: &App, w: u16, h: u16) -> Terminal<TestBackend> {
@@ -231,12 +292,12 @@ fn press(app: &mut App, keys: &str) -> Vec<Effect> {
 fn handover_makes_the_old_process_draining_then_drained() {
     // The old one last accepted at 5 s; the new one accepted 3 then.
     let m = handover_model(6.5);
-    assert_eq!(m.procs[&OLD].role, Role::Serving, "quiet for only 1.5 s");
-    assert_eq!(m.procs[&NEW].role, Role::Serving);
+    assert_eq!(m.procs[&OLD].role(), Role::Serving, "quiet for only 1.5 s");
+    assert_eq!(m.procs[&NEW].role(), Role::Serving);
     let m = handover_model(7.0);
     let old = &m.procs[&OLD];
-    assert_eq!(old.role, Role::Draining, "{:?}", m.log);
-    assert_eq!(old.drain.as_ref().map(|d| d.from_live), Some(8));
+    assert_eq!(old.role(), Role::Draining, "{:?}", m.log);
+    assert_eq!(old.restart.drain.as_ref().map(|d| d.from_live), Some(8));
     assert!(
         m.log
             .iter()
@@ -263,7 +324,7 @@ fn handover_makes_the_old_process_draining_then_drained() {
         ),
         at(20.0),
     );
-    assert_eq!(m.procs[&OLD].role, Role::Drained);
+    assert_eq!(m.procs[&OLD].role(), Role::Drained);
     assert!(
         m.log
             .iter()
@@ -275,7 +336,7 @@ fn handover_makes_the_old_process_draining_then_drained() {
 
 #[test]
 fn closing_its_listener_with_live_connections_is_draining_at_once() {
-    let mut m = Model::new(StartFilter::default(), T0);
+    let mut m = Fed::new(StartFilter::default(), T0);
     let l = "127.0.0.1:8080";
     m.observe(
         &status(
@@ -288,7 +349,7 @@ fn closing_its_listener_with_live_connections_is_draining_at_once() {
         &status(vec![proc(OLD, "app", 4, &[], 0, 0)], vec![]),
         at(1.0),
     );
-    assert_eq!(m.procs[&OLD].role, Role::Draining);
+    assert_eq!(m.procs[&OLD].role(), Role::Draining);
     assert!(m.log.iter().any(|e| e.text.contains("closed its listener")));
     assert!(
         m.log.iter().any(|e| e.text.contains("let go of listener")),
@@ -300,7 +361,7 @@ fn closing_its_listener_with_live_connections_is_draining_at_once() {
 #[test]
 fn accepting_again_makes_a_draining_process_serving() {
     let mut m = handover_model(8.0);
-    assert_eq!(m.procs[&OLD].role, Role::Draining);
+    assert_eq!(m.procs[&OLD].role(), Role::Draining);
     let l = "127.0.0.1:8080";
     m.observe(
         &status(
@@ -312,12 +373,12 @@ fn accepting_again_makes_a_draining_process_serving() {
         ),
         at(9.0),
     );
-    assert_eq!(m.procs[&OLD].role, Role::Serving);
+    assert_eq!(m.procs[&OLD].role(), Role::Serving);
 }
 
 #[test]
 fn a_process_that_leaves_is_drained_if_alive_and_exited_if_not() {
-    let mut m = Model::new(StartFilter::default(), T0);
+    let mut m = Fed::new(StartFilter::default(), T0);
     let l = "127.0.0.1:8080";
     let both = status(
         vec![
@@ -355,8 +416,8 @@ fn a_process_that_leaves_is_drained_if_alive_and_exited_if_not() {
     assert_eq!(m.unchecked_gone(), vec![OLD, NEW]);
     m.liveness(OLD, false, at(1.0));
     m.liveness(NEW, true, at(1.0));
-    assert_eq!(m.procs[&OLD].role, Role::Exited);
-    assert_eq!(m.procs[&NEW].role, Role::Drained);
+    assert_eq!(m.procs[&OLD].role(), Role::Exited);
+    assert_eq!(m.procs[&NEW].role(), Role::Drained);
     assert!(
         m.log
             .iter()
@@ -374,7 +435,7 @@ fn a_process_that_leaves_is_drained_if_alive_and_exited_if_not() {
 
 #[test]
 fn a_full_kernel_table_is_a_header_warning_logged_once_per_episode() {
-    let mut m = Model::new(StartFilter::default(), T0);
+    let mut m = Fed::new(StartFilter::default(), T0);
     let mut s = status(vec![], vec![]);
     m.observe(&s, at(0.0));
     let header = |m: &Model| {
@@ -403,14 +464,14 @@ fn a_full_kernel_table_is_a_header_warning_logged_once_per_episode() {
     assert_eq!(warnings(&m), 1);
     assert!(header(&m).contains("table full"), "{}", header(&m));
     // An episode before the TUI subscribed shows from the status alone.
-    let mut late = Model::new(StartFilter::default(), T0);
+    let mut late = Fed::new(StartFilter::default(), T0);
     late.observe(&s, at(1.0));
     assert!(header(&late).contains("table full"), "{}", header(&late));
 }
 
 #[test]
 fn a_listener_opened_is_logged_once() {
-    let mut m = Model::new(StartFilter::default(), T0);
+    let mut m = Fed::new(StartFilter::default(), T0);
     m.observe(&status(vec![], vec![]), at(0.0));
     m.on_event(&ConnEvent::ListenStart {
         at: at(1.0),
@@ -439,7 +500,7 @@ fn startup_filters_keep_a_process_once_it_matched() {
         ports: vec![8080],
         ..StartFilter::default()
     };
-    let mut m = Model::new(filter, T0);
+    let mut m = Fed::new(filter, T0);
     let l = "127.0.0.1:8080";
     m.observe(
         &status(
@@ -609,8 +670,8 @@ fn a_failed_pin_blocks_the_action() {
 
 #[test]
 fn exited_processes_cannot_be_signalled() {
-    let mut app = handover_app();
-    app.model.mark_exited(OLD, at(14.0));
+    let (mut app, mut restarts) = handover_app_fed();
+    exit_in(&mut app, &mut restarts, OLD, at(14.0));
     assert!(press(&mut app, "s").is_empty());
     assert_eq!(app.mode, Mode::Normal);
     assert_eq!(app.notice.as_deref(), Some("pid 4211 has exited"));
@@ -638,13 +699,13 @@ fn slash_filters_rows_and_esc_clears() {
 
 #[test]
 fn pause_freezes_the_view_not_the_model() {
-    let mut app = handover_app();
+    let (mut app, mut restarts) = handover_app_fed();
     press(&mut app, "p");
     assert!(app.paused());
-    app.model.mark_exited(NEW, at(15.0));
-    assert_eq!(app.view().0.procs[&NEW].role, Role::Serving);
+    exit_in(&mut app, &mut restarts, NEW, at(15.0));
+    assert_eq!(app.view().0.procs[&NEW].role(), Role::Serving);
     press(&mut app, "p");
-    assert_eq!(app.view().0.procs[&NEW].role, Role::Exited);
+    assert_eq!(app.view().0.procs[&NEW].role(), Role::Exited);
 }
 
 #[test]
@@ -684,10 +745,10 @@ fn snapshot_narrow_60x15() {
 
 #[test]
 fn snapshot_empty_state() {
-    let mut model = Model::new(StartFilter::default(), T0);
+    let mut model = Fed::new(StartFilter::default(), T0);
     model.observe(&status(vec![], vec![]), at(0.0));
     model.tick(at(3.0));
-    insta::assert_snapshot!(draw(&App::new(model, at(3.0)), 80, 24).backend());
+    insta::assert_snapshot!(draw(&App::new(model.model, at(3.0)), 80, 24).backend());
 }
 
 #[test]
@@ -795,7 +856,7 @@ fn process_names_with_control_characters_are_shown_escaped() {
     // A name any user can set with prctl(PR_SET_NAME): sets the terminal
     // title, then returns to the start of the line.
     let evil = "x\u{1b}]0;pwn\u{7}\r";
-    let mut model = Model::new(StartFilter::default(), at(0.0));
+    let mut model = Fed::new(StartFilter::default(), at(0.0));
     let st = status(
         vec![proc(OLD, evil, 1, &["0.0.0.0:8080"], 1, 0)],
         vec![listener("0.0.0.0:8080", &[(OLD, evil, 1)], 0, 0)],
@@ -803,7 +864,7 @@ fn process_names_with_control_characters_are_shown_escaped() {
     model.on_event(&accept(0.5, OLD, evil, 8080, 40000));
     model.observe(&st, at(1.0));
     model.tick(at(1.0));
-    let mut app = App::new(model, at(1.0));
+    let mut app = App::new(model.model, at(1.0));
     app.selected = Some(OLD);
     press(&mut app, "s");
     let buffer = draw(&app, 120, 40).backend().buffer().clone();
@@ -822,5 +883,83 @@ fn process_names_with_control_characters_are_shown_escaped() {
             .iter()
             .all(|c| !c.symbol().contains(char::is_control)),
         "a control character reached the terminal buffer"
+    );
+}
+
+/// The same address in another network namespace is another listener: a
+/// process there that starts accepting on its own `127.0.0.1:8080` is no
+/// handover of the host's server (it used to be logged as "accepting
+/// alongside" it, as if it shared the host's listener).
+#[test]
+fn an_equal_address_in_another_namespace_is_no_handover() {
+    const NS2: u32 = 4026532001;
+    const OTHER: u32 = 5120;
+    let l = "127.0.0.1:8080";
+    let in_ns2 = |holders: &[(u32, &str, u64)]| ListenerStatus {
+        netns: NS2,
+        ..listener(l, holders, 0, 0)
+    };
+    let mut m = Fed::new(StartFilter::default(), T0);
+    let host_only = status(
+        vec![proc(OLD, "server", 2, &[l], 0, 0)],
+        vec![listener(l, &[(OLD, "server", 2)], 0, 0)],
+    );
+    let both = |other_live: u64, other_acc: u64| {
+        status(
+            vec![
+                proc(OLD, "server", 2, &[l], 0, 0),
+                proc(OTHER, "app", other_live, &[l], other_acc, 0),
+            ],
+            vec![
+                listener(l, &[(OLD, "server", 2)], 0, 0),
+                in_ns2(&[(OTHER, "app", other_live)]),
+            ],
+        )
+    };
+    let accept_ns2 = |secs: f64, peer_port: u16| ConnEvent::Accept {
+        at: at(secs),
+        sk: u64::from(peer_port),
+        tuple: Tuple {
+            netns: NS2,
+            local: addr(l),
+            remote: addr(&format!("127.0.0.1:{peer_port}")),
+        },
+        pid: OTHER,
+        comm: "app".to_owned(),
+        was_queued: true,
+    };
+    let steps = vec![
+        (0.0, vec![], host_only),
+        (2.0, vec![], both(0, 0)),
+        (
+            3.0,
+            vec![accept_ns2(3.0, 50001), accept_ns2(3.0, 50002)],
+            both(2, 2),
+        ),
+        (
+            4.0,
+            vec![accept_ns2(4.0, 50003), accept_ns2(4.0, 50004)],
+            both(4, 4),
+        ),
+    ];
+    play(&mut m, &steps, 8.0);
+    let app = App::new(m.model, at(8.0));
+    let buffer = draw(&app, 120, 30).backend().buffer().clone();
+    let screen: String = buffer
+        .content()
+        .chunks(usize::from(buffer.area.width))
+        .map(|row| row.iter().map(|c| c.symbol()).collect::<String>() + "\n")
+        .collect();
+    assert!(
+        !screen.contains("alongside") && app.model.log.iter().all(|e| e.kind != LogKind::Handover),
+        "a process in another namespace was taken for a handover:\n{screen}"
+    );
+    assert!(
+        screen.contains("4211    server          serving"),
+        "the host's server keeps serving:\n{screen}"
+    );
+    assert!(
+        screen.contains("5120    app             serving"),
+        "{screen}"
     );
 }
