@@ -573,3 +573,242 @@ pub(super) fn check_invariants(t: &Tracker, now: Duration, ctx: &str) {
         );
     }
 }
+
+// --- restart model ------------------------------------------------------------
+
+pub(super) use crate::tracker::restart::{Change, DrainNote, KEEP_GONE, Restarts, Role, Why};
+
+/// One table row of the restart model as its own test:
+/// `restart_case!(name, [steps], [expected])`. Events go to a tracker and
+/// the restart model as the monitor's pump sends them; [`publish`] feeds
+/// the model the tracker's status as the monitor publishes it; [`then`]
+/// checks part way. `restart_case!(name, from = steps, [steps], [expected])`
+/// starts from a shared beginning (a `Vec<RStep>`).
+macro_rules! restart_case {
+    ($name:ident, from = $from:expr, [$($step:expr),* $(,)?], [$($expect:expr),* $(,)?] $(,)?) => {
+        #[test]
+        fn $name() {
+            let mut steps: Vec<$crate::tracker::tests::kit::RStep> = $from;
+            steps.extend([$($crate::tracker::tests::kit::RStep::from($step)),*]);
+            $crate::tracker::tests::kit::run_restart_case(
+                stringify!($name),
+                &steps,
+                &[$($expect),*],
+            );
+        }
+    };
+    ($name:ident, [$($step:expr),* $(,)?], [$($expect:expr),* $(,)?] $(,)?) => {
+        restart_case!($name, from = Vec::new(), [$($step),*], [$($expect),*]);
+    };
+}
+
+/// One input to the restart model in a table row.
+pub(super) enum RStep {
+    /// A tracker step; its events go to the restart model too.
+    Tracker(Step),
+    /// The monitor publishes at this ms: the restart model observes the
+    /// tracker's status.
+    Publish(u64),
+    /// Time passes (the monitor's housekeeping) at this ms.
+    Tick(u64),
+    /// Whether a process that left the status still runs: (pid, alive, at ms).
+    Liveness(u32, bool, u64),
+    /// A drain gracewatch runs: (pid, note, at ms).
+    Drain(u32, DrainNote, u64),
+    /// A check at this point of the row.
+    Check(RExpect),
+}
+
+impl From<Step> for RStep {
+    fn from(step: Step) -> Self {
+        Self::Tracker(step)
+    }
+}
+
+pub(super) fn publish(at: u64) -> RStep {
+    RStep::Publish(at)
+}
+
+pub(super) fn tick(at: u64) -> RStep {
+    RStep::Tick(at)
+}
+
+/// `pid`, which left the status, still runs at `at`.
+pub(super) fn still_runs(pid: u32, at: u64) -> RStep {
+    RStep::Liveness(pid, true, at)
+}
+
+/// `pid`, which left the status, is found gone at `at`.
+pub(super) fn found_gone(pid: u32, at: u64) -> RStep {
+    RStep::Liveness(pid, false, at)
+}
+
+pub(super) fn drain_note(pid: u32, note: DrainNote, at: u64) -> RStep {
+    RStep::Drain(pid, note, at)
+}
+
+pub(super) fn then(expect: RExpect) -> RStep {
+    RStep::Check(expect)
+}
+
+/// A fragment of the restart model's expected state.
+#[derive(Debug)]
+pub(super) enum RExpect {
+    Role(u32, Role),
+    /// Role and why.
+    RoleWhy(u32, Role, Why),
+    /// The drain mark: (from_live, since ms, done_at ms), or none.
+    Drain(u32, Option<(u64, u64, Option<u64>)>),
+    /// Exactly these handovers were reported: (listener, new pid, alongside).
+    Handovers(Vec<(ListenAddr, u32, Vec<u32>)>),
+    /// Exactly these role changes of a pid, in order: (to, why), exits as
+    /// (Exited, Why::Exited).
+    Changes(u32, Vec<(Role, Why)>),
+    /// It exited holding this many live connections, while in this role.
+    Exited(u32, u64, Role),
+    /// A drain that reached zero was recorded: (pid, took ms, from live).
+    DrainedAfter(u32, u64, u64),
+    /// No longer remembered.
+    Forgotten(u32),
+    /// A listener's generations, oldest first.
+    Generations(ListenAddr, Vec<u32>),
+    /// Processes that left the status, liveness unknown.
+    UncheckedGone(Vec<u32>),
+    /// (pid, now ms, accepts/s, closes/s)
+    Rates(u32, u64, f64, f64),
+}
+
+pub(super) fn run_restart_case(name: &str, steps: &[RStep], expect: &[RExpect]) {
+    let mut t = Tracker::new();
+    let mut r = Restarts::new();
+    for (i, step) in steps.iter().enumerate() {
+        let ctx = format!("{name}: step {i}");
+        match step {
+            RStep::Tracker(Step::Ev(ev)) => {
+                t.apply(ev);
+                r.on_event(ev);
+            }
+            RStep::Tracker(Step::Snap(s, _)) => {
+                t.merge_snapshot(s);
+            }
+            RStep::Tracker(Step::Forget(tuple)) => t.forget_connection(tuple),
+            RStep::Publish(at) => r.observe(&t.status(ms(*at)), ms(*at)),
+            RStep::Tick(at) => r.tick(ms(*at)),
+            RStep::Liveness(pid, alive, at) => r.liveness(*pid, *alive, ms(*at)),
+            RStep::Drain(pid, note, at) => r.drain_note(*pid, *note, ms(*at)),
+            RStep::Check(e) => check_restart(&ctx, &r, e),
+        }
+        check_restart_invariants(&r, &ctx);
+    }
+    for e in expect {
+        check_restart(name, &r, e);
+    }
+}
+
+fn check_restart(name: &str, r: &Restarts, e: &RExpect) {
+    let ctx = format!("{name}: {e:?}");
+    let proc = |pid: u32| {
+        r.process(pid)
+            .unwrap_or_else(|| panic!("{ctx}: pid {pid} not remembered: {r:#?}"))
+    };
+    match e {
+        RExpect::Role(pid, role) => assert_eq!(proc(*pid).role, *role, "{ctx}: {r:#?}"),
+        RExpect::RoleWhy(pid, role, why) => {
+            let p = proc(*pid);
+            assert_eq!((p.role, p.why), (*role, *why), "{ctx}: {r:#?}");
+        }
+        RExpect::Drain(pid, want) => {
+            let got = proc(*pid)
+                .drain
+                .as_ref()
+                .map(|d| (d.from_live, millis(d.since), d.done_at.map(millis)));
+            assert_eq!(got, *want, "{ctx}");
+        }
+        RExpect::Handovers(want) => {
+            let got: Vec<(ListenAddr, u32, Vec<u32>)> = r
+                .facts_after(None)
+                .filter_map(|f| match &f.change {
+                    Change::Handover {
+                        listener,
+                        alongside,
+                        ..
+                    } => Some((*listener, f.pid, alongside.clone())),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(&got, want, "{ctx}");
+        }
+        RExpect::Changes(pid, want) => {
+            let got: Vec<(Role, Why)> = r
+                .facts_after(None)
+                .filter(|f| f.pid == *pid)
+                .filter_map(|f| match &f.change {
+                    Change::Role { to, why, .. } => Some((*to, *why)),
+                    Change::Exited { .. } => Some((Role::Exited, Why::Exited)),
+                    Change::Handover { .. } => None,
+                })
+                .collect();
+            assert_eq!(&got, want, "{ctx}");
+        }
+        RExpect::Exited(pid, held, was) => {
+            let got: Vec<(u64, Role)> = r
+                .facts_after(None)
+                .filter(|f| f.pid == *pid)
+                .filter_map(|f| match &f.change {
+                    Change::Exited { held, was } => Some((*held, *was)),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(got, vec![(*held, *was)], "{ctx}");
+        }
+        RExpect::DrainedAfter(pid, took, from) => {
+            let got: Vec<(Duration, u64)> = r
+                .facts_after(None)
+                .filter(|f| f.pid == *pid)
+                .filter_map(|f| match &f.change {
+                    Change::Role { drained, .. } => *drained,
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(got, vec![(ms(*took), *from)], "{ctx}");
+        }
+        RExpect::Forgotten(pid) => assert!(r.process(*pid).is_none(), "{ctx}: {r:#?}"),
+        RExpect::Generations(listener, want) => {
+            let got: Vec<u32> = r.generations(listener).iter().map(|p| p.pid).collect();
+            assert_eq!(&got, want, "{ctx}");
+        }
+        RExpect::UncheckedGone(want) => assert_eq!(&r.unchecked_gone(), want, "{ctx}"),
+        RExpect::Rates(pid, now, acc, clo) => {
+            let (a, c) = proc(*pid).rates(ms(*now));
+            assert!(
+                (a - acc).abs() < 1e-9 && (c - clo).abs() < 1e-9,
+                "{ctx}: got ({a}, {c})"
+            );
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap()
+}
+
+/// What must hold of the restart model after any input sequence.
+fn check_restart_invariants(r: &Restarts, ctx: &str) {
+    let seqs: Vec<u64> = r.facts_after(None).map(|f| f.seq).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "{ctx}: fact numbers"
+    );
+    for p in r.processes() {
+        match p.role {
+            Role::Exited => assert!(
+                !p.present && p.live == 0 && p.gone_at.is_some(),
+                "{ctx}: exited {p:?}"
+            ),
+            Role::Draining => assert!(p.drain.is_some(), "{ctx}: draining without a mark {p:?}"),
+            Role::Serving | Role::Drained => {}
+        }
+        assert_eq!(p.present, p.gone_at.is_none(), "{ctx}: {p:?}");
+        assert!(p.listeners.is_subset(&p.keys), "{ctx}: {p:?}");
+    }
+}

@@ -14,5 +14,6 @@ mod listeners;
 mod publishing;
 mod randomized;
 mod repair;
+mod restarts;
 mod schema;
 mod snapshots;

@@ -1,0 +1,370 @@
+//! The restart model ([`Restarts`]): roles, handovers, drains and exits as
+//! the monitor feeds them (events, published statuses, time, liveness of
+//! processes that left the status, drain notes), one row per transition.
+
+use super::kit::*;
+
+const OLD: u32 = 10;
+const NEW: u32 = 20;
+/// A server in another network namespace.
+const OTHER: u32 = 30;
+
+/// The server's listener, in the host namespace [`NS`].
+fn app() -> ListenAddr {
+    listen_addr("127.0.0.1:8080")
+}
+
+/// The same address in namespace [`NS2`]: another listener.
+fn app_in_ns2() -> ListenAddr {
+    listen_addr_in(NS2, "127.0.0.1:8080")
+}
+
+fn keep_gone_ms() -> u64 {
+    u64::try_from(KEEP_GONE.as_millis()).unwrap()
+}
+
+/// Connection `n` to [`app`].
+fn to_app(n: u16) -> Tuple {
+    tuple("127.0.0.1:8080", &format!("192.0.2.1:{}", 40000 + n))
+}
+
+/// Connection `n` to [`app_in_ns2`].
+fn to_app_in_ns2(n: u16) -> Tuple {
+    tuple_in(NS2, "127.0.0.1:8080", &format!("192.0.2.1:{}", 40000 + n))
+}
+
+/// An fd-passing restart: OLD serves 3 connections (the last accepted at
+/// 4.1 s, after the first look), NEW inherits the listener and accepts 3
+/// at 5 s; at 6.1 s OLD has been quiet for `HANDOVER_QUIET` (2 s) and drains.
+fn draining_after_handover() -> Vec<RStep> {
+    vec![
+        listen_start(1, 100, app(), OLD).into(),
+        accept(2, 201, to_app(1), OLD).into(),
+        accept(3, 202, to_app(2), OLD).into(),
+        publish(1000),
+        accept(4000, 203, to_app(3), OLD).into(),
+        publish(4100),
+        accept(5000, 301, to_app(11), NEW).into(),
+        accept(5001, 302, to_app(12), NEW).into(),
+        accept(5002, 303, to_app(13), NEW).into(),
+        publish(5100),
+        tick(6100),
+    ]
+}
+
+// --- handovers --------------------------------------------------------------
+
+restart_case!(
+    a_handover_in_one_namespace_makes_the_quiet_old_process_draining,
+    [
+        listen_start(1, 100, app(), OLD),
+        accept(2, 201, to_app(1), OLD),
+        accept(3, 202, to_app(2), OLD),
+        publish(1000),
+        accept(4000, 203, to_app(3), OLD),
+        publish(4100),
+        accept(5000, 301, to_app(11), NEW),
+        accept(5001, 302, to_app(12), NEW),
+        accept(5002, 303, to_app(13), NEW),
+        publish(5100),
+        then(RExpect::Role(OLD, Role::Serving)),
+        // Quiet for 1.9 s: not yet.
+        tick(6000),
+        then(RExpect::Role(OLD, Role::Serving)),
+        tick(6100),
+    ],
+    [
+        RExpect::Handovers(vec![(app(), NEW, vec![OLD])]),
+        RExpect::RoleWhy(OLD, Role::Draining, Why::AnotherAccepts),
+        RExpect::Drain(OLD, Some((3, 6100, None))),
+        RExpect::Role(NEW, Role::Serving),
+        RExpect::Changes(NEW, vec![]),
+        RExpect::Generations(app(), vec![OLD, NEW]),
+    ]
+);
+
+restart_case!(
+    an_equal_address_in_another_namespace_is_no_handover,
+    [
+        listen_start(1, 100, app(), OLD),
+        accept(2, 201, to_app(1), OLD),
+        publish(1000),
+        // Later, a server in another namespace on the same address.
+        listen_start(2000, 110, app_in_ns2(), OTHER),
+        publish(2500),
+        accept(3000, 401, to_app_in_ns2(1), OTHER),
+        accept(3001, 402, to_app_in_ns2(2), OTHER),
+        accept(3002, 403, to_app_in_ns2(3), OTHER),
+        publish(3500),
+        tick(9000),
+    ],
+    [
+        RExpect::Handovers(vec![]),
+        RExpect::Role(OLD, Role::Serving),
+        RExpect::Changes(OLD, vec![]),
+        RExpect::Role(OTHER, Role::Serving),
+        RExpect::Generations(app(), vec![OLD]),
+        RExpect::Generations(app_in_ns2(), vec![OTHER]),
+    ]
+);
+
+restart_case!(
+    a_handover_names_only_the_servers_of_its_own_namespace,
+    [
+        listen_start(1, 100, app(), OLD),
+        listen_start(1, 110, app_in_ns2(), OTHER),
+        accept(2, 201, to_app(1), OLD),
+        accept(2, 401, to_app_in_ns2(1), OTHER),
+        publish(1000),
+        accept(5000, 301, to_app(11), NEW),
+        accept(5001, 302, to_app(12), NEW),
+        accept(5002, 303, to_app(13), NEW),
+        publish(5100),
+        tick(7000),
+    ],
+    [
+        RExpect::Handovers(vec![(app(), NEW, vec![OLD])]),
+        RExpect::Role(OLD, Role::Draining),
+        RExpect::Role(OTHER, Role::Serving),
+        RExpect::Changes(OTHER, vec![]),
+    ]
+);
+
+restart_case!(
+    a_handover_is_reported_once,
+    [
+        listen_start(1, 100, app(), OLD),
+        accept(2, 201, to_app(1), OLD),
+        publish(1000),
+        accept(5000, 301, to_app(11), NEW),
+        publish(5100),
+        accept(6000, 302, to_app(12), NEW),
+        accept(7000, 303, to_app(13), NEW),
+    ],
+    [RExpect::Handovers(vec![(app(), NEW, vec![OLD])])]
+);
+
+restart_case!(
+    a_process_that_accepts_again_serves_again,
+    from = draining_after_handover(),
+    [accept(7000, 204, to_app(4), OLD), publish(7100),],
+    [
+        RExpect::RoleWhy(OLD, Role::Serving, Why::AcceptsAgain),
+        RExpect::Drain(OLD, None),
+        RExpect::Changes(
+            OLD,
+            vec![
+                (Role::Draining, Why::AnotherAccepts),
+                (Role::Serving, Why::AcceptsAgain),
+            ]
+        ),
+    ]
+);
+
+// --- draining and drained ---------------------------------------------------
+
+restart_case!(
+    closing_its_listener_with_live_connections_is_draining_at_once,
+    [
+        listen_start(1, 100, app(), OLD),
+        accept(2, 201, to_app(1), OLD),
+        accept(3, 202, to_app(2), OLD),
+        publish(1000),
+        listen_stop(1500, 100, app(), OLD),
+        publish(1600),
+    ],
+    [
+        RExpect::RoleWhy(OLD, Role::Draining, Why::ClosedItsListener),
+        RExpect::Drain(OLD, Some((2, 1600, None))),
+    ]
+);
+
+restart_case!(
+    reaching_zero_while_holding_the_listener_is_drained,
+    from = draining_after_handover(),
+    [
+        close(7000, 201, to_app(1), OLD),
+        close(7001, 202, to_app(2), OLD),
+        close(7002, 203, to_app(3), OLD),
+        publish(7100),
+    ],
+    [
+        RExpect::RoleWhy(OLD, Role::Drained, Why::ReachedZero),
+        RExpect::DrainedAfter(OLD, 1000, 3),
+        RExpect::Drain(OLD, Some((3, 6100, Some(7100)))),
+        RExpect::Changes(
+            OLD,
+            vec![
+                (Role::Draining, Why::AnotherAccepts),
+                (Role::Drained, Why::ReachedZero),
+            ]
+        ),
+    ]
+);
+
+restart_case!(
+    letting_go_of_everything_while_running_is_drained,
+    [
+        listen_start(1, 100, app(), OLD),
+        accept(2, 201, to_app(1), OLD),
+        accept(3, 202, to_app(2), OLD),
+        publish(1000),
+        listen_stop(1500, 100, app(), OLD),
+        publish(1600),
+        close(2000, 201, to_app(1), OLD),
+        close(2001, 202, to_app(2), OLD),
+        // It holds nothing: it leaves the status, and may still run.
+        publish(2100),
+        then(RExpect::UncheckedGone(vec![OLD])),
+        then(RExpect::Role(OLD, Role::Draining)),
+        still_runs(OLD, 2150),
+    ],
+    [
+        RExpect::UncheckedGone(vec![]),
+        RExpect::RoleWhy(OLD, Role::Drained, Why::HoldsNothing),
+        RExpect::DrainedAfter(OLD, 550, 2),
+    ]
+);
+
+restart_case!(
+    a_serving_process_that_holds_nothing_and_runs_is_drained_without_a_drain,
+    [
+        listen_start(1, 100, app(), OLD),
+        publish(1000),
+        listen_stop(1500, 100, app(), OLD),
+        publish(1600),
+        still_runs(OLD, 1700),
+    ],
+    [
+        RExpect::RoleWhy(OLD, Role::Drained, Why::HoldsNothing),
+        RExpect::Drain(OLD, None),
+        RExpect::Changes(OLD, vec![(Role::Drained, Why::HoldsNothing)]),
+    ]
+);
+
+// --- exits ------------------------------------------------------------------
+
+restart_case!(
+    an_exit_after_draining_is_recorded_and_forgotten_later,
+    from = draining_after_handover(),
+    [
+        close(7000, 201, to_app(1), OLD),
+        close(7001, 202, to_app(2), OLD),
+        close(7002, 203, to_app(3), OLD),
+        publish(7100),
+        process_exit(8000, OLD),
+        tick(8000 + keep_gone_ms() - 1),
+        then(RExpect::Role(OLD, Role::Exited)),
+        tick(8000 + keep_gone_ms()),
+    ],
+    [
+        RExpect::Exited(OLD, 0, Role::Drained),
+        RExpect::Forgotten(OLD),
+        RExpect::Generations(app(), vec![NEW]),
+    ]
+);
+
+restart_case!(
+    an_exit_holding_connections_counts_them,
+    [
+        listen_start(1, 100, app(), OLD),
+        accept(2, 201, to_app(1), OLD),
+        accept(3, 202, to_app(2), OLD),
+        publish(1000),
+        process_exit(2000, OLD),
+    ],
+    [
+        RExpect::Exited(OLD, 2, Role::Serving),
+        RExpect::Changes(OLD, vec![(Role::Exited, Why::Exited)]),
+    ]
+);
+
+restart_case!(
+    a_process_that_left_the_status_and_is_found_gone_exited,
+    [
+        listen_start(1, 100, app(), OLD),
+        accept(2, 201, to_app(1), OLD),
+        publish(1000),
+        listen_stop(1500, 100, app(), OLD),
+        close(1600, 201, to_app(1), OLD),
+        publish(1700),
+        found_gone(OLD, 1800),
+    ],
+    [
+        RExpect::Exited(OLD, 0, Role::Serving),
+        RExpect::UncheckedGone(vec![]),
+    ]
+);
+
+restart_case!(
+    a_recycled_pid_starts_serving_afresh,
+    [
+        listen_start(1, 100, app(), OLD),
+        accept(2, 201, to_app(1), OLD),
+        publish(1000),
+        process_exit(2000, OLD),
+        listen_start(3000, 101, app(), OLD),
+        publish(3100),
+    ],
+    [RExpect::RoleWhy(OLD, Role::Serving, Why::Seen)]
+);
+
+// --- drains gracewatch runs ---------------------------------------------------
+
+restart_case!(
+    a_drain_run_here_is_draining_until_its_gate_says_drained,
+    [
+        listen_start(1, 100, app(), OLD),
+        accept(2, 201, to_app(1), OLD),
+        accept(3, 202, to_app(2), OLD),
+        publish(1000),
+        drain_note(OLD, DrainNote::Started, 1500),
+        // Accepting does not end a drain someone runs.
+        accept(2000, 203, to_app(3), OLD),
+        publish(2100),
+        then(RExpect::RoleWhy(OLD, Role::Draining, Why::DrainStarted)),
+        drain_note(OLD, DrainNote::Drained, 2500),
+    ],
+    [
+        RExpect::RoleWhy(OLD, Role::Drained, Why::DrainFinished),
+        RExpect::Drain(OLD, Some((2, 1500, Some(2500)))),
+        RExpect::DrainedAfter(OLD, 1000, 2),
+    ]
+);
+
+restart_case!(
+    a_cancelled_drain_serves_again,
+    [
+        listen_start(1, 100, app(), OLD),
+        accept(2, 201, to_app(1), OLD),
+        publish(1000),
+        drain_note(OLD, DrainNote::Started, 1500),
+        drain_note(OLD, DrainNote::Cancelled, 1600),
+    ],
+    [
+        RExpect::RoleWhy(OLD, Role::Serving, Why::DrainCancelled),
+        RExpect::Drain(OLD, None),
+    ]
+);
+
+// --- rates --------------------------------------------------------------------
+
+restart_case!(
+    rates_count_accepts_and_closes_over_the_window,
+    [
+        listen_start(1, 100, app(), OLD),
+        publish(1000),
+        accept(1100, 201, to_app(1), OLD),
+        accept(1200, 202, to_app(2), OLD),
+        accept(1300, 203, to_app(3), OLD),
+        accept(1400, 204, to_app(4), OLD),
+        accept(1500, 205, to_app(5), OLD),
+        publish(2000),
+        close(2500, 201, to_app(1), OLD),
+        close(2600, 202, to_app(2), OLD),
+        publish(3000),
+        then(RExpect::Rates(OLD, 3000, 2.5, 1.0)),
+        tick(8000),
+    ],
+    [RExpect::Rates(OLD, 8000, 0.0, 0.0)]
+);
