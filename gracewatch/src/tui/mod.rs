@@ -1,7 +1,7 @@
 //! `gracewatch tui`: the live view an operator keeps open during a restart.
 //! This module owns the terminal and the one `tokio::select!` loop that
 //! feeds the state ([`app::App`], [`model::Model`]) from the monitor's
-//! statuses and events, from keys ([`keys::handle_key`], pure) and from
+//! statuses, restart model and events, from keys ([`keys::handle_key`], pure) and from
 //! background work (drains, signals, connection lists), and redraws it
 //! ([`render::render`], pure).
 //!
