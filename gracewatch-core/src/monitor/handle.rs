@@ -468,4 +468,59 @@ mod tests {
             .await
             .expect("a replay answers after its feed is dropped");
     }
+
+    /// The restart model goes out with every status, follows the events,
+    /// and hears the drains a consumer runs ([`MonitorHandle::note_drain`]).
+    #[tokio::test]
+    async fn the_restart_model_is_published_and_hears_drains() {
+        use crate::tracker::restart::{Change, Role, Why};
+
+        let (handle, feed) =
+            MonitorHandle::from_replay_with_feed(vec![accept(1), accept(2)], Snapshot::default());
+        let role = |h: &MonitorHandle| h.restarts().process(PID).map(|p| (p.role, p.why));
+        assert_eq!(role(&handle), Some((Role::Serving, Why::Seen)));
+
+        let mut published = handle.subscribe_restarts();
+        handle.note_drain(PID, DrainNote::Started);
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while role(&handle) != Some((Role::Draining, Why::DrainStarted)) {
+                published.changed().await.expect("the monitor runs");
+            }
+        })
+        .await
+        .expect("the drain note reached the model");
+
+        for sk in [1, 2] {
+            feed.send(ConnEvent::Close {
+                at: Duration::from_millis(10 + sk),
+                sk,
+                tuple: tuple(40000 + sk as u16),
+                pid: PID,
+                by_exit: false,
+            })
+            .expect("feed");
+        }
+        handle.sync().await.expect("sync");
+        handle.note_drain(PID, DrainNote::Drained);
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while role(&handle).is_some_and(|(r, _)| r != Role::Drained) {
+                published.changed().await.expect("the monitor runs");
+            }
+        })
+        .await
+        .expect("drained");
+        let restarts = handle.restarts();
+        let drained = restarts.facts_after(None).any(|f| {
+            f.pid == PID
+                && matches!(
+                    f.change,
+                    Change::Role {
+                        to: Role::Drained,
+                        drained: Some((_, 2)),
+                        ..
+                    }
+                )
+        });
+        assert!(drained, "{restarts:#?}");
+    }
 }

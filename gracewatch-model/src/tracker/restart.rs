@@ -29,11 +29,12 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
+    net::SocketAddr,
     time::Duration,
 };
 
 use super::Status;
-use crate::event::{ConnEvent, ListenAddr};
+use crate::event::{ConnEvent, ListenAddr, NetNs};
 
 /// Window over which accepts/s and closes/s are measured.
 pub const RATE_WINDOW: Duration = Duration::from_secs(5);
@@ -601,14 +602,7 @@ impl Restarts {
 
     /// Places an accepted connection on its listener; a process that starts
     /// accepting on a listener an earlier process serves is a handover.
-    fn on_accept(
-        &mut self,
-        at: Duration,
-        netns: crate::event::NetNs,
-        local: std::net::SocketAddr,
-        pid: u32,
-        comm: &str,
-    ) {
+    fn on_accept(&mut self, at: Duration, netns: NetNs, local: SocketAddr, pid: u32, comm: &str) {
         let Some(key) = self
             .listeners
             .iter()
