@@ -26,7 +26,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use super::{Agent, Ctx, Netns, Proc, check_interrupted, cpu_time, signal};
-use crate::cmd::{self, command};
+use xtask::cmd::{self, command};
 
 const PORT: u16 = 9300;
 const HELD_FIRST: u32 = 100;

@@ -27,7 +27,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use super::{Agent, Ctx, Netns, Proc, check_interrupted, proc_kb, verdict};
-use crate::cmd::command;
+use xtask::cmd::command;
 
 const PORT: u16 = 9200;
 const GOAL_SPEEDUP: f64 = 10.0;

@@ -22,7 +22,7 @@ use super::{
     Agent, BpfStatsSysctl, Ctx, Netns, Proc, bpf_prog_stats, check_interrupted, cpu_time, mean,
     stddev, verdict,
 };
-use crate::cmd;
+use xtask::cmd;
 
 const PORT: u16 = 8080;
 const AGENT_LISTEN: &str = "127.0.0.1:19464";

@@ -17,7 +17,7 @@ use std::{fmt::Write as _, time::Duration};
 use anyhow::{Context as _, Result, bail};
 
 use super::{Ctx, Netns, Proc, Rng, check_interrupted, percentile, verdict};
-use crate::cmd::command;
+use xtask::cmd::command;
 
 const CONNECTIONS: u32 = 3;
 const PORT: u16 = 9100;

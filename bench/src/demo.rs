@@ -38,7 +38,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::run;
+use xtask::{cmd, run};
 
 /// Where the demo keeps its pid file and logs.
 fn demo_dir() -> PathBuf {
@@ -67,7 +67,7 @@ pub fn demo(opts: &Options) -> Result<()> {
     fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
     let pidfile = dir.join("server.pid");
     let _ = fs::remove_file(&pidfile);
-    let me = std::env::current_exe().context("failed to find the xtask binary")?;
+    let me = std::env::current_exe().context("failed to find the gracewatch-bench binary")?;
     let port = opts.port.to_string();
 
     let mut server = Command::new(&me);
@@ -123,7 +123,7 @@ pub fn demo(opts: &Options) -> Result<()> {
             OsString::from(&port),
         ],
     )?;
-    println!("$ {}", crate::cmd::display(&tui));
+    println!("$ {}", cmd::display(&tui));
     let status = tui.status();
     stop.store(true, Ordering::Relaxed);
     drop(load);

@@ -40,7 +40,7 @@ use clap::ValueEnum;
 
 pub use helper::Helper;
 
-use crate::{
+use xtask::{
     cmd::{self, command},
     setup,
 };
@@ -90,7 +90,7 @@ impl Which {
     }
 }
 
-/// `cargo xtask bench-helper …`: a load process started by a benchmark.
+/// `gracewatch-bench bench-helper …`: a load process started by a benchmark.
 pub fn helper(h: Helper) -> Result<()> {
     helper::run(h)
 }
@@ -99,7 +99,7 @@ pub fn helper(h: Helper) -> Result<()> {
 struct Ctx {
     /// The release gracewatch binary.
     bin: PathBuf,
-    /// This xtask binary (for the helpers).
+    /// This binary, `gracewatch-bench` (for the helpers).
     me: PathBuf,
     /// The workspace root.
     root: PathBuf,
@@ -136,7 +136,7 @@ pub fn bench(args: &Args) -> Result<()> {
     fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
     let ctx = Ctx {
         bin: cmd::target_dir().join("release").join("gracewatch"),
-        me: std::env::current_exe().context("failed to find the xtask binary")?,
+        me: std::env::current_exe().context("failed to find the gracewatch-bench binary")?,
         root: root.clone(),
         dir,
     };
@@ -868,7 +868,7 @@ mod tests {
 
     #[test]
     fn generated_blocks_are_replaced_and_the_rest_kept() {
-        let dir = std::env::temp_dir().join(format!("xtask-bench-md-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("gracewatch-bench-md-{}", std::process::id()));
         fs::create_dir_all(&dir).expect("temp dir");
         let path = dir.join("BENCHMARKS.md");
         let section = |which, body: &str| Section {

@@ -1,5 +1,5 @@
 //! The load processes the benchmarks start inside their network
-//! namespaces (`cargo xtask bench-helper …`, hidden): servers and clients
+//! namespaces (`gracewatch-bench bench-helper …`, hidden): servers and clients
 //! that hold tens of thousands of sockets or open and close them as fast as
 //! the machine allows, which the Python test programs cannot do. Each one
 //! prints `ready PID` first and reports on stdout; every loop is bounded in
