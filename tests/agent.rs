@@ -9,8 +9,8 @@
 //! client code it checks.
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{TcpListener, TcpStream},
+    io::{BufRead as _, BufReader},
+    net::TcpListener,
     os::unix::{fs::PermissionsExt as _, process::ExitStatusExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
@@ -19,8 +19,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gracewatch_e2e::{
-    Client, Gracewatch, Netns, STARTUP_TIMEOUT, STATE_TIMEOUT, Server, http, setup,
+use gracewatch_testkit::{
+    Client, Gracewatch, Netns, STARTUP_TIMEOUT, STATE_TIMEOUT, Server, http, procfs, setup,
 };
 use serde_json::{Value, json};
 
@@ -71,21 +71,9 @@ fn http(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(DRAIN_TIMEOUT + STARTUP_TIMEOUT))?;
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    stream.write_all(req.as_bytes())?;
-    stream.write_all(body)?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let answer = http::parse_answer(&raw);
+    let target = http::Target::Tcp(addr.to_owned());
+    let timeout = DRAIN_TIMEOUT + STARTUP_TIMEOUT;
+    let answer = http::request(&target, method, path, headers, body, timeout)?;
     Ok((answer.code, answer.body))
 }
 
@@ -318,7 +306,7 @@ impl Prometheus {
         else {
             let why = "`prometheus` is not installed (Debian package `prometheus`; `cargo xtask setup --test-deps` installs it)";
             assert!(
-                !gracewatch_e2e::in_ci(),
+                !gracewatch_testkit::in_ci(),
                 "{why} (CI=true: this is a failure, not a skip)"
             );
             eprintln!("SKIPPED: {why}");
@@ -609,15 +597,6 @@ impl Running {
     }
 }
 
-/// Whether `pid` is gone or a zombie (it exited; its parent has not reaped it).
-fn exited(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
-        s.rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state == "Z" || state == "X")
-    })
-}
-
 #[test]
 fn drains_through_the_agent_end_like_local_drains() {
     let Some(gw) = setup() else { return };
@@ -661,7 +640,7 @@ fn drains_through_the_agent_end_like_local_drains() {
             "{via:?}: the server's own report of the signal"
         );
         eventually(STATE_TIMEOUT, "the server to die of SIGTERM", || {
-            if exited(server.pid()) {
+            if procfs::exited(server.pid()) {
                 Ok(())
             } else {
                 Err(format!("{via:?}: pid {} alive", server.pid()))
@@ -686,7 +665,7 @@ fn drains_through_the_agent_end_like_local_drains() {
             "{via:?}: timeout"
         );
         assert!(
-            !exited(server.pid()),
+            !procfs::exited(server.pid()),
             "{via:?}: a timed-out drain signals nothing"
         );
         assert_eq!(server.count().established, 1);
@@ -742,7 +721,7 @@ fn drains_through_the_agent_end_like_local_drains() {
         ],
     );
     assert_eq!(bg.wait(STARTUP_TIMEOUT).code(), Some(4), "{}", bg.context());
-    assert!(!exited(server.pid()));
+    assert!(!procfs::exited(server.pid()));
 
     agent.stop();
 }

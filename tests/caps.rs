@@ -12,12 +12,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gracewatch_e2e::{Child, Client, Netns, STARTUP_TIMEOUT, Server, TempDir, setup, without_caps};
+use gracewatch_testkit::{
+    Child, Client, Netns, STARTUP_TIMEOUT, Server, TempDir, setup, without_caps,
+};
 use serde_json::{Value, json};
 
 /// Runs `gracewatch ARGS` with `drop` removed from the bounding and
 /// effective sets; returns (exit code, stderr).
-fn run_without(gw: &gracewatch_e2e::Gracewatch, drop: &str, args: &str) -> (i32, String) {
+fn run_without(gw: &gracewatch_testkit::Gracewatch, drop: &str, args: &str) -> (i32, String) {
     let cmd = format!("exec {} {args}", gw.bin().display());
     let out = Command::new("capsh")
         .args([&format!("--drop={drop}"), "--", "-c", &cmd])

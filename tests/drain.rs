@@ -11,9 +11,9 @@
 
 use std::{os::unix::process::ExitStatusExt as _, time::Duration};
 
-use gracewatch_e2e::{
+use gracewatch_testkit::{
     Child, Client, Netns, PROGRAM_TIMEOUT, STARTUP_TIMEOUT, STATE_TIMEOUT, Server, Soft, TempDir,
-    gap_ms, monotonic_ns, program, setup,
+    gap_ms, monotonic_ns, procfs, program, setup,
 };
 use serde_json::{Value, json};
 
@@ -517,11 +517,8 @@ fn zombie_target_is_an_exited_target() {
         });
     let z = zombie.to_string();
     let p = parent_pid.to_string();
-    let state = std::fs::read_to_string(format!("/proc/{zombie}/stat")).unwrap_or_default();
-    assert!(
-        state.contains(") Z "),
-        "pid {zombie} should be a zombie: {state:?}"
-    );
+    let state = procfs::stat(zombie).map(|s| s.state);
+    assert_eq!(state, Some('Z'), "pid {zombie} should be a zombie");
 
     let soft = Soft::new();
     let expect_2 = |args: &[&str], words: &[&str]| {

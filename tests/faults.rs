@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gracewatch_e2e::{
+use gracewatch_testkit::{
     Child, Client, Drain, Gracewatch, Netns, Server, live_of, monotonic_ns, program,
     report_signals_of, setup, without_caps,
 };
@@ -384,7 +384,7 @@ fn a_process_named_with_non_utf8_bytes_stays_counted_and_drains() {
     let seen = watch.wait_until(T, "the server with 2 live", |s| live_of(s, pid) == Some(2));
     eprintln!(
         "listed as {}",
-        gracewatch_e2e::process(&seen, pid)
+        gracewatch_testkit::process(&seen, pid)
             .map(|p| p["comm"].clone())
             .unwrap_or_default()
     );

@@ -23,10 +23,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gracewatch_e2e::{
+use gracewatch_testkit::{
     Client, Gracewatch, Netns, PROGRAM_TIMEOUT, STARTUP_TIMEOUT, Server, TempDir, collect_lines,
     gap_ms,
-    http::{Answer, dechunk, parse_answer},
+    http::{Answer, Target, dechunk, exchange, parse_answer},
     setup,
 };
 use serde_json::{Value, json};
@@ -67,18 +67,6 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("ephemeral port")
         .port()
-}
-
-/// Sends `request` (a whole HTTP/1.1 request, `Connection: close`) and
-/// reads the answer to the end.
-fn exchange(
-    mut stream: impl std::io::Read + std::io::Write,
-    request: &str,
-) -> std::io::Result<Answer> {
-    stream.write_all(request.as_bytes())?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    Ok(parse_answer(&raw))
 }
 
 fn get(path: &str, extra: &str) -> String {
@@ -168,16 +156,17 @@ impl Agent {
             .join("\n")
     }
 
+    /// Sends `request` (a whole HTTP/1.1 request, `Connection: close`) over
+    /// TCP and reads the answer to the end.
     fn tcp(&self, request: &str) -> std::io::Result<Answer> {
-        let stream = TcpStream::connect(&self.addr)?;
-        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
-        exchange(stream, request)
+        let stream = Target::Tcp(self.addr.clone()).connect(Duration::from_secs(20))?;
+        exchange(stream, request.as_bytes())
     }
 
+    /// Like [`Agent::tcp`], over the unix socket.
     fn unix(&self, request: &str) -> std::io::Result<Answer> {
-        let stream = UnixStream::connect(&self.socket)?;
-        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
-        exchange(stream, request)
+        let stream = Target::Unix(self.socket.clone()).connect(Duration::from_secs(20))?;
+        exchange(stream, request.as_bytes())
     }
 
     /// (VmRSS, VmHWM) in MB.
@@ -854,7 +843,7 @@ fn metrics_pass_promtool_and_follow_the_accept_header() {
     let Some(promtool) = promtool else {
         let why = "`promtool` is not installed (Debian package `prometheus`; `cargo xtask setup --test-deps` installs it)";
         assert!(
-            !gracewatch_e2e::in_ci(),
+            !gracewatch_testkit::in_ci(),
             "{why} (CI=true: this is a failure, not a skip)"
         );
         eprintln!("SKIPPED: {why}");

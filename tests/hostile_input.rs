@@ -22,11 +22,10 @@
 //! its own gracewatch processes.
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{BufRead as _, BufReader},
     net::TcpListener,
     os::unix::{
         fs::PermissionsExt as _,
-        net::UnixStream,
         process::{CommandExt as _, ExitStatusExt as _},
     },
     path::{Path, PathBuf},
@@ -36,8 +35,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gracewatch_e2e::{
-    Gracewatch, Netns, STARTUP_TIMEOUT, TempDir, Tmux, collect_lines, http, setup,
+use gracewatch_testkit::{
+    Gracewatch, Netns, STARTUP_TIMEOUT, TempDir, Tmux, collect_lines, http, procfs, setup,
 };
 use serde_json::{Value, json};
 
@@ -92,18 +91,11 @@ impl Drop for Proc {
 }
 
 fn proc_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
-    let close = stat.iter().rposition(|&b| b == b')')?;
-    stat.get(close + 2).map(|&b| b as char)
+    procfs::stat(pid).map(|s| s.state)
 }
 
 fn rss_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    procfs::status_kb(pid, "VmRSS").unwrap_or(0)
 }
 
 struct Ran {
@@ -232,18 +224,15 @@ impl Agent {
         body: Option<&Value>,
     ) -> std::io::Result<(u16, String, Duration)> {
         let started = Instant::now();
-        let mut stream = UnixStream::connect(&self.socket)?;
-        stream.set_read_timeout(Some(PROMPT * 3))?;
-        stream.set_write_timeout(Some(PROMPT))?;
         let body = body.map(Value::to_string).unwrap_or_default();
-        write!(
-            stream,
-            "{method} {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
+        let answer = http::request(
+            &http::Target::Unix(self.socket.clone()),
+            method,
+            path,
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+            PROMPT * 3,
         )?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw)?;
-        let answer = http::parse_answer(&raw);
         Ok((answer.code, answer.body, started.elapsed()))
     }
 
@@ -530,17 +519,7 @@ fn hostile_pidfiles_neither_block_nor_bloat_the_agent() {
 
 /// A kernel thread: kthreadd (pid 2) on the host, else the first one found.
 fn kernel_thread() -> u32 {
-    let is_kthread = |pid: u32| {
-        std::fs::read(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| {
-                let close = s.iter().rposition(|&b| b == b')')?;
-                let rest = String::from_utf8_lossy(&s[close + 1..]).into_owned();
-                let flags: u64 = rest.split_whitespace().nth(6)?.parse().ok()?;
-                Some(flags & 0x0020_0000 != 0)
-            })
-            == Some(true)
-    };
+    let is_kthread = |pid: u32| procfs::stat(pid).is_some_and(|s| s.kernel_thread());
     if is_kthread(2) {
         return 2;
     }

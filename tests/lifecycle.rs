@@ -1,7 +1,7 @@
 //! Things that appear after gracewatch started (a namespace, a listener,
 //! a process) and the empty answer when nothing matches.
 
-use gracewatch_e2e::{
+use gracewatch_testkit::{
     Client, Expect, Netns, Server, Soft, listener, process, setup, status::listeners_on_port,
 };
 

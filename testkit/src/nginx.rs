@@ -292,9 +292,7 @@ pub fn pgrep_children(pid: u32) -> Vec<u32> {
 
 /// The parent of `pid` (`/proc/PID/stat`).
 pub fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(')')?;
-    rest.split_whitespace().nth(1)?.parse().ok()
+    crate::procfs::stat(pid).map(|s| s.ppid)
 }
 
 /// Whether the process `pid` exits within `timeout`, watched through a pidfd

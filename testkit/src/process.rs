@@ -11,6 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use rustix::process::{Pid, Signal, kill_process};
+
 use crate::{Netns, PROGRAM_TIMEOUT};
 
 /// Prefix under which `server.py` relays the lines of its handover child.
@@ -163,24 +165,33 @@ impl Child {
         Child::spawn_command(label, cmd)
     }
 
-    pub fn spawn_command(label: &str, mut cmd: Command) -> Child {
+    /// Spawns `cmd` as is (stdin, stdout and stderr piped); panics if it
+    /// cannot be started.
+    #[track_caller]
+    pub fn spawn_command(label: &str, cmd: Command) -> Child {
+        Child::try_spawn_command(label, cmd).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`Child::spawn_command`], saying why it could not start (for
+    /// callers that report errors rather than panic, such as benchmarks).
+    pub fn try_spawn_command(label: &str, mut cmd: Command) -> std::io::Result<Child> {
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut process = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("failed to spawn {label} ({cmd:?}): {e}"));
+        let mut process = cmd.spawn().map_err(|e| {
+            std::io::Error::new(e.kind(), format!("failed to spawn {label} ({cmd:?}): {e}"))
+        })?;
         let stdin = process.stdin.take();
         let stdout = Lines::from_reader(process.stdout.take().expect("stdout is piped"));
         let stderr = Lines::from_reader(process.stderr.take().expect("stderr is piped"));
-        Child {
+        Ok(Child {
             label: label.to_owned(),
             process: Some(process),
             stdin: Arc::new(Mutex::new(stdin)),
             stdout,
             stderr,
             view: View::Own,
-        }
+        })
     }
 
     /// The view of the process this child relays (`child> ` lines, commands
@@ -365,6 +376,17 @@ impl Child {
                 }
                 Err(e) => panic!("{label}: failed to wait: {e}"),
             }
+        }
+    }
+
+    /// Sends `signal` to the process (if this child owns one and it still
+    /// runs).
+    pub fn signal(&self, signal: Signal) {
+        if let Some(pid) = self
+            .process_id()
+            .and_then(|p| Pid::from_raw(i32::try_from(p).ok()?))
+        {
+            let _ = kill_process(pid, signal);
         }
     }
 
