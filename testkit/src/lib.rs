@@ -28,6 +28,7 @@
 
 mod drain;
 mod gracewatch;
+pub mod handover;
 pub mod http;
 mod netns;
 pub mod nginx;

@@ -9,25 +9,24 @@
 //! - `scale-server` / `scale-client`: N established connections, the
 //!   clients bound to many `127.1.x.y` source addresses (1,000 each) so
 //!   that no address runs out of ephemeral ports;
-//! - `churn-server`: a server that performs the classic fd-handover restart
-//!   on SIGHUP (like `server.py handover`: the next generation inherits the
-//!   listening socket, the old one stops accepting and keeps what it holds),
-//!   answers `x` with `y` and closes after the client, holds connections
-//!   that start with `h` until their client leaves, and publishes its exact
-//!   counts (the truth gracewatch is compared with) in a state file;
+//! - `churn-server`: the test kit's fd-handover server
+//!   (`gracewatch_testkit::handover`, like `server.py handover`: the next
+//!   generation inherits the listening socket on SIGHUP, the old one stops
+//!   accepting and keeps what it holds), which answers `x` with `y` and
+//!   closes after the client, holds connections that start with `h` until
+//!   their client leaves, and publishes its exact counts (the truth
+//!   gracewatch is compared with) in a state file;
 //! - `churn-client`: closed-loop clients (connect, `x`, read `y`, close);
 //! - `churn-hold`: holds connections on command (`open K`, `close K`).
 
 use std::{
-    fs,
-    io::{self, BufRead as _, BufReader, Read as _, Write as _},
+    io::{self, BufRead as _, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddrV4, TcpStream},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    os::fd::{AsRawFd as _, RawFd},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
     sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+        atomic::{AtomicU64, Ordering},
     },
     thread,
     time::{Duration, Instant},
@@ -35,6 +34,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use clap::Subcommand;
+use gracewatch_testkit::handover::{self, accept, connect_from, listen_socket};
 
 /// No helper runs longer than this, whatever happens to its parent.
 const MAX_LIFETIME: Duration = Duration::from_secs(20 * 60);
@@ -184,117 +184,6 @@ pub(super) fn nofile_hard_limit() -> u64 {
     lim.rlim_max
 }
 
-fn sockaddr(addr: SocketAddrV4) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: addr.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*addr.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    }
-}
-
-fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
-fn tcp_socket() -> io::Result<OwnedFd> {
-    // SAFETY: socket(2) has no memory effects; we own the new fd.
-    let fd =
-        check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
-    // SAFETY: fd was just created and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn set_int_opt(
-    fd: RawFd,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: setsockopt reads an int from the pointer we pass.
-    check(unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (&raw const value).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    })
-    .map(drop)
-}
-
-/// A listening socket with a backlog the 100k connect burst fits in
-/// (capped by `net.core.somaxconn`).
-fn listen_socket(addr: SocketAddrV4) -> io::Result<OwnedFd> {
-    let fd = tcp_socket()?;
-    set_int_opt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
-    let sa = sockaddr(addr);
-    // SAFETY: bind and listen read the sockaddr we pass, on our fd.
-    check(unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&raw const sa).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    })?;
-    // SAFETY: as above.
-    check(unsafe { libc::listen(fd.as_raw_fd(), 65535) })?;
-    Ok(fd)
-}
-
-/// Connects from `src` (port chosen at connect time, per 4-tuple:
-/// IP_BIND_ADDRESS_NO_PORT) to `dst`.
-fn connect_from(src: Ipv4Addr, dst: SocketAddrV4) -> io::Result<OwnedFd> {
-    const IP_BIND_ADDRESS_NO_PORT: libc::c_int = 24;
-    let fd = tcp_socket()?;
-    set_int_opt(fd.as_raw_fd(), libc::IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)?;
-    let local = sockaddr(SocketAddrV4::new(src, 0));
-    let remote = sockaddr(dst);
-    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: bind and connect read the sockaddrs we pass, on our fd.
-    check(unsafe { libc::bind(fd.as_raw_fd(), (&raw const local).cast(), len) })?;
-    loop {
-        // SAFETY: as above.
-        match check(unsafe { libc::connect(fd.as_raw_fd(), (&raw const remote).cast(), len) }) {
-            Ok(_) => return Ok(fd),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-fn accept(listener: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: accept4 with null address pointers only returns a new fd.
-    let fd = check(unsafe {
-        libc::accept4(
-            listener,
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            libc::SOCK_CLOEXEC,
-        )
-    })?;
-    // SAFETY: the fd was just accepted and is ours alone.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Whether `fd` becomes readable within `timeout_ms`.
-fn poll_in(fd: RawFd, timeout_ms: i32) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: poll reads and writes the one pollfd we pass.
-    unsafe { libc::poll(&raw mut p, 1, timeout_ms) > 0 }
-}
-
 /// The 127.1.x.y (or 127.2.x.y…) source address number `k`.
 fn source_addr(second: u8, k: u32) -> Ipv4Addr {
     Ipv4Addr::new(127, second, ((k / 250) % 250) as u8, (k % 250 + 1) as u8)
@@ -363,21 +252,9 @@ fn scale_client(
 
 // ---- churn ------------------------------------------------------------------------
 
-/// A generation's exact counts.
-#[derive(Default)]
-struct Counts {
-    accepted: AtomicU64,
-    closed: AtomicU64,
-    inflight: AtomicU64,
-    accepting: AtomicBool,
-}
-
-static HANGUP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_hangup(_: libc::c_int) {
-    HANGUP.store(true, Ordering::Relaxed);
-}
-
+/// The fd-handover server of testkit (see [`handover`]) with the
+/// benchmark's settings: it stays after a handover until the benchmark
+/// kills its process group (or [`MAX_LIFETIME`]).
 fn churn_server(
     listen: Option<SocketAddrV4>,
     inherit_fd: Option<RawFd>,
@@ -386,205 +263,33 @@ fn churn_server(
 ) -> Result<()> {
     raise_nofile(1 << 16)?;
     exit_at_deadline();
-    // SAFETY: the handler only stores to an atomic, which is signal-safe.
-    unsafe {
-        libc::signal(libc::SIGHUP, on_hangup as *const () as libc::sighandler_t);
-    }
-    let listener = match (listen, inherit_fd) {
-        (Some(addr), None) => {
-            listen_socket(addr).with_context(|| format!("failed to listen on {addr}"))?
-        }
-        // SAFETY: the previous generation passed this fd for us to own.
-        (None, Some(fd)) => unsafe { OwnedFd::from_raw_fd(fd) },
+    let listen = match (listen, inherit_fd) {
+        (Some(addr), None) => handover::Listen::Bind(addr),
+        (None, Some(fd)) => handover::Listen::Inherit(fd),
         _ => bail!("churn-server needs --listen or --inherit-fd"),
     };
-    // Non-blocking (a flag of the open file description, so both
-    // generations see it): the other generation or another thread may win
-    // the race for a connection that poll() announced.
-    // SAFETY: fcntl on the listener we hold.
-    unsafe {
-        let flags = libc::fcntl(listener.as_raw_fd(), libc::F_GETFL);
-        libc::fcntl(
-            listener.as_raw_fd(),
-            libc::F_SETFL,
-            flags | libc::O_NONBLOCK,
-        );
-    }
-    let listener = Arc::new(listener);
-    let counts = Arc::new(Counts::default());
-    counts.accepting.store(true, Ordering::Relaxed);
-    let held: Arc<Mutex<Vec<OwnedFd>>> = Arc::default();
-    let pid = std::process::id();
-
-    let mut acceptors = Vec::new();
-    for _ in 0..threads.max(1) {
-        let (listener, counts, held) = (
-            Arc::clone(&listener),
-            Arc::clone(&counts),
-            Arc::clone(&held),
-        );
-        acceptors.push(thread::spawn(move || {
-            churn_accept_loop(listener.as_raw_fd(), &counts, &held)
-        }));
-    }
-    {
-        let (counts, held) = (Arc::clone(&counts), Arc::clone(&held));
-        thread::spawn(move || reap_held(&counts, &held));
-    }
-    {
-        let (counts, held, path) = (
-            Arc::clone(&counts),
-            Arc::clone(&held),
-            state_dir.join(pid.to_string()),
-        );
-        thread::spawn(move || {
-            loop {
-                publish_state(&path, &counts, &held);
-                thread::sleep(Duration::from_millis(20));
-            }
-        });
-    }
-    say(&format!("ready {pid}"));
-
-    let started = Instant::now();
-    let mut handed_over = false;
-    while started.elapsed() < MAX_LIFETIME {
-        thread::sleep(Duration::from_millis(5));
-        if HANGUP.swap(false, Ordering::Relaxed) && !handed_over {
-            let child = hand_over(listener.as_raw_fd(), state_dir, threads)?;
-            // The next generation accepts now: stop, and keep what we hold.
-            counts.accepting.store(false, Ordering::Relaxed);
-            for a in acceptors.drain(..) {
-                let _ = a.join();
-            }
-            eprintln!("churn-server {pid}: handed the listener to {child}");
-            handed_over = true;
-        }
-    }
-    Ok(())
-}
-
-/// Starts the next generation with the listener; returns once it is ready.
-fn hand_over(fd: RawFd, state_dir: &Path, threads: u32) -> Result<u32> {
-    // SAFETY: fcntl on our fd: clearing FD_CLOEXEC lets the child inherit it.
-    if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } == -1 {
-        bail!("failed to clear FD_CLOEXEC on the listener");
-    }
     let me = std::env::current_exe().context("failed to find this binary")?;
-    let mut child = Command::new(me)
-        .args([
-            "bench-helper",
-            "churn-server",
-            "--inherit-fd",
-            &fd.to_string(),
-            "--state-dir",
-        ])
-        .arg(state_dir)
-        .args(["--threads", &threads.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("failed to start the next generation")?;
-    // SAFETY: as above; close-on-exec again.
-    unsafe {
-        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
-    }
-    let mut line = String::new();
-    if let Some(out) = child.stdout.take() {
-        BufReader::new(out).read_line(&mut line)?;
-    }
-    if !line.starts_with("ready ") {
-        let _ = child.kill();
-        let _ = child.wait();
-        bail!("the next generation did not get ready (said {line:?})");
-    }
-    say(&format!("child {}", child.id()));
-    // Not reaped: it outlives us if need be; the benchmark kills the group.
-    Ok(child.id())
-}
-
-fn churn_accept_loop(listener: RawFd, counts: &Counts, held: &Mutex<Vec<OwnedFd>>) {
-    while counts.accepting.load(Ordering::Relaxed) {
-        if !poll_in(listener, 20) {
-            continue;
-        }
-        let Ok(conn) = accept(listener) else { continue };
-        counts.accepted.fetch_add(1, Ordering::Relaxed);
-        counts.inflight.fetch_add(1, Ordering::Relaxed);
-        let mut stream = TcpStream::from(conn);
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-        let mut byte = [0u8; 1];
-        match stream.read(&mut byte) {
-            Ok(1) if byte[0] == b'h' => {
-                held.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(OwnedFd::from(stream));
-            }
-            Ok(1) if byte[0] == b'x' => {
-                // Answer, then close after the client (its FIN first).
-                if stream.write_all(b"y").is_ok() {
-                    let mut rest = [0u8; 16];
-                    while matches!(stream.read(&mut rest), Ok(n) if n > 0) {}
-                }
-                drop(stream);
-                counts.closed.fetch_add(1, Ordering::Relaxed);
-            }
-            _ => {
-                drop(stream);
-                counts.closed.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        counts.inflight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Closes held connections whose client left (EOF or reset).
-fn reap_held(counts: &Counts, held: &Mutex<Vec<OwnedFd>>) {
-    loop {
-        thread::sleep(Duration::from_millis(10));
-        let mut held = held.lock().unwrap_or_else(|e| e.into_inner());
-        if held.is_empty() {
-            continue;
-        }
-        let mut fds: Vec<libc::pollfd> = held
-            .iter()
-            .map(|fd| libc::pollfd {
-                fd: fd.as_raw_fd(),
-                events: libc::POLLIN | libc::POLLRDHUP,
-                revents: 0,
-            })
-            .collect();
-        // SAFETY: poll reads and writes the array we pass, of that length.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
-        if n <= 0 {
-            continue;
-        }
-        let gone: Vec<RawFd> = fds
-            .iter()
-            .filter(|p| p.revents != 0)
-            .map(|p| p.fd)
-            .collect();
-        let before = held.len();
-        held.retain(|fd| !gone.contains(&fd.as_raw_fd()));
-        counts
-            .closed
-            .fetch_add((before - held.len()) as u64, Ordering::Relaxed);
-    }
-}
-
-fn publish_state(path: &Path, counts: &Counts, held: &Mutex<Vec<OwnedFd>>) {
-    let held = held.lock().unwrap_or_else(|e| e.into_inner()).len();
-    let line = format!(
-        "accepted={} closed={} held={held} inflight={} accepting={}\n",
-        counts.accepted.load(Ordering::Relaxed),
-        counts.closed.load(Ordering::Relaxed),
-        counts.inflight.load(Ordering::Relaxed),
-        u8::from(counts.accepting.load(Ordering::Relaxed)),
-    );
-    let tmp = path.with_extension("tmp");
-    if fs::write(&tmp, line).is_ok() {
-        let _ = fs::rename(&tmp, path);
-    }
+    let next_generation = vec![
+        me.into_os_string(),
+        "bench-helper".into(),
+        "churn-server".into(),
+        "--state-dir".into(),
+        state_dir.as_os_str().to_owned(),
+        "--threads".into(),
+        threads.to_string().into(),
+    ];
+    handover::serve(&handover::Config {
+        name: "churn-server".to_owned(),
+        set_process_name: false,
+        listen,
+        next_generation,
+        acceptors: threads,
+        state_dir: Some(state_dir.to_owned()),
+        pidfile: None,
+        exit_after_drain: None,
+        max_after_handover: None,
+        max_lifetime: MAX_LIFETIME,
+    })
 }
 
 fn churn_client(connect: SocketAddrV4, threads: u32, secs: Duration) -> Result<()> {
