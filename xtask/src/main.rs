@@ -94,28 +94,24 @@ enum Task {
     ///
     /// Runs `gracewatch-bench demo` (see `cargo xtask demo --help`).
     #[command(disable_help_flag = true)]
-    Demo {
-        /// Options of the demo, as `cargo xtask demo --help` lists them.
-        #[arg(
-            trailing_var_arg = true,
-            allow_hyphen_values = true,
-            value_name = "ARGS"
-        )]
-        args: Vec<OsString>,
-    },
+    Demo(BenchArgs),
     /// Benchmarks against the alternatives; prints them and updates BENCHMARKS.md.
     ///
     /// Runs `gracewatch-bench bench` (see `cargo xtask bench --help`).
     #[command(disable_help_flag = true)]
-    Bench {
-        /// Benchmarks and options, as `cargo xtask bench --help` lists them.
-        #[arg(
-            trailing_var_arg = true,
-            allow_hyphen_values = true,
-            value_name = "ARGS"
-        )]
-        args: Vec<OsString>,
-    },
+    Bench(BenchArgs),
+}
+
+/// The arguments of `demo` and `bench`, handed to `gracewatch-bench` as
+/// they are (`--help` included): that binary defines and documents them.
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "ARGS"
+    )]
+    args: Vec<OsString>,
 }
 
 fn main() -> ExitCode {
@@ -125,8 +121,8 @@ fn main() -> ExitCode {
         Task::Run { args } => run::run(args),
         Task::Test { unprivileged_only } => test::test(test::Options { unprivileged_only }),
         Task::Ci => ci(),
-        Task::Demo { args } => run::bench_binary("demo", args),
-        Task::Bench { args } => run::bench_binary("bench", args),
+        Task::Demo(BenchArgs { args }) => run::bench_binary("demo", args),
+        Task::Bench(BenchArgs { args }) => run::bench_binary("bench", args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
