@@ -10,7 +10,8 @@
 //! the command line of [`Config::next_generation`] plus `--inherit-fd FD`.
 //! The next generation adopts that socket ([`Listen::Inherit`]) and prints
 //! `ready PID`; only then does the old one stop accepting (its acceptor
-//! threads end), print `child PID` and keep serving what it holds. Both
+//! threads end), close its copy of the socket, print `child PID` and keep
+//! serving what it holds. Both
 //! generations share one open file description, made non-blocking, so
 //! either may lose the race for a connection that `poll` announced.
 //!
@@ -160,21 +161,22 @@ pub fn serve(config: &Config) -> Result<()> {
             .with_context(|| format!("failed to write {}", pidfile.display()))?;
     }
 
-    let listener = Arc::new(listener);
+    // `None` once handed over: our copy is closed then.
+    let mut listener = Some(Arc::new(listener));
     let counts = Arc::new(Counts::default());
     counts.accepting.store(true, Ordering::Relaxed);
     let held: Arc<Held> = Arc::default();
     let mut acceptors = Vec::new();
     for _ in 0..config.acceptors.max(1) {
-        let (listener, counts, held) = (
-            Arc::clone(&listener),
-            Arc::clone(&counts),
-            Arc::clone(&held),
-        );
+        let (listener, counts, held) = (listener.clone(), Arc::clone(&counts), Arc::clone(&held));
         acceptors.push(
             thread::Builder::new()
                 .name(name.clone())
-                .spawn(move || accept_loop(listener.as_raw_fd(), &counts, &held))
+                .spawn(move || {
+                    if let Some(listener) = listener {
+                        accept_loop(listener.as_raw_fd(), &counts, &held);
+                    }
+                })
                 .context("failed to start an acceptor thread")?,
         );
     }
@@ -206,14 +208,19 @@ pub fn serve(config: &Config) -> Result<()> {
     let mut drained: Option<Instant> = None;
     while started.elapsed() < config.max_lifetime {
         thread::sleep(Duration::from_millis(5));
-        if HANGUP.swap(false, Ordering::Relaxed) && handed_over.is_none() {
-            match hand_over(listener.as_raw_fd(), &config.next_generation) {
+        let hangup = HANGUP.swap(false, Ordering::Relaxed);
+        if let Some(fd) = listener.as_ref().filter(|_| hangup).map(|l| l.as_raw_fd()) {
+            match hand_over(fd, &config.next_generation) {
                 Ok(child) => {
-                    // The next generation accepts now: stop, keep what we hold.
+                    // The next generation accepts now: stop, keep what we
+                    // hold, and close our copy of the listener (the last
+                    // reference once the acceptors returned) so that
+                    // gracewatch sees this generation let go of it.
                     counts.accepting.store(false, Ordering::Relaxed);
                     for a in acceptors.drain(..) {
                         let _ = a.join();
                     }
+                    listener = None;
                     handed_over = Some(Instant::now());
                     say(&format!("child {child}"));
                     eprintln!(
@@ -347,8 +354,6 @@ fn accept_loop(listener: RawFd, counts: &Arc<Counts>, held: &Held) {
             }
         }
     }
-    // Our copy of the listener is closed when the last acceptor returns
-    // and the generation drops it: the next generation keeps its own.
 }
 
 /// Answers each line with `pong` until the client leaves or goes silent.
