@@ -5,7 +5,6 @@
 use std::{
     collections::{BTreeSet, VecDeque},
     future::Future,
-    net::SocketAddr,
     time::Duration,
 };
 
@@ -217,12 +216,10 @@ impl Gate<'_> {
         let alive = self.alive_pids();
         for l in &status.listeners {
             if l.holders.iter().any(|h| alive.contains(&h.pid)) {
-                if let Ok(local) = l.address.parse::<SocketAddr>() {
-                    self.listen_addrs.insert(ListenAddr {
-                        netns: l.netns,
-                        local,
-                    });
-                }
+                self.listen_addrs.insert(ListenAddr {
+                    netns: l.netns,
+                    local: l.address,
+                });
             }
         }
         let (mut accepted, mut closed) = (0, 0);
@@ -540,7 +537,6 @@ impl Gate<'_> {
         DrainReport {
             targets: self.all.clone(),
             outcome,
-            exit_code: outcome.exit_code(),
             initial_live: self.initial,
             peak_live: self.peak.max(self.initial),
             duration_ms: self.start.elapsed().as_millis() as u64,
@@ -726,7 +722,6 @@ mod tests {
             .expect("the gate sees the exit")
             .expect("the gate task");
         assert_eq!(report.outcome, Outcome::TargetExited, "{report:?}");
-        assert_eq!(report.exit_code, 3);
         assert_eq!(report.still_held, 1, "{report:?}");
         assert_eq!(report.signal_sent, None);
     }
