@@ -20,7 +20,7 @@ use std::{
 };
 
 use gracewatch_testkit::{
-    Client, Gracewatch, Netns, STARTUP_TIMEOUT, STATE_TIMEOUT, Server, http, procfs, setup,
+    Client, Gracewatch, Netns, STARTUP_TIMEOUT, STATE_TIMEOUT, Schema, Server, http, procfs, setup,
 };
 use serde_json::{Value, json};
 
@@ -541,6 +541,9 @@ impl Running {
                     let (_, body) = http(&agent.addr, "GET", &format!("/v1/drains/{id}"), &[], b"")
                         .map_err(|e| e.to_string())?;
                     let v: Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+                    if let Err(why) = Schema::AgentDrain.check(&v) {
+                        panic!("GET /v1/drains/{id}: {why}\n{body}");
+                    }
                     if v["progress"]["live"] == json!(live) {
                         Ok(())
                     } else {
@@ -562,6 +565,9 @@ impl Running {
                     .filter_map(|l| serde_json::from_str::<Value>(l).ok())
                     .find(|v| v["type"] == "result")
                     .unwrap_or_else(|| panic!("no result line\n{}", bg.context()));
+                if let Err(why) = Schema::Drain.check(&result) {
+                    panic!("malformed result line: {why}\n{}", bg.context());
+                }
                 let code = status.code().unwrap_or(-1);
                 assert_eq!(
                     result["exit_code"],
@@ -584,6 +590,9 @@ impl Running {
                 let (code, body) = http(&agent.addr, "GET", &path, &[], b"").expect("long poll");
                 assert_eq!(code, 200, "{body}");
                 let v: Value = serde_json::from_str(&body).expect("JSON");
+                if let Err(why) = Schema::AgentDrain.check(&v) {
+                    panic!("GET {path}: {why}\n{body}");
+                }
                 assert_eq!(v["state"], "done", "{body}");
                 let r = &v["report"];
                 Ended {

@@ -24,8 +24,8 @@ use std::{
 };
 
 use gracewatch_testkit::{
-    Client, Gracewatch, Netns, PROGRAM_TIMEOUT, STARTUP_TIMEOUT, Server, TempDir, collect_lines,
-    gap_ms,
+    Client, Gracewatch, Netns, PROGRAM_TIMEOUT, STARTUP_TIMEOUT, Schema, Server, TempDir,
+    collect_lines, gap_ms,
     http::{Answer, Target, dechunk, exchange, parse_answer},
     setup,
 };
@@ -600,6 +600,11 @@ fn read_endpoints_leak_no_kernel_address_and_peers_need_the_token() {
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .inspect(|v| {
+                if let Err(why) = Schema::Event.check(v) {
+                    panic!("gracewatch record: {why}\n{v}");
+                }
+            })
             .filter(|v| v["kind"] == "accept" && v["pid"] == json!(server.pid()))
             .collect();
         if !accepts.is_empty() {
@@ -617,6 +622,11 @@ fn read_endpoints_leak_no_kernel_address_and_peers_need_the_token() {
         text.lines()
             .filter(|l| l.starts_with('{'))
             .filter_map(|l| serde_json::from_str(l).ok())
+            .inspect(|v: &Value| {
+                if let Err(why) = Schema::Event.check(v) {
+                    panic!("/v1/events: {why}\n{v}");
+                }
+            })
             .filter(|v: &Value| v["kind"] == "accept" && v["pid"] == json!(server.pid()))
             .collect()
     };

@@ -15,9 +15,9 @@ use rustix::process::{Pid, Signal, kill_process};
 use serde_json::Value;
 
 use crate::{
-    Expect, STARTUP_TIMEOUT, STATE_TIMEOUT, Soft,
+    Expect, STARTUP_TIMEOUT, STATE_TIMEOUT, Schema, Soft,
     process::{Lines, tail},
-    status::{check_shape, pretty},
+    status::pretty,
 };
 
 /// The gracewatch binary: `$GRACEWATCH_BIN` (set by `cargo xtask test`),
@@ -121,7 +121,7 @@ impl Gracewatch {
                 values.len()
             );
         };
-        if let Err(why) = check_shape(status) {
+        if let Err(why) = Schema::Status.check(status) {
             panic!(
                 "{what}: malformed status: {why}\n  status: {}",
                 pretty(status)
@@ -266,7 +266,7 @@ impl Watch {
                         return Some(Err(format!("line {} is not JSON ({e}): {line}", i + 1)));
                     }
                 };
-                if let Err(why) = check_shape(&status) {
+                if let Err(why) = Schema::Status.check(&status) {
                     return Some(Err(format!(
                         "line {} is not a valid status: {why}\n  line: {line}",
                         i + 1
