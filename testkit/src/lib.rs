@@ -26,6 +26,7 @@
 //! the `ss`-based oracle (slow, but obviously right):
 //! `GRACEWATCH_BIN=$PWD/tests/programs/ss_oracle.py cargo test -p gracewatch-e2e`.
 
+mod agent;
 mod drain;
 mod gracewatch;
 pub mod http;
@@ -41,6 +42,7 @@ mod tmux;
 
 use std::{path::Path, process::Command, time::Duration};
 
+pub use agent::{Agent, AgentBuilder, free_port};
 pub use drain::{Drain, Finished, gap_ms, monotonic_ns, without_caps};
 pub use gracewatch::{Gracewatch, Watch};
 pub use netns::Netns;

@@ -366,6 +366,7 @@ impl Child {
             match process.try_wait() {
                 Ok(Some(status)) => {
                     self.process = None;
+                    self.await_eof();
                     return status;
                 }
                 Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(2)),
@@ -387,6 +388,37 @@ impl Child {
             .and_then(|p| Pid::from_raw(i32::try_from(p).ok()?))
         {
             let _ = kill_process(pid, signal);
+        }
+    }
+
+    /// SIGTERM, then waits up to `grace` for the process (which this child
+    /// must own) to exit. Returns its exit status, or `None` if it had to be
+    /// killed.
+    pub fn terminate(&mut self, grace: Duration) -> Option<ExitStatus> {
+        self.signal(Signal::TERM);
+        let process = self.process.as_mut()?;
+        let deadline = Instant::now() + grace;
+        loop {
+            match process.try_wait() {
+                Ok(Some(status)) => {
+                    self.process = None;
+                    self.await_eof();
+                    return Some(status);
+                }
+                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(5)),
+                _ => {
+                    self.kill();
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Lets the reader threads take the last lines of an exited process:
+    /// waits (briefly: a grandchild may hold the pipes) for both to close.
+    fn await_eof(&self) {
+        for lines in [&self.stdout, &self.stderr] {
+            let _ = lines.wait(Duration::from_secs(1), |_| None::<()>);
         }
     }
 
