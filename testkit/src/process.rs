@@ -158,6 +158,15 @@ pub struct Child {
 }
 
 impl Child {
+    /// Spawns `python3 -u tests/programs/SCRIPT args…` inside `ns`.
+    #[track_caller]
+    pub fn python(ns: &Netns, label: &str, script: &str, args: &[&str]) -> Child {
+        let script = crate::program(script);
+        let mut argv = vec!["-u", script.as_str()];
+        argv.extend_from_slice(args);
+        Child::spawn(ns, label, "python3", &argv)
+    }
+
     /// Spawns `program args…` inside `ns` (`ip netns exec`).
     pub fn spawn(ns: &Netns, label: &str, program: &str, args: &[&str]) -> Child {
         let mut cmd = ns.command(program);

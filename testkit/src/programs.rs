@@ -73,13 +73,13 @@ impl Server {
     /// `ADDR` is `127.0.0.1:P`, `[::1]:P`, or `[::]:P` (dual-stack).
     #[track_caller]
     pub fn listen(ns: &Netns, address: &str) -> Server {
-        let child = Child::spawn(
+        let label = format!("server {address} (netns {})", ns.name());
+        Server::from_ready(Child::python(
             ns,
-            &format!("server {address} (netns {})", ns.name()),
-            "python3",
-            &["-u", &program("server.py"), "--listen", address],
-        );
-        Server::from_ready(child)
+            &label,
+            "server.py",
+            &["--listen", address],
+        ))
     }
 
     /// Like [`Server::listen`], with extra `server.py` options (e.g.
