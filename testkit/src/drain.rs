@@ -167,35 +167,34 @@ impl Drain {
         timeout: Duration,
         pred: impl Fn(&Value) -> bool,
     ) -> Value {
-        let found = self.stdout.wait(timeout, |lines| {
-            for line in lines {
-                let v = match parse_line(line) {
-                    Ok(v) => v,
-                    Err(bad) => return Some(Err(bad)),
-                };
-                if v["type"] == "result" {
-                    return Some(Err(format!("it printed its result first: {line}")));
+        let found = self.stdout.wait_or_fail(
+            &self.what,
+            &format!("progress `{what}`"),
+            timeout,
+            || self.context(),
+            |lines| {
+                for line in lines {
+                    let v = match parse_line(line) {
+                        Ok(v) => v,
+                        Err(bad) => return Some(Err(bad)),
+                    };
+                    if v["type"] == "result" {
+                        return Some(Err(format!("it printed its result first: {line}")));
+                    }
+                    if pred(&v) {
+                        return Some(Ok(v));
+                    }
                 }
-                if pred(&v) {
-                    return Some(Ok(v));
-                }
-            }
-            None
-        });
-        match found {
-            Ok(Ok(v)) => v,
-            Ok(Err(why)) => panic!(
+                None
+            },
+        );
+        found.unwrap_or_else(|why| {
+            panic!(
                 "{}: while waiting for progress `{what}`: {why}\n{}",
                 self.what,
                 self.context()
-            ),
-            Err(eof) => panic!(
-                "{}: {} waiting for progress `{what}`\n{}",
-                self.what,
-                if eof { "exited" } else { "timed out" },
-                self.context()
-            ),
-        }
+            )
+        })
     }
 
     /// Waits until a stderr line (human output) satisfies `pred`.
@@ -206,18 +205,13 @@ impl Drain {
         timeout: Duration,
         pred: impl Fn(&str) -> bool,
     ) -> String {
-        match self
-            .stderr
-            .wait(timeout, |lines| lines.iter().find(|l| pred(l)).cloned())
-        {
-            Ok(line) => line,
-            Err(eof) => panic!(
-                "{}: {} waiting for {what} on stderr\n{}",
-                self.what,
-                if eof { "exited" } else { "timed out" },
-                self.context()
-            ),
-        }
+        self.stderr.wait_or_fail(
+            &self.what,
+            &format!("{what} on stderr"),
+            timeout,
+            || self.context(),
+            |lines| lines.iter().find(|l| pred(l)).cloned(),
+        )
     }
 
     /// The first progress line (gracewatch prints it once it watches the

@@ -335,12 +335,10 @@ impl Upstream {
     pub fn start(ns: &Netns, address: &str) -> Upstream {
         let label = format!("upstream {address} (netns {})", ns.name());
         let child = Child::python(ns, &label, "upstream.py", &["--listen", address]);
-        let address = child.wait_line("`ready PID ADDR`", PROGRAM_TIMEOUT, |lines| {
-            lines
-                .iter()
-                .find_map(|l| l.strip_prefix("ready ")?.split_whitespace().nth(1))
-                .map(str::to_owned)
-        });
+        let (_, rest) = child.wait_ready();
+        let Some(address) = rest.into_iter().next() else {
+            panic!("{}: no address in its ready line", child.label());
+        };
         Upstream { child, address }
     }
 
@@ -401,9 +399,7 @@ impl HttpClient {
     pub fn start(ns: &Netns, address: &str) -> HttpClient {
         let label = format!("http client -> {address} (netns {})", ns.name());
         let child = Child::python(ns, &label, "http_client.py", &["--connect", address]);
-        child.wait_line("`ready PID`", PROGRAM_TIMEOUT, |lines| {
-            lines.iter().any(|l| l.starts_with("ready ")).then_some(())
-        });
+        child.wait_ready();
         HttpClient { child }
     }
 
