@@ -18,8 +18,7 @@ use gracewatch::{
     agent::{Agent, AgentClient, DrainRequest},
     drain::{self, DrainSpec, TargetSpec},
     event::Snapshot,
-    monitor::{Monitor, MonitorHandle},
-    source::{MonitorError, ebpf::SourceOptions},
+    monitor::{Monitor, MonitorError, MonitorHandle, SourceOptions},
 };
 
 #[tokio::main(flavor = "current_thread")]

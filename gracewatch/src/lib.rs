@@ -1,72 +1,27 @@
-//! gracewatch: count live inbound TCP connections per process and per
-//! listener from the kernel (eBPF tracepoints), and gate graceful restarts on
-//! the true drain.
+//! The `gracewatch` command: its three consumers of the monitor — the CLI
+//! ([`cli`]: `status`, `watch`, `drain`, `wait`), the terminal UI ([`tui`])
+//! and the agent ([`agent`]: HTTP API, Prometheus metrics, and its client).
+//! Everything that talks to a person or a shell lives here and only here:
+//! argument parsing (clap), printing, and the exit codes, all in one table
+//! ([`exit`]). The library underneath, `gracewatch-core`, has no UI; its
+//! modules are re-exported so embedders need one dependency.
 //!
-//! Data flows one way (ARCHITECTURE.md §2): [`source`] (the only module that
-//! touches aya, netlink and procfs) produces [`event::ConnEvent`]s and
-//! [`event::Snapshot`]s; [`tracker::Tracker`] folds them into a
-//! [`tracker::Status`]; the consumers ([`cli`], [`agent`]) only read `Status`.
+//! Consumers talk only to the monitor's handle ([`monitor::MonitorHandle`]);
+//! the kernel side (`source`) is private to the core (ARCHITECTURE.md §2).
 //!
 //! # Embedding
 //!
-//! The CLI is a thin layer over this library; a deploy tool, an operator or
-//! a server that wants to drain itself can use the same API:
-//!
-//! 1. **start a monitor**: [`monitor::Monitor::spawn`] loads and attaches the
-//!    eBPF programs, merges the startup snapshot, and returns a cheap,
-//!    cloneable [`monitor::MonitorHandle`] (it needs root or `CAP_BPF` +
-//!    `CAP_PERFMON`; it fails with [`monitor::MonitorError::CannotMonitor`]
-//!    otherwise). [`monitor::MonitorHandle::from_replay`] gives the same
-//!    handle over recorded events, without a kernel, for tests and demos;
-//! 2. **subscribe to status updates**: [`monitor::MonitorHandle::subscribe`]
-//!    is a `tokio::sync::watch` receiver that wakes after every batch of
-//!    kernel events ([`monitor::MonitorHandle::events`] has the events
-//!    themselves);
-//! 3. **request a drain and await its outcome**: [`drain::choose`] pins the
-//!    targets by pidfd, [`drain::run`] waits until they hold no live
-//!    connection, signals them and returns a [`drain::DrainReport`] whose
-//!    `exit_code` is the CLI's. Through a running agent (another container,
-//!    another user), [`agent::AgentClient::run_drain`] does the same over
-//!    HTTP; [`agent::Agent`] serves that API from your own process.
-//!
-//! ```no_run
-//! use std::time::Duration;
-//! use gracewatch::{
-//!     drain::{self, DrainSpec, TargetSpec},
-//!     monitor::{Monitor, SourceOptions},
-//! };
-//!
-//! # async fn example(old_pid: u32) -> anyhow::Result<()> {
-//! let handle = Monitor::spawn(SourceOptions::default())?;
-//! println!("{} processes hold listeners", handle.status().processes.len());
-//!
-//! let mut updates = handle.subscribe();
-//! tokio::spawn(async move {
-//!     while updates.changed().await.is_ok() {
-//!         let live: u64 = updates.borrow_and_update().processes.iter().map(|p| p.live).sum();
-//!         println!("{live} live connections");
-//!     }
-//! });
-//!
-//! let targets = drain::choose(&TargetSpec { pids: vec![old_pid], ..TargetSpec::default() })?;
-//! let spec = DrainSpec { timeout: Some(Duration::from_secs(120)), ..DrainSpec::default() };
-//! let cancel = async { let _ = tokio::signal::ctrl_c().await; };
-//! let report = drain::run(&handle, targets, &spec, |p| eprintln!("{}", p.message), cancel).await;
-//! std::process::exit(i32::from(report.exit_code));
-//! # }
-//! ```
-//!
-//! `examples/embed.rs` is the runnable version (`cargo run --example embed`;
-//! without privileges it falls back to a replay monitor), including a drain
-//! through an in-process [`agent::Agent`].
+//! [`monitor::Monitor::spawn`] starts a monitor, [`drain::choose`] and
+//! [`drain::run`] drain through it and return a typed [`drain::Outcome`]
+//! ([`exit::of`] maps it to the CLI's exit code). Through a running agent
+//! (another container, another user), [`agent::AgentClient::run_drain`] does
+//! the same over HTTP; [`agent::Agent`] serves that API from your own
+//! process. `examples/embed.rs` is the runnable version (`cargo run
+//! --example embed`; without privileges it falls back to a replay monitor).
+
+pub use gracewatch_core::{display, drain, event, input, monitor, tracker};
 
 pub mod agent;
 pub mod cli;
-pub mod display;
-pub mod drain;
-pub mod event;
-pub mod input;
-pub mod monitor;
-pub mod source;
-pub mod tracker;
+pub mod exit;
 pub mod tui;

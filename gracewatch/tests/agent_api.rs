@@ -15,8 +15,7 @@ use std::{
 use gracewatch::{
     agent::{Agent, AgentClient, DrainRequest, DrainState, DrainStatus, bind_unix},
     event::{ConnEvent, ListenAddr, Snapshot, Tuple},
-    monitor::MonitorHandle,
-    source::replay::ReplayFeed,
+    monitor::{MonitorHandle, ReplayFeed},
     tracker::Status,
 };
 use hyper::{Method, StatusCode};
@@ -121,6 +120,16 @@ async fn serve(agent: &Agent) -> String {
 }
 
 /// A request whose answer must be JSON: returns status and body.
+/// The `exit_code` the agent serves in drain `id`'s report (the typed
+/// report has its outcome; the JSON contract adds the CLI's code).
+async fn served_exit_code(client: &AgentClient, id: &str) -> i64 {
+    let (status, v) = call(client, Method::GET, &format!("/v1/drains/{id}"), None).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    v["report"]["exit_code"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no exit_code: {v}"))
+}
+
 async fn call(
     client: &AgentClient,
     method: Method,
@@ -562,7 +571,7 @@ async fn drain_of_an_idle_process_signals_it_and_reports_drained() {
         gracewatch::drain::Outcome::Drained,
         "{report:?}"
     );
-    assert_eq!(report.exit_code, 0);
+    assert_eq!(served_exit_code(&client, &id).await, 0);
     assert_eq!(report.signal_sent.as_deref(), Some("SIGTERM"));
     let exit = exited(&mut target).await.expect("the target got SIGTERM");
     assert_eq!(exit.signal(), Some(libc_sigterm()));
@@ -675,7 +684,11 @@ async fn drain_timeout_cancel_and_target_exit_map_to_the_cli_outcomes() {
     let id = post_drain(&client, json!({ "pids": [pid], "timeout": "300ms" })).await;
     let report = wait_done(&client, &id).await.report.expect("report");
     assert_eq!(
-        (report.outcome, report.exit_code, report.still_held),
+        (
+            report.outcome,
+            served_exit_code(&client, &id).await,
+            report.still_held
+        ),
         (gracewatch::drain::Outcome::Timeout, 124, 1),
         "{report:?}"
     );
@@ -686,7 +699,11 @@ async fn drain_timeout_cancel_and_target_exit_map_to_the_cli_outcomes() {
     let status = client.cancel_drain(&id).await.expect("DELETE");
     let report = status.report.expect("cancelled drains report at once");
     assert_eq!(
-        (report.outcome, report.exit_code, report.signal_sent.clone()),
+        (
+            report.outcome,
+            served_exit_code(&client, &id).await,
+            report.signal_sent.clone()
+        ),
         (gracewatch::drain::Outcome::Interrupted, 130, None)
     );
     assert!(alive(&mut target));
@@ -699,7 +716,7 @@ async fn drain_timeout_cancel_and_target_exit_map_to_the_cli_outcomes() {
     let _ = target.kill();
     let report = wait_done(&client, &id).await.report.expect("report");
     assert_eq!(
-        (report.outcome, report.exit_code),
+        (report.outcome, served_exit_code(&client, &id).await),
         (gracewatch::drain::Outcome::TargetExited, 3),
         "{report:?}"
     );

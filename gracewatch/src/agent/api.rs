@@ -10,7 +10,7 @@ use super::{
     events::{MAX_SUBSCRIBERS, redact_peers},
     metrics::{Format, Scrape},
 };
-use crate::{cli::parse_duration, drain, monitor::MonitorHandle};
+use crate::{drain, input::parse_duration, monitor::MonitorHandle};
 use axum::{
     Router,
     body::Body,
@@ -481,7 +481,10 @@ async fn stream_drain(
                 let (line, finished) = match next {
                     Next::Progress(None) => continue,
                     Next::Progress(Some(p)) => (typed_line("progress", &p, peers), false),
-                    Next::Done(Some(d)) => (typed_line("result", &d, peers), true),
+                    Next::Done(Some(d)) => (
+                        typed_line("result", &crate::exit::ReportJson(&d), peers),
+                        true,
+                    ),
                     Next::Done(None) | Next::Stop => return None,
                 };
                 let state = (progress, report, stop, finished);

@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{DrainRequest, DrainStatus};
-use crate::{cli::exit, display::terminal_safe, drain::DrainReport, tracker::Status};
+use crate::{display::terminal_safe, drain::DrainReport, exit, tracker::Status};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Added to a long-poll's wait for the whole request.
@@ -47,20 +47,6 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// The exit code `drain --agent` uses for this failure: a request the
-    /// agent calls bad is a usage error (2), a refused token is missing
-    /// privileges (4), anything else is a runtime error (1).
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            Self::Refused { status, .. } => match *status {
-                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => exit::CANNOT_MONITOR,
-                s if s.is_client_error() && s != StatusCode::TOO_MANY_REQUESTS => exit::USAGE,
-                _ => exit::RUNTIME,
-            },
-            Self::Transport(_) => exit::RUNTIME,
-        }
-    }
-
     fn status(&self) -> Option<StatusCode> {
         match self {
             Self::Refused { status, .. } => Some(*status),
@@ -409,7 +395,7 @@ fn print_line(value: &serde_json::Value, json: bool) {
 }
 
 fn print_report(report: &DrainReport, json: bool) {
-    let mut v = serde_json::to_value(report).unwrap_or_default();
+    let mut v = serde_json::to_value(exit::ReportJson(report)).unwrap_or_default();
     if let serde_json::Value::Object(map) = &mut v {
         map.insert("type".to_owned(), "result".into());
     }
@@ -471,7 +457,7 @@ pub async fn drain_cmd(url: &str, token_file: Option<&Path>, req: DrainRequest, 
             Err(e) => {
                 // The agent's refusal quotes what the request named.
                 eprintln!("gracewatch: {}", terminal_safe(&e.to_string()));
-                return e.exit_code();
+                return exit::of_client_error(&e);
             }
         }
     };
@@ -484,7 +470,7 @@ pub async fn drain_cmd(url: &str, token_file: Option<&Path>, req: DrainRequest, 
                 return match client.cancel_drain(&id).await {
                     Ok(DrainStatus { report: Some(report), .. }) => {
                         print_report(&report, json);
-                        report.exit_code
+                        exit::of(report.outcome)
                     }
                     Ok(_) => {
                         eprintln!("gracewatch: interrupted; drain {id} was cancelled on the agent");
@@ -498,7 +484,7 @@ pub async fn drain_cmd(url: &str, token_file: Option<&Path>, req: DrainRequest, 
             }
         };
         match followed {
-            Ok(Some(report)) => return report.exit_code,
+            Ok(Some(report)) => return exit::of(report.outcome),
             Err(e @ ClientError::Refused { .. }) => {
                 eprintln!("gracewatch: following drain {id}: {e}");
                 return exit::RUNTIME;
@@ -554,18 +540,27 @@ mod tests {
             status,
             message: String::new(),
         };
-        assert_eq!(r(StatusCode::BAD_REQUEST).exit_code(), exit::USAGE);
         assert_eq!(
-            r(StatusCode::UNAUTHORIZED).exit_code(),
+            exit::of_client_error(&r(StatusCode::BAD_REQUEST)),
+            exit::USAGE
+        );
+        assert_eq!(
+            exit::of_client_error(&r(StatusCode::UNAUTHORIZED)),
             exit::CANNOT_MONITOR
         );
-        assert_eq!(r(StatusCode::FORBIDDEN).exit_code(), exit::CANNOT_MONITOR);
-        assert_eq!(r(StatusCode::TOO_MANY_REQUESTS).exit_code(), exit::RUNTIME);
         assert_eq!(
-            r(StatusCode::SERVICE_UNAVAILABLE).exit_code(),
+            exit::of_client_error(&r(StatusCode::FORBIDDEN)),
+            exit::CANNOT_MONITOR
+        );
+        assert_eq!(
+            exit::of_client_error(&r(StatusCode::TOO_MANY_REQUESTS)),
+            exit::RUNTIME
+        );
+        assert_eq!(
+            exit::of_client_error(&r(StatusCode::SERVICE_UNAVAILABLE)),
             exit::RUNTIME
         );
         let t = ClientError::Transport(anyhow::anyhow!("refused"));
-        assert_eq!(t.exit_code(), exit::RUNTIME);
+        assert_eq!(exit::of_client_error(&t), exit::RUNTIME);
     }
 }

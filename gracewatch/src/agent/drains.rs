@@ -138,6 +138,8 @@ pub struct DrainStatus {
     pub elapsed_ms: u64,
     /// The latest progress event (as `gracewatch drain --json` prints them).
     pub progress: Option<Progress>,
+    /// Serialised with its `exit_code` ([`crate::exit::ReportJson`]).
+    #[serde(serialize_with = "crate::exit::serialize_report")]
     pub report: Option<DrainReport>,
 }
 

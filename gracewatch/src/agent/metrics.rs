@@ -526,7 +526,6 @@ mod tests {
         m.drain_finished(&DrainReport {
             targets: vec![42],
             outcome: Outcome::Timeout,
-            exit_code: 124,
             initial_live: 1,
             peak_live: 1,
             duration_ms: 2000,

@@ -45,7 +45,7 @@ pub use drains::{DrainRequest, DrainState, DrainStatus, MAX_RUNNING};
 pub use events::{MAX_SUBSCRIBERS, SUBSCRIBER_BACKLOG};
 
 use crate::{
-    cli::exit,
+    exit,
     monitor::{Monitor, MonitorHandle, SourceOptions, enable_run_time_stats},
 };
 

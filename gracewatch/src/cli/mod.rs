@@ -11,40 +11,16 @@ pub use crate::input::parse_duration;
 use crate::{
     display::terminal_safe,
     drain::{self, DrainSpec, OnTimeout, SignalSpec, TargetSpec},
+    exit,
     input::{parse_max_connections, parse_pid, parse_port, parse_ring_buffer_size, parse_timeout},
-    monitor::{Monitor, MonitorError, SourceOptions},
+    monitor::{Monitor, MonitorError, Recorder, SourceOptions},
     tracker::Status,
 };
-
-/// Exit codes shared by every subcommand. `drain`/`wait` add the outcome
-/// codes of [`Outcome::exit_code`](crate::drain::Outcome::exit_code), named
-/// here too.
-pub mod exit {
-    pub const OK: u8 = 0;
-    pub const RUNTIME: u8 = 1;
-    pub const USAGE: u8 = 2;
-    pub const TARGET_EXITED: u8 = 3;
-    pub const CANNOT_MONITOR: u8 = 4;
-    /// The kernel refused the signal (a target that has not exited).
-    pub const SIGNAL_REFUSED: u8 = 5;
-    pub const TIMEOUT: u8 = 124;
-    pub const INTERRUPTED: u8 = 130;
-}
-
-const AFTER_HELP: &str = "\
-Exit codes:
-  0    success
-  1    runtime error
-  2    usage error (bad arguments)
-  4    cannot monitor: missing privileges (root, or CAP_BPF + CAP_PERFMON) or kernel support (BTF, tracepoints)
-  130  interrupted
-
-Needs root (or CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, CAP_SYS_PTRACE) and a kernel with BTF.";
 
 /// Count live inbound TCP connections per process and per listener, from the
 /// kernel, and see graceful restarts drain.
 #[derive(Debug, Parser)]
-#[command(name = "gracewatch", version, after_help = AFTER_HELP)]
+#[command(name = "gracewatch", version, after_help = exit::GENERAL_HELP)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -60,14 +36,14 @@ enum Command {
     /// namespace) with its live inbound connections (ESTABLISHED or
     /// CLOSE_WAIT, accepted and not yet closed), then every listener with
     /// its holders and accept-queue depth.
-    #[command(after_help = AFTER_HELP)]
+    #[command(after_help = exit::GENERAL_HELP)]
     Status(FilterArgs),
     /// Stream changes until interrupted.
     ///
     /// Prints a line whenever a process's live count or a listener changes.
     /// With --json, prints the whole status (same format as `status --json`)
     /// as one JSON object per line, at most every --interval.
-    #[command(after_help = AFTER_HELP)]
+    #[command(after_help = exit::GENERAL_HELP)]
     Watch {
         #[command(flatten)]
         filter: FilterArgs,
@@ -82,7 +58,7 @@ enum Command {
     /// look at the target's own fds confirms that nothing live is left. The
     /// signal goes through a pidfd opened when the target was chosen, so a
     /// recycled pid can never receive it.
-    #[command(after_help = DRAIN_HELP)]
+    #[command(after_help = exit::DRAIN_HELP)]
     Drain {
         #[command(flatten)]
         drain: DrainArgs,
@@ -91,7 +67,7 @@ enum Command {
         signal: SignalArg,
     },
     /// Wait until the target holds no live connection (`drain --signal none`).
-    #[command(after_help = DRAIN_HELP)]
+    #[command(after_help = exit::DRAIN_HELP)]
     Wait {
         #[command(flatten)]
         drain: DrainArgs,
@@ -103,7 +79,7 @@ enum Command {
     /// live connections, accept/close rates and drain progress. Keys: ↑↓/jk
     /// select, Enter connections, d drain, s signal, / filter, p pause,
     /// ? help, q quit.
-    #[command(after_help = AFTER_HELP)]
+    #[command(after_help = exit::GENERAL_HELP)]
     Tui(crate::tui::TuiArgs),
     /// Serve Prometheus metrics, the status, events and drains over HTTP.
     ///
@@ -112,7 +88,7 @@ enum Command {
     /// GET /v1/drains/ID?wait=30s long-polls it, DELETE cancels it without
     /// signalling. Starting and cancelling drains needs the bearer token
     /// on TCP (refused without --token-file) and nothing on the unix socket.
-    #[command(after_help = AFTER_HELP)]
+    #[command(after_help = exit::GENERAL_HELP)]
     Agent(crate::agent::AgentArgs),
     /// Print the raw kernel events, one JSON object per line, until
     /// interrupted (for debugging and for recording replay fixtures).
@@ -143,8 +119,8 @@ struct DrainArgs {
     #[arg(long, value_parser = parse_timeout, allow_hyphen_values = true)]
     timeout: Option<Duration>,
     /// What to do when --timeout passes with connections left.
-    #[arg(long, value_enum, default_value_t = OnTimeout::Leave)]
-    on_timeout: OnTimeout,
+    #[arg(long, value_enum, default_value_t = OnTimeoutArg::Leave)]
+    on_timeout: OnTimeoutArg,
     /// Never signal before this much time has passed, even at zero (time
     /// for load balancers to stop sending traffic).
     #[arg(long, value_parser = parse_duration, default_value = "0s", allow_hyphen_values = true)]
@@ -171,38 +147,6 @@ struct DrainArgs {
     #[arg(long)]
     allow_dangerous_target: bool,
 }
-
-const DRAIN_HELP: &str = "\
-Exit codes:
-  0    drained (and the signal was delivered, if one was asked for)
-  1    runtime error
-  2    usage error: bad arguments, unknown signal, a number out of range,
-       missing, garbled or untrusted pidfile, a pid that does not exist or
-       already exited (also a zombie its parent has not reaped), a refused
-       target (pid 1, a kernel thread, gracewatch or its ancestors,
-       --children of pid 1): nothing is signalled
-  3    the target exited before it drained (the message says how many
-       connections it still held)
-  4    cannot monitor: missing privileges or kernel support
-  5    the kernel refused the signal (e.g. EPERM: another user's process
-       and no CAP_KILL); the message names the errno and the target, which
-       lives on
-  124  --timeout passed with live connections left, or the drain could not
-       be confirmed (e.g. the target's fds cannot be read; the message says
-       why), like timeout(1)
-  130  interrupted (Ctrl-C or SIGTERM): nothing is signalled
-
-Who is signalled: the named targets (--pid, --pidfile) still alive. With
---children the drain also waits for every descendant, but signals only the
-named roots: servers pass the signal on to their workers (nginx, HAProxy
-master-worker, gunicorn, Apache), and workers already on their way out are
-left alone.
-
-Examples:
-  gracewatch drain --pid \"$OLD\" --timeout 2m            # SIGTERM at zero
-  gracewatch wait --pidfile /run/app.pid --min-wait 5s
-  gracewatch drain --pidfile /run/nginx.pid.oldbin --children \\
-      --exclude \"$(cat /run/nginx.pid)\" --signal QUIT --timeout 5m";
 
 #[derive(Debug, Args, Clone, Default)]
 pub struct FilterArgs {
@@ -376,7 +320,7 @@ async fn drain_cmd(
             ports: args.ports.clone(),
             signal: Some(signal.map_or_else(|| "none".to_owned(), SignalSpec::name)),
             timeout: args.timeout.map(|d| format!("{}s", d.as_secs_f64())),
-            on_timeout: args.on_timeout,
+            on_timeout: args.on_timeout.into(),
             min_wait: Some(format!("{}s", args.min_wait.as_secs_f64())),
             allow_unsafe_pidfile: args.allow_unsafe_pidfile,
             allow_dangerous_target: args.allow_dangerous_target,
@@ -388,7 +332,7 @@ async fn drain_cmd(
         ports: args.ports.clone(),
         signal,
         timeout: args.timeout,
-        on_timeout: args.on_timeout,
+        on_timeout: args.on_timeout.into(),
         min_wait: args.min_wait,
     };
     let targets = match drain::choose(&TargetSpec {
@@ -434,7 +378,7 @@ async fn drain_cmd(
     )
     .await;
     if json {
-        print_json_line("result", &report);
+        print_json_line("result", &exit::ReportJson(&report));
     } else {
         eprintln!("gracewatch: {}", terminal_safe(&report.message));
         for h in &report.held {
@@ -447,7 +391,7 @@ async fn drain_cmd(
             );
         }
     }
-    Ok(report.exit_code)
+    Ok(exit::of(report.outcome))
 }
 
 /// Prints `{"type": kind, ...value}` as one line on stdout.
@@ -462,23 +406,43 @@ fn print_json_line<T: serde::Serialize>(kind: &str, value: &T) {
 }
 
 async fn record(opts: SourceOptions) -> anyhow::Result<u8> {
-    let mut source = crate::source::ebpf::EbpfSource::start(opts)?;
+    let mut recorder = Recorder::start(opts)?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut batch = Vec::new();
     loop {
         tokio::select! {
-            r = source.readable() => r?,
+            r = recorder.next_batch(&mut batch) => r?,
             _ = tokio::signal::ctrl_c() => return Ok(exit::INTERRUPTED),
             _ = sigterm.recv() => return Ok(exit::INTERRUPTED),
         }
-        batch.clear();
-        source.drain(&mut batch);
         let mut out = std::io::stdout().lock();
-        for ev in &batch {
-            serde_json::to_writer(&mut out, ev)?;
+        for ev in batch.drain(..) {
+            serde_json::to_writer(&mut out, &ev)?;
             writeln!(out)?;
         }
         out.flush()?;
+    }
+}
+
+/// `--on-timeout`: the command-line face of [`OnTimeout`] (the core has no
+/// clap).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum OnTimeoutArg {
+    /// Send nothing (exit 124).
+    Leave,
+    /// Send the drain signal anyway (exit 124).
+    Signal,
+    /// Send SIGKILL (exit 124).
+    Kill,
+}
+
+impl From<OnTimeoutArg> for OnTimeout {
+    fn from(a: OnTimeoutArg) -> Self {
+        match a {
+            OnTimeoutArg::Leave => Self::Leave,
+            OnTimeoutArg::Signal => Self::Signal,
+            OnTimeoutArg::Kill => Self::Kill,
+        }
     }
 }
 
@@ -518,6 +482,31 @@ impl FilterArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tui_subcommand_parses_its_filters() {
+        let ok = Cli::try_parse_from([
+            "gracewatch",
+            "tui",
+            "--pid",
+            "1",
+            "--pid",
+            "2",
+            "--port",
+            "80",
+            "--comm",
+            "nginx",
+        ]);
+        assert!(ok.is_ok(), "{ok:?}");
+        for bad in [
+            vec!["gracewatch", "tui", "--port", "70000"],
+            vec!["gracewatch", "tui", "--pid", "x"],
+            vec!["gracewatch", "tui", "--bogus"],
+        ] {
+            let err = Cli::try_parse_from(&bad).expect_err("must be rejected");
+            assert!(err.use_stderr(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn bad_arguments_are_usage_errors() {

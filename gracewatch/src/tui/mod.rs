@@ -148,8 +148,8 @@ async fn event_loop<B: Backend>(
 
         tokio::select! {
             biased;
-            _ = sigterm.recv() => return Ok(crate::cli::exit::INTERRUPTED),
-            _ = sighup.recv() => return Ok(crate::cli::exit::INTERRUPTED),
+            _ = sigterm.recv() => return Ok(crate::exit::INTERRUPTED),
+            _ = sighup.recv() => return Ok(crate::exit::INTERRUPTED),
             key = keys.next() => match key {
                 Some(Ok(Event::Key(key))) if key.kind != KeyEventKind::Release => {
                     let effects = keys::handle_key(&mut app, key);
@@ -163,7 +163,7 @@ async fn event_loop<B: Backend>(
                             &mut drains,
                         );
                         if quit {
-                            return Ok(crate::cli::exit::OK);
+                            return Ok(crate::exit::OK);
                         }
                     }
                     if app.detail_pid().is_some() && detail_due.is_none() {
@@ -177,7 +177,7 @@ async fn event_loop<B: Backend>(
                 }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Err(e).context("failed to read the terminal"),
-                None => return Ok(crate::cli::exit::OK),
+                None => return Ok(crate::exit::OK),
             },
             ev = events.recv() => {
                 let now = monotonic_now();

@@ -744,32 +744,6 @@ fn snapshot_confirm_dialog() {
 }
 
 #[test]
-fn the_tui_subcommand_parses_its_filters() {
-    use clap::Parser as _;
-    let ok = crate::cli::Cli::try_parse_from([
-        "gracewatch",
-        "tui",
-        "--pid",
-        "1",
-        "--pid",
-        "2",
-        "--port",
-        "80",
-        "--comm",
-        "nginx",
-    ]);
-    assert!(ok.is_ok(), "{ok:?}");
-    for bad in [
-        vec!["gracewatch", "tui", "--port", "70000"],
-        vec!["gracewatch", "tui", "--pid", "x"],
-        vec!["gracewatch", "tui", "--bogus"],
-    ] {
-        let err = crate::cli::Cli::try_parse_from(&bad).expect_err("must be rejected");
-        assert!(err.use_stderr(), "{bad:?}");
-    }
-}
-
-#[test]
 fn a_timeout_out_of_range_is_an_error_in_the_dialog() {
     for typed in ["10000000000000000000s", "8785h", "0"] {
         let mut app = handover_app();

@@ -11,17 +11,17 @@
 //! - `publish`: the status and change counter consumers read, and their pace;
 //! - `handle`: the task, the handle and the query protocol;
 //! - `look`: the direct looks consumers ask the handle for (fd tables,
-//!   TCP states, liveness).
+//!   TCP states, liveness);
+//! - `record`: the raw event stream, for recordings a replay plays back.
 //!
 //! Consumers name the source's configuration and error types through this
 //! module, so none of them imports `source/`.
 
-#[cfg(test)]
-mod boundaries;
 mod handle;
 mod look;
 mod publish;
 mod pump;
+mod record;
 mod startup;
 
 use std::{collections::BTreeMap, time::Duration};
@@ -31,10 +31,12 @@ use tokio::sync::broadcast;
 pub use self::handle::{ExitAccount, MonitorHandle, WatchGuard};
 pub use self::look::FdLook;
 use self::pump::{ExitAccounts, Untracked};
+pub use self::record::Recorder;
 pub use crate::source::{
     MonitorError,
     ebpf::{ProgramStats, SourceOptions, enable_run_time_stats},
     monotonic_now,
+    replay::ReplayFeed,
 };
 use crate::{
     event::{ConnEvent, Snapshot},

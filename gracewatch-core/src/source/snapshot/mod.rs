@@ -48,7 +48,7 @@ use anyhow::Context;
 use log::{debug, warn};
 use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6};
 
-pub use self::sock_diag::{TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_LISTEN};
+pub use self::sock_diag::{TCP_CLOSE_WAIT, TCP_ESTABLISHED};
 use self::{
     join::{assemble, dump_netns},
     procfs::{DIRENT_BUF, ProcTable, list_pids, open_dir, open_netns, socket_inodes},
@@ -134,6 +134,7 @@ pub fn release_freed_memory() {
 /// its last listener before draining would hide its connections from this
 /// test; use [`live_inbound_fds_with`] to add listen addresses known from
 /// the event stream.
+#[cfg(test)]
 pub fn live_inbound_fds(pid: u32) -> anyhow::Result<Vec<Tuple>> {
     live_inbound_fds_with(pid, &[])
 }

@@ -3,7 +3,7 @@
 
 use super::kit::*;
 
-const SCHEMA: &str = include_str!("../../../schema/status.schema.json");
+const SCHEMA: &str = include_str!("../../../../gracewatch/schema/status.schema.json");
 
 fn schema() -> serde_json::Value {
     serde_json::from_str(SCHEMA).unwrap()

@@ -2,7 +2,8 @@
 //! connection, confirm it with a fresh look at their own file descriptors,
 //! then signal them — through pidfds opened when they were chosen, so a
 //! recycled pid is never signalled. Used by `gracewatch drain`/`wait`, the
-//! TUI and the agent; the outcome maps to the exit codes of ARCHITECTURE.md §5.
+//! TUI and the agent; the binary maps its typed [`Outcome`] to the exit codes
+//! of ARCHITECTURE.md §5.
 
 mod gate;
 mod policy;
@@ -40,7 +41,7 @@ pub struct TargetSpec {
 }
 
 /// What to do when the deadline passes with connections left.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnTimeout {
     /// Send nothing (exit 124).
@@ -194,21 +195,6 @@ pub enum Outcome {
     Error,
 }
 
-impl Outcome {
-    /// The process exit code for this outcome (ARCHITECTURE.md §5).
-    pub fn exit_code(self) -> u8 {
-        use crate::cli::exit;
-        match self {
-            Self::Drained => exit::OK,
-            Self::Error => exit::RUNTIME,
-            Self::TargetExited => exit::TARGET_EXITED,
-            Self::SignalRefused => exit::SIGNAL_REFUSED,
-            Self::Timeout => exit::TIMEOUT,
-            Self::Interrupted => exit::INTERRUPTED,
-        }
-    }
-}
-
 /// A live connection named in progress and results ("who is pinning it").
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeldConnection {
@@ -240,7 +226,6 @@ pub struct Progress {
 pub struct DrainReport {
     pub targets: Vec<u32>,
     pub outcome: Outcome,
-    pub exit_code: u8,
     pub initial_live: u64,
     pub peak_live: u64,
     pub duration_ms: u64,

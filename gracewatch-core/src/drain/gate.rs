@@ -540,7 +540,6 @@ impl Gate<'_> {
         DrainReport {
             targets: self.all.clone(),
             outcome,
-            exit_code: outcome.exit_code(),
             initial_live: self.initial,
             peak_live: self.peak.max(self.initial),
             duration_ms: self.start.elapsed().as_millis() as u64,
@@ -726,7 +725,6 @@ mod tests {
             .expect("the gate sees the exit")
             .expect("the gate task");
         assert_eq!(report.outcome, Outcome::TargetExited, "{report:?}");
-        assert_eq!(report.exit_code, 3);
         assert_eq!(report.still_held, 1, "{report:?}");
         assert_eq!(report.signal_sent, None);
     }

@@ -11,6 +11,7 @@
 
 use std::time::{Duration, Instant};
 
+#[cfg(test)]
 use anyhow::Context as _;
 use tokio::sync::mpsc;
 
@@ -129,6 +130,7 @@ impl ReplayClock {
 
 /// Parses a recording: one [`ConnEvent`] JSON object per line, as
 /// `gracewatch record` prints them. Blank lines are skipped.
+#[cfg(test)]
 pub fn parse_recording(text: &str) -> anyhow::Result<Vec<ConnEvent>> {
     text.lines()
         .enumerate()
