@@ -13,7 +13,7 @@ use std::{os::unix::process::ExitStatusExt as _, time::Duration};
 
 use gracewatch_testkit::{
     Child, Client, Netns, PROGRAM_TIMEOUT, STARTUP_TIMEOUT, STATE_TIMEOUT, Server, Soft, TempDir,
-    gap_ms, monotonic_ns, procfs, program, setup,
+    gap_ms, monotonic_ns, procfs, setup,
 };
 use serde_json::{Value, json};
 
@@ -500,12 +500,7 @@ fn bad_input() {
 fn zombie_target_is_an_exited_target() {
     let Some(gw) = setup() else { return };
     let ns = Netns::new("drain-zombie");
-    let parent = Child::spawn(
-        &ns,
-        "zombie parent",
-        "python3",
-        &["-u", &program("zombie.py")],
-    );
+    let parent = Child::python(&ns, "zombie parent", "zombie.py", &[]);
     let (zombie, parent_pid): (u32, u32) =
         parent.wait_line("`zombie PID parent PPID`", PROGRAM_TIMEOUT, |lines| {
             lines.iter().find_map(|l| {

@@ -9,8 +9,8 @@ use std::{
 };
 
 use gracewatch_testkit::{
-    Child, Client, Drain, Gracewatch, Netns, Server, live_of, monotonic_ns, program,
-    report_signals_of, setup, without_caps,
+    Child, Client, Drain, Gracewatch, Netns, Server, live_of, monotonic_ns, report_signals_of,
+    setup, without_caps,
 };
 use serde_json::{Value, json};
 
@@ -18,13 +18,12 @@ const T: Duration = Duration::from_secs(20);
 
 /// `sharer.py` in `ns`, listening on `addr`, once `n` clients are accepted.
 fn sharer(ns: &Netns, addr: &str, n: u64) -> (Child, u32, Client) {
-    let prog = program("sharer.py");
     let n_arg = n.to_string();
-    let child = Child::spawn(
+    let child = Child::python(
         ns,
         "sharer",
-        "python3",
-        &["-u", &prog, "--listen", addr, "--accept", &n_arg],
+        "sharer.py",
+        &["--listen", addr, "--accept", &n_arg],
     );
     let pid: u32 = child.wait_line("`ready PID`", T, |l| {
         l.iter()

@@ -23,21 +23,17 @@
 
 use std::{
     io::{BufRead as _, BufReader},
-    net::TcpListener,
     os::unix::{
         fs::PermissionsExt as _,
         process::{CommandExt as _, ExitStatusExt as _},
     },
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
     thread,
     time::{Duration, Instant},
 };
 
-use gracewatch_testkit::{
-    Gracewatch, Netns, STARTUP_TIMEOUT, TempDir, Tmux, collect_lines, http, procfs, setup,
-};
+use gracewatch_testkit::{Gracewatch, Netns, STARTUP_TIMEOUT, TempDir, Tmux, http, procfs, setup};
 use serde_json::{Value, json};
 
 /// A refused request or command must answer within this (the old code
@@ -165,55 +161,22 @@ fn run(gw: &Gracewatch, args: &[&str], limit: Duration) -> Ran {
 
 /// A `gracewatch agent` serving on a unix socket (and loopback TCP, which
 /// it always does); killed on drop if a test fails before `stop`.
-struct Agent {
-    child: Option<Child>,
-    socket: PathBuf,
-    stderr: Arc<Mutex<Vec<String>>>,
-}
+struct Agent(gracewatch_testkit::Agent);
 
 impl Agent {
+    /// Under an address-space limit, so that reading /dev/zero (as the old
+    /// code did) ends in a failed allocation, not in a host OOM.
     fn start(gw: &Gracewatch, dir: &TempDir) -> Agent {
-        let socket = PathBuf::from(dir.path("agent.sock"));
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        // Under an address-space limit, so that reading /dev/zero (as the
-        // old code did) ends in a failed allocation, not in a host OOM.
-        let mut child = Command::new("prlimit")
-            .arg(format!("--as={AGENT_MAX_AS}"))
-            .arg("--")
-            .arg(gw.bin())
-            .args(["agent", "--listen", &format!("127.0.0.1:{port}"), "--unix"])
-            .arg(&socket)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn agent");
-        let stderr = collect_lines(child.stderr.take().expect("piped"));
-        let agent = Agent {
-            child: Some(child),
-            socket,
-            stderr,
-        };
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        loop {
-            if let Ok((200, _, _)) = agent.http("GET", "/readyz", None) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the agent did not become ready: {:?}",
-                agent.stderr.lock().map(|l| l.clone())
-            );
-            thread::sleep(Duration::from_millis(100));
-        }
-        agent
+        let limit = format!("--as={AGENT_MAX_AS}");
+        Agent(
+            gracewatch_testkit::Agent::builder()
+                .wrapper(&["prlimit", &limit, "--"])
+                .start(gw, dir),
+        )
     }
 
     fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
+        self.0.pid()
     }
 
     /// One HTTP/1.1 exchange on the unix socket: status, body, time taken.
@@ -226,7 +189,7 @@ impl Agent {
         let started = Instant::now();
         let body = body.map(Value::to_string).unwrap_or_default();
         let answer = http::request(
-            &http::Target::Unix(self.socket.clone()),
+            &self.0.unix(),
             method,
             path,
             &[("Content-Type", "application/json")],
@@ -276,38 +239,8 @@ impl Agent {
     }
 
     /// SIGTERM: must exit 0 within [`STOP_TIMEOUT`].
-    fn stop(mut self) {
-        let mut child = self.child.take().expect("running");
-        if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        }
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        let status = loop {
-            if let Some(s) = child.try_wait().expect("poll agent") {
-                break Some(s);
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            thread::sleep(Duration::from_millis(20));
-        };
-        assert_eq!(
-            status.and_then(|s| s.code()),
-            Some(0),
-            "the agent must exit 0 on SIGTERM: {:?}",
-            self.stderr.lock().map(|l| l.clone())
-        );
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+    fn stop(self) {
+        self.0.stop_within(STOP_TIMEOUT);
     }
 }
 

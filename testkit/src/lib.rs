@@ -26,6 +26,7 @@
 //! the `ss`-based oracle (slow, but obviously right):
 //! `GRACEWATCH_BIN=$PWD/tests/programs/ss_oracle.py cargo test -p gracewatch-e2e`.
 
+mod agent;
 mod drain;
 mod gracewatch;
 pub mod handover;
@@ -35,17 +36,20 @@ pub mod nginx;
 mod process;
 pub mod procfs;
 mod programs;
+pub mod schema;
 mod soft;
 pub mod status;
 mod tmux;
 
 use std::{path::Path, process::Command, time::Duration};
 
-pub use drain::{Drain, Finished, check_drain_shape, gap_ms, monotonic_ns, without_caps};
+pub use agent::{Agent, AgentBuilder, free_port};
+pub use drain::{Drain, Finished, gap_ms, monotonic_ns, without_caps};
 pub use gracewatch::{Gracewatch, Watch};
 pub use netns::Netns;
 pub use process::{Child, collect_lines};
 pub use programs::{Client, ConnCount, Server, SignalSeen, report_signals_of, wait_accepted_sum};
+pub use schema::Schema;
 pub use soft::Soft;
 pub use status::{Expect, holders, listener, live_of, process};
 pub use tmux::Tmux;
