@@ -550,3 +550,75 @@ pub fn connect_from(src: Ipv4Addr, dst: SocketAddrV4) -> io::Result<OwnedFd> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{net::TcpListener, os::fd::IntoRawFd as _};
+
+    use super::*;
+
+    /// The three kinds of client and the published counts, on one
+    /// generation (the handover itself re-executes a binary: the demo and
+    /// the churn benchmark exercise it).
+    #[test]
+    fn answers_each_kind_of_client_and_publishes_exact_counts() {
+        let fd = listen_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).expect("listen");
+        let addr = TcpListener::from(fd.try_clone().expect("dup"))
+            .local_addr()
+            .expect("local address");
+        let dir = std::env::temp_dir().join(format!("testkit-handover-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("state dir");
+        let config = Config {
+            name: "handover-test".to_owned(),
+            set_process_name: false,
+            listen: Listen::Inherit(fd.into_raw_fd()),
+            next_generation: Vec::new(),
+            acceptors: 2,
+            state_dir: Some(dir.clone()),
+            pidfile: None,
+            exit_after_drain: None,
+            max_after_handover: None,
+            max_lifetime: Duration::from_secs(2),
+        };
+        let server = thread::spawn(move || serve(&config));
+
+        let mut short = TcpStream::connect(addr).expect("connect x");
+        short.write_all(b"x").expect("send x");
+        let mut answer = [0u8; 1];
+        short.read_exact(&mut answer).expect("read y");
+        assert_eq!(&answer, b"y");
+        drop(short);
+
+        let mut talk = TcpStream::connect(addr).expect("connect line");
+        let mut lines = BufReader::new(talk.try_clone().expect("clone"));
+        for _ in 0..2 {
+            talk.write_all(b"ping\n").expect("send ping");
+            let mut line = String::new();
+            lines.read_line(&mut line).expect("read pong");
+            assert_eq!(line, "pong\n");
+        }
+        drop((talk, lines));
+
+        let mut held = TcpStream::connect(addr).expect("connect h");
+        held.write_all(b"h").expect("send h");
+        let state = dir.join(std::process::id().to_string());
+        let wait_for = |want: &str| {
+            let deadline = Instant::now() + Duration::from_secs(1);
+            loop {
+                let text = fs::read_to_string(&state).unwrap_or_default();
+                if text.trim() == want || Instant::now() > deadline {
+                    return text.trim().to_owned();
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+        };
+        let want = "accepted=3 closed=2 held=1 inflight=0 accepting=1";
+        assert_eq!(wait_for(want), want);
+        drop(held);
+        let want = "accepted=3 closed=3 held=0 inflight=0 accepting=1";
+        assert_eq!(wait_for(want), want);
+
+        server.join().expect("server thread").expect("serve");
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
