@@ -19,7 +19,7 @@
 //! Traffic stays on the loopback address, and every loop is bounded in time.
 
 use std::{
-    ffi::OsString,
+    ffi::{OsStr, OsString},
     fs,
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddrV4, TcpStream},
@@ -206,26 +206,21 @@ pub fn server(port: u16, pidfile: &Path, inherit_fd: Option<i32>) -> Result<()> 
         Some(fd) => handover::Listen::Inherit(fd),
         None => handover::Listen::Bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)),
     };
-    let me = std::env::current_exe().context("failed to find this binary")?;
-    let next_generation = vec![
-        me.into_os_string(),
-        "demo-server".into(),
-        "--port".into(),
-        port.to_string().into(),
-        "--pidfile".into(),
-        pidfile.as_os_str().to_owned(),
+    let port_arg = port.to_string();
+    let args: [&OsStr; 5] = [
+        "demo-server".as_ref(),
+        "--port".as_ref(),
+        port_arg.as_ref(),
+        "--pidfile".as_ref(),
+        pidfile.as_os_str(),
     ];
     handover::serve(&handover::Config {
-        name: "demo-server".to_owned(),
         set_process_name: true,
-        listen,
-        next_generation,
-        acceptors: 1,
-        state_dir: None,
         pidfile: Some(pidfile.to_owned()),
         exit_after_drain: Some(LINGER_AFTER_DRAIN),
         max_after_handover: Some(MAX_OLD_LIFETIME),
         max_lifetime: MAX_RUN,
+        ..handover::Config::this_binary("demo-server", listen, &args)?
     })
 }
 

@@ -39,7 +39,7 @@
 //! here too, so that a benchmark's clients use the same ones.
 
 use std::{
-    ffi::{CString, OsString},
+    ffi::{CString, OsStr, OsString},
     fs,
     io::{self, BufRead as _, BufReader, Read as _, Write as _},
     net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpStream},
@@ -102,6 +102,29 @@ pub struct Config {
     pub max_after_handover: Option<Duration>,
     /// Return at the latest this long after starting, whatever happens.
     pub max_lifetime: Duration,
+}
+
+impl Config {
+    /// A generation named `name` whose next generation is this same binary
+    /// run with `args` (then `--inherit-fd FD`); one acceptor, nothing
+    /// published, no pid file, kept after a handover, an hour at most.
+    pub fn this_binary(name: &str, listen: Listen, args: &[&OsStr]) -> Result<Config> {
+        let me = std::env::current_exe().context("failed to find this binary")?;
+        let mut next_generation = vec![me.into_os_string()];
+        next_generation.extend(args.iter().map(|&a| a.to_owned()));
+        Ok(Config {
+            name: name.to_owned(),
+            set_process_name: false,
+            listen,
+            next_generation,
+            acceptors: 1,
+            state_dir: None,
+            pidfile: None,
+            exit_after_drain: None,
+            max_after_handover: None,
+            max_lifetime: Duration::from_secs(3600),
+        })
+    }
 }
 
 /// A generation's exact counts; live = accepted − closed.

@@ -20,6 +20,7 @@
 //! - `churn-hold`: holds connections on command (`open K`, `close K`).
 
 use std::{
+    ffi::OsStr,
     io::{self, BufRead as _, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddrV4, TcpStream},
     os::fd::{AsRawFd as _, RawFd},
@@ -268,27 +269,20 @@ fn churn_server(
         (None, Some(fd)) => handover::Listen::Inherit(fd),
         _ => bail!("churn-server needs --listen or --inherit-fd"),
     };
-    let me = std::env::current_exe().context("failed to find this binary")?;
-    let next_generation = vec![
-        me.into_os_string(),
-        "bench-helper".into(),
-        "churn-server".into(),
-        "--state-dir".into(),
-        state_dir.as_os_str().to_owned(),
-        "--threads".into(),
-        threads.to_string().into(),
+    let threads_arg = threads.to_string();
+    let args: [&OsStr; 6] = [
+        "bench-helper".as_ref(),
+        "churn-server".as_ref(),
+        "--state-dir".as_ref(),
+        state_dir.as_os_str(),
+        "--threads".as_ref(),
+        threads_arg.as_ref(),
     ];
     handover::serve(&handover::Config {
-        name: "churn-server".to_owned(),
-        set_process_name: false,
-        listen,
-        next_generation,
         acceptors: threads,
         state_dir: Some(state_dir.to_owned()),
-        pidfile: None,
-        exit_after_drain: None,
-        max_after_handover: None,
         max_lifetime: MAX_LIFETIME,
+        ..handover::Config::this_binary("churn-server", listen, &args)?
     })
 }
 
