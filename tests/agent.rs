@@ -9,18 +9,16 @@
 //! client code it checks.
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{TcpListener, TcpStream},
     os::unix::{fs::PermissionsExt as _, process::ExitStatusExt as _},
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
-    sync::{Arc, Mutex},
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
 
-use gracewatch_e2e::{
-    Client, Gracewatch, Netns, STARTUP_TIMEOUT, STATE_TIMEOUT, Server, http, setup,
+use gracewatch_testkit::{
+    Agent, Child, Client, Gracewatch, Netns, STARTUP_TIMEOUT, STATE_TIMEOUT, Schema, Server,
+    TempDir, free_port, http, procfs, setup,
 };
 use serde_json::{Value, json};
 
@@ -31,38 +29,6 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 
 // --- plumbing -----------------------------------------------------------------
 
-/// A directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let dir = std::env::temp_dir().join(format!("gw-{tag}-{}-{nanos:x}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A port nobody listens on right now (on loopback, root namespace).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("ephemeral port")
-        .port()
-}
-
 /// One HTTP/1.1 exchange: returns the status code and the (de-chunked) body.
 fn http(
     addr: &str,
@@ -71,21 +37,9 @@ fn http(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(DRAIN_TIMEOUT + STARTUP_TIMEOUT))?;
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    stream.write_all(req.as_bytes())?;
-    stream.write_all(body)?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let answer = http::parse_answer(&raw);
+    let target = http::Target::Tcp(addr.to_owned());
+    let timeout = DRAIN_TIMEOUT + STARTUP_TIMEOUT;
+    let answer = http::request(&target, method, path, headers, body, timeout)?;
     Ok((answer.code, answer.body))
 }
 
@@ -116,196 +70,32 @@ fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<T,
     }
 }
 
-/// A background process in the root namespace whose stdout lines are
-/// collected; killed and reaped on drop.
-struct Bg {
-    label: String,
-    child: Option<Child>,
-    stdout: Arc<Mutex<Vec<String>>>,
-    stderr: Arc<Mutex<Vec<String>>>,
+/// A process in the root namespace (killed and reaped on drop).
+fn spawn(label: &str, program: &Path, args: &[&str]) -> Child {
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    Child::spawn_command(label, cmd)
 }
 
-impl Bg {
-    fn spawn(label: &str, program: &Path, args: &[&str]) -> Bg {
-        let mut child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("failed to spawn {label}: {e}"));
-        let collect = |pipe: Box<dyn std::io::Read + Send>| {
-            let lines = Arc::new(Mutex::new(Vec::new()));
-            let sink = lines.clone();
-            thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-                }
-            });
-            lines
-        };
-        let stdout = collect(Box::new(child.stdout.take().expect("piped")));
-        let stderr = collect(Box::new(child.stderr.take().expect("piped")));
-        Bg {
-            label: label.to_owned(),
-            child: Some(child),
-            stdout,
-            stderr,
-        }
-    }
-
-    fn lines(&self) -> Vec<String> {
-        self.stdout
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    fn context(&self) -> String {
-        let tail = |v: &Arc<Mutex<Vec<String>>>| {
-            let v = v.lock().unwrap_or_else(|e| e.into_inner());
-            v[v.len().saturating_sub(15)..].join("\n    ")
-        };
-        format!(
-            "{}:\n  stdout:\n    {}\n  stderr:\n    {}",
-            self.label,
-            tail(&self.stdout),
-            tail(&self.stderr)
-        )
-    }
-
-    /// Waits for the process to exit by itself.
-    #[track_caller]
-    fn wait(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        let child = self.child.as_mut().expect("running");
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                // Let the reader threads catch the last lines.
-                thread::sleep(Duration::from_millis(50));
-                return status;
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "{} did not exit within {timeout:?}\n{}",
-                    self.label,
-                    self.context()
-                );
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGTERM, then the exit status (SIGKILL after a grace period).
-    fn terminate(&mut self) -> Option<ExitStatus> {
-        let child = self.child.as_mut()?;
-        if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        }
-        let deadline = Instant::now() + STATE_TIMEOUT;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = child.try_wait() {
-                self.child = None;
-                return Some(status);
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        self.child = None;
-        None
-    }
-}
-
-impl Drop for Bg {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// A running `gracewatch agent` with a token file and a unix socket.
-struct Agent {
-    bg: Bg,
-    addr: String,
-    token: String,
-    socket: PathBuf,
-    token_file: PathBuf,
-}
-
-impl Agent {
-    fn start(gw: &Gracewatch, dir: &TempDir) -> Agent {
-        // At least 16 characters: the agent refuses shorter tokens.
-        let token = format!("t{:031x}", std::process::id() as u64 * 7919 + 17);
-        let token_file = dir.path("token");
-        std::fs::write(&token_file, format!("{token}\n")).expect("write token");
-        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600))
-            .expect("chmod token");
-        let socket = dir.path("agent.sock");
-        let addr = format!("127.0.0.1:{}", free_port());
-        let bg = Bg::spawn(
-            "gracewatch agent",
-            gw.bin(),
-            &[
-                "agent",
-                "--listen",
-                &addr,
-                "--unix",
-                &socket.to_string_lossy(),
-                "--token-file",
-                &token_file.to_string_lossy(),
-                // Off by default; the Prometheus test checks the run time.
-                "--bpf-stats",
-            ],
-        );
-        let agent = Agent {
-            bg,
-            addr,
-            token,
-            socket,
-            token_file,
-        };
-        eventually(
-            STARTUP_TIMEOUT,
-            "the agent's /readyz to answer 200",
-            || match http(&agent.addr, "GET", "/readyz", &[], b"") {
-                Ok((200, _)) => Ok(()),
-                other => Err(format!("{other:?}\n{}", agent.bg.context())),
-            },
-        );
-        let mode = std::fs::metadata(&agent.socket)
-            .expect("the unix socket exists")
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600, "the unix socket must be 0600");
-        agent
-    }
-
-    fn auth(&self) -> String {
-        format!("Bearer {}", self.token)
-    }
-
-    /// SIGTERM: the agent must exit 0 and remove its socket.
-    fn stop(mut self) {
-        let status = self.bg.terminate();
-        assert_eq!(
-            status.and_then(|s| s.code()),
-            Some(0),
-            "the agent must exit 0 on SIGTERM\n{}",
-            self.bg.context()
-        );
-        assert!(
-            !self.socket.exists(),
-            "the agent must remove its unix socket"
-        );
-    }
+/// The agent with a token file and `--bpf-stats` (off by default; the
+/// Prometheus test checks the run time); its unix socket must be 0600.
+#[track_caller]
+fn start_agent(gw: &Gracewatch, dir: &TempDir) -> Agent {
+    let agent = Agent::builder()
+        .token()
+        .args(&["--bpf-stats"])
+        .start(gw, dir);
+    let mode = std::fs::metadata(&agent.socket)
+        .expect("the unix socket exists")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the unix socket must be 0600");
+    agent
 }
 
 /// A Prometheus server with a temp config and TSDB, scraping `target` every second.
 struct Prometheus {
-    _bg: Bg,
+    _bg: Child,
     addr: String,
 }
 
@@ -318,13 +108,13 @@ impl Prometheus {
         else {
             let why = "`prometheus` is not installed (Debian package `prometheus`; `cargo xtask setup --test-deps` installs it)";
             assert!(
-                !gracewatch_e2e::in_ci(),
+                !gracewatch_testkit::in_ci(),
                 "{why} (CI=true: this is a failure, not a skip)"
             );
             eprintln!("SKIPPED: {why}");
             return None;
         };
-        let config = dir.path("prometheus.yml");
+        let config = dir.root().join("prometheus.yml");
         std::fs::write(
             &config,
             format!(
@@ -334,8 +124,8 @@ impl Prometheus {
         )
         .expect("write prometheus config");
         let addr = format!("127.0.0.1:{}", free_port());
-        let data = dir.path("tsdb");
-        let bg = Bg::spawn(
+        let data = dir.root().join("tsdb");
+        let bg = spawn(
             "prometheus",
             &bin,
             &[
@@ -403,7 +193,7 @@ fn prometheus_scrapes_the_true_live_count() {
     // Two connections older than the agent (startup snapshot) …
     let early = Client::connect(&ns, addr, 2);
     server.wait_accepted(2);
-    let agent = Agent::start(&gw, &dir);
+    let agent = start_agent(&gw, &dir);
     let Some(prom) = Prometheus::start(&dir, &agent.addr) else {
         return;
     };
@@ -455,7 +245,7 @@ fn prometheus_scrapes_the_true_live_count() {
         "gracewatch_bpf_runs_total: {runs:?}"
     );
 
-    agent.stop();
+    agent.stop_within(STATE_TIMEOUT);
 }
 
 // --- drains: CLI vs POST /v1/drains vs drain --agent --------------------------
@@ -485,7 +275,7 @@ struct Ended {
 
 /// A drain in flight.
 enum Running {
-    Process(Bg),
+    Process(Child),
     Api { id: String },
 }
 
@@ -495,7 +285,12 @@ fn start_drain(gw: &Gracewatch, agent: &Agent, via: Via, pid: u32, extra: &[&str
     args.extend_from_slice(extra);
     let url = format!("http://{}", agent.addr);
     let unix = format!("unix:{}", agent.socket.display());
-    let token = agent.token_file.to_string_lossy().into_owned();
+    let token = agent
+        .token_file
+        .as_ref()
+        .expect("a token file")
+        .to_string_lossy()
+        .into_owned();
     match via {
         Via::Cli => {}
         Via::AgentCli => args.extend_from_slice(&["--agent", &url, "--token-file", &token]),
@@ -526,7 +321,7 @@ fn start_drain(gw: &Gracewatch, agent: &Agent, via: Via, pid: u32, extra: &[&str
             };
         }
     }
-    Running::Process(Bg::spawn(
+    Running::Process(spawn(
         &format!("gracewatch {}", args.join(" ")),
         gw.bin(),
         &args,
@@ -553,6 +348,9 @@ impl Running {
                     let (_, body) = http(&agent.addr, "GET", &format!("/v1/drains/{id}"), &[], b"")
                         .map_err(|e| e.to_string())?;
                     let v: Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+                    if let Err(why) = Schema::AgentDrain.check(&v) {
+                        panic!("GET /v1/drains/{id}: {why}\n{body}");
+                    }
                     if v["progress"]["live"] == json!(live) {
                         Ok(())
                     } else {
@@ -567,13 +365,16 @@ impl Running {
     fn finish(self, agent: &Agent) -> Ended {
         match self {
             Running::Process(mut bg) => {
-                let status = bg.wait(DRAIN_TIMEOUT + STARTUP_TIMEOUT);
+                let status = bg.wait_exit(DRAIN_TIMEOUT + STARTUP_TIMEOUT);
                 let lines = bg.lines();
                 let result: Value = lines
                     .iter()
                     .filter_map(|l| serde_json::from_str::<Value>(l).ok())
                     .find(|v| v["type"] == "result")
                     .unwrap_or_else(|| panic!("no result line\n{}", bg.context()));
+                if let Err(why) = Schema::Drain.check(&result) {
+                    panic!("malformed result line: {why}\n{}", bg.context());
+                }
                 let code = status.code().unwrap_or(-1);
                 assert_eq!(
                     result["exit_code"],
@@ -596,6 +397,9 @@ impl Running {
                 let (code, body) = http(&agent.addr, "GET", &path, &[], b"").expect("long poll");
                 assert_eq!(code, 200, "{body}");
                 let v: Value = serde_json::from_str(&body).expect("JSON");
+                if let Err(why) = Schema::AgentDrain.check(&v) {
+                    panic!("GET {path}: {why}\n{body}");
+                }
                 assert_eq!(v["state"], "done", "{body}");
                 let r = &v["report"];
                 Ended {
@@ -609,21 +413,12 @@ impl Running {
     }
 }
 
-/// Whether `pid` is gone or a zombie (it exited; its parent has not reaped it).
-fn exited(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
-        s.rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state == "Z" || state == "X")
-    })
-}
-
 #[test]
 fn drains_through_the_agent_end_like_local_drains() {
     let Some(gw) = setup() else { return };
     let dir = TempDir::new("drain");
     let ns = Netns::new("agentdrain");
-    let agent = Agent::start(&gw, &dir);
+    let agent = start_agent(&gw, &dir);
     let mut port = 7720;
     let mut next_addr = || {
         port += 1;
@@ -661,7 +456,7 @@ fn drains_through_the_agent_end_like_local_drains() {
             "{via:?}: the server's own report of the signal"
         );
         eventually(STATE_TIMEOUT, "the server to die of SIGTERM", || {
-            if exited(server.pid()) {
+            if procfs::exited(server.pid()) {
                 Ok(())
             } else {
                 Err(format!("{via:?}: pid {} alive", server.pid()))
@@ -686,7 +481,7 @@ fn drains_through_the_agent_end_like_local_drains() {
             "{via:?}: timeout"
         );
         assert!(
-            !exited(server.pid()),
+            !procfs::exited(server.pid()),
             "{via:?}: a timed-out drain signals nothing"
         );
         assert_eq!(server.count().established, 1);
@@ -697,7 +492,7 @@ fn drains_through_the_agent_end_like_local_drains() {
         let Running::Process(mut bg) = start_drain(&gw, &agent, via, 999_999_999, &[]) else {
             unreachable!("process drains");
         };
-        let status = bg.wait(STARTUP_TIMEOUT);
+        let status = bg.wait_exit(STARTUP_TIMEOUT);
         assert_eq!(
             status.code(),
             Some(2),
@@ -721,14 +516,14 @@ fn drains_through_the_agent_end_like_local_drains() {
     // A wrong token: refused (exit 4 for the CLI), nothing signalled.
     let addr = next_addr();
     let server = Server::listen(&ns, &addr);
-    let bad_token = dir.path("bad-token");
+    let bad_token = dir.root().join("bad-token");
     // A well-formed token file (the client refuses unsafe ones, exit 2)
     // holding the wrong token.
     std::fs::write(&bad_token, "nope-nope-nope-nope-nope\n").expect("write");
     std::fs::set_permissions(&bad_token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let pid = server.pid().to_string();
     let url = format!("http://{}", agent.addr);
-    let mut bg = Bg::spawn(
+    let mut bg = spawn(
         "drain with a wrong token",
         gw.bin(),
         &[
@@ -741,8 +536,13 @@ fn drains_through_the_agent_end_like_local_drains() {
             &bad_token.to_string_lossy(),
         ],
     );
-    assert_eq!(bg.wait(STARTUP_TIMEOUT).code(), Some(4), "{}", bg.context());
-    assert!(!exited(server.pid()));
+    assert_eq!(
+        bg.wait_exit(STARTUP_TIMEOUT).code(),
+        Some(4),
+        "{}",
+        bg.context()
+    );
+    assert!(!procfs::exited(server.pid()));
 
-    agent.stop();
+    agent.stop_within(STATE_TIMEOUT);
 }

@@ -4,20 +4,16 @@
 //! its signal for another user's process: exit code 5, never success. Capabilities are dropped with `capsh`, as an operator
 //! running it unprivileged would have them dropped.
 
-use std::{
-    io::{Read as _, Write as _},
-    os::unix::net::UnixStream,
-    path::Path,
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::process::{Command, Stdio};
 
-use gracewatch_e2e::{Child, Client, Netns, STARTUP_TIMEOUT, Server, TempDir, setup, without_caps};
+use gracewatch_testkit::{
+    Agent, Client, Netns, STARTUP_TIMEOUT, Server, TempDir, setup, without_caps,
+};
 use serde_json::{Value, json};
 
 /// Runs `gracewatch ARGS` with `drop` removed from the bounding and
 /// effective sets; returns (exit code, stderr).
-fn run_without(gw: &gracewatch_e2e::Gracewatch, drop: &str, args: &str) -> (i32, String) {
+fn run_without(gw: &gracewatch_testkit::Gracewatch, drop: &str, args: &str) -> (i32, String) {
     let cmd = format!("exec {} {args}", gw.bin().display());
     let out = Command::new("capsh")
         .args([&format!("--drop={drop}"), "--", "-c", &cmd])
@@ -145,29 +141,13 @@ fn refused_signal_exits_5_and_the_target_lives() {
     server.ping();
 }
 
-/// One HTTP/1.1 request over the agent's unix socket; returns the body.
-fn unix_http(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = UnixStream::connect(socket).expect("connect to the agent's unix socket");
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("send the request");
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).expect("read the answer");
-    let status = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+/// One HTTP/1.1 request over the agent's unix socket: status and body.
+fn unix_http(agent: &Agent, method: &str, path: &str, body: &str) -> (u16, String) {
+    let headers = [("Content-Type", "application/json")];
+    let answer = agent
+        .request(&agent.unix(), method, path, &headers, body.as_bytes())
+        .expect("an answer on the agent's unix socket");
+    (answer.code, answer.body)
 }
 
 /// The metrics-only agent of the README (no CAP_KILL) asked to drain
@@ -181,29 +161,12 @@ fn agent_without_cap_kill_reports_the_refused_signal() {
     let server = Server::listen_with(&ns, "127.0.0.1:7612", Some(65534), &[]);
     let pid = server.pid();
     let dir = TempDir::new("caps-agent");
-    let socket = dir.path("agent.sock");
-    let mut cmd = Command::new("capsh");
-    cmd.args(["--drop=cap_kill", "--", "-c", "exec \"$0\" \"$@\""])
-        .arg(gw.bin())
-        .args(["agent", "--listen", "127.0.0.1:0", "--unix", &socket]);
-    let agent = Child::spawn_command("gracewatch agent without CAP_KILL", cmd);
-    let deadline = Instant::now() + STARTUP_TIMEOUT;
-    let ready = loop {
-        if Path::new(&socket).exists() {
-            let (code, _) = unix_http(Path::new(&socket), "GET", "/readyz", "");
-            if code == 200 {
-                break true;
-            }
-        }
-        if Instant::now() > deadline {
-            break false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(ready, "the agent did not get ready\n{}", agent.context());
+    let wrapper = without_caps("cap_kill");
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let agent = Agent::builder().wrapper(&wrapper).start(&gw, &dir);
 
     let (code, body) = unix_http(
-        Path::new(&socket),
+        &agent,
         "POST",
         "/v1/drains",
         &format!(r#"{{"pids": [{pid}], "timeout": "10s"}}"#),
@@ -213,12 +176,7 @@ fn agent_without_cap_kill_reports_the_refused_signal() {
         .as_str()
         .expect("an id")
         .to_owned();
-    let (code, body) = unix_http(
-        Path::new(&socket),
-        "GET",
-        &format!("/v1/drains/{id}?wait=20s"),
-        "",
-    );
+    let (code, body) = unix_http(&agent, "GET", &format!("/v1/drains/{id}?wait=20s"), "");
     assert_eq!(code, 200, "{body}");
     let status: Value = serde_json::from_str(&body).expect("JSON");
     let report = &status["report"];
@@ -232,7 +190,7 @@ fn agent_without_cap_kill_reports_the_refused_signal() {
         "{status}"
     );
 
-    let unix = format!("unix:{socket}");
+    let unix = format!("unix:{}", agent.socket.display());
     let pid_s = pid.to_string();
     let done = gw.drain_to_end(&["drain", "--agent", &unix, "--pid", &pid_s, "--json"]);
     done.assert_code(5);
@@ -241,7 +199,7 @@ fn agent_without_cap_kill_reports_the_refused_signal() {
         ("signal_sent", Value::Null),
     ]);
 
-    let (_, metrics) = unix_http(Path::new(&socket), "GET", "/metrics", "");
+    let (_, metrics) = unix_http(&agent, "GET", "/metrics", "");
     assert!(
         metrics
             .lines()

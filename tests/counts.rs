@@ -4,7 +4,7 @@
 //! live although the server still holds the fd). Counted both by `watch`
 //! (kernel event path) and by one-shot `status` (snapshot path).
 
-use gracewatch_e2e::{Client, Expect, Netns, Server, Soft, listener, live_of, process, setup};
+use gracewatch_testkit::{Client, Expect, Netns, Server, Soft, listener, live_of, process, setup};
 use serde_json::Value;
 
 fn total(status: &Value, pid: u32, field: &str) -> Option<u64> {

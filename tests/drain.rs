@@ -11,9 +11,9 @@
 
 use std::{os::unix::process::ExitStatusExt as _, time::Duration};
 
-use gracewatch_e2e::{
+use gracewatch_testkit::{
     Child, Client, Netns, PROGRAM_TIMEOUT, STARTUP_TIMEOUT, STATE_TIMEOUT, Server, Soft, TempDir,
-    gap_ms, monotonic_ns, program, setup,
+    gap_ms, monotonic_ns, procfs, setup,
 };
 use serde_json::{Value, json};
 
@@ -500,12 +500,7 @@ fn bad_input() {
 fn zombie_target_is_an_exited_target() {
     let Some(gw) = setup() else { return };
     let ns = Netns::new("drain-zombie");
-    let parent = Child::spawn(
-        &ns,
-        "zombie parent",
-        "python3",
-        &["-u", &program("zombie.py")],
-    );
+    let parent = Child::python(&ns, "zombie parent", "zombie.py", &[]);
     let (zombie, parent_pid): (u32, u32) =
         parent.wait_line("`zombie PID parent PPID`", PROGRAM_TIMEOUT, |lines| {
             lines.iter().find_map(|l| {
@@ -517,11 +512,8 @@ fn zombie_target_is_an_exited_target() {
         });
     let z = zombie.to_string();
     let p = parent_pid.to_string();
-    let state = std::fs::read_to_string(format!("/proc/{zombie}/stat")).unwrap_or_default();
-    assert!(
-        state.contains(") Z "),
-        "pid {zombie} should be a zombie: {state:?}"
-    );
+    let state = procfs::stat(zombie).map(|s| s.state);
+    assert_eq!(state, Some('Z'), "pid {zombie} should be a zombie");
 
     let soft = Soft::new();
     let expect_2 = |args: &[&str], words: &[&str]| {

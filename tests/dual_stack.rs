@@ -2,7 +2,7 @@
 //! `[::]` (IPV6_V6ONLY=0) with IPv4 clients (seen by the server as
 //! `::ffff:127.0.0.1`) and IPv6 clients. Both listeners are IPv6 sockets.
 
-use gracewatch_e2e::{Client, Expect, Netns, Server, Soft, setup};
+use gracewatch_testkit::{Client, Expect, Netns, Server, Soft, setup};
 
 #[test]
 fn ipv6_and_dual_stack() {

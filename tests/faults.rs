@@ -8,9 +8,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gracewatch_e2e::{
-    Child, Client, Drain, Gracewatch, Netns, Server, live_of, monotonic_ns, program,
-    report_signals_of, setup, without_caps,
+use gracewatch_testkit::{
+    Child, Client, Drain, Gracewatch, Netns, Server, live_of, monotonic_ns, report_signals_of,
+    setup, without_caps,
 };
 use serde_json::{Value, json};
 
@@ -18,13 +18,12 @@ const T: Duration = Duration::from_secs(20);
 
 /// `sharer.py` in `ns`, listening on `addr`, once `n` clients are accepted.
 fn sharer(ns: &Netns, addr: &str, n: u64) -> (Child, u32, Client) {
-    let prog = program("sharer.py");
     let n_arg = n.to_string();
-    let child = Child::spawn(
+    let child = Child::python(
         ns,
         "sharer",
-        "python3",
-        &["-u", &prog, "--listen", addr, "--accept", &n_arg],
+        "sharer.py",
+        &["--listen", addr, "--accept", &n_arg],
     );
     let pid: u32 = child.wait_line("`ready PID`", T, |l| {
         l.iter()
@@ -384,7 +383,7 @@ fn a_process_named_with_non_utf8_bytes_stays_counted_and_drains() {
     let seen = watch.wait_until(T, "the server with 2 live", |s| live_of(s, pid) == Some(2));
     eprintln!(
         "listed as {}",
-        gracewatch_e2e::process(&seen, pid)
+        gracewatch_testkit::process(&seen, pid)
             .map(|p| p["comm"].clone())
             .unwrap_or_default()
     );

@@ -4,7 +4,7 @@
 //! the process that accepted it and list both processes as the listener's
 //! holders while both hold it.
 
-use gracewatch_e2e::{
+use gracewatch_testkit::{
     Client, Expect, Netns, Server, Soft, listener, process, setup, wait_accepted_sum,
 };
 

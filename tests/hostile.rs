@@ -12,9 +12,9 @@
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{TcpListener, TcpStream},
-    os::unix::{fs::PermissionsExt as _, net::UnixStream, process::CommandExt as _},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    os::unix::{fs::PermissionsExt as _, net::UnixStream},
+    path::Path,
+    process::{Command, Stdio},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -23,11 +23,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gracewatch_e2e::{
-    Client, Gracewatch, Netns, PROGRAM_TIMEOUT, STARTUP_TIMEOUT, Server, TempDir, collect_lines,
-    gap_ms,
-    http::{Answer, dechunk, parse_answer},
-    setup,
+use gracewatch_testkit::{
+    Agent, Client, Gracewatch, Netns, PROGRAM_TIMEOUT, STARTUP_TIMEOUT, Schema, Server, TempDir,
+    free_port, gap_ms,
+    http::{Answer, dechunk, exchange, parse_answer},
+    procfs, setup,
 };
 use serde_json::{Value, json};
 
@@ -36,6 +36,8 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_SUBSCRIBERS: usize = 64;
 /// `LimitNOFILE=` of `deploy/systemd/gracewatch-agent.service`.
 const UNIT_NOFILE: u64 = 8192;
+/// How long the agent may take to exit 0 on SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
 const SLOWLORIS: usize = 2_000;
 const IDLE: usize = 1_100;
@@ -62,25 +64,6 @@ fn raise_nofile(needed: u64) {
     );
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("ephemeral port")
-        .port()
-}
-
-/// Sends `request` (a whole HTTP/1.1 request, `Connection: close`) and
-/// reads the answer to the end.
-fn exchange(
-    mut stream: impl std::io::Read + std::io::Write,
-    request: &str,
-) -> std::io::Result<Answer> {
-    stream.write_all(request.as_bytes())?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    Ok(parse_answer(&raw))
-}
-
 fn get(path: &str, extra: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n{extra}\r\n")
 }
@@ -92,130 +75,33 @@ fn post(path: &str, body: &str) -> String {
     )
 }
 
-/// A running `gracewatch agent` (its binary) with a token file and a unix
-/// socket; killed on drop.
-struct Agent {
-    child: Child,
-    addr: String,
-    socket: PathBuf,
-    token: String,
-    stderr: Arc<Mutex<Vec<String>>>,
+/// The agent with a token file and the open-file limit of its unit.
+#[track_caller]
+fn start_agent(gw: &Gracewatch, dir: &TempDir) -> Agent {
+    Agent::builder().token().nofile(UNIT_NOFILE).start(gw, dir)
 }
 
-impl Agent {
-    /// Starts the agent with the open-file limit `nofile` (as its unit sets).
-    fn start(gw: &Gracewatch, dir: &TempDir, nofile: u64) -> Agent {
-        let token = format!(
-            "{:032x}",
-            u128::from(std::process::id()) * 0x9e37_79b9_7f4a_7c15 + 7
-        );
-        let token_file = dir.write("token", &format!("{token}\n"));
-        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600))
-            .expect("chmod token");
-        let socket = PathBuf::from(dir.path("agent.sock"));
-        let addr = format!("127.0.0.1:{}", free_port());
-        let mut cmd = Command::new(gw.bin());
-        cmd.args(["agent", "--listen", &addr, "--unix"])
-            .arg(&socket)
-            .arg("--token-file")
-            .arg(&token_file)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        // SAFETY: only async-signal-safe calls (setrlimit) between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                let lim = rustix::process::Rlimit {
-                    current: Some(nofile),
-                    maximum: Some(nofile),
-                };
-                rustix::process::setrlimit(rustix::process::Resource::Nofile, lim)
-                    .map_err(std::io::Error::from)
-            });
-        }
-        let mut child = cmd.spawn().expect("spawn gracewatch agent");
-        let stderr = collect_lines(child.stderr.take().expect("piped"));
-        let agent = Agent {
-            child,
-            addr,
-            socket,
-            token,
-            stderr,
-        };
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        loop {
-            if agent.tcp(&get("/readyz", "")).is_ok_and(|a| a.code == 200) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the agent did not get ready: {}",
-                agent.context()
-            );
-            thread::sleep(Duration::from_millis(100));
-        }
-        agent
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn context(&self) -> String {
-        self.stderr
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .join("\n")
-    }
-
-    fn tcp(&self, request: &str) -> std::io::Result<Answer> {
-        let stream = TcpStream::connect(&self.addr)?;
-        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
-        exchange(stream, request)
-    }
-
-    fn unix(&self, request: &str) -> std::io::Result<Answer> {
-        let stream = UnixStream::connect(&self.socket)?;
-        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
-        exchange(stream, request)
-    }
-
-    /// (VmRSS, VmHWM) in MB.
-    fn rss_mb(&self) -> (f64, f64) {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("agent status");
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-                .map_or(0.0, |kb| kb / 1024.0)
-        };
-        (field("VmRSS:"), field("VmHWM:"))
-    }
-
-    /// SIGTERM: the agent exits 0.
-    fn stop(mut self) {
-        if let Some(pid) = rustix::process::Pid::from_raw(self.pid() as i32) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                assert_eq!(status.code(), Some(0), "agent exit: {}", self.context());
-                return;
-            }
-            assert!(Instant::now() < deadline, "the agent ignored SIGTERM");
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
+/// Sends `request` (a whole HTTP/1.1 request, `Connection: close`) to the
+/// agent over TCP and reads the answer to the end.
+fn tcp(agent: &Agent, request: &str) -> std::io::Result<Answer> {
+    exchange(
+        agent.tcp().connect(Duration::from_secs(20))?,
+        request.as_bytes(),
+    )
 }
 
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Like [`tcp`], over the unix socket.
+fn unix(agent: &Agent, request: &str) -> std::io::Result<Answer> {
+    exchange(
+        agent.unix().connect(Duration::from_secs(20))?,
+        request.as_bytes(),
+    )
+}
+
+/// The agent's (VmRSS, VmHWM) in MB.
+fn rss_mb(agent: &Agent) -> (f64, f64) {
+    let mb = |field| procfs::status_kb(agent.pid(), field).map_or(0.0, |kb| kb as f64 / 1024.0);
+    (mb("VmRSS"), mb("VmHWM"))
 }
 
 /// Whether the agent closed `s` (EOF or reset), without blocking.
@@ -352,11 +238,11 @@ fn a_flood_of_hostile_clients_never_delays_a_drain_over_the_unix_socket() {
     let pid = server.pid();
     let _clients = Client::connect(&ns, addr, 3);
     server.wait_accepted(3);
-    let agent = Agent::start(&gw, &dir, UNIT_NOFILE);
+    let agent = start_agent(&gw, &dir);
     // A first scrape and status, so what they allocate counts as the start.
-    let _ = agent.tcp(&get("/metrics", ""));
-    let _ = agent.unix(&get("/v1/status", ""));
-    let (rss_start, _) = agent.rss_mb();
+    let _ = tcp(&agent, &get("/metrics", ""));
+    let _ = unix(&agent, &get("/v1/status", ""));
+    let (rss_start, _) = rss_mb(&agent);
 
     let attack_started = Instant::now();
     let flood = Flood::launch(&agent.addr);
@@ -366,9 +252,7 @@ fn a_flood_of_hostile_clients_never_delays_a_drain_over_the_unix_socket() {
     // The agent first works through the connections the kernel queued for
     // it during the burst (a /livez sent right after it waits behind them).
     let t = Instant::now();
-    let first = agent
-        .tcp(&get("/livez", ""))
-        .expect("GET /livez after the burst");
+    let first = tcp(&agent, &get("/livez", "")).expect("GET /livez after the burst");
     let catch_up_ms = t.elapsed().as_secs_f64() * 1000.0;
     assert_eq!(first.code, 200, "{first:?}");
     assert!(
@@ -379,7 +263,7 @@ fn a_flood_of_hostile_clients_never_delays_a_drain_over_the_unix_socket() {
     let held = (SLOWLORIS + IDLE + STUCK_READERS) as u64;
     let deadline = Instant::now() + Duration::from_secs(3);
     let all_held = loop {
-        let a = agent.unix(&get("/v1/status", "")).expect("GET /v1/status");
+        let a = unix(&agent, &get("/v1/status", "")).expect("GET /v1/status");
         let v: Value = serde_json::from_str(&a.body).expect("status JSON");
         let own = v["processes"]
             .as_array()
@@ -397,9 +281,7 @@ fn a_flood_of_hostile_clients_never_delays_a_drain_over_the_unix_socket() {
     };
     // Under attack: /livez on TCP answers in under a second...
     let t = Instant::now();
-    let livez = agent
-        .tcp(&get("/livez", ""))
-        .expect("GET /livez under attack");
+    let livez = tcp(&agent, &get("/livez", "")).expect("GET /livez under attack");
     let livez_ms = t.elapsed().as_secs_f64() * 1000.0;
     assert_eq!(livez.code, 200, "{livez:?}");
     assert!(
@@ -408,7 +290,7 @@ fn a_flood_of_hostile_clients_never_delays_a_drain_over_the_unix_socket() {
     );
     eprintln!("flood: /livez at {:?}", attack_started.elapsed());
     // ...the counts of the real server stay exact...
-    let status = agent.unix(&get("/v1/status", "")).expect("GET /v1/status");
+    let status = unix(&agent, &get("/v1/status", "")).expect("GET /v1/status");
     let v: Value = serde_json::from_str(&status.body).expect("status JSON");
     let live = v["processes"]
         .as_array()
@@ -418,12 +300,14 @@ fn a_flood_of_hostile_clients_never_delays_a_drain_over_the_unix_socket() {
 
     // ...and a drain over the unix socket signals within 100 ms of the
     // server's last close.
-    let started = agent
-        .unix(&post(
+    let started = unix(
+        &agent,
+        &post(
             "/v1/drains",
             &json!({"pids": [pid], "signal": "TERM", "timeout": "30s"}).to_string(),
-        ))
-        .expect("POST /v1/drains");
+        ),
+    )
+    .expect("POST /v1/drains");
     assert_eq!(started.code, 202, "{started:?}");
     let id = serde_json::from_str::<Value>(&started.body).expect("json")["id"]
         .as_str()
@@ -435,9 +319,7 @@ fn a_flood_of_hostile_clients_never_delays_a_drain_over_the_unix_socket() {
     let signal = server.wait_signal(Duration::from_secs(10));
     let reaction_ms = signal.at_ns.saturating_sub(closed[2]) as f64 / 1e6;
     eprintln!("flood: signalled at {:?}", attack_started.elapsed());
-    let done = agent
-        .unix(&get(&format!("/v1/drains/{id}?wait=10s"), ""))
-        .expect("GET drain");
+    let done = unix(&agent, &get(&format!("/v1/drains/{id}?wait=10s"), "")).expect("GET drain");
     let report: Value = serde_json::from_str(&done.body).expect("drain JSON");
     assert_eq!(report["report"]["outcome"], "drained", "{}", done.body);
     assert_eq!(signal.name, "TERM");
@@ -447,7 +329,7 @@ fn a_flood_of_hostile_clients_never_delays_a_drain_over_the_unix_socket() {
         "signalled before the last close ({})",
         gap_ms(signal.at_ns, closed[2])
     );
-    let (_, rss_under_attack) = agent.rss_mb();
+    let (_, rss_under_attack) = rss_mb(&agent);
     eprintln!(
         "flood: first /livez {catch_up_ms:.0} ms, /livez {livez_ms:.1} ms, drain reaction {reaction_ms:.1} ms, \
          RSS start {rss_start:.1} MB, peak so far {rss_under_attack:.1} MB"
@@ -476,14 +358,14 @@ fn a_flood_of_hostile_clients_never_delays_a_drain_over_the_unix_socket() {
     assert_eq!(open, (0, 0), "idle / slowloris connections still open");
     let all_closed = attack_started.elapsed();
 
-    let (_, rss_peak) = agent.rss_mb();
+    let (_, rss_peak) = rss_mb(&agent);
     drop(flood);
     // Memory goes back once the attackers left.
     let deadline = Instant::now() + Duration::from_secs(15);
-    let mut rss_after = agent.rss_mb().0;
+    let mut rss_after = rss_mb(&agent).0;
     while rss_after > rss_start + 20.0 && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(250));
-        rss_after = agent.rss_mb().0;
+        rss_after = rss_mb(&agent).0;
     }
     eprintln!(
         "flood of {SLOWLORIS} slowloris + {IDLE} idle + {STUCK_READERS} stuck readers (launched in {launched:?}): \
@@ -501,8 +383,8 @@ fn a_flood_of_hostile_clients_never_delays_a_drain_over_the_unix_socket() {
         "agent RSS {rss_after:.1} MB after the attack, {rss_start:.1} MB before"
     );
     // Still serving, and stops cleanly.
-    assert_eq!(agent.tcp(&get("/livez", "")).expect("livez").code, 200);
-    agent.stop();
+    assert_eq!(tcp(&agent, &get("/livez", "")).expect("livez").code, 200);
+    agent.stop_within(STOP_TIMEOUT);
 }
 
 // --- one finding at a time ------------------------------------------------------
@@ -511,7 +393,7 @@ fn a_flood_of_hostile_clients_never_delays_a_drain_over_the_unix_socket() {
 fn oversized_and_malformed_requests_get_json_errors() {
     let Some(gw) = setup() else { return };
     let dir = TempDir::new("hostile-431");
-    let agent = Agent::start(&gw, &dir, UNIT_NOFILE);
+    let agent = start_agent(&gw, &dir);
     let big = "a".repeat(400 * 1024);
     let cases = [
         (
@@ -540,9 +422,9 @@ fn oversized_and_malformed_requests_get_json_errors() {
         let v: Value = serde_json::from_str(&a.body).unwrap_or_else(|e| panic!("{e}: {a:?}"));
         assert!(v["error"].is_string(), "{a:?}");
     }
-    let (rss, _) = agent.rss_mb();
+    let (rss, _) = rss_mb(&agent);
     assert!(rss < 150.0, "RSS {rss:.1} MB");
-    agent.stop();
+    agent.stop_within(STOP_TIMEOUT);
 }
 
 #[test]
@@ -552,7 +434,7 @@ fn read_endpoints_leak_no_kernel_address_and_peers_need_the_token() {
     let ns = Netns::new("hleak");
     let addr = "127.0.0.1:7802";
     let server = Server::listen(&ns, addr);
-    let agent = Agent::start(&gw, &dir, UNIT_NOFILE);
+    let agent = start_agent(&gw, &dir);
     // `gracewatch record` prints the same kernel events from another
     // process: were `sk` a kernel address, both would print the same value.
     let mut record = Command::new(gw.bin())
@@ -594,7 +476,7 @@ fn read_endpoints_leak_no_kernel_address_and_peers_need_the_token() {
         ("tcp, no token", subscribe(None, false), false, Vec::new()),
         (
             "tcp, token",
-            subscribe(Some(&agent.token), false),
+            subscribe(agent.token.as_deref(), false),
             true,
             Vec::new(),
         ),
@@ -611,6 +493,11 @@ fn read_endpoints_leak_no_kernel_address_and_peers_need_the_token() {
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .inspect(|v| {
+                if let Err(why) = Schema::Event.check(v) {
+                    panic!("gracewatch record: {why}\n{v}");
+                }
+            })
             .filter(|v| v["kind"] == "accept" && v["pid"] == json!(server.pid()))
             .collect();
         if !accepts.is_empty() {
@@ -628,6 +515,11 @@ fn read_endpoints_leak_no_kernel_address_and_peers_need_the_token() {
         text.lines()
             .filter(|l| l.starts_with('{'))
             .filter_map(|l| serde_json::from_str(l).ok())
+            .inspect(|v: &Value| {
+                if let Err(why) = Schema::Event.check(v) {
+                    panic!("/v1/events: {why}\n{v}");
+                }
+            })
             .filter(|v: &Value| v["kind"] == "accept" && v["pid"] == json!(server.pid()))
             .collect()
     };
@@ -666,17 +558,17 @@ fn read_endpoints_leak_no_kernel_address_and_peers_need_the_token() {
         }
     }
     // Drain answers hide peers the same way.
-    let t = agent.tcp(&get("/v1/drains", "")).expect("GET /v1/drains");
+    let t = tcp(&agent, &get("/v1/drains", "")).expect("GET /v1/drains");
     assert_eq!(t.code, 200, "{t:?}");
     drop(clients);
-    agent.stop();
+    agent.stop_within(STOP_TIMEOUT);
 }
 
 #[test]
 fn a_reader_that_never_reads_is_dropped_and_others_get_every_event() {
     let Some(gw) = setup() else { return };
     let dir = TempDir::new("hostile-slow");
-    let agent = Agent::start(&gw, &dir, UNIT_NOFILE);
+    let agent = start_agent(&gw, &dir);
     // A listener of this process: every accept of it is an event.
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
@@ -754,7 +646,7 @@ fn a_reader_that_never_reads_is_dropped_and_others_get_every_event() {
     );
     assert!(last.contains("\"kind\":\"lagged\""), "last line: {last}");
     assert!(got < wanted, "the slow reader got {got} of {wanted}");
-    agent.stop();
+    agent.stop_within(STOP_TIMEOUT);
 }
 
 #[test]
@@ -854,7 +746,7 @@ fn metrics_pass_promtool_and_follow_the_accept_header() {
     let Some(promtool) = promtool else {
         let why = "`promtool` is not installed (Debian package `prometheus`; `cargo xtask setup --test-deps` installs it)";
         assert!(
-            !gracewatch_e2e::in_ci(),
+            !gracewatch_testkit::in_ci(),
             "{why} (CI=true: this is a failure, not a skip)"
         );
         eprintln!("SKIPPED: {why}");
@@ -891,8 +783,8 @@ fn metrics_pass_promtool_and_follow_the_accept_header() {
     line.clear();
     out.read_line(&mut line).expect("accepted");
     assert_eq!(line.trim(), "accepted");
-    let agent = Agent::start(&gw, &dir, UNIT_NOFILE);
-    let text = agent.tcp(&get("/metrics", "")).expect("GET /metrics");
+    let agent = start_agent(&gw, &dir);
+    let text = tcp(&agent, &get("/metrics", "")).expect("GET /metrics");
     assert_eq!(text.code, 200, "{text:?}");
     assert!(
         text.head
@@ -931,8 +823,9 @@ fn metrics_pass_promtool_and_follow_the_accept_header() {
         String::from_utf8_lossy(&out.stderr),
         text.body
     );
-    let open = agent
-        .tcp(&get(
+    let open = tcp(
+        &agent,
+        &get(
             "/metrics",
             "Accept: application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.3,*/*;q=0.2\r\n",
         ))
@@ -944,7 +837,7 @@ fn metrics_pass_promtool_and_follow_the_accept_header() {
         open.head
     );
     assert!(open.body.ends_with("# EOF\n"), "{}", open.body);
-    agent.stop();
+    agent.stop_within(STOP_TIMEOUT);
     let _ = evil.kill();
     let _ = evil.wait();
 }

@@ -22,23 +22,18 @@
 //! its own gracewatch processes.
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::TcpListener,
+    io::{BufRead as _, BufReader},
     os::unix::{
         fs::PermissionsExt as _,
-        net::UnixStream,
         process::{CommandExt as _, ExitStatusExt as _},
     },
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
     thread,
     time::{Duration, Instant},
 };
 
-use gracewatch_e2e::{
-    Gracewatch, Netns, STARTUP_TIMEOUT, TempDir, Tmux, collect_lines, http, setup,
-};
+use gracewatch_testkit::{Gracewatch, Netns, STARTUP_TIMEOUT, TempDir, Tmux, http, procfs, setup};
 use serde_json::{Value, json};
 
 /// A refused request or command must answer within this (the old code
@@ -92,18 +87,11 @@ impl Drop for Proc {
 }
 
 fn proc_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
-    let close = stat.iter().rposition(|&b| b == b')')?;
-    stat.get(close + 2).map(|&b| b as char)
+    procfs::stat(pid).map(|s| s.state)
 }
 
 fn rss_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    procfs::status_kb(pid, "VmRSS").unwrap_or(0)
 }
 
 struct Ran {
@@ -173,55 +161,22 @@ fn run(gw: &Gracewatch, args: &[&str], limit: Duration) -> Ran {
 
 /// A `gracewatch agent` serving on a unix socket (and loopback TCP, which
 /// it always does); killed on drop if a test fails before `stop`.
-struct Agent {
-    child: Option<Child>,
-    socket: PathBuf,
-    stderr: Arc<Mutex<Vec<String>>>,
-}
+struct Agent(gracewatch_testkit::Agent);
 
 impl Agent {
+    /// Under an address-space limit, so that reading /dev/zero (as the old
+    /// code did) ends in a failed allocation, not in a host OOM.
     fn start(gw: &Gracewatch, dir: &TempDir) -> Agent {
-        let socket = PathBuf::from(dir.path("agent.sock"));
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        // Under an address-space limit, so that reading /dev/zero (as the
-        // old code did) ends in a failed allocation, not in a host OOM.
-        let mut child = Command::new("prlimit")
-            .arg(format!("--as={AGENT_MAX_AS}"))
-            .arg("--")
-            .arg(gw.bin())
-            .args(["agent", "--listen", &format!("127.0.0.1:{port}"), "--unix"])
-            .arg(&socket)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn agent");
-        let stderr = collect_lines(child.stderr.take().expect("piped"));
-        let agent = Agent {
-            child: Some(child),
-            socket,
-            stderr,
-        };
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        loop {
-            if let Ok((200, _, _)) = agent.http("GET", "/readyz", None) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the agent did not become ready: {:?}",
-                agent.stderr.lock().map(|l| l.clone())
-            );
-            thread::sleep(Duration::from_millis(100));
-        }
-        agent
+        let limit = format!("--as={AGENT_MAX_AS}");
+        Agent(
+            gracewatch_testkit::Agent::builder()
+                .wrapper(&["prlimit", &limit, "--"])
+                .start(gw, dir),
+        )
     }
 
     fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
+        self.0.pid()
     }
 
     /// One HTTP/1.1 exchange on the unix socket: status, body, time taken.
@@ -232,18 +187,15 @@ impl Agent {
         body: Option<&Value>,
     ) -> std::io::Result<(u16, String, Duration)> {
         let started = Instant::now();
-        let mut stream = UnixStream::connect(&self.socket)?;
-        stream.set_read_timeout(Some(PROMPT * 3))?;
-        stream.set_write_timeout(Some(PROMPT))?;
         let body = body.map(Value::to_string).unwrap_or_default();
-        write!(
-            stream,
-            "{method} {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
+        let answer = http::request(
+            &self.0.unix(),
+            method,
+            path,
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+            PROMPT * 3,
         )?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw)?;
-        let answer = http::parse_answer(&raw);
         Ok((answer.code, answer.body, started.elapsed()))
     }
 
@@ -287,38 +239,8 @@ impl Agent {
     }
 
     /// SIGTERM: must exit 0 within [`STOP_TIMEOUT`].
-    fn stop(mut self) {
-        let mut child = self.child.take().expect("running");
-        if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        }
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        let status = loop {
-            if let Some(s) = child.try_wait().expect("poll agent") {
-                break Some(s);
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            thread::sleep(Duration::from_millis(20));
-        };
-        assert_eq!(
-            status.and_then(|s| s.code()),
-            Some(0),
-            "the agent must exit 0 on SIGTERM: {:?}",
-            self.stderr.lock().map(|l| l.clone())
-        );
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+    fn stop(self) {
+        self.0.stop_within(STOP_TIMEOUT);
     }
 }
 
@@ -530,17 +452,7 @@ fn hostile_pidfiles_neither_block_nor_bloat_the_agent() {
 
 /// A kernel thread: kthreadd (pid 2) on the host, else the first one found.
 fn kernel_thread() -> u32 {
-    let is_kthread = |pid: u32| {
-        std::fs::read(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| {
-                let close = s.iter().rposition(|&b| b == b')')?;
-                let rest = String::from_utf8_lossy(&s[close + 1..]).into_owned();
-                let flags: u64 = rest.split_whitespace().nth(6)?.parse().ok()?;
-                Some(flags & 0x0020_0000 != 0)
-            })
-            == Some(true)
-    };
+    let is_kthread = |pid: u32| procfs::stat(pid).is_some_and(|s| s.kernel_thread());
     if is_kthread(2) {
         return 2;
     }

@@ -1,7 +1,7 @@
 //! Things that appear after gracewatch started (a namespace, a listener,
 //! a process) and the empty answer when nothing matches.
 
-use gracewatch_e2e::{
+use gracewatch_testkit::{
     Client, Expect, Netns, Server, Soft, listener, process, setup, status::listeners_on_port,
 };
 
@@ -58,14 +58,7 @@ fn empty_state() {
     // Nobody listens on this port, in this namespace or any other.
     let _ns = Netns::new("empty");
 
-    let out = gw.run(&["status", "--port", "7601"]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "gracewatch status --port 7601 failed ({})\n  stdout: {stdout}\n  stderr: {stderr}",
-        out.status
-    );
+    let (stdout, stderr) = gw.run_ok(&["status", "--port", "7601"]);
     assert!(
         !stdout.trim().is_empty() && stdout.to_lowercase().contains("no "),
         "gracewatch status --port 7601 (nothing listens there) should say so plainly (e.g. \"no listener on port 7601\"), printed: {stdout:?}\n  stderr: {stderr}"

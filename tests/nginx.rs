@@ -20,7 +20,7 @@
 //! spread over both workers; the tests open requests until both old workers
 //! hold some.
 
-use gracewatch_e2e::{
+use gracewatch_testkit::{
     Drain, Netns, STATE_TIMEOUT, gap_ms,
     nginx::{
         HttpClient, Nginx, Upstream, alive, exits_within, nginx_available, parent_of,
@@ -241,7 +241,7 @@ fn binary_upgrade_quits_old_master_after_old_workers_drain() {
         nginx.context()
     );
     let mut released = finish_all_but_last(&upstream, &client, &drain, &requests);
-    let quit_seen = |lines: &[gracewatch_e2e::nginx::LogLine]| {
+    let quit_seen = |lines: &[gracewatch_testkit::nginx::LogLine]| {
         lines
             .iter()
             .any(|l| l.pid == old_master && l.message.starts_with("signal 3 (SIGQUIT)"))

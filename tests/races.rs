@@ -18,7 +18,7 @@
 
 use std::time::{Duration, Instant};
 
-use gracewatch_e2e::{
+use gracewatch_testkit::{
     Client, Expect, Netns, STARTUP_TIMEOUT, STATE_TIMEOUT, Server, live_of, program, setup,
 };
 
@@ -180,14 +180,14 @@ fn resets_racing_accepts_leave_exact_counts() {
     // The server lets go of everything: the kept two end with events, the
     // reset ones are destroyed. Every count must reach 0 and the wait end
     // drained, promptly.
-    let closed_ns = gracewatch_e2e::monotonic_ns();
+    let closed_ns = gracewatch_testkit::monotonic_ns();
     server.closeall();
     drop(kept);
     let done = waiter.wait(HEAL_TIMEOUT);
     done.assert_code(0);
     eprintln!(
         "wait ended {} after the server closed everything",
-        gracewatch_e2e::gap_ms(done.exited_ns, closed_ns)
+        gracewatch_testkit::gap_ms(done.exited_ns, closed_ns)
     );
     watch.wait_until(STATE_TIMEOUT, "live 0 after closeall", |s| {
         live_of(s, pid).unwrap_or(0) == 0

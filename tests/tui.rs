@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use gracewatch_e2e::{Client, Netns, STARTUP_TIMEOUT, Server, Tmux, setup, wait_accepted_sum};
+use gracewatch_testkit::{Client, Netns, STARTUP_TIMEOUT, Server, Tmux, setup, wait_accepted_sum};
 
 /// How long the screen may take to show a change (the role heuristics wait
 /// for 2 s of quiet, redraws happen at 4 Hz).

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A TCP client that opens connections and holds them until told otherwise.
 
-Used by the privileged end-to-end tests (tests/harness). Line-oriented:
+Used by the privileged end-to-end tests (the harness in testkit/). Line-oriented:
 
 stdout:
   ready PID             started

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A TCP server that accepts connections and holds them until told otherwise.
 
-Used by the privileged end-to-end tests (tests/harness). Everything is
+Used by the privileged end-to-end tests (the harness in testkit/). Everything is
 line-oriented so that tests wait for acknowledgements instead of sleeping:
 
 stdout (one event per line, flushed at once):

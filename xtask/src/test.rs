@@ -61,6 +61,10 @@ fn run_steps(opts: Options, steps: &mut Steps) -> Result<()> {
     steps.step("rustfmt", || {
         cmd::run(cargo().args(["fmt", "--all", "--", "--check"]))
     })?;
+    steps.step(
+        "pure model tests (stable only: no nightly, no bpf-linker)",
+        pure_model_tests,
+    )?;
     // gracewatch-ebpf only builds for the BPF target; it gets its own step.
     steps.step("clippy (host crates)", || {
         cmd::run(cargo().args([
@@ -225,6 +229,37 @@ enum Outcome {
     Ok,
     Failed,
     Skipped,
+}
+
+/// `cargo test -p gracewatch-model` as on a machine with a stable toolchain
+/// and nothing else: `PATH` holds only the rustup proxies for cargo and
+/// rustc (no `bpf-linker`), the toolchain is pinned to stable, and the build
+/// has its own target directory so no eBPF object built earlier helps. It
+/// proves the pure part (events + tracker) builds and tests without the eBPF
+/// toolchain (ARCHITECTURE.md §2).
+fn pure_model_tests() -> Result<()> {
+    let bin = cmd::cargo_bin_dir().context("no cargo bin directory (CARGO_HOME or HOME)")?;
+    let tools = cmd::target_dir().join("stable-only-tools");
+    std::fs::create_dir_all(&tools)
+        .with_context(|| format!("failed to create {}", tools.display()))?;
+    for tool in ["cargo", "rustc"] {
+        let link = tools.join(tool);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(bin.join(tool), &link)
+            .with_context(|| format!("failed to link {}", link.display()))?;
+    }
+    let mut path = std::ffi::OsString::from(&tools);
+    path.push(":/usr/bin:/bin");
+    cmd::run(
+        std::process::Command::new(tools.join("cargo"))
+            .current_dir(cmd::repo_root())
+            .env("PATH", path)
+            .env("RUSTUP_TOOLCHAIN", "stable")
+            .env("CARGO_TARGET_DIR", cmd::target_dir().join("stable-only"))
+            .env_remove("RUSTC")
+            .env_remove("RUSTC_WORKSPACE_WRAPPER")
+            .args(["test", "-p", "gracewatch-model"]),
+    )
 }
 
 /// The steps run so far, for one summary line each at the end.

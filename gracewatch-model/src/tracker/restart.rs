@@ -402,12 +402,9 @@ impl Restarts {
         let mut held: BTreeMap<u32, BTreeSet<ListenAddr>> = BTreeMap::new();
         let mut listeners = Vec::with_capacity(status.listeners.len());
         for l in &status.listeners {
-            let Ok(local) = l.address.parse() else {
-                continue;
-            };
             let addr = ListenAddr {
                 netns: l.netns,
-                local,
+                local: l.address,
             };
             listeners.push(addr);
             for h in &l.holders {

@@ -28,7 +28,7 @@ pub const CHART_SPAN: Duration = Duration::from_secs(300);
 const LOG_CAP: usize = 1000;
 
 /// A listener as users name it: namespace plus `ip:port`.
-pub type ListenerKey = (NetNs, String);
+pub type ListenerKey = (NetNs, SocketAddr);
 
 /// Startup filters (`--pid`, `--port`, `--comm`). A process is shown when
 /// it matches every kind given, and stays shown once it did (an old server
@@ -57,18 +57,13 @@ fn comm_matches(comm: &str, wanted: &str) -> bool {
     comm == wanted || (comm.len() >= 15 && wanted.starts_with(comm))
 }
 
-/// The port of an `ip:port` address string.
-pub fn port_of(address: &str) -> Option<u16> {
-    address.rsplit_once(':').and_then(|(_, p)| p.parse().ok())
-}
-
 /// A process shown: what the status and the restart model say of it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Proc {
     pub pid: u32,
     pub comm: String,
-    /// Listeners it holds now, as the status names them.
-    pub listeners: Vec<String>,
+    /// Listeners it holds now.
+    pub listeners: Vec<SocketAddr>,
     /// Age of its oldest live connection at `Model::status_at`.
     pub oldest_live_ms: Option<u64>,
     /// Its role, drain and rates, as the tracker's restart model has them.
@@ -231,7 +226,7 @@ impl Model {
             .iter()
             .map(|l| {
                 (
-                    (l.netns, l.address.clone()),
+                    (l.netns, l.address),
                     l.holders.iter().map(|h| h.pid).collect(),
                 )
             })
@@ -241,7 +236,7 @@ impl Model {
         self.take_facts(restarts, Some(restarts.observed_from()));
 
         for p in &status.processes {
-            let ports: Vec<u16> = p.listeners.iter().filter_map(|a| port_of(a)).collect();
+            let ports: Vec<u16> = p.listeners.iter().map(SocketAddr::port).collect();
             if !self.wants(p.pid, &p.comm, &ports) {
                 continue;
             }
@@ -276,7 +271,7 @@ impl Model {
                 self.filter.is_empty()
                     || l.holders.iter().any(|h| self.procs.contains_key(&h.pid))
                     || (!self.filter.ports.is_empty()
-                        && port_of(&l.address).is_some_and(|p| self.filter.ports.contains(&p)))
+                        && self.filter.ports.contains(&l.address.port()))
             })
             .cloned()
             .collect();
@@ -386,19 +381,19 @@ impl Model {
         let mut lines = Vec::new();
         let mut after_keys = BTreeSet::new();
         for l in &self.listeners {
-            let key = (l.netns, l.address.clone());
+            let key = (l.netns, l.address);
             let after: BTreeSet<u32> = l.holders.iter().map(|h| h.pid).collect();
             let prev = before.get(&key);
             for &pid in &after {
                 if prev.is_some_and(|p| !p.contains(&pid))
-                    && !self.announced.remove(&(key.clone(), pid, true))
+                    && !self.announced.remove(&(key, pid, true))
                 {
                     lines.push(format!("{} now holds listener {}", self.label(pid), key.1));
                 }
             }
             if let Some(prev) = prev {
                 for &pid in prev.difference(&after) {
-                    if !self.announced.remove(&(key.clone(), pid, false)) {
+                    if !self.announced.remove(&(key, pid, false)) {
                         lines.push(format!("{} let go of listener {}", self.label(pid), key.1));
                     }
                 }
@@ -423,7 +418,7 @@ impl Model {
                 continue;
             }
             for &pid in prev {
-                if !self.announced.remove(&(key.clone(), pid, false)) {
+                if !self.announced.remove(&(*key, pid, false)) {
                     lines.push(format!("{} let go of listener {}", self.label(pid), key.1));
                 }
             }
@@ -598,7 +593,7 @@ impl Model {
 }
 
 fn key_of(addr: &ListenAddr) -> ListenerKey {
-    (addr.netns, display_addr(addr.local))
+    (addr.netns, addr.local)
 }
 
 /// `ip:port` as the status prints it (IPv6 in brackets).

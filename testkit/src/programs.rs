@@ -73,13 +73,13 @@ impl Server {
     /// `ADDR` is `127.0.0.1:P`, `[::1]:P`, or `[::]:P` (dual-stack).
     #[track_caller]
     pub fn listen(ns: &Netns, address: &str) -> Server {
-        let child = Child::spawn(
+        let label = format!("server {address} (netns {})", ns.name());
+        Server::from_ready(Child::python(
             ns,
-            &format!("server {address} (netns {})", ns.name()),
-            "python3",
-            &["-u", &program("server.py"), "--listen", address],
-        );
-        Server::from_ready(child)
+            &label,
+            "server.py",
+            &["--listen", address],
+        ))
     }
 
     /// Like [`Server::listen`], with extra `server.py` options (e.g.
@@ -152,17 +152,9 @@ impl Server {
     }
 
     fn from_ready(child: Child) -> Server {
-        let ready = child.wait_line("`ready PID ADDR`", PROGRAM_TIMEOUT, |lines| {
-            lines
-                .iter()
-                .find(|l| l.starts_with("ready "))
-                .map(|l| (*l).to_owned())
-        });
-        let mut words = ready.split_whitespace().skip(1);
-        let pid = words.next().and_then(|p| p.parse().ok());
-        let address = words.next().map(str::to_owned);
-        let (Some(pid), Some(address)) = (pid, address) else {
-            panic!("{}: malformed ready line {ready:?}", child.label());
+        let (pid, rest) = child.wait_ready();
+        let Some(address) = rest.into_iter().next() else {
+            panic!("{}: no address in its ready line", child.label());
         };
         register(pid, &child);
         Server {
@@ -235,23 +227,13 @@ impl Server {
     /// Closes the connections the peer reset (state CLOSE); returns how many.
     #[track_caller]
     pub fn close_reset(&self) -> u64 {
-        let reply = self.child.request("closereset", "closed");
-        reply
-            .split_whitespace()
-            .nth(1)
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("{}: malformed reply {reply:?}", self.child.label()))
+        self.child.request_value("closereset", "closed")
     }
 
     /// Closes every connection this server holds; returns how many.
     #[track_caller]
     pub fn closeall(&self) -> u64 {
-        let reply = self.child.request("closeall", "closed");
-        reply
-            .split_whitespace()
-            .nth(1)
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("{}: malformed reply {reply:?}", self.child.label()))
+        self.child.request_value("closeall", "closed")
     }
 
     /// The connections this server holds, by kernel TCP state.
@@ -301,12 +283,7 @@ impl Server {
     /// this one (relayed stdio) and dies with it.
     #[track_caller]
     pub fn handover(&self) -> Server {
-        let reply = self.child.request("handover", "child");
-        let pid: u32 = reply
-            .split_whitespace()
-            .nth(1)
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("{}: malformed reply {reply:?}", self.child.label()));
+        let pid: u32 = self.child.request_value("handover", "child");
         let child = self
             .child
             .relayed(&format!("handover child {pid} of {}", self.child.label()));
@@ -333,12 +310,7 @@ impl Server {
     /// The server's CLOCK_MONOTONIC, in ns.
     #[track_caller]
     pub fn now(&self) -> u64 {
-        let reply = self.child.request("now", "now");
-        reply
-            .split_whitespace()
-            .nth(1)
-            .and_then(|t| t.parse().ok())
-            .unwrap_or_else(|| panic!("{}: malformed reply {reply:?}", self.child.label()))
+        self.child.request_value("now", "now")
     }
 
     /// Schedules closing the oldest connections one at a time, the i-th
@@ -525,22 +497,13 @@ impl Client {
     #[track_caller]
     pub fn connect_from(ns: &Netns, address: &str, n: u64, source: Option<&str>) -> Client {
         let n_arg = n.to_string();
-        let prog = program("client.py");
-        let mut args = vec!["-u", &prog, "--connect", address, "--n", &n_arg];
+        let mut args = vec!["--connect", address, "--n", &n_arg];
         if let Some(source) = source {
             args.extend(["--source", source]);
         }
-        let child = Child::spawn(
-            ns,
-            &format!("client -> {address} (netns {})", ns.name()),
-            "python3",
-            &args,
-        );
-        let pid = child.wait_line("`ready PID`", PROGRAM_TIMEOUT, |lines| {
-            lines
-                .iter()
-                .find_map(|l| l.strip_prefix("ready ")?.trim().parse().ok())
-        });
+        let label = format!("client -> {address} (netns {})", ns.name());
+        let child = Child::python(ns, &label, "client.py", &args);
+        let (pid, _) = child.wait_ready();
         let connected = child.wait_line(&format!("`connected {n}`"), PROGRAM_TIMEOUT, |lines| {
             lines.iter().find_map(|l| {
                 if l.starts_with("error") {

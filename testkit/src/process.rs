@@ -11,6 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use rustix::process::{Pid, Signal, kill_process};
+
 use crate::{Netns, PROGRAM_TIMEOUT};
 
 /// Prefix under which `server.py` relays the lines of its handover child.
@@ -97,6 +99,33 @@ impl Lines {
         }
     }
 
+    /// Like [`Lines::wait`], but a timeout or the pipe closing first fails
+    /// the test: `who` waited for `what`; `context` says what it printed.
+    #[track_caller]
+    pub(crate) fn wait_or_fail<T>(
+        &self,
+        who: &str,
+        what: &str,
+        timeout: Duration,
+        context: impl FnOnce() -> String,
+        f: impl FnMut(&[String]) -> Option<T>,
+    ) -> T {
+        match self.wait(timeout, f) {
+            Ok(found) => found,
+            Err(eof) => {
+                let why = if eof {
+                    "its output closed (did it die?)"
+                } else {
+                    "timed out"
+                };
+                panic!(
+                    "{who}: {why} after waiting up to {timeout:?} for {what}\n{}",
+                    context()
+                );
+            }
+        }
+    }
+
     /// The last `n` lines, indented, for failure messages.
     pub(crate) fn tail(&self, n: usize) -> String {
         tail(&self.snapshot(), n)
@@ -156,6 +185,15 @@ pub struct Child {
 }
 
 impl Child {
+    /// Spawns `python3 -u tests/programs/SCRIPT args…` inside `ns`.
+    #[track_caller]
+    pub fn python(ns: &Netns, label: &str, script: &str, args: &[&str]) -> Child {
+        let script = crate::program(script);
+        let mut argv = vec!["-u", script.as_str()];
+        argv.extend_from_slice(args);
+        Child::spawn(ns, label, "python3", &argv)
+    }
+
     /// Spawns `program args…` inside `ns` (`ip netns exec`).
     pub fn spawn(ns: &Netns, label: &str, program: &str, args: &[&str]) -> Child {
         let mut cmd = ns.command(program);
@@ -163,24 +201,33 @@ impl Child {
         Child::spawn_command(label, cmd)
     }
 
-    pub fn spawn_command(label: &str, mut cmd: Command) -> Child {
+    /// Spawns `cmd` as is (stdin, stdout and stderr piped); panics if it
+    /// cannot be started.
+    #[track_caller]
+    pub fn spawn_command(label: &str, cmd: Command) -> Child {
+        Child::try_spawn_command(label, cmd).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`Child::spawn_command`], saying why it could not start (for
+    /// callers that report errors rather than panic, such as benchmarks).
+    pub fn try_spawn_command(label: &str, mut cmd: Command) -> std::io::Result<Child> {
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut process = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("failed to spawn {label} ({cmd:?}): {e}"));
+        let mut process = cmd.spawn().map_err(|e| {
+            std::io::Error::new(e.kind(), format!("failed to spawn {label} ({cmd:?}): {e}"))
+        })?;
         let stdin = process.stdin.take();
         let stdout = Lines::from_reader(process.stdout.take().expect("stdout is piped"));
         let stderr = Lines::from_reader(process.stderr.take().expect("stderr is piped"));
-        Child {
+        Ok(Child {
             label: label.to_owned(),
             process: Some(process),
             stdin: Arc::new(Mutex::new(stdin)),
             stdout,
             stderr,
             view: View::Own,
-        }
+        })
     }
 
     /// The view of the process this child relays (`child> ` lines, commands
@@ -257,21 +304,13 @@ impl Child {
         mut f: impl FnMut(&[&str]) -> Option<T>,
     ) -> T {
         let view = self.view;
-        match self.stdout.wait(timeout, |all| f(&view.filter(all))) {
-            Ok(found) => found,
-            Err(eof) => {
-                let why = if eof {
-                    "its output closed (did it die?)"
-                } else {
-                    "timed out"
-                };
-                panic!(
-                    "{}: {why} after waiting up to {timeout:?} for {what}\n{}",
-                    self.label,
-                    self.context()
-                );
-            }
-        }
+        self.stdout.wait_or_fail(
+            &self.label,
+            what,
+            timeout,
+            || self.context(),
+            |all| f(&view.filter(all)),
+        )
     }
 
     /// Sends `command` and waits for the reply: the first later line whose
@@ -300,6 +339,33 @@ impl Child {
         line
     }
 
+    /// Waits for the `ready PID …` line the test programs print once they
+    /// serve; returns PID and the words after it.
+    #[track_caller]
+    pub fn wait_ready(&self) -> (u32, Vec<String>) {
+        let ready = self.wait_line("`ready PID …`", PROGRAM_TIMEOUT, |lines| {
+            lines
+                .iter()
+                .find_map(|l| l.strip_prefix("ready "))
+                .map(str::to_owned)
+        });
+        let mut words = ready.split_whitespace().map(str::to_owned);
+        let Some(pid) = words.next().and_then(|p| p.parse().ok()) else {
+            panic!("{}: malformed ready line {ready:?}", self.label);
+        };
+        (pid, words.collect())
+    }
+
+    /// Like [`Child::request`], for a reply `REPLY VALUE …`: returns VALUE.
+    #[track_caller]
+    pub fn request_value<T: std::str::FromStr>(&self, command: &str, reply: &str) -> T {
+        let line = self.request(command, reply);
+        line.split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{}: malformed reply {line:?}", self.label))
+    }
+
     /// Recent stdout and stderr, for failure messages.
     pub fn context(&self) -> String {
         let own = self.lines();
@@ -322,23 +388,15 @@ impl Child {
         &self,
         what: &str,
         timeout: Duration,
-        mut f: impl FnMut(&[String]) -> Option<T>,
+        f: impl FnMut(&[String]) -> Option<T>,
     ) -> T {
-        match self.stderr.wait(timeout, |all| f(all)) {
-            Ok(found) => found,
-            Err(eof) => {
-                let why = if eof {
-                    "its stderr closed (did it die?)"
-                } else {
-                    "timed out"
-                };
-                panic!(
-                    "{}: {why} after waiting up to {timeout:?} for {what} on stderr\n{}",
-                    self.label,
-                    self.context()
-                );
-            }
-        }
+        self.stderr.wait_or_fail(
+            &self.label,
+            &format!("{what} on stderr"),
+            timeout,
+            || self.context(),
+            f,
+        )
     }
 
     /// Waits for the process (which this child must own) to exit by itself
@@ -347,24 +405,69 @@ impl Child {
     #[track_caller]
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let label = self.label.clone();
-        let Some(process) = self.process.as_mut() else {
+        if self.process.is_none() {
             panic!("{label}: not a process this test started");
-        };
-        let deadline = Instant::now() + timeout;
-        loop {
-            match process.try_wait() {
-                Ok(Some(status)) => {
-                    self.process = None;
-                    return status;
-                }
-                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(2)),
-                Ok(None) => {
-                    let context = self.context();
-                    self.kill();
-                    panic!("{label}: still running after {timeout:?} (killed)\n{context}");
-                }
-                Err(e) => panic!("{label}: failed to wait: {e}"),
+        }
+        match self.exit_within(timeout) {
+            Ok(Some(status)) => status,
+            Ok(None) => {
+                let context = self.context();
+                self.kill();
+                panic!("{label}: still running after {timeout:?} (killed)\n{context}");
             }
+            Err(e) => panic!("{label}: failed to wait: {e}"),
+        }
+    }
+
+    /// Polls `try_wait` every 2 ms until the process this child owns exits
+    /// (reaped, its last lines read) or `timeout` passes (`Ok(None)`).
+    fn exit_within(&mut self, timeout: Duration) -> std::io::Result<Option<ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        while let Some(process) = self.process.as_mut() {
+            if let Some(status) = process.try_wait()? {
+                self.process = None;
+                self.await_eof();
+                return Ok(Some(status));
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+        Ok(None)
+    }
+
+    /// Sends `signal` to the process (if this child owns one and it still
+    /// runs).
+    pub fn signal(&self, signal: Signal) {
+        if let Some(pid) = self
+            .process_id()
+            .and_then(|p| Pid::from_raw(i32::try_from(p).ok()?))
+        {
+            let _ = kill_process(pid, signal);
+        }
+    }
+
+    /// SIGTERM, then waits up to `grace` for the process (which this child
+    /// must own) to exit. Returns its exit status, or `None` if it had to be
+    /// killed.
+    pub fn terminate(&mut self, grace: Duration) -> Option<ExitStatus> {
+        self.process.as_ref()?;
+        self.signal(Signal::TERM);
+        match self.exit_within(grace) {
+            Ok(Some(status)) => Some(status),
+            _ => {
+                self.kill();
+                None
+            }
+        }
+    }
+
+    /// Lets the reader threads take the last lines of an exited process:
+    /// waits (briefly: a grandchild may hold the pipes) for both to close.
+    fn await_eof(&self) {
+        for lines in [&self.stdout, &self.stderr] {
+            let _ = lines.wait(Duration::from_secs(1), |_| None::<()>);
         }
     }
 

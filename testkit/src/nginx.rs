@@ -22,7 +22,7 @@ use rustix::{
     process::{Pid, PidfdFlags, pidfd_open},
 };
 
-use crate::{Child, Netns, PROGRAM_TIMEOUT, TempDir, process::tail, program};
+use crate::{Child, Netns, PROGRAM_TIMEOUT, TempDir, process::tail};
 
 /// Where `cargo xtask setup --test-deps` installs nginx (Debian nginx-light).
 pub const NGINX: &str = "/usr/sbin/nginx";
@@ -292,9 +292,7 @@ pub fn pgrep_children(pid: u32) -> Vec<u32> {
 
 /// The parent of `pid` (`/proc/PID/stat`).
 pub fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(')')?;
-    rest.split_whitespace().nth(1)?.parse().ok()
+    crate::procfs::stat(pid).map(|s| s.ppid)
 }
 
 /// Whether the process `pid` exits within `timeout`, watched through a pidfd
@@ -335,18 +333,12 @@ pub struct Upstream {
 impl Upstream {
     #[track_caller]
     pub fn start(ns: &Netns, address: &str) -> Upstream {
-        let child = Child::spawn(
-            ns,
-            &format!("upstream {address} (netns {})", ns.name()),
-            "python3",
-            &["-u", &program("upstream.py"), "--listen", address],
-        );
-        let address = child.wait_line("`ready PID ADDR`", PROGRAM_TIMEOUT, |lines| {
-            lines
-                .iter()
-                .find_map(|l| l.strip_prefix("ready ")?.split_whitespace().nth(1))
-                .map(str::to_owned)
-        });
+        let label = format!("upstream {address} (netns {})", ns.name());
+        let child = Child::python(ns, &label, "upstream.py", &["--listen", address]);
+        let (_, rest) = child.wait_ready();
+        let Some(address) = rest.into_iter().next() else {
+            panic!("{}: no address in its ready line", child.label());
+        };
         Upstream { child, address }
     }
 
@@ -405,16 +397,9 @@ pub struct HttpClient {
 impl HttpClient {
     #[track_caller]
     pub fn start(ns: &Netns, address: &str) -> HttpClient {
-        let prog = program("http_client.py");
-        let child = Child::spawn(
-            ns,
-            &format!("http client -> {address} (netns {})", ns.name()),
-            "python3",
-            &["-u", &prog, "--connect", address],
-        );
-        child.wait_line("`ready PID`", PROGRAM_TIMEOUT, |lines| {
-            lines.iter().any(|l| l.starts_with("ready ")).then_some(())
-        });
+        let label = format!("http client -> {address} (netns {})", ns.name());
+        let child = Child::python(ns, &label, "http_client.py", &["--connect", address]);
+        child.wait_ready();
         HttpClient { child }
     }
 

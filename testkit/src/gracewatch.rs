@@ -15,9 +15,9 @@ use rustix::process::{Pid, Signal, kill_process};
 use serde_json::Value;
 
 use crate::{
-    Expect, STARTUP_TIMEOUT, STATE_TIMEOUT, Soft,
+    Expect, STARTUP_TIMEOUT, STATE_TIMEOUT, Schema, Soft,
     process::{Lines, tail},
-    status::{check_shape, pretty},
+    status::pretty,
 };
 
 /// The gracewatch binary: `$GRACEWATCH_BIN` (set by `cargo xtask test`),
@@ -93,6 +93,22 @@ impl Gracewatch {
         }
     }
 
+    /// Runs `gracewatch ARGS…` like [`Gracewatch::run`]; it must exit 0.
+    /// Returns its stdout and stderr.
+    #[track_caller]
+    pub fn run_ok(&self, args: &[&str]) -> (String, String) {
+        let out = self.run(args);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            out.status.success(),
+            "gracewatch {} failed ({})\n  stdout: {stdout}\n  stderr: {stderr}",
+            args.join(" "),
+            out.status
+        );
+        (stdout, stderr)
+    }
+
     /// `gracewatch status ARGS… --json`: must exit 0 and print exactly one
     /// well-formed Status object, which is returned.
     #[track_caller]
@@ -101,14 +117,7 @@ impl Gracewatch {
         full.extend_from_slice(args);
         full.push("--json");
         let what = format!("gracewatch {}", full.join(" "));
-        let out = self.run(&full);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.success(),
-            "{what} failed ({})\n  stdout: {stdout}\n  stderr: {stderr}",
-            out.status
-        );
+        let (stdout, stderr) = self.run_ok(&full);
         let values: Result<Vec<Value>, _> = serde_json::Deserializer::from_str(&stdout)
             .into_iter::<Value>()
             .collect();
@@ -121,7 +130,7 @@ impl Gracewatch {
                 values.len()
             );
         };
-        if let Err(why) = check_shape(status) {
+        if let Err(why) = Schema::Status.check(status) {
             panic!(
                 "{what}: malformed status: {why}\n  status: {}",
                 pretty(status)
@@ -266,7 +275,7 @@ impl Watch {
                         return Some(Err(format!("line {} is not JSON ({e}): {line}", i + 1)));
                     }
                 };
-                if let Err(why) = check_shape(&status) {
+                if let Err(why) = Schema::Status.check(&status) {
                     return Some(Err(format!(
                         "line {} is not a valid status: {why}\n  line: {line}",
                         i + 1

@@ -23,7 +23,7 @@ use rustix::process::{
 use serde_json::Value;
 
 use crate::{
-    Gracewatch, STARTUP_TIMEOUT,
+    Gracewatch, STARTUP_TIMEOUT, Schema,
     process::{Lines, tail},
     status::pretty,
 };
@@ -167,35 +167,34 @@ impl Drain {
         timeout: Duration,
         pred: impl Fn(&Value) -> bool,
     ) -> Value {
-        let found = self.stdout.wait(timeout, |lines| {
-            for line in lines {
-                let v = match parse_line(line) {
-                    Ok(v) => v,
-                    Err(bad) => return Some(Err(bad)),
-                };
-                if v["type"] == "result" {
-                    return Some(Err(format!("it printed its result first: {line}")));
+        let found = self.stdout.wait_or_fail(
+            &self.what,
+            &format!("progress `{what}`"),
+            timeout,
+            || self.context(),
+            |lines| {
+                for line in lines {
+                    let v = match parse_line(line) {
+                        Ok(v) => v,
+                        Err(bad) => return Some(Err(bad)),
+                    };
+                    if v["type"] == "result" {
+                        return Some(Err(format!("it printed its result first: {line}")));
+                    }
+                    if pred(&v) {
+                        return Some(Ok(v));
+                    }
                 }
-                if pred(&v) {
-                    return Some(Ok(v));
-                }
-            }
-            None
-        });
-        match found {
-            Ok(Ok(v)) => v,
-            Ok(Err(why)) => panic!(
+                None
+            },
+        );
+        found.unwrap_or_else(|why| {
+            panic!(
                 "{}: while waiting for progress `{what}`: {why}\n{}",
                 self.what,
                 self.context()
-            ),
-            Err(eof) => panic!(
-                "{}: {} waiting for progress `{what}`\n{}",
-                self.what,
-                if eof { "exited" } else { "timed out" },
-                self.context()
-            ),
-        }
+            )
+        })
     }
 
     /// Waits until a stderr line (human output) satisfies `pred`.
@@ -206,18 +205,13 @@ impl Drain {
         timeout: Duration,
         pred: impl Fn(&str) -> bool,
     ) -> String {
-        match self
-            .stderr
-            .wait(timeout, |lines| lines.iter().find(|l| pred(l)).cloned())
-        {
-            Ok(line) => line,
-            Err(eof) => panic!(
-                "{}: {} waiting for {what} on stderr\n{}",
-                self.what,
-                if eof { "exited" } else { "timed out" },
-                self.context()
-            ),
-        }
+        self.stderr.wait_or_fail(
+            &self.what,
+            &format!("{what} on stderr"),
+            timeout,
+            || self.context(),
+            |lines| lines.iter().find(|l| pred(l)).cloned(),
+        )
     }
 
     /// The first progress line (gracewatch prints it once it watches the
@@ -342,7 +336,9 @@ fn wait_eof(lines: &Lines) -> Vec<String> {
 fn parse_line(line: &str) -> Result<Value, String> {
     let v: Value =
         serde_json::from_str(line).map_err(|e| format!("stdout line is not JSON ({e}): {line}"))?;
-    check_drain_shape(&v).map_err(|why| format!("malformed line: {why}\n  line: {line}"))?;
+    Schema::Drain
+        .check(&v)
+        .map_err(|why| format!("malformed line: {why}\n  line: {line}"))?;
     Ok(v)
 }
 
@@ -556,113 +552,4 @@ impl Finished {
             tail(&self.stderr, 20)
         )
     }
-}
-
-/// Checks one `--json` line of drain/wait: a progress or result object with
-/// exactly the documented fields and types (`gracewatch/src/drain/mod.rs`).
-pub fn check_drain_shape(v: &Value) -> Result<(), String> {
-    let Some(obj) = v.as_object() else {
-        return Err("not an object".to_owned());
-    };
-    let fields: &[(&str, Ty)] = match obj.get("type").and_then(Value::as_str) {
-        Some("progress") => &[
-            ("type", Ty::Str),
-            ("elapsed_ms", Ty::U64),
-            ("live", Ty::U64),
-            ("closes_per_sec", Ty::Number),
-            ("eta_ms", Ty::OptU64),
-            ("oldest", Ty::OptHeld),
-            ("accepted_last_10s", Ty::U64),
-            ("message", Ty::Str),
-        ],
-        Some("result") => &[
-            ("type", Ty::Str),
-            ("targets", Ty::Pids),
-            ("outcome", Ty::Outcome),
-            ("exit_code", Ty::U64),
-            ("initial_live", Ty::U64),
-            ("peak_live", Ty::U64),
-            ("duration_ms", Ty::U64),
-            ("signal_sent", Ty::OptSignal),
-            ("still_held", Ty::U64),
-            ("held", Ty::HeldList),
-            ("message", Ty::Str),
-        ],
-        _ => {
-            return Err(format!(
-                "`type` is {}",
-                obj.get("type").unwrap_or(&Value::Null)
-            ));
-        }
-    };
-    let mut errors = Vec::new();
-    for (key, ty) in fields {
-        match obj.get(*key) {
-            None => errors.push(format!("missing `{key}`")),
-            Some(x) if !ty.accepts(x) => {
-                errors.push(format!("`{key}` has the wrong type or value ({x})"));
-            }
-            Some(_) => {}
-        }
-    }
-    for key in obj.keys() {
-        if !fields.iter().any(|(k, _)| k == key) {
-            errors.push(format!("unknown field `{key}`"));
-        }
-    }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(errors.join("; "))
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Ty {
-    Str,
-    U64,
-    OptU64,
-    Number,
-    Pids,
-    Outcome,
-    OptSignal,
-    OptHeld,
-    HeldList,
-}
-
-impl Ty {
-    fn accepts(self, x: &Value) -> bool {
-        match self {
-            Ty::Str => x.is_string(),
-            Ty::U64 => x.is_u64(),
-            Ty::OptU64 => x.is_u64() || x.is_null(),
-            Ty::Number => x.is_number(),
-            Ty::Pids => x.as_array().is_some_and(|a| a.iter().all(Value::is_u64)),
-            Ty::Outcome => matches!(
-                x.as_str(),
-                Some(
-                    "drained"
-                        | "target_exited"
-                        | "signal_refused"
-                        | "timeout"
-                        | "interrupted"
-                        | "error"
-                )
-            ),
-            Ty::OptSignal => x.is_null() || x.as_str().is_some_and(|s| s.starts_with("SIG")),
-            Ty::OptHeld => x.is_null() || held_ok(x),
-            Ty::HeldList => x.as_array().is_some_and(|a| a.iter().all(held_ok)),
-        }
-    }
-}
-
-/// A `HeldConnection`: `{pid, local, peer, age_ms}`.
-fn held_ok(x: &Value) -> bool {
-    x.as_object().is_some_and(|h| {
-        h.len() == 4
-            && h.get("pid").is_some_and(Value::is_u64)
-            && h.get("local").is_some_and(Value::is_string)
-            && h.get("peer").is_some_and(Value::is_string)
-            && h.get("age_ms").is_some_and(Value::is_u64)
-    })
 }

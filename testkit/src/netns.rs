@@ -1,9 +1,11 @@
-//! [`Netns`]: a throw-away network namespace per test, so that each test's
-//! loopback traffic, ports and sockets are isolated from the host and from
-//! the other tests running in parallel.
+//! [`Netns`]: a throw-away network namespace per test (or benchmark), so
+//! that each one's loopback traffic, ports and sockets are isolated from the
+//! host and from the others running in parallel. The `gw-` prefix puts
+//! every one under `cargo xtask test`'s leak check.
 
 use std::{
     collections::hash_map::RandomState,
+    ffi::OsStr,
     hash::{BuildHasher, Hasher},
     os::unix::fs::MetadataExt,
     process::{Command, Stdio},
@@ -21,21 +23,28 @@ pub struct Netns {
 }
 
 impl Netns {
-    /// Creates the namespace. `test` is a short tag naming the test.
+    /// Creates the namespace. `test` is a short tag naming the test (or
+    /// the benchmark). Panics on failure: see [`Netns::create`].
     #[track_caller]
     pub fn new(test: &str) -> Netns {
+        Netns::create(test).unwrap_or_else(|e| panic!("network namespace for {test}: {e}"))
+    }
+
+    /// Creates the namespace, or says why it could not (`ip` missing or
+    /// failing, no root).
+    pub fn create(tag: &str) -> std::io::Result<Netns> {
         let mut hasher = RandomState::new().build_hasher();
         hasher.write_u32(std::process::id());
-        let name = format!("gw-{test}-{:06x}", hasher.finish() & 0xff_ffff);
-        run(Command::new("ip").args(["netns", "add", &name]));
+        let name = format!("gw-{tag}-{:06x}", hasher.finish() & 0xff_ffff);
+        run(Command::new("ip").args(["netns", "add", &name]))?;
         // From here on the guard owns the namespace, even if bringing lo up fails.
         let mut ns = Netns { name, inode: 0 };
-        run(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]));
+        run(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]))?;
         let path = format!("/run/netns/{}", ns.name);
         ns.inode = std::fs::metadata(&path)
-            .unwrap_or_else(|e| panic!("failed to stat {path}: {e}"))
+            .map_err(|e| std::io::Error::new(e.kind(), format!("failed to stat {path}: {e}")))?
             .ino();
-        ns
+        Ok(ns)
     }
 
     pub fn name(&self) -> &str {
@@ -51,9 +60,9 @@ impl Netns {
     /// `ip netns exec NAME program`: a command that runs inside the namespace.
     /// `ip netns exec` execs the program in place, so the spawned pid is the
     /// program's own.
-    pub fn command(&self, program: &str) -> Command {
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name, program]);
+        cmd.args(["netns", "exec", &self.name]).arg(program);
         cmd
     }
 
@@ -101,14 +110,16 @@ impl Drop for Netns {
     }
 }
 
-fn run(cmd: &mut Command) {
+fn run(cmd: &mut Command) -> std::io::Result<()> {
     let out = cmd
         .output()
-        .unwrap_or_else(|e| panic!("failed to run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
+        .map_err(|e| std::io::Error::new(e.kind(), format!("failed to run {cmd:?}: {e}")))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(std::io::Error::other(format!(
         "{cmd:?} failed ({}): {}",
         out.status,
         String::from_utf8_lossy(&out.stderr).trim()
-    );
+    )))
 }

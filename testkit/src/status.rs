@@ -1,7 +1,8 @@
 //! Reading gracewatch's `--json` Status objects (schema
 //! `gracewatch.status.v1`, see `gracewatch/src/tracker/status.rs`): field
-//! accessors, a structural check run on every object we receive, and
-//! [`Expect`], an exact expectation whose mismatches are spelled out.
+//! accessors and [`Expect`], an exact expectation whose mismatches are
+//! spelled out. Every object we receive is also checked against
+//! `gracewatch/schema/status.schema.json` ([`Schema::Status`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -9,6 +10,8 @@ use std::{
 };
 
 use serde_json::Value;
+
+use crate::Schema;
 
 pub const SCHEMA: &str = "gracewatch.status.v1";
 
@@ -62,126 +65,6 @@ pub fn port_of(address: &str) -> Option<u16> {
 
 fn array<'a>(v: &'a Value, key: &str) -> &'a [Value] {
     v[key].as_array().map_or(&[], Vec::as_slice)
-}
-
-/// Checks that `status` has the shape of a `gracewatch.status.v1` object:
-/// every field present with its type (unknown fields are errors, as in the
-/// Rust type's `deny_unknown_fields`).
-pub fn check_shape(status: &Value) -> Result<(), String> {
-    let mut errors = Vec::new();
-    if status["schema"].as_str() != Some(SCHEMA) {
-        errors.push(format!(
-            "schema is {}, expected {SCHEMA:?}",
-            status["schema"]
-        ));
-    }
-    fields(
-        status,
-        "status",
-        &[
-            ("schema", Ty::Str),
-            ("uptime_ms", Ty::U64),
-            ("processes", Ty::Arr),
-            ("listeners", Ty::Arr),
-            ("lost_events", Ty::U64),
-            ("map_full_total", Ty::U64),
-        ],
-        &mut errors,
-    );
-    for p in array(status, "processes") {
-        let at = format!("process {}", p["pid"]);
-        fields(
-            p,
-            &at,
-            &[
-                ("pid", Ty::U64),
-                ("comm", Ty::Str),
-                ("live", Ty::U64),
-                ("listeners", Ty::Arr),
-                ("accepted_total", Ty::U64),
-                ("closed_total", Ty::U64),
-                ("oldest_live_ms", Ty::OptU64),
-            ],
-            &mut errors,
-        );
-        if !array(p, "listeners").iter().all(Value::is_string) {
-            errors.push(format!("{at}: listeners must be address strings"));
-        }
-    }
-    for l in array(status, "listeners") {
-        let at = format!("listener {}", l["address"]);
-        fields(
-            l,
-            &at,
-            &[
-                ("netns", Ty::U64),
-                ("address", Ty::Str),
-                ("family", Ty::Str),
-                ("holders", Ty::Arr),
-                ("accept_queue", Ty::U64),
-                ("accepted_total", Ty::U64),
-                ("queue_drops_total", Ty::U64),
-            ],
-            &mut errors,
-        );
-        if !matches!(l["family"].as_str(), Some("ipv4" | "ipv6")) {
-            errors.push(format!(
-                "{at}: family is {}, expected \"ipv4\" or \"ipv6\"",
-                l["family"]
-            ));
-        }
-        if l["address"].as_str().and_then(port_of).is_none() {
-            errors.push(format!("{at}: address is not ip:port"));
-        }
-        for h in array(l, "holders") {
-            fields(
-                h,
-                &format!("{at} holder {}", h["pid"]),
-                &[("pid", Ty::U64), ("comm", Ty::Str), ("live", Ty::U64)],
-                &mut errors,
-            );
-        }
-    }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(errors.join("; "))
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Ty {
-    Str,
-    U64,
-    OptU64,
-    Arr,
-}
-
-fn fields(v: &Value, at: &str, expected: &[(&str, Ty)], errors: &mut Vec<String>) {
-    let Some(obj) = v.as_object() else {
-        errors.push(format!("{at}: not an object"));
-        return;
-    };
-    for (key, ty) in expected {
-        let ok = match (obj.get(*key), ty) {
-            (None, _) => {
-                errors.push(format!("{at}: missing `{key}`"));
-                continue;
-            }
-            (Some(x), Ty::Str) => x.is_string(),
-            (Some(x), Ty::U64) => x.is_u64(),
-            (Some(x), Ty::OptU64) => x.is_u64() || x.is_null(),
-            (Some(x), Ty::Arr) => x.is_array(),
-        };
-        if !ok {
-            errors.push(format!("{at}: `{key}` has the wrong type ({})", obj[*key]));
-        }
-    }
-    for key in obj.keys() {
-        if !expected.iter().any(|(k, _)| k == key) {
-            errors.push(format!("{at}: unknown field `{key}`"));
-        }
-    }
 }
 
 /// An exact expectation about a Status: which processes are listed with
@@ -256,7 +139,7 @@ impl Expect {
 
     /// Every way `status` differs from this expectation (`Ok` if none).
     pub fn check(&self, status: &Value) -> Result<(), String> {
-        check_shape(status)?;
+        Schema::Status.check(status)?;
         let mut errors = Vec::new();
         for (&pid, &want) in &self.processes {
             match (want, process(status, pid)) {

@@ -1,0 +1,231 @@
+//! The JSON Schema checks of gracewatch's output: every JSON object a test
+//! reads is validated against the documented contract in
+//! `gracewatch/schema/` ([`Schema::check`]), so a renamed, missing, extra or
+//! mistyped key fails the test that saw it. The tests themselves assert
+//! the exact values.
+
+use std::sync::OnceLock;
+
+use serde_json::Value;
+
+/// One documented JSON contract.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Schema {
+    /// `status --json`, each `watch --json` line, the agent's `/v1/status`.
+    Status,
+    /// Each `drain --json` / `wait --json` line (progress or result).
+    Drain,
+    /// The agent's `GET /v1/drains/{id}` answer (`#/$defs/agent_drain` of
+    /// the drain schema).
+    AgentDrain,
+    /// Each line of `record` and of the agent's `/v1/events`.
+    Event,
+}
+
+const STATUS: &str = include_str!("../../gracewatch/schema/status.schema.json");
+const DRAIN: &str = include_str!("../../gracewatch/schema/drain.schema.json");
+const EVENT: &str = include_str!("../../gracewatch/schema/event.schema.json");
+
+impl Schema {
+    pub const ALL: [Schema; 4] = [
+        Schema::Status,
+        Schema::Drain,
+        Schema::AgentDrain,
+        Schema::Event,
+    ];
+
+    /// Checks `v`; `Err` lists every violation with where it is.
+    pub fn check(self, v: &Value) -> Result<(), String> {
+        let errors: Vec<String> = self
+            .validator()
+            .iter_errors(v)
+            .map(|e| {
+                let at = e.instance_path.to_string();
+                let at = if at.is_empty() { "/".to_owned() } else { at };
+                format!("{at}: {e}")
+            })
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    fn validator(self) -> &'static jsonschema::Validator {
+        static CELLS: [OnceLock<jsonschema::Validator>; 4] = [const { OnceLock::new() }; 4];
+        let i = Schema::ALL.iter().position(|&s| s == self).unwrap_or(0);
+        CELLS[i].get_or_init(|| {
+            let schema = self.document();
+            jsonschema::draft202012::new(&schema)
+                .unwrap_or_else(|e| panic!("the {self:?} schema is not a valid JSON Schema: {e}"))
+        })
+    }
+
+    /// The schema document this check validates against.
+    fn document(self) -> Value {
+        let parse = |text: &str| -> Value {
+            serde_json::from_str(text)
+                .unwrap_or_else(|e| panic!("the {self:?} schema is not JSON: {e}"))
+        };
+        match self {
+            Schema::Status => parse(STATUS),
+            Schema::Drain => parse(DRAIN),
+            Schema::Event => parse(EVENT),
+            // The drain document, entered at its `agent_drain` definition.
+            Schema::AgentDrain => {
+                let mut doc = parse(DRAIN);
+                if let Some(root) = doc.as_object_mut() {
+                    root.remove("oneOf");
+                    root.insert("$ref".to_owned(), "#/$defs/agent_drain".into());
+                }
+                doc
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// Real output of the debug binary (a server in a network namespace
+    /// holding one connection), one or more samples per schema.
+    fn samples(schema: Schema) -> Vec<Value> {
+        let held = json!({"age_ms": 3018, "local": "127.0.0.1:9912", "peer": "127.0.0.1:51604", "pid": 16729});
+        let progress = json!({"accepted_last_10s": 0, "closes_per_sec": 0.0, "elapsed_ms": 1008, "eta_ms": null, "live": 1, "message": "pid 16729 (python3): 1 live, 0.0 closes/s, oldest 1.0s from 127.0.0.1:51604", "oldest": held});
+        let report = json!({"duration_ms": 3001, "exit_code": 124, "held": [held], "initial_live": 1, "message": "deadline passed: pid 16729 still held 1 live connection(s); nothing was signalled", "outcome": "timeout", "peak_live": 1, "signal_sent": null, "still_held": 1, "targets": [16729]});
+        let typed = |v: &Value, ty: &str| {
+            let mut v = v.clone();
+            v["type"] = ty.into();
+            v
+        };
+        let tuple =
+            json!({"netns": 4026532178u32, "local": "127.0.0.1:9911", "remote": "127.0.0.1:52794"});
+        let at = json!({"secs": 11211, "nanos": 84934454});
+        match schema {
+            Schema::Status => vec![json!({
+                "schema": "gracewatch.status.v1", "uptime_ms": 1440,
+                "processes": [{"pid": 18084, "comm": "python3", "live": 1, "listeners": ["127.0.0.1:9913"], "accepted_total": 0, "closed_total": 0, "oldest_live_ms": 20}],
+                "listeners": [{"netns": 4026532178u32, "address": "127.0.0.1:9913", "family": "ipv4", "holders": [{"pid": 18084, "comm": "python3", "live": 1}], "accept_queue": 0, "accepted_total": 0, "queue_drops_total": 0}],
+                "lost_events": 0, "map_full_total": 0
+            })],
+            Schema::Drain => vec![typed(&progress, "progress"), typed(&report, "result")],
+            Schema::AgentDrain => vec![
+                json!({"elapsed_ms": 1280, "id": "6b0efc1f-1", "progress": progress, "report": null, "state": "running", "targets": [18084]}),
+                json!({"elapsed_ms": 3001, "id": "6b0efc1f-1", "progress": progress, "report": report, "state": "done", "targets": [18084]}),
+            ],
+            Schema::Event => vec![
+                json!({"kind": "handshake", "at": at, "sk": 11137627865198403777u64, "tuple": tuple}),
+                json!({"kind": "accept", "at": at, "sk": 11137627865198403777u64, "tuple": tuple, "pid": 16229, "comm": "python3", "was_queued": true}),
+                json!({"kind": "close", "at": at, "sk": 11137627865198403777u64, "tuple": tuple, "pid": 16229, "by_exit": false}),
+                json!({"kind": "listen_start", "at": at, "sk": 7, "addr": {"netns": 4026532178u32, "local": "[::]:9911"}, "pid": 16229, "comm": "python3"}),
+                json!({"kind": "lost", "at": at, "total": 3}),
+                json!({"kind": "lagged", "skipped": 1, "message": "this reader fell behind"}),
+            ],
+        }
+    }
+
+    /// Every leaf-holding object key of `v`, as a path of keys and indices.
+    fn key_paths(v: &Value, at: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+        match v {
+            Value::Object(map) => {
+                for (k, x) in map {
+                    at.push(k.clone());
+                    out.push(at.clone());
+                    key_paths(x, at, out);
+                    at.pop();
+                }
+            }
+            Value::Array(items) => {
+                for (i, x) in items.iter().enumerate() {
+                    at.push(i.to_string());
+                    key_paths(x, at, out);
+                    at.pop();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn parent_mut<'a>(v: &'a mut Value, path: &[String]) -> &'a mut Value {
+        path.iter().fold(v, |v, k| match v {
+            Value::Array(items) => &mut items[k.parse::<usize>().expect("index")],
+            other => &mut other[k.as_str()],
+        })
+    }
+
+    #[test]
+    fn every_schema_accepts_real_output() {
+        for schema in Schema::ALL {
+            for sample in samples(schema) {
+                assert_eq!(schema.check(&sample), Ok(()), "{schema:?}: {sample}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_schema_rejects_a_missing_or_unknown_key_anywhere() {
+        for schema in Schema::ALL {
+            for sample in samples(schema) {
+                let mut paths = Vec::new();
+                key_paths(&sample, &mut Vec::new(), &mut paths);
+                for path in paths {
+                    let (key, parent) = path.split_last().expect("a key");
+                    // `tuple.remote` is optional: the agent hides it.
+                    if key == "remote" {
+                        continue;
+                    }
+                    let mut missing = sample.clone();
+                    let obj = parent_mut(&mut missing, parent);
+                    let value = obj
+                        .as_object_mut()
+                        .and_then(|o| o.remove(key))
+                        .expect("the key");
+                    assert!(
+                        schema.check(&missing).is_err(),
+                        "{schema:?} accepts a sample without {path:?}: {missing}"
+                    );
+                    // The same key renamed: missing and unknown at once.
+                    let obj = parent_mut(&mut missing, parent);
+                    obj[format!("{key}_renamed")] = value;
+                    assert!(
+                        schema.check(&missing).is_err(),
+                        "{schema:?} accepts {path:?} renamed: {missing}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn schemas_reject_wrong_values() {
+        let mut status = samples(Schema::Status).remove(0);
+        status["listeners"][0]["family"] = "ipx".into();
+        assert!(Schema::Status.check(&status).is_err());
+        let mut result = samples(Schema::Drain).remove(1);
+        result["outcome"] = "drained_ish".into();
+        assert!(Schema::Drain.check(&result).is_err());
+        result["outcome"] = "drained".into();
+        result["signal_sent"] = "TERM".into();
+        assert!(Schema::Drain.check(&result).is_err());
+        result["signal_sent"] = "SIGTERM".into();
+        assert_eq!(Schema::Drain.check(&result), Ok(()));
+        // A result line is not an agent drain, nor the other way round.
+        assert!(Schema::AgentDrain.check(&result).is_err());
+        let agent = samples(Schema::AgentDrain).remove(0);
+        assert!(Schema::Drain.check(&agent).is_err());
+        let mut event = samples(Schema::Event).remove(1);
+        event["kind"] = "close".into();
+        assert!(Schema::Event.check(&event).is_err());
+        // Peers hidden: `remote` may go.
+        let mut hidden = samples(Schema::Event).remove(1);
+        hidden["tuple"]
+            .as_object_mut()
+            .expect("tuple")
+            .remove("remote");
+        assert_eq!(Schema::Event.check(&hidden), Ok(()));
+    }
+}
