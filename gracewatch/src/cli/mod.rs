@@ -270,14 +270,15 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
 }
 
 async fn watch(opts: SourceOptions, filter: FilterArgs, interval: Duration) -> anyhow::Result<u8> {
-    let mut monitor = Monitor::start(opts)?;
+    let handle = Monitor::spawn(opts)?;
+    let mut updates = handle.subscribe();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut last: Option<Status> = None;
     let mut next_print = tokio::time::Instant::now();
     let mut pending = true;
     loop {
         if pending && tokio::time::Instant::now() >= next_print {
-            let status = filter.apply(monitor.status());
+            let status = filter.apply(Status::clone(&updates.borrow_and_update()));
             if last.as_ref().is_none_or(|l| render::differs(l, &status)) {
                 let mut out = std::io::stdout().lock();
                 if filter.json {
@@ -298,7 +299,12 @@ async fn watch(opts: SourceOptions, filter: FilterArgs, interval: Duration) -> a
             tokio::time::Instant::now() + Duration::from_secs(3600)
         };
         tokio::select! {
-            changed = monitor.next_change() => { pending |= changed?; }
+            changed = updates.changed() => {
+                if changed.is_err() {
+                    anyhow::bail!("the monitor stopped: {}", handle.failure().unwrap_or_default());
+                }
+                pending = true;
+            }
             () = tokio::time::sleep_until(wake) => {}
             _ = tokio::signal::ctrl_c() => return Ok(exit::INTERRUPTED),
             _ = sigterm.recv() => return Ok(exit::INTERRUPTED),
