@@ -47,8 +47,9 @@ pub const HANDOVER_MIN_ACCEPTS: u64 = 3;
 /// How long an exited (or vanished) process is remembered.
 pub const KEEP_GONE: Duration = Duration::from_secs(60);
 /// Rate samples closer together than this are merged: a monitor publishes
-/// up to 50 statuses a second, the rates need a few per window.
-const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+/// up to 50 statuses a second, the rates need a few per window (and the
+/// model is copied for every publication).
+const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 /// Facts kept for readers that fell behind.
 const FACTS_KEPT: usize = 1024;
 

@@ -368,3 +368,24 @@ restart_case!(
     ],
     [RExpect::Rates(OLD, 8000, 0.0, 0.0)]
 );
+
+/// A publication every 100 ms (samples merged) still counts every accept.
+fn ten_accepts_published_every_100_ms() -> Vec<RStep> {
+    let mut steps: Vec<RStep> = vec![listen_start(1, 100, app(), OLD).into(), publish(1000)];
+    for k in 0..10u16 {
+        let at = 1010 + 100 * u64::from(k);
+        steps.push(accept(at, 200 + u64::from(k), to_app(k), OLD).into());
+        steps.push(publish(at + 90));
+    }
+    steps
+}
+
+restart_case!(
+    frequent_publications_keep_the_rates_exact,
+    from = ten_accepts_published_every_100_ms(),
+    [],
+    [
+        RExpect::Rates(OLD, 2000, 10.0, 0.0),
+        RExpect::Rates(OLD, 3000, 5.0, 0.0),
+    ]
+);
