@@ -236,7 +236,7 @@ async fn status_is_the_status_json_and_follows_events() {
         .expect("pid 4242");
     assert_eq!((p.comm.as_str(), p.live), ("server", 1));
     assert_eq!(status.listeners.len(), 1);
-    assert_eq!(status.listeners[0].address, LISTEN);
+    assert_eq!(status.listeners[0].address.to_string(), LISTEN);
 
     // The raw answer validates against the documented schema.
     let (code, raw) = call(&client, Method::GET, "/v1/status", None).await;

@@ -29,6 +29,7 @@
 mod agent;
 mod drain;
 mod gracewatch;
+pub mod handover;
 pub mod http;
 mod netns;
 pub mod nginx;

@@ -3,18 +3,16 @@
 //! toolchain (nightly + `rust-src`, `bpf-linker` and the LLVM it links
 //! against), running the binary with the privileges it needs, and the CI
 //! pipeline with its privileged end-to-end tests and leak checks.
-//! `.ci/run` is a thin wrapper around `cargo xtask ci`.
+//! `.ci/run` is a thin wrapper around `cargo xtask ci`. The benchmarks
+//! and the demo are programs of their own (the `gracewatch-bench` crate);
+//! `bench` and `demo` build that binary and hand it their arguments.
 
-mod bench;
-mod cmd;
-mod demo;
-mod run;
-mod setup;
 mod test;
 
-use std::{ffi::OsString, path::PathBuf, process::ExitCode, time::Duration, time::Instant};
+use std::{ffi::OsString, process::ExitCode, time::Instant};
 
 use clap::{Parser, Subcommand};
+use xtask::{cmd, run, setup};
 
 /// Tasks for developing gracewatch: toolchain setup, running, testing, CI.
 #[derive(Parser)]
@@ -94,71 +92,26 @@ enum Task {
     Ci,
     /// Watch a graceful restart drain in `gracewatch tui`, under load.
     ///
-    /// Builds gracewatch (like `run`), then starts on 127.0.0.1:PORT a demo
-    /// server that performs an fd-handover restart on SIGHUP (the new
-    /// process inherits the listening socket, the old one stops accepting
-    /// and serves its connections until their clients leave), and a load
-    /// generator whose clients hold connections for 1 to 45 seconds. The
-    /// server is restarted every --restart-every; `gracewatch tui --port
-    /// PORT` runs in the foreground, and quitting it stops everything. Logs
-    /// and the server's pid file are in /tmp/gracewatch-demo/.
-    Demo {
-        /// Port of the demo server (on 127.0.0.1).
-        #[arg(long, default_value_t = 8080)]
-        port: u16,
-        /// Clients, each holding one connection at a time.
-        #[arg(long, default_value_t = 40)]
-        clients: u32,
-        /// Restart the server this often, in seconds (0: only on demand,
-        /// with `kill -HUP` or `s` in the TUI).
-        #[arg(long, default_value = "30s", value_parser = parse_secs)]
-        restart_every: Duration,
-    },
+    /// Runs `gracewatch-bench demo` (see `cargo xtask demo --help`).
+    #[command(disable_help_flag = true)]
+    Demo(BenchArgs),
     /// Benchmarks against the alternatives; prints them and updates BENCHMARKS.md.
     ///
-    /// reaction (last close → signal: `gracewatch drain` vs `ss` polling),
-    /// overhead (nginx under wrk, with and without `gracewatch agent`),
-    /// scale (100k connections: `gracewatch status` vs `ss -tanp`, agent
-    /// memory), churn (a sustained connection rate across an fd-handover
-    /// restart: lost events, exact counts). Needs root; builds the release
-    /// binary first. Every process and namespace it starts is stopped.
-    Bench(bench::Args),
-    /// A load process of `bench` (started by it).
-    #[command(hide = true)]
-    BenchHelper {
-        #[command(subcommand)]
-        helper: bench::Helper,
-    },
-    /// The demo's server (started by `demo`).
-    #[command(hide = true)]
-    DemoServer {
-        #[arg(long)]
-        port: u16,
-        #[arg(long)]
-        pidfile: PathBuf,
-        /// Adopt this listening fd (handover) instead of binding.
-        #[arg(long)]
-        inherit_fd: Option<i32>,
-    },
-    /// The demo's load generator (started by `demo`).
-    #[command(hide = true)]
-    DemoLoad {
-        #[arg(long)]
-        port: u16,
-        #[arg(long)]
-        clients: u32,
-    },
+    /// Runs `gracewatch-bench bench` (see `cargo xtask bench --help`).
+    #[command(disable_help_flag = true)]
+    Bench(BenchArgs),
 }
 
-/// `30s`, `30` or `2m`.
-fn parse_secs(s: &str) -> Result<Duration, String> {
-    let (num, mult) = match s.strip_suffix('m') {
-        Some(n) => (n, 60),
-        None => (s.strip_suffix('s').unwrap_or(s), 1),
-    };
-    num.parse::<u64>()
-        .map(|n| Duration::from_secs(n * mult))
-        .map_err(|_| format!("`{s}` is not a duration in seconds (e.g. 30s, 2m, 0)"))
+/// The arguments of `demo` and `bench`, handed to `gracewatch-bench` as
+/// they are (`--help` included): that binary defines and documents them.
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "ARGS"
+    )]
+    args: Vec<OsString>,
 }
 
 fn main() -> ExitCode {
@@ -168,23 +121,8 @@ fn main() -> ExitCode {
         Task::Run { args } => run::run(args),
         Task::Test { unprivileged_only } => test::test(test::Options { unprivileged_only }),
         Task::Ci => ci(),
-        Task::Demo {
-            port,
-            clients,
-            restart_every,
-        } => demo::demo(&demo::Options {
-            port,
-            clients,
-            restart_every: (!restart_every.is_zero()).then_some(restart_every),
-        }),
-        Task::DemoServer {
-            port,
-            pidfile,
-            inherit_fd,
-        } => demo::server(port, &pidfile, inherit_fd),
-        Task::DemoLoad { port, clients } => demo::load(port, clients),
-        Task::Bench(args) => bench::bench(&args),
-        Task::BenchHelper { helper } => bench::helper(helper),
+        Task::Demo(BenchArgs { args }) => run::bench_binary("demo", args),
+        Task::Bench(BenchArgs { args }) => run::bench_binary("bench", args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,7 +1,8 @@
 //! `cargo xtask run`: build the release binary and replace this process with
 //! it, as root. `exec` rather than spawn-and-wait, so that the terminal,
 //! signals (Ctrl-C reaches gracewatch directly) and the exit code are
-//! gracewatch's own.
+//! gracewatch's own. The same for `bench` and `demo`, whose program is
+//! the `gracewatch-bench` binary.
 
 use std::{
     ffi::OsString,
@@ -10,7 +11,7 @@ use std::{
     process::Command,
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 
 use crate::{
     cmd::{self, command},
@@ -27,6 +28,26 @@ pub fn run(args: Vec<OsString>) -> Result<()> {
     let mut gracewatch = privileged(&bin, &args)?;
     println!("$ {}", cmd::display(&gracewatch));
     let err = gracewatch.exec();
+    Err(anyhow::Error::new(err).context(format!("failed to execute {}", bin.display())))
+}
+
+/// `cargo xtask bench|demo ARGS…`: builds `gracewatch-bench` (quietly, in
+/// the dev profile, as cargo builds xtask itself) and replaces this process
+/// with `gracewatch-bench TASK ARGS…`. That binary starts its own load
+/// processes and servers (hidden subcommands) through its own path.
+pub fn bench_binary(task: &str, args: Vec<OsString>) -> Result<()> {
+    let mut build = command("cargo");
+    build
+        .current_dir(cmd::repo_root())
+        .args(["build", "--quiet", "-p", "gracewatch-bench"]);
+    let status = build
+        .status()
+        .with_context(|| format!("failed to start `{}`", cmd::display(&build)))?;
+    if !status.success() {
+        bail!("`{}` failed ({status})", cmd::display(&build));
+    }
+    let bin = cmd::target_dir().join("debug").join("gracewatch-bench");
+    let err = Command::new(&bin).arg(task).args(args).exec();
     Err(anyhow::Error::new(err).context(format!("failed to execute {}", bin.display())))
 }
 

@@ -5,7 +5,6 @@
 use std::{
     collections::{BTreeSet, VecDeque},
     future::Future,
-    net::SocketAddr,
     time::Duration,
 };
 
@@ -217,12 +216,10 @@ impl Gate<'_> {
         let alive = self.alive_pids();
         for l in &status.listeners {
             if l.holders.iter().any(|h| alive.contains(&h.pid)) {
-                if let Ok(local) = l.address.parse::<SocketAddr>() {
-                    self.listen_addrs.insert(ListenAddr {
-                        netns: l.netns,
-                        local,
-                    });
-                }
+                self.listen_addrs.insert(ListenAddr {
+                    netns: l.netns,
+                    local: l.address,
+                });
             }
         }
         let (mut accepted, mut closed) = (0, 0);

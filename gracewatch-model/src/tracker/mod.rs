@@ -312,8 +312,8 @@ impl Tracker {
                 .collect();
             listeners.push(ListenerStatus {
                 netns: addr.netns,
-                address: addr.local.to_string(),
-                family: if addr.local.is_ipv4() { "ipv4" } else { "ipv6" }.to_owned(),
+                address: addr.local,
+                family: Family::of(addr.local),
                 holders,
                 accept_queue: l.queued + l.queued_before,
                 accepted_total: l.accepted_total,
@@ -338,7 +338,7 @@ impl Tracker {
                     pid,
                     comm: comm_of(pid),
                     live: n,
-                    listeners: addrs.iter().map(|a| a.local.to_string()).collect(),
+                    listeners: addrs.iter().map(|a| a.local).collect(),
                     accepted_total: proc.map_or(0, |p| p.accepted_total),
                     closed_total: proc.map_or(0, |p| p.closed_total),
                     oldest_live_ms: oldest,

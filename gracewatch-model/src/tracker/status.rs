@@ -3,6 +3,8 @@
 //! serde form is the `--json` contract documented in the README and checked
 //! against `schema/status.schema.json`.
 
+use std::net::SocketAddr;
+
 use serde::{Deserialize, Serialize};
 
 use crate::event::NetNs;
@@ -37,8 +39,9 @@ pub struct ProcessStatus {
     pub comm: String,
     /// Live inbound connections this process holds (ESTABLISHED or CLOSE_WAIT).
     pub live: u64,
-    /// Listeners this process holds, as `ListenerStatus::address` strings.
-    pub listeners: Vec<String>,
+    /// Listeners this process holds (their [`ListenerStatus::address`]),
+    /// one entry per address whatever the namespace.
+    pub listeners: Vec<SocketAddr>,
     /// Connections this process accepted since the monitor started.
     pub accepted_total: u64,
     /// Of those and of the pre-existing ones it held, how many ended.
@@ -48,15 +51,15 @@ pub struct ProcessStatus {
     pub oldest_live_ms: Option<u64>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerStatus {
     /// Network namespace inode: equal addresses in two containers stay apart.
     pub netns: NetNs,
-    /// `ip:port`, IPv6 in brackets (`[::]:8080`).
-    pub address: String,
-    /// `ipv4` or `ipv6`.
-    pub family: String,
+    /// Serialised `ip:port`, IPv6 in brackets (`[::]:8080`).
+    pub address: SocketAddr,
+    /// Serialised `ipv4` or `ipv6`.
+    pub family: Family,
     /// Processes holding this listener, by pid, each with the live
     /// connections it holds that came through this listener.
     pub holders: Vec<HolderStatus>,
@@ -75,4 +78,23 @@ pub struct HolderStatus {
     pub pid: u32,
     pub comm: String,
     pub live: u64,
+}
+
+/// A listener's address family, as the JSON names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    /// The family of `addr`.
+    pub fn of(addr: SocketAddr) -> Self {
+        if addr.is_ipv4() {
+            Self::Ipv4
+        } else {
+            Self::Ipv6
+        }
+    }
 }

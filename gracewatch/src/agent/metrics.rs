@@ -397,7 +397,7 @@ impl Collector for Scrape {
             let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for l in &status.listeners {
                 ConstGauge::new(saturate(field(l)))
-                    .encode(m.encode_family(&listener_labels(l.netns, &l.address))?)?;
+                    .encode(m.encode_family(&listener_labels(l.netns, &l.address.to_string()))?)?;
             }
         }
         let listener_counters: [(&str, &str, Field); 2] = [
@@ -416,7 +416,7 @@ impl Collector for Scrape {
             let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
             for l in &status.listeners {
                 ConstCounter::new(field(l))
-                    .encode(m.encode_family(&listener_labels(l.netns, &l.address))?)?;
+                    .encode(m.encode_family(&listener_labels(l.netns, &l.address.to_string()))?)?;
             }
         }
 
@@ -486,7 +486,7 @@ fn saturate(v: u64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tracker::{HolderStatus, ListenerStatus, ProcessStatus};
+    use crate::tracker::{Family, HolderStatus, ListenerStatus, ProcessStatus};
 
     fn status() -> Status {
         Status {
@@ -496,15 +496,15 @@ mod tests {
                 pid: 42,
                 comm: "we\"ird\\name\n\r\u{1b}]0;x".to_owned(),
                 live: 3,
-                listeners: vec!["0.0.0.0:80".to_owned()],
+                listeners: vec![([0, 0, 0, 0], 80).into()],
                 accepted_total: 5,
                 closed_total: 2,
                 oldest_live_ms: Some(2500),
             }],
             listeners: vec![ListenerStatus {
                 netns: 4026531840,
-                address: "0.0.0.0:80".to_owned(),
-                family: "ipv4".to_owned(),
+                address: ([0, 0, 0, 0], 80).into(),
+                family: Family::Ipv4,
                 holders: vec![HolderStatus {
                     pid: 42,
                     comm: "nginx".to_owned(),

@@ -3,7 +3,7 @@
 
 mod render;
 
-use std::{io::Write as _, path::PathBuf, process::ExitCode, time::Duration};
+use std::{io::Write as _, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -451,22 +451,15 @@ impl FilterArgs {
     /// what connects the two (a process is kept if it holds a kept listener).
     pub fn apply(&self, mut status: Status) -> Status {
         if !self.ports.is_empty() {
-            status.listeners.retain(|l| {
-                l.address
-                    .rsplit_once(':')
-                    .and_then(|(_, p)| p.parse::<u16>().ok())
-                    .is_some_and(|p| self.ports.contains(&p))
-            });
-            let kept: Vec<&str> = status
+            status
                 .listeners
-                .iter()
-                .map(|l| l.address.as_str())
-                .collect();
+                .retain(|l| self.ports.contains(&l.address.port()));
+            let kept: Vec<SocketAddr> = status.listeners.iter().map(|l| l.address).collect();
             status
                 .processes
-                .retain(|p| p.listeners.iter().any(|a| kept.contains(&a.as_str())));
+                .retain(|p| p.listeners.iter().any(|a| kept.contains(a)));
             for p in &mut status.processes {
-                p.listeners.retain(|a| kept.contains(&a.as_str()));
+                p.listeners.retain(|a| kept.contains(a));
             }
         }
         if !self.pids.is_empty() {

@@ -169,18 +169,22 @@ fn join<T: ToString>(items: &[T]) -> String {
 }
 
 /// `a, b, c`, or `-` for an empty list.
-fn list_or_dash(items: &[String]) -> String {
+fn list_or_dash<T: ToString>(items: &[T]) -> String {
     if items.is_empty() {
         "-".to_owned()
     } else {
-        items.join(", ")
+        items
+            .iter()
+            .map(T::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tracker::{HolderStatus, ListenerStatus};
+    use crate::tracker::{Family, HolderStatus, ListenerStatus};
 
     /// A status whose one process calls itself `name`.
     fn named(name: &str, live: u64) -> Status {
@@ -189,17 +193,21 @@ mod tests {
                 pid: 42,
                 comm: name.to_owned(),
                 live,
-                listeners: vec!["127.0.0.1:80".to_owned()],
+                listeners: vec![([127, 0, 0, 1], 80).into()],
                 ..ProcessStatus::default()
             }],
             listeners: vec![ListenerStatus {
-                address: "127.0.0.1:80".to_owned(),
+                netns: 0,
+                address: ([127, 0, 0, 1], 80).into(),
+                family: Family::Ipv4,
                 holders: vec![HolderStatus {
                     pid: 42,
                     comm: name.to_owned(),
                     live,
                 }],
-                ..ListenerStatus::default()
+                accept_queue: 0,
+                accepted_total: 0,
+                queue_drops_total: 0,
             }],
             ..Status::default()
         }

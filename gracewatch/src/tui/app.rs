@@ -255,7 +255,7 @@ impl App {
                     || p.pid.to_string().contains(&needle)
                     || p.comm.to_lowercase().contains(&needle)
                     || p.role.name().contains(&needle)
-                    || p.listeners.iter().any(|l| l.contains(&needle))
+                    || p.listeners.iter().any(|l| l.to_string().contains(&needle))
             })
             .collect()
     }

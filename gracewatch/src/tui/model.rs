@@ -43,7 +43,7 @@ pub const CHART_SPAN: Duration = Duration::from_secs(300);
 const LOG_CAP: usize = 1000;
 
 /// A listener as users name it: namespace plus `ip:port`.
-pub type ListenerKey = (NetNs, String);
+pub type ListenerKey = (NetNs, SocketAddr);
 
 /// Startup filters (`--pid`, `--port`, `--comm`). A process is shown when
 /// it matches every kind given, and stays shown once it did (an old server
@@ -70,11 +70,6 @@ impl StartFilter {
 /// The kernel keeps 15 bytes of a command name: `--comm` may name it in full.
 fn comm_matches(comm: &str, wanted: &str) -> bool {
     comm == wanted || (comm.len() >= 15 && wanted.starts_with(comm))
-}
-
-/// The port of an `ip:port` address string.
-pub fn port_of(address: &str) -> Option<u16> {
-    address.rsplit_once(':').and_then(|(_, p)| p.parse().ok())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -127,7 +122,7 @@ pub struct Proc {
     pub reason: String,
     pub live: u64,
     /// Listeners it holds now.
-    pub listeners: Vec<String>,
+    pub listeners: Vec<SocketAddr>,
     /// Listeners it held or accepted from since it was first seen.
     pub keys: BTreeSet<ListenerKey>,
     /// It held a listener in some status (a handover child may accept from
@@ -326,10 +321,7 @@ impl Model {
         let mut keys_of: HashMap<u32, Vec<ListenerKey>> = HashMap::new();
         for l in &status.listeners {
             for h in &l.holders {
-                keys_of
-                    .entry(h.pid)
-                    .or_default()
-                    .push((l.netns, l.address.clone()));
+                keys_of.entry(h.pid).or_default().push((l.netns, l.address));
             }
         }
         let before: BTreeMap<ListenerKey, BTreeSet<u32>> = self
@@ -337,7 +329,7 @@ impl Model {
             .iter()
             .map(|l| {
                 (
-                    (l.netns, l.address.clone()),
+                    (l.netns, l.address),
                     l.holders.iter().map(|h| h.pid).collect(),
                 )
             })
@@ -346,7 +338,7 @@ impl Model {
         let mut accepted_by: Vec<(u32, u64)> = Vec::new();
         let mut seen = BTreeSet::new();
         for p in &status.processes {
-            let ports: Vec<u16> = p.listeners.iter().filter_map(|a| port_of(a)).collect();
+            let ports: Vec<u16> = p.listeners.iter().map(SocketAddr::port).collect();
             if !self.wants(p.pid, &p.comm, &ports) {
                 continue;
             }
@@ -418,15 +410,14 @@ impl Model {
         self.all_listeners = status
             .listeners
             .iter()
-            .filter_map(|l| {
-                let local = l.address.parse().ok()?;
-                Some((
+            .map(|l| {
+                (
                     ListenAddr {
                         netns: l.netns,
-                        local,
+                        local: l.address,
                     },
-                    (l.netns, l.address.clone()),
-                ))
+                    (l.netns, l.address),
+                )
             })
             .collect();
         self.listeners = status
@@ -436,7 +427,7 @@ impl Model {
                 self.filter.is_empty()
                     || l.holders.iter().any(|h| self.procs.contains_key(&h.pid))
                     || (!self.filter.ports.is_empty()
-                        && port_of(&l.address).is_some_and(|p| self.filter.ports.contains(&p)))
+                        && self.filter.ports.contains(&l.address.port()))
             })
             .cloned()
             .collect();
@@ -454,19 +445,19 @@ impl Model {
         let mut lines = Vec::new();
         let mut after_keys = BTreeSet::new();
         for l in &self.listeners {
-            let key = (l.netns, l.address.clone());
+            let key = (l.netns, l.address);
             let after: BTreeSet<u32> = l.holders.iter().map(|h| h.pid).collect();
             let prev = before.get(&key);
             for &pid in &after {
                 if prev.is_some_and(|p| !p.contains(&pid))
-                    && !self.announced.remove(&(key.clone(), pid, true))
+                    && !self.announced.remove(&(key, pid, true))
                 {
                     lines.push(format!("{} now holds listener {}", self.label(pid), key.1));
                 }
             }
             if let Some(prev) = prev {
                 for &pid in prev.difference(&after) {
-                    if !self.announced.remove(&(key.clone(), pid, false)) {
+                    if !self.announced.remove(&(key, pid, false)) {
                         lines.push(format!("{} let go of listener {}", self.label(pid), key.1));
                     }
                 }
@@ -491,7 +482,7 @@ impl Model {
                 continue;
             }
             for &pid in prev {
-                if !self.announced.remove(&(key.clone(), pid, false)) {
+                if !self.announced.remove(&(*key, pid, false)) {
                     lines.push(format!("{} let go of listener {}", self.label(pid), key.1));
                 }
             }
@@ -596,15 +587,15 @@ impl Model {
             .iter()
             .filter(|(addr, _)| addr.matches(netns, local))
             .max_by_key(|(addr, _)| addr.specificity(local))
-            .map(|(_, key)| key.clone())
+            .map(|(_, key)| *key)
         else {
             return;
         };
         let newcomer_since = self.procs.get(&pid).map(|p| p.first_seen);
         if let Some(p) = self.procs.get_mut(&pid) {
-            p.keys.insert(key.clone());
+            p.keys.insert(key);
         }
-        if self.handovers.contains(&(key.clone(), pid)) {
+        if self.handovers.contains(&(key, pid)) {
             return;
         }
         let earlier = self
@@ -622,7 +613,7 @@ impl Model {
         if earlier.is_empty() {
             return;
         }
-        self.handovers.insert((key.clone(), pid));
+        self.handovers.insert((key, pid));
         let others = earlier
             .iter()
             .map(|&q| self.label(q))
@@ -851,12 +842,7 @@ impl Model {
             .map(|p| {
                 p.keys
                     .iter()
-                    .filter_map(|(netns, a)| {
-                        Some(ListenAddr {
-                            netns: *netns,
-                            local: a.parse().ok()?,
-                        })
-                    })
+                    .map(|&(netns, local)| ListenAddr { netns, local })
                     .collect()
             })
             .unwrap_or_default()
@@ -910,7 +896,7 @@ fn prune_samples(samples: &mut VecDeque<Sample>, now: Duration) {
 }
 
 fn key_of(addr: &ListenAddr) -> ListenerKey {
-    (addr.netns, display_addr(addr.local))
+    (addr.netns, addr.local)
 }
 
 /// `ip:port` as the status prints it (IPv6 in brackets).

@@ -26,6 +26,7 @@ use super::{
 use crate::{
     display::terminal_safe,
     event::{TCP_CLOSE_WAIT, TCP_ESTABLISHED},
+    tracker::Family,
 };
 
 const PALETTE: [Color; 8] = [
@@ -343,7 +344,14 @@ fn progress_line(p: &Proc, now: std::time::Duration, width: usize) -> Line<'stat
             "exited {} ago",
             human(now.saturating_sub(p.gone_at.unwrap_or(now)))
         )),
-        Role::Serving => Line::styled(p.listeners.join(" "), DIM),
+        Role::Serving => Line::styled(
+            p.listeners
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(" "),
+            DIM,
+        ),
     }
 }
 
@@ -364,7 +372,7 @@ fn render_listeners(frame: &mut Frame, area: Rect, app: &App) {
     let addr_w = model
         .listeners
         .iter()
-        .map(|l| l.address.len())
+        .map(|l| l.address.to_string().len())
         .max()
         .unwrap_or(0)
         .clamp(9, 28) as u16;
@@ -385,7 +393,7 @@ fn render_listeners(frame: &mut Frame, area: Rect, app: &App) {
         Constraint::Min(8),
     ]);
     let rows = model.listeners.iter().map(|l| {
-        let fam = if l.family == "ipv6" { " v6" } else { "" };
+        let fam = if l.family == Family::Ipv6 { " v6" } else { "" };
         let mut cells = vec![Cell::from(format!("{}{fam}", l.address))];
         if many_ns {
             cells.push(Cell::from(l.netns.to_string()));

@@ -17,7 +17,7 @@ use super::{
 use crate::{
     drain::{DrainSpec, SignalSpec},
     event::{ConnEvent, ListenAddr, Tuple},
-    tracker::{HolderStatus, ListenerStatus, ProcessStatus, Status},
+    tracker::{Family, HolderStatus, ListenerStatus, ProcessStatus, Status},
 };
 
 const NS: u32 = 4026531840;
@@ -46,7 +46,10 @@ fn proc(
         pid,
         comm: comm.to_owned(),
         live,
-        listeners: listeners.iter().map(|s| (*s).to_owned()).collect(),
+        listeners: listeners
+            .iter()
+            .map(|s| s.parse().expect("an address"))
+            .collect(),
         accepted_total: acc,
         closed_total: closed,
         oldest_live_ms: (live > 0).then_some(u64::from(pid % 100) * 1000 + 500),
@@ -56,13 +59,12 @@ fn proc(
 fn listener(address: &str, holders: &[(u32, &str, u64)], queue: u64, drops: u64) -> ListenerStatus {
     ListenerStatus {
         netns: NS,
-        address: address.to_owned(),
+        address: address.parse().expect("an address"),
         family: if address.starts_with('[') {
-            "ipv6"
+            Family::Ipv6
         } else {
-            "ipv4"
-        }
-        .to_owned(),
+            Family::Ipv4
+        },
         holders: holders
             .iter()
             .map(|&(pid, comm, live)| HolderStatus {

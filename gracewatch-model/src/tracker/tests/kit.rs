@@ -13,7 +13,7 @@ pub(super) use crate::event::{
     ConnEvent, Holder, ListenAddr, NetNs, SnapConn, SnapListener, Snapshot, Tuple,
 };
 pub(super) use crate::tracker::{
-    ConnInfo, ListenerStatus, ProcessStatus, STATUS_SCHEMA, Status, Tracker,
+    ConnInfo, Family, ListenerStatus, ProcessStatus, STATUS_SCHEMA, Status, Tracker,
 };
 
 /// One table row as its own test: `case!(name, [steps], [expected])`, or
@@ -348,11 +348,10 @@ fn proc_of<'a>(name: &str, st: &'a Status, pid: u32) -> &'a ProcessStatus {
 }
 
 fn listener_of<'a>(name: &str, st: &'a Status, addr: &ListenAddr) -> &'a ListenerStatus {
-    let address = addr.local.to_string();
     st.listeners
         .iter()
-        .find(|l| l.netns == addr.netns && l.address == address)
-        .unwrap_or_else(|| panic!("{name}: listener {address} not in status: {st:#?}"))
+        .find(|l| l.netns == addr.netns && l.address == addr.local)
+        .unwrap_or_else(|| panic!("{name}: listener {} not in status: {st:#?}", addr.local))
 }
 
 fn check(name: &str, t: &Tracker, st: &Status, e: &Expect) {
@@ -385,7 +384,12 @@ fn check(name: &str, t: &Tracker, st: &Status, e: &Expect) {
             );
         }
         Expect::ProcListeners(pid, addrs) => {
-            assert_eq!(&proc_of(name, st, *pid).listeners, addrs, "{ctx}");
+            let got: Vec<String> = proc_of(name, st, *pid)
+                .listeners
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            assert_eq!(&got, addrs, "{ctx}");
         }
         Expect::Comm(pid, comm) => assert_eq!(proc_of(name, st, *pid).comm, *comm, "{ctx}"),
         Expect::Oldest(pid, want) => {
@@ -395,7 +399,7 @@ fn check(name: &str, t: &Tracker, st: &Status, e: &Expect) {
             let got: Vec<(NetNs, String)> = st
                 .listeners
                 .iter()
-                .map(|l| (l.netns, l.address.clone()))
+                .map(|l| (l.netns, l.address.to_string()))
                 .collect();
             let want: Vec<(NetNs, String)> =
                 want.iter().map(|(n, a)| (*n, (*a).to_owned())).collect();
@@ -419,7 +423,8 @@ fn check(name: &str, t: &Tracker, st: &Status, e: &Expect) {
             );
         }
         Expect::Family(addr, family) => {
-            assert_eq!(listener_of(name, st, addr).family, *family, "{ctx}")
+            let got = serde_json::to_value(listener_of(name, st, addr).family).expect("a family");
+            assert_eq!(got, *family, "{ctx}")
         }
         Expect::Lost(n) => assert_eq!(st.lost_events, *n, "{ctx}"),
         Expect::Connections(pid, want) => {

@@ -73,7 +73,7 @@ fn status_json_matches_schema() {
     let busy = busy_status();
     assert!(busy.processes.iter().any(|p| p.oldest_live_ms.is_none()));
     assert!(busy.processes.iter().any(|p| p.oldest_live_ms.is_some()));
-    assert!(busy.listeners.iter().any(|l| l.family == "ipv6"));
+    assert!(busy.listeners.iter().any(|l| l.family == Family::Ipv6));
     assert!(busy.listeners.iter().any(|l| l.accept_queue > 0));
     let extreme = Status {
         schema: STATUS_SCHEMA.to_owned(),
@@ -82,7 +82,7 @@ fn status_json_matches_schema() {
             pid: u32::MAX,
             comm: "a-15-byte-name!".to_owned(),
             live: u64::MAX,
-            listeners: vec!["[fe80::1%2]:65535".to_owned()],
+            listeners: vec!["[fe80::1%2]:65535".parse().expect("an address")],
             accepted_total: u64::MAX,
             closed_total: 0,
             oldest_live_ms: Some(u64::MAX),

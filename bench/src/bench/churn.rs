@@ -25,8 +25,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use super::{Agent, Ctx, Netns, Proc, check_interrupted, cpu_time, signal};
-use crate::cmd::{self, command};
+use super::{Agent, Ctx, Netns, Proc, check_interrupted, cpu_time, netns, signal};
+use gracewatch_testkit::procfs;
+use xtask::cmd::{self, command};
 
 const PORT: u16 = 9300;
 const HELD_FIRST: u32 = 100;
@@ -54,7 +55,7 @@ struct Seen {
 }
 
 pub fn run(ctx: &Ctx, secs: u32) -> Result<String> {
-    let ns = Netns::new("churn")?;
+    let ns = netns("churn")?;
     let addr = format!("127.0.0.1:{PORT}");
 
     // Probe: the fastest client concurrency, without gracewatch.
@@ -146,7 +147,7 @@ pub fn run(ctx: &Ctx, secs: u32) -> Result<String> {
     let status = agent.status()?;
     let agent_lost = status["lost_events"].as_u64();
     let agent_seen = [seen(&status, gen1), seen(&status, gen2)];
-    let agent_hwm = super::proc_kb(agent.pid(), "VmHWM").unwrap_or(0) as f64 / 1024.0;
+    let agent_hwm = procfs::status_kb(agent.pid(), "VmHWM").unwrap_or(0) as f64 / 1024.0;
     agent.stop()?;
     // watch prints a line per change, at most every 100 ms: its last line
     // is the final state.

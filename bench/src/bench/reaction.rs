@@ -16,8 +16,8 @@ use std::{fmt::Write as _, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 
-use super::{Ctx, Netns, Proc, Rng, check_interrupted, percentile, verdict};
-use crate::cmd::command;
+use super::{Ctx, Netns, Proc, Rng, check_interrupted, netns, percentile, verdict};
+use xtask::cmd::command;
 
 const CONNECTIONS: u32 = 3;
 const PORT: u16 = 9100;
@@ -59,7 +59,7 @@ struct Sample {
 }
 
 pub fn run(ctx: &Ctx, drains: u32) -> Result<String> {
-    let ns = Netns::new("reaction")?;
+    let ns = netns("reaction")?;
     let methods = [Method::Gracewatch, Method::Poll(100), Method::Poll(1000)];
     let mut rng = Rng::new();
     let mut samples: Vec<Sample> = Vec::new();

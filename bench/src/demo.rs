@@ -2,12 +2,13 @@
 //! with nothing to install beyond the build. Three parts, all in this
 //! binary so that the demo needs no interpreter:
 //!
-//! - a **server** (`demo-server`, hidden) that echoes lines and, on SIGHUP,
-//!   performs the classic fd-handover restart: it starts a copy of itself
-//!   that inherits the listening socket, stops accepting once the copy is
-//!   ready, keeps serving the connections it holds until their clients
-//!   leave, then waits for SIGTERM (which `d` in the TUI sends at zero) or
-//!   exits by itself a while after it drained;
+//! - a **server** (`demo-server`, hidden; the test kit's fd-handover
+//!   server, `gracewatch_testkit::handover`) that answers lines and, on
+//!   SIGHUP, performs the classic fd-handover restart: it starts a copy of
+//!   itself that inherits the listening socket, stops accepting once the
+//!   copy is ready, keeps serving the connections it holds until their
+//!   clients leave, then waits for SIGTERM (which `d` in the TUI sends at
+//!   zero) or exits by itself a while after it drained;
 //! - a **load generator** (`demo-load`, hidden) whose clients hold
 //!   connections of varied lengths (1 s to 45 s) and reconnect, so that an
 //!   old server takes a visible while to drain;
@@ -18,27 +19,24 @@
 //! Traffic stays on the loopback address, and every loop is bounded in time.
 
 use std::{
-    ffi::OsString,
+    ffi::{OsStr, OsString},
     fs,
-    io::{BufRead, BufReader, Read as _, Write as _},
-    net::{Shutdown, TcpListener, TcpStream},
-    os::{
-        fd::{AsRawFd as _, FromRawFd as _},
-        unix::process::CommandExt as _,
-    },
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, Result, bail};
-
-use crate::run;
+use gracewatch_testkit::handover;
+use xtask::{cmd, run};
 
 /// Where the demo keeps its pid file and logs.
 fn demo_dir() -> PathBuf {
@@ -67,7 +65,7 @@ pub fn demo(opts: &Options) -> Result<()> {
     fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
     let pidfile = dir.join("server.pid");
     let _ = fs::remove_file(&pidfile);
-    let me = std::env::current_exe().context("failed to find the xtask binary")?;
+    let me = std::env::current_exe().context("failed to find the gracewatch-bench binary")?;
     let port = opts.port.to_string();
 
     let mut server = Command::new(&me);
@@ -123,7 +121,7 @@ pub fn demo(opts: &Options) -> Result<()> {
             OsString::from(&port),
         ],
     )?;
-    println!("$ {}", crate::cmd::display(&tui));
+    println!("$ {}", cmd::display(&tui));
     let status = tui.status();
     stop.store(true, Ordering::Relaxed);
     drop(load);
@@ -200,171 +198,30 @@ impl Drop for Reaped {
 
 // ---- the server --------------------------------------------------------------
 
-static HANGUP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_hangup(_: libc::c_int) {
-    HANGUP.store(true, Ordering::Relaxed);
-}
-
-/// Names this process `demo-server` (what `ps` and gracewatch show).
-fn set_process_name() {
-    let name = c"demo-server";
-    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
-    unsafe {
-        libc::prctl(libc::PR_SET_NAME, name.as_ptr(), 0, 0, 0);
-    }
-}
-
-/// `demo-server`: see the module documentation.
+/// `demo-server`: the test kit's fd-handover server (see
+/// [`handover`]) on 127.0.0.1:PORT, named `demo-server`, whose old
+/// generations exit [`LINGER_AFTER_DRAIN`] after they drained.
 pub fn server(port: u16, pidfile: &Path, inherit_fd: Option<i32>) -> Result<()> {
-    set_process_name();
-    // SAFETY: the handler only stores to an atomic, which is signal-safe.
-    let previous =
-        unsafe { libc::signal(libc::SIGHUP, on_hangup as *const () as libc::sighandler_t) };
-    if previous == libc::SIG_ERR {
-        bail!("failed to handle SIGHUP");
-    }
-    let listener = match inherit_fd {
-        // SAFETY: the parent passed this fd for us alone to own (handover).
-        Some(fd) => unsafe { TcpListener::from_raw_fd(fd) },
-        None => TcpListener::bind(("127.0.0.1", port))
-            .with_context(|| format!("failed to listen on 127.0.0.1:{port}"))?,
+    let listen = match inherit_fd {
+        Some(fd) => handover::Listen::Inherit(fd),
+        None => handover::Listen::Bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)),
     };
-    listener.set_nonblocking(true)?;
-    let fd = listener.as_raw_fd();
-    let pid = std::process::id();
-    fs::write(pidfile, format!("{pid}\n"))
-        .with_context(|| format!("failed to write {}", pidfile.display()))?;
-    eprintln!("server {pid}: accepting on 127.0.0.1:{port}");
-    if inherit_fd.is_some() {
-        // Tells the parent we are ready; stdout is not used afterwards.
-        println!("ready");
-    }
-
-    let live = Arc::new(AtomicU64::new(0));
-    let stop_accepting = Arc::new(AtomicBool::new(false));
-    let acceptor = {
-        let (live, stop) = (Arc::clone(&live), Arc::clone(&stop_accepting));
-        thread::Builder::new()
-            .name("demo-server".to_owned())
-            .spawn(move || accept_loop(listener, &live, &stop))?
-    };
-
-    let started = Instant::now();
-    let mut handed_over: Option<Instant> = None;
-    let mut drained: Option<Instant> = None;
-    while started.elapsed() < MAX_RUN {
-        thread::sleep(Duration::from_millis(100));
-        if HANGUP.swap(false, Ordering::Relaxed) && handed_over.is_none() {
-            match hand_over(port, pidfile, fd) {
-                Ok(child) => {
-                    stop_accepting.store(true, Ordering::Relaxed);
-                    handed_over = Some(Instant::now());
-                    eprintln!(
-                        "server {pid}: handed the listener to {child}; draining {} connection(s)",
-                        live.load(Ordering::Relaxed)
-                    );
-                }
-                Err(e) => eprintln!("server {pid}: handover failed: {e:#}"),
-            }
-        }
-        let Some(since) = handed_over else { continue };
-        if live.load(Ordering::Relaxed) == 0 {
-            let at = *drained.get_or_insert_with(Instant::now);
-            if at.elapsed() >= LINGER_AFTER_DRAIN {
-                break;
-            }
-        } else {
-            drained = None;
-        }
-        if since.elapsed() >= MAX_OLD_LIFETIME {
-            break;
-        }
-    }
-    eprintln!("server {pid}: exiting");
-    drop(acceptor);
-    Ok(())
-}
-
-/// Starts the next generation with the listener and waits until it is ready.
-fn hand_over(port: u16, pidfile: &Path, fd: i32) -> Result<u32> {
-    // SAFETY: fcntl on an fd we own; clearing FD_CLOEXEC lets the child
-    // inherit it (the std listener is created close-on-exec).
-    if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } == -1 {
-        bail!("failed to clear FD_CLOEXEC on the listener");
-    }
-    let me = std::env::current_exe().context("failed to find this binary")?;
-    let mut child = Command::new(me)
-        .args(["demo-server", "--port", &port.to_string(), "--pidfile"])
-        .arg(pidfile)
-        .args(["--inherit-fd", &fd.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("failed to start the next server")?;
-    // Close-on-exec again, so nothing else we might start inherits it.
-    // SAFETY: as above.
-    unsafe {
-        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
-    }
-    let mut line = String::new();
-    if let Some(out) = child.stdout.take() {
-        BufReader::new(out).read_line(&mut line)?;
-    }
-    if line.trim() != "ready" {
-        let _ = child.kill();
-        let _ = child.wait();
-        bail!("the next server did not get ready (said {line:?})");
-    }
-    // Reaped by nobody: it outlives us, adopted by init when we exit.
-    Ok(child.id())
-}
-
-fn accept_loop(listener: TcpListener, live: &Arc<AtomicU64>, stop: &AtomicBool) {
-    while !stop.load(Ordering::Relaxed) {
-        match listener.accept() {
-            Ok((conn, _)) => {
-                let live = Arc::clone(live);
-                live.fetch_add(1, Ordering::Relaxed);
-                let spawned =
-                    thread::Builder::new()
-                        .name("demo-server".to_owned())
-                        .spawn(move || {
-                            serve(conn);
-                            live.fetch_sub(1, Ordering::Relaxed);
-                        });
-                if spawned.is_err() {
-                    eprintln!("failed to start a connection thread");
-                }
-            }
-            // Nothing to accept, or the next generation won the race.
-            Err(_) => thread::sleep(Duration::from_millis(20)),
-        }
-    }
-    // Dropping the listener closes our copy: the next generation keeps it.
-}
-
-/// Echoes lines until the client leaves.
-fn serve(conn: TcpStream) {
-    let _ = conn.set_nonblocking(false);
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(120)));
-    let Ok(mut writer) = conn.try_clone() else {
-        return;
-    };
-    let mut reader = BufReader::new(conn);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        match reader.read_line(&mut line) {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {
-                if writer.write_all(b"pong\n").is_err() {
-                    break;
-                }
-            }
-        }
-    }
-    let _ = writer.shutdown(Shutdown::Both);
+    let port_arg = port.to_string();
+    let args: [&OsStr; 5] = [
+        "demo-server".as_ref(),
+        "--port".as_ref(),
+        port_arg.as_ref(),
+        "--pidfile".as_ref(),
+        pidfile.as_os_str(),
+    ];
+    handover::serve(&handover::Config {
+        set_process_name: true,
+        pidfile: Some(pidfile.to_owned()),
+        exit_after_drain: Some(LINGER_AFTER_DRAIN),
+        max_after_handover: Some(MAX_OLD_LIFETIME),
+        max_lifetime: MAX_RUN,
+        ..handover::Config::this_binary("demo-server", listen, &args)?
+    })
 }
 
 // ---- the load generator ------------------------------------------------------

@@ -26,8 +26,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use super::{Agent, Ctx, Netns, Proc, check_interrupted, proc_kb, verdict};
-use crate::cmd::command;
+use super::{Agent, Ctx, Proc, check_interrupted, netns, verdict};
+use gracewatch_testkit::procfs;
+use xtask::cmd::command;
 
 const PORT: u16 = 9200;
 const GOAL_SPEEDUP: f64 = 10.0;
@@ -76,7 +77,7 @@ struct AgentResult {
 }
 
 pub fn run(ctx: &Ctx, n: u32) -> Result<String> {
-    let ns = Netns::new("scale")?;
+    let ns = netns("scale")?;
     let log = ctx.dir.join("scale.log");
     // Each process may hold at most the hard RLIMIT_NOFILE (which only
     // CAP_SYS_RESOURCE could raise): split the connections over as many
@@ -187,8 +188,8 @@ pub fn run(ctx: &Ctx, n: u32) -> Result<String> {
         complete_s,
         live,
         lost,
-        hwm_mb: proc_kb(before.pid(), "VmHWM").unwrap_or(0) as f64 / 1024.0,
-        rss_mb: proc_kb(before.pid(), "VmRSS").unwrap_or(0) as f64 / 1024.0,
+        hwm_mb: procfs::status_kb(before.pid(), "VmHWM").unwrap_or(0) as f64 / 1024.0,
+        rss_mb: procfs::status_kb(before.pid(), "VmRSS").unwrap_or(0) as f64 / 1024.0,
     };
     before.stop()?;
     println!(
@@ -254,12 +255,12 @@ pub fn run(ctx: &Ctx, n: u32) -> Result<String> {
         complete_s: after.ready_after.as_secs_f64(),
         live: live_of(&status, &spids),
         lost: status["lost_events"].as_u64().unwrap_or(0),
-        hwm_mb: proc_kb(after.pid(), "VmHWM").unwrap_or(0) as f64 / 1024.0,
-        rss_mb: proc_kb(after.pid(), "VmRSS").unwrap_or(0) as f64 / 1024.0,
+        hwm_mb: procfs::status_kb(after.pid(), "VmHWM").unwrap_or(0) as f64 / 1024.0,
+        rss_mb: procfs::status_kb(after.pid(), "VmRSS").unwrap_or(0) as f64 / 1024.0,
     };
     // Its first periodic rescan at this size: let it run once, then look again.
     super::sleep(Duration::from_secs(5))?;
-    let snap_hwm_later = proc_kb(after.pid(), "VmHWM").unwrap_or(0) as f64 / 1024.0;
+    let snap_hwm_later = procfs::status_kb(after.pid(), "VmHWM").unwrap_or(0) as f64 / 1024.0;
     after.stop()?;
     drop(clients);
     drop(servers);

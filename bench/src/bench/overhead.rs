@@ -20,9 +20,9 @@ use anyhow::{Context as _, Result, bail};
 
 use super::{
     Agent, BpfStatsSysctl, Ctx, Netns, Proc, bpf_prog_stats, check_interrupted, cpu_time, mean,
-    stddev, verdict,
+    netns, stddev, verdict,
 };
-use crate::cmd;
+use xtask::cmd;
 
 const PORT: u16 = 8080;
 const AGENT_LISTEN: &str = "127.0.0.1:19464";
@@ -84,7 +84,7 @@ struct StatsRun {
 }
 
 pub fn run(ctx: &Ctx, pairs: u32, secs: u32) -> Result<String> {
-    let ns = Netns::new("overhead")?;
+    let ns = netns("overhead")?;
     let dir = ctx.dir.join("nginx");
     fs::create_dir_all(&dir)?;
     let conf = dir.join("nginx.conf");

@@ -8,10 +8,11 @@
 //! - [`churn`]: a sustained connection rate across an fd-handover restart.
 //!
 //! This module owns what they share: the guards that clean up every process
-//! and namespace they start (on every path, including Ctrl-C), reading a
-//! child's output line by line, a tiny HTTP client for the agent, and the
-//! `BENCHMARKS.md` update (generated sections between markers; text outside
-//! them is kept). The load processes the benchmarks start live in
+//! they start (on every path, including Ctrl-C), reading a child's output
+//! line by line, the agent under test, and the `BENCHMARKS.md` update
+//! (generated sections between markers; text outside them is kept). The
+//! network namespace guard, the `/proc/PID` readers and the HTTP client
+//! are the test kit's (`gracewatch-testkit`), shared with the e2e tests. The load processes the benchmarks start live in
 //! [`helper`]. Benchmarks print numbers; they do not pass or fail.
 
 mod churn;
@@ -23,8 +24,8 @@ mod scale;
 use std::{
     fmt::Write as _,
     fs,
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    io::{BufRead as _, BufReader, Write as _},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, Stdio},
     sync::{
@@ -37,10 +38,11 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use clap::ValueEnum;
+use gracewatch_testkit::{Netns, http, procfs};
 
 pub use helper::Helper;
 
-use crate::{
+use xtask::{
     cmd::{self, command},
     setup,
 };
@@ -90,7 +92,7 @@ impl Which {
     }
 }
 
-/// `cargo xtask bench-helper …`: a load process started by a benchmark.
+/// `gracewatch-bench bench-helper …`: a load process started by a benchmark.
 pub fn helper(h: Helper) -> Result<()> {
     helper::run(h)
 }
@@ -99,7 +101,7 @@ pub fn helper(h: Helper) -> Result<()> {
 struct Ctx {
     /// The release gracewatch binary.
     bin: PathBuf,
-    /// This xtask binary (for the helpers).
+    /// This binary, `gracewatch-bench` (for the helpers).
     me: PathBuf,
     /// The workspace root.
     root: PathBuf,
@@ -136,7 +138,7 @@ pub fn bench(args: &Args) -> Result<()> {
     fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
     let ctx = Ctx {
         bin: cmd::target_dir().join("release").join("gracewatch"),
-        me: std::env::current_exe().context("failed to find the xtask binary")?,
+        me: std::env::current_exe().context("failed to find the gracewatch-bench binary")?,
         root: root.clone(),
         dir,
     };
@@ -245,61 +247,13 @@ fn signal(pid: u32, sig: i32) {
     }
 }
 
-/// A network namespace `gw-bench-<tag>-<pid>` with `lo` up. On drop, every
-/// process still inside it (all started by this benchmark) is killed and
-/// the namespace deleted. The `gw-` prefix puts it under `cargo xtask
-/// test`'s leak check too.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(tag: &str) -> Result<Netns> {
-        let name = format!("gw-bench-{tag}-{}", std::process::id());
-        // A namespace of the same name, left by a killed run of ours (same
-        // pid): dropping a guard for it cleans it up.
-        if Path::new("/run/netns").join(&name).exists() {
-            drop(Netns { name: name.clone() });
-        }
-        cmd::output(command("ip").args(["netns", "add", &name]))?;
-        let ns = Netns { name };
-        cmd::output(command("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]))?;
-        Ok(ns)
-    }
-
-    /// `ip netns exec NAME program`: `ip` execs in place, so the spawned
-    /// pid is the program's own.
-    fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = command("ip");
-        c.args(["netns", "exec", &self.name]).arg(program);
-        c
-    }
-
-    fn pids(&self) -> Vec<u32> {
-        cmd::output(command("ip").args(["netns", "pids", &self.name]))
-            .map(|out| {
-                out.split_whitespace()
-                    .filter_map(|p| p.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for _ in 0..50 {
-            let pids = self.pids();
-            if pids.is_empty() {
-                break;
-            }
-            for pid in pids {
-                signal(pid, libc::SIGKILL);
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
-        let _ = cmd::output(command("ip").args(["netns", "del", &self.name]));
-    }
+/// The benchmark's network namespace, `gw-bench-<tag>-<random>` with `lo`
+/// up: testkit's guard, which kills every process still inside it on drop
+/// (all started by this benchmark) and deletes it. The `gw-` prefix puts it
+/// under `cargo xtask test`'s leak check too.
+fn netns(tag: &str) -> Result<Netns> {
+    Netns::create(&format!("bench-{tag}"))
+        .with_context(|| format!("failed to create the network namespace of bench {tag}"))
 }
 
 /// A child process with its stdout read line by line on a thread; killed
@@ -466,7 +420,8 @@ impl Drop for Proc {
 /// [`Agent::start`] returns; stopped with SIGTERM on drop.
 struct Agent {
     proc: Proc,
-    listen: SocketAddr,
+    /// Where it listens.
+    target: http::Target,
     /// From spawn to the first `200` on `/readyz`.
     ready_after: Duration,
 }
@@ -474,6 +429,7 @@ struct Agent {
 impl Agent {
     fn start(ctx: &Ctx, listen: &str, extra: &[&str], timeout: Duration) -> Result<Agent> {
         let listen: SocketAddr = listen.parse().context("bad agent address")?;
+        let target = http::Target::Tcp(listen.to_string());
         let t0 = Instant::now();
         let mut c = command(&ctx.bin);
         c.args(["agent", "--listen", &listen.to_string()])
@@ -488,7 +444,7 @@ impl Agent {
                     log.display()
                 );
             }
-            if let Ok((200, _)) = http_get(listen, "/readyz") {
+            if http::get(&target, "/readyz").is_ok_and(|answer| answer.code == 200) {
                 break;
             }
             if t0.elapsed() > timeout {
@@ -498,7 +454,7 @@ impl Agent {
         }
         Ok(Agent {
             proc,
-            listen,
+            target,
             ready_after: t0.elapsed(),
         })
     }
@@ -508,11 +464,11 @@ impl Agent {
     }
 
     fn status(&self) -> Result<serde_json::Value> {
-        let (code, body) = http_get(self.listen, "/v1/status")?;
-        if code != 200 {
-            bail!("agent /v1/status answered {code}: {body}");
+        let answer = http::get(&self.target, "/v1/status").context("agent /v1/status failed")?;
+        if answer.code != 200 {
+            bail!("agent /v1/status answered {}: {}", answer.code, answer.body);
         }
-        serde_json::from_str(&body).context("agent /v1/status is not JSON")
+        serde_json::from_str(&answer.body).context("agent /v1/status is not JSON")
     }
 
     fn stop(mut self) -> Result<()> {
@@ -521,74 +477,9 @@ impl Agent {
     }
 }
 
-/// A plain HTTP/1.1 GET (the agent's answers are small): status and body.
-fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .context("no end of HTTP headers")?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("no HTTP status")?;
-    let chunked = head.lines().any(|l| {
-        l.to_ascii_lowercase()
-            .starts_with("transfer-encoding: chunked")
-    });
-    let body = if chunked {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
-    Ok((code, body))
-}
-
-fn dechunk(mut rest: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || after.len() < n {
-            break;
-        }
-        out.push_str(&after[..n]);
-        rest = after[n..].trim_start_matches("\r\n");
-    }
-    out
-}
-
-/// A `/proc/PID/status` field in kB (`VmHWM`, `VmRSS`).
-fn proc_kb(pid: u32, field: &str) -> Option<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| {
-        let rest = l.strip_prefix(field)?.strip_prefix(':')?;
-        rest.split_whitespace().next()?.parse().ok()
-    })
-}
-
-/// User + system CPU time of a process so far.
+/// The CPU time (user + system) of a process so far.
 fn cpu_time(pid: u32) -> Option<Duration> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the `(comm)`, which may hold spaces: state is field 3,
-    // utime and stime are fields 14 and 15.
-    let after = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf has no memory effects.
-    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
-        .ok()
-        .filter(|&hz| hz > 0)?;
-    Some(Duration::from_micros(ticks * 1_000_000 / hz))
+    procfs::stat(pid).map(|stat| stat.cpu_time())
 }
 
 /// Restores `/proc/sys/kernel/bpf_stats_enabled` to what it was on drop.
@@ -862,13 +753,8 @@ mod tests {
     }
 
     #[test]
-    fn chunked_bodies_are_joined() {
-        assert_eq!(dechunk("3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), "abcde");
-    }
-
-    #[test]
     fn generated_blocks_are_replaced_and_the_rest_kept() {
-        let dir = std::env::temp_dir().join(format!("xtask-bench-md-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("gracewatch-bench-md-{}", std::process::id()));
         fs::create_dir_all(&dir).expect("temp dir");
         let path = dir.join("BENCHMARKS.md");
         let section = |which, body: &str| Section {
