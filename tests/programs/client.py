@@ -29,21 +29,8 @@ import argparse
 import os
 import socket
 import struct
-import sys
 
-
-def emit(line):
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-def parse_addr(text):
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        raise SystemExit(f"bad address {text!r}: expected HOST:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        return socket.AF_INET6, host[1:-1], int(port)
-    return socket.AF_INET, host, int(port)
+from lineproto import commands, emit, exit_now, parse_addr
 
 
 def main():
@@ -77,14 +64,9 @@ def main():
         open_conns(args.n)
     except OSError as exc:
         emit(f"error connect {args.connect}: {exc!r}")
-        sys.stdout.flush()
-        os._exit(1)
+        exit_now(1)
 
-    for raw in sys.stdin:
-        words = raw.split()
-        if not words:
-            continue
-        cmd, rest = words[0], words[1:]
+    for cmd, rest, line in commands():
         try:
             if cmd == "open" and len(rest) == 1:
                 open_conns(int(rest[0]))
@@ -112,11 +94,10 @@ def main():
                 emit("bye")
                 break
             else:
-                emit(f"error unknown command {raw.strip()!r}")
+                emit(f"error unknown command {line!r}")
         except Exception as exc:
             emit(f"error {cmd}: {exc!r}")
-    sys.stdout.flush()
-    os._exit(0)
+    exit_now()
 
 
 if __name__ == "__main__":

@@ -22,18 +22,10 @@ EOF on stdin exits (closing whatever is still open).
 import argparse
 import os
 import socket
-import sys
 import threading
 import time
 
-_out_lock = threading.Lock()
-
-
-def emit(line):
-    with _out_lock:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
-
+from lineproto import commands, emit, exit_now
 
 def now_ns():
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
@@ -88,18 +80,14 @@ def main():
     args = parser.parse_args()
     host, _, port = args.connect.rpartition(":")
     emit(f"ready {os.getpid()}")
-    for raw in sys.stdin:
-        words = raw.split()
-        if not words:
-            continue
-        if words[0] == "get" and len(words) == 3:
+    for cmd, rest, line in commands():
+        if cmd == "get" and len(rest) == 2:
             threading.Thread(
-                target=get, args=(host, int(port), words[1], words[2]), daemon=True
+                target=get, args=(host, int(port), rest[0], rest[1]), daemon=True
             ).start()
         else:
-            emit(f"error - unknown command {raw.strip()!r}")
-    sys.stdout.flush()
-    os._exit(0)
+            emit(f"error - unknown command {line!r}")
+    exit_now()
 
 
 if __name__ == "__main__":

@@ -17,14 +17,9 @@ import struct
 import sys
 import time
 
+from lineproto import parse_addr
+
 LINGER_RESET = struct.pack("ii", 1, 0)
-
-
-def parse_addr(text):
-    host, _, port = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        return socket.AF_INET6, host[1:-1], int(port)
-    return socket.AF_INET, host, int(port)
 
 
 def worker(family, host, port, count, deadline, results):

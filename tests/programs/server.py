@@ -70,9 +70,9 @@ import sys
 import threading
 import time
 
-TCP_STATES = {1: "established", 8: "close_wait", 7: "reset"}
+from lineproto import commands, emit, exit_now, monotonic_ns, parse_addr
 
-_out_lock = threading.Lock()
+TCP_STATES = {1: "established", 8: "close_wait", 7: "reset"}
 
 REPORTED_SIGNALS = {
     signal.SIGHUP: "HUP",
@@ -89,26 +89,6 @@ EXITING_SIGNALS = {signal.SIGINT, signal.SIGQUIT, signal.SIGTERM}
 _server = None
 
 
-def monotonic_ns():
-    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-
-
-def emit(line):
-    with _out_lock:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
-
-
-def parse_addr(text):
-    """`127.0.0.1:P`, `[::1]:P` or `[::]:P` -> (family, host, port)."""
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        raise SystemExit(f"bad address {text!r}: expected HOST:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        return socket.AF_INET6, host[1:-1], int(port)
-    return socket.AF_INET, host, int(port)
-
-
 def format_addr(sock):
     addr = sock.getsockname()
     if sock.family == socket.AF_INET6:
@@ -122,8 +102,7 @@ def report_signal(info):
     open_now = len(server.conns) if server is not None else 0
     emit(f"signal {REPORTED_SIGNALS[info.si_signo]} {t} open={open_now} from={info.si_pid}")
     if info.si_signo in EXITING_SIGNALS:
-        sys.stdout.flush()
-        os._exit(0)
+        exit_now()
 
 
 def signal_loop():
@@ -325,11 +304,7 @@ def main():
     _server = server
     server.start()
 
-    for raw in sys.stdin:
-        words = raw.split()
-        if not words:
-            continue
-        cmd, rest = words[0], words[1:]
+    for cmd, rest, line in commands():
         try:
             if cmd == "close" and len(rest) == 1:
                 server.close(int(rest[0]))
@@ -347,7 +322,7 @@ def main():
             elif cmd == "handover":
                 server.handover(os.path.abspath(__file__))
             elif cmd == "tochild" and rest:
-                server.to_child(raw.strip().split(None, 1)[1])
+                server.to_child(line.split(None, 1)[1])
             elif cmd == "ping":
                 report_pending_signals()
                 emit("pong")
@@ -363,12 +338,11 @@ def main():
                 emit("bye")
                 break
             else:
-                emit(f"error unknown command {raw.strip()!r}")
+                emit(f"error unknown command {line!r}")
         except Exception as exc:  # report, never die silently
             emit(f"error {cmd}: {exc!r}")
     # Skip interpreter teardown: the accept thread may sit in select().
-    sys.stdout.flush()
-    os._exit(0)
+    exit_now()
 
 
 if __name__ == "__main__":

@@ -28,13 +28,10 @@ import socket
 import sys
 import time
 
+from lineproto import emit
+
 # This process's own copies of the accepted connections (for the signal report).
 _conns = []
-
-
-def emit(line):
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
 def on_term(*_):

@@ -25,18 +25,10 @@ EOF on stdin exits.
 import argparse
 import os
 import socket
-import sys
 import threading
 import time
 
-_out_lock = threading.Lock()
-
-
-def emit(line):
-    with _out_lock:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
-
+from lineproto import commands, emit, exit_now
 
 class Upstream:
     def __init__(self, listener):
@@ -104,16 +96,12 @@ def main():
     upstream = Upstream(listener)
     threading.Thread(target=upstream.serve, daemon=True).start()
     emit(f"ready {os.getpid()} {host}:{listener.getsockname()[1]}")
-    for raw in sys.stdin:
-        words = raw.split()
-        if not words:
-            continue
-        if words[0] == "respond" and len(words) == 2:
-            upstream.respond(words[1])
+    for cmd, rest, line in commands():
+        if cmd == "respond" and len(rest) == 1:
+            upstream.respond(rest[0])
         else:
-            emit(f"error unknown command {raw.strip()!r}")
-    sys.stdout.flush()
-    os._exit(0)
+            emit(f"error unknown command {line!r}")
+    exit_now()
 
 
 if __name__ == "__main__":
