@@ -19,7 +19,10 @@ use rustix::{
 };
 
 use super::TargetError;
-use crate::{input::check_pid, source::process::PinnedProcess};
+use crate::{
+    input::check_pid,
+    source::process::{self, PinnedProcess},
+};
 
 /// `task_struct.flags` bit of a kernel thread (`include/linux/sched.h`).
 const PF_KTHREAD: u64 = 0x0020_0000;
@@ -254,12 +257,10 @@ struct StatFields {
     flags: u64,
 }
 
-/// `ppid` and `flags` of `/proc/<pid>/stat`, read as bytes (a command name
-/// may be any bytes, including `)` and spaces: split at the last `)`).
+/// `ppid` and `flags` of `/proc/<pid>/stat` (the source's one reader of it,
+/// which splits at the last `)`: a command name may be any bytes).
 fn stat_fields(pid: u32) -> Option<StatFields> {
-    let raw = fs::read(format!("/proc/{pid}/stat")).ok()?;
-    let close = raw.iter().rposition(|&b| b == b')')?;
-    let rest = std::str::from_utf8(raw.get(close + 1..)?).ok()?;
+    let rest = process::stat_after_comm(pid)?;
     // After the name: state ppid pgrp session tty_nr tpgid flags …
     let fields: Vec<&str> = rest.split_ascii_whitespace().take(7).collect();
     Some(StatFields {

@@ -244,7 +244,7 @@ fn parent_of(pid: u32) -> Option<u32> {
 /// `/proc/<pid>/stat` after the command name: `state ppid …`. The name may
 /// hold spaces, parentheses and bytes that are not UTF-8, hence bytes and
 /// the split at the last `)`.
-fn stat_after_comm(pid: u32) -> Option<String> {
+pub(crate) fn stat_after_comm(pid: u32) -> Option<String> {
     let stat = fs::read(format!("/proc/{pid}/stat")).ok()?;
     let end = stat.iter().rposition(|&b| b == b')')?;
     Some(String::from_utf8_lossy(stat.get(end + 1..)?).into_owned())
