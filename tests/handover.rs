@@ -4,9 +4,14 @@
 //! the process that accepted it and list both processes as the listener's
 //! holders while both hold it.
 
+use std::os::unix::process::ExitStatusExt as _;
+
 use gracewatch_testkit::{
-    Client, Expect, Netns, Server, Soft, listener, process, setup, wait_accepted_sum,
+    Child, Client, Expect, Netns, PROGRAM_TIMEOUT, STATE_TIMEOUT, Server, Soft, listener, process,
+    setup, wait_accepted_sum,
 };
+use rustix::process::Signal;
+use serde_json::json;
 
 #[test]
 fn fd_inheritance_handover() {
@@ -121,5 +126,87 @@ fn fd_inheritance_handover() {
     );
 
     watch.stop();
+    soft.finish();
+}
+
+/// The same restart with the Rust fd-handover server of the test kit (the
+/// one the demo and the churn benchmark run; `server.py` above is the
+/// second implementation): SIGHUP starts the next generation, which
+/// inherits the listener; the old one lets go of it and keeps its three
+/// connections; `drain` signals it once their clients left, and the new one
+/// serves on.
+#[test]
+fn rust_handover_server_hands_over_and_drains() {
+    let Some(gw) = setup() else { return };
+    let ns = Netns::new("rust-handover");
+    let addr = "127.0.0.1:7206";
+    let inode = ns.netns_inode();
+    let soft = Soft::new();
+
+    let mut server = ns.command(env!("CARGO_BIN_EXE_gw-handover-server"));
+    server.arg(addr);
+    let mut old = Child::spawn_command("gw-handover-server", server);
+    let (old_pid, _) = old.wait_ready();
+    // `h`: the server holds the connection until its client leaves.
+    let clients = Client::connect_sending(&ns, addr, 3, "h");
+    let (o, p) = (old_pid.to_string(), "--pid");
+    gw.status_matching(
+        &[p, &o],
+        &Expect::new()
+            .live(old_pid, 3)
+            .only_listed()
+            .listener(inode, addr, "ipv4", &[(old_pid, 3)])
+            .only_listeners(),
+        &soft,
+    );
+
+    old.signal(Signal::HUP);
+    let new_pid: u32 = old.wait_line("`child PID`", PROGRAM_TIMEOUT, |lines| {
+        lines
+            .iter()
+            .find_map(|l| l.strip_prefix("child ")?.trim().parse().ok())
+    });
+    let n = new_pid.to_string();
+    gw.status_matching(
+        &[p, &o, p, &n],
+        &Expect::new()
+            .live(old_pid, 3)
+            .live(new_pid, 0)
+            .only_listed()
+            .listener(inode, addr, "ipv4", &[(new_pid, 0)])
+            .only_listeners(),
+        &soft,
+    );
+
+    let drain = gw.spawn_drain(&["drain", "--pid", &o, "--json"]);
+    assert_eq!(drain.wait_ready()["live"], 3, "the old generation holds 3");
+    clients.closeall();
+    let done = drain.wait(STATE_TIMEOUT);
+    done.assert_code(0);
+    done.assert_result(&[
+        ("targets", json!([old_pid])),
+        ("outcome", json!("drained")),
+        ("exit_code", json!(0)),
+        ("signal_sent", json!("SIGTERM")),
+        ("initial_live", json!(3)),
+        ("still_held", json!(0)),
+    ]);
+    let status = old.wait_exit(STATE_TIMEOUT);
+    assert_eq!(
+        status.signal(),
+        Some(Signal::TERM.as_raw()),
+        "the old generation dies of SIGTERM"
+    );
+
+    let _later = Client::connect_sending(&ns, addr, 2, "h");
+    gw.status_matching(
+        &[p, &n],
+        &Expect::new()
+            .live(new_pid, 2)
+            .only_listed()
+            .listener(inode, addr, "ipv4", &[(new_pid, 2)])
+            .only_listeners(),
+        &soft,
+    );
     soft.finish();
 }

@@ -496,10 +496,31 @@ impl Client {
     /// Like [`Client::connect`], binding each connection to `source` first.
     #[track_caller]
     pub fn connect_from(ns: &Netns, address: &str, n: u64, source: Option<&str>) -> Client {
+        Client::start(ns, address, n, source, None)
+    }
+
+    /// Like [`Client::connect`], writing `text` on each connection once it
+    /// is open (a server that waits for its client's first bytes).
+    #[track_caller]
+    pub fn connect_sending(ns: &Netns, address: &str, n: u64, text: &str) -> Client {
+        Client::start(ns, address, n, None, Some(text))
+    }
+
+    #[track_caller]
+    fn start(
+        ns: &Netns,
+        address: &str,
+        n: u64,
+        source: Option<&str>,
+        send: Option<&str>,
+    ) -> Client {
         let n_arg = n.to_string();
         let mut args = vec!["--connect", address, "--n", &n_arg];
         if let Some(source) = source {
             args.extend(["--source", source]);
+        }
+        if let Some(text) = send {
+            args.extend(["--send", text]);
         }
         let label = format!("client -> {address} (netns {})", ns.name());
         let child = Child::python(ns, &label, "client.py", &args);

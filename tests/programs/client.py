@@ -22,7 +22,9 @@ stdin commands:
   closeall | exit
 
 Connections are opened from `--source ADDR` when given (distinct source
-addresses), else from whatever the kernel picks. EOF on stdin exits.
+addresses), else from whatever the kernel picks; `--send TEXT` writes TEXT
+on each connection once it is open (the first bytes a server may wait for).
+EOF on stdin exits.
 """
 
 import argparse
@@ -38,6 +40,7 @@ def main():
     parser.add_argument("--connect", required=True, metavar="ADDR:PORT")
     parser.add_argument("--n", type=int, default=1)
     parser.add_argument("--source", metavar="ADDR", help="local address to bind before connecting")
+    parser.add_argument("--send", metavar="TEXT", help="send TEXT on each connection once it is open")
     args = parser.parse_args()
     family, host, port = parse_addr(args.connect)
     conns = []
@@ -48,6 +51,8 @@ def main():
             if args.source:
                 sock.bind((args.source.strip("[]"), 0))
             sock.connect((host, port))
+            if args.send:
+                sock.sendall(args.send.encode())
             conns.append(sock)
         emit(f"connected {len(conns)}")
 
