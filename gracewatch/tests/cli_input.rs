@@ -40,7 +40,7 @@ fn kind_of(flag: &str) -> Option<Kind> {
     Some(match flag {
         "--pid" | "--exclude" => Kind::Pid,
         "--port" => Kind::Port,
-        "--min-wait" | "--interval" => Kind::DurationZeroOk,
+        "--min-wait" | "--interval" | "--quiet-for" => Kind::DurationZeroOk,
         "--timeout" => Kind::Timeout,
         "--max-connections" | "--ring-buffer-size" => Kind::Count,
         "--listen" => Kind::Addr,
@@ -221,5 +221,32 @@ fn usage_errors_are_one_line() {
         assert_eq!(r.code, Some(2), "{args:?}: {}", r.stderr);
         assert_eq!(lines.len(), 1, "{args:?}: {:?}", r.stderr);
         assert!(lines[0].starts_with("error: "), "{args:?}: {:?}", r.stderr);
+    }
+}
+
+/// `--quiet-for` takes a duration like `--min-wait` (zero: off); anything
+/// else is refused before a drain starts, naming the option and why.
+#[test]
+fn a_bad_quiet_for_is_a_usage_error_that_says_why() {
+    for (sub, value, why) in [
+        ("wait", "5x", "unknown unit `x`"),
+        ("wait", "-1s", "cannot be negative"),
+        ("drain", "soon", "is not a duration"),
+        ("drain", "8785h", "too long"),
+    ] {
+        let args: Vec<String> = [sub, "--pid", "1234", "--quiet-for", value]
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        let r = run(&args);
+        let lines: Vec<&str> = r.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(r.code, Some(2), "{args:?}: {}", r.stderr);
+        assert!(r.stdout.is_empty(), "{args:?}: {}", r.stdout);
+        assert_eq!(lines.len(), 1, "{args:?}: {:?}", r.stderr);
+        assert!(
+            lines[0].contains("--quiet-for") && lines[0].contains(why),
+            "{args:?}: {:?}",
+            r.stderr
+        );
     }
 }

@@ -1,6 +1,9 @@
 //! The drain loop. It wakes on every status the monitor publishes (one per
 //! batch of kernel events), so the signal follows the last close without a
-//! polling delay; timers only drive the deadline, `--min-wait` and progress.
+//! polling delay; timers only drive the deadline, `--min-wait`,
+//! `--quiet-for` and progress. With `--quiet-for` it also wakes on every
+//! status (new connections are read from those), and takes a fresh one
+//! before it ends the quiet period.
 
 use std::{
     collections::{BTreeSet, VecDeque},
@@ -12,6 +15,7 @@ use tokio::time::Instant;
 
 use super::{
     DrainReport, DrainSpec, HeldConnection, OnTimeout, Outcome, Progress, SignalSpec, Targets,
+    quiet::{Quiet, human},
 };
 use crate::{
     event::ListenAddr,
@@ -46,6 +50,8 @@ struct Gate<'a> {
     listen_addrs: BTreeSet<ListenAddr>,
     /// (time, accepted, closed) totals over the targets.
     samples: VecDeque<(Instant, u64, u64)>,
+    /// `--quiet-for`, if asked for.
+    quiet: Option<Quiet>,
 }
 
 /// Runs a drain to its end. `on_progress` is called about once a second
@@ -59,18 +65,21 @@ pub async fn run(
 ) -> DrainReport {
     let all = targets.pids();
     let named = targets.named_pids().into_iter().collect();
+    let start = Instant::now();
+    let quiet = (!spec.quiet_for.is_zero()).then(|| Quiet::new(spec.quiet_for, start));
     let mut gate = Gate {
         handle,
         spec,
         alive: targets.procs,
         all,
         named,
-        start: Instant::now(),
+        start,
         initial: 0,
         peak: 0,
         doubt: None,
         listen_addrs: BTreeSet::new(),
         samples: VecDeque::new(),
+        quiet,
     };
     match gate.drive(&mut on_progress, cancel).await {
         Ok(report) => report,
@@ -121,6 +130,7 @@ impl Gate<'_> {
                 && now >= min_wait_at
                 && !waiting_for_exit
                 && recheck_at.is_none_or(|t| now >= t)
+                && self.quiet_passed(now).await?
             {
                 if exiting {
                     // Its connections ended because it is exiting: that is
@@ -173,6 +183,7 @@ impl Gate<'_> {
                 deadline,
                 (now < min_wait_at).then_some(min_wait_at),
                 recheck_at,
+                self.quiet.as_ref().map(Quiet::until).filter(|&t| t > now),
             ]
             .into_iter()
             .flatten()
@@ -197,6 +208,13 @@ impl Gate<'_> {
                         anyhow::bail!("the monitor stopped: {}", self.handle.failure().unwrap_or_default());
                     }
                 }
+                // A status published after its batch (the monitor paces
+                // them) may be the first to show an accept.
+                r = status_rx.changed(), if self.quiet.is_some() => {
+                    if r.is_err() {
+                        anyhow::bail!("the monitor stopped: {}", self.handle.failure().unwrap_or_default());
+                    }
+                }
                 () = tokio::time::sleep_until(wake) => {}
             }
         }
@@ -212,7 +230,31 @@ impl Gate<'_> {
             .await
     }
 
+    /// Whether `--quiet-for` (if asked for) has passed without a new
+    /// connection. Before it says so it makes the monitor apply everything
+    /// the kernel delivered and looks at that status: a status published
+    /// late, or not yet, must not end the period on an accept it misses.
+    async fn quiet_passed(&mut self, now: Instant) -> anyhow::Result<bool> {
+        let Some(quiet) = &self.quiet else {
+            return Ok(true);
+        };
+        if !quiet.is_quiet(now) {
+            return Ok(false);
+        }
+        self.handle.sync().await?;
+        let status = self.handle.status();
+        let seen = Instant::now();
+        let Some(quiet) = &mut self.quiet else {
+            return Ok(true);
+        };
+        quiet.observe(&status, &self.all, &self.spec.ports, seen);
+        Ok(quiet.is_quiet(seen))
+    }
+
     fn observe(&mut self, status: &Status) {
+        if let Some(quiet) = &mut self.quiet {
+            quiet.observe(status, &self.all, &self.spec.ports, Instant::now());
+        }
         let alive = self.alive_pids();
         for l in &status.listeners {
             if l.holders.iter().any(|h| alive.contains(&h.pid)) {
@@ -314,6 +356,10 @@ impl Gate<'_> {
     async fn finish_drained(&mut self) -> DrainReport {
         let took = self.start.elapsed().as_secs_f64();
         let who = self.who();
+        let who = match &self.quiet {
+            Some(q) => format!("{who} (no new connection for {})", human(q.period())),
+            None => who,
+        };
         let Some(signal) = self.spec.signal else {
             let msg = format!("{who} drained in {took:.1}s (peak {} live)", self.peak);
             return self.report(Outcome::Drained, None, msg).await;
@@ -489,8 +535,17 @@ impl Gate<'_> {
                 "; still accepting: {accepted} new connection(s) in the last 10 s"
             ));
         }
-        if Instant::now() < self.start + self.spec.min_wait && live == 0 {
+        let now = Instant::now();
+        if now < self.start + self.spec.min_wait && live == 0 {
             msg.push_str("; waiting for --min-wait");
+        }
+        if let Some(quiet) = self
+            .quiet
+            .as_ref()
+            .filter(|q| live == 0 && !q.is_quiet(now))
+        {
+            msg.push_str("; ");
+            msg.push_str(&quiet.describe(now));
         }
         msg
     }
@@ -656,6 +711,103 @@ mod tests {
             pid,
             by_exit,
         }
+    }
+
+    /// `--quiet-for`: short connections that each end before the next
+    /// comes leave the count at zero most of the time, yet the gate waits
+    /// while they come; once they stop it ends one quiet period after the
+    /// last accept (and not before).
+    #[tokio::test]
+    async fn quiet_for_waits_out_short_connections() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id();
+        let listen = ConnEvent::ListenStart {
+            at: Duration::ZERO,
+            sk: 1_000_000,
+            addr: ListenAddr {
+                netns: 1,
+                local: tuple(80, 1).local,
+            },
+            pid,
+            comm: "t".to_owned(),
+        };
+        let (handle, feed) =
+            MonitorHandle::from_replay_with_feed(vec![listen], Snapshot::default());
+        let targets = choose(&TargetSpec {
+            pids: vec![pid],
+            ..TargetSpec::default()
+        })
+        .expect("the child is a target");
+        const QUIET: Duration = Duration::from_millis(600);
+        let (progress_tx, mut progress) = tokio::sync::mpsc::unbounded_channel();
+        let gate_handle = handle.clone();
+        let mut drain = tokio::spawn(async move {
+            let spec = DrainSpec {
+                signal: None,
+                quiet_for: QUIET,
+                ..DrainSpec::default()
+            };
+            let report = run(
+                &gate_handle,
+                targets,
+                &spec,
+                |p| {
+                    let _ = progress_tx.send(p.message.clone());
+                },
+                std::future::pending(),
+            )
+            .await;
+            (report, Instant::now())
+        });
+        let first = progress.recv().await.expect("a first progress line");
+        assert!(
+            first.contains(
+                "0 live; waiting for 600 ms without new connections (none since the drain started"
+            ),
+            "{first}"
+        );
+        // A connection every 200 ms, each over before the next: 1.6 s, well
+        // past the quiet period.
+        let mut last_accept = Instant::now();
+        for i in 0..8u64 {
+            last_accept = Instant::now();
+            feed.send(accept(pid, 10 + i, 40000 + i as u16))
+                .expect("feed");
+            feed.send(close(pid, 10 + i, 40000 + i as u16, false))
+                .expect("feed");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert!(
+                !drain.is_finished(),
+                "the gate ended between two connections"
+            );
+        }
+        let (report, ended) = tokio::time::timeout(Duration::from_secs(10), &mut drain)
+            .await
+            .expect("the gate ends once the connections stop")
+            .expect("the gate task");
+        assert_eq!(report.outcome, Outcome::Drained, "{report:?}");
+        let after = ended.duration_since(last_accept);
+        assert!(
+            after >= QUIET && after < QUIET + Duration::from_millis(400),
+            "ended {after:?} after the last accept (quiet period {QUIET:?})"
+        );
+        assert!(
+            report.message.contains("no new connection for 600 ms"),
+            "{report:?}"
+        );
+        let mut lines = Vec::new();
+        while let Ok(line) = progress.try_recv() {
+            lines.push(line);
+        }
+        assert!(
+            lines.iter().any(|l| l.contains("(last new connection ")),
+            "{lines:#?}"
+        );
+        child.kill().expect("kill the target");
+        let _ = child.wait();
     }
 
     /// A connection of the target ends because the target is exiting, and

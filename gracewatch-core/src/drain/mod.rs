@@ -7,6 +7,7 @@
 
 mod gate;
 mod policy;
+mod quiet;
 mod signal;
 
 use std::{path::PathBuf, time::Duration};
@@ -64,6 +65,12 @@ pub struct DrainSpec {
     pub on_timeout: OnTimeout,
     /// Never signal before this much time has passed, even at zero.
     pub min_wait: Duration,
+    /// Drained only once the targets also went this long without a new
+    /// connection: none accepted by a target, and no handshake completed on
+    /// a listener only the targets hold. Measured from the drain's start or
+    /// the last such connection, whichever is later; zero: off. A momentary
+    /// zero between two short requests then ends nothing.
+    pub quiet_for: Duration,
 }
 
 impl Default for DrainSpec {
@@ -74,6 +81,7 @@ impl Default for DrainSpec {
             timeout: None,
             on_timeout: OnTimeout::Leave,
             min_wait: Duration::ZERO,
+            quiet_for: Duration::ZERO,
         }
     }
 }

@@ -61,6 +61,11 @@ pub struct DrainRequest {
     /// Never signal before this much time has passed, even at zero.
     #[serde(default)]
     pub min_wait: Option<String>,
+    /// Drained only after this long without a new connection too (see
+    /// `--quiet-for`); default `"0s"`: off. Left out of a serialised
+    /// request when unset, so older agents take it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quiet_for: Option<String>,
     /// Trust a pidfile that root does not own, that group or others can
     /// write, or whose owner does not own the process it names.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -92,6 +97,7 @@ impl DrainRequest {
         };
         let timeout = duration("timeout", &self.timeout, parse_timeout)?;
         let min_wait = duration("min_wait", &self.min_wait, parse_duration)?.unwrap_or_default();
+        let quiet_for = duration("quiet_for", &self.quiet_for, parse_duration)?.unwrap_or_default();
         for &pid in self.pids.iter().chain(&self.exclude) {
             check_pid(pid)?;
         }
@@ -104,6 +110,7 @@ impl DrainRequest {
             timeout,
             on_timeout: self.on_timeout,
             min_wait,
+            quiet_for,
         };
         let targets = TargetSpec {
             pids: self.pids.clone(),
@@ -330,7 +337,7 @@ mod tests {
         let req = request(
             r#"{"pids": [1, 2], "pidfile": "/run/x.pid", "children": true, "exclude": [3],
                 "ports": [80, 443], "signal": "QUIT", "timeout": "90s",
-                "on_timeout": "kill", "min_wait": "1500ms"}"#,
+                "on_timeout": "kill", "min_wait": "1500ms", "quiet_for": "2s"}"#,
         )
         .expect("parses");
         let (targets, spec) = req.to_specs().expect("valid");
@@ -377,6 +384,12 @@ mod tests {
         assert_eq!(spec.timeout, Some(Duration::from_secs(90)));
         assert_eq!(spec.on_timeout, OnTimeout::Kill);
         assert_eq!(spec.min_wait, Duration::from_millis(1500));
+        assert_eq!(spec.quiet_for, Duration::from_secs(2));
+        // Unset: off, and left out when the client serialises it.
+        let plain = request(r#"{"pids": [1]}"#).expect("parses");
+        assert_eq!(plain.to_specs().expect("valid").1.quiet_for, Duration::ZERO);
+        let sent = serde_json::to_value(&plain).expect("serialises");
+        assert!(sent.get("quiet_for").is_none(), "{sent}");
         let none = request(r#"{"pids": [1], "signal": "none"}"#).expect("parses");
         assert_eq!(none.to_specs().expect("valid").1.signal, None);
     }
@@ -418,6 +431,8 @@ mod tests {
                 "min_wait",
             ),
             (r#"{"pids": [1], "min_wait": "8785h"}"#, "min_wait"),
+            (r#"{"pids": [1], "quiet_for": "-1s"}"#, "quiet_for"),
+            (r#"{"pids": [1], "quiet_for": "soon"}"#, "quiet_for"),
             (r#"{"pids": [1], "timeout": "0s"}"#, "timeout"),
             (r#"{"pids": [0]}"#, "pid 0"),
             (r#"{"pids": [2147483648]}"#, "pid 2147483648"),

@@ -125,6 +125,14 @@ struct DrainArgs {
     /// for load balancers to stop sending traffic).
     #[arg(long, value_parser = parse_duration, default_value = "0s", allow_hyphen_values = true)]
     min_wait: Duration,
+    /// Drained only after this long without a new connection too (none
+    /// accepted by the targets, no handshake on a listener only they hold),
+    /// so a zero between two short requests ends nothing. For a terminating
+    /// pod the load balancer still routes to: `gracewatch wait --pid 1
+    /// --quiet-for 5s --timeout 60s` as the preStop hook. Counted from the
+    /// start or the last new connection; --min-wait must pass as well.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "0s", allow_hyphen_values = true)]
+    quiet_for: Duration,
     /// One JSON object per progress event, then a result object, on stdout.
     #[arg(long)]
     json: bool,
@@ -328,6 +336,9 @@ async fn drain_cmd(
             timeout: args.timeout.map(|d| format!("{}s", d.as_secs_f64())),
             on_timeout: args.on_timeout.into(),
             min_wait: Some(format!("{}s", args.min_wait.as_secs_f64())),
+            // Left out when off, so an older agent takes the request.
+            quiet_for: (!args.quiet_for.is_zero())
+                .then(|| format!("{}s", args.quiet_for.as_secs_f64())),
             allow_unsafe_pidfile: args.allow_unsafe_pidfile,
             allow_dangerous_target: args.allow_dangerous_target,
         };
@@ -340,6 +351,7 @@ async fn drain_cmd(
         timeout: args.timeout,
         on_timeout: args.on_timeout.into(),
         min_wait: args.min_wait,
+        quiet_for: args.quiet_for,
     };
     let targets = match drain::choose(&TargetSpec {
         pids: args.pids.clone(),
