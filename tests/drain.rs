@@ -9,7 +9,14 @@
 //! progress line (it prints one as soon as it watches the target) before
 //! changing anything, instead of sleeping.
 
-use std::{os::unix::process::ExitStatusExt as _, time::Duration};
+use std::{
+    os::unix::process::ExitStatusExt as _,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use gracewatch_testkit::{
     Child, Client, Netns, PROGRAM_TIMEOUT, STARTUP_TIMEOUT, STATE_TIMEOUT, Server, Soft, TempDir,
@@ -389,6 +396,183 @@ fn min_wait_waits() {
         "duration_ms {duration}, expected 1000..1500"
     );
     assert_eq!(server.wait_exit(STATE_TIMEOUT).code(), Some(0));
+}
+
+/// Short requests, one every 300 ms on a thread of their own: `client.py`
+/// opens a connection and closes it, and the server (`--hangup`) closes its
+/// side as soon as it accepted, so the server's live count touches zero
+/// between them.
+struct Pulses {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<usize>,
+}
+
+impl Pulses {
+    const EVERY: Duration = Duration::from_millis(300);
+
+    fn start(client: Client) -> Pulses {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut made = 0;
+            let mut next = Instant::now();
+            while !stopped.load(Ordering::SeqCst) {
+                client.open(1);
+                client.close(1);
+                made += 1;
+                next += Self::EVERY;
+                while !stopped.load(Ordering::SeqCst) && Instant::now() < next {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            made
+        });
+        Pulses { stop, thread }
+    }
+
+    /// Stops them; returns how many connections were made.
+    fn stop(self) -> usize {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().expect("the client thread")
+    }
+}
+
+/// `wait --quiet-for 1s` on a server of short requests: while they come it
+/// does not end on the zeros between them (exit 124 at its deadline, saying
+/// why); once they stop it ends 0 one quiet period after the last accept.
+#[test]
+fn quiet_for_waits_until_short_connections_stop() {
+    let Some(gw) = setup() else { return };
+    let ns = Netns::new("drain-quiet");
+    let addr = "127.0.0.1:7421";
+    let server = Server::listen_with(&ns, addr, None, &["--hangup"]);
+    let pid = server.pid().to_string();
+    let pulses = Pulses::start(Client::connect(&ns, addr, 0));
+    server.wait_accepted(1);
+
+    let busy = gw.spawn_drain(&[
+        "wait",
+        "--pid",
+        &pid,
+        "--quiet-for",
+        "1s",
+        "--timeout",
+        "4s",
+        "--json",
+    ]);
+    busy.wait_ready();
+    let done = busy.wait(Duration::from_secs(10));
+    done.assert_code(124);
+    let result = done.assert_result(&[
+        ("outcome", json!("timeout")),
+        ("signal_sent", Value::Null),
+        ("still_held", json!(0)),
+    ]);
+    let message = result["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("--quiet-for 1s"),
+        "the deadline should name the quiet period it waited for: {message}"
+    );
+    let waiting = done
+        .progress()
+        .iter()
+        .filter_map(|p| p["message"].as_str().map(str::to_owned))
+        .filter(|m| {
+            m.contains("0 live; ")
+                && m.contains("waiting for 1s without new connections (last new connection ")
+        })
+        .count();
+    assert!(
+        waiting > 0,
+        "no progress line said what it waits for\n{}",
+        done.context()
+    );
+
+    // The same load, then none: the end follows the last accept by the
+    // quiet period.
+    let calm = gw.spawn_drain(&[
+        "wait",
+        "--pid",
+        &pid,
+        "--quiet-for",
+        "1s",
+        "--timeout",
+        "10s",
+        "--json",
+    ]);
+    calm.wait_ready();
+    let ready_ns = monotonic_ns();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!calm.has_exited(), "ended while the connections came");
+    let made = pulses.stop();
+    let accepts = server.wait_hungup(made);
+    let last = *accepts.last().expect("accepts");
+    let result_ns = calm.wait_result_seen(STATE_TIMEOUT);
+    let done = calm.wait(STATE_TIMEOUT);
+    done.assert_code(0);
+    let result = done.assert_result(&[
+        ("outcome", json!("drained")),
+        ("signal_sent", Value::Null),
+        ("still_held", json!(0)),
+    ]);
+    let after_ms = result_ns.saturating_sub(last) as f64 / 1e6;
+    // The gate's start is at most the first progress line seen here.
+    let decided_ns = ready_ns + result["duration_ms"].as_u64().unwrap_or(0) * 1_000_000;
+    eprintln!(
+        "--quiet-for 1s: {made} connections, one every {:?}; after the last accept: the gate decided within {:.1} ms, its result line was seen at {after_ms:.1} ms, its exit at {:.1} ms (quiet period 1000 ms)",
+        Pulses::EVERY,
+        decided_ns.saturating_sub(last) as f64 / 1e6,
+        done.exited_ns.saturating_sub(last) as f64 / 1e6,
+    );
+    assert!(
+        result_ns >= last + 1_000_000_000,
+        "ended {} after the last accept, before --quiet-for 1s",
+        gap_ms(result_ns, last)
+    );
+    assert!(
+        after_ms <= 1000.0 + QUIET_SLACK_MS,
+        "its result came {after_ms:.1} ms after the last accept: more than --quiet-for 1s + {QUIET_SLACK_MS} ms\n{}",
+        done.context()
+    );
+}
+
+/// How late after its quiet period `wait --quiet-for` may print its
+/// result, as this test sees it (the line is seen after the fact). The exit
+/// follows once the programs are detached (about 150 ms more here), as for
+/// every drain.
+const QUIET_SLACK_MS: f64 = 50.0;
+
+/// The same load without `--quiet-for`: `wait` ends 0 at once, on a zero
+/// between two requests, though they go on — what `--quiet-for` is for.
+#[test]
+fn without_quiet_for_a_zero_between_requests_ends_the_wait() {
+    let Some(gw) = setup() else { return };
+    let ns = Netns::new("drain-noquiet");
+    let addr = "127.0.0.1:7422";
+    let server = Server::listen_with(&ns, addr, None, &["--hangup"]);
+    let pid = server.pid().to_string();
+    let pulses = Pulses::start(Client::connect(&ns, addr, 0));
+    server.wait_accepted(3);
+    let drain = gw.spawn_drain(&["wait", "--pid", &pid, "--timeout", "4s", "--json"]);
+    let done = drain.wait(Duration::from_secs(10));
+    let still_coming = server.accepted();
+    // They go on after the wait said the server was drained.
+    std::thread::sleep(Pulses::EVERY * 3);
+    let made = pulses.stop();
+    done.assert_code(0);
+    let result = done.assert_result(&[("outcome", json!("drained")), ("still_held", json!(0))]);
+    let took = result["duration_ms"].as_u64().unwrap_or(u64::MAX);
+    eprintln!(
+        "without --quiet-for: ended 0 {took} ms after it started watching, while connections kept coming ({still_coming} accepted by then, {made} in all)"
+    );
+    assert!(
+        took < 1000,
+        "without --quiet-for the wait should end on the first zero, took {took} ms"
+    );
+    assert!(
+        made as u64 > still_coming,
+        "the connections did not go on after the wait ended"
+    );
 }
 
 /// Bad input never signals anything: each case exits 2 with one clear line

@@ -221,6 +221,25 @@ impl Drain {
         self.wait_progress("the first progress line", STARTUP_TIMEOUT, |_| true)
     }
 
+    /// Waits for the result line; returns the CLOCK_MONOTONIC time (ns) at
+    /// which this test saw it: an upper bound of when gracewatch decided,
+    /// without the time it then takes to exit (detaching its programs).
+    #[track_caller]
+    pub fn wait_result_seen(&self, timeout: Duration) -> u64 {
+        self.stdout.wait_or_fail(
+            &self.what,
+            "the result line",
+            timeout,
+            || self.context(),
+            |lines| {
+                lines
+                    .iter()
+                    .any(|l| parse_line(l).is_ok_and(|v| v["type"] == "result"))
+                    .then(monotonic_ns)
+            },
+        )
+    }
+
     /// Whether the process has exited (without waiting).
     pub fn has_exited(&self) -> bool {
         if self.reaped.load(Ordering::SeqCst) {

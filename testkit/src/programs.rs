@@ -343,6 +343,21 @@ impl Server {
             })
     }
 
+    /// With `--hangup` (see [`Server::listen_with`]): the monotonic times
+    /// (ns) at which its accepts returned, waiting for the first `n`.
+    #[track_caller]
+    pub fn wait_hungup(&self, n: usize) -> Vec<u64> {
+        self.child
+            .wait_line(&format!("`hungup {n} …`"), PROGRAM_TIMEOUT, |lines| {
+                let times: Vec<u64> = lines
+                    .iter()
+                    .filter_map(|l| l.strip_prefix("hungup "))
+                    .filter_map(|rest| rest.split_whitespace().nth(1)?.parse().ok())
+                    .collect();
+                (times.len() >= n).then_some(times)
+            })
+    }
+
     /// Every signal the server reported so far.
     pub fn signals(&self) -> Vec<SignalSeen> {
         self.child

@@ -7,6 +7,8 @@ line-oriented so that tests wait for acknowledgements instead of sleeping:
 stdout (one event per line, flushed at once):
   ready PID ADDR        listening (or inherited listener adopted); ADDR = bound address
   accepted N            one more connection accepted; N = total accepted by this process
+  hungup N T            with --hangup: the N-th connection was closed right
+                        after its accept, which returned at CLOCK_MONOTONIC T ns
   closed K              reply to `close K` / `closeall` / `closereset` (K = how
                         many were closed; `closereset` closes those the peer reset)
   count open=N established=E close_wait=W reset=R other=O
@@ -41,6 +43,9 @@ stdin commands:
                         requests of different lengths finishing), on a
                         background thread
   tochild CMD           forward CMD to the handover child's stdin
+
+`--hangup` closes every connection as soon as it is accepted (a server of
+short requests: its live count touches zero between them).
 
 `--name-hex HEX` sets the process name (comm) to those bytes first (e.g.
 `fffe67`, not UTF-8), as any user can with prctl(PR_SET_NAME).
@@ -126,8 +131,9 @@ def tcp_state(conn):
 
 
 class Server:
-    def __init__(self, listener):
+    def __init__(self, listener, hangup=False):
         self.listener = listener
+        self.hangup = hangup
         # Non-blocking accept behind select(): the listener's file description
         # is shared with a handover child, and both must cope with losing the
         # race for a connection (EAGAIN) rather than block in accept().
@@ -156,6 +162,15 @@ class Server:
             except (BlockingIOError, InterruptedError):
                 continue  # the other holder of the listener won the race
             except ConnectionAbortedError:
+                continue
+            if self.hangup:
+                at = monotonic_ns()
+                conn.close()
+                with self.lock:
+                    self.accepted += 1
+                    n = self.accepted
+                emit(f"accepted {n}")
+                emit(f"hungup {n} {at}")
                 continue
             with self.lock:
                 self.conns.append(conn)
@@ -266,6 +281,7 @@ def main():
     group.add_argument("--listen", metavar="ADDR:PORT")
     group.add_argument("--inherit-fd", type=int, metavar="N")
     parser.add_argument("--backlog", type=int, default=128)
+    parser.add_argument("--hangup", action="store_true", help="close every connection once accepted")
     parser.add_argument(
         "--name-hex",
         metavar="HEX",
@@ -300,7 +316,7 @@ def main():
     else:
         listener = socket.socket(fileno=args.inherit_fd)
 
-    server = Server(listener)
+    server = Server(listener, hangup=args.hangup)
     _server = server
     server.start()
 

@@ -411,8 +411,12 @@ impl Gate<'_> {
                 None => format!("{s} not sent: the targets exited"),
             },
         };
-        let doubt = match &self.doubt {
-            Some(why) if live == 0 => format!(" (by the kernel's count), but {why}"),
+        let now = Instant::now();
+        let doubt = match (&self.doubt, &self.quiet) {
+            (Some(why), _) if live == 0 => format!(" (by the kernel's count), but {why}"),
+            (_, Some(quiet)) if live == 0 && !quiet.is_quiet(now) => {
+                format!(", but {}", quiet.pending(now))
+            }
             _ => String::new(),
         };
         let msg = format!(

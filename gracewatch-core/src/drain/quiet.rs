@@ -118,6 +118,17 @@ impl Quiet {
         )
     }
 
+    /// Why the period has not passed, for the deadline's message.
+    pub(super) fn pending(&self, now: Instant) -> String {
+        let period = human(self.period);
+        if self.seen {
+            let ago = human(now.saturating_duration_since(self.last));
+            format!("a new connection came {ago} before it, within --quiet-for {period}")
+        } else {
+            format!("--quiet-for {period} had not passed")
+        }
+    }
+
     pub(super) fn period(&self) -> Duration {
         self.period
     }
@@ -210,6 +221,10 @@ mod tests {
         assert_eq!(
             q.describe(at(900)),
             "waiting for 1s without new connections (last new connection 300 ms ago)"
+        );
+        assert_eq!(
+            q.pending(at(900)),
+            "a new connection came 300 ms before it, within --quiet-for 1s"
         );
         assert!(!q.observe(&status(vec![process(7, 4)], vec![]), &[7], &[], at(1200)));
         assert!(q.is_quiet(at(1600)));
