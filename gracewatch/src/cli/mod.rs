@@ -125,12 +125,13 @@ struct DrainArgs {
     /// for load balancers to stop sending traffic).
     #[arg(long, value_parser = parse_duration, default_value = "0s", allow_hyphen_values = true)]
     min_wait: Duration,
-    /// Drained only after this long without a new connection too (none
-    /// accepted by the targets, no handshake on a listener only they hold),
-    /// so a zero between two short requests ends nothing. For a terminating
-    /// pod the load balancer still routes to: `gracewatch wait --pid 1
-    /// --quiet-for 5s --timeout 60s` as the preStop hook. Counted from the
-    /// start or the last new connection; --min-wait must pass as well.
+    /// Drained only once the targets also went this long without a new
+    /// connection (none accepted by them, no handshake on a listener only
+    /// they hold), so a zero between two short requests ends nothing. For a
+    /// server a load balancer may still route to, e.g. a terminating
+    /// Kubernetes pod, whose preStop hook can then replace `sleep` with
+    /// `gracewatch wait --pid 1 --quiet-for 5s --timeout 60s`. Counted from
+    /// the start or the last new connection; --min-wait must pass as well.
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "0s", allow_hyphen_values = true)]
     quiet_for: Duration,
     /// One JSON object per progress event, then a result object, on stdout.
