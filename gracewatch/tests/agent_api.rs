@@ -732,6 +732,36 @@ async fn drain_timeout_cancel_and_target_exit_map_to_the_cli_outcomes() {
     }
 }
 
+/// `quiet_for` holds a drain of an idle process for that long (counted
+/// from its start: no connection came since), as `--quiet-for` does.
+#[tokio::test]
+async fn quiet_for_holds_a_drain_for_its_quiet_period() {
+    let t = TestAgent::start(Some("tok"), Vec::new()).await;
+    let target = sleeper();
+    let req = DrainRequest {
+        pids: vec![target.id()],
+        signal: Some("none".to_owned()),
+        quiet_for: Some("600ms".to_owned()),
+        ..DrainRequest::default()
+    };
+    let report = t.client(Some("tok")).run_drain(&req).await.expect("drain");
+    assert_eq!(
+        report.outcome,
+        gracewatch::drain::Outcome::Drained,
+        "{report:?}"
+    );
+    assert!(
+        report.duration_ms >= 600,
+        "drained after {} ms, before quiet_for 600ms: {report:?}",
+        report.duration_ms
+    );
+    assert!(
+        report.message.contains("no new connection for 600 ms"),
+        "{report:?}"
+    );
+    kill(target);
+}
+
 #[tokio::test]
 async fn run_drain_is_the_library_way_to_await_an_outcome() {
     let t = TestAgent::start(Some("tok"), Vec::new()).await;
@@ -899,6 +929,11 @@ async fn every_bad_input_gets_a_4xx_json_error_and_the_agent_survives() {
             format!("{{\"pids\": [{pid}], \"min_wait\": \"-5s\"}}").into_bytes(),
             StatusCode::BAD_REQUEST,
             "min_wait",
+        ),
+        (
+            format!("{{\"pids\": [{pid}], \"quiet_for\": \"5x\"}}").into_bytes(),
+            StatusCode::BAD_REQUEST,
+            "quiet_for",
         ),
         (
             format!("{{\"pids\": [{pid}], \"timeout\": \"99999999999999999999999h\"}}")
