@@ -229,7 +229,7 @@ async fn status_is_the_status_json_and_follows_events() {
     .await;
     let client = t.client(None);
     let status: Status = client.status().await.expect("status");
-    assert_eq!(status.schema, "gracewatch.status.v1");
+    assert_eq!(status.schema, "gracewatch.status.v2");
     let p = status
         .processes
         .iter()
@@ -249,6 +249,74 @@ async fn status_is_the_status_json_and_follows_events() {
     t.feed([accept(4242, "server", 2)]).await;
     let status = client.status().await.expect("status");
     assert_eq!(status.processes[0].live, 2);
+}
+
+/// A restart by listener hand-off: the old process closes its listener and
+/// keeps its connection, the new one listens. `/v1/status` tells their
+/// roles and the listener's generations, oldest first.
+#[tokio::test]
+async fn status_tells_restart_roles_and_generations() {
+    let t = TestAgent::start(None, vec![listen(4242, "old"), accept(4242, "old", 1)]).await;
+    let client = t.client(None);
+    t.feed([
+        ConnEvent::ListenStop {
+            at: at(3000),
+            sk: 1,
+            addr: listen_addr(),
+            pid: 4242,
+            comm: "old".to_owned(),
+        },
+        ConnEvent::ListenStart {
+            at: at(3001),
+            sk: 2,
+            addr: listen_addr(),
+            pid: 4343,
+            comm: "new".to_owned(),
+        },
+    ])
+    .await;
+    let (code, raw) = call(&client, Method::GET, "/v1/status", None).await;
+    assert_eq!(code, StatusCode::OK);
+    if let Err(e) = Schema::Status.check(&raw) {
+        panic!("{e}\n{raw}");
+    }
+    let role = |pid: u32| gracewatch_testkit::status::role_of(&raw, pid).map(str::to_owned);
+    assert_eq!(role(4242).as_deref(), Some("draining"), "{raw:#}");
+    assert_eq!(role(4343).as_deref(), Some("serving"), "{raw:#}");
+    let uptime = raw["uptime_ms"].as_u64().expect("uptime");
+    assert!(raw["processes"][0]["role_since_ms"].as_u64() <= Some(uptime));
+    let listener =
+        gracewatch_testkit::status::listener(&raw, u64::from(NETNS), LISTEN).expect("the listener");
+    assert_eq!(
+        gracewatch_testkit::status::generations(listener),
+        vec![(4242, "draining".to_owned()), (4343, "serving".to_owned())],
+        "{raw:#}"
+    );
+    assert_eq!(
+        gracewatch_testkit::status::invariants(&raw),
+        Vec::<String>::new()
+    );
+
+    // Its last connection ends: no longer listed, drained (or gone) among
+    // the listener's generations.
+    t.feed([close(4242, 1)]).await;
+    let status = client.status().await.expect("status");
+    assert!(
+        status.processes.iter().all(|p| p.pid != 4242),
+        "{status:#?}"
+    );
+    let gens: Vec<(u32, &str)> = status.listeners[0]
+        .generations
+        .iter()
+        .map(|g| (g.pid, g.role.name()))
+        .collect();
+    assert!(
+        matches!(
+            gens.as_slice(),
+            [(4242, "drained" | "exited"), (4343, "serving")]
+        ),
+        "{gens:?}"
+    );
 }
 
 #[tokio::test]

@@ -500,6 +500,7 @@ mod tests {
                 accepted_total: 5,
                 closed_total: 2,
                 oldest_live_ms: Some(2500),
+                ..ProcessStatus::default()
             }],
             listeners: vec![ListenerStatus {
                 netns: 4026531840,
@@ -513,6 +514,7 @@ mod tests {
                 accept_queue: 1,
                 accepted_total: 5,
                 queue_drops_total: 0,
+                generations: Vec::new(),
             }],
             lost_events: 7,
             map_full_total: 2,
