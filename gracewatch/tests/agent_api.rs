@@ -596,6 +596,14 @@ async fn metrics_parse_and_match_the_status() {
 #[tokio::test]
 async fn metrics_count_handovers_drains_and_exits() {
     let t = TestAgent::start(None, vec![listen(4242, "old"), accept(4242, "old", 1)]).await;
+    // The same restart, as `/v1/events` lines.
+    let events = t
+        .client(None)
+        .send(Method::GET, "/v1/events", None)
+        .await
+        .expect("GET /v1/events");
+    assert_eq!(events.status(), StatusCode::OK);
+    let mut events = events.into_body();
     let lis = format!("{{netns=\"{NETNS}\",address=\"{LISTEN}\"}}");
     let draining = format!("gracewatch_processes_draining{lis}");
     let oldest = format!("gracewatch_oldest_draining_seconds{lis}");
@@ -674,6 +682,54 @@ async fn metrics_count_handovers_drains_and_exits() {
         "{m:#?}"
     );
     assert_eq!(m.get("gracewatch_handovers_total"), Some(&1.0), "{m:#?}");
+
+    let mut text = String::new();
+    let restart_lines = |text: &str| -> Vec<Value> {
+        text.lines()
+            .map(|l| serde_json::from_str::<Value>(l).expect("a JSON object per line"))
+            .filter(|v| {
+                ["handover", "draining", "drained"].contains(&v["kind"].as_str().unwrap_or(""))
+            })
+            .collect()
+    };
+    use http_body_util::BodyExt as _;
+    while restart_lines(&text).len() < 3 {
+        let frame = tokio::time::timeout(LIMIT, events.frame())
+            .await
+            .expect("restart lines within the limit")
+            .expect("stream open")
+            .expect("frame");
+        if let Ok(data) = frame.into_data() {
+            text.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+    for line in text.lines() {
+        let v: Value = serde_json::from_str(line).expect("JSON");
+        if let Err(e) = Schema::Event.check(&v) {
+            panic!("{e}\n{line}");
+        }
+    }
+    let lines = restart_lines(&text);
+    let kinds: Vec<(&str, u64)> = lines
+        .iter()
+        .map(|v| {
+            (
+                v["kind"].as_str().unwrap_or(""),
+                v["pid"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [("handover", 4343), ("draining", 4242), ("drained", 4242)],
+        "{text}"
+    );
+    assert_eq!(lines[0]["alongside"], json!([4242]), "{text}");
+    assert_eq!(lines[0]["listener"]["local"], LISTEN, "{text}");
+    assert_eq!(lines[1]["why"], "closed_its_listener", "{text}");
+    assert_eq!(lines[1]["live"], 1, "{text}");
+    assert_eq!(lines[2]["from_live"], 1, "{text}");
+    assert!(lines[2]["took_ms"].is_u64(), "{text}");
 }
 
 #[test]

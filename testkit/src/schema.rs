@@ -124,6 +124,10 @@ mod tests {
                 json!({"kind": "close", "at": at, "sk": 11137627865198403777u64, "tuple": tuple, "pid": 16229, "by_exit": false}),
                 json!({"kind": "listen_start", "at": at, "sk": 7, "addr": {"netns": 4026532178u32, "local": "[::]:9911"}, "pid": 16229, "comm": "python3"}),
                 json!({"kind": "lost", "at": at, "total": 3}),
+                json!({"kind": "handover", "at": at, "pid": 16330, "comm": "python3", "listener": {"netns": 4026532178u32, "local": "127.0.0.1:9911"}, "alongside": [16229]}),
+                json!({"kind": "draining", "at": at, "pid": 16229, "comm": "python3", "why": "closed_its_listener", "live": 3}),
+                json!({"kind": "drained", "at": at, "pid": 16229, "comm": "python3", "why": "reached_zero", "took_ms": 1200, "from_live": 3}),
+                json!({"kind": "drained", "at": at, "pid": 16229, "comm": "python3", "why": "holds_nothing", "took_ms": null, "from_live": null}),
                 json!({"kind": "lagged", "skipped": 1, "message": "this reader fell behind"}),
             ],
         }

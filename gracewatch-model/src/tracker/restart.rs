@@ -113,6 +113,22 @@ impl Why {
         }
     }
 
+    /// As a machine reads it (the agent's `/v1/events` lines): snake_case.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::Seen => "seen",
+            Self::ClosedItsListener => "closed_its_listener",
+            Self::AnotherAccepts => "another_accepts",
+            Self::AcceptsAgain => "accepts_again",
+            Self::ReachedZero => "reached_zero",
+            Self::HoldsNothing => "holds_nothing",
+            Self::DrainStarted => "drain_started",
+            Self::DrainFinished => "drain_finished",
+            Self::DrainCancelled => "drain_cancelled",
+            Self::Exited => "exited",
+        }
+    }
+
     /// Whether a drain run by gracewatch caused it (its runner reports
     /// those itself).
     pub fn by_drain(self) -> bool {

@@ -159,6 +159,7 @@ impl Agent {
                         let model = restarts.borrow_and_update().clone();
                         for fact in model.facts_after(last_fact) {
                             shared.metrics.fact(fact);
+                            shared.events.publish_fact(fact, &model);
                             last_fact = Some(fact.seq);
                         }
                     }
