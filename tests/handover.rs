@@ -2,13 +2,14 @@
 //! that inherits the listening socket, both accept for a while, the old one
 //! stops accepting and drains. gracewatch must attribute every connection to
 //! the process that accepted it and list both processes as the listener's
-//! holders while both hold it.
+//! holders while both hold it. A `watch` that saw the restart tells the
+//! processes' roles: the old generation draining, then drained and gone.
 
 use std::os::unix::process::ExitStatusExt as _;
 
 use gracewatch_testkit::{
-    Child, Client, Expect, Netns, PROGRAM_TIMEOUT, STATE_TIMEOUT, Server, Soft, listener, process,
-    setup, wait_accepted_sum,
+    Child, Client, Expect, Netns, PROGRAM_TIMEOUT, STATE_TIMEOUT, Server, Soft, generations,
+    listener, process, role_of, setup, wait_accepted_sum,
 };
 use rustix::process::Signal;
 use serde_json::json;
@@ -160,6 +161,28 @@ fn rust_handover_server_hands_over_and_drains() {
         &soft,
     );
 
+    // A monitor that sees the restart happen (a one-shot `status` meets
+    // every process for the first time: all serving). Unfiltered: `--pid`
+    // and `--port` hide the old generation once it let go of the listener.
+    let watch = gw.watch(&[]);
+    let gens_of = |s: &serde_json::Value| {
+        listener(s, inode, addr)
+            .map(generations)
+            .unwrap_or_default()
+    };
+    let role_of_old = |s: &serde_json::Value| {
+        gens_of(s)
+            .into_iter()
+            .find(|(pid, _)| *pid == old_pid)
+            .map(|(_, role)| role)
+    };
+    watch.wait_check(STATE_TIMEOUT, "the old process serving", |s| {
+        match (role_of(s, old_pid), gens_of(s)) {
+            (Some("serving"), g) if g == [(old_pid, "serving".to_owned())] => Ok(()),
+            (role, g) => Err(format!("role {role:?}, generations {g:?}")),
+        }
+    });
+
     old.signal(Signal::HUP);
     let new_pid: u32 = old.wait_line("`child PID`", PROGRAM_TIMEOUT, |lines| {
         lines
@@ -177,6 +200,27 @@ fn rust_handover_server_hands_over_and_drains() {
             .only_listeners(),
         &soft,
     );
+
+    // It closed its copy of the listener while holding 3: draining, the
+    // child serving; generations oldest first. (Holder changes are learned
+    // at a rescan: allow for its pace.)
+    let handed_over = watch.wait_check(
+        STATE_TIMEOUT * 3,
+        "the old process draining, the new serving",
+        |s| {
+            let roles = (role_of(s, old_pid), role_of(s, new_pid));
+            let want = vec![
+                (old_pid, "draining".to_owned()),
+                (new_pid, "serving".to_owned()),
+            ];
+            if roles == (Some("draining"), Some("serving")) && gens_of(s) == want {
+                Ok(())
+            } else {
+                Err(format!("roles {roles:?}, generations {:?}", gens_of(s)))
+            }
+        },
+    );
+    soft.invariants("watch after the handover", &handed_over);
 
     let drain = gw.spawn_drain(&["drain", "--pid", &o, "--json"]);
     assert_eq!(drain.wait_ready()["live"], 3, "the old generation holds 3");
@@ -197,6 +241,27 @@ fn rust_handover_server_hands_over_and_drains() {
         Some(Signal::TERM.as_raw()),
         "the old generation dies of SIGTERM"
     );
+    // Its clients left and it exited: no longer listed, and among the
+    // listener's generations drained and then exited (a status published
+    // between the two shows it drained; the new one serves on).
+    let roles_seen = std::cell::RefCell::new(Vec::new());
+    watch.wait_check(STATE_TIMEOUT * 3, "the old process exited", |s| {
+        let role = role_of_old(s);
+        if roles_seen.borrow().last() != Some(&role) {
+            roles_seen.borrow_mut().push(role.clone());
+        }
+        match (role_of(s, old_pid), role.as_deref(), role_of(s, new_pid)) {
+            (None, Some("exited"), Some("serving")) => Ok(()),
+            other => Err(format!("(listed role, generation role, new) {other:?}")),
+        }
+    });
+    let seen = roles_seen.into_inner();
+    assert!(
+        seen.iter()
+            .all(|r| matches!(r.as_deref(), Some("draining" | "drained" | "exited"))),
+        "the old generation never served again: {seen:?}"
+    );
+    watch.stop();
 
     let _later = Client::connect_sending(&ns, addr, 2, "h");
     gw.status_matching(

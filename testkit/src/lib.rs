@@ -51,7 +51,7 @@ pub use process::{Child, collect_lines};
 pub use programs::{Client, ConnCount, Server, SignalSeen, report_signals_of, wait_accepted_sum};
 pub use schema::Schema;
 pub use soft::Soft;
-pub use status::{Expect, holders, listener, live_of, process};
+pub use status::{Expect, generations, holders, listener, live_of, process, role_of};
 pub use tmux::Tmux;
 
 /// How long a test waits for gracewatch to reflect a change it caused.

@@ -107,9 +107,10 @@ mod tests {
         let at = json!({"secs": 11211, "nanos": 84934454});
         match schema {
             Schema::Status => vec![json!({
-                "schema": "gracewatch.status.v1", "uptime_ms": 1440,
-                "processes": [{"pid": 18084, "comm": "python3", "live": 1, "listeners": ["127.0.0.1:9913"], "accepted_total": 0, "closed_total": 0, "oldest_live_ms": 20}],
-                "listeners": [{"netns": 4026532178u32, "address": "127.0.0.1:9913", "family": "ipv4", "holders": [{"pid": 18084, "comm": "python3", "live": 1}], "accept_queue": 0, "accepted_total": 0, "queue_drops_total": 0}],
+                "schema": "gracewatch.status.v2", "uptime_ms": 1440,
+                "processes": [{"pid": 18084, "comm": "python3", "live": 1, "listeners": ["127.0.0.1:9913"], "accepted_total": 0, "closed_total": 0, "oldest_live_ms": 20, "role": "serving", "role_since_ms": 0}],
+                "listeners": [{"netns": 4026532178u32, "address": "127.0.0.1:9913", "family": "ipv4", "holders": [{"pid": 18084, "comm": "python3", "live": 1}], "accept_queue": 0, "accepted_total": 0, "queue_drops_total": 0,
+                    "generations": [{"pid": 18080, "comm": "python3", "role": "exited", "role_since_ms": 1200, "live": 0}, {"pid": 18084, "comm": "python3", "role": "serving", "role_since_ms": 0, "live": 1}]}],
                 "lost_events": 0, "map_full_total": 0
             })],
             Schema::Drain => vec![typed(&progress, "progress"), typed(&report, "result")],
@@ -123,6 +124,10 @@ mod tests {
                 json!({"kind": "close", "at": at, "sk": 11137627865198403777u64, "tuple": tuple, "pid": 16229, "by_exit": false}),
                 json!({"kind": "listen_start", "at": at, "sk": 7, "addr": {"netns": 4026532178u32, "local": "[::]:9911"}, "pid": 16229, "comm": "python3"}),
                 json!({"kind": "lost", "at": at, "total": 3}),
+                json!({"kind": "handover", "at": at, "pid": 16330, "comm": "python3", "listener": {"netns": 4026532178u32, "local": "127.0.0.1:9911"}, "alongside": [16229]}),
+                json!({"kind": "draining", "at": at, "pid": 16229, "comm": "python3", "why": "closed_its_listener", "live": 3}),
+                json!({"kind": "drained", "at": at, "pid": 16229, "comm": "python3", "why": "reached_zero", "took_ms": 1200, "from_live": 3}),
+                json!({"kind": "drained", "at": at, "pid": 16229, "comm": "python3", "why": "holds_nothing", "took_ms": null, "from_live": null}),
                 json!({"kind": "lagged", "skipped": 1, "message": "this reader fell behind"}),
             ],
         }

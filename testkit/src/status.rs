@@ -1,5 +1,5 @@
 //! Reading gracewatch's `--json` Status objects (schema
-//! `gracewatch.status.v1`, see `gracewatch/src/tracker/status.rs`): field
+//! `gracewatch.status.v2`, see `gracewatch-model/src/tracker/status.rs`): field
 //! accessors and [`Expect`], an exact expectation whose mismatches are
 //! spelled out. Every object we receive is also checked against
 //! `gracewatch/schema/status.schema.json` ([`Schema::Status`]).
@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::Schema;
 
-pub const SCHEMA: &str = "gracewatch.status.v1";
+pub const SCHEMA: &str = "gracewatch.status.v2";
 
 /// The process entry for `pid`, if listed.
 pub fn process(status: &Value, pid: u32) -> Option<&Value> {
@@ -47,6 +47,25 @@ pub fn listeners_on_port(status: &Value, port: u16) -> Vec<&Value> {
     array(status, "listeners")
         .iter()
         .filter(|l| l["address"].as_str().and_then(port_of) == Some(port))
+        .collect()
+}
+
+/// `role` of the process `pid` (`serving`, `draining`, `drained`), `None`
+/// if the process is not listed.
+pub fn role_of(status: &Value, pid: u32) -> Option<&str> {
+    process(status, pid).and_then(|p| p["role"].as_str())
+}
+
+/// `generations` of a listener as (pid, role), oldest first.
+pub fn generations(listener: &Value) -> Vec<(u32, String)> {
+    array(listener, "generations")
+        .iter()
+        .filter_map(|g| {
+            Some((
+                u32::try_from(g["pid"].as_u64()?).ok()?,
+                g["role"].as_str()?.to_owned(),
+            ))
+        })
         .collect()
 }
 
@@ -292,8 +311,11 @@ pub fn pretty(v: &Value) -> String {
 
 /// Internal consistency of one status, independent of what the test did:
 /// documented orderings, `oldest_live_ms` null exactly when nothing is live,
-/// and a process's live count equal to the sum of what it holds through
-/// each of its listeners. Returns every violation.
+/// a process's live count equal to the sum of what it holds through
+/// each of its listeners, and the restart roles agreeing with themselves
+/// (every holder of a listener is one of its generations, with the role
+/// its process entry has; no role is newer than the status). Returns every
+/// violation.
 pub fn invariants(status: &Value) -> Vec<String> {
     let mut errors = Vec::new();
     let procs = array(status, "processes");
@@ -328,9 +350,37 @@ pub fn invariants(status: &Value) -> Vec<String> {
             ));
         }
     }
+    let uptime = status["uptime_ms"].as_u64().unwrap_or(0);
+    for l in listeners {
+        let gens = generations(l);
+        for pid in holders(l).keys() {
+            match gens.iter().find(|(g, _)| g == pid) {
+                None => errors.push(format!(
+                    "listener {}: holder {pid} is not among its generations {gens:?}",
+                    l["address"]
+                )),
+                Some((_, role)) => {
+                    if let Some(listed) = role_of(status, *pid)
+                        && listed != role
+                    {
+                        errors.push(format!(
+                            "listener {}: generation {pid} is {role} but its process is {listed}",
+                            l["address"]
+                        ));
+                    }
+                }
+            }
+        }
+    }
     for p in procs {
         let pid = p["pid"].as_u64().unwrap_or(0);
         let live = p["live"].as_u64().unwrap_or(0);
+        if p["role_since_ms"].as_u64().unwrap_or(0) > uptime {
+            errors.push(format!(
+                "pid {pid}: role_since_ms {} is after uptime_ms {uptime}",
+                p["role_since_ms"]
+            ));
+        }
         if (live == 0) != p["oldest_live_ms"].is_null() {
             errors.push(format!(
                 "pid {pid}: live is {live} but oldest_live_ms is {}",

@@ -130,6 +130,8 @@ def build(sockets, pids, ports, totals):
         holders=[dict(pid=pid, comm=comm(pid), live=n) for pid, n in sorted(l["holders"].items())],
         accept_queue=l["accept_queue"], accepted_total=totals["listener_accepted"].get((l["netns"], l["address"]), 0),
         queue_drops_total=0,
+        generations=[dict(pid=pid, comm=comm(pid), role="serving", role_since_ms=0, live=procs[pid]["live"] if pid in procs else 0)
+                     for pid in sorted(l["holders"])],
     ) for l in shown]
     out_procs = []
     for pid, p in sorted(procs.items()):
@@ -140,9 +142,9 @@ def build(sockets, pids, ports, totals):
         out_procs.append(dict(
             pid=pid, comm=p["comm"], live=p["live"], listeners=p["listeners"],
             accepted_total=totals["accepted"].get(pid, 0), closed_total=totals["closed"].get(pid, 0),
-            oldest_live_ms=0 if p["live"] else None,
+            oldest_live_ms=0 if p["live"] else None, role="serving", role_since_ms=0,
         ))
-    status = dict(schema="gracewatch.status.v1", uptime_ms=0, processes=out_procs, listeners=out_listeners, lost_events=0)
+    status = dict(schema="gracewatch.status.v2", uptime_ms=0, processes=out_procs, listeners=out_listeners, lost_events=0, map_full_total=0)
     return status, live
 
 

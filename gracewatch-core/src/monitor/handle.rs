@@ -469,8 +469,9 @@ mod tests {
             .expect("a replay answers after its feed is dropped");
     }
 
-    /// The restart model goes out with every status, follows the events,
-    /// and hears the drains a consumer runs ([`MonitorHandle::note_drain`]).
+    /// The restart model goes out with every status (whose roles it
+    /// fills), follows the events, and hears the drains a consumer runs
+    /// ([`MonitorHandle::note_drain`]).
     #[tokio::test]
     async fn the_restart_model_is_published_and_hears_drains() {
         use crate::tracker::restart::{Change, Role, Why};
@@ -489,6 +490,11 @@ mod tests {
         })
         .await
         .expect("the drain note reached the model");
+        // The status that went out with it carries the role.
+        let status = handle.status();
+        let listed = status.processes.iter().find(|p| p.pid == PID);
+        assert_eq!(listed.map(|p| p.role), Some(Role::Draining), "{status:#?}");
+        assert!(listed.is_some_and(|p| p.role_since_ms <= status.uptime_ms));
 
         for sk in [1, 2] {
             feed.send(ConnEvent::Close {

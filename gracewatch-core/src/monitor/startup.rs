@@ -16,7 +16,7 @@ use crate::{
         replay::{ReplayClock, ReplayFeed, ReplaySource},
         snapshot,
     },
-    tracker::{Status, Tracker},
+    tracker::{Restarts, Status, Tracker},
 };
 
 impl Monitor<EbpfSource> {
@@ -50,7 +50,13 @@ impl Monitor<EbpfSource> {
             .context("failed to spawn a thread to detach the programs")?;
         tracker.merge_snapshot(&snap);
         drop(snap);
-        let status = status_of(&tracker, monotonic_now(), started);
+        let now = monotonic_now();
+        let mut status = status_of(&tracker, now, started);
+        // The restart model of one look: it meets every process now, so
+        // each serves since now; generations are the holders.
+        let mut restarts = Restarts::new();
+        restarts.observe(&status, now);
+        restarts.annotate(&mut status, started);
         let t2 = monotonic_now();
         detached
             .join()

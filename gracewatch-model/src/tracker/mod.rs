@@ -321,6 +321,8 @@ impl Tracker {
                 accept_queue: l.queued + l.queued_before,
                 accepted_total: l.accepted_total,
                 queue_drops_total: l.queue_drops_total,
+                // The restart model's part, filled by the monitor.
+                generations: Vec::new(),
             });
         }
 
@@ -345,6 +347,7 @@ impl Tracker {
                     accepted_total: proc.map_or(0, |p| p.accepted_total),
                     closed_total: proc.map_or(0, |p| p.closed_total),
                     oldest_live_ms: oldest,
+                    ..ProcessStatus::default()
                 }
             })
             .collect();

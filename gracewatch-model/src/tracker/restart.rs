@@ -33,7 +33,9 @@ use std::{
     time::Duration,
 };
 
-use super::Status;
+use serde::{Deserialize, Serialize};
+
+use super::{GenerationStatus, Status};
 use crate::event::{ConnEvent, ListenAddr, NetNs};
 
 /// Window over which accepts/s and closes/s are measured.
@@ -53,8 +55,13 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 /// Facts kept for readers that fell behind.
 const FACTS_KEPT: usize = 1024;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A process's role in restarts; in JSON its [`Role::name`].
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Role {
+    #[default]
     Serving,
     Draining,
     Drained,
@@ -103,6 +110,22 @@ impl Why {
             Self::DrainStarted => "drain started",
             Self::DrainFinished => "drain finished",
             Self::DrainCancelled => "drain cancelled",
+        }
+    }
+
+    /// As a machine reads it (the agent's `/v1/events` lines): snake_case.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::Seen => "seen",
+            Self::ClosedItsListener => "closed_its_listener",
+            Self::AnotherAccepts => "another_accepts",
+            Self::AcceptsAgain => "accepts_again",
+            Self::ReachedZero => "reached_zero",
+            Self::HoldsNothing => "holds_nothing",
+            Self::DrainStarted => "drain_started",
+            Self::DrainFinished => "drain_finished",
+            Self::DrainCancelled => "drain_cancelled",
+            Self::Exited => "exited",
         }
     }
 
@@ -393,6 +416,44 @@ impl Restarts {
             .filter(|p| !p.present && p.alive_checked && p.role != Role::Exited)
             .map(|p| p.pid)
             .collect()
+    }
+
+    /// Fills the role fields of `status` (the one this model last
+    /// observed) from the model: `processes[].role`/`role_since_ms` and
+    /// `listeners[].generations`. `started` is the monitor's start on the
+    /// clock the model is fed with, so `role_since_ms` counts like
+    /// `uptime_ms`. A listed process the model does not know is serving
+    /// since it was first seen; one it believes exited (a pid reused
+    /// between two looks) is drained: a listed process never shows
+    /// `exited`.
+    pub fn annotate(&self, status: &mut Status, started: Duration) {
+        let since = |t: Duration| t.saturating_sub(started).as_millis() as u64;
+        for p in &mut status.processes {
+            let (role, role_since) = match self.procs.get(&p.pid) {
+                Some(r) if r.role == Role::Exited => (Role::Drained, r.role_since),
+                Some(r) => (r.role, r.role_since),
+                None => (Role::Serving, started),
+            };
+            p.role = role;
+            p.role_since_ms = since(role_since);
+        }
+        for l in &mut status.listeners {
+            let key = ListenAddr {
+                netns: l.netns,
+                local: l.address,
+            };
+            l.generations = self
+                .generations(&key)
+                .into_iter()
+                .map(|g| GenerationStatus {
+                    pid: g.pid,
+                    comm: g.comm.clone(),
+                    role: g.role,
+                    role_since_ms: since(g.role_since),
+                    live: g.live,
+                })
+                .collect();
+        }
     }
 
     // --- feeding ------------------------------------------------------------

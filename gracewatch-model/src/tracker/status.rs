@@ -7,10 +7,14 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+use super::restart::Role;
 use crate::event::NetNs;
 
-/// Value of [`Status::schema`]; bump on any incompatible change.
-pub const STATUS_SCHEMA: &str = "gracewatch.status.v1";
+/// Value of [`Status::schema`]; bump on any incompatible change. v2 added
+/// the restart roles (`processes[].role`, `role_since_ms`,
+/// `listeners[].generations`): v1 declared unknown keys an error, so new
+/// keys are an incompatible change (see the README's JSON section).
+pub const STATUS_SCHEMA: &str = "gracewatch.status.v2";
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -49,6 +53,13 @@ pub struct ProcessStatus {
     /// Age of its oldest live connection, in milliseconds (`null` if none).
     /// For connections older than the monitor this is a lower bound.
     pub oldest_live_ms: Option<u64>,
+    /// Its role in a restart (`serving`, `draining` or `drained`), from the
+    /// restart model ([`super::Restarts`]); filled by the monitor when it
+    /// publishes (see [`super::Restarts::annotate`]).
+    pub role: Role,
+    /// Since when it has that role, in milliseconds since the monitor
+    /// started (the clock of [`Status::uptime_ms`]).
+    pub role_since_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,6 +81,23 @@ pub struct ListenerStatus {
     /// Connections that died in the accept queue (reset before any accept,
     /// or by the kernel when the last holder closed the listener).
     pub queue_drops_total: u64,
+    /// The processes that held this listener or accepted from it while the
+    /// restart model remembers them, oldest first: the generations of its
+    /// restarts, each with its role (`exited` ones are kept a minute).
+    pub generations: Vec<GenerationStatus>,
+}
+
+/// One process of a listener's [`ListenerStatus::generations`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationStatus {
+    pub pid: u32,
+    pub comm: String,
+    pub role: Role,
+    /// As [`ProcessStatus::role_since_ms`].
+    pub role_since_ms: u64,
+    /// Live connections the process holds (over all its listeners).
+    pub live: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -9,12 +9,21 @@
 //! leave the process (events carry an opaque id, see
 //! [`opaque_sock_id`](crate::event::opaque_sock_id)), and peer addresses
 //! only go to trusted readers (the unix socket, or TCP with the token).
+//!
+//! Besides the kernel's events, the stream carries the restart model's
+//! `handover`, `draining` and `drained` facts ([`fact_line`]).
 
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
-use crate::event::ConnEvent;
+use crate::{
+    event::ConnEvent,
+    tracker::{
+        Restarts,
+        restart::{Change, Fact, Role},
+    },
+};
 
 /// Event streams served at once.
 pub const MAX_SUBSCRIBERS: usize = 64;
@@ -55,6 +64,20 @@ impl Hub {
     /// Queues `ev` for every subscriber; those whose queue is full get the
     /// `lagged` line in its last slot instead, and are let go.
     pub(crate) fn publish(&self, ev: &ConnEvent) {
+        self.publish_with(|peers| encode(ev, peers));
+    }
+
+    /// Queues a line of the restart model (see [`fact_line`]) for every
+    /// subscriber, as [`Hub::publish`] does for events.
+    pub(crate) fn publish_fact(&self, fact: &Fact, model: &Restarts) {
+        if let Some(line) = fact_line(fact, model) {
+            self.publish_with(|_| line.clone());
+        }
+    }
+
+    /// Queues the line `encode(peers)` gives for each subscriber, encoding
+    /// it at most once per kind of reader.
+    fn publish_with(&self, encode: impl Fn(bool) -> Arc<str>) {
         let Ok(mut subs) = self.subscribers.lock() else {
             return;
         };
@@ -65,9 +88,9 @@ impl Hub {
         let mut redacted: Option<Arc<str>> = None;
         subs.retain(|s| {
             let line = if s.peers {
-                full.get_or_insert_with(|| encode(ev, true)).clone()
+                full.get_or_insert_with(|| encode(true)).clone()
             } else {
-                redacted.get_or_insert_with(|| encode(ev, false)).clone()
+                redacted.get_or_insert_with(|| encode(false)).clone()
             };
             // The last slot is kept for the lagged line.
             if s.tx.capacity() <= 1 {
@@ -107,6 +130,58 @@ fn lagged_line(skipped: u64) -> Arc<str> {
         })
     )
     .into()
+}
+
+/// The `/v1/events` line of a restart fact: `handover`, `draining` or
+/// `drained` (other role changes and exits have none: the kernel's
+/// `process_exit` line tells the exit). `at` is on the events' clock; no
+/// peer address is in it.
+pub(crate) fn fact_line(fact: &Fact, model: &Restarts) -> Option<Arc<str>> {
+    let at = serde_json::to_value(fact.at).unwrap_or_default();
+    let comm = |pid: u32| model.process(pid).map_or("", |p| p.comm.as_str());
+    let v = match &fact.change {
+        Change::Handover {
+            listener,
+            comm,
+            alongside,
+        } => serde_json::json!({
+            "kind": "handover",
+            "at": at,
+            "pid": fact.pid,
+            "comm": comm,
+            "listener": listener,
+            "alongside": alongside,
+        }),
+        Change::Role {
+            to: Role::Draining,
+            why,
+            live,
+            ..
+        } => serde_json::json!({
+            "kind": "draining",
+            "at": at,
+            "pid": fact.pid,
+            "comm": comm(fact.pid),
+            "why": why.code(),
+            "live": live,
+        }),
+        Change::Role {
+            to: Role::Drained,
+            why,
+            drained,
+            ..
+        } => serde_json::json!({
+            "kind": "drained",
+            "at": at,
+            "pid": fact.pid,
+            "comm": comm(fact.pid),
+            "why": why.code(),
+            "took_ms": drained.map(|(took, _)| took.as_millis() as u64),
+            "from_live": drained.map(|(_, from)| from),
+        }),
+        Change::Role { .. } | Change::Exited { .. } => return None,
+    };
+    Some(format!("{v}\n").into())
 }
 
 /// One NDJSON line for `ev`; without `peers`, connections lose their

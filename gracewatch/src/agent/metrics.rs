@@ -5,16 +5,20 @@
 //! it is rewritten to (see [`Format`]).
 //!
 //! Two kinds of series. Those read from the current [`Status`] (per process,
-//! per listener, lost events, BPF run time) are encoded afresh at every
-//! scrape by a [`Collector`], so a process or listener that went away stops
-//! being exported at once instead of lingering as a stale series. Those only
-//! the agent can count (connections accepted and closed since it started,
-//! drains by outcome and their durations) live in a registry for the
+//! per listener, lost events, BPF run time, processes draining now) are
+//! encoded afresh at every scrape by a [`Collector`], so a process or
+//! listener that went away stops being exported at once instead of
+//! lingering as a stale series. Those only the agent can count (connections
+//! accepted and closed since it started, drains by outcome and their
+//! durations, and from the restart model's [`Fact`]s: observed drains,
+//! handovers, connections dropped by exits) live in a registry for the
 //! agent's lifetime.
 //!
 //! Label cardinality is bounded by construction: `pid`/`comm` only for
 //! processes that hold a listening socket or a live inbound connection,
-//! `netns`/`address` only for listening sockets, `outcome` has six values.
+//! `netns`/`address` only for the listening sockets of the current status
+//! (never on the agent-lifetime series, where every pod's namespace would
+//! add series for good), `outcome` has six values.
 //! Label values come from processes (`comm`): control characters in them
 //! are escaped ([`label_safe`]) so no CR or ESC reaches a scraper.
 
@@ -37,7 +41,10 @@ use crate::{
     drain::{DrainReport, Outcome},
     event::ConnEvent,
     monitor::ProgramStats,
-    tracker::Status,
+    tracker::{
+        Status,
+        restart::{Change, Fact, Role},
+    },
 };
 
 /// The two exposition formats.
@@ -154,6 +161,9 @@ pub(crate) struct Metrics {
     drains: Family<OutcomeLabel, Counter>,
     drain_seconds: Family<OutcomeLabel, Histogram, fn() -> Histogram>,
     drains_running: Gauge,
+    observed_drain_seconds: Histogram,
+    handovers: Counter,
+    dropped_by_exit: Counter,
 }
 
 impl Metrics {
@@ -167,6 +177,9 @@ impl Metrics {
             drains: Family::default(),
             drain_seconds: Family::new_with_constructor(new_drain_histogram),
             drains_running: Gauge::default(),
+            observed_drain_seconds: new_drain_histogram(),
+            handovers: Counter::default(),
+            dropped_by_exit: Counter::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -205,6 +218,22 @@ impl Metrics {
             "Drains running in this agent now",
             m.drains_running.clone(),
         );
+        r.register_with_unit(
+            "gracewatch_observed_drain_duration",
+            "How long old generations took to drain, as the monitor saw them (whoever ran the drain): from when a process stopped accepting to zero",
+            Unit::Seconds,
+            m.observed_drain_seconds.clone(),
+        );
+        r.register(
+            "gracewatch_handovers",
+            "Handovers seen: a process started accepting on a listener an older process of the same namespace serves",
+            m.handovers.clone(),
+        );
+        r.register(
+            "gracewatch_connections_dropped_by_exit",
+            "Live inbound connections ended because the process holding them exited",
+            m.dropped_by_exit.clone(),
+        );
         // Every outcome is exported from the start, so rate() and absent()
         // behave before the first drain.
         for o in OUTCOMES {
@@ -226,6 +255,24 @@ impl Metrics {
                 self.queue_drops.inc();
             }
             _ => {}
+        }
+    }
+
+    /// Counts one fact of the restart model: a drain that reached zero, a
+    /// handover, an exit that dropped connections.
+    pub(crate) fn fact(&self, fact: &Fact) {
+        match &fact.change {
+            Change::Handover { .. } => {
+                self.handovers.inc();
+            }
+            Change::Role {
+                drained: Some((took, _)),
+                ..
+            } => self.observed_drain_seconds.observe(took.as_secs_f64()),
+            Change::Exited { held, .. } if *held > 0 => {
+                self.dropped_by_exit.inc_by(*held);
+            }
+            Change::Role { .. } | Change::Exited { .. } => {}
         }
     }
 
@@ -420,6 +467,44 @@ impl Collector for Scrape {
             }
         }
 
+        // Roles: from the generations of each current listener, so a
+        // listener that went away takes its series with it.
+        let draining = |l: &crate::tracker::ListenerStatus| {
+            l.generations
+                .iter()
+                .filter(|g| g.role == Role::Draining)
+                .map(|g| g.role_since_ms)
+                .collect::<Vec<u64>>()
+        };
+        {
+            let mut m = enc.encode_descriptor(
+                "gracewatch_processes_draining",
+                "Processes draining now among a listener's generations (they hold live connections and stopped accepting on it).",
+                None,
+                MetricType::Gauge,
+            )?;
+            for l in &status.listeners {
+                ConstGauge::new(saturate(draining(l).len() as u64))
+                    .encode(m.encode_family(&listener_labels(l.netns, &l.address.to_string()))?)?;
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "gracewatch_oldest_draining",
+                "How long the longest-draining process among a listener's generations has been draining (no series while none drains).",
+                Some(&Unit::Seconds),
+                MetricType::Gauge,
+            )?;
+            for l in &status.listeners {
+                if let Some(since) = draining(l).into_iter().min() {
+                    ConstGauge::new(status.uptime_ms.saturating_sub(since) as f64 / 1000.0)
+                        .encode(
+                            m.encode_family(&listener_labels(l.netns, &l.address.to_string()))?,
+                        )?;
+                }
+            }
+        }
+
         ConstCounter::new(status.lost_events).encode(enc.encode_descriptor(
             "gracewatch_lost_events",
             "Kernel events lost (ring buffer full) since the programs were loaded; counts may be stale until the next rescan.",
@@ -500,6 +585,7 @@ mod tests {
                 accepted_total: 5,
                 closed_total: 2,
                 oldest_live_ms: Some(2500),
+                ..ProcessStatus::default()
             }],
             listeners: vec![ListenerStatus {
                 netns: 4026531840,
@@ -513,6 +599,7 @@ mod tests {
                 accept_queue: 1,
                 accepted_total: 5,
                 queue_drops_total: 0,
+                generations: Vec::new(),
             }],
             lost_events: 7,
             map_full_total: 2,
@@ -570,6 +657,113 @@ mod tests {
             );
         }
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn restart_facts_and_roles_are_exported() {
+        use std::time::Duration;
+
+        use crate::tracker::{GenerationStatus, restart::Why};
+
+        let m = Metrics::new();
+        let fact = |change| Fact {
+            seq: 0,
+            at: Duration::ZERO,
+            pid: 42,
+            change,
+        };
+        m.fact(&fact(Change::Handover {
+            listener: crate::event::ListenAddr {
+                netns: 1,
+                local: ([0, 0, 0, 0], 80).into(),
+            },
+            comm: "nginx".to_owned(),
+            alongside: vec![41],
+        }));
+        m.fact(&fact(Change::Role {
+            from: Role::Draining,
+            to: Role::Drained,
+            why: Why::ReachedZero,
+            live: 0,
+            drained: Some((Duration::from_millis(1500), 3)),
+        }));
+        // Not a drain that reached zero: no observation.
+        m.fact(&fact(Change::Role {
+            from: Role::Serving,
+            to: Role::Draining,
+            why: Why::ClosedItsListener,
+            live: 3,
+            drained: None,
+        }));
+        m.fact(&fact(Change::Exited {
+            held: 4,
+            was: Role::Draining,
+        }));
+        m.fact(&fact(Change::Exited {
+            held: 0,
+            was: Role::Drained,
+        }));
+
+        let mut st = status();
+        let generation = |pid, role, role_since_ms| GenerationStatus {
+            pid,
+            comm: "nginx".to_owned(),
+            role,
+            role_since_ms,
+            live: 1,
+        };
+        st.listeners[0].generations = vec![
+            generation(40, Role::Draining, 300),
+            generation(41, Role::Draining, 500),
+            generation(42, Role::Serving, 500),
+        ];
+        let mut idle = st.listeners[0].clone();
+        idle.address = ([0, 0, 0, 0], 81).into();
+        idle.generations = vec![generation(42, Role::Serving, 0)];
+        st.listeners.push(idle);
+        let text = m
+            .render(
+                Scrape {
+                    status: Some(Arc::new(st)),
+                    ..Scrape::default()
+                },
+                Format::Text,
+            )
+            .expect("encodes");
+        for line in [
+            "gracewatch_handovers_total 1",
+            "gracewatch_connections_dropped_by_exit_total 4",
+            "gracewatch_observed_drain_duration_seconds_count 1",
+            "gracewatch_observed_drain_duration_seconds_sum 1.5",
+            "gracewatch_observed_drain_duration_seconds_bucket{le=\"2.5\"} 1",
+            "gracewatch_observed_drain_duration_seconds_bucket{le=\"1.0\"} 0",
+            "gracewatch_processes_draining{netns=\"4026531840\",address=\"0.0.0.0:80\"} 2",
+            "gracewatch_processes_draining{netns=\"4026531840\",address=\"0.0.0.0:81\"} 0",
+            "gracewatch_oldest_draining_seconds{netns=\"4026531840\",address=\"0.0.0.0:80\"} 1.2",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.starts_with("gracewatch_oldest_draining_seconds{") && l.contains(":81")),
+            "no oldest-draining series while none drains: {text}"
+        );
+        for family in [
+            "gracewatch_handovers_total",
+            "gracewatch_connections_dropped_by_exit_total",
+            "gracewatch_observed_drain_duration_seconds",
+            "gracewatch_processes_draining",
+            "gracewatch_oldest_draining_seconds",
+        ] {
+            assert!(
+                text.contains(&format!("# HELP {family} ")),
+                "no HELP for {family}: {text}"
+            );
+        }
     }
 
     #[test]

@@ -134,19 +134,35 @@ impl Agent {
 
     /// Hands the agent its monitor: from now on it is ready. Only the first
     /// call counts (`false` for later ones). Must be called within a tokio
-    /// runtime: it starts counting the monitor's events and handing them to
-    /// `/v1/events` readers (one task for both, which never waits for a
-    /// reader).
+    /// runtime: it starts counting the monitor's events and the restart
+    /// model's facts, and handing the events to `/v1/events` readers (one
+    /// task for all, which never waits for a reader).
     pub fn set_monitor(&self, handle: MonitorHandle) -> bool {
         let mut events = handle.events();
+        let mut restarts = handle.subscribe_restarts();
         if self.shared.monitor.set(handle).is_err() {
             return false;
         }
         let shared = self.shared.clone();
         let mut shutdown = self.shared.shutdown.subscribe();
         tokio::spawn(async move {
+            // The restart model's facts, counted once each: those already
+            // recorded, then those each publication brings.
+            let mut last_fact = None;
+            restarts.mark_changed();
             loop {
                 tokio::select! {
+                    changed = restarts.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        let model = restarts.borrow_and_update().clone();
+                        for fact in model.facts_after(last_fact) {
+                            shared.metrics.fact(fact);
+                            shared.events.publish_fact(fact, &model);
+                            last_fact = Some(fact.seq);
+                        }
+                    }
                     ev = events.recv() => match ev {
                         Ok(ev) => {
                             shared.metrics.observe(&ev);

@@ -130,6 +130,18 @@ pub fn changes(prev: Option<&Status>, cur: &Status) -> String {
             }
             Some(_) => {}
         }
+        if let Some(old) = prev.and_then(|s| find(s, p.pid))
+            && old.role != p.role
+        {
+            let _ = writeln!(
+                out,
+                "{t} pid {} ({}) {} → {}",
+                p.pid,
+                terminal_safe(&p.comm),
+                old.role.name(),
+                p.role.name()
+            );
+        }
     }
     if let Some(prev) = prev {
         for p in &prev.processes {
@@ -184,7 +196,7 @@ fn list_or_dash<T: ToString>(items: &[T]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tracker::{Family, HolderStatus, ListenerStatus};
+    use crate::tracker::{Family, HolderStatus, ListenerStatus, restart::Role};
 
     /// A status whose one process calls itself `name`.
     fn named(name: &str, live: u64) -> Status {
@@ -208,6 +220,7 @@ mod tests {
                 accept_queue: 0,
                 accepted_total: 0,
                 queue_drops_total: 0,
+                generations: Vec::new(),
             }],
             ..Status::default()
         }
@@ -227,5 +240,23 @@ mod tests {
         }
         // The listener table names the holder too.
         assert_eq!(table.matches(shown).count(), 2, "{table}");
+    }
+
+    #[test]
+    fn a_role_change_is_a_change_and_says_so() {
+        let serving = named("nginx", 2);
+        let mut draining = serving.clone();
+        draining.processes[0].role = Role::Draining;
+        draining.processes[0].role_since_ms = 1500;
+        draining.uptime_ms = 1500;
+        assert!(differs(&serving, &draining));
+        assert_eq!(
+            changes(Some(&serving), &draining),
+            "     1.5s pid 42 (nginx) serving → draining\n"
+        );
+        // The same role later is no change.
+        let mut later = draining.clone();
+        later.uptime_ms = 9000;
+        assert!(!differs(&draining, &later));
     }
 }

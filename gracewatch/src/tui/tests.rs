@@ -53,6 +53,7 @@ fn proc(
         accepted_total: acc,
         closed_total: closed,
         oldest_live_ms: (live > 0).then_some(u64::from(pid % 100) * 1000 + 500),
+        ..ProcessStatus::default()
     }
 }
 
@@ -76,6 +77,7 @@ fn listener(address: &str, holders: &[(u32, &str, u64)], queue: u64, drops: u64)
         accept_queue: queue,
         accepted_total: 0,
         queue_drops_total: drops,
+        generations: Vec::new(),
     }
 }
 

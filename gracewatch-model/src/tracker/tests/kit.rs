@@ -13,7 +13,8 @@ pub(super) use crate::event::{
     ConnEvent, Holder, ListenAddr, NetNs, SnapConn, SnapListener, Snapshot, Tuple,
 };
 pub(super) use crate::tracker::{
-    ConnInfo, Family, ListenerStatus, ProcessStatus, STATUS_SCHEMA, Status, Tracker,
+    ConnInfo, Family, GenerationStatus, ListenerStatus, ProcessStatus, STATUS_SCHEMA, Status,
+    Tracker,
 };
 
 /// One table row as its own test: `case!(name, [steps], [expected])`, or
@@ -681,11 +682,16 @@ pub(super) enum RExpect {
     UncheckedGone(Vec<u32>),
     /// (pid, now ms, accepts/s, closes/s)
     Rates(u32, u64, f64, f64),
+    /// The latest published status lists pid with this role, since this ms.
+    Published(u32, Role, u64),
+    /// The latest published status gives a listener these generations.
+    PublishedGenerations(ListenAddr, Vec<(u32, Role)>),
 }
 
 pub(super) fn run_restart_case(name: &str, steps: &[RStep], expect: &[RExpect]) {
     let mut t = Tracker::new();
     let mut r = Restarts::new();
+    let mut published = Status::default();
     for (i, step) in steps.iter().enumerate() {
         let ctx = format!("{name}: step {i}");
         match step {
@@ -697,20 +703,58 @@ pub(super) fn run_restart_case(name: &str, steps: &[RStep], expect: &[RExpect]) 
                 t.merge_snapshot(s);
             }
             RStep::Tracker(Step::Forget(tuple)) => t.forget_connection(tuple),
-            RStep::Publish(at) => r.observe(&t.status(ms(*at)), ms(*at)),
+            RStep::Publish(at) => {
+                // As the monitor publishes: observed, then annotated.
+                published = t.status(ms(*at));
+                r.observe(&published, ms(*at));
+                r.annotate(&mut published, ms(0));
+                check_annotated(&published, &r, &ctx);
+            }
             RStep::Tick(at) => r.tick(ms(*at)),
             RStep::Liveness(pid, alive, at) => r.liveness(*pid, *alive, ms(*at)),
             RStep::Drain(pid, note, at) => r.drain_note(*pid, *note, ms(*at)),
-            RStep::Check(e) => check_restart(&ctx, &r, e),
+            RStep::Check(e) => check_restart(&ctx, &r, &published, e),
         }
         check_restart_invariants(&r, &ctx);
     }
     for e in expect {
-        check_restart(name, &r, e);
+        check_restart(name, &r, &published, e);
     }
 }
 
-fn check_restart(name: &str, r: &Restarts, e: &RExpect) {
+/// A published status carries the model's roles: each listed process's
+/// role and since, each listener's generations.
+fn check_annotated(st: &Status, r: &Restarts, ctx: &str) {
+    for p in &st.processes {
+        let want = r
+            .process(p.pid)
+            .map_or((Role::Serving, 0), |m| (m.role, millis(m.role_since)));
+        assert_eq!((p.role, p.role_since_ms), want, "{ctx}: pid {}", p.pid);
+        assert_ne!(p.role, Role::Exited, "{ctx}: pid {}", p.pid);
+    }
+    for l in &st.listeners {
+        let key = ListenAddr {
+            netns: l.netns,
+            local: l.address,
+        };
+        let want: Vec<(u32, Role)> = r
+            .generations(&key)
+            .iter()
+            .map(|g| (g.pid, g.role))
+            .collect();
+        let got: Vec<(u32, Role)> = l.generations.iter().map(|g| (g.pid, g.role)).collect();
+        assert_eq!(got, want, "{ctx}: {}", l.address);
+        for h in &l.holders {
+            assert!(
+                got.iter().any(|(pid, _)| *pid == h.pid),
+                "{ctx}: holder {}",
+                h.pid
+            );
+        }
+    }
+}
+
+fn check_restart(name: &str, r: &Restarts, published: &Status, e: &RExpect) {
     let ctx = format!("{name}: {e:?}");
     let proc = |pid: u32| {
         r.process(pid)
@@ -783,6 +827,22 @@ fn check_restart(name: &str, r: &Restarts, e: &RExpect) {
             assert_eq!(&got, want, "{ctx}");
         }
         RExpect::UncheckedGone(want) => assert_eq!(&r.unchecked_gone(), want, "{ctx}"),
+        RExpect::Published(pid, role, since) => {
+            let got = published
+                .processes
+                .iter()
+                .find(|p| p.pid == *pid)
+                .map(|p| (p.role, p.role_since_ms));
+            assert_eq!(got, Some((*role, *since)), "{ctx}: {published:#?}");
+        }
+        RExpect::PublishedGenerations(listener, want) => {
+            let got: Option<Vec<(u32, Role)>> = published
+                .listeners
+                .iter()
+                .find(|l| l.netns == listener.netns && l.address == listener.local)
+                .map(|l| l.generations.iter().map(|g| (g.pid, g.role)).collect());
+            assert_eq!(got.as_ref(), Some(want), "{ctx}: {published:#?}");
+        }
         RExpect::Rates(pid, now, acc, clo) => {
             let (a, c) = proc(*pid).rates(ms(*now));
             assert!(

@@ -55,6 +55,29 @@ fn draining_after_handover() -> Vec<RStep> {
 // --- handovers --------------------------------------------------------------
 
 restart_case!(
+    the_published_status_carries_roles_and_generations,
+    from = draining_after_handover(),
+    [
+        publish(6200),
+        then(RExpect::Published(OLD, Role::Draining, 6100)),
+        then(RExpect::Published(NEW, Role::Serving, 5100)),
+        then(RExpect::PublishedGenerations(
+            app(),
+            vec![(OLD, Role::Draining), (NEW, Role::Serving)]
+        )),
+        close(7000, 201, to_app(1), OLD),
+        close(7001, 202, to_app(2), OLD),
+        close(7002, 203, to_app(3), OLD),
+        publish(7100),
+    ],
+    [
+        RExpect::Published(OLD, Role::Drained, 7100),
+        RExpect::Published(NEW, Role::Serving, 5100),
+        RExpect::PublishedGenerations(app(), vec![(OLD, Role::Drained), (NEW, Role::Serving)]),
+    ]
+);
+
+restart_case!(
     a_handover_in_one_namespace_makes_the_quiet_old_process_draining,
     [
         listen_start(1, 100, app(), OLD),
@@ -105,6 +128,8 @@ restart_case!(
         RExpect::Role(OTHER, Role::Serving),
         RExpect::Generations(app(), vec![OLD]),
         RExpect::Generations(app_in_ns2(), vec![OTHER]),
+        RExpect::PublishedGenerations(app(), vec![(OLD, Role::Serving)]),
+        RExpect::PublishedGenerations(app_in_ns2(), vec![(OTHER, Role::Serving)]),
     ]
 );
 

@@ -57,7 +57,13 @@ fn busy_status() -> Status {
         ),
         lost_events(7, 3),
     ];
-    run_steps("busy", &steps).status(ms(u64::from(u32::MAX) * 1000))
+    let now = ms(u64::from(u32::MAX) * 1000);
+    let mut status = run_steps("busy", &steps).status(now);
+    // The roles as a monitor publishes them.
+    let mut restarts = Restarts::new();
+    restarts.observe(&status, now);
+    restarts.annotate(&mut status, ms(0));
+    status
 }
 
 #[test]
@@ -75,6 +81,7 @@ fn status_json_matches_schema() {
     assert!(busy.processes.iter().any(|p| p.oldest_live_ms.is_some()));
     assert!(busy.listeners.iter().any(|l| l.family == Family::Ipv6));
     assert!(busy.listeners.iter().any(|l| l.accept_queue > 0));
+    assert!(busy.listeners.iter().all(|l| !l.generations.is_empty()));
     let extreme = Status {
         schema: STATUS_SCHEMA.to_owned(),
         uptime_ms: u64::MAX,
@@ -86,8 +93,29 @@ fn status_json_matches_schema() {
             accepted_total: u64::MAX,
             closed_total: 0,
             oldest_live_ms: Some(u64::MAX),
+            role: Role::Draining,
+            role_since_ms: u64::MAX,
         }],
-        listeners: vec![],
+        listeners: vec![ListenerStatus {
+            netns: u32::MAX,
+            address: "[fe80::1%2]:65535".parse().expect("an address"),
+            family: Family::Ipv6,
+            holders: vec![],
+            accept_queue: 0,
+            accepted_total: 0,
+            queue_drops_total: 0,
+            generations: [Role::Serving, Role::Draining, Role::Drained, Role::Exited]
+                .into_iter()
+                .zip(1..)
+                .map(|(role, pid)| GenerationStatus {
+                    pid,
+                    comm: String::new(),
+                    role,
+                    role_since_ms: u64::MAX,
+                    live: u64::MAX,
+                })
+                .collect(),
+        }],
         lost_events: u64::MAX,
         map_full_total: u64::MAX,
     };
@@ -134,6 +162,26 @@ fn schema_is_strict() {
         missing.as_object_mut().unwrap().remove(key);
         bad.push(("missing top-level key", missing));
     }
+    for key in ["role", "role_since_ms"] {
+        let mut missing = good.clone();
+        missing["processes"][0].as_object_mut().unwrap().remove(key);
+        bad.push(("missing process role", missing));
+    }
+    let mut missing = good.clone();
+    missing["listeners"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("generations");
+    bad.push(("missing generations", missing));
+    let mut extra = good.clone();
+    extra["listeners"][0]["generations"][0]["surprise"] = serde_json::json!(1);
+    bad.push(("unknown generation key", extra));
+    let mut wrong = good.clone();
+    wrong["processes"][0]["role"] = serde_json::json!("exited");
+    bad.push(("a listed process exited", wrong));
+    let mut wrong = good.clone();
+    wrong["listeners"][0]["generations"][0]["role"] = serde_json::json!("retired");
+    bad.push(("unknown generation role", wrong));
     let mut missing = good.clone();
     missing["processes"][0]
         .as_object_mut()
