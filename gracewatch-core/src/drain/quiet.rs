@@ -186,6 +186,7 @@ mod tests {
             accept_queue: queue,
             accepted_total: accepted,
             queue_drops_total: 0,
+            generations: Vec::new(),
         }
     }
 
