@@ -1819,3 +1819,101 @@ fn unsafe_socket_directories_are_refused() {
         assert!(format!("{err:#}").contains("owned by uid 65534"), "{err:#}");
     }
 }
+
+/// The `gracewatch_` names in `text` (an alert rule file, a dashboard).
+fn metric_names_in(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("gracewatch_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.insert(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// deploy/prometheus/alerts.yml alerts on series the agent really exports
+/// (scraped here while an old generation drains, so the series that exist
+/// only then are there too), and promtool accepts the rules and passes
+/// their unit tests (alerts.test.yml).
+#[tokio::test]
+async fn the_alert_rules_use_exported_series_and_pass_promtool() {
+    let t = TestAgent::start(None, vec![listen(4242, "old"), accept(4242, "old", 1)]).await;
+    t.feed([
+        ConnEvent::ListenStart {
+            at: at(3000),
+            sk: 2,
+            addr: listen_addr(),
+            pid: 4343,
+            comm: "new".to_owned(),
+        },
+        accept(4343, "new", 2),
+        ConnEvent::ListenStop {
+            at: at(3100),
+            sk: 1,
+            addr: listen_addr(),
+            pid: 4242,
+            comm: "old".to_owned(),
+        },
+    ])
+    .await;
+    let draining =
+        format!("gracewatch_oldest_draining_seconds{{netns=\"{NETNS}\",address=\"{LISTEN}\"}}");
+    let mut m = scrape(&t).await;
+    for _ in 0..200 {
+        if m.contains_key(&draining) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        m = scrape(&t).await;
+    }
+    let exported: std::collections::BTreeSet<String> = m
+        .keys()
+        .map(|k| k.split('{').next().unwrap_or(k).to_owned())
+        .collect();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/prometheus");
+    let rules = std::fs::read_to_string(format!("{dir}/alerts.yml")).expect("alerts.yml");
+    let used = metric_names_in(&rules);
+    assert!(
+        used.len() >= 3,
+        "the rules name gracewatch series: {used:?}"
+    );
+    for name in &used {
+        assert!(
+            exported.contains(name),
+            "alerts.yml uses {name}, which the agent does not export: {exported:?}"
+        );
+    }
+
+    let promtool = |args: &[&str]| {
+        std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(dir)
+            .output()
+    };
+    match promtool(&["check", "rules", "alerts.yml"]) {
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!(
+                "skipping the promtool part: {e} (`cargo xtask setup --test-deps` installs it)"
+            );
+        }
+        Err(e) => panic!("promtool is needed in CI: {e}"),
+        Ok(out) => {
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            let out = promtool(&["test", "rules", "alerts.test.yml"]).expect("promtool test rules");
+            assert!(
+                out.status.success(),
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
