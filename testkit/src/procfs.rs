@@ -82,6 +82,16 @@ pub fn status_kb(pid: u32, field: &str) -> Option<u64> {
     })
 }
 
+/// A size from `/proc/PID/status` (`VmHWM`, `VmRSS`) in MiB, or an error
+/// naming what could not be read: a benchmark must not report a size it did
+/// not measure.
+pub fn status_mib(pid: u32, field: &str) -> anyhow::Result<f64> {
+    use anyhow::Context as _;
+    let kb = status_kb(pid, field)
+        .with_context(|| format!("failed to read {field} of pid {pid} from /proc/{pid}/status"))?;
+    Ok(kb as f64 / 1024.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -147,7 +147,7 @@ pub fn run(ctx: &Ctx, secs: u32) -> Result<String> {
     let status = agent.status()?;
     let agent_lost = status["lost_events"].as_u64();
     let agent_seen = [seen(&status, gen1), seen(&status, gen2)];
-    let agent_hwm = procfs::status_kb(agent.pid(), "VmHWM").unwrap_or(0) as f64 / 1024.0;
+    let agent_hwm = procfs::status_mib(agent.pid(), "VmHWM")?;
     agent.stop()?;
     // watch prints a line per change, at most every 100 ms: its last line
     // is the final state.

@@ -176,7 +176,9 @@ pub fn run(ctx: &Ctx, n: u32) -> Result<String> {
         check_interrupted()?;
         let status = before.status()?;
         live = live_of(&status, &spids);
-        lost = status["lost_events"].as_u64().unwrap_or(0);
+        lost = status["lost_events"]
+            .as_u64()
+            .context("the agent's status has no lost_events")?;
         if live == truth {
             complete_s = before_t0.elapsed().as_secs_f64();
             break;
@@ -188,8 +190,8 @@ pub fn run(ctx: &Ctx, n: u32) -> Result<String> {
         complete_s,
         live,
         lost,
-        hwm_mb: procfs::status_kb(before.pid(), "VmHWM").unwrap_or(0) as f64 / 1024.0,
-        rss_mb: procfs::status_kb(before.pid(), "VmRSS").unwrap_or(0) as f64 / 1024.0,
+        hwm_mb: procfs::status_mib(before.pid(), "VmHWM")?,
+        rss_mb: procfs::status_mib(before.pid(), "VmRSS")?,
     };
     before.stop()?;
     println!(
@@ -254,13 +256,15 @@ pub fn run(ctx: &Ctx, n: u32) -> Result<String> {
         ready_s: after.ready_after.as_secs_f64(),
         complete_s: after.ready_after.as_secs_f64(),
         live: live_of(&status, &spids),
-        lost: status["lost_events"].as_u64().unwrap_or(0),
-        hwm_mb: procfs::status_kb(after.pid(), "VmHWM").unwrap_or(0) as f64 / 1024.0,
-        rss_mb: procfs::status_kb(after.pid(), "VmRSS").unwrap_or(0) as f64 / 1024.0,
+        lost: status["lost_events"]
+            .as_u64()
+            .context("the agent's status has no lost_events")?,
+        hwm_mb: procfs::status_mib(after.pid(), "VmHWM")?,
+        rss_mb: procfs::status_mib(after.pid(), "VmRSS")?,
     };
     // Its first periodic rescan at this size: let it run once, then look again.
     super::sleep(Duration::from_secs(5))?;
-    let snap_hwm_later = procfs::status_kb(after.pid(), "VmHWM").unwrap_or(0) as f64 / 1024.0;
+    let snap_hwm_later = procfs::status_mib(after.pid(), "VmHWM")?;
     after.stop()?;
     drop(clients);
     drop(servers);
