@@ -17,6 +17,7 @@
 //! here panics on any input order: missed or duplicated events only make
 //! counts stale until the next snapshot repairs them.
 
+mod fd_table;
 pub mod restart;
 mod snapshot;
 mod status;
@@ -37,6 +38,9 @@ use tombstone::Tombstones;
 
 /// Listener closes remembered for the next snapshot merge.
 const MAX_STOP_MARKS: usize = 4096;
+/// Holders found gone by a fresh fd-table read, remembered for the next
+/// snapshot merge (see [`Tracker::fd_table_read`]).
+const MAX_RELEASE_MARKS: usize = 4096;
 
 /// One live connection, for the drain output and the TUI detail view.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,6 +82,7 @@ pub struct Tracker {
     closed: Tombstones<Tuple>,
     exited: Tombstones<u32>,
     stops: VecDeque<StopMark>,
+    releases: VecDeque<ReleaseMark>,
     /// Something a consumer must see at once happened since the last
     /// [`Tracker::take_significant`] (see there).
     significant: bool,
@@ -135,6 +140,16 @@ struct StopMark {
     inode: Option<u64>,
     /// When the closed socket was first learned of (zero if never).
     since: Duration,
+}
+
+/// A process found no longer holding a listening socket (see
+/// [`Tracker::fd_table_read`]), kept so a snapshot taken before that read
+/// does not list it again.
+#[derive(Debug)]
+struct ReleaseMark {
+    inode: u64,
+    pid: u32,
+    at: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -275,6 +290,12 @@ impl Tracker {
     /// lists — without building a whole [`Status`]. Unordered.
     pub fn pids(&self) -> impl Iterator<Item = u32> + '_ {
         self.procs.keys().copied()
+    }
+
+    /// How many processes hold the listener at `addr` (0 if unknown): a
+    /// cheap look for the monitor's re-check of shared listeners.
+    pub fn holder_count(&self, addr: &ListenAddr) -> usize {
+        self.listeners.get(addr).map_or(0, |l| l.holder_pids().len())
     }
 
     pub fn status(&self, now: Duration) -> Status {

@@ -59,6 +59,7 @@ impl Tracker {
         // snapshots are newer still.
         self.closed.retain_since(s);
         self.stops.retain(|m| m.at >= s);
+        self.releases.retain(|m| m.at >= s);
         self.collect_idle();
         added
     }
@@ -101,6 +102,14 @@ impl Tracker {
             };
             if let Some(i) = i {
                 socks.remove(i);
+            }
+        }
+
+        // A process a fresh read of its fds found without a socket after
+        // the dump started may still be listed in it.
+        for m in self.releases.iter().filter(|m| m.at >= s) {
+            for x in shown.values_mut().flatten().filter(|x| x.inode == m.inode) {
+                x.holders.remove(&m.pid);
             }
         }
 

@@ -274,6 +274,12 @@ pub(super) fn forget(tuple: Tuple) -> Step {
     Step::Forget(tuple)
 }
 
+/// A fresh read of `pid`'s fd table from `at` ms found these socket
+/// inodes; `releases` is what [`Tracker::fd_table_read`] must return.
+pub(super) fn fd_table(pid: u32, at: u64, sockets: &[u64], releases: bool) -> Step {
+    Step::FdTable(pid, at, sockets.to_vec(), releases)
+}
+
 /// One input to the tracker in a table row.
 pub(super) enum Step {
     /// An event to apply.
@@ -282,6 +288,8 @@ pub(super) enum Step {
     Snap(Snapshot, Vec<(Tuple, u32)>),
     /// A connection to forget.
     Forget(Tuple),
+    /// A fresh fd-table read: (pid, at ms, socket inodes, whether it released anything).
+    FdTable(u32, u64, Vec<u64>, bool),
 }
 
 /// A fragment of the expected outcome.
@@ -325,6 +333,10 @@ pub(super) fn run_steps(name: &str, steps: &[Step]) -> Tracker {
                 assert_eq!(&got, want, "{name}: step {i}: merge_snapshot returned");
             }
             Step::Forget(tuple) => t.forget_connection(tuple),
+            Step::FdTable(pid, at, sockets, want) => {
+                let got = t.fd_table_read(*pid, ms(*at), sockets);
+                assert_eq!(got, *want, "{name}: step {i}: fd_table_read returned");
+            }
         }
         check_invariants(&t, ms(100_000), &format!("{name}: after step {i}"));
     }
@@ -703,6 +715,9 @@ pub(super) fn run_restart_case(name: &str, steps: &[RStep], expect: &[RExpect]) 
                 t.merge_snapshot(s);
             }
             RStep::Tracker(Step::Forget(tuple)) => t.forget_connection(tuple),
+            RStep::Tracker(Step::FdTable(pid, at, sockets, _)) => {
+                t.fd_table_read(*pid, ms(*at), sockets);
+            }
             RStep::Publish(at) => {
                 // As the monitor publishes: observed, then annotated.
                 published = t.status(ms(*at));

@@ -10,6 +10,7 @@ mod kit;
 
 mod connections;
 mod exits;
+mod fd_tables;
 mod listeners;
 mod publishing;
 mod randomized;
