@@ -8,6 +8,8 @@
 //!
 //! - `startup`: attach, snapshot, merge (and a replay's recorded start);
 //! - `pump`: events into the tracker, exit accounts, housekeeping, rescans;
+//! - `holders`: the targeted re-check of shared listeners' holders between
+//!   rescans;
 //! - `publish`: the status, the restart model and the change counter
 //!   consumers read, and their pace;
 //! - `handle`: the task, the handle and the query protocol;
@@ -19,6 +21,7 @@
 //! module, so none of them imports `source/`.
 
 mod handle;
+mod holders;
 mod look;
 mod publish;
 mod pump;
@@ -41,7 +44,7 @@ pub use crate::source::{
 };
 use crate::{
     event::{ConnEvent, Snapshot},
-    source::{Source, ebpf::EbpfSource},
+    source::{Source, ebpf::EbpfSource, snapshot::holders::ListenerFds},
     tracker::{Restarts, Status, Tracker},
 };
 
@@ -76,8 +79,10 @@ pub struct Monitor<S = EbpfSource> {
     /// Every applied event, for consumers that show or count them.
     events: Option<broadcast::Sender<ConnEvent>>,
     /// A background snapshot in flight (see [`pump::RESCAN_MIN`]).
-    rescan: Option<tokio::task::JoinHandle<anyhow::Result<(Snapshot, Duration)>>>,
+    rescan: Option<tokio::task::JoinHandle<anyhow::Result<(Snapshot, ListenerFds, Duration)>>>,
     next_rescan: Duration,
+    /// The targeted re-check of listener holders between rescans.
+    holders: holders::HolderCheck,
     untracked: Untracked,
 }
 
@@ -103,6 +108,7 @@ impl<S: Source> Monitor<S> {
             events: None,
             rescan: None,
             next_rescan: now + pump::RESCAN_MIN,
+            holders: holders::HolderCheck::default(),
             untracked: Untracked::default(),
         }
     }

@@ -16,8 +16,8 @@ use crate::{
 
 /// Rescans refresh what events cannot tell: which processes hold a
 /// listener they inherited (fork/exec handover) or got over a unix socket,
-/// holders that closed their copy, and connections whose end no event
-/// reported (lost events, a reset racing its accept, a full kernel table). They run
+/// holders that closed their copy (sooner found by the re-checks of
+/// `holders`), and connections whose end no event reported (lost events, a reset racing its accept, a full kernel table). They run
 /// at most this often, and never take more than ~5% of the time (the
 /// interval grows to 20× the last rescan's duration on a busy host).
 pub(super) const RESCAN_MIN: Duration = Duration::from_secs(1);
@@ -93,6 +93,9 @@ impl<S: Source> Monitor<S> {
         if self.unpublished {
             wait = wait.min(self.next_publish.saturating_sub(now));
         }
+        if let Some(due) = self.holders.due() {
+            wait = wait.min(due.saturating_sub(now));
+        }
         let mut changed = false;
         tokio::select! {
             r = self.source.readable() => { r?; }
@@ -100,14 +103,22 @@ impl<S: Source> Monitor<S> {
             done = join_pending(&mut self.rescan) => {
                 self.rescan = None;
                 match done {
-                    Ok(Ok((snap, took))) => {
+                    Ok(Ok((snap, fds, took))) => {
                         changed |= self.merge_rescan(&snap);
+                        self.holders.replace(fds);
                         self.next_rescan = monotonic_now() + RESCAN_MIN.max(took * 20);
                     }
                     Ok(Err(e)) => log::warn!("rescan failed: {e:#}"),
                     Err(e) => log::warn!("rescan task failed: {e}"),
                 }
             }
+            done = join_pending(self.holders.job()) => match done {
+                Ok(outcome) => changed |= self.finish_recheck(&outcome),
+                Err(e) => {
+                    *self.holders.job() = None;
+                    log::warn!("holder re-check task failed: {e}");
+                }
+            },
         }
         changed |= self.pump();
         let now = monotonic_now();
@@ -115,6 +126,7 @@ impl<S: Source> Monitor<S> {
             self.next_housekeeping = now + HOUSEKEEPING;
             changed |= self.housekeeping(now);
         }
+        self.start_recheck(now);
         Ok(changed)
     }
 
@@ -246,8 +258,8 @@ impl<S: Source> Monitor<S> {
             if let Some(take) = self.source.rescanner() {
                 self.rescan = Some(tokio::task::spawn_blocking(move || {
                     let t0 = monotonic_now();
-                    let snap = take()?;
-                    Ok((snap, monotonic_now().saturating_sub(t0)))
+                    let (snap, fds) = take()?;
+                    Ok((snap, fds, monotonic_now().saturating_sub(t0)))
                 }));
             }
         }

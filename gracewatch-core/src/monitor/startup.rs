@@ -118,7 +118,9 @@ impl Monitor<EbpfSource> {
     /// The startup snapshot, with everything the programs saw up to now
     /// folded in first, so the merge can recognise connections both saw.
     fn snapshot(&mut self) -> anyhow::Result<Snapshot> {
-        let snap = snapshot::take(monotonic_now).context("failed to take the startup snapshot")?;
+        let (snap, fds) = snapshot::take_with_fds(monotonic_now)
+            .context("failed to take the startup snapshot")?;
+        self.holders.replace(fds);
         self.pump();
         Ok(snap)
     }

@@ -276,8 +276,8 @@ impl super::Source for EbpfSource {
         super::liveness(pid)
     }
 
-    fn rescanner(&self) -> Option<fn() -> anyhow::Result<crate::event::Snapshot>> {
-        Some(|| super::snapshot::take(super::monotonic_now))
+    fn rescanner(&self) -> Option<super::Rescanner> {
+        Some(|| super::snapshot::take_with_fds(super::monotonic_now))
     }
 
     fn lost_events(&self) -> u64 {

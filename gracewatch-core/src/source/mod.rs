@@ -15,6 +15,9 @@ use std::{fs, future::Future, time::Duration};
 
 use crate::event::{ConnEvent, Snapshot, Tuple};
 
+/// Takes a rescan's snapshot (see [`Source::rescanner`]).
+pub type Rescanner = fn() -> anyhow::Result<(Snapshot, snapshot::holders::ListenerFds)>;
+
 /// What the monitor runs on: the eBPF programs ([`ebpf::EbpfSource`]) or a
 /// recording ([`replay::ReplaySource`]). The monitor owns everything above
 /// it (tracker, exit accounts, pacing, queries) once for both; what a
@@ -48,9 +51,10 @@ pub trait Source: Send + 'static {
         Liveness::Alive
     }
 
-    /// How to take a fresh snapshot for a rescan (run off the runtime);
-    /// `None` if there is nothing to rescan.
-    fn rescanner(&self) -> Option<fn() -> anyhow::Result<Snapshot>> {
+    /// How to take a fresh snapshot for a rescan (run off the runtime),
+    /// with the fds holding each listener (for the re-checks between
+    /// rescans); `None` if there is nothing to rescan.
+    fn rescanner(&self) -> Option<Rescanner> {
         None
     }
 

@@ -29,9 +29,12 @@
 //! The code is split along those seams: [`procfs`] reads processes' fd
 //! tables and names, [`scan`] spreads the walk and the dumps over threads,
 //! [`sock_diag`] speaks the netlink protocol (request, port filter, reply
-//! parser), and [`join`] keeps the inbound connections of a namespace's dump
-//! and joins them with the fd table. This file holds the entry points.
+//! parser), [`join`] keeps the inbound connections of a namespace's dump
+//! and joins them with the fd table, and [`holders`] remembers where the
+//! walk found each listening socket and looks there again between
+//! snapshots. This file holds the entry points.
 
+pub mod holders;
 mod join;
 mod procfs;
 mod scan;
@@ -50,6 +53,7 @@ use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6};
 
 pub use self::sock_diag::{TCP_CLOSE_WAIT, TCP_ESTABLISHED};
 use self::{
+    holders::ListenerFds,
     join::{assemble, dump_netns},
     procfs::{DIRENT_BUF, ProcTable, list_pids, open_dir, open_netns, socket_inodes},
     scan::scan,
@@ -69,7 +73,16 @@ use crate::event::{ListenAddr, NetNs, SnapConn, Snapshot, Tuple};
 /// ours that we may not enter (no `CAP_SYS_ADMIN`) are skipped with a
 /// warning. Errors are for what makes the whole view meaningless (no /proc,
 /// no sock_diag).
+#[cfg(test)]
 pub fn take(clock_now: impl Fn() -> Duration) -> anyhow::Result<Snapshot> {
+    take_with_fds(clock_now).map(|(snapshot, _)| snapshot)
+}
+
+/// [`take`], with the fds through which each listening socket is held
+/// (for the targeted re-check of holders between snapshots).
+pub fn take_with_fds(
+    clock_now: impl Fn() -> Duration,
+) -> anyhow::Result<(Snapshot, ListenerFds)> {
     let at = clock_now();
     let own = netns::current_thread_netns()?;
     let proc_dir = open_dir(rustix::fs::CWD, "/proc").context("failed to open /proc")?;
@@ -97,6 +110,7 @@ pub fn take(clock_now: impl Fn() -> Duration) -> anyhow::Result<Snapshot> {
         };
         assemble(netns, &dump, &table, &mut snapshot);
     }
+    let fds = ListenerFds::of(&table, &snapshot.listeners);
     drop(table);
     // The walk and the dumps ran on threads of their own, and the previous
     // snapshot is gone by now: a monitor that rescans holds one at a time.
@@ -108,7 +122,7 @@ pub fn take(clock_now: impl Fn() -> Duration) -> anyhow::Result<Snapshot> {
     snapshot
         .connections
         .sort_unstable_by_key(|c| (c.tuple, c.inode));
-    Ok(snapshot)
+    Ok((snapshot, fds))
 }
 
 /// Hands the memory freed since the last call back to the system.
@@ -166,8 +180,8 @@ pub fn live_inbound_conns_with(
         .with_context(|| format!("failed to open network namespace of pid {pid}"))?;
     let mut table = ProcTable::default();
     let mut buf = vec![MaybeUninit::uninit(); DIRENT_BUF];
-    socket_inodes(dir.as_fd(), &mut buf, |inode| {
-        table.sockets.push((inode, pid))
+    socket_inodes(dir.as_fd(), &mut buf, |fd, inode| {
+        table.sockets.push((inode, pid, fd))
     })
     .with_context(|| format!("failed to list socket fds of pid {pid}"))?;
     table.seal();

@@ -26,11 +26,14 @@ pub(super) const DIRENT_BUF: usize = 32 * 1024;
 /// What the /proc walk found.
 #[derive(Debug, Default)]
 pub(super) struct ProcTable {
-    /// (socket inode, pid) for every socket fd, sorted and deduplicated
-    /// once the walk is done ([`ProcTable::seal`]): a socket's holders are
-    /// one run of equal inodes, sorted by pid. 16 bytes per fd, where a map
-    /// from inode to a list of holders would cost several allocations.
-    pub(super) sockets: Vec<(u64, u32)>,
+    /// (socket inode, pid, fd) for every socket fd, sorted once the walk
+    /// is done ([`ProcTable::seal`]): a socket's holders are one run of
+    /// equal inodes, sorted by pid (a pid with several fds on it appears
+    /// once per fd). 16 bytes per fd (the fd fills what was padding), where
+    /// a map from inode to a list of holders would cost several
+    /// allocations. The fd is where the targeted re-check looks again
+    /// ([`super::holders`]).
+    pub(super) sockets: Vec<(u64, u32, u32)>,
     /// Command name of each pid in `sockets`.
     pub(super) comms: HashMap<u32, String>,
     /// Why the walk stopped early (out of fds or memory), if it did: the
@@ -44,16 +47,22 @@ impl ProcTable {
         self.sockets.dedup();
     }
 
+    /// The (pid, fd) pairs through which `inode` is held, by pid then fd.
+    pub(super) fn fds_of(&self, inode: u64) -> impl Iterator<Item = (u32, u32)> + '_ {
+        let start = self.sockets.partition_point(|&(i, _, _)| i < inode);
+        self.sockets[start..]
+            .iter()
+            .take_while(move |&&(i, _, _)| i == inode)
+            .map(|&(_, pid, fd)| (pid, fd))
+    }
+
     /// Every process holding the socket `inode`, sorted by pid.
     pub(super) fn holders_of(&self, inode: u64) -> Vec<Holder> {
-        let start = self.sockets.partition_point(|&(i, _)| i < inode);
-        let run = self.sockets[start..]
-            .iter()
-            .take_while(|&&(i, _)| i == inode);
-        // Exactly sized: collected from this iterator a Vec would reserve
-        // room for four, and there is one per connection.
-        let mut holders = Vec::with_capacity(run.clone().count());
-        holders.extend(run.map(|&(_, pid)| Holder {
+        let mut pids: Vec<u32> = self.fds_of(inode).map(|(pid, _)| pid).collect();
+        pids.dedup();
+        // Exactly sized: one per connection.
+        let mut holders = Vec::with_capacity(pids.len());
+        holders.extend(pids.into_iter().map(|pid| Holder {
             pid,
             comm: self.comms.get(&pid).cloned().unwrap_or_default(),
         }));
@@ -62,8 +71,7 @@ impl ProcTable {
 
     /// Whether any process holds the socket `inode`.
     pub(super) fn is_held(&self, inode: u64) -> bool {
-        let start = self.sockets.partition_point(|&(i, _)| i < inode);
-        self.sockets.get(start).is_some_and(|&(i, _)| i == inode)
+        self.fds_of(inode).next().is_some()
     }
 }
 
@@ -122,12 +130,12 @@ pub(super) fn open_netns(dir: BorrowedFd<'_>) -> anyhow::Result<NetNsHandle> {
     NetNsHandle::from_file(File::from(fd))
 }
 
-/// Calls `f` with the inode of each socket among the fds of the process
-/// whose /proc directory is `dir`: one `readlinkat` per fd.
+/// Calls `f` with the fd number and inode of each socket among the fds of
+/// the process whose /proc directory is `dir`: one `readlinkat` per fd.
 pub(super) fn socket_inodes(
     dir: BorrowedFd<'_>,
     buf: &mut [MaybeUninit<u8>],
-    mut f: impl FnMut(u64),
+    mut f: impl FnMut(u32, u64),
 ) -> anyhow::Result<()> {
     let fds = open_dir(dir, "fd").context("failed to open fd directory")?;
     let mut entries = RawDir::new(&fds, buf);
@@ -136,14 +144,14 @@ pub(super) fn socket_inodes(
     while let Some(entry) = entries.next() {
         let entry = entry.context("failed to read fd directory")?;
         let name = entry.file_name();
-        if name.to_bytes().starts_with(b".") {
+        let Some(fd) = parse_decimal(name.to_bytes()).and_then(|n| u32::try_from(n).ok()) else {
             continue;
-        }
+        };
         // An fd closed while we read the table is simply not there.
         if let Ok((target, rest)) = rustix::fs::readlinkat_raw(&fds, name, &mut link) {
             if !rest.is_empty() {
                 if let Some(inode) = socket_inode(target) {
-                    f(inode);
+                    f(fd, inode);
                 }
             }
         }
@@ -153,7 +161,7 @@ pub(super) fn socket_inodes(
 
 /// The inode in an fd link `socket:[12345]`; `None` for anything else
 /// (files, pipes, anonymous inodes, other sockets' pseudo-files).
-fn socket_inode(link: &[u8]) -> Option<u64> {
+pub(super) fn socket_inode(link: &[u8]) -> Option<u64> {
     parse_decimal(link.strip_prefix(b"socket:[")?.strip_suffix(b"]")?)
 }
 
@@ -182,11 +190,16 @@ pub(super) fn ns_inode(ino: u64) -> anyhow::Result<NetNs> {
         .map_err(|_| anyhow!("network namespace inode {ino} does not fit in 32 bits"))
 }
 
-/// A walk's findings: (inode, pid) pairs, each pid named `p<pid>`.
+/// A walk's findings: (inode, pid) pairs, each pid named `p<pid>`, each
+/// pair through an fd of its own (numbered by its place in the list).
 #[cfg(test)]
 pub(super) fn table_of(sockets: &[(u64, u32)]) -> ProcTable {
     let mut table = ProcTable {
-        sockets: sockets.to_vec(),
+        sockets: sockets
+            .iter()
+            .zip(3u32..)
+            .map(|(&(inode, pid), fd)| (inode, pid, fd))
+            .collect(),
         comms: sockets.iter().map(|&(_, p)| (p, format!("p{p}"))).collect(),
         failed: None,
     };
@@ -215,6 +228,8 @@ mod tests {
         assert!(pids(7).is_empty() && pids(0).is_empty());
         assert!(table.is_held(6) && !table.is_held(3) && !table.is_held(7));
         assert_eq!(table.holders_of(6)[0].comm, "p20");
+        // Pid 10 holds 5 through two fds (the 2nd and 4th listed).
+        assert_eq!(table.fds_of(5).collect::<Vec<_>>(), [(10, 4), (10, 6), (30, 3)]);
     }
 
     #[test]
@@ -253,8 +268,9 @@ mod tests {
         let dir = open_dir(rustix::fs::CWD, "/proc/self").unwrap();
         let mut buf = vec![MaybeUninit::uninit(); DIRENT_BUF];
         let mut found = Vec::new();
-        socket_inodes(dir.as_fd(), &mut buf, |i| found.push(i)).unwrap();
-        assert!(found.contains(&inode), "{inode} not in {found:?}");
+        socket_inodes(dir.as_fd(), &mut buf, |fd, i| found.push((fd, i))).unwrap();
+        let fd = u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&listener)).unwrap();
+        assert!(found.contains(&(fd, inode)), "{fd}, {inode} not in {found:?}");
 
         let proc_dir = open_dir(rustix::fs::CWD, "/proc").unwrap();
         assert!(

@@ -151,7 +151,7 @@ fn read_process(
     buf: &mut [MaybeUninit<u8>],
     seen: &Mutex<HashSet<NetNs>>,
     found: &mpsc::Sender<NetNsHandle>,
-    sockets: &mut Vec<(u64, u32)>,
+    sockets: &mut Vec<(u64, u32, u32)>,
 ) -> anyhow::Result<Option<String>> {
     let dir = open_dir(proc_dir, pid.to_string()).context("failed to open its /proc entry")?;
     let ns = rustix::fs::statat(&dir, "ns/net", AtFlags::empty())
@@ -172,7 +172,7 @@ fn read_process(
     }
     drop(seen);
     let before = sockets.len();
-    socket_inodes(dir.as_fd(), buf, |inode| sockets.push((inode, pid)))?;
+    socket_inodes(dir.as_fd(), buf, |fd, inode| sockets.push((inode, pid, fd)))?;
     if sockets.len() == before {
         return Ok(None);
     }
