@@ -537,13 +537,14 @@ fn quiet_for_waits_until_short_connections_stop() {
 }
 
 /// How late after its quiet period `wait --quiet-for` may print its
-/// result, as this test sees it (the line is seen after the fact). The
-/// issue asks for 50 ms: alone it comes 7–32 ms late here, but with the
-/// other drain tests in parallel on 2 loaded cores once 76 ms (the accept is
-/// timed when a status shows it, and statuses are paced), so the bound is
-/// looser and the time is printed. The exit follows once the programs are
-/// detached (50–150 ms more here), as for every drain.
-const QUIET_SLACK_MS: f64 = 150.0;
+/// result, as this test sees it (the line is seen after the fact): the
+/// issue's 50 ms. Run alone it came 7–32 ms late here, also with other
+/// builds loading both cores (8–29 ms); the accept is timed when a status
+/// shows it, and statuses are paced 20 ms apart. Only with the other drain
+/// tests in parallel on 2 loaded cores was it once later (76 ms): CI runs
+/// these tests one at a time. The process exits after the programs are
+/// detached: 140–300 ms more here, as for every drain today.
+const QUIET_SLACK_MS: f64 = 50.0;
 
 /// The same load without `--quiet-for`: `wait` ends 0 at once, on a zero
 /// between two requests, though they go on — what `--quiet-for` is for.

@@ -114,6 +114,17 @@ pub fn setup() -> Option<Gracewatch> {
     }
 }
 
+/// Where `cargo xtask setup --test-deps` installs HAProxy (Debian haproxy).
+pub const HAPROXY: &str = "/usr/sbin/haproxy";
+
+/// Whether HAProxy is installed; otherwise a skip (a failure in CI).
+pub fn haproxy_available() -> bool {
+    Path::new(HAPROXY).is_file()
+        || cannot_run(&format!(
+            "{HAPROXY} is missing (install it with `cargo xtask setup --test-deps`)"
+        ))
+}
+
 /// Absolute path of a test program under `tests/programs/`.
 pub fn program(name: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))

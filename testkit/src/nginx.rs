@@ -62,6 +62,9 @@ pub struct Nginx {
     conf: String,
     master: u32,
     workers: Vec<u32>,
+    /// `worker_processes`: how many `start worker process` lines a start or
+    /// reload logs.
+    worker_count: usize,
 }
 
 impl Nginx {
@@ -72,6 +75,13 @@ impl Nginx {
     /// both workers are started.
     #[track_caller]
     pub fn start(ns: &Netns, port: u16, upstream: &str) -> Nginx {
+        Nginx::start_with_workers(ns, port, upstream, 2)
+    }
+
+    /// [`Nginx::start`] with `workers` worker processes (one generation of a
+    /// reload is then that many workers).
+    #[track_caller]
+    pub fn start_with_workers(ns: &Netns, port: u16, upstream: &str, workers: usize) -> Nginx {
         let dir = TempDir::new(&format!("nginx-{port}"));
         let d = dir.root().to_string_lossy().into_owned();
         let conf = dir.write(
@@ -79,7 +89,7 @@ impl Nginx {
             &format!(
                 "daemon on;
 master_process on;
-worker_processes 2;
+worker_processes {workers};
 user root;
 pid {d}/nginx.pid;
 error_log stderr notice;
@@ -127,6 +137,7 @@ http {{
             conf,
             master: 0,
             workers: Vec::new(),
+            worker_count: workers,
         };
         let (master, workers) = nginx.wait_workers_started(0, |_| true);
         nginx.master = master;
@@ -198,14 +209,17 @@ http {{
     }
 
     /// Waits, after log line `after`, for a master accepted by `is_master`
-    /// to log `start worker process N` twice; returns it and the 2 workers.
+    /// to log `start worker process N` once per worker; returns it and the
+    /// workers.
     #[track_caller]
     pub fn wait_workers_started(
         &self,
         after: usize,
         is_master: impl Fn(u32) -> bool,
     ) -> (u32, Vec<u32>) {
-        self.wait_log("2 `start worker process N` lines", after, |lines| {
+        let want = self.worker_count;
+        let what = format!("{want} `start worker process N` lines");
+        self.wait_log(&what, after, |lines| {
             let mut by: Option<u32> = None;
             let mut workers = Vec::new();
             for l in lines {
@@ -217,7 +231,7 @@ http {{
                     workers.push(w);
                 }
             }
-            (workers.len() == 2).then(|| (by.unwrap_or(0), workers))
+            (workers.len() == want).then(|| (by.unwrap_or(0), workers))
         })
     }
 

@@ -20,7 +20,8 @@ const BUILD_PACKAGES: &[&str] = &[
 ];
 
 /// What the end-to-end tests drive: namespaces (`ip`), real servers (nginx,
-/// python3), interactive sessions (tmux), capabilities (`setcap`), BPF
+/// HAProxy (its packaged config listens on nothing, so a packaged instance
+/// left running is harmless), python3), interactive sessions (tmux), capabilities (`setcap`), BPF
 /// inspection for the leak check (`bpftool`) and a real Prometheus scraping
 /// the agent (`prometheus`); `wrk` loads nginx in `cargo xtask bench`.
 const TEST_PACKAGES: &[&str] = &[
@@ -28,6 +29,7 @@ const TEST_PACKAGES: &[&str] = &[
     "tmux",
     "python3",
     "nginx-light",
+    "haproxy",
     "libcap2-bin",
     "bpftool",
     "prometheus",

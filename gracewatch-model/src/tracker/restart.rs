@@ -713,6 +713,29 @@ impl Restarts {
             return;
         }
         let held = p.exit_closes.max(if p.present { p.live } else { 0 });
+        if p.role == Role::Draining && held == 0 {
+            // It let go of its last connection and exited before a status
+            // showed it at zero (a draining process without a listener
+            // leaves the status as its count reaches zero): a drain that
+            // ended when it left the status, not one cut short.
+            let zero = p.gone_at.unwrap_or(at);
+            p.live = 0;
+            let drained = p.drained(zero, Why::ReachedZero);
+            self.record(
+                zero,
+                pid,
+                Change::Role {
+                    from: Role::Draining,
+                    to: Role::Drained,
+                    why: Why::ReachedZero,
+                    live: 0,
+                    drained,
+                },
+            );
+        }
+        let Some(p) = self.procs.get_mut(&pid) else {
+            return;
+        };
         let was = p.role;
         p.set_role(Role::Exited, at, Why::Exited);
         p.present = false;

@@ -188,6 +188,17 @@ pub(super) fn close(at: u64, sk: u64, tuple: Tuple, pid: u32) -> Step {
     })
 }
 
+/// A close because its process was exiting.
+pub(super) fn close_by_exit(at: u64, sk: u64, tuple: Tuple, pid: u32) -> Step {
+    Step::Ev(ConnEvent::Close {
+        at: ms(at),
+        sk,
+        tuple,
+        pid,
+        by_exit: true,
+    })
+}
+
 pub(super) fn queue_drop(at: u64, sk: u64, tuple: Tuple) -> Step {
     Step::Ev(ConnEvent::QueueDrop {
         at: ms(at),

@@ -251,6 +251,60 @@ restart_case!(
     ]
 );
 
+// nginx's old workers and HAProxy's old process: the last close and the
+// exit come together, before anyone looked whether it still runs. The drain
+// ended when it left the status, at zero; nothing was dropped.
+restart_case!(
+    exiting_right_after_the_last_close_completes_the_drain,
+    [
+        listen_start(1, 100, app(), OLD),
+        accept(2, 201, to_app(1), OLD),
+        accept(3, 202, to_app(2), OLD),
+        publish(1000),
+        listen_stop(1500, 100, app(), OLD),
+        publish(1600),
+        close(2000, 201, to_app(1), OLD),
+        close(2001, 202, to_app(2), OLD),
+        publish(2100),
+        process_exit(2102, OLD),
+    ],
+    [
+        RExpect::DrainedAfter(OLD, 500, 2),
+        RExpect::Exited(OLD, 0, Role::Drained),
+        RExpect::Changes(
+            OLD,
+            vec![
+                (Role::Draining, Why::ClosedItsListener),
+                (Role::Drained, Why::ReachedZero),
+                (Role::Exited, Why::Exited),
+            ]
+        ),
+    ]
+);
+
+restart_case!(
+    exiting_while_draining_with_connections_is_no_completed_drain,
+    [
+        listen_start(1, 100, app(), OLD),
+        accept(2, 201, to_app(1), OLD),
+        publish(1000),
+        listen_stop(1500, 100, app(), OLD),
+        publish(1600),
+        close_by_exit(2000, 201, to_app(1), OLD),
+        process_exit(2000, OLD),
+    ],
+    [
+        RExpect::Exited(OLD, 1, Role::Draining),
+        RExpect::Changes(
+            OLD,
+            vec![
+                (Role::Draining, Why::ClosedItsListener),
+                (Role::Exited, Why::Exited),
+            ]
+        ),
+    ]
+);
+
 restart_case!(
     a_serving_process_that_holds_nothing_and_runs_is_drained_without_a_drain,
     [
