@@ -85,16 +85,22 @@ fn closes_seen(gw: &Gracewatch, what: &str, port: u16) -> Vec<f64> {
             .map(|l| holders(l).into_keys().collect::<Vec<u32>>())
             .unwrap_or_default()
     };
-    let mut all: Vec<u32> = std::iter::once(master).chain(workers.iter().copied()).collect();
+    let mut all: Vec<u32> = std::iter::once(master)
+        .chain(workers.iter().copied())
+        .collect();
     all.sort_unstable();
-    watch.wait_check(STATE_TIMEOUT, "master and workers holding the listener", |s| {
-        let held = holders_of(s);
-        if held == all && workers.iter().all(|&w| role_of(s, w) == Some("serving")) {
-            Ok(())
-        } else {
-            Err(format!("holders {held:?}"))
-        }
-    });
+    watch.wait_check(
+        STATE_TIMEOUT,
+        "master and workers holding the listener",
+        |s| {
+            let held = holders_of(s);
+            if held == all && workers.iter().all(|&w| role_of(s, w) == Some("serving")) {
+                Ok(())
+            } else {
+                Err(format!("holders {held:?}"))
+            }
+        },
+    );
 
     let mut took = Vec::new();
     for &w in &workers {

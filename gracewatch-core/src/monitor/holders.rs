@@ -54,7 +54,10 @@ impl<S: Source> Monitor<S> {
         }
         self.holders.next = now + RECHECK_EVERY;
         let tracker = &self.tracker;
-        let checks = self.holders.fds.checks(|addr| tracker.holder_count(addr) >= 2);
+        let checks = self
+            .holders
+            .fds
+            .checks(|addr| tracker.holder_count(addr) >= 2);
         if checks.is_empty() {
             return;
         }

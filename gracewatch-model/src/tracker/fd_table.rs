@@ -41,10 +41,7 @@ impl Tracker {
             }
             // Accepting proves a holding of some socket of the address; the
             // read disproves it only if every socket is known by inode.
-            let none_held = l
-                .sockets
-                .iter()
-                .all(|s| s.inode.is_some_and(|i| !holds(i)));
+            let none_held = l.sockets.iter().all(|s| s.inode.is_some_and(|i| !holds(i)));
             if none_held && l.acceptors.get(&pid).is_some_and(|t| *t <= at) {
                 l.acceptors.remove(&pid);
                 released = true;

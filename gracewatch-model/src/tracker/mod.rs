@@ -295,7 +295,9 @@ impl Tracker {
     /// How many processes hold the listener at `addr` (0 if unknown): a
     /// cheap look for the monitor's re-check of shared listeners.
     pub fn holder_count(&self, addr: &ListenAddr) -> usize {
-        self.listeners.get(addr).map_or(0, |l| l.holder_pids().len())
+        self.listeners
+            .get(addr)
+            .map_or(0, |l| l.holder_pids().len())
     }
 
     pub fn status(&self, now: Duration) -> Status {

@@ -248,7 +248,13 @@ mod tests {
         assert_eq!(classify(Ok(b"socket:[43]"), 42), Look::Changed);
         assert_eq!(classify(Ok(b"/dev/null"), 42), Look::Changed);
         assert_eq!(classify(Err(Errno::NOENT), 42), Look::Changed);
-        for e in [Errno::ACCESS, Errno::PERM, Errno::MFILE, Errno::NOMEM, Errno::SRCH] {
+        for e in [
+            Errno::ACCESS,
+            Errno::PERM,
+            Errno::MFILE,
+            Errno::NOMEM,
+            Errno::SRCH,
+        ] {
             assert_eq!(classify(Err(e), 42), Look::Unknown, "{e}");
         }
     }

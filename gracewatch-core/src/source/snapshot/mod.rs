@@ -80,9 +80,7 @@ pub fn take(clock_now: impl Fn() -> Duration) -> anyhow::Result<Snapshot> {
 
 /// [`take`], with the fds through which each listening socket is held
 /// (for the targeted re-check of holders between snapshots).
-pub fn take_with_fds(
-    clock_now: impl Fn() -> Duration,
-) -> anyhow::Result<(Snapshot, ListenerFds)> {
+pub fn take_with_fds(clock_now: impl Fn() -> Duration) -> anyhow::Result<(Snapshot, ListenerFds)> {
     let at = clock_now();
     let own = netns::current_thread_netns()?;
     let proc_dir = open_dir(rustix::fs::CWD, "/proc").context("failed to open /proc")?;

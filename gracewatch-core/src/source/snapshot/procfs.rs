@@ -229,7 +229,10 @@ mod tests {
         assert!(table.is_held(6) && !table.is_held(3) && !table.is_held(7));
         assert_eq!(table.holders_of(6)[0].comm, "p20");
         // Pid 10 holds 5 through two fds (the 2nd and 4th listed).
-        assert_eq!(table.fds_of(5).collect::<Vec<_>>(), [(10, 4), (10, 6), (30, 3)]);
+        assert_eq!(
+            table.fds_of(5).collect::<Vec<_>>(),
+            [(10, 4), (10, 6), (30, 3)]
+        );
     }
 
     #[test]
@@ -270,7 +273,10 @@ mod tests {
         let mut found = Vec::new();
         socket_inodes(dir.as_fd(), &mut buf, |fd, i| found.push((fd, i))).unwrap();
         let fd = u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&listener)).unwrap();
-        assert!(found.contains(&(fd, inode)), "{fd}, {inode} not in {found:?}");
+        assert!(
+            found.contains(&(fd, inode)),
+            "{fd}, {inode} not in {found:?}"
+        );
 
         let proc_dir = open_dir(rustix::fs::CWD, "/proc").unwrap();
         assert!(
