@@ -5,12 +5,15 @@
 //! [`RECHECK_EVERY`], however many fds the host holds, instead of at the
 //! next rescan (seconds apart on a busy host).
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use super::Monitor;
-use crate::source::{
-    Source, monotonic_now,
-    snapshot::holders::{ListenerFds, Recheck, recheck},
+use crate::{
+    event::ListenAddr,
+    source::{
+        Source, monotonic_now,
+        snapshot::holders::{ListenerFds, Recheck, recheck},
+    },
 };
 
 /// How often the fds of shared listeners are looked at. The interval grows
@@ -22,20 +25,24 @@ pub(super) const RECHECK_EVERY: Duration = Duration::from_millis(50);
 #[derive(Debug, Default)]
 pub(super) struct HolderCheck {
     fds: ListenerFds,
+    /// A snapshot walked /proc (never for a replay).
+    enabled: bool,
     next: Duration,
     job: Option<tokio::task::JoinHandle<Recheck>>,
 }
 
 impl HolderCheck {
-    /// A snapshot's fds replace what the re-checks kept.
+    /// A snapshot's fds replace what the re-checks kept (and start the
+    /// re-checks: only a source that walks /proc has any).
     pub(super) fn replace(&mut self, fds: ListenerFds) {
         self.fds = fds;
+        self.enabled = true;
     }
 
-    /// When the next re-check may start (`None`: nothing to look at, or
-    /// one is running).
+    /// When the next re-check may start (`None`: no walk yet, or one is
+    /// running).
     pub(super) fn due(&self) -> Option<Duration> {
-        (self.job.is_none() && !self.fds.is_empty()).then_some(self.next)
+        (self.enabled && self.job.is_none()).then_some(self.next)
     }
 
     /// The re-check in flight, to await.
@@ -45,24 +52,21 @@ impl HolderCheck {
 }
 
 impl<S: Source> Monitor<S> {
-    /// Starts a re-check, off the runtime, if one is due: of the fds on
-    /// listeners the tracker lists more than one holder for (a listener's
-    /// last holder closing it closes the socket, which the programs report).
+    /// Starts a re-check, off the runtime, if one is due: of every
+    /// remembered fd on a listening socket, and a first read of the tables
+    /// of holders the tracker learned since the walk (by their accepts).
     pub(super) fn start_recheck(&mut self, now: Duration) {
         if self.holders.due().is_none_or(|due| now < due) {
             return;
         }
         self.holders.next = now + RECHECK_EVERY;
-        let tracker = &self.tracker;
-        let checks = self
-            .holders
-            .fds
-            .checks(|addr| tracker.holder_count(addr) >= 2);
-        if checks.is_empty() {
+        let checks = self.holders.fds.checks();
+        let probe = self.holders.fds.to_probe(self.tracker.listener_holders());
+        if checks.is_empty() && probe.is_empty() {
             return;
         }
         self.holders.job = Some(tokio::task::spawn_blocking(move || {
-            recheck(&checks, monotonic_now)
+            recheck(&checks, &probe, monotonic_now)
         }));
     }
 
@@ -80,6 +84,16 @@ impl<S: Source> Monitor<S> {
         }
         // Events up to now first, as for a rescan.
         let mut changed = self.pump();
+        // Sockets opened since the last rescan are known by events only:
+        // the dumps name them, so that the reads below can release them.
+        let mut by_addr: BTreeMap<ListenAddr, Vec<u64>> = BTreeMap::new();
+        for &(inode, addr) in &outcome.listening {
+            by_addr.entry(addr).or_default().push(inode);
+        }
+        for (addr, inodes) in by_addr {
+            self.tracker
+                .listening_inodes(&addr, outcome.listening_at, &inodes);
+        }
         for read in &outcome.reads {
             let released = self
                 .tracker

@@ -6,11 +6,15 @@
 //!
 //! Only releases are taken from it: a listener socket the read did not find
 //! among the process's fds is no longer held by it, as of the read. A
-//! holder gained (fd passing) waits for an accept or the next rescan.
+//! holder gained (fd passing) waits for an accept or the next rescan. A
+//! read names sockets by inode, and a socket opened since the last
+//! snapshot is known by events only (no inode): a dump of its address's
+//! listening sockets names it first ([`Tracker::listening_inodes`]).
 
 use std::time::Duration;
 
 use super::{MAX_RELEASE_MARKS, ReleaseMark, Tracker};
+use crate::event::ListenAddr;
 
 impl Tracker {
     /// `pid`'s whole fd table, read from `at` on, holds exactly the sockets
@@ -59,5 +63,34 @@ impl Tracker {
             self.collect_idle();
         }
         released
+    }
+
+    /// A dump of the listening sockets at `addr`, taken from `at` on,
+    /// shows the sockets `inodes`. If exactly one socket of the address is
+    /// known only from events (no inode) and older than `at`, and exactly
+    /// one of `inodes` is not yet some socket's, that is its inode (the
+    /// rule of a snapshot merge, for one address). Returns whether it
+    /// named one.
+    pub fn listening_inodes(&mut self, addr: &ListenAddr, at: Duration, inodes: &[u64]) -> bool {
+        let Some(l) = self.listeners.get_mut(addr) else {
+            return false;
+        };
+        let unnamed: Vec<usize> = (0..l.sockets.len())
+            .filter(|&i| l.sockets[i].inode.is_none() && l.sockets[i].since <= at)
+            .collect();
+        let mut free: Vec<u64> = inodes
+            .iter()
+            .copied()
+            .filter(|&i| i != 0 && !l.sockets.iter().any(|s| s.inode == Some(i)))
+            .collect();
+        free.sort_unstable();
+        free.dedup();
+        match (unnamed.as_slice(), free.as_slice()) {
+            ([i], [inode]) => {
+                l.sockets[*i].inode = Some(*inode);
+                true
+            }
+            _ => false,
+        }
     }
 }

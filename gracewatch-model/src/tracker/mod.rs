@@ -292,12 +292,13 @@ impl Tracker {
         self.procs.keys().copied()
     }
 
-    /// How many processes hold the listener at `addr` (0 if unknown): a
-    /// cheap look for the monitor's re-check of shared listeners.
-    pub fn holder_count(&self, addr: &ListenAddr) -> usize {
+    /// Every process holding some listener, by pid: a cheap look for the
+    /// monitor's re-check of holders (without building a [`Status`]).
+    pub fn listener_holders(&self) -> BTreeSet<u32> {
         self.listeners
-            .get(addr)
-            .map_or(0, |l| l.holder_pids().len())
+            .values()
+            .flat_map(Listener::holder_pids)
+            .collect()
     }
 
     pub fn status(&self, now: Duration) -> Status {

@@ -1,27 +1,48 @@
 //! The targeted re-check of listener holders: where the last full walk
 //! found each listening socket ([`ListenerFds`]: pid, fd, inode), and the
-//! cheap look that finds a process that closed its copy ([`recheck`]).
+//! cheap look that finds a process that closed its copy ([`recheck`]), or
+//! where a holder learned since (by its accepts) holds it.
 //!
 //! No kernel event fires when a process closes one of several fds on a
 //! listening socket (only the file's reference count drops; the socket
 //! closes, and `inet_sock_set_state` reports it, only with the last one),
 //! and a full rescan walks every fd on the host: seconds apart on a busy
 //! one. So the monitor looks again, every few tens of milliseconds, at just
-//! the fds the walk found on shared listeners: one `readlinkat` of
-//! `/proc/<pid>/fd/<n>` each, whatever the host's fd count. A link that no
+//! the fds the walk found on listening sockets: one `readlinkat` of
+//! `/proc/<pid>/fd/<n>` each, whatever the host's fd count. (All of them,
+//! not only those of listeners with several known holders: the process
+//! that shares one may not be known yet, like a new generation that
+//! inherited the socket and accepted nothing so far.) A holder the walk
+//! did not see (a worker forked since, known by its accepts) has its table
+//! read once, to learn its fds. A link that no
 //! longer names `socket:[inode]` (closed, or the number reused) makes the
 //! process suspect, and only then is its own fd table read in full (cost in
 //! proportion to its own fds), so a copy kept on another fd is never taken
 //! for a close. Anything unreadable is no evidence: the holder stays, and
 //! the next rescan decides.
 
-use std::{collections::HashMap, fmt::Write as _, mem::MaybeUninit, os::fd::AsFd, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    fmt::Write as _,
+    mem::MaybeUninit,
+    os::fd::AsFd,
+    time::Duration,
+};
 
 use log::debug;
 use rustix::io::Errno;
 
-use super::procfs::{DIRENT_BUF, ProcTable, open_dir, socket_inode, socket_inodes};
-use crate::event::{ListenAddr, SnapListener};
+use anyhow::Context as _;
+use netlink_packet_sock_diag::{
+    constants::{AF_INET, AF_INET6},
+    inet::StateFlags,
+};
+
+use super::{
+    procfs::{DIRENT_BUF, ProcTable, open_dir, open_netns, socket_inode, socket_inodes},
+    sock_diag::{TCP_LISTEN, diag_socket, dump_tcp},
+};
+use crate::event::{ListenAddr, NetNs, SnapListener};
 
 /// Fds remembered at most (~60 bytes each): beyond this many, the rest of
 /// the holders wait for the rescans.
@@ -40,17 +61,25 @@ pub struct ListenerFd {
 }
 
 /// The fds through which processes hold listening sockets, from the last
-/// full walk, kept up to date by the re-checks. Sorted by (pid, fd).
+/// full walk, kept up to date by the re-checks.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ListenerFds {
+    /// Sorted by (pid, fd).
     fds: Vec<ListenerFd>,
+    /// Every listening socket of the walk, by inode.
+    inodes: HashMap<u64, ListenAddr>,
+    /// Holders whose table was read to find their fds since the walk
+    /// (found or not, never read again until the next walk).
+    probed: HashSet<u32>,
 }
 
 impl ListenerFds {
     /// Every fd of the walk on a socket of `listeners` (bounded by [`MAX_FDS`]).
     pub(super) fn of(table: &ProcTable, listeners: &[SnapListener]) -> Self {
         let mut fds = Vec::new();
+        let mut inodes = HashMap::new();
         for l in listeners.iter().filter(|l| l.inode != 0) {
+            inodes.insert(l.inode, l.addr);
             fds.extend(table.fds_of(l.inode).map(|(pid, fd)| ListenerFd {
                 pid,
                 fd,
@@ -58,10 +87,16 @@ impl ListenerFds {
                 addr: l.addr,
             }));
         }
-        Self::from_vec(fds)
+        let mut out = Self {
+            fds: Vec::new(),
+            inodes,
+            probed: HashSet::new(),
+        };
+        out.set_fds(fds);
+        out
     }
 
-    fn from_vec(mut fds: Vec<ListenerFd>) -> Self {
+    fn set_fds(&mut self, mut fds: Vec<ListenerFd>) {
         fds.sort_unstable();
         fds.dedup();
         if fds.len() > MAX_FDS {
@@ -71,23 +106,30 @@ impl ListenerFds {
             );
             fds.truncate(MAX_FDS);
         }
-        Self { fds }
+        self.fds = fds;
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.fds.is_empty()
+    /// Every remembered fd, to look at.
+    pub fn checks(&self) -> Vec<ListenerFd> {
+        self.fds.clone()
     }
 
-    /// The fds on the listeners `shared` says more than one process holds:
-    /// only there can a close go unannounced (the last holder's close
-    /// closes the socket, which the programs report).
-    pub fn checks(&self, shared: impl Fn(&ListenAddr) -> bool) -> Vec<ListenerFd> {
-        let mut verdicts: HashMap<ListenAddr, bool> = HashMap::new();
-        self.fds
-            .iter()
-            .filter(|f| *verdicts.entry(f.addr).or_insert_with(|| shared(&f.addr)))
-            .copied()
-            .collect()
+    /// Of `holders` (every process the tracker lists as holding a
+    /// listener), those with no remembered fd and not read since the walk,
+    /// at most [`MAX_READS`]: their tables are to be read once. Marks them
+    /// read.
+    pub fn to_probe(&mut self, holders: impl IntoIterator<Item = u32>) -> Vec<u32> {
+        if self.probed.len() >= MAX_FDS {
+            return Vec::new();
+        }
+        let known: HashSet<u32> = self.fds.iter().map(|f| f.pid).collect();
+        let probe: Vec<u32> = holders
+            .into_iter()
+            .filter(|pid| !known.contains(pid) && !self.probed.contains(pid))
+            .take(MAX_READS)
+            .collect();
+        self.probed.extend(probe.iter().copied());
+        probe
     }
 
     /// Takes in what a re-check read: a process read in full keeps exactly
@@ -98,8 +140,12 @@ impl ListenerFds {
         if outcome.reads.is_empty() && outcome.unreadable.is_empty() {
             return;
         }
-        let addr_of: HashMap<u64, ListenAddr> =
-            self.fds.iter().map(|f| (f.inode, f.addr)).collect();
+        if self.inodes.len() > MAX_FDS {
+            // Bounded: the next walk starts afresh.
+            return;
+        }
+        self.inodes.extend(outcome.listening.iter().copied());
+        let addr_of = &self.inodes;
         let redone = |pid: u32| {
             outcome.reads.iter().any(|r| r.pid == pid) || outcome.unreadable.contains(&pid)
         };
@@ -114,7 +160,7 @@ impl ListenerFds {
                 })
             }));
         }
-        *self = Self::from_vec(fds);
+        self.set_fds(fds);
     }
 }
 
@@ -159,6 +205,12 @@ impl FdTableRead {
 pub struct Recheck {
     /// The suspects' fd tables.
     pub reads: Vec<FdTableRead>,
+    /// The listening sockets (inode, address) of the namespaces of the
+    /// holders read for the first time: a socket opened since the walk
+    /// is known by its inode only from here.
+    pub listening: Vec<(u64, ListenAddr)>,
+    /// When the first of those dumps began.
+    pub listening_at: Duration,
     /// Suspects whose table could not be read (gone, denied): no evidence.
     pub unreadable: Vec<u32>,
     /// How long it took.
@@ -166,9 +218,10 @@ pub struct Recheck {
 }
 
 /// Looks at each of `checks` once, and reads the whole fd table of each
-/// process (up to [`MAX_READS`]) one of whose links changed. `now` is the
-/// clock the reads are stamped with. Blocking: run off the runtime.
-pub fn recheck(checks: &[ListenerFd], now: impl Fn() -> Duration) -> Recheck {
+/// process (up to [`MAX_READS`]) one of whose links changed, and of each
+/// of `probe`. `now` is the clock the reads are stamped with. Blocking:
+/// run off the runtime.
+pub fn recheck(checks: &[ListenerFd], probe: &[u32], now: impl Fn() -> Duration) -> Recheck {
     let t0 = now();
     let mut out = Recheck::default();
     let proc_dir = match open_dir(rustix::fs::CWD, "/proc") {
@@ -193,8 +246,21 @@ pub fn recheck(checks: &[ListenerFd], now: impl Fn() -> Duration) -> Recheck {
             suspects.push(c.pid);
         }
     }
-    suspects.dedup();
     suspects.truncate(MAX_READS);
+    let first_reads: Vec<u32> = probe
+        .iter()
+        .filter(|p| !suspects.contains(p))
+        .copied()
+        .collect();
+    // Their namespaces' listening sockets, once per namespace.
+    let mut dumped: HashSet<NetNs> = HashSet::new();
+    out.listening_at = now();
+    for &pid in &first_reads {
+        if let Err(e) = listening_of(proc_dir.as_fd(), pid, &mut dumped, &mut out.listening) {
+            debug!("holder re-check: no listening sockets for pid {pid}: {e:#}");
+        }
+    }
+    suspects.extend(first_reads);
     let mut buf = vec![MaybeUninit::uninit(); DIRENT_BUF];
     for pid in suspects {
         let at = now();
@@ -212,6 +278,38 @@ pub fn recheck(checks: &[ListenerFd], now: impl Fn() -> Duration) -> Recheck {
     }
     out.took = now().saturating_sub(t0);
     out
+}
+
+/// Appends the listening sockets of `pid`'s network namespace to `out`,
+/// unless that namespace is in `dumped` (then adds it).
+fn listening_of(
+    proc_dir: std::os::fd::BorrowedFd<'_>,
+    pid: u32,
+    dumped: &mut HashSet<NetNs>,
+    out: &mut Vec<(u64, ListenAddr)>,
+) -> anyhow::Result<()> {
+    let dir = open_dir(proc_dir, pid.to_string()).context("failed to open its /proc entry")?;
+    let handle = open_netns(dir.as_fd())?;
+    let netns = handle.inode();
+    if !dumped.insert(netns) {
+        return Ok(());
+    }
+    let socket = diag_socket(&handle)?;
+    for family in [AF_INET, AF_INET6] {
+        dump_tcp(&socket, family, StateFlags::LISTEN, &[], |s| {
+            if s.state == TCP_LISTEN && s.inode != 0 {
+                out.push((
+                    s.inode,
+                    ListenAddr {
+                        netns,
+                        local: s.local,
+                    },
+                ));
+            }
+        })
+        .with_context(|| format!("failed to dump tcp listeners in netns {netns}"))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -259,24 +357,30 @@ mod tests {
         }
     }
 
+    fn remembered(fds: Vec<ListenerFd>) -> ListenerFds {
+        let mut out = ListenerFds {
+            inodes: fds.iter().map(|f| (f.inode, f.addr)).collect(),
+            ..ListenerFds::default()
+        };
+        out.set_fds(fds);
+        out
+    }
+
     #[test]
-    fn checks_are_the_fds_on_shared_listeners() {
-        let fds = ListenerFds::from_vec(vec![
+    fn holders_without_a_remembered_fd_are_probed_once() {
+        let mut fds = remembered(vec![
             lfd(20, 5, 100, 80),
             lfd(10, 3, 100, 80),
-            lfd(10, 4, 200, 443),
             lfd(10, 3, 100, 80),
         ]);
-        assert_eq!(
-            fds.checks(|a| a.local.port() == 80),
-            [lfd(10, 3, 100, 80), lfd(20, 5, 100, 80)]
-        );
-        assert!(fds.checks(|_| false).is_empty());
+        assert_eq!(fds.checks(), [lfd(10, 3, 100, 80), lfd(20, 5, 100, 80)]);
+        assert_eq!(fds.to_probe([10, 20, 30, 40]), [30, 40]);
+        assert!(fds.to_probe([10, 20, 30, 40]).is_empty(), "once");
     }
 
     #[test]
     fn an_update_keeps_what_each_read_table_still_holds() {
-        let mut fds = ListenerFds::from_vec(vec![
+        let mut fds = remembered(vec![
             lfd(10, 3, 100, 80),
             lfd(20, 5, 100, 80),
             lfd(20, 6, 200, 443),
@@ -291,7 +395,7 @@ mod tests {
                 sockets: vec![(9, 200), (11, 555)],
             }],
             unreadable: vec![30],
-            took: Duration::ZERO,
+            ..Recheck::default()
         });
         assert_eq!(fds.fds, [lfd(10, 3, 100, 80), lfd(20, 9, 200, 443)]);
     }
@@ -311,12 +415,23 @@ mod tests {
         let check = lfd(me, kept, inode, port);
 
         // Unchanged: nothing to read.
-        assert_eq!(recheck(&[check], monotonic_now).reads, []);
+        assert_eq!(recheck(&[check], &[], monotonic_now).reads, []);
+        // Probed: read although unchanged, with our namespace's listeners
+        // (how a socket opened since the walk gets known by inode).
+        let probed = recheck(&[check], &[me], monotonic_now);
+        assert_eq!(probed.reads.len(), 1);
+        assert!(
+            probed
+                .listening
+                .iter()
+                .any(|&(i, a)| i == inode && a.local.port() == port),
+            "{probed:?}"
+        );
 
         // The copy closes: our table is read, and still has the socket.
         drop(copy);
         let t0 = monotonic_now();
-        let out = recheck(&[lfd(me, closed, inode, port)], monotonic_now);
+        let out = recheck(&[lfd(me, closed, inode, port)], &[], monotonic_now);
         assert_eq!(out.reads.len(), 1, "{out:?}");
         let read = &out.reads[0];
         assert_eq!(read.pid, me);
@@ -326,7 +441,7 @@ mod tests {
 
         // A pid that does not exist: unreadable, no evidence.
         let gone = u32::MAX >> 1;
-        let out = recheck(&[lfd(gone, 3, inode, port)], monotonic_now);
+        let out = recheck(&[lfd(gone, 3, inode, port)], &[], monotonic_now);
         assert_eq!((out.reads, out.unreadable), (vec![], vec![gone]));
     }
 }

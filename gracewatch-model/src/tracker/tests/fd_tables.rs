@@ -146,6 +146,33 @@ fn a_release_is_significant() {
     assert!(!t.take_significant());
 }
 
+#[test]
+fn a_socket_opened_since_the_snapshot_is_named_by_a_dump_then_released() {
+    // No snapshot saw the socket: the worker's read cannot release it
+    // until a dump of the address names it.
+    let mut t = run_steps(
+        "named",
+        &[
+            listen_start(1000, 300, wildcard_v4(), MASTER),
+            accept(1500, 200, conn_v4(1), WORKER),
+        ],
+    );
+    assert!(
+        !t.fd_table_read(WORKER, ms(2000), &[C]),
+        "unnamed: no evidence"
+    );
+    // A dump older than the socket, or one with two candidates, names nothing.
+    assert!(!t.listening_inodes(&wildcard_v4(), ms(900), &[L]));
+    assert!(!t.listening_inodes(&wildcard_v4(), ms(1900), &[L, L + 10]));
+    assert!(t.listening_inodes(&wildcard_v4(), ms(1900), &[L]));
+    assert!(
+        !t.listening_inodes(&wildcard_v4(), ms(1900), &[L]),
+        "named once"
+    );
+    assert!(t.fd_table_read(WORKER, ms(2000), &[C]));
+    check_holders(&t.status(ms(2100)), &[(MASTER, 0)]);
+}
+
 fn check_holders(st: &Status, want: &[(u32, u64)]) {
     let l = st
         .listeners
