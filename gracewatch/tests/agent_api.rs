@@ -732,6 +732,110 @@ async fn metrics_count_handovers_drains_and_exits() {
     assert!(lines[2]["took_ms"].is_u64(), "{text}");
 }
 
+/// `/v1/restarts` lists the drain the restart model observed (the old
+/// process closed its listener, then its last client left), in the
+/// documented schema, with its timeline and the duration the histogram
+/// got; its filters are checked.
+#[tokio::test]
+async fn restarts_list_observed_drains_with_their_timelines() {
+    let t = TestAgent::start(None, vec![listen(4242, "old"), accept(4242, "old", 1)]).await;
+    let client = t.client(None);
+    let (code, v) = call(&client, Method::GET, "/v1/restarts", None).await;
+    assert_eq!(code, StatusCode::OK, "{v}");
+    if let Err(e) = Schema::Restarts.check(&v) {
+        panic!("{e}\n{v}");
+    }
+    assert_eq!(v["restarts"], json!([]), "{v}");
+
+    t.feed([ConnEvent::ListenStart {
+        at: at(3000),
+        sk: 2,
+        addr: listen_addr(),
+        pid: 4343,
+        comm: "new".to_owned(),
+    }])
+    .await;
+    t.feed([
+        accept(4343, "new", 2),
+        ConnEvent::ListenStop {
+            at: at(3100),
+            sk: 1,
+            addr: listen_addr(),
+            pid: 4242,
+            comm: "old".to_owned(),
+        },
+    ])
+    .await;
+    t.feed([close(4242, 1)]).await;
+    // Facts reach the model's publication: give it a moment.
+    let mut v = Value::Null;
+    for _ in 0..200 {
+        v = call(&client, Method::GET, "/v1/restarts", None).await.1;
+        if v["restarts"][0]["outcome"] == "drained" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if let Err(e) = Schema::Restarts.check(&v) {
+        panic!("{e}\n{v}");
+    }
+    let restarts = v["restarts"].as_array().expect("restarts");
+    assert_eq!(restarts.len(), 1, "{v}");
+    let r = &restarts[0];
+    assert_eq!(r["pid"], 4242, "{v}");
+    assert_eq!(r["comm"], "old", "{v}");
+    assert_eq!(r["outcome"], "drained", "{v}");
+    assert_eq!(r["why"], "closed_its_listener", "{v}");
+    assert_eq!(r["from_live"], 1, "{v}");
+    assert_eq!(r["dropped"], 0, "{v}");
+    assert_eq!(
+        r["listeners"],
+        json!([{"netns": NETNS, "local": LISTEN}]),
+        "{v}"
+    );
+    let (started, ended, took) = (
+        r["started_ms"].as_u64().expect("started"),
+        r["ended_ms"].as_u64().expect("ended"),
+        r["duration_ms"].as_u64().expect("duration"),
+    );
+    assert_eq!(ended - started, took, "{v}");
+    assert!(ended <= v["as_of_ms"].as_u64().expect("as_of"), "{v}");
+    // Drained: it reached zero, and (holding nothing) left the status.
+    let steps: Vec<(&str, u64)> = r["timeline"]
+        .as_array()
+        .expect("timeline")
+        .iter()
+        .map(|e| (e["role"].as_str().unwrap_or(""), e["live"].as_u64().unwrap_or(9)))
+        .collect();
+    assert_eq!(steps, [("draining", 1), ("drained", 0)], "{v}");
+    assert_eq!(r["timeline"][0]["at_ms"], r["started_ms"], "{v}");
+    assert_eq!(r["timeline"][1]["at_ms"], r["ended_ms"], "{v}");
+    // On the clock of the status's uptime_ms.
+    let (_, status) = call(&client, Method::GET, "/v1/status", None).await;
+    assert!(
+        ended <= status["uptime_ms"].as_u64().expect("uptime"),
+        "{v}\n{status}"
+    );
+    // The histogram got the same duration.
+    let m = scrape(&t).await;
+    let sum = m
+        .get("gracewatch_observed_drain_duration_seconds_sum")
+        .copied()
+        .unwrap_or(-1.0);
+    assert!((sum - took as f64 / 1000.0).abs() < 0.0015, "{sum} vs {took} ms");
+
+    // Filters.
+    let (_, one) = call(&client, Method::GET, "/v1/restarts?pid=4242&limit=1", None).await;
+    assert_eq!(one["restarts"].as_array().map(Vec::len), Some(1), "{one}");
+    let (_, none) = call(&client, Method::GET, "/v1/restarts?pid=4343", None).await;
+    assert_eq!(none["restarts"], json!([]), "{none}");
+    for bad in ["pid=x", "limit=0", "limit=100000", "color=red"] {
+        let got = call(&client, Method::GET, &format!("/v1/restarts?{bad}"), None).await;
+        let needle = bad.split('=').next().unwrap_or(bad);
+        assert_error(&got, StatusCode::BAD_REQUEST, needle, bad);
+    }
+}
+
 #[test]
 fn the_metrics_parser_rejects_broken_expositions() {
     for bad in [

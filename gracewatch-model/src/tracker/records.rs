@@ -275,7 +275,9 @@ impl Restarts {
                     why: r.why.code(),
                     started_ms: ms(r.started),
                     ended_ms: r.ended.map(ms),
-                    duration_ms: millis(r.duration(now.max(r.started))),
+                    // From the fields shown, so they add up exactly.
+                    duration_ms: ms(r.ended.unwrap_or(now).max(r.started))
+                        .saturating_sub(ms(r.started)),
                     outcome: r.outcome,
                     from_live: r.from_live,
                     dropped: r.dropped,
