@@ -805,7 +805,12 @@ async fn restarts_list_observed_drains_with_their_timelines() {
         .as_array()
         .expect("timeline")
         .iter()
-        .map(|e| (e["role"].as_str().unwrap_or(""), e["live"].as_u64().unwrap_or(9)))
+        .map(|e| {
+            (
+                e["role"].as_str().unwrap_or(""),
+                e["live"].as_u64().unwrap_or(9),
+            )
+        })
         .collect();
     assert_eq!(steps, [("draining", 1), ("drained", 0)], "{v}");
     assert_eq!(r["timeline"][0]["at_ms"], r["started_ms"], "{v}");
@@ -822,7 +827,10 @@ async fn restarts_list_observed_drains_with_their_timelines() {
         .get("gracewatch_observed_drain_duration_seconds_sum")
         .copied()
         .unwrap_or(-1.0);
-    assert!((sum - took as f64 / 1000.0).abs() < 0.0015, "{sum} vs {took} ms");
+    assert!(
+        (sum - took as f64 / 1000.0).abs() < 0.0015,
+        "{sum} vs {took} ms"
+    );
 
     // Filters.
     let (_, one) = call(&client, Method::GET, "/v1/restarts?pid=4242&limit=1", None).await;

@@ -277,10 +277,7 @@ async fn status(State(ctx): State<Ctx>) -> Result<Response, ApiError> {
 /// ([`RestartsReport`], `schema/restarts.schema.json`). Like `/v1/status`
 /// it carries no peer address, so it is open to every reader.
 /// `?pid=N` keeps one process's, `?limit=N` the newest N.
-async fn restarts(
-    State(ctx): State<Ctx>,
-    RawQuery(query): RawQuery,
-) -> Result<Response, ApiError> {
+async fn restarts(State(ctx): State<Ctx>, RawQuery(query): RawQuery) -> Result<Response, ApiError> {
     let filter = parse_restarts_query(query.as_deref())?;
     let mut report: RestartsReport = ctx.monitor()?.restarts().report();
     if let Some(pid) = filter.pid {
@@ -603,7 +600,10 @@ mod tests {
 
     #[test]
     fn restarts_filters_are_validated() {
-        assert_eq!(parse_restarts_query(None).ok(), Some(RestartsQuery::default()));
+        assert_eq!(
+            parse_restarts_query(None).ok(),
+            Some(RestartsQuery::default())
+        );
         assert_eq!(
             parse_restarts_query(Some("pid=42&limit=3")).ok(),
             Some(RestartsQuery {
