@@ -110,6 +110,11 @@ impl Records {
         self.kept.iter()
     }
 
+    /// Whether a record of `pid` still collects its role changes.
+    pub(super) fn has_open(&self, pid: u32) -> bool {
+        self.kept.iter().any(|r| r.open && r.pid == pid)
+    }
+
     fn open_of(&mut self, pid: u32) -> Option<&mut DrainRecord> {
         self.kept.iter_mut().rev().find(|r| r.open && r.pid == pid)
     }

@@ -384,8 +384,10 @@ pub struct Restarts {
     observed_from: u64,
     /// A fact was recorded since the last [`Restarts::take_significant`].
     significant: bool,
-    /// Every drain seen, folded from the facts.
-    records: Records,
+    /// Every drain seen, folded from the facts. Shared between the
+    /// published copies of the model (one per publication) and copied only
+    /// when a fact changes them.
+    records: std::sync::Arc<Records>,
     /// The monitor's start on the model's clock (see [`Restarts::annotate`]).
     started: Duration,
     /// The latest time the model was fed.
@@ -889,7 +891,7 @@ impl Restarts {
             change,
         };
         if let Some(p) = self.procs.get(&pid) {
-            self.records.fold(&fact, &p.comm, &p.keys);
+            std::sync::Arc::make_mut(&mut self.records).fold(&fact, &p.comm, &p.keys);
         }
         self.facts.push_back(fact);
         self.next_seq += 1;
@@ -897,8 +899,10 @@ impl Restarts {
     }
 
     fn forget(&mut self, pid: u32) {
-        if let Some(p) = self.procs.remove(&pid) {
-            self.records.lost(pid, p.gone_at.unwrap_or(self.now));
+        if let Some(p) = self.procs.remove(&pid)
+            && self.records.has_open(pid)
+        {
+            std::sync::Arc::make_mut(&mut self.records).lost(pid, p.gone_at.unwrap_or(self.now));
         }
         self.handovers.retain(|(_, p)| *p != pid);
     }
