@@ -890,7 +890,11 @@ impl Restarts {
             pid,
             change,
         };
-        if let Some(p) = self.procs.get(&pid) {
+        // Handovers are no part of a drain record: leave the shared
+        // records uncopied.
+        if let Some(p) = self.procs.get(&pid)
+            && !matches!(fact.change, Change::Handover { .. })
+        {
             std::sync::Arc::make_mut(&mut self.records).fold(&fact, &p.comm, &p.keys);
         }
         self.facts.push_back(fact);
