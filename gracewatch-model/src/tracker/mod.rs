@@ -17,6 +17,7 @@
 //! here panics on any input order: missed or duplicated events only make
 //! counts stale until the next snapshot repairs them.
 
+pub mod records;
 pub mod restart;
 mod snapshot;
 mod status;
