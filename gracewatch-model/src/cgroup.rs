@@ -20,9 +20,12 @@ pub const MAX_PATH: usize = 4096;
 /// it says nothing), an empty or relative path, or one longer than
 /// [`MAX_PATH`]. Paths seen through a cgroup namespace may climb out of it
 /// (`/../../kubepods.slice/…`): kept as the kernel wrote them.
+/// Only whole lines count (ended by `\n`, as the kernel ends each), so a
+/// read cut short cannot yield a shortened path.
 pub fn v2_path(proc_cgroup: &str) -> Option<&str> {
     let path = proc_cgroup
-        .lines()
+        .split_inclusive('\n')
+        .filter_map(|line| line.strip_suffix('\n'))
         .find_map(|line| line.strip_prefix("0::"))?;
     (path.starts_with('/') && path != "/" && path.len() <= MAX_PATH).then_some(path)
 }
@@ -254,6 +257,8 @@ mod tests {
             ("", None),
             ("garbage\0\n", None),
             ("10::/x\n", None),
+            // A read cut short: the line is not whole.
+            ("0::/system.slice/ngi", None),
         ] {
             assert_eq!(v2_path(text), want, "{text:?}");
         }
