@@ -37,8 +37,10 @@ fn cgroup2_mount() -> Option<PathBuf> {
 /// Our own cgroup v2 path must be shown from the hierarchy's root (no
 /// cgroup namespace of our own), so the test knows what to expect.
 fn own_cgroup_is_absolute() -> bool {
-    std::fs::read_to_string("/proc/self/cgroup")
-        .is_ok_and(|t| t.lines().any(|l| l.starts_with("0::/") && !l.contains("/..")))
+    std::fs::read_to_string("/proc/self/cgroup").is_ok_and(|t| {
+        t.lines()
+            .any(|l| l.starts_with("0::/") && !l.contains("/.."))
+    })
 }
 
 /// Cgroups created for a test under the hierarchy's root, removed on drop:
@@ -81,7 +83,10 @@ impl Cgroups {
     /// Moves process `pid` into cgroup `path` (as [`Cgroups::make`] returned it).
     #[track_caller]
     fn enter(&self, path: &str, pid: u32) {
-        let procs = self.mount.join(path.trim_start_matches('/')).join("cgroup.procs");
+        let procs = self
+            .mount
+            .join(path.trim_start_matches('/'))
+            .join("cgroup.procs");
         std::fs::write(&procs, pid.to_string())
             .unwrap_or_else(|e| panic!("failed to move pid {pid} into {}: {e}", procs.display()));
         let shown = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
@@ -131,7 +136,13 @@ fn listed(status: &Value, pid: u32) -> &Value {
 }
 
 #[track_caller]
-fn assert_place(status: &Value, pid: u32, cgroup: &str, container: Option<&str>, pod: Option<&str>) {
+fn assert_place(
+    status: &Value,
+    pid: u32,
+    cgroup: &str,
+    container: Option<&str>,
+    pod: Option<&str>,
+) {
     let p = listed(status, pid);
     assert_eq!(p["cgroup"].as_str(), Some(cgroup), "cgroup of {pid}: {p:#}");
     assert_eq!(
@@ -146,12 +157,18 @@ fn assert_place(status: &Value, pid: u32, cgroup: &str, container: Option<&str>,
 fn a_process_in_its_own_cgroup_shows_it() {
     let Some(gw) = setup() else { return };
     let Some(mount) = cgroup2_mount() else {
-        assert!(!in_ci(), "no cgroup v2 hierarchy mounted at its root (CI=true: a failure)");
+        assert!(
+            !in_ci(),
+            "no cgroup v2 hierarchy mounted at its root (CI=true: a failure)"
+        );
         eprintln!("SKIPPED: no cgroup v2 hierarchy mounted at its root");
         return;
     };
     if !own_cgroup_is_absolute() {
-        assert!(!in_ci(), "this test runs in a cgroup namespace (CI=true: a failure)");
+        assert!(
+            !in_ci(),
+            "this test runs in a cgroup namespace (CI=true: a failure)"
+        );
         eprintln!("SKIPPED: this test runs in a cgroup namespace");
         return;
     }

@@ -156,7 +156,11 @@ mod tests {
                 pod(),
             ),
             // cgroupfs driver.
-            (format!("/kubepods/burstable/pod{UID}/{ID}"), Some(ID), pod()),
+            (
+                format!("/kubepods/burstable/pod{UID}/{ID}"),
+                Some(ID),
+                pod(),
+            ),
             (format!("/kubepods/pod{UID}/{ID}"), Some(ID), pod()),
             // The pod's cgroup itself (no container yet).
             (format!("/kubepods/besteffort/pod{UID}"), None, pod()),
@@ -245,7 +249,10 @@ mod tests {
     fn the_v2_line_is_the_path() {
         let hybrid = "12:pids:/system.slice/x.service\n1:name=systemd:/system.slice/x.service\n0::/system.slice/x.service\n";
         for (text, want) in [
-            ("0::/system.slice/nginx.service\n", Some("/system.slice/nginx.service")),
+            (
+                "0::/system.slice/nginx.service\n",
+                Some("/system.slice/nginx.service"),
+            ),
             (hybrid, Some("/system.slice/x.service")),
             ("0::/gw-test-1 (deleted)\n", Some("/gw-test-1 (deleted)")),
             ("0::/../../kubepods.slice\n", Some("/../../kubepods.slice")),

@@ -101,8 +101,7 @@ mod tests {
         }
     }
 
-    const DOCKER: &str =
-        "/system.slice/docker-0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.scope";
+    const DOCKER: &str = "/system.slice/docker-0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.scope";
 
     #[test]
     fn read_once_per_appearance_refreshed_and_forgotten() {

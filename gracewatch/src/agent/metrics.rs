@@ -439,8 +439,7 @@ impl Collector for Scrape {
                 MetricType::Gauge,
             )?;
             for p in &status.processes {
-                ConstGauge::new(saturate(p.live))
-                    .encode(m.encode_family(&proc_labels(p))?)?;
+                ConstGauge::new(saturate(p.live)).encode(m.encode_family(&proc_labels(p))?)?;
             }
         }
         {
@@ -465,8 +464,7 @@ impl Collector for Scrape {
                 MetricType::Counter,
             )?;
             for p in &status.processes {
-                ConstCounter::new(p.accepted_total)
-                    .encode(m.encode_family(&proc_labels(p))?)?;
+                ConstCounter::new(p.accepted_total).encode(m.encode_family(&proc_labels(p))?)?;
             }
         }
         {
@@ -477,8 +475,7 @@ impl Collector for Scrape {
                 MetricType::Counter,
             )?;
             for p in &status.processes {
-                ConstCounter::new(p.closed_total)
-                    .encode(m.encode_family(&proc_labels(p))?)?;
+                ConstCounter::new(p.closed_total).encode(m.encode_family(&proc_labels(p))?)?;
             }
         }
 
@@ -863,14 +860,14 @@ mod tests {
 
     fn render(m: &Metrics, st: Status, labels: MetricLabels) -> String {
         m.render(
-                Scrape {
-                    status: Some(Arc::new(st)),
-                    labels,
-                    ..Scrape::default()
-                },
-                Format::Text,
-            )
-            .expect("encodes")
+            Scrape {
+                status: Some(Arc::new(st)),
+                labels,
+                ..Scrape::default()
+            },
+            Format::Text,
+        )
+        .expect("encodes")
     }
 
     #[test]
@@ -884,7 +881,9 @@ mod tests {
         let off = render(&m, st.clone(), MetricLabels::default());
         // Byte for byte what a status without cgroups gives.
         assert_eq!(off, render(&m, nowhere, MetricLabels::default()));
-        assert!(off.contains("\ngracewatch_process_live_connections{pid=\"43\",comm=\"server\"} 3\n"));
+        assert!(
+            off.contains("\ngracewatch_process_live_connections{pid=\"43\",comm=\"server\"} 3\n")
+        );
         for label in ["container_id", "pod_uid", "cgroup="] {
             assert!(!off.contains(label), "{label} in\n{off}");
         }
@@ -892,7 +891,11 @@ mod tests {
         let all = render(
             &m,
             st.clone(),
-            MetricLabels::of(&[MetricLabel::Container, MetricLabel::Pod, MetricLabel::Cgroup]),
+            MetricLabels::of(&[
+                MetricLabel::Container,
+                MetricLabel::Pod,
+                MetricLabel::Cgroup,
+            ]),
         );
         let cgroup = st.processes[1].cgroup.clone().expect("a cgroup");
         for family in [
@@ -924,7 +927,11 @@ mod tests {
             vec![],
             vec![MetricLabel::Container],
             vec![MetricLabel::Pod, MetricLabel::Cgroup],
-            vec![MetricLabel::Container, MetricLabel::Pod, MetricLabel::Cgroup],
+            vec![
+                MetricLabel::Container,
+                MetricLabel::Pod,
+                MetricLabel::Cgroup,
+            ],
         ] {
             let l = MetricLabels::of(&labels);
             assert_eq!(MetricLabels::from_bits(l.bits()), l, "{labels:?}");

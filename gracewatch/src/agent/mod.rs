@@ -83,12 +83,15 @@ pub struct AgentArgs {
     /// kernel.bpf_stats_enabled=1` turns them on host-wide instead).
     #[arg(long)]
     pub bpf_stats: bool,
-    /// Add these labels, comma-separated, to the per-process series
-    /// (gracewatch_process_*): `container` (container_id), `pod` (pod_uid),
-    /// `cgroup` (the cgroup v2 path), each read from the process's cgroup
-    /// and left out where it names none. Off by default: it adds no series
-    /// per scrape, but every container and pod ever started leaves new
-    /// label values in Prometheus' index (and `cgroup` values can be long).
+    /// Label the per-process series (gracewatch_process_*) with where the
+    /// process runs, comma-separated: `container` (container_id), `pod`
+    /// (pod_uid), `cgroup` (the cgroup v2 path). Off by default: cardinality.
+    ///
+    /// Each value is read from the process's cgroup (as `status --json`
+    /// shows it) and the label is left out where the cgroup names none. It
+    /// adds no series per scrape (a process runs in one container), but
+    /// every container and pod ever started leaves new label values in
+    /// Prometheus' index for its retention, and `cgroup` values can be long.
     #[arg(long, value_name = "LABELS", value_delimiter = ',', value_enum)]
     pub metric_labels: Vec<MetricLabel>,
 }

@@ -626,9 +626,11 @@ fn render_detail(frame: &mut Frame, area: Rect, app: &App) {
     let inner = block.inner(area);
     frame.render_widget(block, area);
     let place = model.procs.get(&d.pid).and_then(place_line);
-    let [place_area, area] =
-        Layout::vertical([Constraint::Length(u16::from(place.is_some())), Constraint::Min(0)])
-            .areas(inner);
+    let [place_area, area] = Layout::vertical([
+        Constraint::Length(u16::from(place.is_some())),
+        Constraint::Min(0),
+    ])
+    .areas(inner);
     if let Some(place) = place {
         frame.render_widget(place, place_area);
     }
@@ -700,7 +702,12 @@ fn render_detail(frame: &mut Frame, area: Rect, app: &App) {
 /// `docker ps` shows), pod UID and cgroup, those known; `None` if none is.
 fn place_line(p: &Proc) -> Option<Line<'static>> {
     let parts = [
-        ("container ", p.container_id.as_deref().map(|id| id.get(..12).unwrap_or(id))),
+        (
+            "container ",
+            p.container_id
+                .as_deref()
+                .map(|id| id.get(..12).unwrap_or(id)),
+        ),
         ("pod ", p.pod_uid.as_deref()),
         ("cgroup ", p.cgroup.as_deref()),
     ];

@@ -188,7 +188,10 @@ fn schema_is_strict() {
         ("cgroup", serde_json::json!(7)),
         ("container_id", serde_json::json!("abc")),
         ("container_id", serde_json::json!("F".repeat(64))),
-        ("pod_uid", serde_json::json!("8b5c3f2e_1d4a_4e6b_9c7d_0a1b2c3d4e5f")),
+        (
+            "pod_uid",
+            serde_json::json!("8b5c3f2e_1d4a_4e6b_9c7d_0a1b2c3d4e5f"),
+        ),
         ("pod_uid", serde_json::json!("")),
     ] {
         let mut wrong = good.clone();
