@@ -329,6 +329,16 @@ mod tests {
     }
 
     #[test]
+    fn cgroup_of_reads_the_v2_line_and_nothing_for_a_missing_process() {
+        let own = fs::read_to_string("/proc/self/cgroup").expect("our own cgroup");
+        assert_eq!(
+            cgroup_of(std::process::id()).as_deref(),
+            crate::cgroup::v2_path(&own)
+        );
+        assert_eq!(cgroup_of(u32::MAX), None);
+    }
+
+    #[test]
     fn liveness_tells_running_zombie_and_reaped_apart() {
         assert_eq!(liveness(std::process::id()), Liveness::Alive);
         let mut child = std::process::Command::new("true")
