@@ -129,6 +129,40 @@ fn read_pids(procs: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// `promtool check metrics` passes `text` (skipped without promtool, except in CI).
+#[track_caller]
+fn promtool_accepts(text: &str) {
+    use std::io::Write as _;
+    let Some(promtool) = ["/usr/bin/promtool", "/usr/local/bin/promtool"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+    else {
+        assert!(!in_ci(), "`promtool` is not installed (CI=true: a failure)");
+        eprintln!("SKIPPED promtool check: `promtool` is not installed");
+        return;
+    };
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(text.as_bytes())
+        .expect("feed promtool");
+    let out = child.wait_with_output().expect("promtool output");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The process `pid` of `status`, which must be listed.
 #[track_caller]
 fn listed(status: &Value, pid: u32) -> &Value {
@@ -218,7 +252,7 @@ fn a_process_in_its_own_cgroup_shows_it() {
 
     // The agent: /v1/status says it; /metrics only when asked.
     let dir = TempDir::new("cgroup");
-    for (labels, want_labels) in [(None, false), (Some("container,pod"), true)] {
+    for (labels, want_labels) in [(None, false), (Some("container,pod,cgroup"), true)] {
         let mut builder = Agent::builder();
         if let Some(labels) = labels {
             builder = builder.args(&["--metric-labels", labels]);
@@ -262,17 +296,27 @@ fn a_process_in_its_own_cgroup_shows_it() {
             !plain_line.contains("container_id") && !plain_line.contains("pod_uid"),
             "{plain_line}"
         );
-        assert!(!pod_line.contains("cgroup="), "not asked for: {pod_line}");
         if want_labels {
             assert!(
-                pod_line.contains(&format!(",container_id=\"{id}\",pod_uid=\"{uid}\"}} 1")),
+                pod_line.ends_with(&format!(
+                    ",container_id=\"{id}\",pod_uid=\"{uid}\",cgroup=\"{in_pod}\"}} 1"
+                )),
                 "{pod_line}"
             );
-        } else {
             assert!(
-                !pod_line.contains("container_id") && !pod_line.contains("pod_uid"),
-                "labels by default: {pod_line}"
+                plain_line.ends_with(&format!(",cgroup=\"{own}\"}} 2")),
+                "{plain_line}"
             );
+            promtool_accepts(&metrics.body);
+        } else {
+            for line in [&pod_line, &plain_line] {
+                assert!(
+                    !line.contains("container_id")
+                        && !line.contains("pod_uid")
+                        && !line.contains("cgroup="),
+                    "labels by default: {line}"
+                );
+            }
         }
         agent.stop_within(Duration::from_secs(10));
     }
