@@ -4,7 +4,10 @@
 //! there, and read again every [`REFRESH`] (a process can be moved to
 //! another cgroup, rarely: systemd's `MoveProcess`, `cgclassify`, a test).
 //! Bounded by the status: a pid that leaves it is forgotten, so a recycled
-//! pid is read afresh when it appears again.
+//! pid is read afresh when it appears again (one that exits and is reused
+//! between two publications keeps the old path until the next refresh).
+//! Each read is one small procfs file (~14 µs measured), on the monitor's
+//! thread: once per new process, then once per process per [`REFRESH`].
 
 use std::{
     collections::{HashMap, HashSet},
