@@ -276,6 +276,10 @@ impl super::Source for EbpfSource {
         super::liveness(pid)
     }
 
+    fn cgroup_of(&self, pid: u32) -> Option<String> {
+        super::process::cgroup_of(pid)
+    }
+
     fn rescanner(&self) -> Option<fn() -> anyhow::Result<crate::event::Snapshot>> {
         Some(|| super::snapshot::take(super::monotonic_now))
     }

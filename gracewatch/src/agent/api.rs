@@ -8,7 +8,7 @@ use super::{
     Agent, Transport,
     drains::{DrainRequest, Entry, MAX_RUNNING},
     events::{MAX_SUBSCRIBERS, redact_peers},
-    metrics::{Format, Scrape},
+    metrics::{Format, MetricLabels, Scrape},
 };
 use crate::{
     drain,
@@ -246,6 +246,11 @@ async fn metrics(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
         bpf_stats_enabled: shared
             .bpf_stats_enabled
             .load(std::sync::atomic::Ordering::Relaxed),
+        labels: MetricLabels::from_bits(
+            shared
+                .metric_labels
+                .load(std::sync::atomic::Ordering::Relaxed),
+        ),
     };
     match shared.metrics.render(scrape, format) {
         Ok(text) => ([(header::CONTENT_TYPE, format.content_type())], text).into_response(),
