@@ -546,3 +546,85 @@ fn drains_through_the_agent_end_like_local_drains() {
 
     agent.stop_within(STATE_TIMEOUT);
 }
+
+/// `/v1/restarts` on a real agent: an fd-inheritance restart whose old
+/// process stops accepting and keeps two clients, which leave later. The
+/// agent lists the old process's drain — valid against the schema, a
+/// handover (`another_accepts`) from 2 connections, `drained` — and its
+/// duration is the clients' own: from the new process's first accept to
+/// the old one's last close, within 100 ms.
+#[test]
+fn restarts_list_an_observed_drain_timed_like_its_clients() {
+    let Some(gw) = setup() else { return };
+    let dir = TempDir::new("restarts");
+    let agent = Agent::builder().start(&gw, &dir);
+    let ns = Netns::new("restarts");
+    let addr = "127.0.0.1:7301";
+    let old = Server::listen(&ns, addr);
+    let _c1 = Client::connect(&ns, addr, 2);
+    old.wait_accepted(2);
+    let new = old.handover();
+    old.stopaccept();
+    let ms = || gracewatch_testkit::monotonic_ns() / 1_000_000;
+    // The new process's first accept, as the server reports it (within
+    // its 5 ms poll), then two more.
+    let _c2 = Client::connect(&ns, addr, 1);
+    new.wait_accepted(1);
+    let first_ms = ms();
+    let _c3 = Client::connect(&ns, addr, 2);
+    new.wait_accepted(3);
+
+    let path = format!("/v1/restarts?pid={}", old.pid());
+    let record = |want: &str| -> Result<Value, String> {
+        let answer = agent
+            .request(&agent.tcp(), "GET", &path, &[], b"")
+            .map_err(|e| e.to_string())?;
+        if answer.code != 200 {
+            return Err(format!("{}: {}", answer.code, answer.body));
+        }
+        let v: Value = serde_json::from_str(&answer.body).map_err(|e| e.to_string())?;
+        if let Err(why) = Schema::Restarts.check(&v) {
+            panic!("/v1/restarts: {why}\n{v}");
+        }
+        match v["restarts"].as_array().map(Vec::as_slice) {
+            Some([r]) if r["outcome"] == want => Ok(r.clone()),
+            _ => Err(v.to_string()),
+        }
+    };
+    let draining = eventually(STATE_TIMEOUT * 3, "the old process draining", || {
+        record("ongoing")
+    });
+    assert_eq!(draining["why"], "another_accepts", "{draining}");
+    assert_eq!(draining["from_live"], 2, "{draining}");
+    assert_eq!(
+        draining["listeners"],
+        json!([{"netns": ns.netns_inode(), "local": addr}]),
+        "{draining}"
+    );
+    // Its clients stay a while after it was declared draining.
+    thread::sleep(Duration::from_millis(700));
+    let before_close = ms();
+    assert_eq!(old.closeall(), 2);
+    let close_ms = (before_close + ms()) / 2;
+    let drained = eventually(STATE_TIMEOUT, "the old process drained", || {
+        record("drained")
+    });
+    let took = drained["duration_ms"].as_u64().expect("duration_ms");
+    let truth = close_ms - first_ms;
+    println!("observed drain: {took} ms; the clients: {truth} ms");
+    assert!(
+        took.abs_diff(truth) <= 100,
+        "observed {took} ms, the clients' own timing {truth} ms: {drained}"
+    );
+    assert_eq!(drained["dropped"], 0, "{drained}");
+    assert_eq!(drained["started_ms"], draining["started_ms"], "{drained}");
+    let roles: Vec<&str> = drained["timeline"]
+        .as_array()
+        .expect("timeline")
+        .iter()
+        .filter_map(|e| e["role"].as_str())
+        .collect();
+    assert_eq!(roles, ["draining", "drained"], "{drained}");
+    drop(new);
+    agent.stop_within(STATE_TIMEOUT);
+}

@@ -8,8 +8,8 @@
 use std::os::unix::process::ExitStatusExt as _;
 
 use gracewatch_testkit::{
-    Child, Client, Expect, Netns, PROGRAM_TIMEOUT, STATE_TIMEOUT, Server, Soft, generations,
-    listener, process, role_of, setup, wait_accepted_sum,
+    Child, Client, Expect, Netns, PROGRAM_TIMEOUT, STATE_TIMEOUT, Schema, Server, Soft,
+    generations, listener, process, role_of, setup, wait_accepted_sum,
 };
 use rustix::process::Signal;
 use serde_json::json;
@@ -274,4 +274,144 @@ fn rust_handover_server_hands_over_and_drains() {
         &soft,
     );
     soft.finish();
+}
+
+/// `watch --json --events` prints the restart events `/v1/events` carries,
+/// from the model's one serializer: for an fd-inheritance restart whose
+/// old process stops accepting, a `handover` (the new process's first
+/// accept), a `draining` dated at that same moment (when the old process
+/// stopped getting connections, not when the quiet period confirmed it)
+/// and a `drained` once its clients leave, each line valid against the
+/// event schema.
+#[test]
+fn watch_json_events_tell_the_handover_and_the_drain_from_when_it_stopped_accepting() {
+    let Some(gw) = setup() else { return };
+    let ns = Netns::new("events");
+    let addr = "127.0.0.1:7207";
+    let old = Server::listen(&ns, addr);
+    let _c1 = Client::connect(&ns, addr, 2);
+    old.wait_accepted(2);
+
+    let mut cmd = std::process::Command::new(gw.bin());
+    cmd.args(["watch", "--json", "--events"]);
+    let watch = Child::spawn_command("gracewatch watch --json --events", cmd);
+    let lines = || -> Vec<serde_json::Value> {
+        watch
+            .lines()
+            .iter()
+            .map(|l| {
+                let v: serde_json::Value =
+                    serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+                if let Err(why) = Schema::Event.check(&v) {
+                    panic!("not a valid event line: {why}\n{l}");
+                }
+                v
+            })
+            .collect()
+    };
+    // It prints nothing until something happens: wait until it is ready
+    // by probing with processes that close their listener while holding a
+    // connection (a `draining` line), a new one until one is reported.
+    let mut ready = false;
+    for i in 0..20 {
+        let probe_addr = format!("127.0.0.1:{}", 7210 + i);
+        let probe = Server::listen(&ns, &probe_addr);
+        let _c = Client::connect(&ns, &probe_addr, 1);
+        probe.wait_accepted(1);
+        // Let a status show it holding the listener first.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        probe.closelistener();
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while std::time::Instant::now() < until {
+            if lines()
+                .iter()
+                .any(|v| v["kind"] == "draining" && v["pid"] == probe.pid())
+            {
+                ready = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        if ready {
+            break;
+        }
+    }
+    assert!(
+        ready,
+        "no probe reported: {:?}\n{}",
+        watch.lines(),
+        watch.context()
+    );
+
+    // The old process accepts once more just before the restart, so the
+    // model has to wait out the quiet period before it declares it draining.
+    let _c1b = Client::connect(&ns, addr, 1);
+    old.wait_accepted(3);
+    let new = old.handover();
+    old.stopaccept();
+    let _c2 = Client::connect(&ns, addr, 3);
+    new.wait_accepted(3);
+    let wait_for = |kind: &str, pid: u32| {
+        watch.wait_line(
+            &format!("a `{kind}` line for {pid}"),
+            STATE_TIMEOUT * 3,
+            |seen| {
+                seen.iter()
+                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                    .find(|v| v["kind"] == kind && v["pid"] == pid)
+            },
+        )
+    };
+    let handover = wait_for("handover", new.pid());
+    assert_eq!(handover["alongside"], json!([old.pid()]), "{handover}");
+    assert_eq!(handover["listener"]["local"], addr, "{handover}");
+    let draining = wait_for("draining", old.pid());
+    let seen_ms = gracewatch_testkit::monotonic_ns() / 1_000_000;
+    let ms = |v: &serde_json::Value| {
+        v["at"]["secs"].as_u64().unwrap_or(0) * 1000
+            + v["at"]["nanos"].as_u64().unwrap_or(0) / 1_000_000
+    };
+    assert_eq!(draining["why"], "another_accepts", "{draining}");
+    assert_eq!(draining["live"], 3, "{draining}");
+    // Declared once the old process was quiet for 2 s, but dated at the
+    // new process's first accept (when the old one stopped getting
+    // connections).
+    assert_eq!(draining["at"], handover["at"], "{draining}\n{handover}");
+    let late = seen_ms.saturating_sub(ms(&draining));
+    println!("the draining line came {late} ms after its `at`");
+    assert!(late >= 300, "declared {late} ms after it started");
+
+    let closed_ms = gracewatch_testkit::monotonic_ns() / 1_000_000;
+    assert_eq!(old.closeall(), 3);
+    let drained = wait_for("drained", old.pid());
+    assert_eq!(drained["why"], "reached_zero", "{drained}");
+    assert_eq!(drained["from_live"], 3, "{drained}");
+    let took = drained["took_ms"].as_u64().expect("took_ms");
+    let span = ms(&drained) - ms(&draining);
+    println!("drained: took {took} ms");
+    assert!(
+        took.abs_diff(span) <= 1,
+        "took {took} ms, lines {span} ms apart"
+    );
+    // From its start to after its clients left.
+    assert!(
+        ms(&drained) + 5 >= closed_ms,
+        "drained before its clients left"
+    );
+    assert!(took >= late, "took {took} ms");
+    // Restart lines only: never a status object.
+    assert!(
+        lines().iter().all(
+            |v| ["handover", "draining", "drained"].contains(&v["kind"].as_str().unwrap_or(""))
+        ),
+        "{:?}",
+        watch.lines()
+    );
+    watch.signal(Signal::INT);
+    let mut watch = watch;
+    let status = watch.wait_exit(STATE_TIMEOUT);
+    assert!(
+        matches!(status.code(), Some(0 | 130)),
+        "watch ended with {status:?}"
+    );
 }

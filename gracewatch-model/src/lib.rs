@@ -5,5 +5,6 @@
 //! tests with a stable toolchain alone, without the eBPF toolchain the
 //! monitor needs (as aya keeps `aya-obj` apart from `aya`).
 
+pub mod cgroup;
 pub mod event;
 pub mod tracker;

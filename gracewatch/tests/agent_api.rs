@@ -732,6 +732,118 @@ async fn metrics_count_handovers_drains_and_exits() {
     assert!(lines[2]["took_ms"].is_u64(), "{text}");
 }
 
+/// `/v1/restarts` lists the drain the restart model observed (the old
+/// process closed its listener, then its last client left), in the
+/// documented schema, with its timeline and the duration the histogram
+/// got; its filters are checked.
+#[tokio::test]
+async fn restarts_list_observed_drains_with_their_timelines() {
+    let t = TestAgent::start(None, vec![listen(4242, "old"), accept(4242, "old", 1)]).await;
+    let client = t.client(None);
+    let (code, v) = call(&client, Method::GET, "/v1/restarts", None).await;
+    assert_eq!(code, StatusCode::OK, "{v}");
+    if let Err(e) = Schema::Restarts.check(&v) {
+        panic!("{e}\n{v}");
+    }
+    assert_eq!(v["restarts"], json!([]), "{v}");
+
+    t.feed([ConnEvent::ListenStart {
+        at: at(3000),
+        sk: 2,
+        addr: listen_addr(),
+        pid: 4343,
+        comm: "new".to_owned(),
+    }])
+    .await;
+    t.feed([
+        accept(4343, "new", 2),
+        ConnEvent::ListenStop {
+            at: at(3100),
+            sk: 1,
+            addr: listen_addr(),
+            pid: 4242,
+            comm: "old".to_owned(),
+        },
+    ])
+    .await;
+    t.feed([close(4242, 1)]).await;
+    // Facts reach the model's publication: give it a moment.
+    let mut v = Value::Null;
+    for _ in 0..200 {
+        v = call(&client, Method::GET, "/v1/restarts", None).await.1;
+        if v["restarts"][0]["outcome"] == "drained" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if let Err(e) = Schema::Restarts.check(&v) {
+        panic!("{e}\n{v}");
+    }
+    let restarts = v["restarts"].as_array().expect("restarts");
+    assert_eq!(restarts.len(), 1, "{v}");
+    let r = &restarts[0];
+    assert_eq!(r["pid"], 4242, "{v}");
+    assert_eq!(r["comm"], "old", "{v}");
+    assert_eq!(r["outcome"], "drained", "{v}");
+    assert_eq!(r["why"], "closed_its_listener", "{v}");
+    assert_eq!(r["from_live"], 1, "{v}");
+    assert_eq!(r["dropped"], 0, "{v}");
+    assert_eq!(
+        r["listeners"],
+        json!([{"netns": NETNS, "local": LISTEN}]),
+        "{v}"
+    );
+    let (started, ended, took) = (
+        r["started_ms"].as_u64().expect("started"),
+        r["ended_ms"].as_u64().expect("ended"),
+        r["duration_ms"].as_u64().expect("duration"),
+    );
+    assert_eq!(ended - started, took, "{v}");
+    assert!(ended <= v["as_of_ms"].as_u64().expect("as_of"), "{v}");
+    // Drained: it reached zero, and (holding nothing) left the status.
+    let steps: Vec<(&str, u64)> = r["timeline"]
+        .as_array()
+        .expect("timeline")
+        .iter()
+        .map(|e| {
+            (
+                e["role"].as_str().unwrap_or(""),
+                e["live"].as_u64().unwrap_or(9),
+            )
+        })
+        .collect();
+    assert_eq!(steps, [("draining", 1), ("drained", 0)], "{v}");
+    assert_eq!(r["timeline"][0]["at_ms"], r["started_ms"], "{v}");
+    assert_eq!(r["timeline"][1]["at_ms"], r["ended_ms"], "{v}");
+    // On the clock of the status's uptime_ms.
+    let (_, status) = call(&client, Method::GET, "/v1/status", None).await;
+    assert!(
+        ended <= status["uptime_ms"].as_u64().expect("uptime"),
+        "{v}\n{status}"
+    );
+    // The histogram got the same duration.
+    let m = scrape(&t).await;
+    let sum = m
+        .get("gracewatch_observed_drain_duration_seconds_sum")
+        .copied()
+        .unwrap_or(-1.0);
+    assert!(
+        (sum - took as f64 / 1000.0).abs() < 0.0015,
+        "{sum} vs {took} ms"
+    );
+
+    // Filters.
+    let (_, one) = call(&client, Method::GET, "/v1/restarts?pid=4242&limit=1", None).await;
+    assert_eq!(one["restarts"].as_array().map(Vec::len), Some(1), "{one}");
+    let (_, none) = call(&client, Method::GET, "/v1/restarts?pid=4343", None).await;
+    assert_eq!(none["restarts"], json!([]), "{none}");
+    for bad in ["pid=x", "limit=0", "limit=100000", "color=red"] {
+        let got = call(&client, Method::GET, &format!("/v1/restarts?{bad}"), None).await;
+        let needle = bad.split('=').next().unwrap_or(bad);
+        assert_error(&got, StatusCode::BAD_REQUEST, needle, bad);
+    }
+}
+
 #[test]
 fn the_metrics_parser_rejects_broken_expositions() {
     for bad in [
@@ -1841,39 +1953,7 @@ fn metric_names_in(text: &str) -> std::collections::BTreeSet<String> {
 /// their unit tests (alerts.test.yml).
 #[tokio::test]
 async fn the_alert_rules_use_exported_series_and_pass_promtool() {
-    let t = TestAgent::start(None, vec![listen(4242, "old"), accept(4242, "old", 1)]).await;
-    t.feed([
-        ConnEvent::ListenStart {
-            at: at(3000),
-            sk: 2,
-            addr: listen_addr(),
-            pid: 4343,
-            comm: "new".to_owned(),
-        },
-        accept(4343, "new", 2),
-        ConnEvent::ListenStop {
-            at: at(3100),
-            sk: 1,
-            addr: listen_addr(),
-            pid: 4242,
-            comm: "old".to_owned(),
-        },
-    ])
-    .await;
-    let draining =
-        format!("gracewatch_oldest_draining_seconds{{netns=\"{NETNS}\",address=\"{LISTEN}\"}}");
-    let mut m = scrape(&t).await;
-    for _ in 0..200 {
-        if m.contains_key(&draining) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        m = scrape(&t).await;
-    }
-    let exported: std::collections::BTreeSet<String> = m
-        .keys()
-        .map(|k| k.split('{').next().unwrap_or(k).to_owned())
-        .collect();
+    let exported = exported_while_draining().await;
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/prometheus");
     let rules = std::fs::read_to_string(format!("{dir}/alerts.yml")).expect("alerts.yml");
     let used = metric_names_in(&rules);
@@ -1915,5 +1995,190 @@ async fn the_alert_rules_use_exported_series_and_pass_promtool() {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+    }
+}
+
+/// The series names (without labels; `_total`, `_bucket`… as scraped) an
+/// agent exports while an old generation drains, so the series that exist
+/// only then are there too.
+async fn exported_while_draining() -> std::collections::BTreeSet<String> {
+    let t = TestAgent::start(None, vec![listen(4242, "old"), accept(4242, "old", 1)]).await;
+    t.feed([
+        ConnEvent::ListenStart {
+            at: at(3000),
+            sk: 2,
+            addr: listen_addr(),
+            pid: 4343,
+            comm: "new".to_owned(),
+        },
+        accept(4343, "new", 2),
+        ConnEvent::ListenStop {
+            at: at(3100),
+            sk: 1,
+            addr: listen_addr(),
+            pid: 4242,
+            comm: "old".to_owned(),
+        },
+    ])
+    .await;
+    let draining =
+        format!("gracewatch_oldest_draining_seconds{{netns=\"{NETNS}\",address=\"{LISTEN}\"}}");
+    let mut m = scrape(&t).await;
+    for _ in 0..200 {
+        if m.contains_key(&draining) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        m = scrape(&t).await;
+    }
+    assert!(m.contains_key(&draining), "never draining: {m:#?}");
+    m.keys()
+        .map(|k| k.split('{').next().unwrap_or(k).to_owned())
+        .collect()
+}
+
+/// deploy/grafana/gracewatch.json is a Grafana dashboard model: panels
+/// with unique ids and titles, every query on the `${DS_PROMETHEUS}`
+/// data source, the panels the README promises, and every `gracewatch_`
+/// series it queries exported by the agent. promtool parses every query
+/// (as the expression of a recording rule, Grafana's `$__rate_interval`
+/// and `$instance` filled in).
+#[tokio::test]
+async fn the_grafana_dashboard_is_well_formed_and_queries_exported_series() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/grafana/gracewatch.json"
+    );
+    let text = std::fs::read_to_string(path).expect("gracewatch.json");
+    let dash: Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    let ds = "${DS_PROMETHEUS}";
+    assert!(dash["title"].as_str().is_some_and(|t| !t.is_empty()));
+    assert!(dash["uid"].as_str().is_some_and(|t| !t.is_empty()));
+    let version = dash["schemaVersion"].as_u64().expect("schemaVersion");
+    assert!((36..=41).contains(&version), "schemaVersion {version}");
+    assert!(
+        dash["__inputs"]
+            .as_array()
+            .is_some_and(|i| i.iter().any(|i| i["name"] == "DS_PROMETHEUS"
+                && i["type"] == "datasource"
+                && i["pluginId"] == "prometheus")),
+        "the data source is an input"
+    );
+    let vars = dash["templating"]["list"].as_array().expect("templating");
+    for var in ["DS_PROMETHEUS", "instance"] {
+        assert!(vars.iter().any(|v| v["name"] == var), "variable {var}");
+    }
+    for v in vars.iter().filter(|v| v.get("datasource").is_some()) {
+        assert_eq!(v["datasource"]["uid"], ds, "{v}");
+    }
+
+    let panels = dash["panels"].as_array().expect("panels");
+    let mut ids = std::collections::BTreeSet::new();
+    let mut exprs = Vec::new();
+    let mut titles = Vec::new();
+    for p in panels {
+        let id = p["id"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("panel without id: {p}"));
+        assert!(ids.insert(id), "panel id {id} twice");
+        let title = p["title"].as_str().unwrap_or_default();
+        assert!(!title.is_empty(), "panel {id} has no title");
+        titles.push(title.to_owned());
+        for key in ["x", "y", "w", "h"] {
+            assert!(p["gridPos"][key].is_u64(), "panel {title}: gridPos.{key}");
+        }
+        if p["type"] == "row" {
+            continue;
+        }
+        assert_eq!(p["datasource"]["uid"], ds, "panel {title}");
+        assert_eq!(p["datasource"]["type"], "prometheus", "panel {title}");
+        let targets = p["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "panel {title} queries nothing");
+        let mut refs = std::collections::BTreeSet::new();
+        for t in targets {
+            assert_eq!(t["datasource"]["uid"], ds, "panel {title}: {t}");
+            assert!(
+                refs.insert(t["refId"].as_str().expect("refId").to_owned()),
+                "panel {title}: refId twice"
+            );
+            let expr = t["expr"].as_str().unwrap_or_default();
+            assert!(expr.contains("gracewatch_"), "panel {title}: {expr:?}");
+            assert!(
+                expr.contains("$instance"),
+                "panel {title} ignores the instance filter"
+            );
+            exprs.push(expr.to_owned());
+        }
+    }
+    for want in [
+        "Live connections per process",
+        "Draining generations",
+        "Oldest draining generation",
+        "Observed drain durations (quantiles)",
+        "Observed drain durations (heatmap)",
+        "Handovers and connections dropped by exits",
+        "Lost kernel events",
+    ] {
+        assert!(
+            titles.iter().any(|t| t == want),
+            "no panel {want:?}: {titles:?}"
+        );
+    }
+
+    let used = metric_names_in(&exprs.join("\n"));
+    for want in [
+        "gracewatch_process_live_connections",
+        "gracewatch_processes_draining",
+        "gracewatch_oldest_draining_seconds",
+        "gracewatch_observed_drain_duration_seconds_bucket",
+        "gracewatch_handovers_total",
+        "gracewatch_connections_dropped_by_exit_total",
+        "gracewatch_lost_events_total",
+    ] {
+        assert!(used.contains(want), "the dashboard does not query {want}");
+    }
+    let exported = exported_while_draining().await;
+    for name in &used {
+        assert!(
+            exported.contains(name),
+            "the dashboard queries {name}, which the agent does not export: {exported:?}"
+        );
+    }
+
+    // promtool parses PromQL when it checks rules: one recording rule per
+    // query.
+    let rules: Vec<Value> = exprs
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let e = e
+                .replace("$__rate_interval", "5m")
+                .replace("$instance", ".*");
+            json!({"record": format!("dashboard:query_{i}"), "expr": e})
+        })
+        .collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("dashboard-queries.yml");
+    // JSON is YAML.
+    let doc = json!({"groups": [{"name": "dashboard", "rules": rules}]});
+    std::fs::write(&file, doc.to_string()).expect("write the rules");
+    match std::process::Command::new("promtool")
+        .arg("check")
+        .arg("rules")
+        .arg(&file)
+        .output()
+    {
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!(
+                "skipping the promtool part: {e} (`cargo xtask setup --test-deps` installs it)"
+            );
+        }
+        Err(e) => panic!("promtool is needed in CI: {e}"),
+        Ok(out) => assert!(
+            out.status.success(),
+            "promtool rejects a dashboard query: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
     }
 }

@@ -45,7 +45,7 @@ fn kind_of(flag: &str) -> Option<Kind> {
         "--max-connections" | "--ring-buffer-size" => Kind::Count,
         "--listen" => Kind::Addr,
         "--pidfile" | "--token-file" | "--unix" | "--agent" | "--comm" | "--signal"
-        | "--on-timeout" => Kind::Other,
+        | "--on-timeout" | "--metric-labels" => Kind::Other,
         _ => return None,
     })
 }

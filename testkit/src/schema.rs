@@ -18,20 +18,25 @@ pub enum Schema {
     /// The agent's `GET /v1/drains/{id}` answer (`#/$defs/agent_drain` of
     /// the drain schema).
     AgentDrain,
-    /// Each line of `record` and of the agent's `/v1/events`.
+    /// Each line of `record`, of the agent's `/v1/events` and of
+    /// `watch --json --events`.
     Event,
+    /// The agent's `/v1/restarts` answer.
+    Restarts,
 }
 
 const STATUS: &str = include_str!("../../gracewatch/schema/status.schema.json");
 const DRAIN: &str = include_str!("../../gracewatch/schema/drain.schema.json");
 const EVENT: &str = include_str!("../../gracewatch/schema/event.schema.json");
+const RESTARTS: &str = include_str!("../../gracewatch/schema/restarts.schema.json");
 
 impl Schema {
-    pub const ALL: [Schema; 4] = [
+    pub const ALL: [Schema; 5] = [
         Schema::Status,
         Schema::Drain,
         Schema::AgentDrain,
         Schema::Event,
+        Schema::Restarts,
     ];
 
     /// Checks `v`; `Err` lists every violation with where it is.
@@ -53,7 +58,7 @@ impl Schema {
     }
 
     fn validator(self) -> &'static jsonschema::Validator {
-        static CELLS: [OnceLock<jsonschema::Validator>; 4] = [const { OnceLock::new() }; 4];
+        static CELLS: [OnceLock<jsonschema::Validator>; 5] = [const { OnceLock::new() }; 5];
         let i = Schema::ALL.iter().position(|&s| s == self).unwrap_or(0);
         CELLS[i].get_or_init(|| {
             let schema = self.document();
@@ -72,6 +77,7 @@ impl Schema {
             Schema::Status => parse(STATUS),
             Schema::Drain => parse(DRAIN),
             Schema::Event => parse(EVENT),
+            Schema::Restarts => parse(RESTARTS),
             // The drain document, entered at its `agent_drain` definition.
             Schema::AgentDrain => {
                 let mut doc = parse(DRAIN);
@@ -130,6 +136,17 @@ mod tests {
                 json!({"kind": "drained", "at": at, "pid": 16229, "comm": "python3", "why": "holds_nothing", "took_ms": null, "from_live": null}),
                 json!({"kind": "lagged", "skipped": 1, "message": "this reader fell behind"}),
             ],
+            Schema::Restarts => vec![json!({
+                "schema": "gracewatch.restarts.v1", "as_of_ms": 9100,
+                "restarts": [
+                    {"id": 7, "pid": 16229, "comm": "python3", "listeners": [{"netns": 4026532178u32, "local": "127.0.0.1:9911"}], "why": "another_accepts",
+                     "started_ms": 5000, "ended_ms": 7100, "duration_ms": 2100, "outcome": "drained", "from_live": 3, "dropped": 0,
+                     "timeline": [{"at_ms": 5000, "role": "draining", "why": "another_accepts", "live": 3}, {"at_ms": 7100, "role": "drained", "why": "reached_zero", "live": 0}]},
+                    {"id": 3, "pid": 16100, "comm": "python3", "listeners": [], "why": "drain_started",
+                     "started_ms": 1000, "ended_ms": null, "duration_ms": 8100, "outcome": "ongoing", "from_live": 1, "dropped": 0,
+                     "timeline": [{"at_ms": 1000, "role": "draining", "why": "drain_started", "live": 1}]}
+                ]
+            })],
         }
     }
 

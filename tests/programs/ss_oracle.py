@@ -68,6 +68,26 @@ def comm(pid):
         return "?"
 
 
+CONTAINER = re.compile(r"(?:^|[/:])(?:docker-|cri-containerd-|crio-|libpod-)?([0-9a-f]{64})(?:\.scope)?(?=$|[/:])")
+POD_SYSTEMD = re.compile(r"kubepods[^/:]*-pod([0-9a-f_]{32,36})\.slice(?=$|[/:])")
+POD_CGROUPFS = re.compile(r"/kubepods(?:\.[^/]*)?/(?:.*/)?pod([0-9a-f-]{32,36})(?=$|/)")
+
+
+def place(pid):
+    """(cgroup, container_id, pod_uid) from /proc/PID/cgroup's v2 line."""
+    try:
+        with open(f"/proc/{pid}/cgroup", "rb") as f:
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None, None, None
+    path = next((l[3:] for l in text.split("\n") if l.startswith("0::")), None)
+    if not path or path == "/" or not path.startswith("/") or len(path.encode()) > 4096:
+        return None, None, None
+    ids = CONTAINER.findall(path)
+    pods = [u.replace("_", "-") for u in POD_SYSTEMD.findall(path)] + POD_CGROUPFS.findall(path)
+    return path, (ids[-1] if ids else None), (pods[-1] if pods else None)
+
+
 def scan():
     """Every TCP socket in every named namespace."""
     sockets = []
@@ -139,10 +159,12 @@ def build(sockets, pids, ports, totals):
             continue
         if ports and not any(pid in l["holders"] for l in shown):
             continue
+        cgroup, container_id, pod_uid = place(pid)
         out_procs.append(dict(
             pid=pid, comm=p["comm"], live=p["live"], listeners=p["listeners"],
             accepted_total=totals["accepted"].get(pid, 0), closed_total=totals["closed"].get(pid, 0),
             oldest_live_ms=0 if p["live"] else None, role="serving", role_since_ms=0,
+            cgroup=cgroup, container_id=container_id, pod_uid=pod_uid,
         ))
     status = dict(schema="gracewatch.status.v2", uptime_ms=0, processes=out_procs, listeners=out_listeners, lost_events=0, map_full_total=0)
     return status, live

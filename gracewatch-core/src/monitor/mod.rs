@@ -15,11 +15,13 @@
 //! - `handle`: the task, the handle and the query protocol;
 //! - `look`: the direct looks consumers ask the handle for (fd tables,
 //!   TCP states, liveness);
-//! - `record`: the raw event stream, for recordings a replay plays back.
+//! - `record`: the raw event stream, for recordings a replay plays back;
+//! - `cgroups`: where the processes of the status run (their cgroups).
 //!
 //! Consumers name the source's configuration and error types through this
 //! module, so none of them imports `source/`.
 
+mod cgroups;
 mod handle;
 mod holders;
 mod look;
@@ -84,6 +86,8 @@ pub struct Monitor<S = EbpfSource> {
     /// The targeted re-check of listener holders between rescans.
     holders: holders::HolderCheck,
     untracked: Untracked,
+    /// The cgroups of the processes of the published status.
+    cgroups: cgroups::Cgroups,
 }
 
 impl<S: Source> Monitor<S> {
@@ -110,12 +114,15 @@ impl<S: Source> Monitor<S> {
             next_rescan: now + pump::RESCAN_MIN,
             holders: holders::HolderCheck::default(),
             untracked: Untracked::default(),
+            cgroups: cgroups::Cgroups::default(),
         }
     }
 
-    /// The status now.
+    /// The status now (with the cgroups known from the last publication).
     pub fn status(&self) -> Status {
-        publish::status_of(&self.tracker, self.source.now(), self.started)
+        let mut status = publish::status_of(&self.tracker, self.source.now(), self.started);
+        self.cgroups.fill(&mut status);
+        status
     }
 
     pub fn tracker(&self) -> &Tracker {

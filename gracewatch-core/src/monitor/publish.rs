@@ -60,15 +60,19 @@ impl<S: Source> Monitor<S> {
 }
 
 impl<S: Source> Monitor<S> {
-    /// The status now, folded into the restart model; processes that left
-    /// the status are asked whether they still run (a failed look is no
-    /// exit: asked again at the next housekeeping). The status goes out
-    /// with the model's roles and generations filled in, so every consumer
-    /// of the status reads the same roles as readers of the model.
+    /// The status now, with the cgroups of its processes, folded into the
+    /// restart model; processes that left the status are asked whether
+    /// they still run (a failed look is no exit: asked again at the next
+    /// housekeeping). The status goes out with the model's roles and
+    /// generations filled in, so every consumer of the status reads the
+    /// same roles as readers of the model.
     pub(super) fn observe(&mut self) -> (Status, Arc<Restarts>) {
         // One instant for both, so no role is newer than the status.
         let now = self.source.now();
         let mut status = status_of(&self.tracker, now, self.started);
+        let source = &self.source;
+        self.cgroups
+            .learn(&mut status, monotonic_now(), |pid| source.cgroup_of(pid));
         self.restarts.observe(&status, now);
         for pid in self.restarts.unchecked_gone() {
             let alive = self.source.liveness(pid) != Liveness::Exited;

@@ -254,6 +254,8 @@ impl<S: Source> Monitor<S> {
             None => {}
         }
         changed |= self.restart_housekeeping();
+        let source = &self.source;
+        changed |= self.cgroups.refresh(now, |pid| source.cgroup_of(pid));
         if self.rescan.is_none() && now >= self.next_rescan {
             if let Some(take) = self.source.rescanner() {
                 self.rescan = Some(tokio::task::spawn_blocking(move || {

@@ -12,7 +12,7 @@ use crate::{
     source::{
         MonitorError,
         ebpf::{EbpfSource, SourceOptions},
-        monotonic_now,
+        monotonic_now, process,
         replay::{ReplayClock, ReplayFeed, ReplaySource},
         snapshot,
     },
@@ -52,6 +52,7 @@ impl Monitor<EbpfSource> {
         drop(snap);
         let now = monotonic_now();
         let mut status = status_of(&tracker, now, started);
+        super::cgroups::Cgroups::default().learn(&mut status, now, process::cgroup_of);
         // The restart model of one look: it meets every process now, so
         // each serves since now; generations are the holders.
         let mut restarts = Restarts::new();

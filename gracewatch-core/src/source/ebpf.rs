@@ -276,6 +276,10 @@ impl super::Source for EbpfSource {
         super::liveness(pid)
     }
 
+    fn cgroup_of(&self, pid: u32) -> Option<String> {
+        super::process::cgroup_of(pid)
+    }
+
     fn rescanner(&self) -> Option<super::Rescanner> {
         Some(|| super::snapshot::take_with_fds(super::monotonic_now))
     }

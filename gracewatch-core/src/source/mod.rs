@@ -51,6 +51,12 @@ pub trait Source: Send + 'static {
         Liveness::Alive
     }
 
+    /// The cgroup v2 path of `pid` (`None`: nothing to tell). A recording
+    /// has no procfs: its processes run nowhere known.
+    fn cgroup_of(&self, _pid: u32) -> Option<String> {
+        None
+    }
+
     /// How to take a fresh snapshot for a rescan (run off the runtime),
     /// with the fds holding each listener (for the re-checks between
     /// rescans); `None` if there is nothing to rescan.

@@ -1,9 +1,11 @@
 //! Processes as drain targets: pidfds (so a signal can never reach a
-//! recycled pid), exit notification, and the process tree under a target.
+//! recycled pid), exit notification, and the process tree under a target;
+//! and what procfs says of a process (its name, its cgroup).
 
 use std::{
     collections::{BTreeSet, HashMap},
     fs,
+    io::Read as _,
     os::fd::OwnedFd,
 };
 
@@ -200,6 +202,26 @@ pub fn comm_of(pid: u32) -> Option<String> {
     })
 }
 
+/// How much of `/proc/<pid>/cgroup` is read: the v2 line comes last, after
+/// up to a dozen v1 lines on a hybrid host, each as long as a path may be.
+const CGROUP_READ_MAX: u64 = 64 * 1024;
+
+/// The cgroup v2 path of `pid` (see [`crate::cgroup::v2_path`]), `None` if
+/// there is nothing to tell or it cannot be read (the process exited, no
+/// permission). Whoever names the cgroups chooses the bytes: at most
+/// [`CGROUP_READ_MAX`] are read (a line cut there is not used), and bytes
+/// that are not UTF-8 are shown lossily.
+pub fn cgroup_of(pid: u32) -> Option<String> {
+    let mut bytes = Vec::new();
+    fs::File::open(format!("/proc/{pid}/cgroup"))
+        .ok()?
+        .take(CGROUP_READ_MAX)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    let text = String::from_utf8_lossy(&bytes);
+    crate::cgroup::v2_path(&text).map(str::to_owned)
+}
+
 /// Every descendant of `roots` (children, grandchildren…) as they are now,
 /// leaving out `exclude` and everything under it.
 pub fn descendants(roots: &[u32], exclude: &[u32]) -> anyhow::Result<Vec<u32>> {
@@ -304,6 +326,16 @@ mod tests {
         // Reaped: the pid may now be reused, and the pidfd refuses to signal.
         assert_eq!(pinned.signal(libc::SIGTERM), Delivery::Exited);
         assert!(PinnedProcess::open(u32::MAX / 2).is_err());
+    }
+
+    #[test]
+    fn cgroup_of_reads_the_v2_line_and_nothing_for_a_missing_process() {
+        let own = fs::read_to_string("/proc/self/cgroup").expect("our own cgroup");
+        assert_eq!(
+            cgroup_of(std::process::id()).as_deref(),
+            crate::cgroup::v2_path(&own)
+        );
+        assert_eq!(cgroup_of(u32::MAX), None);
     }
 
     #[test]

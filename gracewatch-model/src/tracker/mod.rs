@@ -18,6 +18,7 @@
 //! counts stale until the next snapshot repairs them.
 
 mod fd_table;
+pub mod records;
 pub mod restart;
 mod snapshot;
 mod status;

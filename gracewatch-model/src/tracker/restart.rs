@@ -25,7 +25,19 @@
 //!
 //! Each change is also recorded as a [`Fact`] with a sequence number, so a
 //! consumer that reads the published state now and then can tell what
-//! happened in between (the TUI's event log).
+//! happened in between (the TUI's event log). The facts are folded into
+//! [`DrainRecord`]s, one per drain the model saw (see [`super::records`]),
+//! which outlive the process's forgetting.
+//!
+//! When a drain starts: when the process's drain was started, it closed
+//! its listener, or — for a handover — when it stopped accepting. The
+//! model can only *declare* a handover's old process draining after it was
+//! quiet for [`HANDOVER_QUIET`], so it back-dates that drain to the first
+//! accept by another process sharing its listener after its own last
+//! accept (as the events tell it; the time of the status that showed it
+//! when events were lost), with the live count it had then (as of the
+//! latest status before that accept). `role_since`, the drain's `since`,
+//! the fact's `at` and so the drain's duration all count from there.
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
@@ -35,7 +47,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::{GenerationStatus, Status};
+use super::{
+    GenerationStatus, Status,
+    records::{DrainRecord, Records},
+};
 use crate::event::{ConnEvent, ListenAddr, NetNs};
 
 /// Window over which accepts/s and closes/s are measured.
@@ -200,9 +215,19 @@ pub struct ProcRestart {
     pub exit_closes: u64,
     pub drain: Option<DrainMark>,
     samples: VecDeque<Sample>,
+    /// When a status first showed its latest accept.
     last_accept: Option<Duration>,
+    /// Its latest accept as the events tell it.
+    last_accept_event: Option<Duration>,
     /// Accepts by processes sharing a listener with it since its last accept.
     others_accepted: u64,
+    /// The first of those: when, and its live count then. A handover's
+    /// drain starts there.
+    others_since: Option<(Duration, u64)>,
+    /// When the model made the latest role change (`role_since` may be
+    /// back-dated): only accepts after it make a draining process serve
+    /// again.
+    role_set_at: Duration,
 }
 
 impl ProcRestart {
@@ -228,7 +253,10 @@ impl ProcRestart {
             drain: None,
             samples: VecDeque::new(),
             last_accept: None,
+            last_accept_event: None,
             others_accepted: 0,
+            others_since: None,
+            role_set_at: now,
         }
     }
 
@@ -260,17 +288,30 @@ impl ProcRestart {
     fn set_role(&mut self, role: Role, now: Duration, why: Why) {
         self.role = role;
         self.role_since = now;
+        self.role_set_at = now;
         self.why = why;
     }
 
-    fn start_draining(&mut self, now: Duration, why: Why, by_user: bool) {
+    /// Starts draining at `now`, counted from `since` (earlier for a
+    /// handover, see the module documentation) with `from_live` then.
+    fn start_draining(
+        &mut self,
+        (since, from_live): (Duration, u64),
+        now: Duration,
+        why: Why,
+        by_user: bool,
+    ) {
         self.set_role(Role::Draining, now, why);
         match self.drain.as_mut() {
-            Some(d) if d.done_at.is_none() => d.by_user |= by_user,
+            Some(d) if d.done_at.is_none() => {
+                d.by_user |= by_user;
+                self.role_since = d.since;
+            }
             _ => {
+                self.role_since = since.min(now);
                 self.drain = Some(DrainMark {
-                    from_live: self.live,
-                    since: now,
+                    from_live,
+                    since: self.role_since,
                     by_user,
                     done_at: None,
                 });
@@ -343,6 +384,14 @@ pub struct Restarts {
     observed_from: u64,
     /// A fact was recorded since the last [`Restarts::take_significant`].
     significant: bool,
+    /// Every drain seen, folded from the facts. Shared between the
+    /// published copies of the model (one per publication) and copied only
+    /// when a fact changes them.
+    records: std::sync::Arc<Records>,
+    /// The monitor's start on the model's clock (see [`Restarts::annotate`]).
+    started: Duration,
+    /// The latest time the model was fed.
+    now: Duration,
 }
 
 impl Restarts {
@@ -379,6 +428,24 @@ impl Restarts {
         self.facts
             .iter()
             .filter(move |f| seq.is_none_or(|s| f.seq > s))
+    }
+
+    /// The observed drains, oldest first (at most
+    /// [`RECORDS_KEPT`](super::records::RECORDS_KEPT)).
+    pub fn records(&self) -> impl DoubleEndedIterator<Item = &DrainRecord> {
+        self.records.iter()
+    }
+
+    /// The monitor's start on the model's clock, as the latest
+    /// [`Restarts::annotate`] was told: times minus this count like a
+    /// status's `uptime_ms`.
+    pub fn started(&self) -> Duration {
+        self.started
+    }
+
+    /// The latest time the model was fed (a status, an event, a tick).
+    pub fn now(&self) -> Duration {
+        self.now
     }
 
     /// `seq` of the first fact the latest status brought: facts before it
@@ -425,8 +492,12 @@ impl Restarts {
     /// `uptime_ms`. A listed process the model does not know is serving
     /// since it was first seen; one it believes exited (a pid reused
     /// between two looks) is drained: a listed process never shows
-    /// `exited`.
-    pub fn annotate(&self, status: &mut Status, started: Duration) {
+    /// `exited`. A draining process's `role_since_ms` is when its drain
+    /// started, which for a handover is before the model declared it (see
+    /// the module documentation). The model remembers `started` for
+    /// readers of its records ([`Restarts::started`]).
+    pub fn annotate(&mut self, status: &mut Status, started: Duration) {
+        self.started = started;
         let since = |t: Duration| t.saturating_sub(started).as_millis() as u64;
         for p in &mut status.processes {
             let (role, role_since) = match self.procs.get(&p.pid) {
@@ -460,6 +531,7 @@ impl Restarts {
 
     /// Folds in a status published at `now`.
     pub fn observe(&mut self, status: &Status, now: Duration) {
+        self.now = self.now.max(now);
         self.observed_from = self.next_seq;
         let mut held: BTreeMap<u32, BTreeSet<ListenAddr>> = BTreeMap::new();
         let mut listeners = Vec::with_capacity(status.listeners.len());
@@ -522,6 +594,15 @@ impl Restarts {
             if delta > 0 {
                 proc.last_accept = Some(now);
                 proc.others_accepted = 0;
+                // The events told whether another process accepted after
+                // this one's latest accept; without them (lost), it counts
+                // from the next status that shows one.
+                let after_own = proc.others_since.is_some_and(|(first, _)| {
+                    proc.last_accept_event.is_some_and(|own| own <= first)
+                });
+                if !after_own {
+                    proc.others_since = None;
+                }
                 accepted_by.push((p.pid, delta));
             }
         }
@@ -532,6 +613,9 @@ impl Restarts {
             for other in self.procs.values_mut() {
                 if other.pid != pid && other.shares_with(&keys) {
                     other.others_accepted += n;
+                    if other.others_since.is_none() {
+                        other.others_since = Some((now, other.live));
+                    }
                 }
             }
         }
@@ -576,6 +660,7 @@ impl Restarts {
     /// Time passes: roles that depend on quiet time, and forgetting
     /// processes gone long ago.
     pub fn tick(&mut self, now: Duration) {
+        self.now = self.now.max(now);
         self.reassess(now);
         for p in self.procs.values_mut() {
             prune_samples(&mut p.samples, now);
@@ -615,7 +700,7 @@ impl Restarts {
         let from = p.role;
         let change = match note {
             DrainNote::Started if p.role != Role::Exited => {
-                p.start_draining(now, Why::DrainStarted, true);
+                p.start_draining((now, p.live), now, Why::DrainStarted, true);
                 Some(None)
             }
             DrainNote::Started => None,
@@ -671,9 +756,18 @@ impl Restarts {
         else {
             return;
         };
+        self.now = self.now.max(at);
         let newcomer_since = self.procs.get(&pid).map(|p| p.first_seen);
         if let Some(p) = self.procs.get_mut(&pid) {
             p.keys.insert(key);
+            p.last_accept_event = Some(at);
+            p.others_since = None;
+        }
+        // Where a handover's drain will count from (module documentation).
+        for q in self.procs.values_mut() {
+            if q.pid != pid && q.keys.contains(&key) && q.others_since.is_none() {
+                q.others_since = Some((at, q.live));
+            }
         }
         if self.handovers.contains(&(key, pid)) {
             return;
@@ -772,11 +866,15 @@ impl Restarts {
                     } else {
                         continue;
                     };
-                    p.start_draining(now, why, false);
+                    let from = match why {
+                        Why::AnotherAccepts => p.others_since.unwrap_or((now, p.live)),
+                        _ => (now, p.live),
+                    };
+                    p.start_draining(from, now, why, false);
                 }
                 Role::Serving => continue,
                 Role::Draining | Role::Drained
-                    if !user_drain && p.last_accept.is_some_and(|t| t > p.role_since) =>
+                    if !user_drain && p.last_accept.is_some_and(|t| t > p.role_set_at) =>
                 {
                     p.set_role(Role::Serving, now, Why::AcceptsAgain);
                     p.drain = None;
@@ -786,8 +884,11 @@ impl Restarts {
                 }
                 Role::Draining | Role::Drained => continue,
             }
+            // A drain's fact is dated when it started (back-dated for a
+            // handover); other changes happen now.
             changes.push((
                 p.pid,
+                p.role_since.min(now),
                 Change::Role {
                     from,
                     to: p.role,
@@ -797,8 +898,8 @@ impl Restarts {
                 },
             ));
         }
-        for (pid, change) in changes {
-            self.record(now, pid, change);
+        for (pid, at, change) in changes {
+            self.record(at, pid, change);
         }
     }
 
@@ -806,18 +907,30 @@ impl Restarts {
         if self.facts.len() == FACTS_KEPT {
             self.facts.pop_front();
         }
-        self.facts.push_back(Fact {
+        let fact = Fact {
             seq: self.next_seq,
             at,
             pid,
             change,
-        });
+        };
+        // Handovers are no part of a drain record: leave the shared
+        // records uncopied.
+        if let Some(p) = self.procs.get(&pid)
+            && !matches!(fact.change, Change::Handover { .. })
+        {
+            std::sync::Arc::make_mut(&mut self.records).fold(&fact, &p.comm, &p.keys);
+        }
+        self.facts.push_back(fact);
         self.next_seq += 1;
         self.significant = true;
     }
 
     fn forget(&mut self, pid: u32) {
-        self.procs.remove(&pid);
+        if let Some(p) = self.procs.remove(&pid)
+            && self.records.has_open(pid)
+        {
+            std::sync::Arc::make_mut(&mut self.records).lost(pid, p.gone_at.unwrap_or(self.now));
+        }
         self.handovers.retain(|(_, p)| *p != pid);
     }
 }

@@ -12,7 +12,8 @@ use crate::event::NetNs;
 
 /// Value of [`Status::schema`]; bump on any incompatible change. v2 added
 /// the restart roles (`processes[].role`, `role_since_ms`,
-/// `listeners[].generations`): v1 declared unknown keys an error, so new
+/// `listeners[].generations`) and where each process runs
+/// (`processes[].cgroup`, `container_id`, `pod_uid`): v1 declared unknown keys an error, so new
 /// keys are an incompatible change (see the README's JSON section).
 pub const STATUS_SCHEMA: &str = "gracewatch.status.v2";
 
@@ -60,6 +61,27 @@ pub struct ProcessStatus {
     /// Since when it has that role, in milliseconds since the monitor
     /// started (the clock of [`Status::uptime_ms`]).
     pub role_since_ms: u64,
+    /// Its cgroup v2 path (`/proc/<pid>/cgroup`), `None` when unknown: a
+    /// replay, a host without cgroup v2 (or the root cgroup), an unreadable
+    /// or over-long path. Filled by the monitor when it publishes.
+    pub cgroup: Option<String>,
+    /// The container id its cgroup path names (see
+    /// [`crate::cgroup::container_id`]).
+    pub container_id: Option<String>,
+    /// The Kubernetes pod UID its cgroup path names (see
+    /// [`crate::cgroup::pod_uid`]).
+    pub pod_uid: Option<String>,
+}
+
+impl ProcessStatus {
+    /// Sets [`Self::cgroup`] to `path` and the ids it names.
+    pub fn set_cgroup(&mut self, path: Option<&str>) {
+        self.container_id = path
+            .and_then(crate::cgroup::container_id)
+            .map(str::to_owned);
+        self.pod_uid = path.and_then(crate::cgroup::pod_uid);
+        self.cgroup = path.map(str::to_owned);
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

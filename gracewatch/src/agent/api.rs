@@ -8,9 +8,14 @@ use super::{
     Agent, Transport,
     drains::{DrainRequest, Entry, MAX_RUNNING},
     events::{MAX_SUBSCRIBERS, redact_peers},
-    metrics::{Format, Scrape},
+    metrics::{Format, MetricLabels, Scrape},
 };
-use crate::{drain, input::parse_duration, monitor::MonitorHandle};
+use crate::{
+    drain,
+    input::parse_duration,
+    monitor::MonitorHandle,
+    tracker::records::{RECORDS_KEPT, RestartsReport},
+};
 use axum::{
     Router,
     body::Body,
@@ -43,6 +48,7 @@ pub(super) fn router(agent: Agent, transport: Transport) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/status", get(status))
         .route("/v1/events", get(events))
+        .route("/v1/restarts", get(restarts))
         .route("/v1/drains", post(start_drain).get(list_drains))
         .route("/v1/drains/{id}", get(get_drain).delete(cancel_drain))
         .route("/v1/drains/{id}/stream", get(stream_drain))
@@ -240,6 +246,11 @@ async fn metrics(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
         bpf_stats_enabled: shared
             .bpf_stats_enabled
             .load(std::sync::atomic::Ordering::Relaxed),
+        labels: MetricLabels::from_bits(
+            shared
+                .metric_labels
+                .load(std::sync::atomic::Ordering::Relaxed),
+        ),
     };
     match shared.metrics.render(scrape, format) {
         Ok(text) => ([(header::CONTENT_TYPE, format.content_type())], text).into_response(),
@@ -265,6 +276,64 @@ async fn readyz(State(ctx): State<Ctx>) -> Response {
 async fn status(State(ctx): State<Ctx>) -> Result<Response, ApiError> {
     let status = ctx.monitor()?.status();
     Ok(json(StatusCode::OK, &*status))
+}
+
+/// The drains the restart model observed, newest first
+/// ([`RestartsReport`], `schema/restarts.schema.json`). Like `/v1/status`
+/// it carries no peer address, so it is open to every reader.
+/// `?pid=N` keeps one process's, `?limit=N` the newest N.
+async fn restarts(State(ctx): State<Ctx>, RawQuery(query): RawQuery) -> Result<Response, ApiError> {
+    let filter = parse_restarts_query(query.as_deref())?;
+    let mut report: RestartsReport = ctx.monitor()?.restarts().report();
+    if let Some(pid) = filter.pid {
+        report.restarts.retain(|r| r.pid == pid);
+    }
+    if let Some(limit) = filter.limit {
+        report.restarts.truncate(limit);
+    }
+    Ok(json(StatusCode::OK, &report))
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+struct RestartsQuery {
+    pid: Option<u32>,
+    limit: Option<usize>,
+}
+
+fn parse_restarts_query(query: Option<&str>) -> Result<RestartsQuery, ApiError> {
+    let mut q = RestartsQuery::default();
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "pid" => {
+                q.pid = Some(value.parse().map_err(|_| {
+                    ApiError::bad_request(format!("pid: `{value}` is not a process id"))
+                })?);
+            }
+            "limit" => {
+                let n: usize = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=RECORDS_KEPT).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "limit: `{value}` is not a number from 1 to {RECORDS_KEPT}"
+                        ))
+                    })?;
+                q.limit = Some(n);
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter `{other}` (only `pid` and `limit` are known)"
+                )));
+            }
+        }
+    }
+    Ok(q)
 }
 
 /// Every event the monitor applies from now on, one JSON object per line
@@ -505,7 +574,7 @@ async fn not_found(method: Method, uri: Uri) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         format!(
-            "no such endpoint: {method} {} (see /metrics, /livez, /readyz, /v1/status, /v1/events, /v1/drains)",
+            "no such endpoint: {method} {} (see /metrics, /livez, /readyz, /v1/status, /v1/events, /v1/restarts, /v1/drains)",
             uri.path()
         ),
     )
@@ -531,6 +600,32 @@ mod tests {
         );
         for bad in ["wait=soon", "wait=2h", "wait=", "color=red", "wait=-1s"] {
             assert!(parse_wait(Some(bad)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn restarts_filters_are_validated() {
+        assert_eq!(
+            parse_restarts_query(None).ok(),
+            Some(RestartsQuery::default())
+        );
+        assert_eq!(
+            parse_restarts_query(Some("pid=42&limit=3")).ok(),
+            Some(RestartsQuery {
+                pid: Some(42),
+                limit: Some(3)
+            })
+        );
+        for bad in [
+            "pid=x",
+            "pid=-1",
+            "pid=99999999999",
+            "limit=0",
+            "limit=257",
+            "limit=",
+            "since=1",
+        ] {
+            assert!(parse_restarts_query(Some(bad)).is_err(), "{bad}");
         }
     }
 

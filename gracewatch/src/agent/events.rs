@@ -19,10 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     event::ConnEvent,
-    tracker::{
-        Restarts,
-        restart::{Change, Fact, Role},
-    },
+    tracker::{Restarts, restart::Fact},
 };
 
 /// Event streams served at once.
@@ -133,54 +130,11 @@ fn lagged_line(skipped: u64) -> Arc<str> {
 }
 
 /// The `/v1/events` line of a restart fact: `handover`, `draining` or
-/// `drained` (other role changes and exits have none: the kernel's
-/// `process_exit` line tells the exit). `at` is on the events' clock; no
-/// peer address is in it.
+/// `drained` ([`Restarts::event_line`], the serializer `gracewatch watch
+/// --json --events` uses too); no peer address is in it.
 pub(crate) fn fact_line(fact: &Fact, model: &Restarts) -> Option<Arc<str>> {
-    let at = serde_json::to_value(fact.at).unwrap_or_default();
-    let comm = |pid: u32| model.process(pid).map_or("", |p| p.comm.as_str());
-    let v = match &fact.change {
-        Change::Handover {
-            listener,
-            comm,
-            alongside,
-        } => serde_json::json!({
-            "kind": "handover",
-            "at": at,
-            "pid": fact.pid,
-            "comm": comm,
-            "listener": listener,
-            "alongside": alongside,
-        }),
-        Change::Role {
-            to: Role::Draining,
-            why,
-            live,
-            ..
-        } => serde_json::json!({
-            "kind": "draining",
-            "at": at,
-            "pid": fact.pid,
-            "comm": comm(fact.pid),
-            "why": why.code(),
-            "live": live,
-        }),
-        Change::Role {
-            to: Role::Drained,
-            why,
-            drained,
-            ..
-        } => serde_json::json!({
-            "kind": "drained",
-            "at": at,
-            "pid": fact.pid,
-            "comm": comm(fact.pid),
-            "why": why.code(),
-            "took_ms": drained.map(|(took, _)| took.as_millis() as u64),
-            "from_live": drained.map(|(_, from)| from),
-        }),
-        Change::Role { .. } | Change::Exited { .. } => return None,
-    };
+    let line = model.event_line(fact)?;
+    let v = serde_json::to_string(&line).ok()?;
     Some(format!("{v}\n").into())
 }
 

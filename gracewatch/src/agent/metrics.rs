@@ -18,9 +18,13 @@
 //! processes that hold a listening socket or a live inbound connection,
 //! `netns`/`address` only for the listening sockets of the current status
 //! (never on the agent-lifetime series, where every pod's namespace would
-//! add series for good), `outcome` has six values.
-//! Label values come from processes (`comm`): control characters in them
-//! are escaped ([`label_safe`]) so no CR or ESC reaches a scraper.
+//! add series for good), `outcome` has six values. Where a process runs
+//! (`container_id`, `pod_uid`, `cgroup`) is added to the per-process series
+//! only when asked (`--metric-labels`, see [`MetricLabels`]): it adds no
+//! series per scrape (a process has one of each), but every container ever
+//! started leaves new label values in the time-series database's index.
+//! Label values come from processes (`comm`, `cgroup`): control characters
+//! in them are escaped ([`label_safe`]) so no CR or ESC reaches a scraper.
 
 use std::sync::Arc;
 
@@ -42,7 +46,7 @@ use crate::{
     event::ConnEvent,
     monitor::ProgramStats,
     tracker::{
-        Status,
+        ProcessStatus, Status,
         restart::{Change, Fact, Role},
     },
 };
@@ -137,6 +141,67 @@ pub(crate) fn label_safe(value: &str) -> String {
         }
     }
     out
+}
+
+/// An optional label of the per-process series (`--metric-labels`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MetricLabel {
+    /// `container_id`: the container id its cgroup names.
+    Container,
+    /// `pod_uid`: the Kubernetes pod UID its cgroup names.
+    Pod,
+    /// `cgroup`: its cgroup v2 path (long, and distinct per systemd unit
+    /// and per container).
+    Cgroup,
+}
+
+/// Which optional labels the per-process series carry: none by default,
+/// so the series stay as they were. A label whose value is unknown (null
+/// in the status) is left out of that series.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct MetricLabels {
+    pub(crate) container: bool,
+    pub(crate) pod: bool,
+    pub(crate) cgroup: bool,
+}
+
+impl MetricLabels {
+    pub(crate) fn of(labels: &[MetricLabel]) -> Self {
+        Self {
+            container: labels.contains(&MetricLabel::Container),
+            pod: labels.contains(&MetricLabel::Pod),
+            cgroup: labels.contains(&MetricLabel::Cgroup),
+        }
+    }
+
+    /// As bits, to keep in an atomic.
+    pub(crate) fn bits(self) -> u8 {
+        u8::from(self.container) | u8::from(self.pod) << 1 | u8::from(self.cgroup) << 2
+    }
+
+    pub(crate) fn from_bits(bits: u8) -> Self {
+        Self {
+            container: bits & 1 != 0,
+            pod: bits & 2 != 0,
+            cgroup: bits & 4 != 0,
+        }
+    }
+
+    /// The labels of process `p`'s series: `pid`, `comm`, then those asked for.
+    fn of_process(self, p: &ProcessStatus) -> Vec<(&'static str, String)> {
+        let mut labels = vec![("pid", p.pid.to_string()), ("comm", label_safe(&p.comm))];
+        let optional = [
+            ("container_id", self.container, &p.container_id),
+            ("pod_uid", self.pod, &p.pod_uid),
+            ("cgroup", self.cgroup, &p.cgroup),
+        ];
+        for (name, on, value) in optional {
+            if let (true, Some(v)) = (on, value) {
+                labels.push((name, label_safe(v)));
+            }
+        }
+        labels
+    }
 }
 
 /// Drain durations range from "already idle" to "long-poll clients for an hour".
@@ -341,6 +406,8 @@ pub(crate) struct Scrape {
     pub(crate) status: Option<Arc<Status>>,
     pub(crate) programs: Option<ProgramStats>,
     pub(crate) bpf_stats_enabled: bool,
+    /// The optional labels of the per-process series.
+    pub(crate) labels: MetricLabels,
 }
 
 impl Collector for Scrape {
@@ -363,8 +430,7 @@ impl Collector for Scrape {
             status.uptime_ms as f64 / 1000.0,
         )?;
 
-        let proc_labels =
-            |pid: u32, comm: &str| [("pid", pid.to_string()), ("comm", label_safe(comm))];
+        let proc_labels = |p: &ProcessStatus| self.labels.of_process(p);
         {
             let mut m = enc.encode_descriptor(
                 "gracewatch_process_live_connections",
@@ -373,8 +439,7 @@ impl Collector for Scrape {
                 MetricType::Gauge,
             )?;
             for p in &status.processes {
-                ConstGauge::new(saturate(p.live))
-                    .encode(m.encode_family(&proc_labels(p.pid, &p.comm))?)?;
+                ConstGauge::new(saturate(p.live)).encode(m.encode_family(&proc_labels(p))?)?;
             }
         }
         {
@@ -387,7 +452,7 @@ impl Collector for Scrape {
             for p in &status.processes {
                 if let Some(ms) = p.oldest_live_ms {
                     ConstGauge::new(ms as f64 / 1000.0)
-                        .encode(m.encode_family(&proc_labels(p.pid, &p.comm))?)?;
+                        .encode(m.encode_family(&proc_labels(p))?)?;
                 }
             }
         }
@@ -399,8 +464,7 @@ impl Collector for Scrape {
                 MetricType::Counter,
             )?;
             for p in &status.processes {
-                ConstCounter::new(p.accepted_total)
-                    .encode(m.encode_family(&proc_labels(p.pid, &p.comm))?)?;
+                ConstCounter::new(p.accepted_total).encode(m.encode_family(&proc_labels(p))?)?;
             }
         }
         {
@@ -411,8 +475,7 @@ impl Collector for Scrape {
                 MetricType::Counter,
             )?;
             for p in &status.processes {
-                ConstCounter::new(p.closed_total)
-                    .encode(m.encode_family(&proc_labels(p.pid, &p.comm))?)?;
+                ConstCounter::new(p.closed_total).encode(m.encode_family(&proc_labels(p))?)?;
             }
         }
 
@@ -630,6 +693,7 @@ mod tests {
                         run_count: 9,
                     }),
                     bpf_stats_enabled: true,
+                    labels: MetricLabels::default(),
                 },
                 Format::OpenMetrics,
             )
@@ -773,6 +837,105 @@ mod tests {
             .expect("encodes");
         assert!(text.contains("gracewatch_ready 0\n"), "{text}");
         assert!(!text.contains("gracewatch_process_"), "{text}");
+    }
+
+    const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    const UID: &str = "8b5c3f2e-1d4a-4e6b-9c7d-0a1b2c3d4e5f";
+
+    /// [`status`] with a second process in a pod's container, the first in
+    /// no container.
+    fn status_in_a_pod() -> Status {
+        let mut st = status();
+        st.processes[0].set_cgroup(Some("/system.slice/nginx.service"));
+        let mut p = st.processes[0].clone();
+        p.pid = 43;
+        p.comm = "server".to_owned();
+        p.set_cgroup(Some(&format!(
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{ID}.scope",
+            UID.replace('-', "_")
+        )));
+        st.processes.push(p);
+        st
+    }
+
+    fn render(m: &Metrics, st: Status, labels: MetricLabels) -> String {
+        m.render(
+            Scrape {
+                status: Some(Arc::new(st)),
+                labels,
+                ..Scrape::default()
+            },
+            Format::Text,
+        )
+        .expect("encodes")
+    }
+
+    #[test]
+    fn where_processes_run_is_no_label_unless_asked() {
+        let st = status_in_a_pod();
+        let mut nowhere = st.clone();
+        for p in &mut nowhere.processes {
+            p.set_cgroup(None);
+        }
+        let m = Metrics::new();
+        let off = render(&m, st.clone(), MetricLabels::default());
+        // Byte for byte what a status without cgroups gives.
+        assert_eq!(off, render(&m, nowhere, MetricLabels::default()));
+        assert!(
+            off.contains("\ngracewatch_process_live_connections{pid=\"43\",comm=\"server\"} 3\n")
+        );
+        for label in ["container_id", "pod_uid", "cgroup="] {
+            assert!(!off.contains(label), "{label} in\n{off}");
+        }
+
+        let all = render(
+            &m,
+            st.clone(),
+            MetricLabels::of(&[
+                MetricLabel::Container,
+                MetricLabel::Pod,
+                MetricLabel::Cgroup,
+            ]),
+        );
+        let cgroup = st.processes[1].cgroup.clone().expect("a cgroup");
+        for family in [
+            "gracewatch_process_live_connections",
+            "gracewatch_process_oldest_connection_age_seconds",
+            "gracewatch_process_accepted_connections_total",
+            "gracewatch_process_closed_connections_total",
+        ] {
+            let want = format!(
+                "{family}{{pid=\"43\",comm=\"server\",container_id=\"{ID}\",pod_uid=\"{UID}\",cgroup=\"{cgroup}\"}}"
+            );
+            assert!(all.contains(&want), "missing {want} in\n{all}");
+        }
+        // Where the path names no container, only the cgroup.
+        assert!(all.contains(
+            "\ngracewatch_process_live_connections{pid=\"42\",comm=\"we\\\"ird\\\\name\\\\n\\\\r\\\\u{1b}]0;x\",cgroup=\"/system.slice/nginx.service\"} 3\n"
+        ), "{all}");
+
+        let pod_only = render(&m, st, MetricLabels::of(&[MetricLabel::Pod]));
+        assert!(pod_only.contains(&format!(
+            "\ngracewatch_process_live_connections{{pid=\"43\",comm=\"server\",pod_uid=\"{UID}\"}} 3\n"
+        )), "{pod_only}");
+        assert!(!pod_only.contains("container_id") && !pod_only.contains("cgroup="));
+    }
+
+    #[test]
+    fn metric_labels_round_trip_through_bits() {
+        for labels in [
+            vec![],
+            vec![MetricLabel::Container],
+            vec![MetricLabel::Pod, MetricLabel::Cgroup],
+            vec![
+                MetricLabel::Container,
+                MetricLabel::Pod,
+                MetricLabel::Cgroup,
+            ],
+        ] {
+            let l = MetricLabels::of(&labels);
+            assert_eq!(MetricLabels::from_bits(l.bits()), l, "{labels:?}");
+        }
     }
 }
 

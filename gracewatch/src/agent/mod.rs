@@ -43,6 +43,7 @@ use tokio::{
 pub use client::{AgentClient, ClientError};
 pub use drains::{DrainRequest, DrainState, DrainStatus, MAX_RUNNING};
 pub use events::{MAX_SUBSCRIBERS, SUBSCRIBER_BACKLOG};
+pub use metrics::MetricLabel;
 
 use crate::{
     exit,
@@ -82,6 +83,17 @@ pub struct AgentArgs {
     /// kernel.bpf_stats_enabled=1` turns them on host-wide instead).
     #[arg(long)]
     pub bpf_stats: bool,
+    /// Label the per-process series (gracewatch_process_*) with where the
+    /// process runs, comma-separated: `container` (container_id), `pod`
+    /// (pod_uid), `cgroup` (the cgroup v2 path). Off by default: cardinality.
+    ///
+    /// Each value is read from the process's cgroup (as `status --json`
+    /// shows it) and the label is left out where the cgroup names none. It
+    /// adds no series per scrape (a process runs in one container), but
+    /// every container and pod ever started leaves new label values in
+    /// Prometheus' index for its retention, and `cgroup` values can be long.
+    #[arg(long, value_name = "LABELS", value_delimiter = ',', value_enum)]
+    pub metric_labels: Vec<MetricLabel>,
 }
 
 /// Which listener a request came through: it decides whether drains need
@@ -110,6 +122,9 @@ struct Shared {
     /// Concurrent TCP connections served at most (see [`server::fd_budget`]).
     tcp_budget: std::sync::atomic::AtomicUsize,
     bpf_stats_enabled: std::sync::atomic::AtomicBool,
+    /// The optional labels of the per-process series, as
+    /// [`metrics::MetricLabels::bits`].
+    metric_labels: std::sync::atomic::AtomicU8,
     shutdown: watch::Sender<bool>,
 }
 
@@ -127,6 +142,7 @@ impl Agent {
                 events: events::Hub::default(),
                 tcp_budget: server::MAX_TCP_CONNECTIONS.into(),
                 bpf_stats_enabled: false.into(),
+                metric_labels: 0.into(),
                 shutdown: watch::channel(false).0,
             }),
         }
@@ -192,6 +208,15 @@ impl Agent {
         self.shared
             .bpf_stats_enabled
             .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Adds `labels` to the per-process series of `/metrics` (none by
+    /// default: see [`AgentArgs::metric_labels`]).
+    pub fn set_metric_labels(&self, labels: &[MetricLabel]) {
+        self.shared.metric_labels.store(
+            metrics::MetricLabels::of(labels).bits(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Sets how many TCP connections are served at once (the default is
@@ -431,6 +456,7 @@ pub async fn run(opts: SourceOptions, args: AgentArgs) -> anyhow::Result<u8> {
     };
     let agent = Agent::new(token);
     agent.set_max_tcp_connections(budget);
+    agent.set_metric_labels(&args.metric_labels);
     let tcp =
         listen_tcp(args.listen).with_context(|| format!("failed to listen on {}", args.listen))?;
     let local = tcp.local_addr().unwrap_or(args.listen);

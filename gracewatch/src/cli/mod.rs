@@ -14,7 +14,7 @@ use crate::{
     exit,
     input::{parse_max_connections, parse_pid, parse_port, parse_ring_buffer_size, parse_timeout},
     monitor::{Monitor, MonitorError, Recorder, SourceOptions},
-    tracker::Status,
+    tracker::{Restarts, Status, records::FactLine},
 };
 
 /// Count live inbound TCP connections per process and per listener, from the
@@ -42,7 +42,8 @@ enum Command {
     ///
     /// Prints a line whenever a process's live count or a listener changes.
     /// With --json, prints the whole status (same format as `status --json`)
-    /// as one JSON object per line, at most every --interval.
+    /// as one JSON object per line, at most every --interval. With --json
+    /// --events, prints the restart events instead (see --events).
     #[command(after_help = exit::GENERAL_HELP)]
     Watch {
         #[command(flatten)]
@@ -50,6 +51,16 @@ enum Command {
         /// Minimum time between two updates, e.g. `100ms`, `1s`.
         #[arg(long, default_value = "100ms", value_parser = parse_duration, allow_hyphen_values = true)]
         interval: Duration,
+        /// With --json: print restart events instead of statuses, one JSON
+        /// object per line as the agent's /v1/events has them: `handover`
+        /// (a process started accepting on a listener an older one serves),
+        /// `draining` (a process stopped accepting or closed its listener
+        /// while holding connections), `drained` (it reached zero), and
+        /// `lagged` if this reader missed some. Schema:
+        /// gracewatch/schema/event.schema.json. --pid/--port keep the
+        /// events of those processes/listeners.
+        #[arg(long, requires = "json")]
+        events: bool,
     },
     /// Wait until the target holds no live connection, then signal it.
     ///
@@ -269,7 +280,14 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(exit::OK)
         }
-        Command::Watch { filter, interval } => watch(opts, filter, interval).await,
+        Command::Watch {
+            filter,
+            events: true,
+            ..
+        } => watch_events(opts, filter).await,
+        Command::Watch {
+            filter, interval, ..
+        } => watch(opts, filter, interval).await,
         Command::Agent(args) => crate::agent::run(opts, args).await,
         Command::Record => record(opts).await,
         Command::Tui(args) => crate::tui::run(opts, args).await,
@@ -315,6 +333,48 @@ async fn watch(opts: SourceOptions, filter: FilterArgs, interval: Duration) -> a
                 pending = true;
             }
             () = tokio::time::sleep_until(wake) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(exit::INTERRUPTED),
+            _ = sigterm.recv() => return Ok(exit::INTERRUPTED),
+        }
+    }
+}
+
+/// `watch --json --events`: the restart model's facts as event lines, each
+/// printed once, in order (the model keeps the latest facts for readers
+/// that fall behind; a gap is told with a `lagged` line).
+async fn watch_events(opts: SourceOptions, filter: FilterArgs) -> anyhow::Result<u8> {
+    let handle = Monitor::spawn(opts)?;
+    let mut restarts = handle.subscribe_restarts();
+    restarts.mark_changed();
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut last: Option<u64> = None;
+    loop {
+        tokio::select! {
+            changed = restarts.changed() => {
+                if changed.is_err() {
+                    anyhow::bail!("the monitor stopped: {}", handle.failure().unwrap_or_default());
+                }
+                let model = restarts.borrow_and_update().clone();
+                let mut out = std::io::stdout().lock();
+                for fact in model.facts_after(last) {
+                    let skipped = last.map_or(0, |l| fact.seq.saturating_sub(l + 1));
+                    if skipped > 0 {
+                        let lagged = serde_json::json!({
+                            "kind": "lagged",
+                            "skipped": skipped,
+                            "message": "this reader fell behind: restart events were missed (gracewatch watch --json shows the current roles)",
+                        });
+                        writeln!(out, "{lagged}")?;
+                    }
+                    last = Some(fact.seq);
+                    let Some(line) = model.event_line(fact) else { continue };
+                    if filter.keeps_fact(&model, &line) {
+                        serde_json::to_writer(&mut out, &line)?;
+                        writeln!(out)?;
+                    }
+                }
+                out.flush()?;
+            }
             _ = tokio::signal::ctrl_c() => return Ok(exit::INTERRUPTED),
             _ = sigterm.recv() => return Ok(exit::INTERRUPTED),
         }
@@ -489,6 +549,35 @@ impl FilterArgs {
         }
         status
     }
+
+    /// Whether `watch --json --events` prints `line`: it is about a kept
+    /// pid (for a handover: the new process or one it took over from), and
+    /// on a kept port (a handover's listener; for a drain, a listener the
+    /// process held or accepted from).
+    fn keeps_fact(&self, model: &Restarts, line: &FactLine) -> bool {
+        let (pids, ports): (Vec<u32>, Vec<u16>) = match line {
+            FactLine::Handover {
+                pid,
+                listener,
+                alongside,
+                ..
+            } => (
+                std::iter::once(*pid)
+                    .chain(alongside.iter().copied())
+                    .collect(),
+                vec![listener.local.port()],
+            ),
+            other => (
+                vec![other.pid()],
+                model
+                    .process(other.pid())
+                    .map(|p| p.keys.iter().map(|k| k.local.port()).collect())
+                    .unwrap_or_default(),
+            ),
+        };
+        (self.pids.is_empty() || pids.iter().any(|p| self.pids.contains(p)))
+            && (self.ports.is_empty() || ports.iter().any(|p| self.ports.contains(p)))
+    }
 }
 
 #[cfg(test)]
@@ -526,11 +615,15 @@ mod tests {
             vec!["gracewatch", "status", "--pid", "abc"],
             vec!["gracewatch", "status", "--port", "70000"],
             vec!["gracewatch", "watch", "--interval", "soon"],
+            // Event lines are JSON only.
+            vec!["gracewatch", "watch", "--events"],
             vec!["gracewatch", "frobnicate"],
         ] {
             let err = Cli::try_parse_from(&args).expect_err("must be rejected");
             assert!(err.use_stderr(), "{args:?}");
         }
+        let ok = Cli::try_parse_from(["gracewatch", "watch", "--json", "--events", "--port", "80"]);
+        assert!(ok.is_ok(), "{ok:?}");
         assert!(
             Cli::try_parse_from(["gracewatch", "status", "--pid", "1", "--pid", "2", "--json"])
                 .is_ok()

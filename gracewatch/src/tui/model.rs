@@ -66,6 +66,10 @@ pub struct Proc {
     pub listeners: Vec<SocketAddr>,
     /// Age of its oldest live connection at `Model::status_at`.
     pub oldest_live_ms: Option<u64>,
+    /// Where it runs, as the status last said (kept once it is gone).
+    pub cgroup: Option<String>,
+    pub container_id: Option<String>,
+    pub pod_uid: Option<String>,
     /// Its role, drain and rates, as the tracker's restart model has them.
     pub restart: ProcRestart,
     /// The gate's latest progress, while a drain started here runs.
@@ -81,6 +85,9 @@ impl Proc {
             comm: comm.to_owned(),
             listeners: Vec::new(),
             oldest_live_ms: None,
+            cgroup: None,
+            container_id: None,
+            pod_uid: None,
             restart,
             progress: None,
             history: VecDeque::new(),
@@ -262,6 +269,9 @@ impl Model {
             }
             proc.listeners.clone_from(&p.listeners);
             proc.oldest_live_ms = p.oldest_live_ms;
+            proc.cgroup.clone_from(&p.cgroup);
+            proc.container_id.clone_from(&p.container_id);
+            proc.pod_uid.clone_from(&p.pod_uid);
         }
 
         self.listeners = status

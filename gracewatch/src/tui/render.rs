@@ -623,6 +623,17 @@ fn render_detail(frame: &mut Frame, area: Rect, app: &App) {
         if count == 1 { "" } else { "s" }
     );
     let block = panel(&title);
+    let inner = block.inner(area);
+    frame.render_widget(block, area);
+    let place = model.procs.get(&d.pid).and_then(place_line);
+    let [place_area, area] = Layout::vertical([
+        Constraint::Length(u16::from(place.is_some())),
+        Constraint::Min(0),
+    ])
+    .areas(inner);
+    if let Some(place) = place {
+        frame.render_widget(place, place_area);
+    }
     let message = match (&d.rows, &d.error) {
         (_, Some(e)) => Some(Line::styled(
             format!("cannot list connections: {}", terminal_safe(e)),
@@ -633,7 +644,7 @@ fn render_detail(frame: &mut Frame, area: Rect, app: &App) {
         _ => None,
     };
     if let Some(message) = message {
-        frame.render_widget(Paragraph::new(message).block(block), area);
+        frame.render_widget(Paragraph::new(message), area);
         return;
     }
     let rows = d.rows.as_deref().unwrap_or_default();
@@ -682,12 +693,34 @@ fn render_detail(frame: &mut Frame, area: Rect, app: &App) {
         ]
     };
     frame.render_widget(
-        Table::new(body, widths)
-            .header(header)
-            .block(block)
-            .column_spacing(1),
+        Table::new(body, widths).header(header).column_spacing(1),
         area,
     );
+}
+
+/// Where a process runs, for the detail view: its container (the short id
+/// `docker ps` shows), pod UID and cgroup, those known; `None` if none is.
+fn place_line(p: &Proc) -> Option<Line<'static>> {
+    let parts = [
+        (
+            "container ",
+            p.container_id
+                .as_deref()
+                .map(|id| id.get(..12).unwrap_or(id)),
+        ),
+        ("pod ", p.pod_uid.as_deref()),
+        ("cgroup ", p.cgroup.as_deref()),
+    ];
+    let mut spans = Vec::new();
+    for (name, value) in parts {
+        let Some(value) = value else { continue };
+        if !spans.is_empty() {
+            spans.push(Span::styled(" · ", DIM));
+        }
+        spans.push(Span::styled(name, DIM));
+        spans.push(Span::raw(terminal_safe(value).into_owned()));
+    }
+    (!spans.is_empty()).then(|| Line::from(spans))
 }
 
 /// A `w`x`h` rectangle centred in `area`, clipped to it.

@@ -57,6 +57,16 @@ fn proc(
     }
 }
 
+const CONTAINER: &str = "3f4b9a0c2d1e5f6a7b8c9d0e1f2a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c";
+
+/// `p` in a Kubernetes pod's container (systemd cgroup driver).
+fn in_a_pod(mut p: ProcessStatus) -> ProcessStatus {
+    p.set_cgroup(Some(&format!(
+        "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod8b5c3f2e_1d4a_4e6b_9c7d_0a1b2c3d4e5f.slice/cri-containerd-{CONTAINER}.scope"
+    )));
+    p
+}
+
 fn listener(address: &str, holders: &[(u32, &str, u64)], queue: u64, drops: u64) -> ListenerStatus {
     ListenerStatus {
         netns: NS,
@@ -240,7 +250,7 @@ fn handover_model(until: f64) -> Fed {
             status(
                 vec![
                     metrics(),
-                    proc(OLD, "server", 3, &[l], 2, 5),
+                    in_a_pod(proc(OLD, "server", 3, &[l], 2, 5)),
                     proc(NEW, "server", 9, &[l], 9, 0),
                 ],
                 vec![
@@ -293,6 +303,22 @@ fn press(app: &mut App, keys: &str) -> Vec<Effect> {
 // ---- model ----------------------------------------------------------------
 
 #[test]
+fn the_status_says_where_each_process_runs() {
+    let m = handover_model(6.5);
+    assert_eq!(m.procs[&OLD].cgroup, None, "not said yet");
+    let m = handover_model(14.0);
+    let old = &m.procs[&OLD];
+    assert_eq!(old.container_id.as_deref(), Some(CONTAINER));
+    assert_eq!(
+        old.pod_uid.as_deref(),
+        Some("8b5c3f2e-1d4a-4e6b-9c7d-0a1b2c3d4e5f")
+    );
+    assert!(old.cgroup.as_deref().is_some_and(|c| c.ends_with(".scope")));
+    assert_eq!(m.procs[&NEW].cgroup, None);
+    assert_eq!(m.procs[&NEW].container_id, None);
+}
+
+#[test]
 fn handover_makes_the_old_process_draining_then_drained() {
     // The old one last accepted at 5 s; the new one accepted 3 then.
     let m = handover_model(6.5);
@@ -332,7 +358,9 @@ fn handover_makes_the_old_process_draining_then_drained() {
     assert!(
         m.log
             .iter()
-            .any(|e| e.text.contains("drained: 0 live after 13.0s (from 8)")),
+            // From 5 s, when the new process started taking its
+            // connections (declared at 7 s, after the quiet period).
+            .any(|e| e.text.contains("drained: 0 live after 15.0s (from 8)")),
         "{:?}",
         m.log
     );

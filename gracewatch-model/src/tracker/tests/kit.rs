@@ -709,7 +709,23 @@ pub(super) enum RExpect {
     Published(u32, Role, u64),
     /// The latest published status gives a listener these generations.
     PublishedGenerations(ListenAddr, Vec<(u32, Role)>),
+    /// Exactly these drain records, oldest first: (pid, started ms, why,
+    /// from live, outcome, ended ms, dropped).
+    Records(Vec<RecordWant>),
+    /// The timeline of pid's latest record: (at ms, role, why, live).
+    Timeline(u32, Vec<(u64, Role, Why, u64)>),
 }
+
+/// A drain record as [`RExpect::Records`] wants it.
+pub(super) type RecordWant = (
+    u32,
+    u64,
+    Why,
+    u64,
+    crate::tracker::records::DrainOutcome,
+    Option<u64>,
+    u64,
+);
 
 pub(super) fn run_restart_case(name: &str, steps: &[RStep], expect: &[RExpect]) {
     let mut t = Tracker::new();
@@ -869,6 +885,37 @@ fn check_restart(name: &str, r: &Restarts, published: &Status, e: &RExpect) {
                 .map(|l| l.generations.iter().map(|g| (g.pid, g.role)).collect());
             assert_eq!(got.as_ref(), Some(want), "{ctx}: {published:#?}");
         }
+        RExpect::Records(want) => {
+            let got: Vec<RecordWant> = r
+                .records()
+                .map(|d| {
+                    (
+                        d.pid,
+                        millis(d.started),
+                        d.why,
+                        d.from_live,
+                        d.outcome,
+                        d.ended.map(millis),
+                        d.dropped,
+                    )
+                })
+                .collect();
+            assert_eq!(&got, want, "{ctx}: {r:#?}");
+        }
+        RExpect::Timeline(pid, want) => {
+            let got: Vec<(u64, Role, Why, u64)> = r
+                .records()
+                .rev()
+                .find(|d| d.pid == *pid)
+                .map(|d| {
+                    d.timeline
+                        .iter()
+                        .map(|e| (millis(e.at), e.role, e.why, e.live))
+                        .collect()
+                })
+                .unwrap_or_default();
+            assert_eq!(&got, want, "{ctx}: {r:#?}");
+        }
         RExpect::Rates(pid, now, acc, clo) => {
             let (a, c) = proc(*pid).rates(ms(*now));
             assert!(
@@ -890,6 +937,38 @@ fn check_restart_invariants(r: &Restarts, ctx: &str) {
         seqs.windows(2).all(|w| w[1] == w[0] + 1),
         "{ctx}: fact numbers"
     );
+    // One derivation: a drain that reached zero lasted, in its record,
+    // what its fact (which the histogram counts) says.
+    for f in r.facts_after(None) {
+        if let Change::Role {
+            drained: Some((took, from)),
+            ..
+        } = f.change
+        {
+            let rec = r
+                .records()
+                .rev()
+                .find(|d| d.pid == f.pid && d.started <= f.at)
+                .unwrap_or_else(|| panic!("{ctx}: no record for {f:?}"));
+            assert_eq!(
+                (rec.ended.map(|e| e - rec.started), rec.from_live),
+                (Some(took), from),
+                "{ctx}: {rec:?}"
+            );
+        }
+    }
+    assert!(r.records().count() <= crate::tracker::records::RECORDS_KEPT);
+    for d in r.records() {
+        assert!(
+            d.timeline.len() <= crate::tracker::records::TIMELINE_KEPT,
+            "{ctx}"
+        );
+        assert_eq!(
+            d.ended.is_none(),
+            d.outcome == crate::tracker::records::DrainOutcome::Ongoing,
+            "{ctx}: {d:?}"
+        );
+    }
     for p in r.processes() {
         match p.role {
             Role::Exited => assert!(

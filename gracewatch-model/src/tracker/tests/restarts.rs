@@ -35,7 +35,9 @@ fn to_app_in_ns2(n: u16) -> Tuple {
 
 /// An fd-passing restart: OLD serves 3 connections (the last accepted at
 /// 4.1 s, after the first look), NEW inherits the listener and accepts 3
-/// at 5 s; at 6.1 s OLD has been quiet for `HANDOVER_QUIET` (2 s) and drains.
+/// at 5 s; at 6.1 s OLD has been quiet for `HANDOVER_QUIET` (2 s) and is
+/// declared draining, since 5 s: when NEW first accepted after OLD's last
+/// accept (OLD stopped accepting then).
 fn draining_after_handover() -> Vec<RStep> {
     vec![
         listen_start(1, 100, app(), OLD).into(),
@@ -59,7 +61,8 @@ restart_case!(
     from = draining_after_handover(),
     [
         publish(6200),
-        then(RExpect::Published(OLD, Role::Draining, 6100)),
+        // Back-dated to NEW's first accept, not when it was declared.
+        then(RExpect::Published(OLD, Role::Draining, 5000)),
         then(RExpect::Published(NEW, Role::Serving, 5100)),
         then(RExpect::PublishedGenerations(
             app(),
@@ -99,7 +102,7 @@ restart_case!(
     [
         RExpect::Handovers(vec![(app(), NEW, vec![OLD])]),
         RExpect::RoleWhy(OLD, Role::Draining, Why::AnotherAccepts),
-        RExpect::Drain(OLD, Some((3, 6100, None))),
+        RExpect::Drain(OLD, Some((3, 5000, None))),
         RExpect::Role(NEW, Role::Serving),
         RExpect::Changes(NEW, vec![]),
         RExpect::Generations(app(), vec![OLD, NEW]),
@@ -215,8 +218,9 @@ restart_case!(
     ],
     [
         RExpect::RoleWhy(OLD, Role::Drained, Why::ReachedZero),
-        RExpect::DrainedAfter(OLD, 1000, 3),
-        RExpect::Drain(OLD, Some((3, 6100, Some(7100)))),
+        // From 5 s (NEW's first accept), not 6.1 s (declared): 2.1 s.
+        RExpect::DrainedAfter(OLD, 2100, 3),
+        RExpect::Drain(OLD, Some((3, 5000, Some(7100)))),
         RExpect::Changes(
             OLD,
             vec![
@@ -468,3 +472,301 @@ restart_case!(
         RExpect::Rates(OLD, 3000, 5.0, 0.0),
     ]
 );
+
+// --- observed drains as records -----------------------------------------------
+
+use crate::tracker::records::{DrainOutcome, RECORDS_KEPT, TIMELINE_KEPT};
+
+restart_case!(
+    a_handover_drain_is_recorded_from_the_first_accept_elsewhere,
+    from = draining_after_handover(),
+    [
+        then(RExpect::Records(vec![(
+            OLD,
+            5000,
+            Why::AnotherAccepts,
+            3,
+            DrainOutcome::Ongoing,
+            None,
+            0
+        )])),
+        close(7000, 201, to_app(1), OLD),
+        close(7001, 202, to_app(2), OLD),
+        close(7002, 203, to_app(3), OLD),
+        publish(7100),
+    ],
+    [
+        // Declared at 6.1 s, started at 5 s: 2.1 s, as the histogram has it.
+        RExpect::Records(vec![(
+            OLD,
+            5000,
+            Why::AnotherAccepts,
+            3,
+            DrainOutcome::Drained,
+            Some(7100),
+            0
+        )]),
+        RExpect::Timeline(
+            OLD,
+            vec![
+                (5000, Role::Draining, Why::AnotherAccepts, 3),
+                (7100, Role::Drained, Why::ReachedZero, 0),
+            ]
+        ),
+        RExpect::DrainedAfter(OLD, 2100, 3),
+    ]
+);
+
+restart_case!(
+    a_handover_drain_counts_from_the_first_accept_elsewhere_after_its_own_last,
+    [
+        listen_start(1, 100, app(), OLD),
+        accept(2, 201, to_app(1), OLD),
+        accept(3, 202, to_app(2), OLD),
+        publish(1000),
+        accept(4000, 203, to_app(3), OLD),
+        publish(4100),
+        // NEW accepts once, then OLD again: OLD still served at 4.5 s.
+        accept(4500, 301, to_app(11), NEW),
+        publish(4550),
+        accept(4600, 204, to_app(4), OLD),
+        publish(4700),
+        accept(5000, 302, to_app(12), NEW),
+        accept(5001, 303, to_app(13), NEW),
+        accept(5002, 304, to_app(14), NEW),
+        publish(5100),
+        tick(6600),
+        then(RExpect::Role(OLD, Role::Serving)),
+        tick(6700),
+        publish(6800),
+    ],
+    [
+        RExpect::RoleWhy(OLD, Role::Draining, Why::AnotherAccepts),
+        RExpect::Published(OLD, Role::Draining, 5000),
+        RExpect::Drain(OLD, Some((4, 5000, None))),
+        RExpect::Records(vec![(
+            OLD,
+            5000,
+            Why::AnotherAccepts,
+            4,
+            DrainOutcome::Ongoing,
+            None,
+            0
+        )]),
+    ]
+);
+
+restart_case!(
+    a_drain_that_exits_holding_connections_is_recorded_as_dropping_them_and_outlives_the_process,
+    from = draining_after_handover(),
+    [
+        close(7000, 201, to_app(1), OLD),
+        publish(7100),
+        process_exit(8000, OLD),
+        tick(8000 + keep_gone_ms()),
+    ],
+    [
+        RExpect::Forgotten(OLD),
+        RExpect::Records(vec![(
+            OLD,
+            5000,
+            Why::AnotherAccepts,
+            3,
+            DrainOutcome::Exited,
+            Some(8000),
+            2
+        )]),
+        RExpect::Timeline(
+            OLD,
+            vec![
+                (5000, Role::Draining, Why::AnotherAccepts, 3),
+                (8000, Role::Exited, Why::Exited, 2),
+            ]
+        ),
+    ]
+);
+
+restart_case!(
+    a_drained_process_that_exits_keeps_its_outcome_and_adds_the_exit,
+    from = draining_after_handover(),
+    [
+        close(7000, 201, to_app(1), OLD),
+        close(7001, 202, to_app(2), OLD),
+        close(7002, 203, to_app(3), OLD),
+        publish(7100),
+        process_exit(8000, OLD),
+        // The pid is reused: a new process, whose drain is a new record.
+        listen_start(9000, 101, app(), OLD),
+        accept(9001, 205, to_app(5), OLD),
+        publish(9100),
+        listen_stop(9500, 101, app(), OLD),
+        publish(9600),
+    ],
+    [
+        RExpect::Records(vec![
+            (
+                OLD,
+                5000,
+                Why::AnotherAccepts,
+                3,
+                DrainOutcome::Drained,
+                Some(7100),
+                0
+            ),
+            (
+                OLD,
+                9600,
+                Why::ClosedItsListener,
+                1,
+                DrainOutcome::Ongoing,
+                None,
+                0
+            ),
+        ]),
+        RExpect::Timeline(OLD, vec![(9600, Role::Draining, Why::ClosedItsListener, 1)]),
+    ]
+);
+
+restart_case!(
+    a_drain_that_accepts_again_is_recorded_as_cancelled,
+    from = draining_after_handover(),
+    [accept(7000, 204, to_app(4), OLD), publish(7100)],
+    [RExpect::Records(vec![(
+        OLD,
+        5000,
+        Why::AnotherAccepts,
+        3,
+        DrainOutcome::Cancelled,
+        Some(7100),
+        0
+    )])]
+);
+
+restart_case!(
+    drains_run_here_are_recorded_from_their_start,
+    [
+        listen_start(1, 100, app(), OLD),
+        accept(2, 201, to_app(1), OLD),
+        accept(3, 202, to_app(2), OLD),
+        publish(1000),
+        drain_note(OLD, DrainNote::Started, 1500),
+        drain_note(OLD, DrainNote::Cancelled, 1600),
+        drain_note(OLD, DrainNote::Started, 2000),
+        drain_note(OLD, DrainNote::Drained, 2500),
+    ],
+    [RExpect::Records(vec![
+        (
+            OLD,
+            1500,
+            Why::DrainStarted,
+            2,
+            DrainOutcome::Cancelled,
+            Some(1600),
+            0
+        ),
+        (
+            OLD,
+            2000,
+            Why::DrainStarted,
+            2,
+            DrainOutcome::Drained,
+            Some(2500),
+            0
+        ),
+    ])]
+);
+
+restart_case!(
+    a_process_forgotten_while_draining_ends_its_record_unknown,
+    [
+        listen_start(1, 100, app(), OLD),
+        accept(2, 201, to_app(1), OLD),
+        publish(1000),
+        listen_stop(1500, 100, app(), OLD),
+        publish(1600),
+        // It leaves the status; whether it still runs is never learned.
+        close(1700, 201, to_app(1), OLD),
+        publish(1800),
+        tick(1800 + keep_gone_ms()),
+    ],
+    [
+        RExpect::Forgotten(OLD),
+        RExpect::Records(vec![(
+            OLD,
+            1600,
+            Why::ClosedItsListener,
+            1,
+            DrainOutcome::Unknown,
+            Some(1800),
+            0
+        )]),
+    ]
+);
+
+/// `n` drains started and cancelled on OLD, 10 ms apart.
+fn drains_started_and_cancelled(n: u64) -> Vec<RStep> {
+    let mut steps = vec![
+        listen_start(1, 100, app(), OLD).into(),
+        accept(2, 201, to_app(1), OLD).into(),
+        publish(1000),
+    ];
+    for i in 0..n {
+        steps.push(drain_note(OLD, DrainNote::Started, 2000 + i * 10));
+        steps.push(drain_note(OLD, DrainNote::Cancelled, 2005 + i * 10));
+    }
+    steps
+}
+
+#[test]
+fn records_are_bounded_and_the_oldest_go_first() {
+    let n = RECORDS_KEPT as u64 + 10;
+    let steps = drains_started_and_cancelled(n);
+    let mut want: Vec<RecordWant> = (10..n)
+        .map(|i| {
+            (
+                OLD,
+                2000 + i * 10,
+                Why::DrainStarted,
+                1,
+                DrainOutcome::Cancelled,
+                Some(2005 + i * 10),
+                0,
+            )
+        })
+        .collect();
+    run_restart_case(
+        "records_are_bounded",
+        &steps,
+        &[RExpect::Records(std::mem::take(&mut want))],
+    );
+}
+
+#[test]
+fn a_timeline_is_bounded_and_keeps_its_start() {
+    let mut steps = drains_started_and_cancelled(0);
+    // A drain started again and again while it runs: one record.
+    for i in 0..TIMELINE_KEPT as u64 + 5 {
+        steps.push(drain_note(OLD, DrainNote::Started, 2000 + i));
+    }
+    let mut want = vec![(2000, Role::Draining, Why::DrainStarted, 1)];
+    want.extend(
+        (6..TIMELINE_KEPT as u64 + 5).map(|i| (2000 + i, Role::Draining, Why::DrainStarted, 1)),
+    );
+    assert_eq!(want.len(), TIMELINE_KEPT);
+    run_restart_case(
+        "a_timeline_is_bounded",
+        &steps,
+        &[
+            RExpect::Timeline(OLD, want),
+            RExpect::Records(vec![(
+                OLD,
+                2000,
+                Why::DrainStarted,
+                1,
+                DrainOutcome::Ongoing,
+                None,
+                0,
+            )]),
+        ],
+    );
+}

@@ -63,6 +63,11 @@ fn busy_status() -> Status {
     let mut restarts = Restarts::new();
     restarts.observe(&status, now);
     restarts.annotate(&mut status, ms(0));
+    // One process in a container, as the monitor fills it in.
+    status.processes[0].set_cgroup(Some(
+        "/kubepods.slice/kubepods-pod8b5c3f2e_1d4a_4e6b_9c7d_0a1b2c3d4e5f.slice/cri-containerd-\
+         0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.scope",
+    ));
     status
 }
 
@@ -79,6 +84,9 @@ fn status_json_matches_schema() {
     let busy = busy_status();
     assert!(busy.processes.iter().any(|p| p.oldest_live_ms.is_none()));
     assert!(busy.processes.iter().any(|p| p.oldest_live_ms.is_some()));
+    assert!(busy.processes.iter().any(|p| p.cgroup.is_none()));
+    assert!(busy.processes.iter().any(|p| p.pod_uid.is_some()));
+    assert!(busy.processes.iter().any(|p| p.container_id.is_some()));
     assert!(busy.listeners.iter().any(|l| l.family == Family::Ipv6));
     assert!(busy.listeners.iter().any(|l| l.accept_queue > 0));
     assert!(busy.listeners.iter().all(|l| !l.generations.is_empty()));
@@ -95,6 +103,9 @@ fn status_json_matches_schema() {
             oldest_live_ms: Some(u64::MAX),
             role: Role::Draining,
             role_since_ms: u64::MAX,
+            cgroup: Some("/../kubepods.slice/x\u{1b}[2J\u{fffd} (deleted)".to_owned()),
+            container_id: Some("f".repeat(64)),
+            pod_uid: Some("8b5c3f2e-1d4a-4e6b-9c7d-0a1b2c3d4e5f".to_owned()),
         }],
         listeners: vec![ListenerStatus {
             netns: u32::MAX,
@@ -167,6 +178,26 @@ fn schema_is_strict() {
         missing["processes"][0].as_object_mut().unwrap().remove(key);
         bad.push(("missing process role", missing));
     }
+    for key in ["cgroup", "container_id", "pod_uid"] {
+        let mut missing = good.clone();
+        missing["processes"][0].as_object_mut().unwrap().remove(key);
+        bad.push(("missing process cgroup key", missing));
+    }
+    for (key, value) in [
+        ("cgroup", serde_json::json!("relative/path")),
+        ("cgroup", serde_json::json!(7)),
+        ("container_id", serde_json::json!("abc")),
+        ("container_id", serde_json::json!("F".repeat(64))),
+        (
+            "pod_uid",
+            serde_json::json!("8b5c3f2e_1d4a_4e6b_9c7d_0a1b2c3d4e5f"),
+        ),
+        ("pod_uid", serde_json::json!("")),
+    ] {
+        let mut wrong = good.clone();
+        wrong["processes"][0][key] = value;
+        bad.push(("malformed cgroup key", wrong));
+    }
     let mut missing = good.clone();
     missing["listeners"][0]
         .as_object_mut()
@@ -217,7 +248,8 @@ fn schema_is_strict() {
         // where the types can tell.
         // (serde reads a missing `Option` as `None`; the schema is stricter.)
         let serde_can_tell = name.starts_with("unknown") && name.ends_with("key")
-            || name.starts_with("missing") && name != "missing oldest_live_ms";
+            || name.starts_with("missing")
+                && !["missing oldest_live_ms", "missing process cgroup key"].contains(&name);
         if serde_can_tell {
             assert!(
                 serde_json::from_value::<Status>(instance).is_err(),
