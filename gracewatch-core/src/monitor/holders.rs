@@ -61,7 +61,10 @@ impl<S: Source> Monitor<S> {
         }
         self.holders.next = now + RECHECK_EVERY;
         let checks = self.holders.fds.checks();
-        let probe = self.holders.fds.to_probe(self.tracker.listener_holders());
+        let probe = self
+            .holders
+            .fds
+            .take_probes(self.tracker.listener_holders());
         if checks.is_empty() && probe.is_empty() {
             return;
         }

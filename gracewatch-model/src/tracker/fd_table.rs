@@ -36,7 +36,7 @@ impl Tracker {
         for l in self.listeners.values_mut() {
             for s in &mut l.sockets {
                 let Some(inode) = s.inode else { continue };
-                if holds(inode) || !s.holders.get(&pid).is_some_and(|t| *t <= at) {
+                if holds(inode) || s.holders.get(&pid).is_none_or(|t| *t > at) {
                     continue;
                 }
                 s.holders.remove(&pid);

@@ -118,7 +118,7 @@ impl ListenerFds {
     /// listener), those with no remembered fd and not read since the walk,
     /// at most [`MAX_READS`]: their tables are to be read once. Marks them
     /// read.
-    pub fn to_probe(&mut self, holders: impl IntoIterator<Item = u32>) -> Vec<u32> {
+    pub fn take_probes(&mut self, holders: impl IntoIterator<Item = u32>) -> Vec<u32> {
         if self.probed.len() >= MAX_FDS {
             return Vec::new();
         }
@@ -374,8 +374,8 @@ mod tests {
             lfd(10, 3, 100, 80),
         ]);
         assert_eq!(fds.checks(), [lfd(10, 3, 100, 80), lfd(20, 5, 100, 80)]);
-        assert_eq!(fds.to_probe([10, 20, 30, 40]), [30, 40]);
-        assert!(fds.to_probe([10, 20, 30, 40]).is_empty(), "once");
+        assert_eq!(fds.take_probes([10, 20, 30, 40]), [30, 40]);
+        assert!(fds.take_probes([10, 20, 30, 40]).is_empty(), "once");
     }
 
     #[test]
