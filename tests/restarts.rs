@@ -21,8 +21,8 @@ use std::{
 };
 
 use gracewatch_testkit::{
-    Agent, Child, Client, HAPROXY, Netns, STATE_TIMEOUT, TempDir, generations, haproxy_available,
-    http, listener, monotonic_ns,
+    Agent, Child, Client, HAPROXY, Netns, STATE_TIMEOUT, Schema, TempDir, generations,
+    haproxy_available, http, listener, monotonic_ns,
     nginx::{HttpClient, Nginx, Upstream, exits_within, nginx_available},
     setup,
 };
@@ -49,6 +49,42 @@ impl Observer {
 
     fn status(&self) -> Value {
         serde_json::from_str(&self.get("/v1/status")).expect("/v1/status is JSON")
+    }
+
+    /// `/v1/restarts`, checked against its schema.
+    fn restarts(&self) -> Value {
+        let v: Value =
+            serde_json::from_str(&self.get("/v1/restarts")).expect("/v1/restarts is JSON");
+        if let Err(e) = Schema::Restarts.check(&v) {
+            panic!("/v1/restarts does not follow its schema: {e}\n{v}");
+        }
+        v
+    }
+
+    /// Checks that `/v1/restarts` recorded the drain of each of `drains`
+    /// (pid, live it started from, observed seconds): drained, started
+    /// because it stopped accepting with `why`, from that count, lasting
+    /// what the histogram got.
+    #[track_caller]
+    fn check_records(&self, why: &str, drains: &[(u32, u64, f64)]) {
+        let v = self.restarts();
+        let records = v["restarts"].as_array().cloned().unwrap_or_default();
+        for (pid, from_live, seconds) in drains {
+            let Some(r) = records.iter().find(|r| r["pid"] == *pid) else {
+                panic!("/v1/restarts has no record of pid {pid}: {v}");
+            };
+            let duration = r["duration_ms"].as_f64().unwrap_or(-1.0);
+            let ok = r["outcome"] == "drained"
+                && r["why"] == why
+                && r["from_live"] == *from_live
+                && r["dropped"] == 0
+                && (duration - seconds * 1e3).abs() <= 1.0;
+            assert!(
+                ok,
+                "record of pid {pid}: want drained ({why}) from {from_live}, {:.1} ms, 0 dropped; got {r}",
+                seconds * 1e3
+            );
+        }
     }
 
     /// `(count, sum)` of `gracewatch_observed_drain_duration_seconds`.
@@ -249,19 +285,23 @@ fn nginx_reloads_three_times_and_each_old_generation_drain_is_observed() {
     obs.wait_generations(netns, address, &want);
 
     let mut sum = obs.wait_drains(0);
+    let mut drains = Vec::new();
     for (k, (worker, stopped)) in stops.iter().enumerate() {
         thread::sleep(Duration::from_millis(300));
         let name = format!("g{k}");
         upstream.respond(&name);
         let done = client.wait_done(&name);
         assert_eq!(done.status, 200, "request {name}");
-        sum = check_drain(&obs, "nginx reload", k, *stopped, done.at_ns, sum);
+        let new_sum = check_drain(&obs, "nginx reload", k, *stopped, done.at_ns, sum);
+        drains.push((*worker, 1, new_sum - sum));
+        sum = new_sum;
         assert!(
             exits_within(*worker, STATE_TIMEOUT),
             "old worker {worker} did not exit\n{}",
             nginx.context()
         );
     }
+    obs.check_records("closed_its_listener", &drains);
     obs.agent.stop_within(STATE_TIMEOUT);
 }
 
@@ -485,12 +525,16 @@ fn handover_server_restarts_three_times_and_each_old_generation_drain_is_observe
     obs.wait_generations(netns, address, &want);
 
     let mut sum = obs.wait_drains(0);
-    for (k, (_, clients, stopped)) in old.iter().enumerate() {
+    let mut drains = Vec::new();
+    for (k, (old_pid, clients, stopped)) in old.iter().enumerate() {
         thread::sleep(Duration::from_millis(300));
         clients.closeall();
         let ended = monotonic_ns();
-        sum = check_drain(&obs, "fd handover", k, *stopped, ended, sum);
+        let new_sum = check_drain(&obs, "fd handover", k, *stopped, ended, sum);
+        drains.push((*old_pid, 2, new_sum - sum));
+        sum = new_sum;
     }
+    obs.check_records("closed_its_listener", &drains);
     obs.agent.stop_within(STATE_TIMEOUT);
     // The old generations stay until signalled: the namespace's end kills them.
     drop(first);

@@ -114,7 +114,7 @@ mod tests {
         match schema {
             Schema::Status => vec![json!({
                 "schema": "gracewatch.status.v2", "uptime_ms": 1440,
-                "processes": [{"pid": 18084, "comm": "python3", "live": 1, "listeners": ["127.0.0.1:9913"], "accepted_total": 0, "closed_total": 0, "oldest_live_ms": 20, "role": "serving", "role_since_ms": 0}],
+                "processes": [{"pid": 18084, "comm": "python3", "live": 1, "listeners": ["127.0.0.1:9913"], "accepted_total": 0, "closed_total": 0, "oldest_live_ms": 20, "role": "serving", "role_since_ms": 0, "cgroup": "/system.slice/app.service", "container_id": null, "pod_uid": null}],
                 "listeners": [{"netns": 4026532178u32, "address": "127.0.0.1:9913", "family": "ipv4", "holders": [{"pid": 18084, "comm": "python3", "live": 1}], "accept_queue": 0, "accepted_total": 0, "queue_drops_total": 0,
                     "generations": [{"pid": 18080, "comm": "python3", "role": "exited", "role_since_ms": 1200, "live": 0}, {"pid": 18084, "comm": "python3", "role": "serving", "role_since_ms": 0, "live": 1}]}],
                 "lost_events": 0, "map_full_total": 0
