@@ -21,7 +21,7 @@ use std::{
 };
 
 use gracewatch_testkit::{
-    Agent, Child, Client, HAPROXY, Netns, STATE_TIMEOUT, Schema, TempDir, generations,
+    Agent, Child, Client, HAPROXY, Netns, STATE_TIMEOUT, Schema, Server, TempDir, generations,
     haproxy_available, http, listener, monotonic_ns,
     nginx::{HttpClient, Nginx, Upstream, exits_within, nginx_available},
     setup,
@@ -538,4 +538,83 @@ fn handover_server_restarts_three_times_and_each_old_generation_drain_is_observe
     obs.agent.stop_within(STATE_TIMEOUT);
     // The old generations stay until signalled: the namespace's end kills them.
     drop(first);
+}
+
+/// `gracewatch_handovers_total` as the agent exports it.
+fn handovers(obs: &Observer) -> u64 {
+    let text = obs.get("/metrics");
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("gracewatch_handovers_total ")?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no gracewatch_handovers_total in /metrics:\n{text}")) as u64
+}
+
+/// Two network namespaces with a server each on `127.0.0.1:8080`: the
+/// second one's accepts, while the first accepts nothing for longer than a
+/// handover's quiet period, are no handover of the first (two listeners,
+/// each with one serving generation, no drain). Then, as a control, a real
+/// handover in the first namespace (the listener inherited by a second
+/// process, which takes over accepting) is reported, once.
+#[test]
+fn equal_addresses_in_two_namespaces_are_no_handover() {
+    let Some(gw) = setup() else { return };
+    let (ns1, ns2) = (Netns::new("restarts-ns-a"), Netns::new("restarts-ns-b"));
+    let address = "127.0.0.1:8080";
+    let dir = TempDir::new("restarts-netns");
+    let obs = start_observer(&gw, &dir);
+
+    let first = Server::listen(&ns1, address);
+    let _held = Client::connect(&ns1, address, 2);
+    first.wait_accepted(2);
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    while gracewatch_testkit::live_of(&obs.status(), first.pid()) != Some(2) {
+        assert!(
+            Instant::now() < deadline,
+            "the first server never showed 2 live"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+
+    let second = Server::listen(&ns2, address);
+    let _other = Client::connect(&ns2, address, 4);
+    second.wait_accepted(4);
+    // Longer than the quiet period after which a process that stopped
+    // accepting while another accepts on its listener turns draining.
+    thread::sleep(Duration::from_millis(2600));
+    let _more = Client::connect(&ns2, address, 1);
+    second.wait_accepted(5);
+    thread::sleep(Duration::from_millis(300));
+
+    let want_alone = |netns: u64, pid: u32, live: u64| {
+        obs.wait_generations(netns, address, &[(pid, "serving", live)]);
+    };
+    want_alone(ns1.netns_inode(), first.pid(), 2);
+    want_alone(ns2.netns_inode(), second.pid(), 5);
+    assert_eq!(handovers(&obs), 0, "no handover across namespaces");
+    let records = obs.restarts();
+    assert_eq!(
+        records["restarts"].as_array().map(Vec::len),
+        Some(0),
+        "no drain was observed: {records}"
+    );
+
+    // The control: a handover within the first namespace is one.
+    let next = first.handover();
+    first.stopaccept();
+    let _c = Client::connect(&ns1, address, 3);
+    next.wait_accepted(3);
+    let deadline = Instant::now() + STATE_TIMEOUT;
+    while handovers(&obs) != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the handover in one namespace was not counted ({} counted)",
+            handovers(&obs)
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    obs.agent.stop_within(STATE_TIMEOUT);
 }
