@@ -300,14 +300,20 @@ struct RestartsQuery {
     limit: Option<usize>,
 }
 
-fn parse_restarts_query(query: Option<&str>) -> Result<RestartsQuery, ApiError> {
-    let mut q = RestartsQuery::default();
-    for pair in query
+/// The `key=value` pairs of a query string, as sent (a key without `=` has
+/// an empty value; nothing is percent-decoded: the values read here never
+/// need it, and a percent sign is refused by their parsers).
+fn query_pairs(query: Option<&str>) -> impl Iterator<Item = (&str, &str)> {
+    query
         .unwrap_or_default()
         .split('&')
         .filter(|p| !p.is_empty())
-    {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+}
+
+fn parse_restarts_query(query: Option<&str>) -> Result<RestartsQuery, ApiError> {
+    let mut q = RestartsQuery::default();
+    for (key, value) in query_pairs(query) {
         match key {
             "pid" => {
                 q.pid = Some(value.parse().map_err(|_| {
@@ -457,12 +463,7 @@ async fn list_drains(State(ctx): State<Ctx>, headers: HeaderMap) -> Result<Respo
 /// passes), so a preStop hook can be a single `curl`.
 fn parse_wait(query: Option<&str>) -> Result<Option<Duration>, ApiError> {
     let mut wait = None;
-    for pair in query
-        .unwrap_or_default()
-        .split('&')
-        .filter(|p| !p.is_empty())
-    {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+    for (key, value) in query_pairs(query) {
         match key {
             "wait" => {
                 let d = parse_duration(value)
