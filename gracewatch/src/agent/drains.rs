@@ -18,7 +18,10 @@ use tokio::{
 
 use crate::{
     drain::{self, DrainReport, DrainSpec, OnTimeout, Progress, SignalSpec, TargetSpec, Targets},
-    input::{check_pid, parse_duration, parse_timeout},
+    input::{
+        MAX_PEER_RULES, check_peer_rules, check_pid, parse_duration, parse_peer_rule,
+        parse_timeout,
+    },
     monitor::MonitorHandle,
 };
 
@@ -66,6 +69,11 @@ pub struct DrainRequest {
     /// request when unset, so older agents take it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quiet_for: Option<String>,
+    /// Peers whose connections do not hold the drain (see
+    /// `--exclude-peer`): `["127.0.0.9", "10.0.0.0/8:9100"]`, at most 64.
+    /// Left out of a serialised request when empty, so older agents take it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude_peer: Vec<String>,
     /// Trust a pidfile that root does not own, that group or others can
     /// write, or whose owner does not own the process it names.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -104,6 +112,14 @@ impl DrainRequest {
         if self.ports.contains(&0) {
             return Err("ports: port 0 is not a port a connection can use (1 to 65535)".to_owned());
         }
+        let exclude_peers = self
+            .exclude_peer
+            .iter()
+            .take(MAX_PEER_RULES + 1)
+            .map(|r| parse_peer_rule(r))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("exclude_peer: {e}"))?;
+        check_peer_rules(&exclude_peers).map_err(|e| format!("exclude_peer: {e}"))?;
         let spec = DrainSpec {
             ports: self.ports.clone(),
             signal,
@@ -111,6 +127,7 @@ impl DrainRequest {
             on_timeout: self.on_timeout,
             min_wait,
             quiet_for,
+            exclude_peers,
         };
         let targets = TargetSpec {
             pids: self.pids.clone(),
