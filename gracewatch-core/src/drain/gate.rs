@@ -1021,4 +1021,155 @@ mod tests {
         assert_eq!(report.still_held, 1, "{report:?}");
         assert_eq!(report.signal_sent, None);
     }
+
+    /// A real server-side socket held (as stdin) by a `sleep` target, its
+    /// client bound to `client_ip`; the replayed monitor is told the
+    /// connection came from `tracked_peer_ip` (which lets a test make the
+    /// tracker and the socket disagree). Returns the child, the monitor,
+    /// and the real peer address.
+    fn held_by_child(
+        client_ip: [u8; 4],
+        tracked_peer_ip: [u8; 4],
+    ) -> (
+        std::process::Child,
+        MonitorHandle,
+        SocketAddr,
+        std::net::TcpStream,
+    ) {
+        use std::os::{fd::OwnedFd, unix::fs::MetadataExt as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+        let server = listener.local_addr().expect("listener address");
+        let fd = rustix::net::socket(
+            rustix::net::AddressFamily::INET,
+            rustix::net::SocketType::STREAM,
+            None,
+        )
+        .expect("socket");
+        let from = std::net::SocketAddrV4::new(client_ip.into(), 0);
+        rustix::net::bind(&fd, &from).expect("bind the client's source address");
+        rustix::net::connect(&fd, &server).expect("connect");
+        let client = std::net::TcpStream::from(fd);
+        let (accepted, peer) = listener.accept().expect("accept");
+        let child = std::process::Command::new("sleep")
+            .arg("30")
+            .stdin(std::process::Stdio::from(OwnedFd::from(accepted)))
+            .spawn()
+            .expect("spawn sleep");
+        let netns = std::fs::metadata("/proc/self/ns/net")
+            .expect("own netns")
+            .ino() as u32;
+        let pid = child.id();
+        let tracked = SocketAddr::new(tracked_peer_ip.into(), peer.port());
+        let events = vec![
+            ConnEvent::ListenStart {
+                at: Duration::ZERO,
+                sk: 1_000_000,
+                addr: ListenAddr {
+                    netns,
+                    local: server,
+                },
+                pid,
+                comm: "sleep".to_owned(),
+            },
+            ConnEvent::Accept {
+                at: Duration::from_millis(1),
+                sk: 7,
+                tuple: Tuple {
+                    netns,
+                    local: server,
+                    remote: tracked,
+                },
+                pid,
+                comm: "sleep".to_owned(),
+                was_queued: false,
+            },
+        ];
+        let handle = MonitorHandle::from_replay(events, Snapshot::default());
+        drop(listener);
+        (child, handle, peer, client)
+    }
+
+    fn exclude_9() -> DrainSpec {
+        DrainSpec {
+            exclude_peers: vec![crate::input::parse_peer_rule("127.0.0.9").expect("rule")],
+            ..DrainSpec::default()
+        }
+    }
+
+    /// `--exclude-peer 127.0.0.9` with one live connection left, from
+    /// 127.0.0.9: drained at once, by `excluded_peers`, the connection
+    /// named (peer, state) and the target signalled. Without the rule the
+    /// same connection holds the drain.
+    #[tokio::test]
+    async fn only_excluded_peers_left_ends_the_drain_and_names_them() {
+        let (mut child, handle, peer, _client) = held_by_child([127, 0, 0, 9], [127, 0, 0, 9]);
+        let pid = child.id();
+        let pick = || {
+            choose(&TargetSpec {
+                pids: vec![pid],
+                ..TargetSpec::default()
+            })
+            .expect("the child is a target")
+        };
+        let plain = DrainSpec {
+            signal: None,
+            ..DrainSpec::default()
+        };
+        let held = tokio::time::timeout(
+            Duration::from_millis(500),
+            run(&handle, pick(), &plain, |_| {}, std::future::pending()),
+        )
+        .await;
+        assert!(held.is_err(), "ended without the rule: {held:?}");
+
+        let started = Instant::now();
+        let report = tokio::time::timeout(
+            Duration::from_secs(10),
+            run(&handle, pick(), &exclude_9(), |_| {}, std::future::pending()),
+        )
+        .await
+        .expect("the gate ends");
+        let took = started.elapsed();
+        assert_eq!(report.outcome, Outcome::Drained, "{report:?}");
+        assert_eq!(report.ended_by, Some(EndedBy::ExcludedPeers), "{report:?}");
+        assert_eq!(report.signal_sent.as_deref(), Some("SIGTERM"), "{report:?}");
+        assert_eq!(report.still_held, 0);
+        assert_eq!(report.excluded.len(), 1, "{report:?}");
+        let x = &report.excluded[0];
+        assert_eq!((x.pid, x.peer.as_str()), (pid, peer.to_string().as_str()));
+        assert_eq!(x.state.as_deref(), Some("established"));
+        assert!(x.age_ms.is_some(), "{x:?}");
+        assert!(report.message.contains("--exclude-peer"), "{report:?}");
+        assert!(took < Duration::from_secs(1), "took {took:?}");
+        let status = child.wait().expect("wait");
+        assert_eq!(status.signal(), Some(libc::SIGTERM));
+    }
+
+    /// Fail closed: the tracker says the peer is excluded, but the socket
+    /// the target holds says otherwise. The fresh look decides: no end,
+    /// no signal.
+    #[tokio::test]
+    async fn the_socket_not_the_tracker_says_whether_a_peer_is_excluded() {
+        let (mut child, handle, _peer, _client) = held_by_child([127, 0, 0, 1], [127, 0, 0, 9]);
+        let targets = choose(&TargetSpec {
+            pids: vec![child.id()],
+            ..TargetSpec::default()
+        })
+        .expect("the child is a target");
+        let spec = exclude_9();
+        let mut drain = tokio::spawn(async move {
+            run(&handle, targets, &spec, |_| {}, std::future::pending()).await
+        });
+        let early = tokio::time::timeout(Duration::from_millis(800), &mut drain).await;
+        assert!(early.is_err(), "ended on the tracker's word: {early:?}");
+        assert_eq!(child.try_wait().expect("try_wait"), None, "signalled");
+        child.kill().expect("kill the target");
+        let _ = child.wait();
+        let report = tokio::time::timeout(Duration::from_secs(10), drain)
+            .await
+            .expect("the gate sees the exit")
+            .expect("the gate task");
+        assert_ne!(report.outcome, Outcome::Drained, "{report:?}");
+        assert_eq!(report.signal_sent, None);
+    }
 }
