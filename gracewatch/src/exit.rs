@@ -123,6 +123,8 @@ left alone.
 Examples:
   gracewatch drain --pid \"$OLD\" --timeout 2m            # SIGTERM at zero
   gracewatch wait --pidfile /run/app.pid --min-wait 5s
+  gracewatch drain --pid \"$OLD\" --exclude-peer 10.0.0.5 --timeout 2m  # a scraper's
+      # keep-alive from 10.0.0.5 does not hold it (the signal cuts it)
   gracewatch drain --pidfile /run/nginx.pid.oldbin --children \\
       --exclude \"$(cat /run/nginx.pid)\" --signal QUIT --timeout 5m";
 
