@@ -156,11 +156,15 @@ impl PeerRule {
         }
         match (self.addr, canonical(peer.ip())) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             _ => false,
@@ -427,7 +431,12 @@ mod tests {
                 &["10.0.0.1:9100", "[::ffff:10.0.0.1]:9100"],
                 &["10.0.0.1:9101", "11.0.0.1:9100"],
             ),
-            ("127.0.0.9:80", "127.0.0.9:80", &["127.0.0.9:80"], &["127.0.0.9:81"]),
+            (
+                "127.0.0.9:80",
+                "127.0.0.9:80",
+                &["127.0.0.9:80"],
+                &["127.0.0.9:81"],
+            ),
             ("::1", "::1", &["[::1]:9"], &["127.0.0.1:9", "[::2]:9"]),
             ("[::1]:9100", "[::1]:9100", &["[::1]:9100"], &["[::1]:9101"]),
             (
@@ -436,9 +445,24 @@ mod tests {
                 &["[2001:db8:ffff::1]:443"],
                 &["[2001:db9::1]:443", "[2001:db8::1]:444"],
             ),
-            ("[2001:db8::/32]:443", "[2001:db8::]/32:443", &["[2001:db8::1]:443"], &[]),
-            ("2001:db8::/32", "2001:db8::/32", &["[2001:db8::1]:1"], &["[2001:db7::1]:1"]),
-            ("[2001:db8::]/32", "2001:db8::/32", &["[2001:db8::1]:1"], &[]),
+            (
+                "[2001:db8::/32]:443",
+                "[2001:db8::]/32:443",
+                &["[2001:db8::1]:443"],
+                &[],
+            ),
+            (
+                "2001:db8::/32",
+                "2001:db8::/32",
+                &["[2001:db8::1]:1"],
+                &["[2001:db7::1]:1"],
+            ),
+            (
+                "[2001:db8::]/32",
+                "2001:db8::/32",
+                &["[2001:db8::1]:1"],
+                &[],
+            ),
             // An IPv4-mapped rule is its IPv4 rule.
             (
                 "::ffff:192.0.2.0/120",
@@ -503,7 +527,9 @@ mod tests {
                 assert!(parse_peer_rule(bad).is_ok());
                 continue;
             }
-            let e = parse_peer_rule(bad).err().unwrap_or_else(|| panic!("{bad} accepted"));
+            let e = parse_peer_rule(bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad} accepted"));
             assert!(e.contains(says), "{bad}: {e}");
         }
         let long = "1".repeat(10_000);

@@ -277,13 +277,28 @@ fn a_bad_exclude_peer_is_a_usage_error_that_says_why() {
         .flat_map(|i| ["--exclude-peer".to_owned(), format!("10.0.0.{i}")])
         .collect();
     for (sub, values, why) in [
-        ("drain", vec!["--exclude-peer", "bogus"], "is not a peer rule"),
+        (
+            "drain",
+            vec!["--exclude-peer", "bogus"],
+            "is not a peer rule",
+        ),
         ("wait", vec!["--exclude-peer", "0.0.0.0/0"], "every peer"),
-        ("drain", vec!["--exclude-peer", "10.0.0.1/8"], "did you mean 10.0.0.0/8"),
+        (
+            "drain",
+            vec!["--exclude-peer", "10.0.0.1/8"],
+            "did you mean 10.0.0.0/8",
+        ),
         ("drain", vec!["--exclude-peer", "127.0.0.9:0"], "port 0"),
-        ("wait", many.iter().map(String::as_str).collect(), "at most 64"),
+        (
+            "wait",
+            many.iter().map(String::as_str).collect(),
+            "at most 64",
+        ),
     ] {
-        let mut args: Vec<String> = [sub, "--pid", "1234"].into_iter().map(str::to_owned).collect();
+        let mut args: Vec<String> = [sub, "--pid", "1234"]
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
         args.extend(values.iter().map(|v| (*v).to_owned()));
         let r = run(&args);
         let lines: Vec<&str> = r.stderr.lines().filter(|l| !l.trim().is_empty()).collect();

@@ -452,7 +452,14 @@ impl Gate<'_> {
                     .map(|c| now.saturating_sub(c.since).as_millis() as u64),
             })
             .collect();
-        named.sort_by_key(|c| (std::cmp::Reverse(c.age_ms), c.pid, c.local.clone(), c.peer.clone()));
+        named.sort_by_key(|c| {
+            (
+                std::cmp::Reverse(c.age_ms),
+                c.pid,
+                c.local.clone(),
+                c.peer.clone(),
+            )
+        });
         named.truncate(MAX_NAMED);
         named
     }
@@ -1125,7 +1132,13 @@ mod tests {
         let started = Instant::now();
         let report = tokio::time::timeout(
             Duration::from_secs(10),
-            run(&handle, pick(), &exclude_9(), |_| {}, std::future::pending()),
+            run(
+                &handle,
+                pick(),
+                &exclude_9(),
+                |_| {},
+                std::future::pending(),
+            ),
         )
         .await
         .expect("the gate ends");

@@ -461,9 +461,18 @@ mod tests {
             (r#"{"pids": [4194305]}"#, "out of range"),
             (r#"{"pids": [5], "exclude": [4294967295]}"#, "out of range"),
             (r#"{"pids": [5], "ports": [0]}"#, "port 0"),
-            (r#"{"pids": [5], "exclude_peer": ["bogus"]}"#, "exclude_peer: `bogus`"),
-            (r#"{"pids": [5], "exclude_peer": ["10.0.0.1/8"]}"#, "did you mean"),
-            (r#"{"pids": [5], "exclude_peer": ["0.0.0.0/0"]}"#, "every peer"),
+            (
+                r#"{"pids": [5], "exclude_peer": ["bogus"]}"#,
+                "exclude_peer: `bogus`",
+            ),
+            (
+                r#"{"pids": [5], "exclude_peer": ["10.0.0.1/8"]}"#,
+                "did you mean",
+            ),
+            (
+                r#"{"pids": [5], "exclude_peer": ["0.0.0.0/0"]}"#,
+                "every peer",
+            ),
             (r#"{"pids": [5], "exclude_peer": [""]}"#, "exclude_peer"),
         ] {
             let err = request(json).expect("parses").to_specs().expect_err(json);
