@@ -906,3 +906,39 @@ fn exclude_peer_ends_the_drain_when_only_excluded_peers_are_left() {
     );
     assert_eq!(server.wait_exit(STATE_TIMEOUT).code(), Some(0));
 }
+
+/// `--exclude-peer 127.0.0.9` on a dual-stack listener (`[::]`), whose
+/// IPv4 clients it sees as `::ffff:127.0.0.9`: the IPv4 rule matches them.
+#[test]
+fn exclude_peer_matches_ipv4_clients_of_a_dual_stack_listener() {
+    let Some(gw) = setup() else { return };
+    let ns = Netns::new("drain-xpeer6");
+    let server = Server::listen(&ns, "[::]:7424");
+    let _client = Client::connect(&ns, "127.0.0.1:7424", 1);
+    server.wait_accepted(1);
+    let _scraper = Client::connect_from(&ns, "127.0.0.1:7424", 1, Some("127.0.0.9"));
+    server.wait_accepted(2);
+
+    let pid = server.pid().to_string();
+    let drain = gw.spawn_drain(&[
+        "drain",
+        "--pid",
+        &pid,
+        "--exclude-peer",
+        "127.0.0.9",
+        "--json",
+    ]);
+    assert_eq!(drain.wait_ready()["live"], 1);
+    server.close(1);
+    let signal = server.wait_signal(STATE_TIMEOUT);
+    let done = drain.wait(STATE_TIMEOUT);
+    done.assert_code(0);
+    let result = done.assert_result(&[
+        ("outcome", json!("drained")),
+        ("ended_by", json!("excluded_peers")),
+        ("signal_sent", json!("SIGTERM")),
+    ]);
+    let peer = result["excluded"][0]["peer"].as_str().unwrap_or_default();
+    assert!(peer.starts_with("[::ffff:127.0.0.9]:"), "{result}");
+    assert_eq!((signal.name.as_str(), signal.open), ("TERM", 1));
+}
