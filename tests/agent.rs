@@ -299,7 +299,14 @@ fn start_drain(gw: &Gracewatch, agent: &Agent, via: Via, pid: u32, extra: &[&str
             let mut body = json!({ "pids": [pid] });
             for pair in extra.chunks(2) {
                 if let [flag, value] = pair {
-                    body[flag.trim_start_matches("--").replace('-', "_")] = json!(value);
+                    let key = flag.trim_start_matches("--").replace('-', "_");
+                    if key == "exclude_peer" {
+                        // Repeatable on the command line: a list in the API.
+                        let list = body[&key].as_array().cloned().unwrap_or_default();
+                        body[&key] = json!([list, vec![json!(value)]].concat());
+                    } else {
+                        body[key] = json!(value);
+                    }
                 }
             }
             let auth = agent.auth();
@@ -363,6 +370,19 @@ impl Running {
 
     #[track_caller]
     fn finish(self, agent: &Agent) -> Ended {
+        let (exit_code, r) = self.finish_report(agent);
+        Ended {
+            exit_code,
+            outcome: r["outcome"].as_str().unwrap_or_default().to_owned(),
+            signal_sent: r["signal_sent"].clone(),
+            still_held: r["still_held"].as_u64().unwrap_or(u64::MAX),
+        }
+    }
+
+    /// The exit code and the result object (schema-checked), however the
+    /// drain ran.
+    #[track_caller]
+    fn finish_report(self, agent: &Agent) -> (i32, Value) {
         match self {
             Running::Process(mut bg) => {
                 let status = bg.wait_exit(DRAIN_TIMEOUT + STARTUP_TIMEOUT);
@@ -382,12 +402,7 @@ impl Running {
                     "the printed exit code is the process's\n{}",
                     bg.context()
                 );
-                Ended {
-                    exit_code: code,
-                    outcome: result["outcome"].as_str().unwrap_or_default().to_owned(),
-                    signal_sent: result["signal_sent"].clone(),
-                    still_held: result["still_held"].as_u64().unwrap_or(u64::MAX),
-                }
+                (code, result)
             }
             Running::Api { id } => {
                 let path = format!(
@@ -401,16 +416,85 @@ impl Running {
                     panic!("GET {path}: {why}\n{body}");
                 }
                 assert_eq!(v["state"], "done", "{body}");
-                let r = &v["report"];
-                Ended {
-                    exit_code: r["exit_code"].as_i64().map_or(-1, |c| c as i32),
-                    outcome: r["outcome"].as_str().unwrap_or_default().to_owned(),
-                    signal_sent: r["signal_sent"].clone(),
-                    still_held: r["still_held"].as_u64().unwrap_or(u64::MAX),
-                }
+                let r = v["report"].clone();
+                (r["exit_code"].as_i64().map_or(-1, |c| c as i32), r)
             }
         }
     }
+}
+
+/// `--exclude-peer` (issue 14) the same way everywhere: locally, as
+/// `exclude_peer` in `POST /v1/drains`, and through `drain --agent`. A
+/// server holds a client connection from 127.0.0.1 and a scraper's from
+/// 127.0.0.9; once the client's closes, SIGTERM reaches the server while
+/// it still holds the scraper's, and the result says `excluded_peers` and
+/// names it (its peer hidden from a reader without the token, as `held[]`
+/// peers are).
+#[test]
+fn exclude_peer_drains_alike_through_the_agent() {
+    let Some(gw) = setup() else { return };
+    let dir = TempDir::new("xpeer");
+    let ns = Netns::new("agentxpeer");
+    let agent = start_agent(&gw, &dir);
+    let mut port = 7740;
+    for via in ALL {
+        port += 1;
+        let addr = format!("127.0.0.1:{port}");
+        let server = Server::listen(&ns, &addr);
+        let _client = Client::connect(&ns, &addr, 1);
+        server.wait_accepted(1);
+        let _scraper = Client::connect_from(&ns, &addr, 1, Some("127.0.0.9"));
+        server.wait_accepted(2);
+        let drain = start_drain(
+            &gw,
+            &agent,
+            via,
+            server.pid(),
+            &["--exclude-peer", "127.0.0.9", "--timeout", "60s"],
+        );
+        drain.wait_live(&agent, 1);
+        server.assert_no_signal("a client connection is still open");
+        server.close(1);
+        let (code, r) = drain.finish_report(&agent);
+        assert_eq!(
+            (code, &r["outcome"], &r["ended_by"], &r["signal_sent"]),
+            (
+                0,
+                &json!("drained"),
+                &json!("excluded_peers"),
+                &json!("SIGTERM")
+            ),
+            "{via:?}: {r}"
+        );
+        let excluded = r["excluded"].as_array().cloned().unwrap_or_default();
+        assert_eq!(excluded.len(), 1, "{via:?}: {r}");
+        let peer = excluded[0]["peer"].as_str().unwrap_or_default();
+        if via == Via::Api {
+            assert_eq!(peer, "hidden", "{via:?}: a reader without the token: {r}");
+        } else {
+            assert!(peer.starts_with("127.0.0.9:"), "{via:?}: {r}");
+        }
+        let seen = server.wait_signal(STATE_TIMEOUT);
+        assert_eq!(
+            (seen.name.as_str(), seen.open),
+            ("TERM", 1),
+            "{via:?}: SIGTERM with the scraper's connection still open"
+        );
+    }
+    // A bad rule is a 400 naming it.
+    let (code, body) = http(
+        &agent.addr,
+        "POST",
+        "/v1/drains",
+        &[("Authorization", &agent.auth())],
+        br#"{"pids": [1], "exclude_peer": ["10.0.0.1/8"]}"#,
+    )
+    .expect("POST");
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body.contains("exclude_peer") && body.contains("10.0.0.0/8"),
+        "{body}"
+    );
 }
 
 #[test]

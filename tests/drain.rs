@@ -815,3 +815,130 @@ fn children_are_waited_for_but_only_the_named_root_is_signalled() {
     new.ping();
     new.assert_no_signal("a descendant under --children is never signalled");
 }
+
+/// `--exclude-peer` (issue 14): a server holds one connection from
+/// 127.0.0.9 (a scraper, say) and one from 127.0.0.1 (a client). The drain
+/// waits while the client's connection is open; when the server closes it,
+/// SIGTERM follows at once although the 127.0.0.9 connection remains, and
+/// the result names that connection and the rule that ended the drain.
+#[test]
+fn exclude_peer_ends_the_drain_when_only_excluded_peers_are_left() {
+    let Some(gw) = setup() else { return };
+    let ns = Netns::new("drain-xpeer");
+    let addr = "127.0.0.1:7423";
+
+    let mut server = Server::listen(&ns, addr);
+    // The client's connection first: the server closes its oldest first.
+    let _client = Client::connect(&ns, addr, 1);
+    server.wait_accepted(1);
+    let _scraper = Client::connect_from(&ns, addr, 1, Some("127.0.0.9"));
+    server.wait_accepted(2);
+
+    let pid = server.pid().to_string();
+    let drain = gw.spawn_drain(&[
+        "drain",
+        "--pid",
+        &pid,
+        "--exclude-peer",
+        "127.0.0.9",
+        "--json",
+    ]);
+    let first = drain.wait_ready();
+    assert_eq!(
+        first["live"], 1,
+        "only the 127.0.0.1 connection holds the drain: {first}"
+    );
+    assert!(
+        first["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("and 1 from excluded peers")),
+        "{first}"
+    );
+    // It does not end while the client's connection is open.
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        !drain.has_exited(),
+        "the drain ended with a client connection open"
+    );
+    server.assert_no_signal("a client connection is still open");
+
+    server.close_after(&[50]);
+    let closed = server.wait_closed_at(1, PROGRAM_TIMEOUT);
+    let signal = server.wait_signal(STATE_TIMEOUT);
+    let done = drain.wait(STATE_TIMEOUT);
+    done.assert_code(0);
+    let result = done.assert_result(&[
+        ("outcome", json!("drained")),
+        ("ended_by", json!("excluded_peers")),
+        ("signal_sent", json!("SIGTERM")),
+        ("initial_live", json!(1)),
+        ("still_held", json!(0)),
+        ("held", json!([])),
+    ]);
+    let excluded = result["excluded"].as_array().expect("excluded[]");
+    assert_eq!(excluded.len(), 1, "{result}");
+    let x = &excluded[0];
+    assert_eq!(x["pid"], json!(server.pid()), "{x}");
+    assert_eq!(x["local"], json!(addr), "{x}");
+    assert!(
+        x["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.9:")),
+        "{x}"
+    );
+    assert_eq!(x["state"], json!("established"), "{x}");
+    assert!(x["age_ms"].as_u64().is_some_and(|a| a >= 1000), "{x}");
+    assert_eq!(
+        (signal.name.as_str(), signal.from, signal.open),
+        ("TERM", done.pid, 1),
+        "SIGTERM from gracewatch while the server still held the 127.0.0.9 connection: {signal:?}"
+    );
+    let delay_ns = signal.at_ns.saturating_sub(closed[0]);
+    assert!(
+        signal.at_ns > closed[0] && delay_ns < 500_000_000,
+        "SIGTERM {} after the client's connection closed\n{}",
+        gap_ms(signal.at_ns, closed[0]),
+        done.context()
+    );
+    eprintln!(
+        "exclude-peer drain: SIGTERM {} after the last non-excluded close, 1 excluded connection left",
+        gap_ms(signal.at_ns, closed[0])
+    );
+    assert_eq!(server.wait_exit(STATE_TIMEOUT).code(), Some(0));
+}
+
+/// `--exclude-peer 127.0.0.9` on a dual-stack listener (`[::]`), whose
+/// IPv4 clients it sees as `::ffff:127.0.0.9`: the IPv4 rule matches them.
+#[test]
+fn exclude_peer_matches_ipv4_clients_of_a_dual_stack_listener() {
+    let Some(gw) = setup() else { return };
+    let ns = Netns::new("drain-xpeer6");
+    let server = Server::listen(&ns, "[::]:7424");
+    let _client = Client::connect(&ns, "127.0.0.1:7424", 1);
+    server.wait_accepted(1);
+    let _scraper = Client::connect_from(&ns, "127.0.0.1:7424", 1, Some("127.0.0.9"));
+    server.wait_accepted(2);
+
+    let pid = server.pid().to_string();
+    let drain = gw.spawn_drain(&[
+        "drain",
+        "--pid",
+        &pid,
+        "--exclude-peer",
+        "127.0.0.9",
+        "--json",
+    ]);
+    assert_eq!(drain.wait_ready()["live"], 1);
+    server.close(1);
+    let signal = server.wait_signal(STATE_TIMEOUT);
+    let done = drain.wait(STATE_TIMEOUT);
+    done.assert_code(0);
+    let result = done.assert_result(&[
+        ("outcome", json!("drained")),
+        ("ended_by", json!("excluded_peers")),
+        ("signal_sent", json!("SIGTERM")),
+    ]);
+    let peer = result["excluded"][0]["peer"].as_str().unwrap_or_default();
+    assert!(peer.starts_with("[::ffff:127.0.0.9]:"), "{result}");
+    assert_eq!((signal.name.as_str(), signal.open), ("TERM", 1));
+}

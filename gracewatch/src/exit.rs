@@ -58,7 +58,7 @@ pub struct ReportJson<'a>(pub &'a DrainReport);
 impl Serialize for ReportJson<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let r = self.0;
-        let mut o = s.serialize_struct("DrainReport", 10)?;
+        let mut o = s.serialize_struct("DrainReport", 12)?;
         o.serialize_field("targets", &r.targets)?;
         o.serialize_field("outcome", &r.outcome)?;
         o.serialize_field("exit_code", &of(r.outcome))?;
@@ -68,6 +68,8 @@ impl Serialize for ReportJson<'_> {
         o.serialize_field("signal_sent", &r.signal_sent)?;
         o.serialize_field("still_held", &r.still_held)?;
         o.serialize_field("held", &r.held)?;
+        o.serialize_field("ended_by", &r.ended_by)?;
+        o.serialize_field("excluded", &r.excluded)?;
         o.serialize_field("message", &r.message)?;
         o.end()
     }
@@ -121,6 +123,8 @@ left alone.
 Examples:
   gracewatch drain --pid \"$OLD\" --timeout 2m            # SIGTERM at zero
   gracewatch wait --pidfile /run/app.pid --min-wait 5s
+  gracewatch drain --pid \"$OLD\" --exclude-peer 10.0.0.5 --timeout 2m  # a scraper's
+      # keep-alive from 10.0.0.5 does not hold it (the signal cuts it)
   gracewatch drain --pidfile /run/nginx.pid.oldbin --children \\
       --exclude \"$(cat /run/nginx.pid)\" --signal QUIT --timeout 5m";
 

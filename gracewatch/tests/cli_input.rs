@@ -31,6 +31,8 @@ enum Kind {
     Count,
     /// An `IP:PORT` address.
     Addr,
+    /// A peer rule, `CIDR[:PORT]`.
+    PeerRule,
     /// Not a number (a path, a URL, a name, a signal, an enum value):
     /// not part of this sweep.
     Other,
@@ -44,6 +46,7 @@ fn kind_of(flag: &str) -> Option<Kind> {
         "--timeout" => Kind::Timeout,
         "--max-connections" | "--ring-buffer-size" => Kind::Count,
         "--listen" => Kind::Addr,
+        "--exclude-peer" => Kind::PeerRule,
         "--pidfile" | "--token-file" | "--unix" | "--agent" | "--comm" | "--signal"
         | "--on-timeout" | "--metric-labels" => Kind::Other,
         _ => return None,
@@ -92,6 +95,19 @@ fn hostile_values(kind: Kind) -> Vec<String> {
         ],
         Kind::Count => vec!["0", "-1", "4294967295", "1023", "many", ""],
         Kind::Addr => vec!["127.0.0.1:-1", "127.0.0.1:65536", "127.0.0.1:abc", "-1", ""],
+        Kind::PeerRule => vec![
+            "bogus",
+            "0.0.0.0/0",
+            "::/0",
+            "10.0.0.1/8",
+            "10.0.0.0/33",
+            "127.0.0.9:0",
+            "127.0.0.9:65536",
+            "[::1",
+            "[::1]9100",
+            "-1",
+            "",
+        ],
         Kind::Other => Vec::new(),
     }
     .into_iter()
@@ -246,6 +262,54 @@ fn a_bad_quiet_for_is_a_usage_error_that_says_why() {
         assert!(
             lines[0].contains("--quiet-for") && lines[0].contains(why),
             "{args:?}: {:?}",
+            r.stderr
+        );
+    }
+}
+
+/// `--exclude-peer` takes an address or CIDR with an optional port; a
+/// value that is none of these, a rule so wide it would end every drain
+/// at once, or too many rules, is refused before a drain starts, naming the
+/// option and why.
+#[test]
+fn a_bad_exclude_peer_is_a_usage_error_that_says_why() {
+    let many: Vec<String> = (0..65)
+        .flat_map(|i| ["--exclude-peer".to_owned(), format!("10.0.0.{i}")])
+        .collect();
+    for (sub, values, why) in [
+        (
+            "drain",
+            vec!["--exclude-peer", "bogus"],
+            "is not a peer rule",
+        ),
+        ("wait", vec!["--exclude-peer", "0.0.0.0/0"], "every peer"),
+        (
+            "drain",
+            vec!["--exclude-peer", "10.0.0.1/8"],
+            "did you mean 10.0.0.0/8",
+        ),
+        ("drain", vec!["--exclude-peer", "127.0.0.9:0"], "port 0"),
+        (
+            "wait",
+            many.iter().map(String::as_str).collect(),
+            "at most 64",
+        ),
+    ] {
+        let mut args: Vec<String> = [sub, "--pid", "1234"]
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        args.extend(values.iter().map(|v| (*v).to_owned()));
+        let r = run(&args);
+        let lines: Vec<&str> = r.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(r.code, Some(2), "{why}: {}", r.stderr);
+        assert!(r.stdout.is_empty(), "{why}: {}", r.stdout);
+        assert_eq!(lines.len(), 1, "{why}: {:?}", r.stderr);
+        assert!(
+            lines[0].starts_with("error: ")
+                && lines[0].contains("--exclude-peer")
+                && lines[0].contains(why),
+            "{why}: {:?}",
             r.stderr
         );
     }

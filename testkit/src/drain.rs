@@ -470,7 +470,8 @@ impl Finished {
     /// target reports every signal it takes with the connections it held
     /// at that moment. At least one target must have seen the signal after
     /// gracewatch started, and every target that saw it must have held
-    /// nothing. Targets that are no `server.py` (nginx…) are left to the
+    /// nothing (but the excluded connections the result names, for a drain
+    /// ended by `--exclude-peer`). Targets that are no `server.py` (nginx…) are left to the
     /// test's own oracle.
     #[track_caller]
     fn check_signal_oracle(&self) {
@@ -529,13 +530,24 @@ impl Finished {
             self.what,
             self.context()
         );
+        // A drain ended by `--exclude-peer` signals with the excluded
+        // connections (and only those) still open: the ones it names.
+        let excluded_of = |pid: u32| -> u64 {
+            if result["ended_by"] != "excluded_peers" {
+                return 0;
+            }
+            result["excluded"]
+                .as_array()
+                .map_or(0, |a| a.iter().filter(|x| x["pid"] == pid).count() as u64)
+        };
         for (pid, s) in &observed {
             assert_eq!(
                 s.open,
-                0,
-                "{}: exit 0, but target {pid} still held {} connection(s) when it received {sent}: {s:?}\n{}",
+                excluded_of(*pid),
+                "{}: exit 0, but target {pid} still held {} connection(s) when it received {sent} (excluded peers named: {}): {s:?}\n{}",
                 self.what,
                 s.open,
+                excluded_of(*pid),
                 self.context()
             );
         }

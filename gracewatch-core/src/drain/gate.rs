@@ -14,14 +14,15 @@ use std::{
 use tokio::time::Instant;
 
 use super::{
-    DrainReport, DrainSpec, HeldConnection, OnTimeout, Outcome, Progress, SignalSpec, Targets,
+    DrainReport, DrainSpec, EndedBy, ExcludedConnection, HeldConnection, OnTimeout, Outcome,
+    Progress, SignalSpec, Targets,
     quiet::{Quiet, human},
 };
 use crate::{
     event::ListenAddr,
-    monitor::{FdLook, MonitorHandle, monotonic_now},
+    monitor::{ExcludedFd, FdLook, MonitorHandle, monotonic_now},
     source::process::{Delivery, PinnedProcess, errno_text},
-    tracker::Status,
+    tracker::{ConnInfo, Status},
 };
 
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
@@ -30,6 +31,17 @@ const RATE_WINDOW: Duration = Duration::from_secs(5);
 /// How soon to look at the fds again when the kernel count is zero but the
 /// targets' fd tables still show live sockets (shared or passed fds).
 const RECHECK: Duration = Duration::from_millis(100);
+/// Connections named in a result's `held` and `excluded`.
+const MAX_NAMED: usize = 10;
+
+/// A TCP state as the result names it.
+fn state_name(state: u8) -> &'static str {
+    match state {
+        1 => "established",
+        8 => "close_wait",
+        _ => "other",
+    }
+}
 
 struct Gate<'a> {
     handle: &'a MonitorHandle,
@@ -138,7 +150,9 @@ impl Gate<'_> {
                     waiting_for_exit = true;
                 } else {
                     match self.fd_check().await {
-                        FdCheck::Clear => return Ok(self.finish_drained().await),
+                        FdCheck::Clear(excluded) => {
+                            return Ok(self.finish_drained(excluded).await);
+                        }
                         FdCheck::Held(held) => {
                             recheck_at = Some(now + RECHECK);
                             self.doubt = None;
@@ -171,7 +185,12 @@ impl Gate<'_> {
             if last_live != Some(live) || now >= next_progress {
                 if last_live != Some(u64::MAX) || live > 0 {
                     let oldest = self.oldest().await;
-                    let msg = self.describe(live, &status, oldest.as_ref());
+                    let excluded = if self.spec.exclude_peers.is_empty() {
+                        0
+                    } else {
+                        self.split(true, 0).await?.0
+                    };
+                    let msg = self.describe(live, excluded, &status, oldest.as_ref());
                     on_progress(&self.progress_with(live, oldest, msg));
                 }
                 last_live = Some(live);
@@ -224,9 +243,30 @@ impl Gate<'_> {
         self.alive.iter().map(|p| p.pid).collect()
     }
 
+    /// Live connections that hold the drain: all of the targets' live
+    /// connections, less those of `--exclude-peer` peers.
     async fn live(&self) -> anyhow::Result<u64> {
+        if self.spec.exclude_peers.is_empty() {
+            return self
+                .handle
+                .live_of(&self.alive_pids(), &self.spec.ports)
+                .await;
+        }
+        Ok(self.split(false, 0).await?.0)
+    }
+
+    /// The targets' live connections whose peer the rules exclude
+    /// (`excluded`) or not, as the tracker knows them: the count and the
+    /// `k` oldest.
+    async fn split(&self, excluded: bool, k: usize) -> anyhow::Result<(u64, Vec<ConnInfo>)> {
         self.handle
-            .live_of(&self.alive_pids(), &self.spec.ports)
+            .oldest_by_peer(
+                &self.alive_pids(),
+                &self.spec.ports,
+                k,
+                &self.spec.exclude_peers,
+                excluded,
+            )
             .await
     }
 
@@ -308,11 +348,16 @@ impl Gate<'_> {
             .collect();
         let looked = self
             .handle
-            .held_fds(targets, known, self.spec.ports.clone())
+            .held_fds(
+                targets,
+                known,
+                self.spec.ports.clone(),
+                self.spec.exclude_peers.clone(),
+            )
             .await;
         match looked {
-            FdLook::Held(0) => FdCheck::Clear,
-            FdLook::Held(held) => FdCheck::Held(held),
+            FdLook::Held { held: 0, excluded } => FdCheck::Clear(excluded),
+            FdLook::Held { held, .. } => FdCheck::Held(held),
             // A target that exited meanwhile: its pidfd ends the drain.
             FdLook::Doubt { pid: Some(pid), .. }
                 if self.alive.iter().any(|p| p.pid == pid && p.has_exited()) =>
@@ -353,7 +398,73 @@ impl Gate<'_> {
         Ok(None)
     }
 
-    async fn finish_drained(&mut self) -> DrainReport {
+    /// Ends a confirmed drain: `excluded` are the live sockets of excluded
+    /// peers the fresh look found (the drain ended by `--exclude-peer` if
+    /// there are any, by zero otherwise).
+    async fn finish_drained(&mut self, excluded: Vec<ExcludedFd>) -> DrainReport {
+        let ended_by = if excluded.is_empty() {
+            EndedBy::Zero
+        } else {
+            EndedBy::ExcludedPeers
+        };
+        let excluded = self.name_excluded(excluded).await;
+        let report = self.finish_signal().await;
+        let mut report = report;
+        if report.outcome == Outcome::Drained {
+            report.ended_by = Some(ended_by);
+        }
+        if ended_by == EndedBy::ExcludedPeers {
+            let n = excluded.len();
+            report.message = format!(
+                "{}; ended with {n} live connection(s) left, every one from a peer --exclude-peer excludes{}",
+                report.message,
+                if report.signal_sent.is_some() {
+                    " (the signal cuts them)"
+                } else {
+                    ""
+                }
+            );
+        }
+        report.excluded = excluded;
+        report
+    }
+
+    /// The excluded sockets of a fresh look as the result names them,
+    /// oldest first by the tracker's ages (those it does not know last),
+    /// at most 10.
+    async fn name_excluded(&self, found: Vec<ExcludedFd>) -> Vec<ExcludedConnection> {
+        let now = monotonic_now();
+        let known = self
+            .split(true, found.len().min(MAX_NAMED))
+            .await
+            .map(|(_, v)| v)
+            .unwrap_or_default();
+        let mut named: Vec<ExcludedConnection> = found
+            .into_iter()
+            .map(|f| ExcludedConnection {
+                pid: f.pid,
+                local: f.tuple.local.to_string(),
+                peer: f.tuple.remote.to_string(),
+                state: Some(state_name(f.state).to_owned()),
+                age_ms: known
+                    .iter()
+                    .find(|c| c.tuple == f.tuple)
+                    .map(|c| now.saturating_sub(c.since).as_millis() as u64),
+            })
+            .collect();
+        named.sort_by_key(|c| {
+            (
+                std::cmp::Reverse(c.age_ms),
+                c.pid,
+                c.local.clone(),
+                c.peer.clone(),
+            )
+        });
+        named.truncate(MAX_NAMED);
+        named
+    }
+
+    async fn finish_signal(&mut self) -> DrainReport {
         let took = self.start.elapsed().as_secs_f64();
         let who = self.who();
         let who = match &self.quiet {
@@ -470,11 +581,14 @@ impl Gate<'_> {
 
     async fn held(&self, limit: usize) -> (u64, Vec<HeldConnection>) {
         let now = monotonic_now();
-        let (total, oldest) = self
-            .handle
-            .oldest_connections(&self.alive_pids(), &self.spec.ports, limit)
-            .await
-            .unwrap_or_default();
+        let (total, oldest) = if self.spec.exclude_peers.is_empty() {
+            self.handle
+                .oldest_connections(&self.alive_pids(), &self.spec.ports, limit)
+                .await
+                .unwrap_or_default()
+        } else {
+            self.split(false, limit).await.unwrap_or_default()
+        };
         let held = oldest
             .iter()
             .map(|c| HeldConnection {
@@ -502,7 +616,13 @@ impl Gate<'_> {
         (closes, accepted)
     }
 
-    fn describe(&self, live: u64, status: &Status, oldest: Option<&HeldConnection>) -> String {
+    fn describe(
+        &self,
+        live: u64,
+        excluded: u64,
+        status: &Status,
+        oldest: Option<&HeldConnection>,
+    ) -> String {
         let mut parts = Vec::new();
         for pid in self.alive_pids() {
             let comm = status
@@ -520,6 +640,11 @@ impl Gate<'_> {
             parts.push(format!("pid {pid} ({comm})"));
         }
         let mut msg = format!("{}: {live} live", parts.join(", "));
+        if excluded > 0 {
+            msg.push_str(&format!(
+                " (and {excluded} from excluded peers, which do not hold the drain)"
+            ));
+        }
         let (closes, accepted) = self.rates();
         if live > 0 {
             msg.push_str(&format!(", {closes:.1} closes/s"));
@@ -591,7 +716,27 @@ impl Gate<'_> {
         let (still_held, held) = if outcome == Outcome::Drained {
             (0, Vec::new())
         } else {
-            self.held(10).await
+            self.held(MAX_NAMED).await
+        };
+        // What the tracker knows of excluded peers' connections; a drain
+        // ended by them replaces this with what its fresh look found.
+        let excluded = if self.spec.exclude_peers.is_empty() {
+            Vec::new()
+        } else {
+            let now = monotonic_now();
+            self.split(true, MAX_NAMED)
+                .await
+                .map(|(_, v)| v)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|c| ExcludedConnection {
+                    pid: c.holders.first().copied().unwrap_or(0),
+                    local: c.tuple.local.to_string(),
+                    peer: c.tuple.remote.to_string(),
+                    state: None,
+                    age_ms: Some(now.saturating_sub(c.since).as_millis() as u64),
+                })
+                .collect()
         };
         DrainReport {
             targets: self.all.clone(),
@@ -602,6 +747,8 @@ impl Gate<'_> {
             signal_sent: signal.map(|s| s.name()),
             still_held,
             held,
+            ended_by: (outcome == Outcome::Drained).then_some(EndedBy::Zero),
+            excluded,
             message,
         }
     }
@@ -609,8 +756,8 @@ impl Gate<'_> {
 
 /// What a look at the targets' own fd tables found.
 enum FdCheck {
-    /// No live inbound socket: drained.
-    Clear,
+    /// No live inbound socket but those of excluded peers (listed): drained.
+    Clear(Vec<ExcludedFd>),
     /// This many still held (shared or passed fds the kernel count misses).
     Held(usize),
     /// A target exited while it was looked at.
@@ -879,6 +1026,163 @@ mod tests {
             .expect("the gate task");
         assert_eq!(report.outcome, Outcome::TargetExited, "{report:?}");
         assert_eq!(report.still_held, 1, "{report:?}");
+        assert_eq!(report.signal_sent, None);
+    }
+
+    /// A real server-side socket held (as stdin) by a `sleep` target, its
+    /// client bound to `client_ip`; the replayed monitor is told the
+    /// connection came from `tracked_peer_ip` (which lets a test make the
+    /// tracker and the socket disagree). Returns the child, the monitor,
+    /// and the real peer address.
+    fn held_by_child(
+        client_ip: [u8; 4],
+        tracked_peer_ip: [u8; 4],
+    ) -> (
+        std::process::Child,
+        MonitorHandle,
+        SocketAddr,
+        std::net::TcpStream,
+    ) {
+        use std::os::{fd::OwnedFd, unix::fs::MetadataExt as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+        let server = listener.local_addr().expect("listener address");
+        let fd = rustix::net::socket(
+            rustix::net::AddressFamily::INET,
+            rustix::net::SocketType::STREAM,
+            None,
+        )
+        .expect("socket");
+        let from = std::net::SocketAddrV4::new(client_ip.into(), 0);
+        rustix::net::bind(&fd, &from).expect("bind the client's source address");
+        rustix::net::connect(&fd, &server).expect("connect");
+        let client = std::net::TcpStream::from(fd);
+        let (accepted, peer) = listener.accept().expect("accept");
+        let child = std::process::Command::new("sleep")
+            .arg("30")
+            .stdin(std::process::Stdio::from(OwnedFd::from(accepted)))
+            .spawn()
+            .expect("spawn sleep");
+        let netns = std::fs::metadata("/proc/self/ns/net")
+            .expect("own netns")
+            .ino() as u32;
+        let pid = child.id();
+        let tracked = SocketAddr::new(tracked_peer_ip.into(), peer.port());
+        let events = vec![
+            ConnEvent::ListenStart {
+                at: Duration::ZERO,
+                sk: 1_000_000,
+                addr: ListenAddr {
+                    netns,
+                    local: server,
+                },
+                pid,
+                comm: "sleep".to_owned(),
+            },
+            ConnEvent::Accept {
+                at: Duration::from_millis(1),
+                sk: 7,
+                tuple: Tuple {
+                    netns,
+                    local: server,
+                    remote: tracked,
+                },
+                pid,
+                comm: "sleep".to_owned(),
+                was_queued: false,
+            },
+        ];
+        let handle = MonitorHandle::from_replay(events, Snapshot::default());
+        drop(listener);
+        (child, handle, peer, client)
+    }
+
+    fn exclude_9() -> DrainSpec {
+        DrainSpec {
+            exclude_peers: vec![crate::input::parse_peer_rule("127.0.0.9").expect("rule")],
+            ..DrainSpec::default()
+        }
+    }
+
+    /// `--exclude-peer 127.0.0.9` with one live connection left, from
+    /// 127.0.0.9: drained at once, by `excluded_peers`, the connection
+    /// named (peer, state) and the target signalled. Without the rule the
+    /// same connection holds the drain.
+    #[tokio::test]
+    async fn only_excluded_peers_left_ends_the_drain_and_names_them() {
+        let (mut child, handle, peer, _client) = held_by_child([127, 0, 0, 9], [127, 0, 0, 9]);
+        let pid = child.id();
+        let pick = || {
+            choose(&TargetSpec {
+                pids: vec![pid],
+                ..TargetSpec::default()
+            })
+            .expect("the child is a target")
+        };
+        let plain = DrainSpec {
+            signal: None,
+            ..DrainSpec::default()
+        };
+        let held = tokio::time::timeout(
+            Duration::from_millis(500),
+            run(&handle, pick(), &plain, |_| {}, std::future::pending()),
+        )
+        .await;
+        assert!(held.is_err(), "ended without the rule: {held:?}");
+
+        let started = Instant::now();
+        let report = tokio::time::timeout(
+            Duration::from_secs(10),
+            run(
+                &handle,
+                pick(),
+                &exclude_9(),
+                |_| {},
+                std::future::pending(),
+            ),
+        )
+        .await
+        .expect("the gate ends");
+        let took = started.elapsed();
+        assert_eq!(report.outcome, Outcome::Drained, "{report:?}");
+        assert_eq!(report.ended_by, Some(EndedBy::ExcludedPeers), "{report:?}");
+        assert_eq!(report.signal_sent.as_deref(), Some("SIGTERM"), "{report:?}");
+        assert_eq!(report.still_held, 0);
+        assert_eq!(report.excluded.len(), 1, "{report:?}");
+        let x = &report.excluded[0];
+        assert_eq!((x.pid, x.peer.as_str()), (pid, peer.to_string().as_str()));
+        assert_eq!(x.state.as_deref(), Some("established"));
+        assert!(x.age_ms.is_some(), "{x:?}");
+        assert!(report.message.contains("--exclude-peer"), "{report:?}");
+        assert!(took < Duration::from_secs(1), "took {took:?}");
+        let status = child.wait().expect("wait");
+        assert_eq!(status.signal(), Some(libc::SIGTERM));
+    }
+
+    /// Fail closed: the tracker says the peer is excluded, but the socket
+    /// the target holds says otherwise. The fresh look decides: no end,
+    /// no signal.
+    #[tokio::test]
+    async fn the_socket_not_the_tracker_says_whether_a_peer_is_excluded() {
+        let (mut child, handle, _peer, _client) = held_by_child([127, 0, 0, 1], [127, 0, 0, 9]);
+        let targets = choose(&TargetSpec {
+            pids: vec![child.id()],
+            ..TargetSpec::default()
+        })
+        .expect("the child is a target");
+        let spec = exclude_9();
+        let mut drain = tokio::spawn(async move {
+            run(&handle, targets, &spec, |_| {}, std::future::pending()).await
+        });
+        let early = tokio::time::timeout(Duration::from_millis(800), &mut drain).await;
+        assert!(early.is_err(), "ended on the tracker's word: {early:?}");
+        assert_eq!(child.try_wait().expect("try_wait"), None, "signalled");
+        child.kill().expect("kill the target");
+        let _ = child.wait();
+        let report = tokio::time::timeout(Duration::from_secs(10), drain)
+            .await
+            .expect("the gate sees the exit")
+            .expect("the gate task");
+        assert_ne!(report.outcome, Outcome::Drained, "{report:?}");
         assert_eq!(report.signal_sent, None);
     }
 }

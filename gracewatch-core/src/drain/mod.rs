@@ -17,7 +17,10 @@ use serde::{Deserialize, Serialize};
 pub use gate::run;
 pub use signal::SignalSpec;
 
-use crate::source::process::{self, PinnedProcess};
+use crate::{
+    input::PeerRule,
+    source::process::{self, PinnedProcess},
+};
 
 /// Which processes to drain, as the user named them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -71,6 +74,11 @@ pub struct DrainSpec {
     /// the last such connection, whichever is later; zero: off. A momentary
     /// zero between two short requests then ends nothing.
     pub quiet_for: Duration,
+    /// `--exclude-peer`: live connections from these peers do not hold the
+    /// drain. The gate ends it when every live connection the targets hold
+    /// is excluded, as a fresh look at the targets' sockets confirms (the
+    /// peer read from the socket, never from the tracker alone).
+    pub exclude_peers: Vec<PeerRule>,
 }
 
 impl Default for DrainSpec {
@@ -82,6 +90,7 @@ impl Default for DrainSpec {
             on_timeout: OnTimeout::Leave,
             min_wait: Duration::ZERO,
             quiet_for: Duration::ZERO,
+            exclude_peers: Vec::new(),
         }
     }
 }
@@ -212,6 +221,32 @@ pub struct HeldConnection {
     pub age_ms: u64,
 }
 
+/// A live connection from an excluded peer (`--exclude-peer`), named in
+/// the result: the drain did not wait for it, and the signal cuts it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExcludedConnection {
+    pub pid: u32,
+    pub local: String,
+    pub peer: String,
+    /// `established` or `close_wait`, as the gate's fresh look at the
+    /// targets' sockets found it; `None` where only the tracker's view is
+    /// known (a drain that did not end by them).
+    pub state: Option<String>,
+    /// `None` when the tracker does not know the connection (yet).
+    pub age_ms: Option<u64>,
+}
+
+/// Which rule ended a drain that drained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndedBy {
+    /// The targets held no live connection (and `--min-wait`/`--quiet-for`,
+    /// if given, had passed), or drained and exited by themselves.
+    Zero,
+    /// Every live connection left was from a peer `--exclude-peer` names.
+    ExcludedPeers,
+}
+
 /// One progress event (`--json`: `"type": "progress"`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Progress {
@@ -243,5 +278,13 @@ pub struct DrainReport {
     pub still_held: u64,
     /// The oldest of those, oldest first (at most 10).
     pub held: Vec<HeldConnection>,
+    /// What ended it when `outcome` is `drained`; `None` otherwise.
+    #[serde(default)]
+    pub ended_by: Option<EndedBy>,
+    /// Live connections from excluded peers when the drain ended, oldest
+    /// first (at most 10): for a drain ended by `excluded_peers`, the ones
+    /// the fresh look found, which the signal cuts. Not in `still_held`.
+    #[serde(default)]
+    pub excluded: Vec<ExcludedConnection>,
     pub message: String,
 }

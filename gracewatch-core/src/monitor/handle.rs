@@ -11,6 +11,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use super::{Monitor, publish::Outlets};
 use crate::{
     event::{ConnEvent, Snapshot},
+    input::{PeerRule, peer_excluded},
     source::{
         MonitorError, Source,
         ebpf::{EbpfSource, ProgramStats, SourceOptions},
@@ -60,6 +61,16 @@ enum Query {
         oneshot::Sender<(u64, Vec<ConnInfo>)>,
     ),
     LiveOf(Vec<u32>, Vec<u16>, oneshot::Sender<u64>),
+    /// [`Query::Oldest`] of the connections whose peer the rules exclude
+    /// (`true`) or do not exclude (`false`).
+    OldestByPeer(
+        Vec<u32>,
+        Vec<u16>,
+        usize,
+        Vec<PeerRule>,
+        bool,
+        oneshot::Sender<(u64, Vec<ConnInfo>)>,
+    ),
     /// Apply everything the kernel delivered so far, then answer.
     Sync(oneshot::Sender<()>),
     /// Exit accounts of watched pids, counting closes on these ports (all if empty).
@@ -181,6 +192,12 @@ impl<S: Source> Monitor<S> {
                 );
                 let _ = reply.send(answer);
             }
+            Query::OldestByPeer(pids, ports, k, rules, excluded, reply) => {
+                let answer = self.tracker.oldest_where(&pids, &ports, k, |t| {
+                    peer_excluded(&rules, &t.remote) == excluded
+                });
+                let _ = reply.send(answer);
+            }
             Query::LiveOf(pids, ports, reply) => {
                 let n = pids.iter().map(|&p| self.tracker.live_of(p, &ports)).sum();
                 let _ = reply.send(n);
@@ -276,6 +293,30 @@ impl MonitorHandle {
         let (tx, rx) = oneshot::channel();
         self.ask(Query::Oldest(pids.to_vec(), ports.to_vec(), k, tx))
             .await?;
+        rx.await.context("the monitor stopped")
+    }
+
+    /// [`MonitorHandle::oldest_connections`] split by peer: only the
+    /// connections whose peer (as the tracker knows it) `rules` exclude
+    /// (`excluded`), or only those they do not.
+    pub async fn oldest_by_peer(
+        &self,
+        pids: &[u32],
+        ports: &[u16],
+        k: usize,
+        rules: &[PeerRule],
+        excluded: bool,
+    ) -> anyhow::Result<(u64, Vec<ConnInfo>)> {
+        let (tx, rx) = oneshot::channel();
+        self.ask(Query::OldestByPeer(
+            pids.to_vec(),
+            ports.to_vec(),
+            k,
+            rules.to_vec(),
+            excluded,
+            tx,
+        ))
+        .await?;
         rx.await.context("the monitor stopped")
     }
 

@@ -10,17 +10,34 @@ use std::collections::HashMap;
 use super::MonitorHandle;
 use crate::{
     event::{ListenAddr, Tuple},
+    input::{PeerRule, peer_excluded},
     source::{Liveness, liveness, snapshot},
 };
 
 /// What a look at some processes' fd tables found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FdLook {
-    /// Every table was read: this many live inbound sockets are held.
-    Held(usize),
+    /// Every table was read: `held` live inbound sockets hold the drain,
+    /// and `excluded` are those whose peer, as the socket itself says, the
+    /// rules exclude.
+    Held {
+        held: usize,
+        excluded: Vec<ExcludedFd>,
+    },
     /// A table could not be read, so nothing is decided: `pid` names the
     /// process whose table failed (none if the look itself failed).
     Doubt { pid: Option<u32>, reason: String },
+}
+
+/// A live inbound socket a target holds whose peer a rule excludes, as
+/// one fresh look at the fd table and a sock_diag dump found it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExcludedFd {
+    /// The target whose fd table holds it.
+    pub pid: u32,
+    pub tuple: Tuple,
+    /// TCP state number (1 ESTABLISHED, 8 CLOSE_WAIT).
+    pub state: u8,
 }
 
 impl MonitorHandle {
@@ -29,22 +46,36 @@ impl MonitorHandle {
     /// given. A socket counts as inbound when its local address is one of
     /// `known` listeners or one the process listens on now. Fails closed:
     /// the first table that cannot be read makes the whole look a
-    /// [`FdLook::Doubt`].
+    /// [`FdLook::Doubt`]. A socket counts as excluded only when its peer,
+    /// read from the socket in this look, matches one of `rules`; a socket
+    /// shared by several targets is counted once per target, as before.
     pub async fn held_fds(
         &self,
         targets: Vec<(u32, String)>,
         known: Vec<ListenAddr>,
         ports: Vec<u16>,
+        rules: Vec<PeerRule>,
     ) -> FdLook {
         let looked = tokio::task::spawn_blocking(move || {
             let mut held = 0;
+            let mut excluded = Vec::new();
             for (pid, comm) in targets {
-                match snapshot::live_inbound_fds_with(pid, &known) {
+                match snapshot::live_inbound_conns_with(pid, &known) {
                     Ok(v) => {
-                        held += v
+                        for c in v
                             .iter()
-                            .filter(|t| ports.is_empty() || ports.contains(&t.local.port()))
-                            .count();
+                            .filter(|c| ports.is_empty() || ports.contains(&c.tuple.local.port()))
+                        {
+                            if peer_excluded(&rules, &c.tuple.remote) {
+                                excluded.push(ExcludedFd {
+                                    pid,
+                                    tuple: c.tuple,
+                                    state: c.state,
+                                });
+                            } else {
+                                held += 1;
+                            }
+                        }
                     }
                     Err(e) => {
                         return FdLook::Doubt {
@@ -54,7 +85,7 @@ impl MonitorHandle {
                     }
                 }
             }
-            FdLook::Held(held)
+            FdLook::Held { held, excluded }
         })
         .await;
         looked.unwrap_or_else(|e| FdLook::Doubt {
@@ -95,11 +126,21 @@ mod tests {
     async fn an_unreadable_fd_table_is_a_doubt_naming_its_pid() {
         let handle = MonitorHandle::from_replay(Vec::new(), Snapshot::default());
         assert_eq!(
-            handle.held_fds(Vec::new(), Vec::new(), Vec::new()).await,
-            FdLook::Held(0)
+            handle
+                .held_fds(Vec::new(), Vec::new(), Vec::new(), Vec::new())
+                .await,
+            FdLook::Held {
+                held: 0,
+                excluded: Vec::new()
+            }
         );
         let looked = handle
-            .held_fds(vec![(NO_SUCH_PID, "gone".into())], Vec::new(), vec![80])
+            .held_fds(
+                vec![(NO_SUCH_PID, "gone".into())],
+                Vec::new(),
+                vec![80],
+                Vec::new(),
+            )
             .await;
         let FdLook::Doubt { pid, reason } = looked else {
             panic!("a missing fd table decided something: {looked:?}");

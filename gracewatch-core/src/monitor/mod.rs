@@ -35,7 +35,7 @@ use std::{collections::BTreeMap, time::Duration};
 use tokio::sync::broadcast;
 
 pub use self::handle::{ExitAccount, MonitorHandle, WatchGuard};
-pub use self::look::FdLook;
+pub use self::look::{ExcludedFd, FdLook};
 use self::pump::{ExitAccounts, Untracked};
 pub use self::record::Recorder;
 pub use crate::source::{

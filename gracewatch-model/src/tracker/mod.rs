@@ -410,6 +410,18 @@ impl Tracker {
     /// if any are given), and the `k` oldest of them, oldest first. One
     /// pass; only the `k` returned are copied out.
     pub fn oldest_of(&self, pids: &[u32], ports: &[u16], k: usize) -> (u64, Vec<ConnInfo>) {
+        self.oldest_where(pids, ports, k, |_| true)
+    }
+
+    /// [`Tracker::oldest_of`], counting only the connections `keep` takes
+    /// (the drain gate splits off those of excluded peers).
+    pub fn oldest_where(
+        &self,
+        pids: &[u32],
+        ports: &[u16],
+        k: usize,
+        keep: impl Fn(&Tuple) -> bool,
+    ) -> (u64, Vec<ConnInfo>) {
         // A max-heap of the k oldest seen so far: its top is the youngest
         // of them, the one a still older connection replaces.
         let mut oldest: BinaryHeap<(Duration, Tuple)> =
@@ -419,6 +431,7 @@ impl Tracker {
         for (tuple, c) in &self.conns {
             if !(ports.is_empty() || ports.contains(&tuple.local.port()))
                 || !held_by_any(c, &wanted)
+                || !keep(tuple)
             {
                 continue;
             }

@@ -391,6 +391,22 @@ fn print_line(value: &serde_json::Value, json: bool) {
                 h["age_ms"].as_f64().unwrap_or_default() / 1000.0
             );
         }
+        for x in value["excluded"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            eprintln!(
+                "gracewatch:   excluded peer, held by pid {}: {} ← {}{}",
+                x["pid"],
+                terminal_safe(x["local"].as_str().unwrap_or_default()),
+                terminal_safe(x["peer"].as_str().unwrap_or_default()),
+                x["age_ms"]
+                    .as_f64()
+                    .map(|ms| format!(" (age {:.1}s)", ms / 1000.0))
+                    .unwrap_or_default()
+            );
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use tokio::{
 
 use crate::{
     drain::{self, DrainReport, DrainSpec, OnTimeout, Progress, SignalSpec, TargetSpec, Targets},
-    input::{check_pid, parse_duration, parse_timeout},
+    input::{MAX_PEER_RULES, check_pid, parse_duration, parse_peer_rule, parse_timeout},
     monitor::MonitorHandle,
 };
 
@@ -66,6 +66,11 @@ pub struct DrainRequest {
     /// request when unset, so older agents take it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quiet_for: Option<String>,
+    /// Peers whose connections do not hold the drain (see
+    /// `--exclude-peer`): `["127.0.0.9", "10.0.0.0/8:9100"]`, at most 64.
+    /// Left out of a serialised request when empty, so older agents take it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude_peer: Vec<String>,
     /// Trust a pidfile that root does not own, that group or others can
     /// write, or whose owner does not own the process it names.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -104,6 +109,18 @@ impl DrainRequest {
         if self.ports.contains(&0) {
             return Err("ports: port 0 is not a port a connection can use (1 to 65535)".to_owned());
         }
+        if self.exclude_peer.len() > MAX_PEER_RULES {
+            return Err(format!(
+                "exclude_peer: {} rules, at most {MAX_PEER_RULES} (use a CIDR to cover many peers)",
+                self.exclude_peer.len()
+            ));
+        }
+        let exclude_peers = self
+            .exclude_peer
+            .iter()
+            .map(|r| parse_peer_rule(r))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("exclude_peer: {e}"))?;
         let spec = DrainSpec {
             ports: self.ports.clone(),
             signal,
@@ -111,6 +128,7 @@ impl DrainRequest {
             on_timeout: self.on_timeout,
             min_wait,
             quiet_for,
+            exclude_peers,
         };
         let targets = TargetSpec {
             pids: self.pids.clone(),
@@ -337,7 +355,8 @@ mod tests {
         let req = request(
             r#"{"pids": [1, 2], "pidfile": "/run/x.pid", "children": true, "exclude": [3],
                 "ports": [80, 443], "signal": "QUIT", "timeout": "90s",
-                "on_timeout": "kill", "min_wait": "1500ms", "quiet_for": "2s"}"#,
+                "on_timeout": "kill", "min_wait": "1500ms", "quiet_for": "2s",
+                "exclude_peer": ["127.0.0.9", "[::1]:9100"]}"#,
         )
         .expect("parses");
         let (targets, spec) = req.to_specs().expect("valid");
@@ -385,11 +404,14 @@ mod tests {
         assert_eq!(spec.on_timeout, OnTimeout::Kill);
         assert_eq!(spec.min_wait, Duration::from_millis(1500));
         assert_eq!(spec.quiet_for, Duration::from_secs(2));
+        let rules: Vec<String> = spec.exclude_peers.iter().map(ToString::to_string).collect();
+        assert_eq!(rules, ["127.0.0.9", "[::1]:9100"]);
         // Unset: off, and left out when the client serialises it.
         let plain = request(r#"{"pids": [1]}"#).expect("parses");
         assert_eq!(plain.to_specs().expect("valid").1.quiet_for, Duration::ZERO);
         let sent = serde_json::to_value(&plain).expect("serialises");
         assert!(sent.get("quiet_for").is_none(), "{sent}");
+        assert!(sent.get("exclude_peer").is_none(), "{sent}");
         let none = request(r#"{"pids": [1], "signal": "none"}"#).expect("parses");
         assert_eq!(none.to_specs().expect("valid").1.signal, None);
     }
@@ -439,6 +461,19 @@ mod tests {
             (r#"{"pids": [4194305]}"#, "out of range"),
             (r#"{"pids": [5], "exclude": [4294967295]}"#, "out of range"),
             (r#"{"pids": [5], "ports": [0]}"#, "port 0"),
+            (
+                r#"{"pids": [5], "exclude_peer": ["bogus"]}"#,
+                "exclude_peer: `bogus`",
+            ),
+            (
+                r#"{"pids": [5], "exclude_peer": ["10.0.0.1/8"]}"#,
+                "did you mean",
+            ),
+            (
+                r#"{"pids": [5], "exclude_peer": ["0.0.0.0/0"]}"#,
+                "every peer",
+            ),
+            (r#"{"pids": [5], "exclude_peer": [""]}"#, "exclude_peer"),
         ] {
             let err = request(json).expect("parses").to_specs().expect_err(json);
             assert!(err.contains(why), "{json}: {err}");

@@ -682,6 +682,8 @@ mod tests {
             signal_sent: None,
             still_held: 1,
             held: vec![],
+            ended_by: None,
+            excluded: vec![],
             message: String::new(),
         });
         let text = m

@@ -12,7 +12,10 @@ use crate::{
     display::terminal_safe,
     drain::{self, DrainSpec, OnTimeout, SignalSpec, TargetSpec},
     exit,
-    input::{parse_max_connections, parse_pid, parse_port, parse_ring_buffer_size, parse_timeout},
+    input::{
+        PeerRule, check_peer_rules, parse_max_connections, parse_peer_rule, parse_pid, parse_port,
+        parse_ring_buffer_size, parse_timeout,
+    },
     monitor::{Monitor, MonitorError, Recorder, SourceOptions},
     tracker::{Restarts, Status, records::FactLine},
 };
@@ -145,6 +148,17 @@ struct DrainArgs {
     /// the start or the last new connection; --min-wait must pass as well.
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "0s", allow_hyphen_values = true)]
     quiet_for: Duration,
+    /// Connections from this peer do not hold the drain (repeatable, at
+    /// most 64): an address or CIDR with an optional port, e.g. 127.0.0.9,
+    /// 10.0.0.0/8:9100, [::1]:9100, 2001:db8::/32 (a monitoring scraper, a
+    /// health checker). The drain ends once every live connection left is
+    /// from such a peer, as a fresh look at the target's sockets confirms,
+    /// and the result names them. Risk: the signal then cuts those
+    /// connections, and a CIDR wider than the scraper (or a port that real
+    /// clients share) ends the drain with real clients still connected. An
+    /// IPv4 rule also matches IPv4 clients of a dual-stack listener.
+    #[arg(long, value_name = "CIDR[:PORT]", value_parser = parse_peer_rule, allow_hyphen_values = true)]
+    exclude_peer: Vec<PeerRule>,
     /// One JSON object per progress event, then a result object, on stdout.
     #[arg(long)]
     json: bool,
@@ -386,6 +400,10 @@ async fn drain_cmd(
     args: DrainArgs,
     signal: Option<SignalSpec>,
 ) -> anyhow::Result<u8> {
+    if let Err(e) = check_peer_rules(&args.exclude_peer) {
+        eprintln!("error: --exclude-peer: {e}");
+        return Ok(exit::USAGE);
+    }
     if let Some(url) = &args.agent {
         let req = crate::agent::DrainRequest {
             pids: args.pids.clone(),
@@ -400,6 +418,7 @@ async fn drain_cmd(
             // Left out when off, so an older agent takes the request.
             quiet_for: (!args.quiet_for.is_zero())
                 .then(|| format!("{}s", args.quiet_for.as_secs_f64())),
+            exclude_peer: args.exclude_peer.iter().map(ToString::to_string).collect(),
             allow_unsafe_pidfile: args.allow_unsafe_pidfile,
             allow_dangerous_target: args.allow_dangerous_target,
         };
@@ -413,6 +432,7 @@ async fn drain_cmd(
         on_timeout: args.on_timeout.into(),
         min_wait: args.min_wait,
         quiet_for: args.quiet_for,
+        exclude_peers: args.exclude_peer.clone(),
     };
     let targets = match drain::choose(&TargetSpec {
         pids: args.pids.clone(),
@@ -467,6 +487,17 @@ async fn drain_cmd(
                 terminal_safe(&h.local),
                 terminal_safe(&h.peer),
                 h.age_ms as f64 / 1000.0
+            );
+        }
+        for x in &report.excluded {
+            eprintln!(
+                "gracewatch:   excluded peer, held by pid {}: {} ← {}{}",
+                x.pid,
+                terminal_safe(&x.local),
+                terminal_safe(&x.peer),
+                x.age_ms
+                    .map(|ms| format!(" (age {:.1}s)", ms as f64 / 1000.0))
+                    .unwrap_or_default()
             );
         }
     }

@@ -154,6 +154,7 @@ pub fn live_inbound_fds(pid: u32) -> anyhow::Result<Vec<Tuple>> {
 /// [`live_inbound_fds`], also counting as inbound any connection whose local
 /// address matches one of `known_listeners` (addresses the caller saw the
 /// target listen on, which may since have been closed).
+#[cfg(test)]
 pub fn live_inbound_fds_with(
     pid: u32,
     known_listeners: &[ListenAddr],
