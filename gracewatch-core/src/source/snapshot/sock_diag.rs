@@ -537,6 +537,58 @@ mod tests {
         assert_eq!(parse(&[]).0.unwrap(), Reply::More);
     }
 
+    /// `s` as [`inet_diag_msg`] has it (send queue 3), followed by an
+    /// `INET_DIAG_INFO` attribute holding `info` if given.
+    fn with_tcp_info(s: &DiagSocket, info: Option<&[u8]>) -> Vec<u8> {
+        let mut body = inet_diag_msg(s)[16..16 + 72].to_vec();
+        if let Some(info) = info {
+            body.extend_from_slice(&u16::try_from(4 + info.len()).unwrap().to_ne_bytes());
+            body.extend_from_slice(&u16::from(INET_DIAG_INFO).to_ne_bytes());
+            body.extend_from_slice(info);
+            body.resize(body.len().next_multiple_of(4), 0);
+        }
+        nlmsg(SOCK_DIAG_BY_FAMILY, &body)
+    }
+
+    fn tcp_info(len: usize, sent: u32, recv: u32, notsent: u32) -> Vec<u8> {
+        let mut info = vec![0u8; 232];
+        info[TCPI_LAST_DATA_SENT..][..4].copy_from_slice(&sent.to_ne_bytes());
+        info[TCPI_LAST_DATA_RECV..][..4].copy_from_slice(&recv.to_ne_bytes());
+        info[TCPI_NOTSENT_BYTES..][..4].copy_from_slice(&notsent.to_ne_bytes());
+        info.truncate(len);
+        info
+    }
+
+    /// Only the fields the returned `tcp_info` covers are read: a shorter
+    /// one (an older kernel) leaves the rest unknown, never 0.
+    #[test]
+    fn tcp_info_fields_are_read_only_as_far_as_the_reply_covers() {
+        let s = &fixture_sockets()[1]; // 17 bytes unread, send queue 3
+        let activity = |info: Option<Vec<u8>>| {
+            let mut got = Vec::new();
+            let datagram = with_tcp_info(s, info.as_deref());
+            parse_datagram(&datagram, "ipv4", &mut |r| got.push(activity_of(r))).unwrap();
+            assert_eq!(got.len(), 1);
+            got[0]
+        };
+        let full = activity(Some(tcp_info(232, 500, 20, 2)));
+        assert_eq!(
+            full,
+            ConnActivity::new(Some(500), Some(20), 17, 3, Some(2)),
+            "{full:?}"
+        );
+        assert_eq!((full.idle_ms, full.unacked_bytes), (Some(20), Some(1)));
+        // Linux 4.1: no tcpi_notsent_bytes yet.
+        let old = activity(Some(tcp_info(TCPI_NOTSENT_BYTES, 500, 20, 2)));
+        assert_eq!((old.idle_ms, old.unsent_bytes, old.unacked_bytes), (Some(20), None, None));
+        // Cut inside tcpi_last_data_recv: idle is unknown.
+        let cut = activity(Some(tcp_info(TCPI_LAST_DATA_RECV + 3, 500, 20, 2)));
+        assert_eq!((cut.last_sent_ms, cut.last_recv_ms, cut.idle_ms), (Some(500), None, None));
+        let none = activity(None);
+        assert_eq!(none, ConnActivity::new(None, None, 17, 3, None));
+        assert!(none.in_flight, "the queues alone tell what is in flight");
+    }
+
     #[test]
     fn reply_fixture_kernel_error_fails_the_dump() {
         let mut datagram = inet_diag_msg(&fixture_sockets()[0]);
