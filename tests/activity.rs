@@ -173,11 +173,16 @@ fn busy_idle_and_stuck_connections_report_idle_times_and_what_is_in_flight() {
     let answer = http::get(&agent.tcp(), &path).expect("GET /v1/connections over TCP");
     assert_eq!(answer.code, 200, "{}", answer.body);
     let doc: Value = serde_json::from_str(&answer.body).expect("JSON");
-    Schema::Connections.check(&doc).unwrap_or_else(|e| panic!("{e}\n{doc}"));
+    Schema::Connections
+        .check(&doc)
+        .unwrap_or_else(|e| panic!("{e}\n{doc}"));
     let conns = doc["connections"].as_array().cloned().unwrap_or_default();
     assert_eq!(conns.len(), 3, "{doc}");
     assert!(conns.iter().all(|c| c["peer"] == "hidden"), "{doc}");
-    let flying = conns.iter().filter(|c| c["activity"]["in_flight"] == true).count();
+    let flying = conns
+        .iter()
+        .filter(|c| c["activity"]["in_flight"] == true)
+        .count();
     assert_eq!(flying, 1, "{doc}");
     let bad = http::get(&agent.tcp(), "/v1/connections").expect("GET without pid");
     assert_eq!(bad.code, 400, "{}", bad.body);
@@ -190,7 +195,11 @@ fn busy_idle_and_stuck_connections_report_idle_times_and_what_is_in_flight() {
     let doc: Value = serde_json::from_str(out.trim()).expect("connections --json is JSON");
     let conns = by_role(&doc, &roles);
     for role in ["busy", "idle", "stuck"] {
-        assert_eq!(conns[role]["activity"]["in_flight"], role == "stuck", "{role}: {doc}");
+        assert_eq!(
+            conns[role]["activity"]["in_flight"],
+            role == "stuck",
+            "{role}: {doc}"
+        );
     }
     let idle_ms = conns["idle"]["activity"]["idle_ms"].as_u64().unwrap_or(0) * 1_000_000;
     let idle_reply = times(&server, "idle_reply ")[0];
@@ -199,6 +208,9 @@ fn busy_idle_and_stuck_connections_report_idle_times_and_what_is_in_flight() {
         "{doc}"
     );
     let (table, _) = gw.run_ok(&["connections", "--pid", &pid.to_string()]);
-    assert!(table.contains("IDLE") && table.contains("B unsent"), "{table}");
+    assert!(
+        table.contains("IDLE") && table.contains("B unsent"),
+        "{table}"
+    );
     drop(ns);
 }

@@ -322,9 +322,15 @@ mod activity_tests {
         assert!(unread.in_flight);
         let stuck = ConnActivity::new(Some(1), Some(1), 0, 5000, Some(4000));
         assert!(stuck.in_flight);
-        assert_eq!((stuck.unacked_bytes, stuck.unsent_bytes), (Some(1000), Some(4000)));
+        assert_eq!(
+            (stuck.unacked_bytes, stuck.unsent_bytes),
+            (Some(1000), Some(4000))
+        );
         let old_kernel = ConnActivity::new(None, None, 0, 10, None);
         assert!(old_kernel.in_flight);
-        assert_eq!((old_kernel.unacked_bytes, old_kernel.unsent_bytes), (None, None));
+        assert_eq!(
+            (old_kernel.unacked_bytes, old_kernel.unsent_bytes),
+            (None, None)
+        );
     }
 }

@@ -10,6 +10,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::{Monitor, publish::Outlets};
 use crate::{
+    event::ConnActivity,
     event::{ConnEvent, Snapshot},
     source::{
         MonitorError, Source,
@@ -17,7 +18,6 @@ use crate::{
         monotonic_now,
         replay::ReplayFeed,
     },
-    event::ConnActivity,
     tracker::{ConnInfo, Restarts, Status, restart::DrainNote},
 };
 

@@ -344,11 +344,10 @@ fn parse_connections_query(query: Option<&str>) -> Result<Vec<u32>, ApiError> {
                 "unknown query parameter `{key}` (only `pid` is known)"
             )));
         }
-        let pid: u32 = value
-            .parse()
-            .ok()
-            .filter(|&p| p > 0)
-            .ok_or_else(|| ApiError::bad_request(format!("pid: `{value}` is not a process id")))?;
+        let pid: u32 =
+            value.parse().ok().filter(|&p| p > 0).ok_or_else(|| {
+                ApiError::bad_request(format!("pid: `{value}` is not a process id"))
+            })?;
         if !pids.contains(&pid) {
             pids.push(pid);
         }
@@ -675,8 +674,18 @@ mod tests {
 
     #[test]
     fn connections_query_is_validated() {
-        assert_eq!(parse_connections_query(Some("pid=42&pid=7&pid=42")).ok(), Some(vec![42, 7]));
-        for bad in [None, Some(""), Some("pid=x"), Some("pid=0"), Some("pid=-1"), Some("limit=3")] {
+        assert_eq!(
+            parse_connections_query(Some("pid=42&pid=7&pid=42")).ok(),
+            Some(vec![42, 7])
+        );
+        for bad in [
+            None,
+            Some(""),
+            Some("pid=x"),
+            Some("pid=0"),
+            Some("pid=-1"),
+            Some("limit=3"),
+        ] {
             assert!(parse_connections_query(bad).is_err(), "{bad:?}");
         }
         let many: Vec<String> = (1..=65).map(|p| format!("pid={p}")).collect();

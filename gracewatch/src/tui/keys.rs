@@ -12,7 +12,10 @@ pub const BINDINGS: &[(&str, &str)] = &[
         "↑ ↓  j k",
         "select a process (PgUp PgDn g G: page, first, last)",
     ),
-    ("Enter", "its connections: age, idle, in flight (i: sort by idle)"),
+    (
+        "Enter",
+        "its connections: age, idle, in flight (i: sort by idle)",
+    ),
     (
         "d",
         "drain it: pick signal and timeout, confirm; d again cancels",

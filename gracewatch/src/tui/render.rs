@@ -24,8 +24,8 @@ use super::{
     model::{CHART_SPAN, LogKind, Model, Proc, Role, human},
 };
 use crate::{
-    event::ConnActivity,
     display::terminal_safe,
+    event::ConnActivity,
     event::{TCP_CLOSE_WAIT, TCP_ESTABLISHED},
     tracker::Family,
 };
@@ -629,10 +629,14 @@ fn in_flight_short(a: &ConnActivity) -> String {
             "sending".to_owned()
         };
     };
-    let mut kinds: Vec<(u64, &str)> = [(a.unread_bytes, "unread"), (unacked, "unacked"), (unsent, "unsent")]
-        .into_iter()
-        .filter(|k| k.0 > 0)
-        .collect();
+    let mut kinds: Vec<(u64, &str)> = [
+        (a.unread_bytes, "unread"),
+        (unacked, "unacked"),
+        (unsent, "unsent"),
+    ]
+    .into_iter()
+    .filter(|k| k.0 > 0)
+    .collect();
     kinds.sort_by_key(|k| std::cmp::Reverse(k.0));
     match kinds.as_slice() {
         [] => "-".to_owned(),
@@ -657,7 +661,11 @@ fn render_detail(frame: &mut Frame, area: Rect, app: &App) {
         d.pid,
         terminal_safe(&d.comm),
         if count == 1 { "" } else { "s" },
-        if d.sort == ConnSort::Age { "idle" } else { "age" },
+        if d.sort == ConnSort::Age {
+            "idle"
+        } else {
+            "age"
+        },
     );
     let block = panel(&title);
     let inner = block.inner(area);
@@ -699,8 +707,10 @@ fn render_detail(frame: &mut Frame, area: Rect, app: &App) {
     let body = rows.iter().skip(d.scroll).map(|c| {
         let (idle, flight) = match &c.activity {
             Some(a) => (
-                a.idle_ms
-                    .map_or_else(|| Span::styled("?", DIM), |ms| Span::raw(human(std::time::Duration::from_millis(ms)))),
+                a.idle_ms.map_or_else(
+                    || Span::styled("?", DIM),
+                    |ms| Span::raw(human(std::time::Duration::from_millis(ms))),
+                ),
                 if a.in_flight {
                     Span::styled(in_flight_short(a), Style::new().fg(Color::Yellow))
                 } else {

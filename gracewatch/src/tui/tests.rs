@@ -815,7 +815,13 @@ fn detail_rows() -> Vec<ConnRow> {
             Some(8),
             1.5,
             false,
-            Some(ConnActivity::new(Some(30), Some(900), 0, 70_000, Some(65_536))),
+            Some(ConnActivity::new(
+                Some(30),
+                Some(900),
+                0,
+                70_000,
+                Some(65_536),
+            )),
         ),
         row("[2001:db8::17]:33018", None, 4.25, false, None),
     ]
@@ -836,10 +842,16 @@ fn i_sorts_the_connections_by_idle_time_and_back() {
         d.sorted_rows().iter().map(|r| r.peer.to_string()).collect()
     };
     let by_age = peers(&app);
-    assert_eq!(by_age, ["10.0.3.7:51544", "10.0.3.9:40112", "[2001:db8::17]:33018"]);
+    assert_eq!(
+        by_age,
+        ["10.0.3.7:51544", "10.0.3.9:40112", "[2001:db8::17]:33018"]
+    );
     press(&mut app, "i");
     assert_eq!(app.mode, Mode::Detail);
-    assert_eq!(peers(&app), ["10.0.3.9:40112", "10.0.3.7:51544", "[2001:db8::17]:33018"]);
+    assert_eq!(
+        peers(&app),
+        ["10.0.3.9:40112", "10.0.3.7:51544", "[2001:db8::17]:33018"]
+    );
     insta::assert_snapshot!(draw(&app, 100, 20).backend());
     press(&mut app, "i");
     assert_eq!(peers(&app), by_age);

@@ -533,7 +533,10 @@ mod tests {
 
         let u = of(&unread);
         assert!(u.in_flight && u.unread_bytes == 5, "{u:?}");
-        assert!(u.last_recv_ms.unwrap() < 100 && u.idle_ms.unwrap() < 100, "{u:?}");
+        assert!(
+            u.last_recv_ms.unwrap() < 100 && u.idle_ms.unwrap() < 100,
+            "{u:?}"
+        );
         assert_eq!(u.unsent_bytes, Some(0));
 
         let s = of(&stuck);
@@ -559,7 +562,9 @@ mod tests {
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
             );
             assert_eq!(rc, 0);
-            let SocketAddr::V4(v4) = addr else { panic!("ipv4 only") };
+            let SocketAddr::V4(v4) = addr else {
+                panic!("ipv4 only")
+            };
             let sin = libc::sockaddr_in {
                 sin_family: libc::AF_INET as libc::sa_family_t,
                 sin_port: v4.port().to_be(),

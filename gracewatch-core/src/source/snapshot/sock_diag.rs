@@ -160,7 +160,9 @@ pub(super) fn dump_tcp(
     mut f: impl FnMut(DiagSocket),
 ) -> anyhow::Result<()> {
     let request = dump_request(family, states, filter);
-    dump(socket, family, &request, |r| f(DiagSocket::from_response(r)))
+    dump(socket, family, &request, |r| {
+        f(DiagSocket::from_response(r))
+    })
 }
 
 /// linux/inet_diag.h: the `INET_DIAG_INFO` extension (`struct tcp_info`).
@@ -580,10 +582,16 @@ mod tests {
         assert_eq!((full.idle_ms, full.unacked_bytes), (Some(20), Some(1)));
         // Linux 4.1: no tcpi_notsent_bytes yet.
         let old = activity(Some(tcp_info(TCPI_NOTSENT_BYTES, 500, 20, 2)));
-        assert_eq!((old.idle_ms, old.unsent_bytes, old.unacked_bytes), (Some(20), None, None));
+        assert_eq!(
+            (old.idle_ms, old.unsent_bytes, old.unacked_bytes),
+            (Some(20), None, None)
+        );
         // Cut inside tcpi_last_data_recv: idle is unknown.
         let cut = activity(Some(tcp_info(TCPI_LAST_DATA_RECV + 3, 500, 20, 2)));
-        assert_eq!((cut.last_sent_ms, cut.last_recv_ms, cut.idle_ms), (Some(500), None, None));
+        assert_eq!(
+            (cut.last_sent_ms, cut.last_recv_ms, cut.idle_ms),
+            (Some(500), None, None)
+        );
         let none = activity(None);
         assert_eq!(none, ConnActivity::new(None, None, 17, 3, None));
         assert!(none.in_flight, "the queues alone tell what is in flight");
