@@ -76,6 +76,28 @@ fn by_role(doc: &Value, roles: &HashMap<String, &'static str>) -> HashMap<&'stat
     out
 }
 
+/// Waits until the read can land half-way between two busy sends: 10
+/// bytes that arrived 40 ms earlier were read by the server long ago, so
+/// "nothing unread" is the truth then, not a race with its recv.
+fn between_busy_sends(server: &Child) {
+    let deadline = monotonic_ns() + 5_000_000_000;
+    loop {
+        let now = monotonic_ns();
+        assert!(now < deadline, "no busy sends: {}", server.context());
+        let last = times(server, "busy_sent ").into_iter().max().unwrap_or(0);
+        let since = now.saturating_sub(last);
+        if (40_000_000..60_000_000).contains(&since) {
+            return;
+        }
+        let wait = if since < 40_000_000 {
+            50_000_000 - since
+        } else {
+            5_000_000
+        };
+        thread::sleep(Duration::from_nanos(wait));
+    }
+}
+
 fn ms(ns: u64) -> f64 {
     ns as f64 / 1e6
 }
@@ -96,6 +118,7 @@ fn busy_idle_and_stuck_connections_report_idle_times_and_what_is_in_flight() {
     thread::sleep(Duration::from_millis(800));
     let mut reads = 0;
     for round in 0..5 {
+        between_busy_sends(&server);
         let t0 = monotonic_ns();
         let answer = http::get(&agent.unix(), &path).expect("GET /v1/connections");
         let t1 = monotonic_ns();
