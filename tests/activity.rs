@@ -24,7 +24,9 @@
 
 use std::{collections::HashMap, thread, time::Duration};
 
-use gracewatch_testkit::{Agent, Child, Netns, Schema, TempDir, http, monotonic_ns, setup};
+use gracewatch_testkit::{
+    Agent, Child, Netns, STARTUP_TIMEOUT, Schema, TempDir, Tmux, http, monotonic_ns, setup,
+};
 use serde_json::Value;
 
 /// How far a reported idle time may be from the truth.
@@ -246,5 +248,68 @@ fn busy_idle_and_stuck_connections_report_idle_times_and_what_is_in_flight() {
         table.contains("IDLE") && table.contains("B unsent"),
         "{table}"
     );
+
+    // The TUI's connection view (Enter on the process): an IDLE column and
+    // the stuck response IN FLIGHT; `i` puts the most idle first.
+    let Some(tmux) = Tmux::start("activity") else {
+        return;
+    };
+    tmux.wait("a shell prompt", STARTUP_TIMEOUT, |s| {
+        s.contains("gw$")
+            .then_some(())
+            .ok_or_else(|| "no prompt".to_owned())
+    });
+    tmux.type_line(&format!("{} tui --pid {pid}", gw.bin().display()));
+    tmux.wait("the process row", STARTUP_TIMEOUT, |s| {
+        s.lines()
+            .any(|l| l.contains(&format!("▶ {pid} ")) && l.contains("serving"))
+            .then_some(())
+            .ok_or_else(|| "no selected row".to_owned())
+    });
+    tmux.keys(&["Enter"]);
+    let row_of = |s: &str, port: &str| -> Option<String> {
+        s.lines()
+            .find(|l| l.contains(&format!("127.0.0.1:{port}")))
+            .map(str::to_owned)
+    };
+    let ports: HashMap<&str, String> = roles
+        .iter()
+        .map(|(peer, role)| {
+            (
+                *role,
+                peer.rsplit(':').next().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let screen = tmux.wait("IDLE and IN FLIGHT", Duration::from_secs(10), |s| {
+        if !s.contains("IDLE") || !s.contains("IN FLIGHT") {
+            return Err("no IDLE / IN FLIGHT header".to_owned());
+        }
+        let stuck = row_of(s, &ports["stuck"]).ok_or("no stuck row")?;
+        let idle = row_of(s, &ports["idle"]).ok_or("no idle row")?;
+        let busy = row_of(s, &ports["busy"]).ok_or("no busy row")?;
+        if !stuck.contains("unsent") {
+            return Err(format!("stuck row without unsent bytes: {stuck}"));
+        }
+        if idle.contains("unsent") || idle.contains("unread") || idle.contains("unacked") {
+            return Err(format!("idle row shows bytes in flight: {idle}"));
+        }
+        if !busy.contains("ms ") {
+            return Err(format!("busy row not idle for mere ms: {busy}"));
+        }
+        Ok(())
+    });
+    tmux.keys(&["i"]);
+    tmux.wait("most idle first", Duration::from_secs(10), |s| {
+        let at = |port: &str| s.find(&format!("127.0.0.1:{port}"));
+        match (at(&ports["idle"]), at(&ports["stuck"]), at(&ports["busy"])) {
+            (Some(i), Some(st), Some(b)) if s.contains("most idle first") && i < st && st < b => {
+                Ok(())
+            }
+            _ => Err("not idle, stuck, busy in that order".to_owned()),
+        }
+    });
+    eprintln!("{screen}");
+    tmux.keys(&["Escape", "q"]);
     drop(ns);
 }
