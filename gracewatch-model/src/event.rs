@@ -245,3 +245,92 @@ pub struct Snapshot {
     pub listeners: Vec<SnapListener>,
     pub connections: Vec<SnapConn>,
 }
+
+/// What one connection is doing, read on demand from the kernel's
+/// `tcp_info` and socket queues (sock_diag): how long since data last
+/// moved, and whether any is in flight. Values are as of the read.
+///
+/// `None` is "the kernel did not say" (an older kernel's shorter
+/// `tcp_info`), never zero. `in_flight` is always known: it comes from the
+/// queue lengths every reply carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnActivity {
+    /// Milliseconds since data was last sent or received, whichever is
+    /// later (`tcpi_last_data_sent`, `tcpi_last_data_recv`). Bare ACKs and
+    /// keep-alive or window probes are not data.
+    pub idle_ms: Option<u64>,
+    /// Milliseconds since data was last sent to the peer.
+    pub last_sent_ms: Option<u64>,
+    /// Milliseconds since data was last received from the peer.
+    pub last_recv_ms: Option<u64>,
+    /// Anything in flight: bytes received that the server has not read,
+    /// or bytes it wrote that the peer has not acknowledged (sent or not).
+    pub in_flight: bool,
+    /// Bytes received and not yet read by the application.
+    pub unread_bytes: u64,
+    /// Bytes sent to the peer and not yet acknowledged.
+    pub unacked_bytes: Option<u64>,
+    /// Bytes written by the application and not yet sent (the peer's
+    /// window is full, or congestion control holds them).
+    pub unsent_bytes: Option<u64>,
+}
+
+impl ConnActivity {
+    /// From the kernel's numbers: times since data was last sent and
+    /// received, the receive queue, the send queue (written and not yet
+    /// acknowledged) and the part of it not sent yet.
+    pub fn new(
+        last_sent_ms: Option<u64>,
+        last_recv_ms: Option<u64>,
+        unread_bytes: u64,
+        send_queue_bytes: u64,
+        unsent_bytes: Option<u64>,
+    ) -> Self {
+        let idle_ms = match (last_sent_ms, last_recv_ms) {
+            (Some(s), Some(r)) => Some(s.min(r)),
+            // One time alone says nothing about the other direction.
+            _ => None,
+        };
+        Self {
+            idle_ms,
+            last_sent_ms,
+            last_recv_ms,
+            in_flight: unread_bytes > 0 || send_queue_bytes > 0,
+            unread_bytes,
+            unacked_bytes: unsent_bytes.map(|u| send_queue_bytes.saturating_sub(u)),
+            unsent_bytes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod activity_tests {
+    use super::ConnActivity;
+
+    #[test]
+    fn idle_is_the_later_of_sent_and_received_and_unknown_stays_unknown() {
+        let a = ConnActivity::new(Some(900), Some(40), 0, 0, Some(0));
+        assert_eq!(a.idle_ms, Some(40));
+        assert!(!a.in_flight);
+        assert_eq!(ConnActivity::new(None, Some(40), 0, 0, None).idle_ms, None);
+        assert_eq!(ConnActivity::new(Some(7), None, 0, 0, None).idle_ms, None);
+    }
+
+    #[test]
+    fn in_flight_is_any_unread_or_unacknowledged_byte() {
+        let unread = ConnActivity::new(Some(1), Some(1), 3, 0, Some(0));
+        assert!(unread.in_flight);
+        let stuck = ConnActivity::new(Some(1), Some(1), 0, 5000, Some(4000));
+        assert!(stuck.in_flight);
+        assert_eq!(
+            (stuck.unacked_bytes, stuck.unsent_bytes),
+            (Some(1000), Some(4000))
+        );
+        let old_kernel = ConnActivity::new(None, None, 0, 10, None);
+        assert!(old_kernel.in_flight);
+        assert_eq!(
+            (old_kernel.unacked_bytes, old_kernel.unsent_bytes),
+            (None, None)
+        );
+    }
+}

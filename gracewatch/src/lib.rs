@@ -23,5 +23,6 @@ pub use gracewatch_core::{display, drain, event, input, monitor, tracker};
 
 pub mod agent;
 pub mod cli;
+pub mod connections;
 pub mod exit;
 pub mod tui;

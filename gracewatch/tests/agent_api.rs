@@ -2182,3 +2182,62 @@ async fn the_grafana_dashboard_is_well_formed_and_queries_exported_series() {
         ),
     }
 }
+
+/// `/v1/connections` lists the named process's live connections in the
+/// documented schema; on a replay monitor (no kernel to read) each one's
+/// activity is `null`, never made up. Peers only with the token; a request
+/// without a pid is refused.
+#[tokio::test]
+async fn connections_list_the_processes_connections_and_hide_peers_from_untrusted_readers() {
+    const TOKEN: &str = "connections-token-0123456789";
+    let t = TestAgent::start(
+        Some(TOKEN),
+        vec![
+            listen(4242, "srv"),
+            accept(4242, "srv", 1),
+            accept(4242, "srv", 2),
+        ],
+    )
+    .await;
+    let trusted = t.client(Some(TOKEN));
+    let (code, v) = call(&trusted, Method::GET, "/v1/connections?pid=4242", None).await;
+    assert_eq!(code, StatusCode::OK, "{v}");
+    if let Err(e) = Schema::Connections.check(&v) {
+        panic!("{e}\n{v}");
+    }
+    assert_eq!(
+        (&v["pids"], &v["total"]),
+        (&json!([4242]), &json!(2)),
+        "{v}"
+    );
+    let conns = v["connections"].as_array().expect("connections");
+    let peers: Vec<&str> = conns.iter().filter_map(|c| c["peer"].as_str()).collect();
+    assert_eq!(peers, ["127.0.0.2:40001", "127.0.0.2:40002"], "{v}");
+    assert!(conns.iter().all(|c| c["activity"].is_null()), "{v}");
+
+    let (code, v) = call(
+        &t.client(None),
+        Method::GET,
+        "/v1/connections?pid=4242",
+        None,
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{v}");
+    Schema::Connections
+        .check(&v)
+        .unwrap_or_else(|e| panic!("{e}\n{v}"));
+    let conns = v["connections"].as_array().expect("connections");
+    assert_eq!(conns.len(), 2, "{v}");
+    assert!(conns.iter().all(|c| c["peer"] == "hidden"), "{v}");
+    assert!(!v.to_string().contains("127.0.0.2"), "{v}");
+
+    let got = call(&trusted, Method::GET, "/v1/connections", None).await;
+    assert_error(&got, StatusCode::BAD_REQUEST, "pid", "no pid");
+    let got = call(&trusted, Method::GET, "/v1/connections?pid=4242&x=1", None).await;
+    assert_error(
+        &got,
+        StatusCode::BAD_REQUEST,
+        "unknown query parameter",
+        "unknown key",
+    );
+}

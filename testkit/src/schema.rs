@@ -23,20 +23,24 @@ pub enum Schema {
     Event,
     /// The agent's `/v1/restarts` answer.
     Restarts,
+    /// `connections --json` and the agent's `/v1/connections`.
+    Connections,
 }
 
 const STATUS: &str = include_str!("../../gracewatch/schema/status.schema.json");
 const DRAIN: &str = include_str!("../../gracewatch/schema/drain.schema.json");
 const EVENT: &str = include_str!("../../gracewatch/schema/event.schema.json");
 const RESTARTS: &str = include_str!("../../gracewatch/schema/restarts.schema.json");
+const CONNECTIONS: &str = include_str!("../../gracewatch/schema/connections.schema.json");
 
 impl Schema {
-    pub const ALL: [Schema; 5] = [
+    pub const ALL: [Schema; 6] = [
         Schema::Status,
         Schema::Drain,
         Schema::AgentDrain,
         Schema::Event,
         Schema::Restarts,
+        Schema::Connections,
     ];
 
     /// Checks `v`; `Err` lists every violation with where it is.
@@ -58,7 +62,7 @@ impl Schema {
     }
 
     fn validator(self) -> &'static jsonschema::Validator {
-        static CELLS: [OnceLock<jsonschema::Validator>; 5] = [const { OnceLock::new() }; 5];
+        static CELLS: [OnceLock<jsonschema::Validator>; 6] = [const { OnceLock::new() }; 6];
         let i = Schema::ALL.iter().position(|&s| s == self).unwrap_or(0);
         CELLS[i].get_or_init(|| {
             let schema = self.document();
@@ -78,6 +82,7 @@ impl Schema {
             Schema::Drain => parse(DRAIN),
             Schema::Event => parse(EVENT),
             Schema::Restarts => parse(RESTARTS),
+            Schema::Connections => parse(CONNECTIONS),
             // The drain document, entered at its `agent_drain` definition.
             Schema::AgentDrain => {
                 let mut doc = parse(DRAIN);
@@ -145,6 +150,14 @@ mod tests {
                     {"id": 3, "pid": 16100, "comm": "python3", "listeners": [], "why": "drain_started",
                      "started_ms": 1000, "ended_ms": null, "duration_ms": 8100, "outcome": "ongoing", "from_live": 1, "dropped": 0,
                      "timeline": [{"at_ms": 1000, "role": "draining", "why": "drain_started", "live": 1}]}
+                ]
+            })],
+            Schema::Connections => vec![json!({
+                "schema": "gracewatch.connections.v1", "pids": [16729], "total": 2, "max_listed": 4096,
+                "connections": [
+                    {"pid": 16729, "netns": 4026532178u32, "local": "127.0.0.1:9912", "peer": "127.0.0.1:51604", "age_ms": 3018,
+                     "activity": {"idle_ms": 1402, "last_sent_ms": 1402, "last_recv_ms": 1410, "in_flight": true, "unread_bytes": 0, "unacked_bytes": 0, "unsent_bytes": 4063232}},
+                    {"pid": 16729, "netns": 4026532178u32, "local": "127.0.0.1:9912", "peer": "hidden", "age_ms": 20, "activity": null}
                 ]
             })],
         }

@@ -10,6 +10,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::{Monitor, publish::Outlets};
 use crate::{
+    event::ConnActivity,
     event::{ConnEvent, Snapshot},
     input::{PeerRule, peer_excluded},
     source::{
@@ -20,6 +21,24 @@ use crate::{
     },
     tracker::{ConnInfo, Restarts, Status, restart::DrainNote},
 };
+
+/// Most connections [`MonitorHandle::activity`] reads in one call (the
+/// oldest): the read is one sock_diag dump per namespace, filtered by
+/// port, so its cost grows with the connections on those ports; the cap
+/// keeps one request's memory and time bounded.
+pub const MAX_ACTIVITY_CONNECTIONS: usize = 4096;
+
+/// What [`MonitorHandle::activity`] found.
+#[derive(Clone, Debug, Default)]
+pub struct ActivityReport {
+    /// Live connections of the pids, oldest first, at most
+    /// [`MAX_ACTIVITY_CONNECTIONS`], each with what the kernel said it is
+    /// doing (`None`: it closed before the read, its namespace could not be
+    /// entered, or the monitor runs on a recording, which has no kernel).
+    pub connections: Vec<(ConnInfo, Option<ConnActivity>)>,
+    /// All their live connections, including those past the cap.
+    pub total: u64,
+}
 
 /// Events buffered per subscriber of [`MonitorHandle::events`].
 const EVENT_BACKLOG: usize = 8192;
@@ -95,6 +114,8 @@ pub struct MonitorHandle {
     queries: mpsc::Sender<Query>,
     failed: watch::Receiver<Option<String>>,
     events: broadcast::Sender<ConnEvent>,
+    /// The source is the kernel (not a recording): [`MonitorHandle::activity`] may read it.
+    kernel: bool,
 }
 
 impl Monitor<EbpfSource> {
@@ -158,6 +179,7 @@ impl<S: Source> Monitor<S> {
             queries,
             failed,
             events,
+            kernel: !S::RECORDING,
         }
     }
 
@@ -279,6 +301,40 @@ impl MonitorHandle {
         let (tx, rx) = oneshot::channel();
         self.ask(Query::Connections(pids.to_vec(), tx)).await?;
         rx.await.context("the monitor stopped")
+    }
+
+    /// What the live connections of `pids` are doing, read now from the
+    /// kernel (`tcp_info` and socket queues through sock_diag, see
+    /// [`ConnActivity`]): on demand, never on a tick. Reads the oldest
+    /// [`MAX_ACTIVITY_CONNECTIONS`]; `total` says how many there are. The
+    /// read runs on a blocking thread, never on the monitor's task.
+    pub async fn activity(&self, pids: &[u32]) -> anyhow::Result<ActivityReport> {
+        let (total, conns) = self
+            .oldest_connections(pids, &[], MAX_ACTIVITY_CONNECTIONS)
+            .await?;
+        if !self.kernel || conns.is_empty() {
+            let connections = conns.into_iter().map(|c| (c, None)).collect();
+            return Ok(ActivityReport { connections, total });
+        }
+        // Each tuple with a pid holding it, to find its namespace.
+        let asks: Vec<_> = conns
+            .iter()
+            .filter_map(|c| Some((c.tuple, *c.holders.first().or(pids.first())?)))
+            .collect();
+        let found = tokio::task::spawn_blocking(move || crate::source::snapshot::activity(&asks))
+            .await
+            .context("the activity reader panicked")??;
+        let connections = conns
+            .into_iter()
+            .map(|c| {
+                let a = found
+                    .binary_search_by_key(&c.tuple, |f| f.0)
+                    .ok()
+                    .map(|i| found[i].1);
+                (c, a)
+            })
+            .collect();
+        Ok(ActivityReport { connections, total })
     }
 
     /// How many live connections `pids` hold (only those on `ports` if any

@@ -34,7 +34,9 @@ use std::{collections::BTreeMap, time::Duration};
 
 use tokio::sync::broadcast;
 
-pub use self::handle::{ExitAccount, MonitorHandle, WatchGuard};
+pub use self::handle::{
+    ActivityReport, ExitAccount, MAX_ACTIVITY_CONNECTIONS, MonitorHandle, WatchGuard,
+};
 pub use self::look::{ExcludedFd, FdLook};
 use self::pump::{ExitAccounts, Untracked};
 pub use self::record::Recorder;

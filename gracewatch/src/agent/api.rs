@@ -49,6 +49,7 @@ pub(super) fn router(agent: Agent, transport: Transport) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/events", get(events))
         .route("/v1/restarts", get(restarts))
+        .route("/v1/connections", get(connections))
         .route("/v1/drains", post(start_drain).get(list_drains))
         .route("/v1/drains/{id}", get(get_drain).delete(cancel_drain))
         .route("/v1/drains/{id}/stream", get(stream_drain))
@@ -292,6 +293,74 @@ async fn restarts(State(ctx): State<Ctx>, RawQuery(query): RawQuery) -> Result<R
         report.restarts.truncate(limit);
     }
     Ok(json(StatusCode::OK, &report))
+}
+
+/// Reads of `/v1/connections` running at once; more are refused with 429
+/// rather than queued, so no reader can pile up sock_diag dumps.
+static CONNECTION_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
+/// Most pids one `/v1/connections` request names.
+const MAX_CONNECTION_PIDS: usize = 64;
+
+/// The live connections of `?pid=N` (repeatable) with how long each has
+/// been idle and what is in flight, read from the kernel now
+/// ([`crate::connections::report`], `schema/connections.schema.json`).
+/// Peer addresses only for readers that may see them.
+async fn connections(
+    State(ctx): State<Ctx>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let pids = parse_connections_query(query.as_deref())?;
+    let peers = ctx.may_see_peers(&headers)?;
+    let handle = ctx.monitor()?;
+    let _permit = CONNECTION_READS.try_acquire().map_err(|_| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many connection reads at once: retry shortly",
+        )
+    })?;
+    let report = crate::connections::report(handle, &pids)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("failed to read the connections: {e:#}"),
+            )
+        })?;
+    Ok(ctx.json_for(peers, StatusCode::OK, &report))
+}
+
+fn parse_connections_query(query: Option<&str>) -> Result<Vec<u32>, ApiError> {
+    let mut pids = Vec::new();
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if key != "pid" {
+            return Err(ApiError::bad_request(format!(
+                "unknown query parameter `{key}` (only `pid` is known)"
+            )));
+        }
+        let pid: u32 =
+            value.parse().ok().filter(|&p| p > 0).ok_or_else(|| {
+                ApiError::bad_request(format!("pid: `{value}` is not a process id"))
+            })?;
+        if !pids.contains(&pid) {
+            pids.push(pid);
+        }
+    }
+    if pids.is_empty() {
+        return Err(ApiError::bad_request("name a process: ?pid=N (repeatable)"));
+    }
+    if pids.len() > MAX_CONNECTION_PIDS {
+        return Err(ApiError::bad_request(format!(
+            "at most {MAX_CONNECTION_PIDS} pids per request"
+        )));
+    }
+    Ok(pids)
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -575,7 +644,7 @@ async fn not_found(method: Method, uri: Uri) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         format!(
-            "no such endpoint: {method} {} (see /metrics, /livez, /readyz, /v1/status, /v1/events, /v1/restarts, /v1/drains)",
+            "no such endpoint: {method} {} (see /metrics, /livez, /readyz, /v1/status, /v1/events, /v1/restarts, /v1/connections, /v1/drains)",
             uri.path()
         ),
     )
@@ -602,6 +671,26 @@ mod tests {
         for bad in ["wait=soon", "wait=2h", "wait=", "color=red", "wait=-1s"] {
             assert!(parse_wait(Some(bad)).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn connections_query_is_validated() {
+        assert_eq!(
+            parse_connections_query(Some("pid=42&pid=7&pid=42")).ok(),
+            Some(vec![42, 7])
+        );
+        for bad in [
+            None,
+            Some(""),
+            Some("pid=x"),
+            Some("pid=0"),
+            Some("pid=-1"),
+            Some("limit=3"),
+        ] {
+            assert!(parse_connections_query(bad).is_err(), "{bad:?}");
+        }
+        let many: Vec<String> = (1..=65).map(|p| format!("pid={p}")).collect();
+        assert!(parse_connections_query(Some(&many.join("&"))).is_err());
     }
 
     #[test]

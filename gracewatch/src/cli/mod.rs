@@ -41,6 +41,27 @@ enum Command {
     /// its holders and accept-queue depth.
     #[command(after_help = exit::GENERAL_HELP)]
     Status(FilterArgs),
+    /// List a process's live connections with how long each has been idle
+    /// and what is in flight.
+    ///
+    /// Reads each connection's `tcp_info` and socket queues from the
+    /// kernel (sock_diag) once, now: IDLE is the time since data was last
+    /// sent or received, whichever is later (ACKs and keep-alive probes
+    /// are not data); IN FLIGHT lists bytes received and not yet read by
+    /// the server, sent and not yet acknowledged, and written but not yet
+    /// sent (the client's window is full). `?` is unknown (the connection
+    /// just closed, or an old kernel's tcp_info lacks the field). Reads the
+    /// 4096 oldest connections at most. With --json, one object (schema:
+    /// gracewatch/schema/connections.schema.json).
+    #[command(after_help = exit::GENERAL_HELP)]
+    Connections {
+        /// The process (repeatable).
+        #[arg(long = "pid", value_name = "PID", required = true, value_parser = parse_pid, allow_hyphen_values = true)]
+        pids: Vec<u32>,
+        /// Print JSON (documented in the README).
+        #[arg(long)]
+        json: bool,
+    },
     /// Stream changes until interrupted.
     ///
     /// Prints a line whenever a process's live count or a listener changes.
@@ -291,6 +312,18 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 writeln!(out)?;
             } else {
                 write!(out, "{}", render::table(&status, &filter))?;
+            }
+            Ok(exit::OK)
+        }
+        Command::Connections { pids, json } => {
+            let handle = Monitor::spawn(opts)?;
+            let report = crate::connections::report(&handle, &pids).await?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                serde_json::to_writer(&mut out, &report)?;
+                writeln!(out)?;
+            } else {
+                write!(out, "{}", crate::connections::table(&report))?;
             }
             Ok(exit::OK)
         }

@@ -7,7 +7,10 @@
 use std::{net::SocketAddr, time::Duration};
 
 use super::model::{Model, Proc, Role};
-use crate::drain::{DrainSpec, SignalSpec};
+use crate::{
+    drain::{DrainSpec, SignalSpec},
+    event::ConnActivity,
+};
 
 /// Something only the loop can do (it touches processes or the monitor).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -180,6 +183,19 @@ pub struct ConnRow {
     /// Monotonic time it was accepted (or first seen, if `preexisting`).
     pub since: Duration,
     pub preexisting: bool,
+    /// What it is doing, read from the kernel with the list (`None`:
+    /// unknown, e.g. it closed meanwhile).
+    pub activity: Option<ConnActivity>,
+}
+
+/// The order of the connection detail view (`i` toggles).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ConnSort {
+    /// Oldest first (as the monitor lists them).
+    #[default]
+    Age,
+    /// Most idle first; unknown idle times last.
+    Idle,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -190,6 +206,19 @@ pub struct Detail {
     pub rows: Option<Vec<ConnRow>>,
     pub error: Option<String>,
     pub scroll: usize,
+    pub sort: ConnSort,
+}
+
+impl Detail {
+    /// The rows in the chosen order (stable: ties keep the oldest first).
+    pub fn sorted_rows(&self) -> Vec<&ConnRow> {
+        let mut rows: Vec<&ConnRow> = self.rows.iter().flatten().collect();
+        if self.sort == ConnSort::Idle {
+            let idle = |r: &ConnRow| r.activity.and_then(|a| a.idle_ms);
+            rows.sort_by_key(|r| std::cmp::Reverse(idle(r).map_or(0, |i| i.saturating_add(1))));
+        }
+        rows
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -4,7 +4,7 @@
 
 use crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 
-use super::app::{App, Detail, Dialog, DialogKind, Effect, Field, Mode, Pin};
+use super::app::{App, ConnSort, Detail, Dialog, DialogKind, Effect, Field, Mode, Pin};
 
 /// The bindings, for the help overlay and the README: (keys, what they do).
 pub const BINDINGS: &[(&str, &str)] = &[
@@ -12,7 +12,10 @@ pub const BINDINGS: &[(&str, &str)] = &[
         "↑ ↓  j k",
         "select a process (PgUp PgDn g G: page, first, last)",
     ),
-    ("Enter", "its connections: peer, state, age, oldest first"),
+    (
+        "Enter",
+        "its connections: age, idle, in flight (i: sort by idle)",
+    ),
     (
         "d",
         "drain it: pick signal and timeout, confirm; d again cancels",
@@ -79,6 +82,7 @@ fn normal(app: &mut App, key: KeyEvent) -> Vec<Effect> {
                     rows: None,
                     error: None,
                     scroll: 0,
+                    sort: ConnSort::Age,
                 });
                 app.mode = Mode::Detail;
                 return vec![Effect::FetchConnections(pid)];
@@ -158,6 +162,15 @@ fn detail(app: &mut App, key: KeyEvent) -> Vec<Effect> {
         KeyCode::PageUp => scroll(app, -PAGE),
         KeyCode::Home | KeyCode::Char('g') => scroll(app, isize::MIN / 2),
         KeyCode::Char('p') => app.toggle_pause(),
+        KeyCode::Char('i') => {
+            if let Some(d) = app.detail.as_mut() {
+                d.sort = match d.sort {
+                    ConnSort::Age => ConnSort::Idle,
+                    ConnSort::Idle => ConnSort::Age,
+                };
+                d.scroll = 0;
+            }
+        }
         _ => {}
     }
     app.mode = Mode::Detail;

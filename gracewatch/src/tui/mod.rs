@@ -358,19 +358,22 @@ fn fetch_connections(
     let known = app.model.listen_addrs_of(pid);
     tokio::spawn(async move {
         let result = async {
-            let conns = handle.connections(&[pid]).await?;
+            // With what each is doing (one sock_diag dump with tcp_info,
+            // only while this view is open, at most every DETAIL_REFRESH).
+            let conns = handle.activity(&[pid]).await?.connections;
             // The state needs a fresh look at the process's own fds; if
             // that fails (it exited), the list is still worth showing.
             let states: HashMap<Tuple, u8> =
                 handle.conn_states(pid, known).await.unwrap_or_default();
             let rows = conns
                 .into_iter()
-                .map(|c| ConnRow {
+                .map(|(c, activity)| ConnRow {
                     local: c.tuple.local,
                     peer: c.tuple.remote,
                     state: states.get(&c.tuple).copied(),
                     since: c.since,
                     preexisting: c.preexisting,
+                    activity,
                 })
                 .collect::<Vec<_>>();
             anyhow::Ok(rows)

@@ -19,12 +19,13 @@ use ratatui::{
 };
 
 use super::{
-    app::{App, DialogKind, Field, Mode, Pin},
+    app::{App, ConnSort, DialogKind, Field, Mode, Pin},
     keys::BINDINGS,
     model::{CHART_SPAN, LogKind, Model, Proc, Role, human},
 };
 use crate::{
     display::terminal_safe,
+    event::ConnActivity,
     event::{TCP_CLOSE_WAIT, TCP_ESTABLISHED},
     tracker::Family,
 };
@@ -574,6 +575,8 @@ fn render_footer(frame: &mut Frame, area: Rect, app: &App) {
                 Span::raw(" back  "),
                 key(" ↑↓ "),
                 Span::raw(" scroll  "),
+                key(" i "),
+                Span::raw(" sort by idle/age  "),
                 key(" p "),
                 Span::raw(" pause"),
             ]),
@@ -609,6 +612,39 @@ fn render_footer(frame: &mut Frame, area: Rect, app: &App) {
     frame.render_widget(line, area);
 }
 
+/// What is in flight, in a few columns: the largest of unread, unacked
+/// and unsent bytes, `+` if there is more than one kind (the CLI's
+/// `connections` has them all).
+fn in_flight_short(a: &ConnActivity) -> String {
+    let bytes = |n: u64| match n {
+        0..1024 => format!("{n}B"),
+        1024..1_048_576 => format!("{:.0}K", n as f64 / 1024.0),
+        _ => format!("{:.1}M", n as f64 / 1_048_576.0),
+    };
+    let (Some(unacked), Some(unsent)) = (a.unacked_bytes, a.unsent_bytes) else {
+        // An older kernel: the send queue is not broken down.
+        return if a.unread_bytes > 0 {
+            format!("{} unread+", bytes(a.unread_bytes))
+        } else {
+            "sending".to_owned()
+        };
+    };
+    let mut kinds: Vec<(u64, &str)> = [
+        (a.unread_bytes, "unread"),
+        (unacked, "unacked"),
+        (unsent, "unsent"),
+    ]
+    .into_iter()
+    .filter(|k| k.0 > 0)
+    .collect();
+    kinds.sort_by_key(|k| std::cmp::Reverse(k.0));
+    match kinds.as_slice() {
+        [] => "-".to_owned(),
+        [(n, what)] => format!("{} {what}", bytes(*n)),
+        [(n, what), ..] => format!("{} {what}+", bytes(*n)),
+    }
+}
+
 fn render_detail(frame: &mut Frame, area: Rect, app: &App) {
     let (model, now) = app.view();
     let Some(d) = &app.detail else {
@@ -616,11 +652,20 @@ fn render_detail(frame: &mut Frame, area: Rect, app: &App) {
     };
     let role = model.procs.get(&d.pid).map_or("gone", |p| p.role().name());
     let count = d.rows.as_ref().map_or(0, Vec::len);
+    let order = match d.sort {
+        ConnSort::Age => "oldest first",
+        ConnSort::Idle => "most idle first",
+    };
     let title = format!(
-        "pid {} ({}) · {role} · {count} live connection{}, oldest first",
+        "pid {} ({}) · {role} · {count} live connection{}, {order} (i: sort by {})",
         d.pid,
         terminal_safe(&d.comm),
-        if count == 1 { "" } else { "s" }
+        if count == 1 { "" } else { "s" },
+        if d.sort == ConnSort::Age {
+            "idle"
+        } else {
+            "age"
+        },
     );
     let block = panel(&title);
     let inner = block.inner(area);
@@ -647,17 +692,33 @@ fn render_detail(frame: &mut Frame, area: Rect, app: &App) {
         frame.render_widget(Paragraph::new(message), area);
         return;
     }
-    let rows = d.rows.as_deref().unwrap_or_default();
+    let rows = d.sorted_rows();
     let narrow = area.width < 70;
-    let addr_w = if narrow { 21 } else { 28 };
+    let addr_w = if narrow { 21 } else { 26 };
     let header = Row::new([
         Cell::from("LOCAL"),
         Cell::from("PEER"),
         Cell::from("STATE"),
         Cell::from(Line::from("AGE").alignment(Alignment::Right)),
+        Cell::from(Line::from("IDLE").alignment(Alignment::Right)),
+        Cell::from("IN FLIGHT"),
     ])
     .style(Style::new().bold().fg(Color::Gray));
     let body = rows.iter().skip(d.scroll).map(|c| {
+        let (idle, flight) = match &c.activity {
+            Some(a) => (
+                a.idle_ms.map_or_else(
+                    || Span::styled("?", DIM),
+                    |ms| Span::raw(human(std::time::Duration::from_millis(ms))),
+                ),
+                if a.in_flight {
+                    Span::styled(in_flight_short(a), Style::new().fg(Color::Yellow))
+                } else {
+                    Span::styled("-", DIM)
+                },
+            ),
+            None => (Span::styled("?", DIM), Span::styled("?", DIM)),
+        };
         let state = match c.state {
             Some(TCP_ESTABLISHED) => Span::raw(if narrow { "ESTAB" } else { "ESTABLISHED" }),
             Some(TCP_CLOSE_WAIT) => Span::styled("CLOSE_WAIT", Style::new().fg(Color::Yellow)),
@@ -675,6 +736,8 @@ fn render_detail(frame: &mut Frame, area: Rect, app: &App) {
             Cell::from(c.peer.to_string()),
             Cell::from(Line::from(state)),
             Cell::from(Line::from(age).alignment(Alignment::Right)),
+            Cell::from(Line::from(idle).alignment(Alignment::Right)),
+            Cell::from(Line::from(flight)),
         ])
     });
     let widths = if narrow {
@@ -682,14 +745,18 @@ fn render_detail(frame: &mut Frame, area: Rect, app: &App) {
             Constraint::Length(0),
             Constraint::Length(addr_w),
             Constraint::Length(10),
-            Constraint::Min(7),
+            Constraint::Length(7),
+            Constraint::Length(7),
+            Constraint::Min(0),
         ]
     } else {
         [
             Constraint::Length(addr_w),
             Constraint::Length(addr_w),
             Constraint::Length(11),
-            Constraint::Min(8),
+            Constraint::Length(8),
+            Constraint::Length(6),
+            Constraint::Min(9),
         ]
     };
     frame.render_widget(

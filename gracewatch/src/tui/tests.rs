@@ -16,7 +16,7 @@ use super::{
 };
 use crate::{
     drain::{DrainSpec, SignalSpec},
-    event::{ConnEvent, ListenAddr, Tuple},
+    event::{ConnActivity, ConnEvent, ListenAddr, Tuple},
     tracker::{Family, HolderStatus, ListenerStatus, ProcessStatus, Restarts, Status},
 };
 
@@ -787,22 +787,74 @@ fn snapshot_empty_state() {
 fn snapshot_connection_detail() {
     let mut app = handover_app();
     handle_key(&mut app, key(KeyCode::Enter));
-    let row = |peer: &str, state, since: f64, pre| ConnRow {
+    app.detail_loaded(OLD, Ok(detail_rows()));
+    insta::assert_snapshot!(draw(&app, 100, 20).backend());
+}
+
+/// An idle keep-alive, a busy connection with a response stuck unsent, and
+/// one the kernel no longer showed.
+fn detail_rows() -> Vec<ConnRow> {
+    let row = |peer: &str, state, since: f64, pre, activity| ConnRow {
         local: addr("127.0.0.1:8080"),
         peer: addr(peer),
         state,
         since: at(since),
         preexisting: pre,
+        activity,
     };
-    app.detail_loaded(
-        OLD,
-        Ok(vec![
-            row("10.0.3.7:51544", Some(1), -60.0, true),
-            row("10.0.3.9:40112", Some(8), 1.5, false),
-            row("[2001:db8::17]:33018", None, 4.25, false),
-        ]),
+    vec![
+        row(
+            "10.0.3.7:51544",
+            Some(1),
+            -60.0,
+            true,
+            Some(ConnActivity::new(Some(41_200), Some(41_000), 0, 0, Some(0))),
+        ),
+        row(
+            "10.0.3.9:40112",
+            Some(8),
+            1.5,
+            false,
+            Some(ConnActivity::new(
+                Some(30),
+                Some(900),
+                0,
+                70_000,
+                Some(65_536),
+            )),
+        ),
+        row("[2001:db8::17]:33018", None, 4.25, false, None),
+    ]
+}
+
+/// `i` sorts the detail view by idle time, most idle first, unknown last;
+/// `i` again goes back to oldest first.
+#[test]
+fn i_sorts_the_connections_by_idle_time_and_back() {
+    let mut app = handover_app();
+    handle_key(&mut app, key(KeyCode::Enter));
+    let mut rows = detail_rows();
+    // Make the second the most idle, so idle order differs from age order.
+    rows[1].activity = Some(ConnActivity::new(Some(90_000), Some(95_000), 0, 0, Some(0)));
+    app.detail_loaded(OLD, Ok(rows));
+    let peers = |app: &App| -> Vec<String> {
+        let d = app.detail.as_ref().expect("detail open");
+        d.sorted_rows().iter().map(|r| r.peer.to_string()).collect()
+    };
+    let by_age = peers(&app);
+    assert_eq!(
+        by_age,
+        ["10.0.3.7:51544", "10.0.3.9:40112", "[2001:db8::17]:33018"]
+    );
+    press(&mut app, "i");
+    assert_eq!(app.mode, Mode::Detail);
+    assert_eq!(
+        peers(&app),
+        ["10.0.3.9:40112", "10.0.3.7:51544", "[2001:db8::17]:33018"]
     );
     insta::assert_snapshot!(draw(&app, 100, 20).backend());
+    press(&mut app, "i");
+    assert_eq!(peers(&app), by_age);
 }
 
 #[test]

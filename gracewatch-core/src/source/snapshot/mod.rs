@@ -57,10 +57,10 @@ use self::{
     join::{assemble, dump_netns},
     procfs::{DIRENT_BUF, ProcTable, list_pids, open_dir, open_netns, socket_inodes},
     scan::scan,
-    sock_diag::{diag_socket, dump_tcp, live_states, local_port_filter},
+    sock_diag::{diag_socket, dump_tcp, dump_tcp_activity, live_states, local_port_filter},
 };
 use super::netns::{self, NetNsHandle};
-use crate::event::{ListenAddr, NetNs, SnapConn, Snapshot, Tuple};
+use crate::event::{ConnActivity, ListenAddr, NetNs, SnapConn, Snapshot, Tuple};
 
 /// Takes a snapshot of every listener and every live inbound connection on
 /// the host, in every network namespace some process lives in.
@@ -234,6 +234,52 @@ pub fn gone(conns: &[(Tuple, u32)]) -> anyhow::Result<Vec<Tuple>> {
     let mut gone: Vec<Tuple> = missing.into_iter().collect();
     gone.sort_unstable();
     Ok(gone)
+}
+
+/// What each of `conns` (each with a pid holding it, to find its
+/// namespace) is doing now: one sock_diag dump with `tcp_info` per
+/// namespace and family, filtered by the connections' local ports, kept
+/// to exactly these tuples. A connection the dump no longer shows (it
+/// closed) or whose namespace cannot be entered is left out of the answer.
+pub fn activity(conns: &[(Tuple, u32)]) -> anyhow::Result<Vec<(Tuple, ConnActivity)>> {
+    let mut pid_in: BTreeMap<NetNs, u32> = BTreeMap::new();
+    for (tuple, pid) in conns {
+        pid_in.entry(tuple.netns).or_insert(*pid);
+    }
+    let wanted: HashSet<Tuple> = conns.iter().map(|c| c.0).collect();
+    let mut found = Vec::with_capacity(wanted.len());
+    for (netns, pid) in pid_in {
+        let handle = NetNsHandle::of_pid(pid).ok().filter(|h| h.inode() == netns);
+        let Some(handle) = handle else {
+            continue;
+        };
+        let here = || wanted.iter().filter(|t| t.netns == netns);
+        let mut ports: Vec<u16> = here().map(|t| t.local.port()).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        let filter = local_port_filter(&ports);
+        let families: Vec<u8> = [AF_INET, AF_INET6]
+            .into_iter()
+            .filter(|&f| here().any(|t| t.local.is_ipv4() == (f == AF_INET)))
+            .collect();
+        let socket = diag_socket(&handle)?;
+        for family in families {
+            dump_tcp_activity(&socket, family, &filter, |s, activity| {
+                let tuple = Tuple {
+                    netns,
+                    local: s.local,
+                    remote: s.remote,
+                };
+                if matches!(s.state, TCP_ESTABLISHED | TCP_CLOSE_WAIT) && wanted.contains(&tuple) {
+                    found.push((tuple, activity));
+                }
+            })
+            .with_context(|| format!("failed to dump tcp_info in netns {netns}"))?;
+        }
+    }
+    found.sort_unstable_by_key(|f| f.0);
+    found.dedup_by_key(|f| f.0);
+    Ok(found)
 }
 
 #[cfg(test)]
@@ -441,6 +487,101 @@ mod tests {
         drop(client);
         // A namespace nobody can be found in keeps its connections.
         assert!(gone(&[(live, u32::MAX / 2)]).unwrap().is_empty());
+    }
+
+    /// Real loopback connections: one quiet, one with unread bytes at the
+    /// server, one whose server-side writes the client does not read (its
+    /// small receive buffer full, the rest waits in the server's send queue).
+    #[test]
+    fn activity_reads_idle_time_and_what_is_in_flight() {
+        let ns = own_netns();
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let quiet_client = TcpStream::connect(addr).unwrap();
+        let (quiet, _) = listener.accept().unwrap();
+        let mut unread_client = TcpStream::connect(addr).unwrap();
+        let (unread, _) = listener.accept().unwrap();
+        // A client that reads nothing, with a small receive buffer so the
+        // server's writes back up on its side (set before connecting, so
+        // the window is small from the handshake on).
+        let stuck_client = socket2_like_small_rcvbuf(addr);
+        let (mut stuck, _) = listener.accept().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        unread_client.write_all(b"12345").unwrap();
+        stuck.set_nonblocking(true).unwrap();
+        let chunk = vec![7u8; 64 * 1024];
+        let mut written = 0usize;
+        while written < 16 << 20 {
+            match stuck.write(&chunk) {
+                Ok(n) => written += n,
+                Err(_) => break,
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let t = |s: &TcpStream| (tuple_of(ns, s), me());
+        let other = Tuple {
+            remote: SocketAddr::from((Ipv4Addr::LOCALHOST, 1)),
+            ..tuple_of(ns, &quiet)
+        };
+        let got = activity(&[t(&quiet), t(&unread), t(&stuck), (other, me())]).unwrap();
+        let of = |s: &TcpStream| got.iter().find(|g| g.0 == tuple_of(ns, s)).unwrap().1;
+        assert_eq!(got.len(), 3, "{got:?}");
+
+        let q = of(&quiet);
+        assert!(!q.in_flight, "{q:?}");
+        let idle = q.idle_ms.unwrap();
+        assert!((300..1000).contains(&idle), "{q:?}");
+
+        let u = of(&unread);
+        assert!(u.in_flight && u.unread_bytes == 5, "{u:?}");
+        assert!(
+            u.last_recv_ms.unwrap() < 100 && u.idle_ms.unwrap() < 100,
+            "{u:?}"
+        );
+        assert_eq!(u.unsent_bytes, Some(0));
+
+        let s = of(&stuck);
+        assert!(s.in_flight && s.unread_bytes == 0, "{s:?}");
+        assert!(s.unsent_bytes.unwrap() > 0, "{s:?} after writing {written}");
+        assert!(s.idle_ms.unwrap() < 200, "{s:?}");
+        drop((quiet_client, stuck_client));
+    }
+
+    fn socket2_like_small_rcvbuf(addr: SocketAddr) -> TcpStream {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain socket/setsockopt/connect on a fresh fd we own;
+        // the fd is handed to a TcpStream that closes it.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            assert!(fd >= 0);
+            let size: libc::c_int = 4096;
+            let rc = libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&raw const size).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+            assert_eq!(rc, 0);
+            let SocketAddr::V4(v4) = addr else {
+                panic!("ipv4 only")
+            };
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*v4.ip()).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            let rc = libc::connect(
+                fd,
+                (&raw const sin).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            );
+            assert_eq!(rc, 0);
+            TcpStream::from_raw_fd(fd)
+        }
     }
 
     /// Enough sockets that the dump spans many netlink datagrams (the kernel

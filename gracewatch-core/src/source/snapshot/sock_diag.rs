@@ -12,11 +12,11 @@ use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayl
 use netlink_packet_sock_diag::{
     SOCK_DIAG_BY_FAMILY, SockDiagMessage,
     constants::{AF_INET, IPPROTO_TCP},
-    inet::{InetResponse, StateFlags},
+    inet::{InetResponse, StateFlags, nlas::Nla},
 };
 use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG};
 
-use crate::source::netns::NetNsHandle;
+use crate::{event::ConnActivity, source::netns::NetNsHandle};
 
 pub use crate::event::{TCP_CLOSE_WAIT, TCP_ESTABLISHED, TCP_LISTEN};
 
@@ -68,6 +68,12 @@ pub(super) fn diag_socket(handle: &NetNsHandle) -> anyhow::Result<Socket> {
 /// then `filter` as an `INET_DIAG_REQ_BYTECODE` attribute if not empty.
 /// Built by hand because the netlink crate's request has no attributes.
 fn dump_request(family: u8, states: StateFlags, filter: &[u8]) -> Vec<u8> {
+    dump_request_ext(family, 0, states, filter)
+}
+
+/// [`dump_request`] asking for the `extensions` attributes too (a bit
+/// mask of `1 << (INET_DIAG_x - 1)`).
+fn dump_request_ext(family: u8, extensions: u8, states: StateFlags, filter: &[u8]) -> Vec<u8> {
     const NLMSG_HDR: usize = 16;
     const REQ_V2: usize = 56;
     const NLA_HDR: usize = 4;
@@ -83,7 +89,7 @@ fn dump_request(family: u8, states: StateFlags, filter: &[u8]) -> Vec<u8> {
     msg.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
     msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
     msg.extend_from_slice(&[0; 8]); // sequence number, port id
-    msg.extend_from_slice(&[family, IPPROTO_TCP, 0, 0]); // + extensions, pad
+    msg.extend_from_slice(&[family, IPPROTO_TCP, extensions, 0]); // + pad
     msg.extend_from_slice(&states.bits().to_ne_bytes());
     msg.resize(NLMSG_HDR + REQ_V2, 0); // socket id: not used by dumps
     if !filter.is_empty() {
@@ -153,12 +159,77 @@ pub(super) fn dump_tcp(
     filter: &[u8],
     mut f: impl FnMut(DiagSocket),
 ) -> anyhow::Result<()> {
-    let family_name = if family == AF_INET { "ipv4" } else { "ipv6" };
     let request = dump_request(family, states, filter);
+    dump(socket, family, &request, |r| {
+        f(DiagSocket::from_response(r))
+    })
+}
+
+/// linux/inet_diag.h: the `INET_DIAG_INFO` extension (`struct tcp_info`).
+const INET_DIAG_INFO: u8 = 2;
+
+/// [`dump_tcp`] of ESTABLISHED and CLOSE_WAIT sockets with their
+/// `tcp_info`: `f` gets each socket and what [`activity_of`] makes of it.
+pub(super) fn dump_tcp_activity(
+    socket: &Socket,
+    family: u8,
+    filter: &[u8],
+    mut f: impl FnMut(DiagSocket, ConnActivity),
+) -> anyhow::Result<()> {
+    let request = dump_request_ext(family, 1 << (INET_DIAG_INFO - 1), live_states(), filter);
+    dump(socket, family, &request, |r| {
+        f(DiagSocket::from_response(r), activity_of(r));
+    })
+}
+
+/// Offsets in linux/tcp.h `struct tcp_info` (stable: the kernel only
+/// appends), each a native-endian u32.
+const TCPI_LAST_DATA_SENT: usize = 44;
+const TCPI_LAST_DATA_RECV: usize = 52;
+const TCPI_NOTSENT_BYTES: usize = 144;
+
+/// What a connection is doing, from its sock_diag reply: the header's
+/// queues (for ESTABLISHED and CLOSE_WAIT, `idiag_rqueue` is bytes received
+/// and not yet read by the application, `idiag_wqueue` bytes written and
+/// not yet acknowledged by the peer, `write_seq - snd_una`) and, where the
+/// `tcp_info` the kernel returned is long enough to hold them, the times
+/// since data was last sent and received and the unsent bytes. A field
+/// the reply does not cover is `None`, never 0.
+pub(super) fn activity_of(response: &InetResponse) -> ConnActivity {
+    let info = response.nlas.iter().find_map(|nla| match nla {
+        Nla::TcpInfo(bytes) => Some(bytes.as_slice()),
+        _ => None,
+    });
+    let field = |at: usize| {
+        let b = info?.get(at..at + 4)?;
+        Some(u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let send_queue = response.header.send_queue;
+    let unsent = field(TCPI_NOTSENT_BYTES);
+    ConnActivity::new(
+        field(TCPI_LAST_DATA_SENT).map(u64::from),
+        field(TCPI_LAST_DATA_RECV).map(u64::from),
+        u64::from(response.header.recv_queue),
+        u64::from(send_queue),
+        // notsent is write_seq - snd_nxt, the rest of the send queue was
+        // sent and awaits its ack. Read at one instant in the kernel, so
+        // never more than the queue; min() keeps a torn read sane.
+        unsent.map(|u| u64::from(u.min(send_queue))),
+    )
+}
+
+/// Sends `request` (a `family` dump) and calls `f` with each socket of the reply.
+fn dump(
+    socket: &Socket,
+    family: u8,
+    request: &[u8],
+    mut f: impl FnMut(&InetResponse),
+) -> anyhow::Result<()> {
+    let family_name = if family == AF_INET { "ipv4" } else { "ipv6" };
     // The kernel replies to the sender; an unbound netlink socket gets an
     // automatic port id on send, so no bind/connect is needed.
     socket
-        .send_to(&request, &NetlinkAddr::new(0, 0), 0)
+        .send_to(request, &NetlinkAddr::new(0, 0), 0)
         .with_context(|| format!("failed to send {family_name} sock_diag request"))?;
 
     let mut buf = vec![0u8; RECV_BUF];
@@ -193,7 +264,7 @@ enum Reply {
 fn parse_datagram(
     datagram: &[u8],
     family_name: &str,
-    f: &mut impl FnMut(DiagSocket),
+    f: &mut impl FnMut(&InetResponse),
 ) -> anyhow::Result<Reply> {
     let mut offset = 0;
     while offset < datagram.len() {
@@ -202,7 +273,7 @@ fn parse_datagram(
         let msg_len = message.header.length as usize;
         match message.payload {
             NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
-                f(DiagSocket::from_response(&response));
+                f(&response);
             }
             NetlinkPayload::Done(_) => return Ok(Reply::Done),
             NetlinkPayload::Error(err) => {
@@ -442,7 +513,9 @@ mod tests {
 
     fn parse(datagram: &[u8]) -> (anyhow::Result<Reply>, Vec<DiagSocket>) {
         let mut got = Vec::new();
-        let reply = parse_datagram(datagram, "ipv4", &mut |s| got.push(s));
+        let reply = parse_datagram(datagram, "ipv4", &mut |r| {
+            got.push(DiagSocket::from_response(r));
+        });
         (reply, got)
     }
 
@@ -464,6 +537,64 @@ mod tests {
         assert_eq!(got, sockets[2..]);
 
         assert_eq!(parse(&[]).0.unwrap(), Reply::More);
+    }
+
+    /// `s` as [`inet_diag_msg`] has it (send queue 3), followed by an
+    /// `INET_DIAG_INFO` attribute holding `info` if given.
+    fn with_tcp_info(s: &DiagSocket, info: Option<&[u8]>) -> Vec<u8> {
+        let mut body = inet_diag_msg(s)[16..16 + 72].to_vec();
+        if let Some(info) = info {
+            body.extend_from_slice(&u16::try_from(4 + info.len()).unwrap().to_ne_bytes());
+            body.extend_from_slice(&u16::from(INET_DIAG_INFO).to_ne_bytes());
+            body.extend_from_slice(info);
+            body.resize(body.len().next_multiple_of(4), 0);
+        }
+        nlmsg(SOCK_DIAG_BY_FAMILY, &body)
+    }
+
+    fn tcp_info(len: usize, sent: u32, recv: u32, notsent: u32) -> Vec<u8> {
+        let mut info = vec![0u8; 232];
+        info[TCPI_LAST_DATA_SENT..][..4].copy_from_slice(&sent.to_ne_bytes());
+        info[TCPI_LAST_DATA_RECV..][..4].copy_from_slice(&recv.to_ne_bytes());
+        info[TCPI_NOTSENT_BYTES..][..4].copy_from_slice(&notsent.to_ne_bytes());
+        info.truncate(len);
+        info
+    }
+
+    /// Only the fields the returned `tcp_info` covers are read: a shorter
+    /// one (an older kernel) leaves the rest unknown, never 0.
+    #[test]
+    fn tcp_info_fields_are_read_only_as_far_as_the_reply_covers() {
+        let s = &fixture_sockets()[1]; // 17 bytes unread, send queue 3
+        let activity = |info: Option<Vec<u8>>| {
+            let mut got = Vec::new();
+            let datagram = with_tcp_info(s, info.as_deref());
+            parse_datagram(&datagram, "ipv4", &mut |r| got.push(activity_of(r))).unwrap();
+            assert_eq!(got.len(), 1);
+            got[0]
+        };
+        let full = activity(Some(tcp_info(232, 500, 20, 2)));
+        assert_eq!(
+            full,
+            ConnActivity::new(Some(500), Some(20), 17, 3, Some(2)),
+            "{full:?}"
+        );
+        assert_eq!((full.idle_ms, full.unacked_bytes), (Some(20), Some(1)));
+        // Linux 4.1: no tcpi_notsent_bytes yet.
+        let old = activity(Some(tcp_info(TCPI_NOTSENT_BYTES, 500, 20, 2)));
+        assert_eq!(
+            (old.idle_ms, old.unsent_bytes, old.unacked_bytes),
+            (Some(20), None, None)
+        );
+        // Cut inside tcpi_last_data_recv: idle is unknown.
+        let cut = activity(Some(tcp_info(TCPI_LAST_DATA_RECV + 3, 500, 20, 2)));
+        assert_eq!(
+            (cut.last_sent_ms, cut.last_recv_ms, cut.idle_ms),
+            (Some(500), None, None)
+        );
+        let none = activity(None);
+        assert_eq!(none, ConnActivity::new(None, None, 17, 3, None));
+        assert!(none.in_flight, "the queues alone tell what is in flight");
     }
 
     #[test]
