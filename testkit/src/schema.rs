@@ -107,7 +107,7 @@ mod tests {
     fn samples(schema: Schema) -> Vec<Value> {
         let held = json!({"age_ms": 3018, "local": "127.0.0.1:9912", "peer": "127.0.0.1:51604", "pid": 16729});
         let progress = json!({"accepted_last_10s": 0, "closes_per_sec": 0.0, "elapsed_ms": 1008, "eta_ms": null, "live": 1, "message": "pid 16729 (python3): 1 live, 0.0 closes/s, oldest 1.0s from 127.0.0.1:51604", "oldest": held});
-        let report = json!({"duration_ms": 3001, "exit_code": 124, "held": [held], "initial_live": 1, "message": "deadline passed: pid 16729 still held 1 live connection(s); nothing was signalled", "outcome": "timeout", "peak_live": 1, "signal_sent": null, "still_held": 1, "targets": [16729]});
+        let report = json!({"duration_ms": 3001, "exit_code": 124, "held": [held], "initial_live": 1, "message": "deadline passed: pid 16729 still held 1 live connection(s); nothing was signalled", "outcome": "timeout", "peak_live": 1, "signal_sent": null, "still_held": 1, "targets": [16729], "ended_by": null, "excluded": []});
         let typed = |v: &Value, ty: &str| {
             let mut v = v.clone();
             v["type"] = ty.into();
