@@ -85,6 +85,11 @@ pub struct Monitor<S = EbpfSource> {
     /// A background snapshot in flight (see [`pump::RESCAN_MIN`]).
     rescan: Option<tokio::task::JoinHandle<anyhow::Result<(Snapshot, ListenerFds, Duration)>>>,
     next_rescan: Duration,
+    /// Counts may be stale since now (lost events, untracked connections):
+    /// a rescan must start as soon as none is in flight. A flag, not a
+    /// time: a rescan already in flight may have taken its snapshot before
+    /// the loss, and its completion sets the next periodic time.
+    rescan_wanted: bool,
     /// The targeted re-check of listener holders between rescans.
     holders: holders::HolderCheck,
     untracked: Untracked,
@@ -114,6 +119,7 @@ impl<S: Source> Monitor<S> {
             events: None,
             rescan: None,
             next_rescan: now + pump::RESCAN_MIN,
+            rescan_wanted: false,
             holders: holders::HolderCheck::default(),
             untracked: Untracked::default(),
             cgroups: cgroups::Cgroups::default(),

@@ -183,7 +183,7 @@ impl<S: Source> Monitor<S> {
     /// rescans).
     fn untracked_episode(&mut self, now: Duration, why: std::fmt::Arguments<'_>) {
         log::warn!("{why}");
-        self.next_rescan = self.next_rescan.min(now);
+        self.rescan_wanted = true;
         self.untracked.episodes += 1;
         self.apply_one(ConnEvent::MapFull {
             at: now,
@@ -200,8 +200,9 @@ impl<S: Source> Monitor<S> {
                 at: now,
                 total: lost,
             });
-            // Counts may be stale: repair them with a rescan right away.
-            self.next_rescan = now;
+            // Counts may be stale: repair them with a rescan right away
+            // (or right after the one in flight, which may predate the loss).
+            self.rescan_wanted = true;
             changed = true;
         }
         // Unreadable: as if unchanged (the periodic rescans go on anyway).
@@ -256,8 +257,9 @@ impl<S: Source> Monitor<S> {
         changed |= self.restart_housekeeping();
         let source = &self.source;
         changed |= self.cgroups.refresh(now, |pid| source.cgroup_of(pid));
-        if self.rescan.is_none() && now >= self.next_rescan {
+        if self.rescan.is_none() && (self.rescan_wanted || now >= self.next_rescan) {
             if let Some(take) = self.source.rescanner() {
+                self.rescan_wanted = false;
                 self.rescan = Some(tokio::task::spawn_blocking(move || {
                     let t0 = monotonic_now();
                     let (snap, fds) = take()?;
@@ -376,5 +378,83 @@ impl ExitAccounts {
             closed_by_exit,
             seen_exit: pids.iter().any(|pid| self.exited.contains(pid)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::{source::snapshot::holders::ListenerFds, tracker::Tracker};
+
+    static TAKEN: AtomicUsize = AtomicUsize::new(0);
+    static RELEASE: AtomicBool = AtomicBool::new(false);
+    static LOST: AtomicU64 = AtomicU64::new(0);
+
+    /// A source whose events are lost on demand and whose rescans block
+    /// until released, then take as long as a rescan of a monitor that was
+    /// stopped (SIGSTOP) while it ran.
+    struct Stalling;
+
+    fn stalled_rescan() -> anyhow::Result<(Snapshot, ListenerFds)> {
+        TAKEN.fetch_add(1, Ordering::SeqCst);
+        while !RELEASE.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        Ok((Snapshot::default(), ListenerFds::default()))
+    }
+
+    impl Source for Stalling {
+        async fn readable(&mut self) -> anyhow::Result<()> {
+            std::future::pending().await
+        }
+
+        fn drain(&mut self, _out: &mut Vec<ConnEvent>) {}
+
+        fn now(&self) -> Duration {
+            monotonic_now()
+        }
+
+        fn rescanner(&self) -> Option<crate::source::Rescanner> {
+            Some(stalled_rescan)
+        }
+
+        fn lost_events(&self) -> u64 {
+            LOST.load(Ordering::SeqCst)
+        }
+    }
+
+    /// Events lost while a rescan runs may postdate its snapshot: the
+    /// repair rescan they ask for must still run once that one is done,
+    /// not after its back-off (which grows with a long, e.g. stopped, run).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_loss_during_a_rescan_gets_a_repair_rescan_of_its_own() {
+        let now = monotonic_now();
+        let mut m = Monitor::over(Stalling, Tracker::new(), now, now);
+        m.next_rescan = now;
+        m.housekeeping(now);
+        while TAKEN.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        LOST.store(1759, Ordering::SeqCst);
+        assert!(m.housekeeping(monotonic_now()), "the loss is news");
+        assert_eq!(m.tracker.status(monotonic_now()).lost_events, 1759);
+        RELEASE.store(true, Ordering::SeqCst);
+        // Until the first rescan is merged (or a second one started).
+        let give_up = monotonic_now() + Duration::from_secs(30);
+        while m.rescan.is_some() && TAKEN.load(Ordering::SeqCst) == 1 {
+            assert!(monotonic_now() < give_up, "the rescan never finished");
+            m.next_change().await.expect("no source error");
+        }
+        if m.rescan.is_none() {
+            m.housekeeping(monotonic_now());
+        }
+        assert_eq!(
+            TAKEN.load(Ordering::SeqCst),
+            2,
+            "a repair rescan starts as soon as the one in flight is done"
+        );
     }
 }
