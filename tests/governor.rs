@@ -6,7 +6,8 @@
 //!   get SIGTERM (each one's exit status says so: the test is their
 //!   subreaper), the two newest draining ones and the serving one are
 //!   untouched and the serving one still accepts; `/metrics` counts exactly
-//!   three signals and no failure; the agent logged one line for each.
+//!   three signals and no failure; the agent logged one line for each, and
+//!   `/v1/events` carried one `governor` line for each.
 //! - `--govern-max-age 1s`, one reload: the old generation gets SIGTERM
 //!   about a second after it stopped accepting, not before.
 
@@ -17,7 +18,8 @@ use std::{
 };
 
 use gracewatch_testkit::{
-    Agent, Child, Client, Netns, STATE_TIMEOUT, TempDir, generations, listener, live_of, setup,
+    Agent, Child, Client, Netns, STATE_TIMEOUT, Schema, TempDir, generations, listener, live_of,
+    setup,
 };
 use rustix::process::{Pid, Signal, WaitOptions, kill_process};
 use serde_json::Value;
@@ -139,6 +141,51 @@ impl Fixture {
     }
 }
 
+/// A `/v1/events` reader on its own thread, keeping every line.
+struct EventTap {
+    lines: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl EventTap {
+    fn start(agent: &Agent) -> EventTap {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(&agent.addr).expect("connect to the agent");
+        s.write_all(b"GET /v1/events HTTP/1.1\r\nHost: agent\r\n\r\n")
+            .expect("subscribe");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = lines.clone();
+        thread::spawn(move || {
+            let mut buf = [0u8; 16 * 1024];
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        EventTap { lines }
+    }
+
+    /// The `governor` lines so far, each checked against the schema.
+    fn governor(&self) -> Vec<Value> {
+        self.lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .lines()
+            .filter(|l| l.starts_with('{') && l.contains("\"governor\""))
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["kind"] == "governor")
+            .inspect(|v| {
+                if let Err(e) = Schema::Event.check(v) {
+                    panic!("/v1/events: {e}\n{v}");
+                }
+            })
+            .collect()
+    }
+}
+
 /// Waits for `pid`, a child of this process (directly or as its
 /// subreaper), to exit; returns its signal and when it was reaped.
 #[track_caller]
@@ -179,6 +226,7 @@ fn max_draining_two_signals_the_oldest_generations_and_never_the_serving_one() {
     ) else {
         return;
     };
+    let tap = EventTap::start(&fx.agent);
     let (mut pid, _) = first.wait_ready();
     let mut gens = vec![pid];
     let mut clients = Vec::new();
@@ -262,6 +310,23 @@ fn max_draining_two_signals_the_oldest_generations_and_never_the_serving_one() {
         }
     }
     eprintln!("{}", lines.join("\n"));
+    let events = tap.governor();
+    let got: Vec<(u64, &str, &str, &str)> = events
+        .iter()
+        .map(|v| {
+            (
+                v["pid"].as_u64().unwrap_or(0),
+                v["reason"].as_str().unwrap_or(""),
+                v["outcome"].as_str().unwrap_or(""),
+                v["listener"]["local"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    let want: Vec<(u64, &str, &str, &str)> = gens[..3]
+        .iter()
+        .map(|&g| (u64::from(g), "max_draining", "signalled", fx.address.as_str()))
+        .collect();
+    assert_eq!(got, want, "governor lines on /v1/events: {events:#?}");
     drop(clients);
     fx.agent.stop_within(STATE_TIMEOUT);
 }

@@ -1,8 +1,8 @@
 //! The agent's side of the generation governor
 //! ([`crate::drain::governor`]): its flags, the task that feeds it every
 //! status the monitor publishes (and, for the age limit, the passing time),
-//! and what it reports of each action: one line on stderr and the
-//! `gracewatch_governor_*` counters.
+//! and what it reports of each action: one line on stderr, the
+//! `gracewatch_governor_*` counters, and a `governor` line on `/v1/events`.
 
 use std::{sync::Arc, time::Duration};
 
@@ -142,11 +142,36 @@ pub(super) fn summary(governor: &Governor) -> String {
 /// One line on stderr, and the counters.
 fn report(shared: &Shared, governor: &Governor, action: &Action) {
     eprintln!("gracewatch: governor: {}", describe(governor, action));
+    shared.events.publish_line(event_line(action));
     match action.outcome {
         ActionOutcome::Delivered => shared.metrics.governor_action(action.decision.reason, true),
         ActionOutcome::Failed(_) => shared.metrics.governor_action(action.decision.reason, false),
         ActionOutcome::Exited => {}
     }
+}
+
+/// The `/v1/events` line of an action (`kind: governor`, see
+/// `schema/event.schema.json`).
+fn event_line(action: &Action) -> Arc<str> {
+    let d = &action.decision;
+    let (outcome, error) = match &action.outcome {
+        ActionOutcome::Delivered => ("signalled", None),
+        ActionOutcome::Exited => ("exited", None),
+        ActionOutcome::Failed(why) => ("failed", Some(why.as_str())),
+    };
+    let v = serde_json::json!({
+        "kind": "governor",
+        "pid": d.pid,
+        "comm": d.comm,
+        "listener": { "netns": d.netns, "local": d.listener.to_string() },
+        "reason": d.reason.code(),
+        "signal": action.signal.name(),
+        "outcome": outcome,
+        "error": error,
+        "draining": d.draining,
+        "draining_ms": d.draining_ms,
+    });
+    format!("{v}\n").into()
 }
 
 /// What a log line says: what was done to whom, on which listener, why.
@@ -216,6 +241,15 @@ mod tests {
         assert_eq!(
             line,
             "sent SIGTERM to pid 4211 (srv\\x1b[2J), a draining generation of 127.0.0.1:8080 (netns 4026531840): max_draining: 3 generations draining, more than --govern-max-draining 2"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&event_line(&action)).expect("a JSON line");
+        assert_eq!(
+            v,
+            serde_json::json!({"kind": "governor", "pid": 4211, "comm": "srv\u{1b}[2J",
+                "listener": {"netns": 4026531840u32, "local": "127.0.0.1:8080"},
+                "reason": "max_draining", "signal": "SIGTERM", "outcome": "signalled",
+                "error": null, "draining": 3, "draining_ms": 1500})
         );
         assert!(GovernorArgs::default().governor().is_none());
         assert_eq!(parse_max_draining("1000"), Ok(1000));
