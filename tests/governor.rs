@@ -324,7 +324,14 @@ fn max_draining_two_signals_the_oldest_generations_and_never_the_serving_one() {
         .collect();
     let want: Vec<(u64, &str, &str, &str)> = gens[..3]
         .iter()
-        .map(|&g| (u64::from(g), "max_draining", "signalled", fx.address.as_str()))
+        .map(|&g| {
+            (
+                u64::from(g),
+                "max_draining",
+                "signalled",
+                fx.address.as_str(),
+            )
+        })
         .collect();
     assert_eq!(got, want, "governor lines on /v1/events: {events:#?}");
     drop(clients);
@@ -385,8 +392,7 @@ fn max_age_signals_a_generation_draining_longer_than_that() {
     let lines = fx.governor_lines();
     assert_eq!(lines.len(), 1, "{lines:#?}");
     assert!(
-        lines[0].contains(&format!("sent SIGTERM to pid {old} ("))
-            && lines[0].contains("max_age"),
+        lines[0].contains(&format!("sent SIGTERM to pid {old} (")) && lines[0].contains("max_age"),
         "{lines:?}"
     );
     fx.agent.stop_within(STATE_TIMEOUT);

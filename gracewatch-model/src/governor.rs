@@ -147,9 +147,10 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tracker::{
-        Family, GenerationStatus, ListenerStatus, ProcessStatus, STATUS_SCHEMA,
-    };
+    use crate::tracker::{Family, GenerationStatus, ListenerStatus, ProcessStatus, STATUS_SCHEMA};
+
+    /// A generation: pid, role, draining since (ms).
+    type Gen = (u32, Role, u64);
 
     const L: &str = "127.0.0.1:8080";
     const OTHER: &str = "127.0.0.1:9090";
@@ -158,7 +159,7 @@ mod tests {
     /// oldest first; processes agree on the roles unless `disagree` names a
     /// pid whose process entry says otherwise (or is missing: `None`).
     fn status(
-        listeners: &[(&str, &[(u32, Role, u64)])],
+        listeners: &[(&str, &[Gen])],
         disagree: &[(u32, Option<Role>)],
     ) -> Status {
         let mut processes: Vec<ProcessStatus> = Vec::new();
@@ -232,7 +233,7 @@ mod tests {
     #[test]
     fn the_table() {
         // Five reloads: generations 1-5 draining, 6 serving.
-        let five: &[(u32, Role, u64)] = &[
+        let five: &[Gen] = &[
             (1, D, 1000),
             (2, D, 2000),
             (3, D, 3000),
@@ -242,14 +243,7 @@ mod tests {
         ];
         let none = BTreeSet::new();
         #[allow(clippy::type_complexity)]
-        let cases: &[(
-            &str,
-            Status,
-            GovernorRules,
-            &[u32],
-            u64,
-            &[(u32, Reason)],
-        )] = &[
+        let cases: &[(&str, Status, GovernorRules, &[u32], u64, &[(u32, Reason)])] = &[
             (
                 "max 2 of 5: the three oldest",
                 status(&[(L, five)], &[]),
@@ -291,7 +285,13 @@ mod tests {
                 status(
                     &[(
                         L,
-                        &[(1, Exited, 0), (2, Drained, 0), (3, S, 0), (4, D, 0), (5, S, 0)],
+                        &[
+                            (1, Exited, 0),
+                            (2, Drained, 0),
+                            (3, S, 0),
+                            (4, D, 0),
+                            (5, S, 0),
+                        ],
                     )],
                     &[],
                 ),
@@ -406,7 +406,12 @@ mod tests {
             assert_eq!(&got, want, "{name}");
         }
         // What a decision says about its listener.
-        let d = decide(&status(&[(L, five)], &[]), 9000, &rules(Some(2), None, &[]), &none);
+        let d = decide(
+            &status(&[(L, five)], &[]),
+            9000,
+            &rules(Some(2), None, &[]),
+            &none,
+        );
         assert_eq!(d[0].listener, L.parse::<SocketAddr>().expect("addr"));
         assert_eq!((d[0].netns, d[0].draining, d[0].draining_ms), (7, 5, 8000));
         assert_eq!(d[0].comm, "srv1");

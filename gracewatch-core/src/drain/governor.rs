@@ -207,8 +207,10 @@ mod tests {
             pod_uid: None,
         };
         let address = "127.0.0.1:8080".parse().expect("an address");
-        let mut generations: Vec<GenerationStatus> =
-            draining.iter().map(|&p| generation(p, Role::Draining)).collect();
+        let mut generations: Vec<GenerationStatus> = draining
+            .iter()
+            .map(|&p| generation(p, Role::Draining))
+            .collect();
         generations.push(generation(serving, Role::Serving));
         let mut processes: Vec<ProcessStatus> =
             draining.iter().map(|&p| proc(p, Role::Draining)).collect();
@@ -233,7 +235,10 @@ mod tests {
     }
 
     fn sleeper() -> std::process::Child {
-        Command::new("sleep").arg("30").spawn().expect("spawn sleep")
+        Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep")
     }
 
     fn rules(max_draining: u32) -> GovernorRules {

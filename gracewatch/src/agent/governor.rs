@@ -121,7 +121,9 @@ pub(super) fn summary(governor: &Governor) -> String {
     let rules = governor.rules();
     let mut limits = Vec::new();
     if let Some(n) = rules.max_draining {
-        limits.push(format!("the oldest draining generations beyond {n} per listener"));
+        limits.push(format!(
+            "the oldest draining generations beyond {n} per listener"
+        ));
     }
     if let Some(age) = rules.max_age {
         limits.push(format!("a generation draining for {age:?}"));
@@ -145,7 +147,9 @@ fn report(shared: &Shared, governor: &Governor, action: &Action) {
     shared.events.publish_line(event_line(action));
     match action.outcome {
         ActionOutcome::Delivered => shared.metrics.governor_action(action.decision.reason, true),
-        ActionOutcome::Failed(_) => shared.metrics.governor_action(action.decision.reason, false),
+        ActionOutcome::Failed(_) => shared
+            .metrics
+            .governor_action(action.decision.reason, false),
         ActionOutcome::Exited => {}
     }
 }
@@ -242,8 +246,7 @@ mod tests {
             line,
             "sent SIGTERM to pid 4211 (srv\\x1b[2J), a draining generation of 127.0.0.1:8080 (netns 4026531840): max_draining: 3 generations draining, more than --govern-max-draining 2"
         );
-        let v: serde_json::Value =
-            serde_json::from_str(&event_line(&action)).expect("a JSON line");
+        let v: serde_json::Value = serde_json::from_str(&event_line(&action)).expect("a JSON line");
         assert_eq!(
             v,
             serde_json::json!({"kind": "governor", "pid": 4211, "comm": "srv\u{1b}[2J",
