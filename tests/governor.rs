@@ -298,6 +298,7 @@ fn max_draining_two_signals_the_oldest_generations_and_never_the_serving_one() {
             0
         );
     }
+    promtool_accepts(&fx.get("/metrics"));
     let lines = fx.governor_lines();
     assert_eq!(lines.len(), 3, "one line per signal: {lines:#?}");
     for (line, g) in lines.iter().zip(&gens[..3]) {
@@ -396,6 +397,43 @@ fn max_age_signals_a_generation_draining_longer_than_that() {
         "{lines:?}"
     );
     fx.agent.stop_within(STATE_TIMEOUT);
+}
+
+/// `promtool check metrics` passes `text` (skipped without promtool, except in CI).
+#[track_caller]
+fn promtool_accepts(text: &str) {
+    use std::io::Write as _;
+    let Some(promtool) = ["/usr/bin/promtool", "/usr/local/bin/promtool"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).is_file())
+    else {
+        assert!(
+            !gracewatch_testkit::in_ci(),
+            "`promtool` is not installed (CI=true: a failure)"
+        );
+        eprintln!("SKIPPED promtool check: `promtool` is not installed");
+        return;
+    };
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(text.as_bytes())
+        .expect("feed promtool");
+    let out = child.wait_with_output().expect("promtool output");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn libc_sigterm() -> i32 {

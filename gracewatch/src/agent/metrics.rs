@@ -897,6 +897,28 @@ mod tests {
         assert!(!text.contains("gracewatch_process_"), "{text}");
     }
 
+    #[test]
+    fn governor_series_only_once_it_is_on() {
+        let m = Metrics::new();
+        let off = m.render(Scrape::default(), Format::Text).expect("encodes");
+        assert!(!off.contains("gracewatch_governor"), "{off}");
+        m.governor_action(Reason::MaxDraining, true);
+        m.governor_on();
+        m.governor_action(Reason::MaxDraining, true);
+        m.governor_action(Reason::MaxDraining, true);
+        m.governor_action(Reason::MaxAge, false);
+        let on = m.render(Scrape::default(), Format::Text).expect("encodes");
+        for line in [
+            "# TYPE gracewatch_governor_signals_total counter",
+            "gracewatch_governor_signals_total{reason=\"max_draining\"} 2",
+            "gracewatch_governor_signals_total{reason=\"max_age\"} 0",
+            "gracewatch_governor_signal_failures_total{reason=\"max_draining\"} 0",
+            "gracewatch_governor_signal_failures_total{reason=\"max_age\"} 1",
+        ] {
+            assert!(on.lines().any(|l| l == line), "no {line:?} in\n{on}");
+        }
+    }
+
     const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
     const UID: &str = "8b5c3f2e-1d4a-4e6b-9c7d-0a1b2c3d4e5f";
 
