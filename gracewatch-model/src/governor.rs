@@ -158,10 +158,7 @@ mod tests {
     /// A listener `addr` with generations (pid, role, draining since ms),
     /// oldest first; processes agree on the roles unless `disagree` names a
     /// pid whose process entry says otherwise (or is missing: `None`).
-    fn status(
-        listeners: &[(&str, &[Gen])],
-        disagree: &[(u32, Option<Role>)],
-    ) -> Status {
+    fn status(listeners: &[(&str, &[Gen])], disagree: &[(u32, Option<Role>)]) -> Status {
         let mut processes: Vec<ProcessStatus> = Vec::new();
         let mut ls = Vec::new();
         for (addr, gens) in listeners {

@@ -14,8 +14,8 @@
 //! started since, is left alone (fail closed).
 //!
 //! Memory is bounded: it remembers the pids the status lists as
-//! generations (at most [`MAX_REMEMBERED`]), and forgets each once the
-//! status no longer lists it.
+//! generations of the listeners it governs (at most [`MAX_REMEMBERED`]),
+//! and forgets each once the status no longer lists it there.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -102,18 +102,21 @@ impl Governor {
         actions
     }
 
-    /// Reads the start time of generations seen for the first time, and
-    /// forgets those the status no longer lists.
+    /// Reads the start time of generations of governed listeners seen for
+    /// the first time, and forgets those the status no longer lists.
     fn remember(&mut self, status: &Status) {
-        let listed: BTreeSet<u32> = status
-            .listeners
-            .iter()
-            .flat_map(|l| &l.generations)
-            .map(|g| g.pid)
-            .collect();
+        let ports = &self.rules.ports;
+        let governed = || {
+            status
+                .listeners
+                .iter()
+                .filter(|l| ports.is_empty() || ports.contains(&l.address.port()))
+                .flat_map(|l| &l.generations)
+        };
+        let listed: BTreeSet<u32> = governed().map(|g| g.pid).collect();
         self.seen.retain(|pid, _| listed.contains(pid));
         self.done.retain(|pid, _| listed.contains(pid));
-        for g in status.listeners.iter().flat_map(|l| &l.generations) {
+        for g in governed() {
             if g.role == Role::Exited || self.seen.contains_key(&g.pid) {
                 continue;
             }
