@@ -19,7 +19,7 @@
 //! process. `examples/embed.rs` is the runnable version (`cargo run
 //! --example embed`; without privileges it falls back to a replay monitor).
 
-pub use gracewatch_core::{display, drain, event, input, monitor, tracker};
+pub use gracewatch_core::{display, drain, event, governor, input, monitor, tracker};
 
 pub mod agent;
 pub mod cli;

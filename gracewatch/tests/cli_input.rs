@@ -29,6 +29,8 @@ enum Kind {
     Timeout,
     /// A size or a count with a lower bound above zero.
     Count,
+    /// A number of generations (`--govern-max-draining`): 0 to 1000.
+    Generations,
     /// An `IP:PORT` address.
     Addr,
     /// A peer rule, `CIDR[:PORT]`.
@@ -41,14 +43,15 @@ enum Kind {
 fn kind_of(flag: &str) -> Option<Kind> {
     Some(match flag {
         "--pid" | "--exclude" => Kind::Pid,
-        "--port" => Kind::Port,
+        "--port" | "--govern-port" => Kind::Port,
+        "--govern-max-draining" => Kind::Generations,
         "--min-wait" | "--interval" | "--quiet-for" => Kind::DurationZeroOk,
-        "--timeout" => Kind::Timeout,
+        "--timeout" | "--govern-max-age" => Kind::Timeout,
         "--max-connections" | "--ring-buffer-size" => Kind::Count,
         "--listen" => Kind::Addr,
         "--exclude-peer" => Kind::PeerRule,
         "--pidfile" | "--token-file" | "--unix" | "--agent" | "--comm" | "--signal"
-        | "--on-timeout" | "--metric-labels" => Kind::Other,
+        | "--on-timeout" | "--metric-labels" | "--govern-signal" => Kind::Other,
         _ => return None,
     })
 }
@@ -94,6 +97,7 @@ fn hostile_values(kind: Kind) -> Vec<String> {
             "",
         ],
         Kind::Count => vec!["0", "-1", "4294967295", "1023", "many", ""],
+        Kind::Generations => vec!["-1", "1001", "1.5", "many", ""],
         Kind::Addr => vec!["127.0.0.1:-1", "127.0.0.1:65536", "127.0.0.1:abc", "-1", ""],
         Kind::PeerRule => vec![
             "bogus",

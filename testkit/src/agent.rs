@@ -187,6 +187,11 @@ impl Agent {
         http::request(target, method, path, headers, body, REQUEST_TIMEOUT)
     }
 
+    /// Every line it wrote on stderr so far (its log).
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.child.stderr_lines()
+    }
+
     /// Its recent stdout and stderr, for failure messages.
     pub fn context(&self) -> String {
         self.child.context()

@@ -139,6 +139,8 @@ mod tests {
                 json!({"kind": "draining", "at": at, "pid": 16229, "comm": "python3", "why": "closed_its_listener", "live": 3}),
                 json!({"kind": "drained", "at": at, "pid": 16229, "comm": "python3", "why": "reached_zero", "took_ms": 1200, "from_live": 3}),
                 json!({"kind": "drained", "at": at, "pid": 16229, "comm": "python3", "why": "holds_nothing", "took_ms": null, "from_live": null}),
+                json!({"kind": "governor", "pid": 16229, "comm": "python3", "listener": {"netns": 4026532178u32, "local": "127.0.0.1:9911"}, "reason": "max_draining", "signal": "SIGTERM", "outcome": "signalled", "error": null, "draining": 3, "draining_ms": 2100}),
+                json!({"kind": "governor", "pid": 16229, "comm": "python3", "listener": {"netns": 4026532178u32, "local": "127.0.0.1:9911"}, "reason": "max_age", "signal": "SIGQUIT", "outcome": "failed", "error": "pid 16229 (python3) is a kernel thread: refused", "draining": 1, "draining_ms": 600000}),
                 json!({"kind": "lagged", "skipped": 1, "message": "this reader fell behind"}),
             ],
             Schema::Restarts => vec![json!({

@@ -6,6 +6,7 @@
 //! of ARCHITECTURE.md §5.
 
 mod gate;
+pub mod governor;
 mod policy;
 mod quiet;
 mod signal;

@@ -263,6 +263,18 @@ fn parent_of(pid: u32) -> Option<u32> {
         .ok()
 }
 
+/// When `pid` started (`starttime`, field 22 of `/proc/<pid>/stat`, in
+/// clock ticks since boot): with the pid, it names one process for good,
+/// since a recycled pid starts later. `None` if it cannot be read.
+pub fn start_time(pid: u32) -> Option<u64> {
+    // After the name: state (3) … starttime (22).
+    stat_after_comm(pid)?
+        .split_ascii_whitespace()
+        .nth(22 - 3)?
+        .parse()
+        .ok()
+}
+
 /// `/proc/<pid>/stat` after the command name: `state ppid …`. The name may
 /// hold spaces, parentheses and bytes that are not UTF-8, hence bytes and
 /// the split at the last `)`.
@@ -288,6 +300,21 @@ mod tests {
         assert_eq!(walk(&children, &[1], &[3]), vec![2, 4]);
         assert_eq!(walk(&children, &[2], &[]), vec![4]);
         assert!(walk(&children, &[9], &[]).is_empty());
+    }
+
+    #[test]
+    fn start_time_tells_processes_apart() {
+        let me = start_time(std::process::id()).expect("own start time");
+        assert!(me > 0);
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .expect("spawn sleep");
+        let other = start_time(child.id());
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(other.is_some_and(|t| t >= me), "{other:?} vs {me}");
+        assert_eq!(start_time(u32::MAX), None);
     }
 
     #[tokio::test]

@@ -11,7 +11,8 @@
 //! only go to trusted readers (the unix socket, or TCP with the token).
 //!
 //! Besides the kernel's events, the stream carries the restart model's
-//! `handover`, `draining` and `drained` facts ([`fact_line`]).
+//! `handover`, `draining` and `drained` facts ([`fact_line`]), and what the
+//! generation governor did (`governor` lines, see [`super::governor`]).
 
 use std::sync::{Arc, Mutex};
 
@@ -70,6 +71,12 @@ impl Hub {
         if let Some(line) = fact_line(fact, model) {
             self.publish_with(|_| line.clone());
         }
+    }
+
+    /// Queues a line of the agent's own (the governor's) for every
+    /// subscriber; it carries no peer address.
+    pub(crate) fn publish_line(&self, line: Arc<str>) {
+        self.publish_with(|_| line.clone());
     }
 
     /// Queues the line `encode(peers)` gives for each subscriber, encoding

@@ -44,6 +44,7 @@ use prometheus_client::{
 use crate::{
     drain::{DrainReport, Outcome},
     event::ConnEvent,
+    governor::Reason,
     monitor::ProgramStats,
     tracker::{
         ProcessStatus, Status,
@@ -229,6 +230,18 @@ pub(crate) struct Metrics {
     observed_drain_seconds: Histogram,
     handovers: Counter,
     dropped_by_exit: Counter,
+    /// The governor's series, registered once it is on (the exposition of
+    /// an agent without it stays as it was).
+    governor: std::sync::OnceLock<GovernorMetrics>,
+}
+
+/// `gracewatch_governor_signals_total` and
+/// `gracewatch_governor_signal_failures_total`, by `reason` (two values).
+#[derive(Debug)]
+struct GovernorMetrics {
+    registry: Registry,
+    signals: Family<OutcomeLabel, Counter>,
+    failures: Family<OutcomeLabel, Counter>,
 }
 
 impl Metrics {
@@ -245,6 +258,7 @@ impl Metrics {
             observed_drain_seconds: new_drain_histogram(),
             handovers: Counter::default(),
             dropped_by_exit: Counter::default(),
+            governor: std::sync::OnceLock::new(),
         };
         let r = &mut m.registry;
         r.register(
@@ -363,10 +377,52 @@ impl Metrics {
             .observe(report.duration_ms as f64 / 1000.0);
     }
 
+    /// Exports the governor's counters from now on, each reason at 0.
+    pub(crate) fn governor_on(&self) {
+        self.governor.get_or_init(|| {
+            let mut g = GovernorMetrics {
+                registry: Registry::default(),
+                signals: Family::default(),
+                failures: Family::default(),
+            };
+            g.registry.register(
+                "gracewatch_governor_signals",
+                "Draining generations the governor signalled, by the limit they were past (max_draining, max_age)",
+                g.signals.clone(),
+            );
+            g.registry.register(
+                "gracewatch_governor_signal_failures",
+                "Draining generations past a limit the governor did not signal (a protected process, a reused pid, the kernel's refusal), by limit",
+                g.failures.clone(),
+            );
+            for r in Reason::ALL {
+                let _ = g.signals.get_or_create(&[("reason", r.code())]);
+                let _ = g.failures.get_or_create(&[("reason", r.code())]);
+            }
+            g
+        });
+    }
+
+    /// Counts one governor action: a delivered signal or a failure (a
+    /// generation that exited first is neither).
+    pub(crate) fn governor_action(&self, reason: Reason, delivered: bool) {
+        if let Some(g) = self.governor.get() {
+            let label = [("reason", reason.code())];
+            if delivered {
+                g.signals.get_or_create(&label).inc();
+            } else {
+                g.failures.get_or_create(&label).inc();
+            }
+        }
+    }
+
     /// The whole exposition: agent-lifetime series, then those of `now`.
     pub(crate) fn render(&self, now: Scrape, format: Format) -> Result<String, std::fmt::Error> {
         let mut out = String::new();
         text::encode_registry(&mut out, &self.registry)?;
+        if let Some(g) = self.governor.get() {
+            text::encode_registry(&mut out, &g.registry)?;
+        }
         let mut current = Registry::default();
         current.register_collector(Box::new(now));
         text::encode_registry(&mut out, &current)?;
@@ -839,6 +895,28 @@ mod tests {
             .expect("encodes");
         assert!(text.contains("gracewatch_ready 0\n"), "{text}");
         assert!(!text.contains("gracewatch_process_"), "{text}");
+    }
+
+    #[test]
+    fn governor_series_only_once_it_is_on() {
+        let m = Metrics::new();
+        let off = m.render(Scrape::default(), Format::Text).expect("encodes");
+        assert!(!off.contains("gracewatch_governor"), "{off}");
+        m.governor_action(Reason::MaxDraining, true);
+        m.governor_on();
+        m.governor_action(Reason::MaxDraining, true);
+        m.governor_action(Reason::MaxDraining, true);
+        m.governor_action(Reason::MaxAge, false);
+        let on = m.render(Scrape::default(), Format::Text).expect("encodes");
+        for line in [
+            "# TYPE gracewatch_governor_signals_total counter",
+            "gracewatch_governor_signals_total{reason=\"max_draining\"} 2",
+            "gracewatch_governor_signals_total{reason=\"max_age\"} 0",
+            "gracewatch_governor_signal_failures_total{reason=\"max_draining\"} 0",
+            "gracewatch_governor_signal_failures_total{reason=\"max_age\"} 1",
+        ] {
+            assert!(on.lines().any(|l| l == line), "no {line:?} in\n{on}");
+        }
     }
 
     const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";

@@ -22,6 +22,7 @@ mod api;
 pub mod client;
 mod drains;
 mod events;
+mod governor;
 mod metrics;
 pub mod server;
 
@@ -43,6 +44,7 @@ use tokio::{
 pub use client::{AgentClient, ClientError};
 pub use drains::{DrainRequest, DrainState, DrainStatus, MAX_RUNNING};
 pub use events::{MAX_SUBSCRIBERS, SUBSCRIBER_BACKLOG};
+pub use governor::GovernorArgs;
 pub use metrics::MetricLabel;
 
 use crate::{
@@ -94,6 +96,8 @@ pub struct AgentArgs {
     /// Prometheus' index for its retention, and `cgroup` values can be long.
     #[arg(long, value_name = "LABELS", value_delimiter = ',', value_enum)]
     pub metric_labels: Vec<MetricLabel>,
+    #[command(flatten)]
+    pub governor: GovernorArgs,
 }
 
 /// Which listener a request came through: it decides whether drains need
@@ -194,6 +198,19 @@ impl Agent {
                 }
             }
         });
+        true
+    }
+
+    /// Starts the generation governor on the monitor (see
+    /// [`crate::drain::governor`]): it signals draining generations past its
+    /// limits, logs each action on stderr and counts it in `/metrics`.
+    /// `false` (and nothing started) before [`Agent::set_monitor`]. Must be
+    /// called within a tokio runtime.
+    pub fn start_governor(&self, governor: crate::drain::governor::Governor) -> bool {
+        let Some(handle) = self.shared.monitor.get() else {
+            return false;
+        };
+        governor::spawn(self.shared.clone(), handle, governor);
         true
     }
 
@@ -503,6 +520,10 @@ pub async fn run(opts: SourceOptions, args: AgentArgs) -> anyhow::Result<u8> {
             }
             agent.set_bpf_stats_enabled(stats_fd.is_some() || sysctl_bpf_stats());
             agent.set_monitor(handle.clone());
+            if let Some(governor) = args.governor.governor() {
+                eprintln!("gracewatch: {}", governor::summary(&governor));
+                agent.start_governor(governor);
+            }
             let mut status = handle.subscribe();
             loop {
                 tokio::select! {
