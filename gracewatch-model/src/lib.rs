@@ -7,4 +7,5 @@
 
 pub mod cgroup;
 pub mod event;
+pub mod peers;
 pub mod tracker;
