@@ -61,7 +61,41 @@ pub struct PeerGroup {
     pub unnamed: Option<u64>,
 }
 
+/// A group as the JSON outputs show it (`gracewatch connections --by-peer`,
+/// `/v1/peers`, the drain's `peers`): one serializer for all of them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerGroupView {
+    /// The address, or the network as `addr/len`.
+    pub peer: String,
+    pub prefix_len: u8,
+    /// Distinct peer addresses in the group.
+    pub addresses: u64,
+    /// Live connections from it.
+    pub connections: u64,
+    /// Age of its oldest connection, in milliseconds.
+    pub oldest_age_ms: u64,
+    /// See [`PeerGroup::processes`].
+    pub processes: Option<Vec<PeerProcess>>,
+    /// See [`PeerGroup::unnamed`].
+    pub unnamed: Option<u64>,
+}
+
 impl PeerGroup {
+    /// The group as the outputs show it, ages measured at `now` (the
+    /// tracker's clock).
+    pub fn view(&self, now: Duration) -> PeerGroupView {
+        PeerGroupView {
+            peer: self.peer(),
+            prefix_len: self.prefix,
+            addresses: self.addresses,
+            connections: self.count,
+            oldest_age_ms: u64::try_from(now.saturating_sub(self.oldest_since).as_millis())
+                .unwrap_or(u64::MAX),
+            processes: self.processes.clone(),
+            unnamed: self.unnamed,
+        }
+    }
+
     /// `a.b.c.d`, `a.b.c.0/24`, `2001:db8::/64`.
     pub fn peer(&self) -> String {
         if self.prefix == full_prefix(&self.net) {
