@@ -74,8 +74,9 @@ pub struct PeerGroupView {
     pub connections: u64,
     /// Age of its oldest connection, in milliseconds.
     pub oldest_age_ms: u64,
-    /// See [`PeerGroup::processes`].
-    pub processes: Option<Vec<PeerProcess>>,
+    /// See [`PeerGroup::processes`] (named apart from a status's
+    /// `processes`, so that the agent can hide it by its key).
+    pub peer_processes: Option<Vec<PeerProcess>>,
     /// See [`PeerGroup::unnamed`].
     pub unnamed: Option<u64>,
 }
@@ -91,7 +92,7 @@ impl PeerGroup {
             connections: self.count,
             oldest_age_ms: u64::try_from(now.saturating_sub(self.oldest_since).as_millis())
                 .unwrap_or(u64::MAX),
-            processes: self.processes.clone(),
+            peer_processes: self.processes.clone(),
             unnamed: self.unnamed,
         }
     }

@@ -87,7 +87,7 @@ pub async fn report(
 /// The processes of a group for a table: `1234 nginx (3), 99 curl (1)`,
 /// `+N not found` for the rest, `-` when nobody looked.
 pub fn processes_text(g: &PeerGroupView) -> String {
-    let Some(procs) = &g.processes else {
+    let Some(procs) = &g.peer_processes else {
         return "-".to_owned();
     };
     let mut parts: Vec<String> = procs

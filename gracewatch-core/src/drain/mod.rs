@@ -263,7 +263,7 @@ pub struct Progress {
     pub accepted_last_10s: u64,
     /// The live connections that hold the drain, grouped by peer (at most
     /// 10 groups, see [`crate::peers`]), without looking for the peer
-    /// processes (`processes` is `None`): recomputed at most once a second.
+    /// processes (`peer_processes` is `None`): recomputed at most once a second.
     #[serde(default)]
     pub peers: Vec<PeerGroupView>,
     /// A sentence for humans.

@@ -150,9 +150,10 @@ pub(crate) fn encode(ev: &ConnEvent, peers: bool) -> Arc<str> {
     format!("{v}\n").into()
 }
 
-/// Hides every `peer` field (drain progress and reports) from readers that
-/// may not see peer addresses, and those addresses wherever else they
-/// appear (the human `message` of progress and reports quotes them).
+/// Hides every `peer` field (drain progress and reports, peer groups) from
+/// readers that may not see peer addresses, and those addresses wherever
+/// else they appear (the human `message` of progress and reports quotes
+/// them); a peer group's `peer_processes` and `unnamed` become null.
 pub(crate) fn redact_peers(v: &mut serde_json::Value) {
     let mut peers = Vec::new();
     collect_peers(v, &mut peers);
@@ -185,6 +186,10 @@ fn hide(v: &mut serde_json::Value, peers: &[String]) {
             for (key, value) in map.iter_mut() {
                 if key == "peer" && value.is_string() {
                     *value = "hidden".into();
+                } else if key == "peer_processes" || key == "unnamed" {
+                    // Who is on the other end is the peer's business too
+                    // (peer groups: as if nobody had looked).
+                    *value = serde_json::Value::Null;
                 } else {
                     hide(value, peers);
                 }
