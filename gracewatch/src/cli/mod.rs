@@ -552,6 +552,15 @@ async fn drain_cmd(
                 h.age_ms as f64 / 1000.0
             );
         }
+        for g in &report.peers {
+            eprintln!(
+                "gracewatch:   from {}: {} connection(s), oldest {:.1}s; peer processes: {}",
+                terminal_safe(&g.peer),
+                g.connections,
+                g.oldest_age_ms as f64 / 1000.0,
+                crate::peer_report::processes_text(g)
+            );
+        }
         for x in &report.excluded {
             eprintln!(
                 "gracewatch:   excluded peer, held by pid {}: {} ← {}{}",
