@@ -51,11 +51,7 @@ fn peer_grouping_on_loopback_names_the_client_processes() {
     let c = Client::connect_as(&ns, addr, 2, Some("127.0.0.9"), "peer-c");
     server.wait_accepted(7);
     let pid = server.pid().to_string();
-    let (pa, pb, pc) = (
-        u64::from(a.pid()),
-        u64::from(b.pid()),
-        u64::from(c.pid()),
-    );
+    let (pa, pb, pc) = (u64::from(a.pid()), u64::from(b.pid()), u64::from(c.pid()));
     assert!(pa != pb && pb != pc && pa != pc);
     let check = |doc: &Value, what: &str| {
         if let Err(e) = Schema::Peers.check(doc) {

@@ -174,7 +174,9 @@ fn network(ip: IpAddr, prefix: u8) -> IpAddr {
     match ip {
         IpAddr::V4(a) => {
             let bits = u32::from(a);
-            let mask = u32::MAX.checked_shl(32 - u32::from(prefix.min(32))).unwrap_or(0);
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(prefix.min(32)))
+                .unwrap_or(0);
             IpAddr::V4(Ipv4Addr::from(bits & mask))
         }
         IpAddr::V6(a) => {
@@ -190,7 +192,10 @@ fn network(ip: IpAddr, prefix: u8) -> IpAddr {
 /// Groups connections, each given as (peer address, since when live), by
 /// peer: see the module documentation for how the groups stay within
 /// `max_groups` (at least 1).
-pub fn group(conns: impl IntoIterator<Item = (IpAddr, Duration)>, max_groups: usize) -> PeerGrouping {
+pub fn group(
+    conns: impl IntoIterator<Item = (IpAddr, Duration)>,
+    max_groups: usize,
+) -> PeerGrouping {
     let max_groups = max_groups.max(1);
     // One entry per distinct address: (count, oldest).
     let mut by_addr: HashMap<IpAddr, (u64, Duration)> = HashMap::new();
@@ -286,16 +291,29 @@ mod tests {
             },
             Case {
                 name: "exact addresses while they fit: most connections first",
-                conns: vec![("10.0.0.1", 5), ("10.0.0.2", 3), ("10.0.0.2", 4), ("::1", 9)],
+                conns: vec![
+                    ("10.0.0.1", 5),
+                    ("10.0.0.2", 3),
+                    ("10.0.0.2", 4),
+                    ("::1", 9),
+                ],
                 max: 10,
-                want: vec![("10.0.0.2", 2, 1, 3), ("10.0.0.1", 1, 1, 5), ("::1", 1, 1, 9)],
+                want: vec![
+                    ("10.0.0.2", 2, 1, 3),
+                    ("10.0.0.1", 1, 1, 5),
+                    ("::1", 1, 1, 9),
+                ],
                 other: 0,
             },
             Case {
                 name: "equal counts: the oldest first, then the address",
                 conns: vec![("10.0.0.3", 7), ("10.0.0.1", 2), ("10.0.0.2", 7)],
                 max: 10,
-                want: vec![("10.0.0.1", 1, 1, 2), ("10.0.0.2", 1, 1, 7), ("10.0.0.3", 1, 1, 7)],
+                want: vec![
+                    ("10.0.0.1", 1, 1, 2),
+                    ("10.0.0.2", 1, 1, 7),
+                    ("10.0.0.3", 1, 1, 7),
+                ],
                 other: 0,
             },
             Case {
@@ -351,10 +369,7 @@ mod tests {
             },
         ];
         for case in cases {
-            let g = group(
-                case.conns.iter().map(|&(a, s)| (ip(a), secs(s))),
-                case.max,
-            );
+            let g = group(case.conns.iter().map(|&(a, s)| (ip(a), secs(s))), case.max);
             let want: Vec<_> = case
                 .want
                 .iter()
@@ -363,7 +378,11 @@ mod tests {
             assert_eq!(summary(&g), want, "{}", case.name);
             assert_eq!(g.other, case.other, "{}", case.name);
             assert_eq!(g.total, case.conns.len() as u64, "{}", case.name);
-            assert!(g.groups.iter().all(|g| g.processes.is_none()), "{}", case.name);
+            assert!(
+                g.groups.iter().all(|g| g.processes.is_none()),
+                "{}",
+                case.name
+            );
         }
     }
 
@@ -411,7 +430,10 @@ mod tests {
         assert_eq!(local.peer(), "127.0.0.1");
         let procs = local.processes.as_ref().unwrap();
         assert_eq!(
-            procs.iter().map(|p| (p.pid, p.comm.as_str(), p.connections)).collect::<Vec<_>>(),
+            procs
+                .iter()
+                .map(|p| (p.pid, p.comm.as_str(), p.connections))
+                .collect::<Vec<_>>(),
             [(20, "b", 2), (10, "a", 1)]
         );
         assert_eq!(local.unnamed, Some(0));
@@ -428,7 +450,10 @@ mod tests {
         let mut g = group((0..n).map(|_| (ip("127.0.0.1"), secs(1))), 10);
         g.name((0..n).map(|pid| (ip("127.0.0.1"), proc_(pid, "x"))));
         let local = &g.groups[0];
-        assert_eq!(local.processes.as_ref().unwrap().len(), MAX_PROCESSES_PER_GROUP);
+        assert_eq!(
+            local.processes.as_ref().unwrap().len(),
+            MAX_PROCESSES_PER_GROUP
+        );
         assert_eq!(local.unnamed, Some(3));
     }
 }

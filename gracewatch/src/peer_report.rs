@@ -69,9 +69,7 @@ pub async fn report(
     pids: &[u32],
     name: bool,
 ) -> anyhow::Result<PeersReport> {
-    let read = handle
-        .peers(pids, &[], &[], MAX_PEER_GROUPS, name)
-        .await?;
+    let read = handle.peers(pids, &[], &[], MAX_PEER_GROUPS, name).await?;
     let now = monotonic_now();
     Ok(PeersReport {
         schema: "gracewatch.peers.v1",

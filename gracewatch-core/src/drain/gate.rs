@@ -20,8 +20,8 @@ use super::{
 };
 use crate::{
     event::ListenAddr,
-    peers::PeerGroupView,
     monitor::{ExcludedFd, FdLook, MonitorHandle, monotonic_now},
+    peers::PeerGroupView,
     source::process::{Delivery, PinnedProcess, errno_text},
     tracker::{ConnInfo, Status},
 };

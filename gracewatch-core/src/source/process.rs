@@ -220,9 +220,7 @@ pub fn cgroup_of(pid: u32) -> Option<String> {
 /// name another process's cgroup).
 pub(crate) fn cgroup_in(file: fs::File) -> Option<String> {
     let mut bytes = Vec::new();
-    file.take(CGROUP_READ_MAX)
-        .read_to_end(&mut bytes)
-        .ok()?;
+    file.take(CGROUP_READ_MAX).read_to_end(&mut bytes).ok()?;
     let text = String::from_utf8_lossy(&bytes);
     crate::cgroup::v2_path(&text).map(str::to_owned)
 }

@@ -126,13 +126,16 @@ enum Command {
     /// Shows every process holding a listening TCP socket (or those the
     /// filters name) with its role (serving, draining, drained, exited),
     /// live connections, accept/close rates and drain progress. Keys: ↑↓/jk
-    /// select, Enter connections, d drain, s signal, / filter, p pause,
+    /// select, Enter connections (i: sort by idle, b: group by peer with
+    /// the peer processes), d drain, s signal, / filter, p pause,
     /// ? help, q quit.
     #[command(after_help = exit::GENERAL_HELP)]
     Tui(crate::tui::TuiArgs),
     /// Serve Prometheus metrics, the status, events and drains over HTTP.
     ///
     /// A sidecar or node daemon: GET /metrics, /v1/status, /v1/events,
+    /// /v1/connections?pid=P, /v1/peers?pid=P (who pins P: its connections
+    /// by peer, with the peer processes for trusted readers),
     /// /livez, /readyz; POST /v1/drains starts a drain (as `drain` does),
     /// GET /v1/drains/ID?wait=30s long-polls it, DELETE cancels it without
     /// signalling. Starting and cancelling drains needs the bearer token
@@ -195,6 +198,10 @@ struct DrainArgs {
     #[arg(long, value_name = "CIDR[:PORT]", value_parser = parse_peer_rule, allow_hyphen_values = true)]
     exclude_peer: Vec<PeerRule>,
     /// One JSON object per progress event, then a result object, on stdout.
+    /// Both carry `peers`: the connections still holding the drain grouped
+    /// by peer (at most 10 groups); the result, when the drain ends without
+    /// draining, also names the processes on this host holding the other
+    /// ends (without --json, the final lines list them).
     #[arg(long)]
     json: bool,
     /// Run the drain through a running `gracewatch agent` (e.g.

@@ -14,7 +14,7 @@ pub const BINDINGS: &[(&str, &str)] = &[
     ),
     (
         "Enter",
-        "its connections: age, idle, in flight (i: sort by idle, b: by peer)",
+        "its connections, idle, in flight (i: sort by idle, b: by peer)",
     ),
     (
         "d",

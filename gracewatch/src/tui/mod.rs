@@ -38,8 +38,8 @@ use self::{
 use crate::{
     drain::{self, DrainReport, Outcome, Progress, TargetSpec, Targets},
     event::{ConnEvent, Tuple},
-    peers::PeerGroupView,
     monitor::{Monitor, MonitorHandle, SourceOptions, monotonic_now},
+    peers::PeerGroupView,
     tracker::restart::DrainNote,
 };
 

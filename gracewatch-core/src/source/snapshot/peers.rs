@@ -234,7 +234,11 @@ pub fn peer_ends(conns: &[(Tuple, u32)], bounds: WalkBounds) -> anyhow::Result<P
         walk.processes_read,
         walk.socket_fds_read,
         walk.took,
-        if walk.bounded { " (stopped at a bound)" } else { "" }
+        if walk.bounded {
+            " (stopped at a bound)"
+        } else {
+            ""
+        }
     );
     Ok(walk)
 }
@@ -294,7 +298,11 @@ mod tests {
             remote: "127.0.0.1:1".parse().unwrap(),
         };
         let me = std::process::id();
-        let walk = peer_ends(&[(ours, me), (own, me), (nowhere, me)], WalkBounds::default()).unwrap();
+        let walk = peer_ends(
+            &[(ours, me), (own, me), (nowhere, me)],
+            WalkBounds::default(),
+        )
+        .unwrap();
         let end = |t: &Tuple| walk.ends.iter().find(|e| e.0 == *t).unwrap().1.clone();
         let theirs = end(&ours).expect("the child's end is named");
         assert_eq!(theirs.pid, child.id());
