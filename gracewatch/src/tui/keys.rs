@@ -14,7 +14,7 @@ pub const BINDINGS: &[(&str, &str)] = &[
     ),
     (
         "Enter",
-        "its connections, idle, in flight (i: sort by idle, b: by peer)",
+        "its connections, idle, in flight (i: idle sort, b: by peer)",
     ),
     (
         "d",
