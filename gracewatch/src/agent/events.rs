@@ -244,6 +244,31 @@ mod tests {
         assert_ne!(full, encode(&accept(sk + 8), true));
     }
 
+    /// A drain result's peer groups: the address and the peer processes
+    /// (pids, commands, cgroups of other tenants) go, the counts stay.
+    #[test]
+    fn peer_groups_lose_their_address_and_processes() {
+        let mut v = serde_json::json!({
+            "peers": [{"peer": "192.0.2.0/24", "prefix_len": 24, "addresses": 2, "connections": 3,
+                       "oldest_age_ms": 5, "unnamed": 1,
+                       "peer_processes": [{"pid": 77, "comm": "scraper", "container_id": null, "cgroup": "/tenant-b", "connections": 2}]}],
+            "message": "oldest from 192.0.2.0/24"
+        });
+        redact_peers(&mut v);
+        let g = &v["peers"][0];
+        assert_eq!(g["peer"], "hidden", "{v}");
+        assert!(
+            g["peer_processes"].is_null() && g["unnamed"].is_null(),
+            "{v}"
+        );
+        assert_eq!(g["connections"], 3, "{v}");
+        let text = v.to_string();
+        assert!(
+            !text.contains("192.0.2") && !text.contains("scraper") && !text.contains("tenant-b"),
+            "{v}"
+        );
+    }
+
     #[test]
     fn a_full_queue_ends_with_a_lagged_line_and_the_subscriber_is_dropped() {
         let hub = Hub::default();
