@@ -8,7 +8,8 @@
 //! hold the other ends: their real pids (as the clients print them) and
 //! comms. An untrusted agent reader gets the groups without peers or
 //! names. A drain that times out lists the groups still holding it in its
-//! result, with the peer processes; its progress lines list them without.
+//! result, with the peer processes (and in its human output); its progress
+//! lines list them without.
 
 use std::{collections::BTreeSet, time::Duration};
 
@@ -158,5 +159,15 @@ fn a_drain_that_times_out_lists_the_peers_still_holding_it() {
         named(group(peers, "127.0.0.9")),
         BTreeSet::from([(u64::from(c.pid()), "pin-c".to_owned(), 1)]),
         "{result}"
+    );
+    // Without --json, the last lines name them too.
+    let out = gw.run(&["wait", "--pid", &pid, "--timeout", "500ms"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(124), "{err}");
+    assert!(
+        err.contains("from 127.0.0.9: 1 connection(s)")
+            && err.contains(&format!("{} pin-c (1)", c.pid()))
+            && err.contains(&format!("{} pin-a (2)", a.pid())),
+        "{err}"
     );
 }

@@ -110,6 +110,17 @@ pub fn processes_text(g: &PeerGroupView) -> String {
     parts.join(", ")
 }
 
+/// One group as the human drain output ends with (local and `--agent`).
+pub fn drain_line(g: &PeerGroupView) -> String {
+    format!(
+        "gracewatch:   from {}: {} connection(s), oldest {:.1}s; peer processes: {}",
+        terminal_safe(&g.peer),
+        g.connections,
+        g.oldest_age_ms as f64 / 1000.0,
+        processes_text(g)
+    )
+}
+
 /// The human table of `gracewatch connections --by-peer`.
 pub fn table(r: &PeersReport) -> String {
     let mut out = String::new();

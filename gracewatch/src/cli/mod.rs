@@ -560,13 +560,7 @@ async fn drain_cmd(
             );
         }
         for g in &report.peers {
-            eprintln!(
-                "gracewatch:   from {}: {} connection(s), oldest {:.1}s; peer processes: {}",
-                terminal_safe(&g.peer),
-                g.connections,
-                g.oldest_age_ms as f64 / 1000.0,
-                crate::peer_report::processes_text(g)
-            );
+            eprintln!("{}", crate::peer_report::drain_line(g));
         }
         for x in &report.excluded {
             eprintln!(
