@@ -58,7 +58,7 @@
 //! The `gracewatch` crate's `examples/embed.rs` is a runnable version,
 //! including a drain through an in-process agent.
 
-pub use gracewatch_model::{cgroup, event, governor, tracker};
+pub use gracewatch_model::{cgroup, event, governor, peers, tracker};
 
 pub mod display;
 pub mod drain;

@@ -8,4 +8,5 @@
 pub mod cgroup;
 pub mod event;
 pub mod governor;
+pub mod peers;
 pub mod tracker;

@@ -19,10 +19,11 @@
 //! process. `examples/embed.rs` is the runnable version (`cargo run
 //! --example embed`; without privileges it falls back to a replay monitor).
 
-pub use gracewatch_core::{display, drain, event, governor, input, monitor, tracker};
+pub use gracewatch_core::{display, drain, event, governor, input, monitor, peers, tracker};
 
 pub mod agent;
 pub mod cli;
 pub mod connections;
 pub mod exit;
+pub mod peer_report;
 pub mod tui;

@@ -2241,3 +2241,48 @@ async fn connections_list_the_processes_connections_and_hide_peers_from_untruste
         "unknown key",
     );
 }
+
+/// `/v1/peers` groups the named process's connections by peer in the
+/// documented schema; on a replay monitor (no kernel, no /proc to walk)
+/// nobody looks for the peer processes: `peer_processes`, `unnamed` and
+/// `walk` are `null`, never made up. Peers only with the token.
+#[tokio::test]
+async fn peers_group_the_connections_and_hide_peers_from_untrusted_readers() {
+    const TOKEN: &str = "peers-token-0123456789abcdef";
+    let t = TestAgent::start(
+        Some(TOKEN),
+        vec![
+            listen(4242, "srv"),
+            accept(4242, "srv", 1),
+            accept(4242, "srv", 2),
+        ],
+    )
+    .await;
+    let trusted = t.client(Some(TOKEN));
+    let (code, v) = call(&trusted, Method::GET, "/v1/peers?pid=4242", None).await;
+    assert_eq!(code, StatusCode::OK, "{v}");
+    if let Err(e) = Schema::Peers.check(&v) {
+        panic!("{e}\n{v}");
+    }
+    assert_eq!((&v["total"], &v["walk"]), (&json!(2), &Value::Null), "{v}");
+    let groups = v["groups"].as_array().expect("groups");
+    assert_eq!(groups.len(), 1, "{v}");
+    assert_eq!(
+        (&groups[0]["peer"], &groups[0]["connections"]),
+        (&json!("127.0.0.2"), &json!(2)),
+        "{v}"
+    );
+    assert!(groups[0]["peer_processes"].is_null(), "{v}");
+
+    let (code, v) = call(&t.client(None), Method::GET, "/v1/peers?pid=4242", None).await;
+    assert_eq!(code, StatusCode::OK, "{v}");
+    Schema::Peers
+        .check(&v)
+        .unwrap_or_else(|e| panic!("{e}\n{v}"));
+    assert_eq!(v["groups"][0]["peer"], "hidden", "{v}");
+    assert_eq!(v["groups"][0]["connections"], 2, "{v}");
+    assert!(!v.to_string().contains("127.0.0.2"), "{v}");
+
+    let got = call(&trusted, Method::GET, "/v1/peers", None).await;
+    assert_error(&got, StatusCode::BAD_REQUEST, "pid", "no pid");
+}

@@ -511,14 +511,27 @@ impl Client {
     /// Like [`Client::connect`], binding each connection to `source` first.
     #[track_caller]
     pub fn connect_from(ns: &Netns, address: &str, n: u64, source: Option<&str>) -> Client {
-        Client::start(ns, address, n, source, None)
+        Client::start(ns, address, n, source, None, None)
+    }
+
+    /// Like [`Client::connect_from`], the client process named `comm`
+    /// (its `/proc/PID/comm`; at most 15 bytes) before it connects.
+    #[track_caller]
+    pub fn connect_as(
+        ns: &Netns,
+        address: &str,
+        n: u64,
+        source: Option<&str>,
+        comm: &str,
+    ) -> Client {
+        Client::start(ns, address, n, source, None, Some(comm))
     }
 
     /// Like [`Client::connect`], writing `text` on each connection once it
     /// is open (a server that waits for its client's first bytes).
     #[track_caller]
     pub fn connect_sending(ns: &Netns, address: &str, n: u64, text: &str) -> Client {
-        Client::start(ns, address, n, None, Some(text))
+        Client::start(ns, address, n, None, Some(text), None)
     }
 
     #[track_caller]
@@ -528,6 +541,7 @@ impl Client {
         n: u64,
         source: Option<&str>,
         send: Option<&str>,
+        comm: Option<&str>,
     ) -> Client {
         let n_arg = n.to_string();
         let mut args = vec!["--connect", address, "--n", &n_arg];
@@ -536,6 +550,9 @@ impl Client {
         }
         if let Some(text) = send {
             args.extend(["--send", text]);
+        }
+        if let Some(comm) = comm {
+            args.extend(["--comm", comm]);
         }
         let label = format!("client -> {address} (netns {})", ns.name());
         let child = Child::python(ns, &label, "client.py", &args);

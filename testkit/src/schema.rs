@@ -25,6 +25,8 @@ pub enum Schema {
     Restarts,
     /// `connections --json` and the agent's `/v1/connections`.
     Connections,
+    /// `connections --by-peer --json` and the agent's `/v1/peers`.
+    Peers,
 }
 
 const STATUS: &str = include_str!("../../gracewatch/schema/status.schema.json");
@@ -32,15 +34,17 @@ const DRAIN: &str = include_str!("../../gracewatch/schema/drain.schema.json");
 const EVENT: &str = include_str!("../../gracewatch/schema/event.schema.json");
 const RESTARTS: &str = include_str!("../../gracewatch/schema/restarts.schema.json");
 const CONNECTIONS: &str = include_str!("../../gracewatch/schema/connections.schema.json");
+const PEERS: &str = include_str!("../../gracewatch/schema/peers.schema.json");
 
 impl Schema {
-    pub const ALL: [Schema; 6] = [
+    pub const ALL: [Schema; 7] = [
         Schema::Status,
         Schema::Drain,
         Schema::AgentDrain,
         Schema::Event,
         Schema::Restarts,
         Schema::Connections,
+        Schema::Peers,
     ];
 
     /// Checks `v`; `Err` lists every violation with where it is.
@@ -62,7 +66,7 @@ impl Schema {
     }
 
     fn validator(self) -> &'static jsonschema::Validator {
-        static CELLS: [OnceLock<jsonschema::Validator>; 6] = [const { OnceLock::new() }; 6];
+        static CELLS: [OnceLock<jsonschema::Validator>; 7] = [const { OnceLock::new() }; 7];
         let i = Schema::ALL.iter().position(|&s| s == self).unwrap_or(0);
         CELLS[i].get_or_init(|| {
             let schema = self.document();
@@ -83,6 +87,7 @@ impl Schema {
             Schema::Event => parse(EVENT),
             Schema::Restarts => parse(RESTARTS),
             Schema::Connections => parse(CONNECTIONS),
+            Schema::Peers => parse(PEERS),
             // The drain document, entered at its `agent_drain` definition.
             Schema::AgentDrain => {
                 let mut doc = parse(DRAIN);
@@ -106,8 +111,13 @@ mod tests {
     /// holding one connection), one or more samples per schema.
     fn samples(schema: Schema) -> Vec<Value> {
         let held = json!({"age_ms": 3018, "local": "127.0.0.1:9912", "peer": "127.0.0.1:51604", "pid": 16729});
-        let progress = json!({"accepted_last_10s": 0, "closes_per_sec": 0.0, "elapsed_ms": 1008, "eta_ms": null, "live": 1, "message": "pid 16729 (python3): 1 live, 0.0 closes/s, oldest 1.0s from 127.0.0.1:51604", "oldest": held});
-        let report = json!({"duration_ms": 3001, "exit_code": 124, "held": [held], "initial_live": 1, "message": "deadline passed: pid 16729 still held 1 live connection(s); nothing was signalled", "outcome": "timeout", "peak_live": 1, "signal_sent": null, "still_held": 1, "targets": [16729], "ended_by": null, "excluded": []});
+        let named = json!({"peer": "127.0.0.1", "prefix_len": 32, "addresses": 1, "connections": 3, "oldest_age_ms": 3018,
+            "peer_processes": [{"pid": 16801, "comm": "peer-a", "container_id": null, "cgroup": "/user.slice", "connections": 2},
+                          {"pid": 16802, "comm": "peer-b", "container_id": "4f1c2a", "cgroup": "/system.slice/docker-4f1c2a.scope", "connections": 1}],
+            "unnamed": 0});
+        let unnamed = json!({"peer": "10.1.2.0/24", "prefix_len": 24, "addresses": 2, "connections": 2, "oldest_age_ms": 120, "peer_processes": null, "unnamed": null});
+        let progress = json!({"peers": [unnamed.clone()], "accepted_last_10s": 0, "closes_per_sec": 0.0, "elapsed_ms": 1008, "eta_ms": null, "live": 1, "message": "pid 16729 (python3): 1 live, 0.0 closes/s, oldest 1.0s from 127.0.0.1:51604", "oldest": held});
+        let report = json!({"duration_ms": 3001, "exit_code": 124, "held": [held], "initial_live": 1, "message": "deadline passed: pid 16729 still held 1 live connection(s); nothing was signalled", "outcome": "timeout", "peak_live": 1, "signal_sent": null, "still_held": 1, "targets": [16729], "ended_by": null, "excluded": [], "peers": [named.clone(), unnamed.clone()]});
         let typed = |v: &Value, ty: &str| {
             let mut v = v.clone();
             v["type"] = ty.into();
@@ -153,6 +163,11 @@ mod tests {
                      "started_ms": 1000, "ended_ms": null, "duration_ms": 8100, "outcome": "ongoing", "from_live": 1, "dropped": 0,
                      "timeline": [{"at_ms": 1000, "role": "draining", "why": "drain_started", "live": 1}]}
                 ]
+            })],
+            Schema::Peers => vec![json!({
+                "schema": "gracewatch.peers.v1", "pids": [16729], "total": 5, "other": 0, "max_groups": 32,
+                "groups": [named, unnamed],
+                "walk": {"looked_up": 5, "local_ends": 3, "named": 3, "processes_read": 9, "socket_fds_read": 21, "bounded": false, "took_ms": 22}
             })],
             Schema::Connections => vec![json!({
                 "schema": "gracewatch.connections.v1", "pids": [16729], "total": 2, "max_listed": 4096,

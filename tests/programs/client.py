@@ -23,11 +23,14 @@ stdin commands:
 
 Connections are opened from `--source ADDR` when given (distinct source
 addresses), else from whatever the kernel picks; `--send TEXT` writes TEXT
-on each connection once it is open (the first bytes a server may wait for).
+on each connection once it is open (the first bytes a server may wait for);
+`--comm NAME` sets the process's command name (`/proc/PID/comm`, at most
+15 bytes) before it connects, so that tests can tell clients apart.
 EOF on stdin exits.
 """
 
 import argparse
+import ctypes
 import os
 import socket
 import struct
@@ -41,7 +44,13 @@ def main():
     parser.add_argument("--n", type=int, default=1)
     parser.add_argument("--source", metavar="ADDR", help="local address to bind before connecting")
     parser.add_argument("--send", metavar="TEXT", help="send TEXT on each connection once it is open")
+    parser.add_argument("--comm", metavar="NAME", help="set the command name (prctl PR_SET_NAME)")
     args = parser.parse_args()
+    if args.comm:
+        PR_SET_NAME = 15
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_NAME, args.comm.encode()[:15], 0, 0, 0) != 0:
+            raise SystemExit(f"prctl(PR_SET_NAME) failed: {os.strerror(ctypes.get_errno())}")
     family, host, port = parse_addr(args.connect)
     conns = []
 

@@ -21,6 +21,7 @@ use super::{
 use crate::{
     event::ListenAddr,
     monitor::{ExcludedFd, FdLook, MonitorHandle, monotonic_now},
+    peers::PeerGroupView,
     source::process::{Delivery, PinnedProcess, errno_text},
     tracker::{ConnInfo, Status},
 };
@@ -33,6 +34,8 @@ const RATE_WINDOW: Duration = Duration::from_secs(5);
 const RECHECK: Duration = Duration::from_millis(100);
 /// Connections named in a result's `held` and `excluded`.
 const MAX_NAMED: usize = 10;
+/// Peer groups in progress and results.
+const MAX_PEER_GROUPS: usize = 10;
 
 /// A TCP state as the result names it.
 fn state_name(state: u8) -> &'static str {
@@ -64,6 +67,8 @@ struct Gate<'a> {
     samples: VecDeque<(Instant, u64, u64)>,
     /// `--quiet-for`, if asked for.
     quiet: Option<Quiet>,
+    /// The last peer groups progress showed, and when they were read.
+    peers_seen: std::sync::Mutex<Option<(Instant, Vec<PeerGroupView>)>>,
 }
 
 /// Runs a drain to its end. `on_progress` is called about once a second
@@ -92,6 +97,7 @@ pub async fn run(
         listen_addrs: BTreeSet::new(),
         samples: VecDeque::new(),
         quiet,
+        peers_seen: std::sync::Mutex::new(None),
     };
     match gate.drive(&mut on_progress, cancel).await {
         Ok(report) => report,
@@ -184,6 +190,7 @@ impl Gate<'_> {
 
             if last_live != Some(live) || now >= next_progress {
                 if last_live != Some(u64::MAX) || live > 0 {
+                    self.refresh_peers().await;
                     let oldest = self.oldest().await;
                     let excluded = if self.spec.exclude_peers.is_empty() {
                         0
@@ -506,6 +513,7 @@ impl Gate<'_> {
         // What was held at the deadline, taken before a signal (SIGKILL)
         // can make the target close them.
         let (still_held, held) = self.held(10).await;
+        let peers = self.peer_groups(true).await;
         let signal = match self.spec.on_timeout {
             OnTimeout::Leave => None,
             OnTimeout::Signal => self.spec.signal,
@@ -544,6 +552,7 @@ impl Gate<'_> {
         let mut report = self.report(outcome, delivered, msg).await;
         report.still_held = still_held;
         report.held = held;
+        report.peers = peers;
         report
     }
 
@@ -685,6 +694,7 @@ impl Gate<'_> {
     }
 
     async fn progress(&self, live: u64, message: String) -> Progress {
+        self.refresh_peers().await;
         let oldest = self.oldest().await;
         self.progress_with(live, oldest, message)
     }
@@ -703,7 +713,54 @@ impl Gate<'_> {
             eta_ms: (live > 0 && closes > 0.0).then(|| (live as f64 / closes * 1000.0) as u64),
             oldest,
             accepted_last_10s: accepted,
+            peers: self
+                .peers_seen
+                .lock()
+                .ok()
+                .and_then(|seen| seen.as_ref().map(|(_, p)| p.clone()))
+                .unwrap_or_default(),
             message,
+        }
+    }
+
+    /// The live connections that hold the drain, grouped by peer; with
+    /// `name`, the processes holding the other ends too (a sock_diag dump
+    /// and a bounded /proc walk: for results, never for progress).
+    async fn peer_groups(&self, name: bool) -> Vec<PeerGroupView> {
+        let read = self
+            .handle
+            .peers(
+                &self.alive_pids(),
+                &self.spec.ports,
+                &self.spec.exclude_peers,
+                MAX_PEER_GROUPS,
+                name,
+            )
+            .await;
+        let now = monotonic_now();
+        match read {
+            Ok(r) => r.grouping.groups.iter().map(|g| g.view(now)).collect(),
+            // A result without peers is still a result; the count says more.
+            Err(e) => {
+                log::debug!("drain: cannot group the connections by peer: {e:#}");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Re-reads the progress lines' peer groups if the last read is a
+    /// second old: progress may come many times a second.
+    async fn refresh_peers(&self) {
+        let now = Instant::now();
+        let fresh = self.peers_seen.lock().ok().is_some_and(|seen| {
+            seen.as_ref()
+                .is_some_and(|(at, _)| now.duration_since(*at) < PROGRESS_EVERY)
+        });
+        if !fresh {
+            let groups = self.peer_groups(false).await;
+            if let Ok(mut seen) = self.peers_seen.lock() {
+                *seen = Some((now, groups));
+            }
         }
     }
 
@@ -717,6 +774,11 @@ impl Gate<'_> {
             (0, Vec::new())
         } else {
             self.held(MAX_NAMED).await
+        };
+        let peers = if outcome == Outcome::Drained {
+            Vec::new()
+        } else {
+            self.peer_groups(true).await
         };
         // What the tracker knows of excluded peers' connections; a drain
         // ended by them replaces this with what its fresh look found.
@@ -749,6 +811,7 @@ impl Gate<'_> {
             held,
             ended_by: (outcome == Outcome::Drained).then_some(EndedBy::Zero),
             excluded,
+            peers,
             message,
         }
     }

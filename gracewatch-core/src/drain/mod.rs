@@ -20,6 +20,7 @@ pub use signal::SignalSpec;
 
 use crate::{
     input::PeerRule,
+    peers::PeerGroupView,
     source::process::{self, PinnedProcess},
 };
 
@@ -261,6 +262,11 @@ pub struct Progress {
     pub oldest: Option<HeldConnection>,
     /// New connections the targets accepted in the last 10 s (still accepting).
     pub accepted_last_10s: u64,
+    /// The live connections that hold the drain, grouped by peer (at most
+    /// 10 groups, see [`crate::peers`]), without looking for the peer
+    /// processes (`peer_processes` is `None`): recomputed at most once a second.
+    #[serde(default)]
+    pub peers: Vec<PeerGroupView>,
     /// A sentence for humans.
     pub message: String,
 }
@@ -287,5 +293,11 @@ pub struct DrainReport {
     /// the fresh look found, which the signal cuts. Not in `still_held`.
     #[serde(default)]
     pub excluded: Vec<ExcludedConnection>,
+    /// The connections in `still_held` grouped by peer (at most 10
+    /// groups), each with the processes on this host holding the other
+    /// ends (the one costly look, made once, when the drain ends without
+    /// draining). Empty for a drain that drained.
+    #[serde(default)]
+    pub peers: Vec<PeerGroupView>,
     pub message: String,
 }

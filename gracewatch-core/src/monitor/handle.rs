@@ -13,6 +13,7 @@ use crate::{
     event::ConnActivity,
     event::{ConnEvent, Snapshot},
     input::{PeerRule, peer_excluded},
+    peers::{PeerGrouping, PeerProcess},
     source::{
         MonitorError, Source,
         ebpf::{EbpfSource, ProgramStats, SourceOptions},
@@ -38,6 +39,38 @@ pub struct ActivityReport {
     pub connections: Vec<(ConnInfo, Option<ConnActivity>)>,
     /// All their live connections, including those past the cap.
     pub total: u64,
+}
+
+/// Most connections whose other end [`MonitorHandle::peers`] looks for
+/// (the oldest): each costs a socket in the dump and an inode to find in
+/// the /proc walk.
+pub const MAX_NAMED_PEER_CONNECTIONS: usize = 1024;
+
+/// What [`MonitorHandle::peers`] found.
+#[derive(Clone, Debug, Default)]
+pub struct PeersReport {
+    /// The live connections by peer; each group's `processes` are `None`
+    /// unless naming was asked for and the monitor reads the kernel.
+    pub grouping: PeerGrouping,
+    /// What naming cost, if it ran.
+    pub walk: Option<PeerWalkCost>,
+}
+
+/// The cost of one naming walk (reported, and logged at debug level).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerWalkCost {
+    /// Connections whose other end was looked for (the oldest, at most
+    /// [`MAX_NAMED_PEER_CONNECTIONS`]).
+    pub looked_up: u64,
+    /// Other ends found on this host, in the same namespace.
+    pub local_ends: u64,
+    /// Of those, the ones whose holder the walk found (and confirmed).
+    pub named: u64,
+    pub processes_read: u64,
+    pub socket_fds_read: u64,
+    /// The walk stopped at its time or fd bound.
+    pub bounded: bool,
+    pub took_ms: u64,
 }
 
 /// Events buffered per subscriber of [`MonitorHandle::events`].
@@ -89,6 +122,15 @@ enum Query {
         Vec<PeerRule>,
         bool,
         oneshot::Sender<(u64, Vec<ConnInfo>)>,
+    ),
+    /// (pids, ports, max groups, rules): the live connections the rules
+    /// do not exclude, grouped by peer.
+    Peers(
+        Vec<u32>,
+        Vec<u16>,
+        usize,
+        Vec<PeerRule>,
+        oneshot::Sender<PeerGrouping>,
     ),
     /// Apply everything the kernel delivered so far, then answer.
     Sync(oneshot::Sender<()>),
@@ -220,6 +262,12 @@ impl<S: Source> Monitor<S> {
                 });
                 let _ = reply.send(answer);
             }
+            Query::Peers(pids, ports, max_groups, rules, reply) => {
+                let answer = self.tracker.peers_where(&pids, &ports, max_groups, |t| {
+                    !peer_excluded(&rules, &t.remote)
+                });
+                let _ = reply.send(answer);
+            }
             Query::LiveOf(pids, ports, reply) => {
                 let n = pids.iter().map(|&p| self.tracker.live_of(p, &ports)).sum();
                 let _ = reply.send(n);
@@ -335,6 +383,80 @@ impl MonitorHandle {
             })
             .collect();
         Ok(ActivityReport { connections, total })
+    }
+
+    /// The live connections of `pids` (only those on `ports` if any are
+    /// given, and not those of peers `exclude` names) grouped by peer, at
+    /// most `max_groups` groups (see [`crate::peers`]). With `name`, also
+    /// the processes on this host holding the other ends of the oldest
+    /// [`MAX_NAMED_PEER_CONNECTIONS`]: one sock_diag dump per namespace and
+    /// a bounded walk of /proc (see `source::snapshot::peers`), on a
+    /// blocking thread, never on the monitor's task. Without `name` (or on
+    /// a recording) it is one pass over the tracker's connections.
+    pub async fn peers(
+        &self,
+        pids: &[u32],
+        ports: &[u16],
+        exclude: &[PeerRule],
+        max_groups: usize,
+        name: bool,
+    ) -> anyhow::Result<PeersReport> {
+        let (tx, rx) = oneshot::channel();
+        self.ask(Query::Peers(
+            pids.to_vec(),
+            ports.to_vec(),
+            max_groups,
+            exclude.to_vec(),
+            tx,
+        ))
+        .await?;
+        let mut grouping = rx.await.context("the monitor stopped")?;
+        if !name || !self.kernel || grouping.total == 0 {
+            return Ok(PeersReport {
+                grouping,
+                walk: None,
+            });
+        }
+        let (_, conns) = self
+            .oldest_by_peer(pids, ports, MAX_NAMED_PEER_CONNECTIONS, exclude, false)
+            .await?;
+        let asks: Vec<_> = conns
+            .iter()
+            .filter_map(|c| Some((c.tuple, *c.holders.first().or(pids.first())?)))
+            .collect();
+        let looked_up = asks.len() as u64;
+        let walk = tokio::task::spawn_blocking(move || {
+            crate::source::snapshot::peers::peer_ends(&asks, Default::default())
+        })
+        .await
+        .context("the peer walk panicked")??;
+        let named = walk.ends.iter().filter(|e| e.1.is_some()).count() as u64;
+        grouping.name(walk.ends.into_iter().map(|(t, end)| {
+            let end = end.map(|e| PeerProcess {
+                pid: e.pid,
+                comm: e.comm,
+                container_id: e
+                    .cgroup
+                    .as_deref()
+                    .and_then(crate::cgroup::container_id)
+                    .map(str::to_owned),
+                cgroup: e.cgroup,
+                connections: 0,
+            });
+            (t.remote.ip(), end)
+        }));
+        Ok(PeersReport {
+            grouping,
+            walk: Some(PeerWalkCost {
+                looked_up,
+                local_ends: walk.local_ends as u64,
+                named,
+                processes_read: walk.processes_read,
+                socket_fds_read: walk.socket_fds_read,
+                bounded: walk.bounded,
+                took_ms: u64::try_from(walk.took.as_millis()).unwrap_or(u64::MAX),
+            }),
+        })
     }
 
     /// How many live connections `pids` hold (only those on `ports` if any

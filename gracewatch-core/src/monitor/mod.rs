@@ -35,7 +35,8 @@ use std::{collections::BTreeMap, time::Duration};
 use tokio::sync::broadcast;
 
 pub use self::handle::{
-    ActivityReport, ExitAccount, MAX_ACTIVITY_CONNECTIONS, MonitorHandle, WatchGuard,
+    ActivityReport, ExitAccount, MAX_ACTIVITY_CONNECTIONS, MAX_NAMED_PEER_CONNECTIONS,
+    MonitorHandle, PeerWalkCost, PeersReport, WatchGuard,
 };
 pub use self::look::{ExcludedFd, FdLook};
 use self::pump::{ExitAccounts, Untracked};

@@ -212,12 +212,15 @@ const CGROUP_READ_MAX: u64 = 64 * 1024;
 /// [`CGROUP_READ_MAX`] are read (a line cut there is not used), and bytes
 /// that are not UTF-8 are shown lossily.
 pub fn cgroup_of(pid: u32) -> Option<String> {
+    cgroup_in(fs::File::open(format!("/proc/{pid}/cgroup")).ok()?)
+}
+
+/// [`cgroup_of`] from an opened `/proc/<pid>/cgroup` (the peer walk opens
+/// it relative to the process's /proc directory, so a recycled pid cannot
+/// name another process's cgroup).
+pub(crate) fn cgroup_in(file: fs::File) -> Option<String> {
     let mut bytes = Vec::new();
-    fs::File::open(format!("/proc/{pid}/cgroup"))
-        .ok()?
-        .take(CGROUP_READ_MAX)
-        .read_to_end(&mut bytes)
-        .ok()?;
+    file.take(CGROUP_READ_MAX).read_to_end(&mut bytes).ok()?;
     let text = String::from_utf8_lossy(&bytes);
     crate::cgroup::v2_path(&text).map(str::to_owned)
 }

@@ -406,6 +406,30 @@ impl Tracker {
         out
     }
 
+    /// The live connections of any of `pids` (only those on `ports` if any
+    /// are given, and only those `keep` takes) grouped by peer, at most
+    /// `max_groups` groups ([`crate::peers::group`]). One pass.
+    pub fn peers_where(
+        &self,
+        pids: &[u32],
+        ports: &[u16],
+        max_groups: usize,
+        keep: impl Fn(&Tuple) -> bool,
+    ) -> crate::peers::PeerGrouping {
+        let wanted = sorted(pids);
+        crate::peers::group(
+            self.conns
+                .iter()
+                .filter(|(tuple, c)| {
+                    (ports.is_empty() || ports.contains(&tuple.local.port()))
+                        && held_by_any(c, &wanted)
+                        && keep(tuple)
+                })
+                .map(|(tuple, c)| (tuple.remote.ip(), c.since)),
+            max_groups,
+        )
+    }
+
     /// How many live connections any of `pids` hold (only those on `ports`
     /// if any are given), and the `k` oldest of them, oldest first. One
     /// pass; only the `k` returned are copied out.

@@ -50,6 +50,7 @@ pub(super) fn router(agent: Agent, transport: Transport) -> Router {
         .route("/v1/events", get(events))
         .route("/v1/restarts", get(restarts))
         .route("/v1/connections", get(connections))
+        .route("/v1/peers", get(peers))
         .route("/v1/drains", post(start_drain).get(list_drains))
         .route("/v1/drains/{id}", get(get_drain).delete(cancel_drain))
         .route("/v1/drains/{id}/stream", get(stream_drain))
@@ -329,6 +330,38 @@ async fn connections(
             )
         })?;
     Ok(ctx.json_for(peers, StatusCode::OK, &report))
+}
+
+/// Who pins `?pid=N` (repeatable): its live connections grouped by peer
+/// and, for readers that may see peers, the processes on this host
+/// holding the other ends ([`crate::peer_report::report`],
+/// `schema/peers.schema.json`). Shares `/v1/connections`' concurrency
+/// limit (both dump sockets, and the naming walks /proc); readers that may
+/// not see peers get the groups with `hidden` peers and nobody looks for
+/// the peer processes.
+async fn peers(
+    State(ctx): State<Ctx>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let pids = parse_connections_query(query.as_deref())?;
+    let may_see = ctx.may_see_peers(&headers)?;
+    let handle = ctx.monitor()?;
+    let _permit = CONNECTION_READS.try_acquire().map_err(|_| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many connection reads at once: retry shortly",
+        )
+    })?;
+    let report = crate::peer_report::report(handle, &pids, may_see)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("failed to group the connections by peer: {e:#}"),
+            )
+        })?;
+    Ok(ctx.json_for(may_see, StatusCode::OK, &report))
 }
 
 fn parse_connections_query(query: Option<&str>) -> Result<Vec<u32>, ApiError> {
@@ -644,7 +677,7 @@ async fn not_found(method: Method, uri: Uri) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         format!(
-            "no such endpoint: {method} {} (see /metrics, /livez, /readyz, /v1/status, /v1/events, /v1/restarts, /v1/connections, /v1/drains)",
+            "no such endpoint: {method} {} (see /metrics, /livez, /readyz, /v1/status, /v1/events, /v1/restarts, /v1/connections, /v1/peers, /v1/drains)",
             uri.path()
         ),
     )

@@ -391,6 +391,16 @@ fn print_line(value: &serde_json::Value, json: bool) {
                 h["age_ms"].as_f64().unwrap_or_default() / 1000.0
             );
         }
+        // An older agent's result has no `peers`.
+        for g in value["peers"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            if let Ok(g) = serde_json::from_value::<crate::peers::PeerGroupView>(g.clone()) {
+                eprintln!("{}", crate::peer_report::drain_line(&g));
+            }
+        }
         for x in value["excluded"]
             .as_array()
             .map(Vec::as_slice)

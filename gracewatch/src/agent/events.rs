@@ -157,9 +157,10 @@ pub(crate) fn encode(ev: &ConnEvent, peers: bool) -> Arc<str> {
     format!("{v}\n").into()
 }
 
-/// Hides every `peer` field (drain progress and reports) from readers that
-/// may not see peer addresses, and those addresses wherever else they
-/// appear (the human `message` of progress and reports quotes them).
+/// Hides every `peer` field (drain progress and reports, peer groups) from
+/// readers that may not see peer addresses, and those addresses wherever
+/// else they appear (the human `message` of progress and reports quotes
+/// them); a peer group's `peer_processes` and `unnamed` become null.
 pub(crate) fn redact_peers(v: &mut serde_json::Value) {
     let mut peers = Vec::new();
     collect_peers(v, &mut peers);
@@ -192,6 +193,10 @@ fn hide(v: &mut serde_json::Value, peers: &[String]) {
             for (key, value) in map.iter_mut() {
                 if key == "peer" && value.is_string() {
                     *value = "hidden".into();
+                } else if key == "peer_processes" || key == "unnamed" {
+                    // Who is on the other end is the peer's business too
+                    // (peer groups: as if nobody had looked).
+                    *value = serde_json::Value::Null;
                 } else {
                     hide(value, peers);
                 }
@@ -244,6 +249,31 @@ mod tests {
         // The id is stable, so a reader can still pair a close with its accept.
         assert_eq!(full, encode(&accept(sk), true));
         assert_ne!(full, encode(&accept(sk + 8), true));
+    }
+
+    /// A drain result's peer groups: the address and the peer processes
+    /// (pids, commands, cgroups of other tenants) go, the counts stay.
+    #[test]
+    fn peer_groups_lose_their_address_and_processes() {
+        let mut v = serde_json::json!({
+            "peers": [{"peer": "192.0.2.0/24", "prefix_len": 24, "addresses": 2, "connections": 3,
+                       "oldest_age_ms": 5, "unnamed": 1,
+                       "peer_processes": [{"pid": 77, "comm": "scraper", "container_id": null, "cgroup": "/tenant-b", "connections": 2}]}],
+            "message": "oldest from 192.0.2.0/24"
+        });
+        redact_peers(&mut v);
+        let g = &v["peers"][0];
+        assert_eq!(g["peer"], "hidden", "{v}");
+        assert!(
+            g["peer_processes"].is_null() && g["unnamed"].is_null(),
+            "{v}"
+        );
+        assert_eq!(g["connections"], 3, "{v}");
+        let text = v.to_string();
+        assert!(
+            !text.contains("192.0.2") && !text.contains("scraper") && !text.contains("tenant-b"),
+            "{v}"
+        );
     }
 
     #[test]

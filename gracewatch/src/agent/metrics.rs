@@ -740,6 +740,7 @@ mod tests {
             held: vec![],
             ended_by: None,
             excluded: vec![],
+            peers: vec![],
             message: String::new(),
         });
         let text = m

@@ -10,6 +10,7 @@ use super::model::{Model, Proc, Role};
 use crate::{
     drain::{DrainSpec, SignalSpec},
     event::ConnActivity,
+    peers::PeerGroupView,
 };
 
 /// Something only the loop can do (it touches processes or the monitor).
@@ -207,6 +208,10 @@ pub struct Detail {
     pub error: Option<String>,
     pub scroll: usize,
     pub sort: ConnSort,
+    /// `b`: show the connections grouped by peer, with the peer processes.
+    pub by_peer: bool,
+    /// The groups, once loaded (`None` until the first answer).
+    pub peers: Option<Vec<PeerGroupView>>,
 }
 
 impl Detail {
@@ -354,6 +359,23 @@ impl App {
                 Err(e) => d.error = Some(e),
             }
         }
+    }
+
+    pub fn peers_loaded(&mut self, pid: u32, result: Result<Vec<PeerGroupView>, String>) {
+        if let Some(d) = self.detail.as_mut().filter(|d| d.pid == pid) {
+            match result {
+                Ok(groups) => {
+                    d.peers = Some(groups);
+                    d.error = None;
+                }
+                Err(e) => d.error = Some(e),
+            }
+        }
+    }
+
+    /// Whether the open detail view groups by peer.
+    pub fn detail_by_peer(&self) -> bool {
+        self.detail.as_ref().is_some_and(|d| d.by_peer)
     }
 
     pub fn drain_running(&self, pid: u32) -> bool {

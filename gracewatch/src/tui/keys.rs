@@ -14,7 +14,7 @@ pub const BINDINGS: &[(&str, &str)] = &[
     ),
     (
         "Enter",
-        "its connections: age, idle, in flight (i: sort by idle)",
+        "its connections, idle, in flight (i: idle sort, b: by peer)",
     ),
     (
         "d",
@@ -83,6 +83,8 @@ fn normal(app: &mut App, key: KeyEvent) -> Vec<Effect> {
                     error: None,
                     scroll: 0,
                     sort: ConnSort::Age,
+                    by_peer: false,
+                    peers: None,
                 });
                 app.mode = Mode::Detail;
                 return vec![Effect::FetchConnections(pid)];
@@ -171,6 +173,15 @@ fn detail(app: &mut App, key: KeyEvent) -> Vec<Effect> {
                 d.scroll = 0;
             }
         }
+        KeyCode::Char('b') => {
+            if let Some(d) = app.detail.as_mut() {
+                d.by_peer = !d.by_peer;
+                d.scroll = 0;
+                app.mode = Mode::Detail;
+                // Load the other view now rather than at the next refresh.
+                return vec![Effect::FetchConnections(d.pid)];
+            }
+        }
         _ => {}
     }
     app.mode = Mode::Detail;
@@ -179,7 +190,11 @@ fn detail(app: &mut App, key: KeyEvent) -> Vec<Effect> {
 
 fn scroll(app: &mut App, by: isize) {
     if let Some(d) = app.detail.as_mut() {
-        let max = d.rows.as_ref().map_or(0, |r| r.len().saturating_sub(1));
+        let max = if d.by_peer {
+            d.peers.as_ref().map_or(0, |p| p.len().saturating_sub(1))
+        } else {
+            d.rows.as_ref().map_or(0, |r| r.len().saturating_sub(1))
+        };
         d.scroll = (d.scroll as isize + by).clamp(0, max as isize) as usize;
     }
 }

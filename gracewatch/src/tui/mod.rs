@@ -39,6 +39,7 @@ use crate::{
     drain::{self, DrainReport, Outcome, Progress, TargetSpec, Targets},
     event::{ConnEvent, Tuple},
     monitor::{Monitor, MonitorHandle, SourceOptions, monotonic_now},
+    peers::PeerGroupView,
     tracker::restart::DrainNote,
 };
 
@@ -48,6 +49,9 @@ pub const FRAME: Duration = Duration::from_millis(250);
 const IDLE_REDRAW: Duration = Duration::from_secs(1);
 /// How often the open connection detail is reloaded.
 const DETAIL_REFRESH: Duration = Duration::from_secs(1);
+/// The same with the view grouped by peer: each refresh looks for the peer
+/// processes (a dump and a /proc walk, bounded to 1 s), so less often.
+const PEERS_REFRESH: Duration = Duration::from_secs(5);
 /// Events handled per wake-up before the loop looks at keys again.
 const EVENT_BATCH: usize = 4096;
 
@@ -82,6 +86,7 @@ enum Done {
     DrainProgress(u32, Progress),
     Drain(u32, DrainReport),
     Connections(u32, Result<Vec<ConnRow>, String>),
+    Peers(u32, Result<Vec<PeerGroupView>, String>),
 }
 
 /// Restores the terminal when dropped: on return and on `?`.
@@ -224,6 +229,7 @@ async fn event_loop<B: Backend>(
                         app.model.drain_finished(pid, &report, now);
                     }
                     Done::Connections(pid, rows) => app.detail_loaded(pid, rows),
+                    Done::Peers(pid, groups) => app.peers_loaded(pid, groups),
                 }
                 dirty = true;
             }
@@ -232,7 +238,8 @@ async fn event_loop<B: Backend>(
                 if let Some(pid) = app.detail_pid() {
                     if detail_due.is_some_and(|t| Instant::now() >= t) {
                         fetch_connections(pid, &app, handle, &done_tx);
-                        detail_due = Some(Instant::now() + DETAIL_REFRESH);
+                        let every = if app.detail_by_peer() { PEERS_REFRESH } else { DETAIL_REFRESH };
+                        detail_due = Some(Instant::now() + every);
                     }
                 } else {
                     detail_due = None;
@@ -355,6 +362,20 @@ fn fetch_connections(
 ) {
     let handle = handle.clone();
     let tx = done_tx.clone();
+    if app.detail_by_peer() {
+        tokio::spawn(async move {
+            let result = handle
+                .peers(&[pid], &[], &[], crate::peer_report::MAX_PEER_GROUPS, true)
+                .await
+                .map(|r| {
+                    let now = monotonic_now();
+                    r.grouping.groups.iter().map(|g| g.view(now)).collect()
+                })
+                .map_err(|e| format!("{e:#}"));
+            let _ = tx.send(Done::Peers(pid, result));
+        });
+        return;
+    }
     let known = app.model.listen_addrs_of(pid);
     tokio::spawn(async move {
         let result = async {

@@ -577,6 +577,8 @@ fn render_footer(frame: &mut Frame, area: Rect, app: &App) {
                 Span::raw(" scroll  "),
                 key(" i "),
                 Span::raw(" sort by idle/age  "),
+                key(" b "),
+                Span::raw(" by peer  "),
                 key(" p "),
                 Span::raw(" pause"),
             ]),
@@ -650,6 +652,10 @@ fn render_detail(frame: &mut Frame, area: Rect, app: &App) {
     let Some(d) = &app.detail else {
         return;
     };
+    if d.by_peer {
+        render_peers(frame, area, app);
+        return;
+    }
     let role = model.procs.get(&d.pid).map_or("gone", |p| p.role().name());
     let count = d.rows.as_ref().map_or(0, Vec::len);
     let order = match d.sort {
@@ -762,6 +768,75 @@ fn render_detail(frame: &mut Frame, area: Rect, app: &App) {
     frame.render_widget(
         Table::new(body, widths).header(header).column_spacing(1),
         area,
+    );
+}
+
+/// The detail view grouped by peer (`b`): who pins the process, each group
+/// with its count, oldest connection and the processes on this host
+/// holding the other ends.
+fn render_peers(frame: &mut Frame, area: Rect, app: &App) {
+    let (model, _) = app.view();
+    let Some(d) = &app.detail else {
+        return;
+    };
+    let role = model.procs.get(&d.pid).map_or("gone", |p| p.role().name());
+    let groups = d.peers.as_deref().unwrap_or_default();
+    let conns: u64 = groups.iter().map(|g| g.connections).sum();
+    let title = format!(
+        "pid {} ({}) · {role} · {conns} live connection{} by peer (b: list them)",
+        d.pid,
+        terminal_safe(&d.comm),
+        if conns == 1 { "" } else { "s" },
+    );
+    let block = panel(&title);
+    let inner = block.inner(area);
+    frame.render_widget(block, area);
+    let message = match (&d.peers, &d.error) {
+        (_, Some(e)) => Some(Line::styled(
+            format!("cannot group the connections: {}", terminal_safe(e)),
+            Style::new().fg(Color::Red),
+        )),
+        (None, None) => Some(Line::styled("looking for the peers…", DIM)),
+        (Some(g), None) if g.is_empty() => Some(Line::styled("no live connection", DIM)),
+        _ => None,
+    };
+    if let Some(message) = message {
+        frame.render_widget(Paragraph::new(message), inner);
+        return;
+    }
+    let header = Row::new([
+        Cell::from("PEER"),
+        Cell::from(Line::from("CONNS").alignment(Alignment::Right)),
+        Cell::from(Line::from("OLDEST").alignment(Alignment::Right)),
+        Cell::from("PEER PROCESSES"),
+    ])
+    .style(Style::new().bold().fg(Color::Gray));
+    let body = groups.iter().skip(d.scroll).map(|g| {
+        let procs = crate::peer_report::processes_text(g);
+        let procs = if g.peer_processes.as_ref().is_some_and(|p| !p.is_empty()) {
+            Span::raw(procs)
+        } else {
+            Span::styled(procs, DIM)
+        };
+        Row::new([
+            Cell::from(terminal_safe(&g.peer).into_owned()),
+            Cell::from(Line::from(g.connections.to_string()).alignment(Alignment::Right)),
+            Cell::from(
+                Line::from(human(std::time::Duration::from_millis(g.oldest_age_ms)))
+                    .alignment(Alignment::Right),
+            ),
+            Cell::from(Line::from(procs)),
+        ])
+    });
+    let widths = [
+        Constraint::Length(26),
+        Constraint::Length(6),
+        Constraint::Length(8),
+        Constraint::Min(10),
+    ];
+    frame.render_widget(
+        Table::new(body, widths).header(header).column_spacing(1),
+        inner,
     );
 }
 

@@ -1021,3 +1021,44 @@ fn an_equal_address_in_another_namespace_is_no_handover() {
         "{screen}"
     );
 }
+
+/// `b` in the connection view groups by peer and asks for a load at once;
+/// the groups show their counts, oldest ages and the peer processes (or
+/// why none is named); `b` again lists the connections.
+#[test]
+fn b_groups_the_connection_view_by_peer() {
+    use crate::peers::{PeerGroupView, PeerProcess};
+    let mut app = handover_app();
+    handle_key(&mut app, key(KeyCode::Enter));
+    app.detail_loaded(OLD, Ok(detail_rows()));
+    let effects = handle_key(&mut app, key(KeyCode::Char('b')));
+    assert_eq!(effects, vec![Effect::FetchConnections(OLD)]);
+    assert!(app.detail_by_peer() && app.mode == Mode::Detail);
+    let process = |pid: u32, comm: &str, connections: u64| PeerProcess {
+        pid,
+        comm: comm.to_owned(),
+        container_id: None,
+        cgroup: None,
+        connections,
+    };
+    let group = |peer: &str, prefix_len: u8, connections: u64, age: u64| PeerGroupView {
+        peer: peer.to_owned(),
+        prefix_len,
+        addresses: 1,
+        connections,
+        oldest_age_ms: age,
+        peer_processes: Some(Vec::new()),
+        unnamed: Some(0),
+    };
+    let mut local = group("127.0.0.1", 32, 5, 3_500);
+    local.peer_processes = Some(vec![process(4302, "peer-a", 3), process(4310, "peer-b", 2)]);
+    let mut nine = group("127.0.0.9", 32, 2, 3_400);
+    nine.peer_processes = Some(vec![process(4318, "peer-c", 2)]);
+    let mut remote = group("10.1.2.0/24", 24, 40, 725_000);
+    remote.addresses = 12;
+    remote.unnamed = Some(40);
+    app.peers_loaded(OLD, Ok(vec![remote, local, nine]));
+    insta::assert_snapshot!(draw(&app, 100, 12).backend());
+    handle_key(&mut app, key(KeyCode::Char('b')));
+    assert!(!app.detail_by_peer());
+}

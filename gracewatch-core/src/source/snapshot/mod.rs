@@ -36,6 +36,7 @@
 
 pub mod holders;
 mod join;
+pub mod peers;
 mod procfs;
 mod scan;
 mod sock_diag;
@@ -190,36 +191,68 @@ pub fn live_inbound_conns_with(
     Ok(snapshot.connections)
 }
 
+/// Calls `f` once per network namespace of `conns` (each with a pid
+/// holding it, through which the namespace is entered) with that
+/// namespace's tuples and a sock_diag socket that sees it: the set-up
+/// every on-demand dump of chosen connections shares ([`gone`],
+/// [`activity`], [`peers::peer_ends`]). The socket is `None` when the
+/// namespace can no longer be entered through that pid (it exited, or
+/// moved to another namespace).
+fn in_each_netns(
+    conns: &[(Tuple, u32)],
+    mut f: impl FnMut(NetNs, Option<&netlink_sys::Socket>, &[Tuple]) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut by_netns: BTreeMap<NetNs, (u32, Vec<Tuple>)> = BTreeMap::new();
+    for (tuple, pid) in conns {
+        by_netns
+            .entry(tuple.netns)
+            .or_insert_with(|| (*pid, Vec::new()))
+            .1
+            .push(*tuple);
+    }
+    for (netns, (pid, tuples)) in by_netns {
+        match NetNsHandle::of_pid(pid).ok().filter(|h| h.inode() == netns) {
+            Some(handle) => f(netns, Some(&diag_socket(&handle)?), &tuples)?,
+            None => f(netns, None, &tuples)?,
+        }
+    }
+    Ok(())
+}
+
+/// The bytecode filter that keeps sockets on these local `ports`.
+fn ports_filter(ports: impl Iterator<Item = u16>) -> Vec<u8> {
+    let mut ports: Vec<u16> = ports.collect();
+    ports.sort_unstable();
+    ports.dedup();
+    local_port_filter(&ports)
+}
+
+/// The address families to dump: IPv4 if `v4`, IPv6 if `v6`.
+fn families(v4: bool, v6: bool) -> Vec<u8> {
+    [(AF_INET, v4), (AF_INET6, v6)]
+        .into_iter()
+        .filter_map(|(f, on)| on.then_some(f))
+        .collect()
+}
+
 /// Which of `conns` (each with a pid holding it, to find its namespace) no
 /// longer exist as ESTABLISHED or CLOSE_WAIT sockets. One sock_diag dump per
 /// namespace and no /proc walk: the cheap second look after the startup
 /// merge. A namespace that can no longer be entered (its process is gone)
 /// keeps its connections out of the answer; the periodic rescans settle them.
 pub fn gone(conns: &[(Tuple, u32)]) -> anyhow::Result<Vec<Tuple>> {
-    let mut pid_in: BTreeMap<NetNs, u32> = BTreeMap::new();
-    for (tuple, pid) in conns {
-        pid_in.entry(tuple.netns).or_insert(*pid);
-    }
     // Whittled down to the missing ones as the dumps show the others.
     let mut missing: HashSet<Tuple> = conns.iter().map(|c| c.0).collect();
-    for (netns, pid) in pid_in {
-        let handle = NetNsHandle::of_pid(pid).ok().filter(|h| h.inode() == netns);
-        let Some(handle) = handle else {
+    in_each_netns(conns, |netns, socket, here| {
+        let Some(socket) = socket else {
             missing.retain(|t| t.netns != netns);
-            continue;
+            return Ok(());
         };
-        let here = || missing.iter().filter(|t| t.netns == netns);
-        let mut ports: Vec<u16> = here().map(|t| t.local.port()).collect();
-        ports.sort_unstable();
-        ports.dedup();
-        let filter = local_port_filter(&ports);
-        let families: Vec<u8> = [AF_INET, AF_INET6]
-            .into_iter()
-            .filter(|&f| here().any(|t| t.local.is_ipv4() == (f == AF_INET)))
-            .collect();
-        let socket = diag_socket(&handle)?;
-        for family in families {
-            dump_tcp(&socket, family, live_states(), &filter, |s| {
+        let filter = ports_filter(here.iter().map(|t| t.local.port()));
+        let v4 = here.iter().any(|t| t.local.is_ipv4());
+        let v6 = here.iter().any(|t| t.local.is_ipv6());
+        for family in families(v4, v6) {
+            dump_tcp(socket, family, live_states(), &filter, |s| {
                 if matches!(s.state, TCP_ESTABLISHED | TCP_CLOSE_WAIT) {
                     missing.remove(&Tuple {
                         netns,
@@ -230,7 +263,8 @@ pub fn gone(conns: &[(Tuple, u32)]) -> anyhow::Result<Vec<Tuple>> {
             })
             .with_context(|| format!("failed to dump tcp sockets in netns {netns}"))?;
         }
-    }
+        Ok(())
+    })?;
     let mut gone: Vec<Tuple> = missing.into_iter().collect();
     gone.sort_unstable();
     Ok(gone)
@@ -242,29 +276,17 @@ pub fn gone(conns: &[(Tuple, u32)]) -> anyhow::Result<Vec<Tuple>> {
 /// to exactly these tuples. A connection the dump no longer shows (it
 /// closed) or whose namespace cannot be entered is left out of the answer.
 pub fn activity(conns: &[(Tuple, u32)]) -> anyhow::Result<Vec<(Tuple, ConnActivity)>> {
-    let mut pid_in: BTreeMap<NetNs, u32> = BTreeMap::new();
-    for (tuple, pid) in conns {
-        pid_in.entry(tuple.netns).or_insert(*pid);
-    }
     let wanted: HashSet<Tuple> = conns.iter().map(|c| c.0).collect();
     let mut found = Vec::with_capacity(wanted.len());
-    for (netns, pid) in pid_in {
-        let handle = NetNsHandle::of_pid(pid).ok().filter(|h| h.inode() == netns);
-        let Some(handle) = handle else {
-            continue;
+    in_each_netns(conns, |netns, socket, here| {
+        let Some(socket) = socket else {
+            return Ok(());
         };
-        let here = || wanted.iter().filter(|t| t.netns == netns);
-        let mut ports: Vec<u16> = here().map(|t| t.local.port()).collect();
-        ports.sort_unstable();
-        ports.dedup();
-        let filter = local_port_filter(&ports);
-        let families: Vec<u8> = [AF_INET, AF_INET6]
-            .into_iter()
-            .filter(|&f| here().any(|t| t.local.is_ipv4() == (f == AF_INET)))
-            .collect();
-        let socket = diag_socket(&handle)?;
-        for family in families {
-            dump_tcp_activity(&socket, family, &filter, |s, activity| {
+        let filter = ports_filter(here.iter().map(|t| t.local.port()));
+        let v4 = here.iter().any(|t| t.local.is_ipv4());
+        let v6 = here.iter().any(|t| t.local.is_ipv6());
+        for family in families(v4, v6) {
+            dump_tcp_activity(socket, family, &filter, |s, activity| {
                 let tuple = Tuple {
                     netns,
                     local: s.local,
@@ -276,7 +298,8 @@ pub fn activity(conns: &[(Tuple, u32)]) -> anyhow::Result<Vec<(Tuple, ConnActivi
             })
             .with_context(|| format!("failed to dump tcp_info in netns {netns}"))?;
         }
-    }
+        Ok(())
+    })?;
     found.sort_unstable_by_key(|f| f.0);
     found.dedup_by_key(|f| f.0);
     Ok(found)
