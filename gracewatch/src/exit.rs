@@ -58,7 +58,7 @@ pub struct ReportJson<'a>(pub &'a DrainReport);
 impl Serialize for ReportJson<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let r = self.0;
-        let mut o = s.serialize_struct("DrainReport", 12)?;
+        let mut o = s.serialize_struct("DrainReport", 13)?;
         o.serialize_field("targets", &r.targets)?;
         o.serialize_field("outcome", &r.outcome)?;
         o.serialize_field("exit_code", &of(r.outcome))?;
@@ -70,6 +70,7 @@ impl Serialize for ReportJson<'_> {
         o.serialize_field("held", &r.held)?;
         o.serialize_field("ended_by", &r.ended_by)?;
         o.serialize_field("excluded", &r.excluded)?;
+        o.serialize_field("idle", &r.idle)?;
         o.serialize_field("message", &r.message)?;
         o.end()
     }

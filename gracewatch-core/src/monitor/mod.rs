@@ -37,7 +37,7 @@ use tokio::sync::broadcast;
 pub use self::handle::{
     ActivityReport, ExitAccount, MAX_ACTIVITY_CONNECTIONS, MonitorHandle, WatchGuard,
 };
-pub use self::look::{ExcludedFd, FdLook};
+pub use self::look::{ExcludedFd, FdLook, FdSocket, FdSockets};
 use self::pump::{ExitAccounts, Untracked};
 pub use self::record::Recorder;
 pub use crate::source::{

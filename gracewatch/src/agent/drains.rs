@@ -71,6 +71,11 @@ pub struct DrainRequest {
     /// Left out of a serialised request when empty, so older agents take it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exclude_peer: Vec<String>,
+    /// Drained also once every live connection left has been idle this
+    /// long with nothing in flight (see `--until-idle`); default: off.
+    /// Left out of a serialised request when unset, so older agents take it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until_idle: Option<String>,
     /// Trust a pidfile that root does not own, that group or others can
     /// write, or whose owner does not own the process it names.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -103,6 +108,7 @@ impl DrainRequest {
         let timeout = duration("timeout", &self.timeout, parse_timeout)?;
         let min_wait = duration("min_wait", &self.min_wait, parse_duration)?.unwrap_or_default();
         let quiet_for = duration("quiet_for", &self.quiet_for, parse_duration)?.unwrap_or_default();
+        let until_idle = duration("until_idle", &self.until_idle, parse_duration)?;
         for &pid in self.pids.iter().chain(&self.exclude) {
             check_pid(pid)?;
         }
@@ -129,6 +135,7 @@ impl DrainRequest {
             min_wait,
             quiet_for,
             exclude_peers,
+            until_idle,
         };
         let targets = TargetSpec {
             pids: self.pids.clone(),

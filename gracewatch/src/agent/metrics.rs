@@ -684,6 +684,7 @@ mod tests {
             held: vec![],
             ended_by: None,
             excluded: vec![],
+            idle: vec![],
             message: String::new(),
         });
         let text = m
