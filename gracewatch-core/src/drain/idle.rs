@@ -17,10 +17,15 @@ use crate::event::ConnActivity;
 /// learns of it (and how often it reads: one fd look and one sock_diag
 /// dump per namespace each time).
 pub(super) const RETRY: Duration = Duration::from_millis(50);
+/// The kernel counts idle time in jiffies (4 ms at HZ=250, 10 ms at
+/// HZ=100) and may round it up by one: a connection counts as idle only
+/// once the kernel says this much more than the period, so it never ends
+/// a drain before the period truly passed.
+pub(super) const TICK: Duration = Duration::from_millis(10);
 /// Read this much after the least idle connection should reach the
-/// period: the kernel counts idle time in jiffies (4 ms at HZ=250), and a
-/// read that lands a hair early costs a whole [`RETRY`].
-pub(super) const SLACK: Duration = Duration::from_millis(10);
+/// period (and [`TICK`]): a read that lands a hair early costs a whole
+/// [`RETRY`].
+pub(super) const SLACK: Duration = Duration::from_millis(5);
 
 /// One socket the targets hold, as the gate's reads found it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,7 +118,8 @@ pub(super) fn decide(rows: &[Row], until: Duration) -> Decision {
     }
     // Every row was read with an idle time and nothing in flight.
     let least = d.least_idle.unwrap_or_default();
-    d.next_read = (least < until).then(|| until - least + SLACK);
+    let needed = until + TICK;
+    d.next_read = (least < needed).then(|| needed - least + SLACK);
     d
 }
 
@@ -135,17 +141,18 @@ mod tests {
 
     #[test]
     fn idle_only_when_every_connection_passed_the_period() {
-        let d = decide(&[quiet(2000), quiet(5000)], UNTIL);
+        let d = decide(&[quiet(2010), quiet(5000)], UNTIL);
         assert!(d.idle(), "{d:?}");
-        assert_eq!(d.least_idle, Some(Duration::from_secs(2)));
+        assert_eq!(d.least_idle, Some(Duration::from_millis(2010)));
         assert_eq!(
             d.describe(UNTIL),
-            "all 2 idle for ≥2s, waiting for 2s idle with nothing in flight"
+            "all 2 idle for ≥2.0s, waiting for 2s idle with nothing in flight"
         );
-        // 1 ms short: read again when the least idle one reaches it.
-        let d = decide(&[quiet(1999), quiet(5000)], UNTIL);
+        // 2 s by the kernel's count, which may be a jiffy ahead: not yet,
+        // read again when the least idle one is past the period for sure.
+        let d = decide(&[quiet(2000), quiet(5000)], UNTIL);
         assert!(!d.idle());
-        assert_eq!(d.next_read, Some(Duration::from_millis(1) + SLACK));
+        assert_eq!(d.next_read, Some(TICK + SLACK));
     }
 
     #[test]
@@ -153,7 +160,10 @@ mod tests {
         let d = decide(&[quiet(5000), quiet(800), quiet(1200)], UNTIL);
         assert!(!d.idle());
         assert_eq!(d.least_idle, Some(Duration::from_millis(800)));
-        assert_eq!(d.next_read, Some(Duration::from_millis(1200) + SLACK));
+        assert_eq!(
+            d.next_read,
+            Some(Duration::from_millis(1200) + TICK + SLACK)
+        );
         assert_eq!(
             d.describe(UNTIL),
             "all 3 idle for ≥800 ms, waiting for 2s idle with nothing in flight"
