@@ -141,6 +141,7 @@ def main():
     child = os.fork()
     if child == 0:
         listener.close()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         try:
             client(family, host, port, roles, server_pid)
         finally:
@@ -148,8 +149,10 @@ def main():
 
     def on_term():
         signal.sigwaitinfo({signal.SIGTERM})
-        emit(f"sigterm {monotonic_ns()}")
-        exit_now()
+        try:
+            emit(f"sigterm {monotonic_ns()}")
+        finally:
+            exit_now()
 
     threading.Thread(target=on_term, daemon=True).start()
     done = threading.Semaphore(0)

@@ -322,6 +322,10 @@ impl Gate<'_> {
                 )
             }
         };
+        log::debug!(
+            "until idle: read in {:?}: {phrase}; next in {wait:?}",
+            read_at.elapsed()
+        );
         if let Some(w) = &mut self.idle {
             w.next_read = read_at + wait.max(IDLE_MIN_GAP);
             w.phrase = Some(phrase);
