@@ -57,7 +57,14 @@ fn serve(ns: &Netns, addr: &str, roles: &str) -> (Child, u32) {
 /// A plain drain with a short deadline: it must time out without a
 /// signal, naming what each connection is doing. Returns its `held`.
 fn plain_drain_times_out(gw: &Gracewatch, server: &Child, pid: u32, live: usize) -> Vec<Value> {
-    let done = gw.drain_to_end(&["drain", "--pid", &pid.to_string(), "--timeout", "2500ms", "--json"]);
+    let done = gw.drain_to_end(&[
+        "drain",
+        "--pid",
+        &pid.to_string(),
+        "--timeout",
+        "2500ms",
+        "--json",
+    ]);
     done.assert_code(124);
     let result = done.result();
     Schema::Drain
@@ -132,7 +139,11 @@ fn signalled_in_time(server: &Child, drain: Drain, last_activity: u64, what: &st
     );
     let done = drain.wait(PROGRAM_TIMEOUT);
     // With RUST_LOG=gracewatch_core::drain=debug: each read and its verdict.
-    for l in done.stderr.iter().filter(|l| l.contains("until idle: read")) {
+    for l in done
+        .stderr
+        .iter()
+        .filter(|l| l.contains("until idle: read"))
+    {
         eprintln!("  {l}");
     }
     done.assert_code(0);
@@ -213,7 +224,11 @@ fn until_idle_waits_for_the_busy_client_and_signals_two_seconds_after_its_last_s
     let drain = until_idle(&gw, pid);
     server.request("read_stuck", "ok");
     still_waiting(Duration::from_millis(3000), &server, &drain, "busy sent");
-    assert!(last(&server, "stuck_read ").is_some(), "{}", server.context());
+    assert!(
+        last(&server, "stuck_read ").is_some(),
+        "{}",
+        server.context()
+    );
     server.request("stop_busy", "ok");
     let busy = server.wait_line("`busy_stopped T`", Duration::from_secs(10), |lines| {
         lines

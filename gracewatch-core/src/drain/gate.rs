@@ -16,8 +16,8 @@ use std::{
 use tokio::time::Instant;
 
 use super::{
-    DrainReport, DrainSpec, EndedBy, ExcludedConnection, HeldConnection, IdleConnection,
-    OnTimeout, Outcome, Progress, SignalSpec, Targets,
+    DrainReport, DrainSpec, EndedBy, ExcludedConnection, HeldConnection, IdleConnection, OnTimeout,
+    Outcome, Progress, SignalSpec, Targets,
     idle::{self, Row},
     quiet::{Quiet, human},
 };
@@ -1380,7 +1380,8 @@ mod tests {
     /// same connection holds the drain.
     #[tokio::test]
     async fn only_excluded_peers_left_ends_the_drain_and_names_them() {
-        let (mut child, handle, peer, _client, _server) = held_by_child([127, 0, 0, 9], [127, 0, 0, 9]);
+        let (mut child, handle, peer, _client, _server) =
+            held_by_child([127, 0, 0, 9], [127, 0, 0, 9]);
         let pid = child.id();
         let pick = || {
             choose(&TargetSpec {
@@ -1434,7 +1435,8 @@ mod tests {
     /// no signal.
     #[tokio::test]
     async fn the_socket_not_the_tracker_says_whether_a_peer_is_excluded() {
-        let (mut child, handle, _peer, _client, _server) = held_by_child([127, 0, 0, 1], [127, 0, 0, 9]);
+        let (mut child, handle, _peer, _client, _server) =
+            held_by_child([127, 0, 0, 1], [127, 0, 0, 9]);
         let targets = choose(&TargetSpec {
             pids: vec![child.id()],
             ..TargetSpec::default()
@@ -1578,7 +1580,11 @@ mod tests {
             )
             .await;
             assert!(ended.is_err(), "{why}: ended: {ended:?}");
-            assert_eq!(child.try_wait().expect("try_wait"), None, "{why}: signalled");
+            assert_eq!(
+                child.try_wait().expect("try_wait"),
+                None,
+                "{why}: signalled"
+            );
             let mut lines = Vec::new();
             while let Ok(l) = progress.try_recv() {
                 lines.push(l);

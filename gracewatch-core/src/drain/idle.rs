@@ -202,6 +202,9 @@ mod tests {
         // Nothing read: the zero rule decides, not this one.
         let d = decide(&[], UNTIL);
         assert!(!d.idle());
-        assert_eq!(d.describe(UNTIL), "no connection read, waiting for 2s idle with nothing in flight");
+        assert_eq!(
+            d.describe(UNTIL),
+            "no connection read, waiting for 2s idle with nothing in flight"
+        );
     }
 }
