@@ -42,7 +42,7 @@ fn kind_of(flag: &str) -> Option<Kind> {
     Some(match flag {
         "--pid" | "--exclude" => Kind::Pid,
         "--port" => Kind::Port,
-        "--min-wait" | "--interval" | "--quiet-for" => Kind::DurationZeroOk,
+        "--min-wait" | "--interval" | "--quiet-for" | "--until-idle" => Kind::DurationZeroOk,
         "--timeout" => Kind::Timeout,
         "--max-connections" | "--ring-buffer-size" => Kind::Count,
         "--listen" => Kind::Addr,
