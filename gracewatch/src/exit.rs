@@ -71,6 +71,7 @@ impl Serialize for ReportJson<'_> {
         o.serialize_field("ended_by", &r.ended_by)?;
         o.serialize_field("excluded", &r.excluded)?;
         o.serialize_field("peers", &r.peers)?;
+        o.serialize_field("idle", &r.idle)?;
         o.serialize_field("message", &r.message)?;
         o.end()
     }
@@ -126,6 +127,8 @@ Examples:
   gracewatch wait --pidfile /run/app.pid --min-wait 5s
   gracewatch drain --pid \"$OLD\" --exclude-peer 10.0.0.5 --timeout 2m  # a scraper's
       # keep-alive from 10.0.0.5 does not hold it (the signal cuts it)
+  gracewatch drain --pid \"$OLD\" --until-idle 30s --timeout 10m  # ends once every
+      # connection left moved no data for 30 s (the signal cuts them)
   gracewatch drain --pidfile /run/nginx.pid.oldbin --children \\
       --exclude \"$(cat /run/nginx.pid)\" --signal QUIT --timeout 5m";
 

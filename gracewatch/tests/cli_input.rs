@@ -45,7 +45,7 @@ fn kind_of(flag: &str) -> Option<Kind> {
         "--pid" | "--exclude" => Kind::Pid,
         "--port" | "--govern-port" => Kind::Port,
         "--govern-max-draining" => Kind::Generations,
-        "--min-wait" | "--interval" | "--quiet-for" => Kind::DurationZeroOk,
+        "--min-wait" | "--interval" | "--quiet-for" | "--until-idle" => Kind::DurationZeroOk,
         "--timeout" | "--govern-max-age" => Kind::Timeout,
         "--max-connections" | "--ring-buffer-size" => Kind::Count,
         "--listen" => Kind::Addr,

@@ -110,14 +110,15 @@ mod tests {
     /// Real output of the debug binary (a server in a network namespace
     /// holding one connection), one or more samples per schema.
     fn samples(schema: Schema) -> Vec<Value> {
-        let held = json!({"age_ms": 3018, "local": "127.0.0.1:9912", "peer": "127.0.0.1:51604", "pid": 16729});
+        let held = json!({"age_ms": 3018, "local": "127.0.0.1:9912", "peer": "127.0.0.1:51604", "pid": 16729, "idle_ms": 2950, "in_flight": false});
+        let unread = json!({"age_ms": 1008, "local": "127.0.0.1:9912", "peer": "127.0.0.1:51604", "pid": 16729, "idle_ms": null, "in_flight": null});
         let named = json!({"peer": "127.0.0.1", "prefix_len": 32, "addresses": 1, "connections": 3, "oldest_age_ms": 3018,
             "peer_processes": [{"pid": 16801, "comm": "peer-a", "container_id": null, "cgroup": "/user.slice", "connections": 2},
                           {"pid": 16802, "comm": "peer-b", "container_id": "4f1c2a", "cgroup": "/system.slice/docker-4f1c2a.scope", "connections": 1}],
             "unnamed": 0});
         let unnamed = json!({"peer": "10.1.2.0/24", "prefix_len": 24, "addresses": 2, "connections": 2, "oldest_age_ms": 120, "peer_processes": null, "unnamed": null});
         let progress = json!({"peers": [unnamed.clone()], "accepted_last_10s": 0, "closes_per_sec": 0.0, "elapsed_ms": 1008, "eta_ms": null, "live": 1, "message": "pid 16729 (python3): 1 live, 0.0 closes/s, oldest 1.0s from 127.0.0.1:51604", "oldest": held});
-        let report = json!({"duration_ms": 3001, "exit_code": 124, "held": [held], "initial_live": 1, "message": "deadline passed: pid 16729 still held 1 live connection(s); nothing was signalled", "outcome": "timeout", "peak_live": 1, "signal_sent": null, "still_held": 1, "targets": [16729], "ended_by": null, "excluded": [], "peers": [named.clone(), unnamed.clone()]});
+        let report = json!({"duration_ms": 3001, "exit_code": 124, "held": [held], "initial_live": 1, "message": "deadline passed: pid 16729 still held 1 live connection(s); nothing was signalled", "outcome": "timeout", "peak_live": 1, "signal_sent": null, "still_held": 1, "targets": [16729], "ended_by": null, "excluded": [], "idle": [], "peers": [named.clone(), unnamed.clone()]});
         let typed = |v: &Value, ty: &str| {
             let mut v = v.clone();
             v["type"] = ty.into();
@@ -134,7 +135,13 @@ mod tests {
                     "generations": [{"pid": 18080, "comm": "python3", "role": "exited", "role_since_ms": 1200, "live": 0}, {"pid": 18084, "comm": "python3", "role": "serving", "role_since_ms": 0, "live": 1}]}],
                 "lost_events": 0, "map_full_total": 0
             })],
-            Schema::Drain => vec![typed(&progress, "progress"), typed(&report, "result")],
+            Schema::Drain => vec![
+                typed(&progress, "progress"),
+                typed(&report, "result"),
+                json!({"type": "progress", "peers": [], "accepted_last_10s": 0, "closes_per_sec": 0.0, "elapsed_ms": 1208, "eta_ms": null, "live": 3, "message": "pid 16729 (python3): 3 live, 0.0 closes/s, oldest 1.2s from 127.0.0.1:51604; until idle: 1 in flight, 2 idle for ≥80 ms, waiting for 2s idle with nothing in flight", "oldest": unread}),
+                json!({"type": "result", "duration_ms": 6012, "exit_code": 0, "held": [], "initial_live": 3, "message": "pid 16729 drained in 6.0s (peak 3 live); sent SIGTERM to pid 16729 (python3); ended by --until-idle with 3 live connection(s) left, every one idle for at least 2s with nothing in flight (the signal cuts them)", "outcome": "drained", "peak_live": 3, "signal_sent": "SIGTERM", "still_held": 0, "targets": [16729], "ended_by": "idle", "excluded": [], "peers": [],
+                    "idle": [{"pid": 16729, "local": "127.0.0.1:9912", "peer": "127.0.0.1:51606", "idle_ms": 2003, "age_ms": 6100}, {"pid": 16729, "local": "127.0.0.1:9912", "peer": "127.0.0.1:51604", "idle_ms": 5870, "age_ms": null}]}),
+            ],
             Schema::AgentDrain => vec![
                 json!({"elapsed_ms": 1280, "id": "6b0efc1f-1", "progress": progress, "report": null, "state": "running", "targets": [18084]}),
                 json!({"elapsed_ms": 3001, "id": "6b0efc1f-1", "progress": progress, "report": report, "state": "done", "targets": [18084]}),

@@ -3,7 +3,9 @@
 //! polling delay; timers only drive the deadline, `--min-wait`,
 //! `--quiet-for` and progress. With `--quiet-for` it also wakes on every
 //! status (new connections are read from those), and takes a fresh one
-//! before it ends the quiet period.
+//! before it ends the quiet period. With `--until-idle` it reads what the
+//! live connections are doing when the least idle one would reach the
+//! period (see [`super::idle`]), never on a fixed tick.
 
 use std::{
     collections::{BTreeSet, VecDeque},
@@ -14,13 +16,16 @@ use std::{
 use tokio::time::Instant;
 
 use super::{
-    DrainReport, DrainSpec, EndedBy, ExcludedConnection, HeldConnection, OnTimeout, Outcome,
-    Progress, SignalSpec, Targets,
+    DrainReport, DrainSpec, EndedBy, ExcludedConnection, HeldConnection, IdleConnection, OnTimeout,
+    Outcome, Progress, SignalSpec, Targets,
+    idle::{self, Row},
     quiet::{Quiet, human},
 };
 use crate::{
     event::ListenAddr,
-    monitor::{ExcludedFd, FdLook, MonitorHandle, monotonic_now},
+    monitor::{
+        ExcludedFd, FdLook, FdSockets, MAX_ACTIVITY_CONNECTIONS, MonitorHandle, monotonic_now,
+    },
     peers::PeerGroupView,
     source::process::{Delivery, PinnedProcess, errno_text},
     tracker::{ConnInfo, Status},
@@ -36,6 +41,12 @@ const RECHECK: Duration = Duration::from_millis(100);
 const MAX_NAMED: usize = 10;
 /// Peer groups in progress and results.
 const MAX_PEER_GROUPS: usize = 10;
+/// `--until-idle` reads the targets' connections at most this often (each
+/// read is an fd look and a sock_diag dump per namespace).
+const IDLE_MIN_GAP: Duration = Duration::from_millis(50);
+/// Progress lines read what their oldest connection is doing at most this
+/// often.
+const HELD_READ_EVERY: Duration = Duration::from_secs(1);
 
 /// A TCP state as the result names it.
 fn state_name(state: u8) -> &'static str {
@@ -69,6 +80,34 @@ struct Gate<'a> {
     quiet: Option<Quiet>,
     /// The last peer groups progress showed, and when they were read.
     peers_seen: std::sync::Mutex<Option<(Instant, Vec<PeerGroupView>)>>,
+    /// `--until-idle`, if asked for.
+    idle: Option<IdleWatch>,
+    /// When a progress line last read its oldest connection's activity.
+    held_read_at: std::sync::Mutex<Option<Instant>>,
+}
+
+/// Where `--until-idle` stands.
+struct IdleWatch {
+    until: Duration,
+    /// When to read the connections next.
+    next_read: Instant,
+    /// What the last read said, for progress lines.
+    phrase: Option<String>,
+}
+
+/// How an `--until-idle` read ended the drain: the idle connections it cut
+/// and the excluded peers' sockets the same fd look found.
+struct IdleEnd {
+    idle: Vec<IdleConnection>,
+    count: usize,
+    excluded: Vec<ExcludedFd>,
+}
+
+/// What one `--until-idle` read found.
+enum IdleRead {
+    Idle(IdleEnd),
+    /// Not idle: read again this long after the read; why, for progress.
+    Wait(Duration, String),
 }
 
 /// Runs a drain to its end. `on_progress` is called about once a second
@@ -98,6 +137,12 @@ pub async fn run(
         samples: VecDeque::new(),
         quiet,
         peers_seen: std::sync::Mutex::new(None),
+        idle: spec.until_idle.map(|until| IdleWatch {
+            until,
+            next_read: start,
+            phrase: None,
+        }),
+        held_read_at: std::sync::Mutex::new(None),
     };
     match gate.drive(&mut on_progress, cancel).await {
         Ok(report) => report,
@@ -186,6 +231,16 @@ impl Gate<'_> {
             } else if live > 0 {
                 recheck_at = None;
                 self.doubt = None;
+                if now >= min_wait_at
+                    && !waiting_for_exit
+                    && !exiting
+                    && self.idle.as_ref().is_some_and(|w| now >= w.next_read)
+                    && self.quiet_passed(now).await?
+                {
+                    if let Some(end) = self.idle_check().await? {
+                        return Ok(self.finish_idle(end).await);
+                    }
+                }
             }
 
             if last_live != Some(live) || now >= next_progress {
@@ -210,6 +265,12 @@ impl Gate<'_> {
                 (now < min_wait_at).then_some(min_wait_at),
                 recheck_at,
                 self.quiet.as_ref().map(Quiet::until).filter(|&t| t > now),
+                // Past due only while another rule holds the read back
+                // (--min-wait, --quiet-for, an exit): those wake it.
+                self.idle
+                    .as_ref()
+                    .map(|w| w.next_read)
+                    .filter(|&t| live > 0 && t > now),
             ]
             .into_iter()
             .flatten()
@@ -244,6 +305,143 @@ impl Gate<'_> {
                 () = tokio::time::sleep_until(wake) => {}
             }
         }
+    }
+
+    /// One `--until-idle` read; schedules the next one if it does not end
+    /// the drain. Only a monitor that stopped is an error: a read that
+    /// fails is doubt, and doubt waits.
+    async fn idle_check(&mut self) -> anyhow::Result<Option<IdleEnd>> {
+        let Some(until) = self.idle.as_ref().map(|w| w.until) else {
+            return Ok(None);
+        };
+        let read_at = Instant::now();
+        let (wait, phrase) = match self.read_idle(until).await {
+            Ok(IdleRead::Idle(end)) => return Ok(Some(end)),
+            Ok(IdleRead::Wait(wait, phrase)) => (wait, phrase),
+            Err(e) => {
+                // The monitor itself stopped: that ends the drain.
+                if self.handle.failure().is_some() {
+                    return Err(e);
+                }
+                (
+                    idle::RETRY,
+                    format!("cannot tell whether the connections are idle: {e:#}"),
+                )
+            }
+        };
+        log::debug!(
+            "until idle: read in {:?}: {phrase}; next in {wait:?}",
+            read_at.elapsed()
+        );
+        if let Some(w) = &mut self.idle {
+            w.next_read = read_at + wait.max(IDLE_MIN_GAP);
+            w.phrase = Some(phrase);
+        }
+        Ok(None)
+    }
+
+    /// Reads every socket the targets hold by their fd tables, what the
+    /// kernel says each is doing, then (after the monitor applied what the
+    /// kernel delivered meanwhile) the tracker's list, and decides.
+    async fn read_idle(&self, until: Duration) -> anyhow::Result<IdleRead> {
+        let targets: Vec<(u32, String)> = self
+            .alive
+            .iter()
+            .filter(|p| !p.has_exited())
+            .map(|p| (p.pid, p.comm.clone()))
+            .collect();
+        let looked = self
+            .handle
+            .held_sockets(
+                targets,
+                self.listen_addrs.iter().copied().collect(),
+                self.spec.ports.clone(),
+                self.spec.exclude_peers.clone(),
+            )
+            .await;
+        let (held, excluded) = match looked {
+            FdSockets::Found { held, excluded } => (held, excluded),
+            FdSockets::Doubt { reason, .. } => {
+                return Ok(IdleRead::Wait(
+                    idle::RETRY,
+                    format!("cannot tell whether the connections are idle: {reason}"),
+                ));
+            }
+        };
+        let too_many = |n: usize| {
+            IdleRead::Wait(
+                PROGRESS_EVERY,
+                format!(
+                    "{n} live connections, more than the {MAX_ACTIVITY_CONNECTIONS} an idle read takes: not idle"
+                ),
+            )
+        };
+        if held.len() > MAX_ACTIVITY_CONNECTIONS {
+            return Ok(too_many(held.len()));
+        }
+        let read = self
+            .handle
+            .activity_of(held.iter().map(|f| (f.tuple, f.pid)).collect())
+            .await?;
+        self.handle.sync().await?;
+        let (total, listed) = self.tracked(MAX_ACTIVITY_CONNECTIONS + 1).await?;
+        if total as usize > MAX_ACTIVITY_CONNECTIONS {
+            return Ok(too_many(total as usize));
+        }
+        let found = |t: &crate::event::Tuple| {
+            read.binary_search_by_key(t, |r| r.0)
+                .ok()
+                .map(|i| read[i].1)
+        };
+        let mut rows: Vec<Row> = held
+            .iter()
+            .map(|f| {
+                if !listed.iter().any(|c| c.tuple == f.tuple) {
+                    Row::Unmatched
+                } else {
+                    found(&f.tuple).map_or(Row::NotFound, Row::Read)
+                }
+            })
+            .collect();
+        // Tracked but not in the fds: an accept after the look, say.
+        rows.extend(
+            listed
+                .iter()
+                .filter(|c| !held.iter().any(|f| f.tuple == c.tuple))
+                .map(|_| Row::Unmatched),
+        );
+        let decision = idle::decide(&rows, until);
+        if !decision.idle() {
+            let wait = decision.next_read.unwrap_or(idle::RETRY);
+            return Ok(IdleRead::Wait(wait, decision.describe(until)));
+        }
+        let now = monotonic_now();
+        let mut cut: Vec<IdleConnection> = held
+            .iter()
+            .filter_map(|f| {
+                Some(IdleConnection {
+                    pid: f.pid,
+                    local: f.tuple.local.to_string(),
+                    peer: f.tuple.remote.to_string(),
+                    idle_ms: found(&f.tuple)?.idle_ms?,
+                    age_ms: listed
+                        .iter()
+                        .find(|c| c.tuple == f.tuple)
+                        .map(|c| now.saturating_sub(c.since).as_millis() as u64),
+                })
+            })
+            .collect();
+        // A socket two targets share is one connection.
+        cut.sort_by(|a, b| (&a.local, &a.peer).cmp(&(&b.local, &b.peer)));
+        cut.dedup_by(|a, b| a.local == b.local && a.peer == b.peer);
+        let count = cut.len();
+        cut.sort_by_key(|c| (c.idle_ms, c.pid, c.local.clone(), c.peer.clone()));
+        cut.truncate(MAX_NAMED);
+        Ok(IdleRead::Idle(IdleEnd {
+            idle: cut,
+            count,
+            excluded,
+        }))
     }
 
     fn alive_pids(&self) -> Vec<u32> {
@@ -436,6 +634,31 @@ impl Gate<'_> {
         report
     }
 
+    /// Ends a drain `--until-idle` found idle: signals as for a zero, and
+    /// names the idle connections the signal cuts.
+    async fn finish_idle(&mut self, end: IdleEnd) -> DrainReport {
+        let excluded = self.name_excluded(end.excluded).await;
+        let mut report = self.finish_signal().await;
+        if report.outcome == Outcome::Drained {
+            report.ended_by = Some(EndedBy::Idle);
+        }
+        let until = self.spec.until_idle.unwrap_or_default();
+        report.message = format!(
+            "{}; ended by --until-idle with {} live connection(s) left, every one idle for at least {} with nothing in flight{}",
+            report.message,
+            end.count,
+            human(until),
+            if report.signal_sent.is_some() {
+                " (the signal cuts them)"
+            } else {
+                ""
+            }
+        );
+        report.idle = end.idle;
+        report.excluded = excluded;
+        report
+    }
+
     /// The excluded sockets of a fresh look as the result names them,
     /// oldest first by the tracker's ages (those it does not know last),
     /// at most 10.
@@ -512,7 +735,7 @@ impl Gate<'_> {
         let live = self.live().await.unwrap_or(0);
         // What was held at the deadline, taken before a signal (SIGKILL)
         // can make the target close them.
-        let (still_held, held) = self.held(10).await;
+        let (still_held, held) = self.held(MAX_NAMED, true).await;
         let peers = self.peer_groups(true).await;
         let signal = match self.spec.on_timeout {
             OnTimeout::Leave => None,
@@ -588,25 +811,50 @@ impl Gate<'_> {
         }
     }
 
-    async fn held(&self, limit: usize) -> (u64, Vec<HeldConnection>) {
-        let now = monotonic_now();
-        let (total, oldest) = if self.spec.exclude_peers.is_empty() {
+    /// The live connections that hold the drain, as the tracker lists
+    /// them: the count and the `k` oldest.
+    async fn tracked(&self, k: usize) -> anyhow::Result<(u64, Vec<ConnInfo>)> {
+        if self.spec.exclude_peers.is_empty() {
             self.handle
-                .oldest_connections(&self.alive_pids(), &self.spec.ports, limit)
+                .oldest_connections(&self.alive_pids(), &self.spec.ports, k)
                 .await
-                .unwrap_or_default()
         } else {
-            self.split(false, limit).await.unwrap_or_default()
-        };
-        let held = oldest
+            self.split(false, k).await
+        }
+    }
+
+    /// The `limit` oldest connections that hold the drain, and how many
+    /// there are; with `read`, each with what the kernel says it is doing
+    /// (one sock_diag read of just these).
+    async fn held(&self, limit: usize, read: bool) -> (u64, Vec<HeldConnection>) {
+        let now = monotonic_now();
+        let (total, oldest) = self.tracked(limit).await.unwrap_or_default();
+        let mut held: Vec<HeldConnection> = oldest
             .iter()
             .map(|c| HeldConnection {
                 pid: c.holders.first().copied().unwrap_or(0),
                 local: c.tuple.local.to_string(),
                 peer: c.tuple.remote.to_string(),
                 age_ms: now.saturating_sub(c.since).as_millis() as u64,
+                idle_ms: None,
+                in_flight: None,
             })
             .collect();
+        if read && !oldest.is_empty() {
+            let asks = oldest
+                .iter()
+                .filter_map(|c| Some((c.tuple, *c.holders.first()?)))
+                .collect();
+            // A read that fails leaves them unknown (null), nothing else.
+            if let Ok(found) = self.handle.activity_of(asks).await {
+                for (h, c) in held.iter_mut().zip(&oldest) {
+                    if let Ok(i) = found.binary_search_by_key(&c.tuple, |f| f.0) {
+                        h.idle_ms = found[i].1.idle_ms;
+                        h.in_flight = Some(found[i].1.in_flight);
+                    }
+                }
+            }
+        }
         (total, held)
     }
 
@@ -685,12 +933,31 @@ impl Gate<'_> {
             msg.push_str("; ");
             msg.push_str(&quiet.describe(now));
         }
+        if let Some(w) = self.idle.as_ref().filter(|_| live > 0) {
+            msg.push_str("; until idle: ");
+            match &w.phrase {
+                Some(p) => msg.push_str(p),
+                None => msg.push_str(&format!("not read yet (waiting for {})", human(w.until))),
+            }
+        }
         msg
     }
 
     /// The oldest connection the targets hold, for progress lines.
     async fn oldest(&self) -> Option<HeldConnection> {
-        self.held(1).await.1.into_iter().next()
+        let now = Instant::now();
+        let read = {
+            let mut last = self
+                .held_read_at
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let due = last.is_none_or(|t| now.duration_since(t) >= HELD_READ_EVERY);
+            if due {
+                *last = Some(now);
+            }
+            due
+        };
+        self.held(1, read).await.1.into_iter().next()
     }
 
     async fn progress(&self, live: u64, message: String) -> Progress {
@@ -773,7 +1040,7 @@ impl Gate<'_> {
         let (still_held, held) = if outcome == Outcome::Drained {
             (0, Vec::new())
         } else {
-            self.held(MAX_NAMED).await
+            self.held(MAX_NAMED, true).await
         };
         let peers = if outcome == Outcome::Drained {
             Vec::new()
@@ -812,6 +1079,7 @@ impl Gate<'_> {
             ended_by: (outcome == Outcome::Drained).then_some(EndedBy::Zero),
             excluded,
             peers,
+            idle: Vec::new(),
             message,
         }
     }
@@ -1096,7 +1364,8 @@ mod tests {
     /// client bound to `client_ip`; the replayed monitor is told the
     /// connection came from `tracked_peer_ip` (which lets a test make the
     /// tracker and the socket disagree). Returns the child, the monitor,
-    /// and the real peer address.
+    /// the real peer address, the client, and a copy of the server side
+    /// (for a test to send from it as the server would).
     fn held_by_child(
         client_ip: [u8; 4],
         tracked_peer_ip: [u8; 4],
@@ -1104,6 +1373,7 @@ mod tests {
         std::process::Child,
         MonitorHandle,
         SocketAddr,
+        std::net::TcpStream,
         std::net::TcpStream,
     ) {
         use std::os::{fd::OwnedFd, unix::fs::MetadataExt as _};
@@ -1120,6 +1390,7 @@ mod tests {
         rustix::net::connect(&fd, &server).expect("connect");
         let client = std::net::TcpStream::from(fd);
         let (accepted, peer) = listener.accept().expect("accept");
+        let server_side = accepted.try_clone().expect("dup the server side");
         let child = std::process::Command::new("sleep")
             .arg("30")
             .stdin(std::process::Stdio::from(OwnedFd::from(accepted)))
@@ -1156,7 +1427,7 @@ mod tests {
         ];
         let handle = MonitorHandle::from_replay(events, Snapshot::default());
         drop(listener);
-        (child, handle, peer, client)
+        (child, handle, peer, client, server_side)
     }
 
     fn exclude_9() -> DrainSpec {
@@ -1172,7 +1443,8 @@ mod tests {
     /// same connection holds the drain.
     #[tokio::test]
     async fn only_excluded_peers_left_ends_the_drain_and_names_them() {
-        let (mut child, handle, peer, _client) = held_by_child([127, 0, 0, 9], [127, 0, 0, 9]);
+        let (mut child, handle, peer, _client, _server) =
+            held_by_child([127, 0, 0, 9], [127, 0, 0, 9]);
         let pid = child.id();
         let pick = || {
             choose(&TargetSpec {
@@ -1226,7 +1498,8 @@ mod tests {
     /// no signal.
     #[tokio::test]
     async fn the_socket_not_the_tracker_says_whether_a_peer_is_excluded() {
-        let (mut child, handle, _peer, _client) = held_by_child([127, 0, 0, 1], [127, 0, 0, 9]);
+        let (mut child, handle, _peer, _client, _server) =
+            held_by_child([127, 0, 0, 1], [127, 0, 0, 9]);
         let targets = choose(&TargetSpec {
             pids: vec![child.id()],
             ..TargetSpec::default()
@@ -1247,5 +1520,141 @@ mod tests {
             .expect("the gate task");
         assert_ne!(report.outcome, Outcome::Drained, "{report:?}");
         assert_eq!(report.signal_sent, None);
+    }
+
+    fn until_idle(period: Duration) -> DrainSpec {
+        DrainSpec {
+            until_idle: Some(period),
+            ..DrainSpec::default()
+        }
+    }
+
+    /// `--until-idle 400ms` on a target whose one connection moves data
+    /// every 100 ms for a second, then goes quiet: no end while it moves,
+    /// then an end by `idle` within a few tens of ms after 400 ms of
+    /// quiet (the read is timed to it, not polled), the connection named
+    /// with its idle time, and the target signalled.
+    #[tokio::test]
+    async fn until_idle_ends_once_the_last_activity_is_a_period_old() {
+        use std::io::Write as _;
+        const PERIOD: Duration = Duration::from_millis(400);
+        let (mut child, handle, peer, _client, mut server) =
+            held_by_child([127, 0, 0, 1], [127, 0, 0, 1]);
+        let targets = choose(&TargetSpec {
+            pids: vec![child.id()],
+            ..TargetSpec::default()
+        })
+        .expect("the child is a target");
+        let (progress_tx, mut progress) = tokio::sync::mpsc::unbounded_channel();
+        let mut drain = tokio::spawn(async move {
+            let spec = until_idle(PERIOD);
+            let report = run(
+                &handle,
+                targets,
+                &spec,
+                |p| {
+                    let _ = progress_tx.send(p.clone());
+                },
+                std::future::pending(),
+            )
+            .await;
+            (report, Instant::now())
+        });
+        let mut last_send = Instant::now();
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            server.write_all(b"0123456789").expect("send");
+            last_send = Instant::now();
+            assert!(!drain.is_finished(), "ended while data moved");
+        }
+        let (report, ended) = tokio::time::timeout(Duration::from_secs(10), &mut drain)
+            .await
+            .expect("the gate ends once the connection is idle")
+            .expect("the gate task");
+        let after = ended.duration_since(last_send);
+        eprintln!("ended {after:?} after the last send (period {PERIOD:?})");
+        assert_eq!(report.outcome, Outcome::Drained, "{report:?}");
+        assert_eq!(report.ended_by, Some(EndedBy::Idle), "{report:?}");
+        assert!(
+            after >= PERIOD && after < PERIOD + Duration::from_millis(100),
+            "ended {after:?} after the last send"
+        );
+        assert_eq!(report.idle.len(), 1, "{report:?}");
+        let cut = &report.idle[0];
+        assert_eq!(cut.peer, peer.to_string());
+        assert!(cut.idle_ms >= 400 && cut.age_ms.is_some(), "{cut:?}");
+        assert!(report.message.contains("--until-idle"), "{report:?}");
+        let mut lines = Vec::new();
+        while let Ok(p) = progress.try_recv() {
+            lines.push(p);
+        }
+        assert!(
+            lines
+                .iter()
+                .any(|p| p.message.contains("until idle: all 1 idle for")),
+            "{lines:#?}"
+        );
+        // The first progress line read its oldest connection.
+        let oldest = lines.first().and_then(|p| p.oldest.clone());
+        assert!(
+            oldest.as_ref().is_some_and(|o| o.in_flight == Some(false)),
+            "{oldest:?}"
+        );
+        let status = child.wait().expect("wait");
+        assert_eq!(status.signal(), Some(libc::SIGTERM));
+    }
+
+    /// Fail closed: bytes the target never reads are in flight, and a
+    /// socket the tracker does not list (it knows the connection under
+    /// another peer) cannot be decided; neither ends the drain, however
+    /// long they stay quiet.
+    #[tokio::test]
+    async fn in_flight_or_untracked_connections_are_not_idle() {
+        use std::io::Write as _;
+        // 1: tracked, but 3 bytes sit unread.
+        let (mut child, handle, _peer, mut client, _server) =
+            held_by_child([127, 0, 0, 1], [127, 0, 0, 1]);
+        client.write_all(b"abc").expect("send");
+        // 2: quiet, but the tracker lists it from 127.0.0.9.
+        let (mut child2, handle2, _peer2, _client2, _server2) =
+            held_by_child([127, 0, 0, 1], [127, 0, 0, 9]);
+        for (child, handle, why) in [
+            (&mut child, handle, "1 in flight"),
+            (&mut child2, handle2, "undecided"),
+        ] {
+            let targets = choose(&TargetSpec {
+                pids: vec![child.id()],
+                ..TargetSpec::default()
+            })
+            .expect("the child is a target");
+            let (progress_tx, mut progress) = tokio::sync::mpsc::unbounded_channel();
+            let spec = until_idle(Duration::from_millis(100));
+            let ended = tokio::time::timeout(
+                Duration::from_millis(1500),
+                run(
+                    &handle,
+                    targets,
+                    &spec,
+                    |p| {
+                        let _ = progress_tx.send(p.message.clone());
+                    },
+                    std::future::pending(),
+                ),
+            )
+            .await;
+            assert!(ended.is_err(), "{why}: ended: {ended:?}");
+            assert_eq!(
+                child.try_wait().expect("try_wait"),
+                None,
+                "{why}: signalled"
+            );
+            let mut lines = Vec::new();
+            while let Ok(l) = progress.try_recv() {
+                lines.push(l);
+            }
+            assert!(lines.iter().any(|l| l.contains(why)), "{why}: {lines:#?}");
+            child.kill().expect("kill the target");
+            let _ = child.wait();
+        }
     }
 }

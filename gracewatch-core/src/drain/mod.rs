@@ -7,6 +7,7 @@
 
 mod gate;
 pub mod governor;
+mod idle;
 mod policy;
 mod quiet;
 mod signal;
@@ -81,6 +82,12 @@ pub struct DrainSpec {
     /// is excluded, as a fresh look at the targets' sockets confirms (the
     /// peer read from the socket, never from the tracker alone).
     pub exclude_peers: Vec<PeerRule>,
+    /// `--until-idle`: the targets also count as drained when every live
+    /// connection they hold (that holds the drain) has moved no data for
+    /// this long and has nothing in flight, as a fresh read of the
+    /// kernel's `tcp_info` for each socket their fd tables show says.
+    /// Anything the read cannot decide holds the drain. `None`: off.
+    pub until_idle: Option<Duration>,
 }
 
 impl Default for DrainSpec {
@@ -93,6 +100,7 @@ impl Default for DrainSpec {
             min_wait: Duration::ZERO,
             quiet_for: Duration::ZERO,
             exclude_peers: Vec::new(),
+            until_idle: None,
         }
     }
 }
@@ -221,6 +229,28 @@ pub struct HeldConnection {
     pub local: String,
     pub peer: String,
     pub age_ms: u64,
+    /// Milliseconds since data last moved on it, as the kernel said when
+    /// read for this line; `None` when not read (progress reads at most
+    /// once a second) or the read could not tell.
+    #[serde(default)]
+    pub idle_ms: Option<u64>,
+    /// Anything unread, unsent or unacknowledged on it, read as `idle_ms`.
+    #[serde(default)]
+    pub in_flight: Option<bool>,
+}
+
+/// A live connection an `--until-idle` drain cut: it had moved no data for
+/// at least the idle period and had nothing in flight when the gate's last
+/// read found it, and the signal ends it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdleConnection {
+    pub pid: u32,
+    pub local: String,
+    pub peer: String,
+    /// Milliseconds since data last moved on it, at that read.
+    pub idle_ms: u64,
+    /// `None` when the tracker does not know the connection's age.
+    pub age_ms: Option<u64>,
 }
 
 /// A live connection from an excluded peer (`--exclude-peer`), named in
@@ -247,6 +277,9 @@ pub enum EndedBy {
     Zero,
     /// Every live connection left was from a peer `--exclude-peer` names.
     ExcludedPeers,
+    /// Every live connection left (that held the drain) had been idle for
+    /// `--until-idle` with nothing in flight.
+    Idle,
 }
 
 /// One progress event (`--json`: `"type": "progress"`).
@@ -299,5 +332,9 @@ pub struct DrainReport {
     /// draining). Empty for a drain that drained.
     #[serde(default)]
     pub peers: Vec<PeerGroupView>,
+    /// For a drain ended by `idle`: the idle connections it cut, least idle
+    /// first (at most 10). Empty otherwise. Not in `still_held`.
+    #[serde(default)]
+    pub idle: Vec<IdleConnection>,
     pub message: String,
 }

@@ -10,7 +10,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::{Monitor, publish::Outlets};
 use crate::{
-    event::ConnActivity,
+    event::{ConnActivity, Tuple},
     event::{ConnEvent, Snapshot},
     input::{PeerRule, peer_excluded},
     peers::{PeerGrouping, PeerProcess},
@@ -457,6 +457,31 @@ impl MonitorHandle {
                 took_ms: u64::try_from(walk.took.as_millis()).unwrap_or(u64::MAX),
             }),
         })
+    }
+
+    /// What exactly these connections (each with a pid holding it, to find
+    /// its namespace) are doing, read now from the kernel as for
+    /// [`MonitorHandle::activity`]: for callers that found the sockets
+    /// themselves (the drain gate's fd look), so it reads the kernel even
+    /// on a recording's monitor. A connection the read does not find is
+    /// left out; sorted by tuple. At most [`MAX_ACTIVITY_CONNECTIONS`]
+    /// are read: more is an error, not a partial answer.
+    pub async fn activity_of(
+        &self,
+        conns: Vec<(Tuple, u32)>,
+    ) -> anyhow::Result<Vec<(Tuple, ConnActivity)>> {
+        if conns.len() > MAX_ACTIVITY_CONNECTIONS {
+            anyhow::bail!(
+                "{} connections, more than the {MAX_ACTIVITY_CONNECTIONS} one read takes",
+                conns.len()
+            );
+        }
+        if conns.is_empty() {
+            return Ok(Vec::new());
+        }
+        tokio::task::spawn_blocking(move || crate::source::snapshot::activity(&conns))
+            .await
+            .context("the activity reader panicked")?
     }
 
     /// How many live connections `pids` hold (only those on `ports` if any

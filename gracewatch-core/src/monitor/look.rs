@@ -29,15 +29,31 @@ pub enum FdLook {
     Doubt { pid: Option<u32>, reason: String },
 }
 
-/// A live inbound socket a target holds whose peer a rule excludes, as
-/// one fresh look at the fd table and a sock_diag dump found it.
+/// A live inbound socket a target holds, as one fresh look at the fd
+/// table and a sock_diag dump found it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ExcludedFd {
+pub struct FdSocket {
     /// The target whose fd table holds it.
     pub pid: u32,
     pub tuple: Tuple,
     /// TCP state number (1 ESTABLISHED, 8 CLOSE_WAIT).
     pub state: u8,
+}
+
+/// An excluded peer's socket (see [`FdSocket`]).
+pub type ExcludedFd = FdSocket;
+
+/// What [`MonitorHandle::held_sockets`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FdSockets {
+    /// Every table was read: `held` hold the drain, `excluded` are those
+    /// whose peer, as the socket itself says, the rules exclude.
+    Found {
+        held: Vec<FdSocket>,
+        excluded: Vec<ExcludedFd>,
+    },
+    /// As [`FdLook::Doubt`].
+    Doubt { pid: Option<u32>, reason: String },
 }
 
 impl MonitorHandle {
@@ -56,8 +72,28 @@ impl MonitorHandle {
         ports: Vec<u16>,
         rules: Vec<PeerRule>,
     ) -> FdLook {
+        match self.held_sockets(targets, known, ports, rules).await {
+            FdSockets::Found { held, excluded } => FdLook::Held {
+                held: held.len(),
+                excluded,
+            },
+            FdSockets::Doubt { pid, reason } => FdLook::Doubt { pid, reason },
+        }
+    }
+
+    /// [`MonitorHandle::held_fds`] with each socket that holds the drain
+    /// named too (`--until-idle` reads what each one is doing). The same
+    /// rules: inbound, on `ports`, excluded by `rules` as the socket says,
+    /// and fail closed on the first table that cannot be read.
+    pub async fn held_sockets(
+        &self,
+        targets: Vec<(u32, String)>,
+        known: Vec<ListenAddr>,
+        ports: Vec<u16>,
+        rules: Vec<PeerRule>,
+    ) -> FdSockets {
         let looked = tokio::task::spawn_blocking(move || {
-            let mut held = 0;
+            let mut held = Vec::new();
             let mut excluded = Vec::new();
             for (pid, comm) in targets {
                 match snapshot::live_inbound_conns_with(pid, &known) {
@@ -66,29 +102,30 @@ impl MonitorHandle {
                             .iter()
                             .filter(|c| ports.is_empty() || ports.contains(&c.tuple.local.port()))
                         {
+                            let found = FdSocket {
+                                pid,
+                                tuple: c.tuple,
+                                state: c.state,
+                            };
                             if peer_excluded(&rules, &c.tuple.remote) {
-                                excluded.push(ExcludedFd {
-                                    pid,
-                                    tuple: c.tuple,
-                                    state: c.state,
-                                });
+                                excluded.push(found);
                             } else {
-                                held += 1;
+                                held.push(found);
                             }
                         }
                     }
                     Err(e) => {
-                        return FdLook::Doubt {
+                        return FdSockets::Doubt {
                             pid: Some(pid),
                             reason: format!("the fds of pid {pid} ({comm}) cannot be read: {e:#}"),
                         };
                     }
                 }
             }
-            FdLook::Held { held, excluded }
+            FdSockets::Found { held, excluded }
         })
         .await;
-        looked.unwrap_or_else(|e| FdLook::Doubt {
+        looked.unwrap_or_else(|e| FdSockets::Doubt {
             pid: None,
             reason: format!("the fd check failed: {e}"),
         })

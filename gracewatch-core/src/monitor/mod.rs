@@ -38,7 +38,7 @@ pub use self::handle::{
     ActivityReport, ExitAccount, MAX_ACTIVITY_CONNECTIONS, MAX_NAMED_PEER_CONNECTIONS,
     MonitorHandle, PeerWalkCost, PeersReport, WatchGuard,
 };
-pub use self::look::{ExcludedFd, FdLook};
+pub use self::look::{ExcludedFd, FdLook, FdSocket, FdSockets};
 use self::pump::{ExitAccounts, Untracked};
 pub use self::record::Recorder;
 pub use crate::source::{

@@ -71,6 +71,11 @@ pub struct DrainRequest {
     /// Left out of a serialised request when empty, so older agents take it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exclude_peer: Vec<String>,
+    /// Drained also once every live connection left has been idle this
+    /// long with nothing in flight (see `--until-idle`); default: off.
+    /// Left out of a serialised request when unset, so older agents take it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until_idle: Option<String>,
     /// Trust a pidfile that root does not own, that group or others can
     /// write, or whose owner does not own the process it names.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -103,6 +108,7 @@ impl DrainRequest {
         let timeout = duration("timeout", &self.timeout, parse_timeout)?;
         let min_wait = duration("min_wait", &self.min_wait, parse_duration)?.unwrap_or_default();
         let quiet_for = duration("quiet_for", &self.quiet_for, parse_duration)?.unwrap_or_default();
+        let until_idle = duration("until_idle", &self.until_idle, parse_duration)?;
         for &pid in self.pids.iter().chain(&self.exclude) {
             check_pid(pid)?;
         }
@@ -129,6 +135,7 @@ impl DrainRequest {
             min_wait,
             quiet_for,
             exclude_peers,
+            until_idle,
         };
         let targets = TargetSpec {
             pids: self.pids.clone(),
@@ -356,7 +363,7 @@ mod tests {
             r#"{"pids": [1, 2], "pidfile": "/run/x.pid", "children": true, "exclude": [3],
                 "ports": [80, 443], "signal": "QUIT", "timeout": "90s",
                 "on_timeout": "kill", "min_wait": "1500ms", "quiet_for": "2s",
-                "exclude_peer": ["127.0.0.9", "[::1]:9100"]}"#,
+                "exclude_peer": ["127.0.0.9", "[::1]:9100"], "until_idle": "30s"}"#,
         )
         .expect("parses");
         let (targets, spec) = req.to_specs().expect("valid");
@@ -404,6 +411,7 @@ mod tests {
         assert_eq!(spec.on_timeout, OnTimeout::Kill);
         assert_eq!(spec.min_wait, Duration::from_millis(1500));
         assert_eq!(spec.quiet_for, Duration::from_secs(2));
+        assert_eq!(spec.until_idle, Some(Duration::from_secs(30)));
         let rules: Vec<String> = spec.exclude_peers.iter().map(ToString::to_string).collect();
         assert_eq!(rules, ["127.0.0.9", "[::1]:9100"]);
         // Unset: off, and left out when the client serialises it.
@@ -411,6 +419,8 @@ mod tests {
         assert_eq!(plain.to_specs().expect("valid").1.quiet_for, Duration::ZERO);
         let sent = serde_json::to_value(&plain).expect("serialises");
         assert!(sent.get("quiet_for").is_none(), "{sent}");
+        assert!(sent.get("until_idle").is_none(), "{sent}");
+        assert_eq!(plain.to_specs().expect("valid").1.until_idle, None);
         assert!(sent.get("exclude_peer").is_none(), "{sent}");
         let none = request(r#"{"pids": [1], "signal": "none"}"#).expect("parses");
         assert_eq!(none.to_specs().expect("valid").1.signal, None);
@@ -455,6 +465,7 @@ mod tests {
             (r#"{"pids": [1], "min_wait": "8785h"}"#, "min_wait"),
             (r#"{"pids": [1], "quiet_for": "-1s"}"#, "quiet_for"),
             (r#"{"pids": [1], "quiet_for": "soon"}"#, "quiet_for"),
+            (r#"{"pids": [1], "until_idle": "soon"}"#, "until_idle"),
             (r#"{"pids": [1], "timeout": "0s"}"#, "timeout"),
             (r#"{"pids": [0]}"#, "pid 0"),
             (r#"{"pids": [2147483648]}"#, "pid 2147483648"),

@@ -741,6 +741,7 @@ mod tests {
             ended_by: None,
             excluded: vec![],
             peers: vec![],
+            idle: vec![],
             message: String::new(),
         });
         let text = m

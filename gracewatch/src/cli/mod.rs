@@ -197,6 +197,19 @@ struct DrainArgs {
     /// IPv4 rule also matches IPv4 clients of a dual-stack listener.
     #[arg(long, value_name = "CIDR[:PORT]", value_parser = parse_peer_rule, allow_hyphen_values = true)]
     exclude_peer: Vec<PeerRule>,
+    /// Also count the targets as drained once every live connection they
+    /// still hold has moved no data (sent or received) for this long and
+    /// has nothing in flight (no unread, unsent or unacknowledged byte), as
+    /// the kernel's tcp_info for each socket in their fd tables says, e.g.
+    /// `30s`. A socket that cannot be read or decided holds the drain. The
+    /// result names the idle connections in `idle`. Risk: the signal cuts
+    /// them, so a keep-alive idle between two requests loses its
+    /// connection (the client must reconnect, or retry a request it was
+    /// about to send); only servers that close idle keep-alives on
+    /// shutdown (Go, nginx, Envoy) then finish cleanly. Choose a period
+    /// longer than the pauses inside your slowest request or stream.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, allow_hyphen_values = true)]
+    until_idle: Option<Duration>,
     /// One JSON object per progress event, then a result object, on stdout.
     /// Both carry `peers`: the connections still holding the drain grouped
     /// by peer (at most 10 groups); the result, when the drain ends without
@@ -489,6 +502,7 @@ async fn drain_cmd(
             quiet_for: (!args.quiet_for.is_zero())
                 .then(|| format!("{}s", args.quiet_for.as_secs_f64())),
             exclude_peer: args.exclude_peer.iter().map(ToString::to_string).collect(),
+            until_idle: args.until_idle.map(|d| format!("{}s", d.as_secs_f64())),
             allow_unsafe_pidfile: args.allow_unsafe_pidfile,
             allow_dangerous_target: args.allow_dangerous_target,
         };
@@ -503,6 +517,7 @@ async fn drain_cmd(
         min_wait: args.min_wait,
         quiet_for: args.quiet_for,
         exclude_peers: args.exclude_peer.clone(),
+        until_idle: args.until_idle,
     };
     let targets = match drain::choose(&TargetSpec {
         pids: args.pids.clone(),
@@ -551,8 +566,13 @@ async fn drain_cmd(
     } else {
         eprintln!("gracewatch: {}", terminal_safe(&report.message));
         for h in &report.held {
+            let doing = match (h.idle_ms, h.in_flight) {
+                (_, Some(true)) => ", in flight".to_owned(),
+                (Some(ms), _) => format!(", idle {:.1}s", ms as f64 / 1000.0),
+                _ => String::new(),
+            };
             eprintln!(
-                "gracewatch:   still held by pid {}: {} ← {} (age {:.1}s)",
+                "gracewatch:   still held by pid {}: {} ← {} (age {:.1}s{doing})",
                 h.pid,
                 terminal_safe(&h.local),
                 terminal_safe(&h.peer),
@@ -561,6 +581,18 @@ async fn drain_cmd(
         }
         for g in &report.peers {
             eprintln!("{}", crate::peer_report::drain_line(g));
+        }
+        for c in &report.idle {
+            eprintln!(
+                "gracewatch:   idle (cut), held by pid {}: {} ← {} (idle {:.1}s{})",
+                c.pid,
+                terminal_safe(&c.local),
+                terminal_safe(&c.peer),
+                c.idle_ms as f64 / 1000.0,
+                c.age_ms
+                    .map(|ms| format!(", age {:.1}s", ms as f64 / 1000.0))
+                    .unwrap_or_default()
+            );
         }
         for x in &report.excluded {
             eprintln!(
