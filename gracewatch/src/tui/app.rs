@@ -58,6 +58,18 @@ pub enum DialogKind {
 pub enum Field {
     Signal,
     Timeout,
+    UntilIdle,
+    ExcludePeers,
+}
+
+impl Field {
+    /// The drain dialog's fields in Tab order.
+    pub const DRAIN: [Field; 4] = [
+        Field::Signal,
+        Field::Timeout,
+        Field::UntilIdle,
+        Field::ExcludePeers,
+    ];
 }
 
 /// Whether the dialog's target is pinned by a pidfd yet.
@@ -77,6 +89,10 @@ pub struct Dialog {
     pub signal: String,
     /// Empty: no deadline.
     pub timeout: String,
+    /// `--until-idle`; empty: off.
+    pub until_idle: String,
+    /// `--exclude-peer` rules, separated by spaces or commas; empty: none.
+    pub exclude_peers: String,
     pub focus: Field,
     /// The question "really?" is showing.
     pub confirming: bool,
@@ -93,6 +109,8 @@ impl Dialog {
             live: p.live(),
             signal: "TERM".to_owned(),
             timeout: String::new(),
+            until_idle: String::new(),
+            exclude_peers: String::new(),
             focus: Field::Signal,
             confirming: kind == DialogKind::CancelDrain,
             error: None,
@@ -112,9 +130,23 @@ impl Dialog {
             t if t.eq_ignore_ascii_case("none") => None,
             t => Some(crate::input::parse_timeout(t)?),
         };
+        let until_idle = match self.until_idle.trim() {
+            "" => None,
+            t => Some(crate::input::parse_duration(t).map_err(|e| format!("until idle: {e}"))?),
+        };
+        let exclude_peers = self
+            .exclude_peers
+            .split([' ', ','])
+            .filter(|r| !r.is_empty())
+            .map(|r| crate::input::parse_peer_rule(r).map_err(|e| format!("exclude peers: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        crate::input::check_peer_rules(&exclude_peers)
+            .map_err(|e| format!("exclude peers: {e}"))?;
         Ok(DrainSpec {
             signal,
             timeout,
+            until_idle,
+            exclude_peers,
             ..DrainSpec::default()
         })
     }
@@ -152,9 +184,34 @@ pub fn describe_drain(who: &str, spec: &DrainSpec) -> String {
         None => "then only report".to_owned(),
     };
     format!(
-        "Drain {who}: wait until it holds no live connection, {then}; {}.",
+        "Drain {who}: wait until it holds no live connection{}, {then}; {}.",
+        policies(spec),
         deadline(spec)
     )
+}
+
+/// `, or until every one is idle for 2s, not counting 2 excluded peer rules`:
+/// the policies that can end a drain with connections left.
+fn policies(spec: &DrainSpec) -> String {
+    let mut out = String::new();
+    if let Some(t) = spec.until_idle {
+        out.push_str(&format!(
+            " (or until every one has been idle {} with nothing in flight: the signal cuts them)",
+            super::model::human(t)
+        ));
+    }
+    match spec.exclude_peers.len() {
+        0 => {}
+        n => out.push_str(&format!(
+            ", not counting connections from {}",
+            if n == 1 {
+                spec.exclude_peers[0].to_string()
+            } else {
+                format!("{n} excluded peer rules")
+            }
+        )),
+    }
+    out
 }
 
 /// `SIGTERM at zero, give up after 2m00s`: a drain in a log line.
@@ -163,7 +220,17 @@ pub fn summarize_drain(spec: &DrainSpec) -> String {
         Some(s) => format!("{s} at zero"),
         None => "report at zero".to_owned(),
     };
-    format!("{at_zero}, {}", deadline(spec))
+    let mut also = String::new();
+    if let Some(t) = spec.until_idle {
+        also.push_str(&format!(" or when all idle {}", super::model::human(t)));
+    }
+    if !spec.exclude_peers.is_empty() {
+        also.push_str(&format!(
+            ", {} excluded peer rule(s)",
+            spec.exclude_peers.len()
+        ));
+    }
+    format!("{at_zero}{also}, {}", deadline(spec))
 }
 
 fn deadline(spec: &DrainSpec) -> String {

@@ -18,7 +18,7 @@ pub const BINDINGS: &[(&str, &str)] = &[
     ),
     (
         "d",
-        "drain it: pick signal and timeout, confirm; d again cancels",
+        "drain it: signal, timeout, until-idle, excluded peers; confirm; d again cancels",
     ),
     ("s", "send it a signal now (confirm)"),
     ("/", "filter by pid, command, role or listener (Esc clears)"),
@@ -223,10 +223,10 @@ fn dialog(app: &mut App, mut d: Dialog, key: KeyEvent) -> Vec<Effect> {
         KeyCode::Tab | KeyCode::BackTab | KeyCode::Down | KeyCode::Up
             if d.kind == DialogKind::Drain =>
         {
-            d.focus = match d.focus {
-                Field::Signal => Field::Timeout,
-                Field::Timeout => Field::Signal,
-            };
+            let at = Field::DRAIN.iter().position(|f| *f == d.focus).unwrap_or(0);
+            let n = Field::DRAIN.len();
+            let back = matches!(key.code, KeyCode::BackTab | KeyCode::Up);
+            d.focus = Field::DRAIN[if back { (at + n - 1) % n } else { (at + 1) % n }];
         }
         KeyCode::Backspace => {
             field(&mut d).pop();
@@ -259,6 +259,8 @@ fn field(d: &mut Dialog) -> &mut String {
     match d.focus {
         Field::Signal => &mut d.signal,
         Field::Timeout => &mut d.timeout,
+        Field::UntilIdle => &mut d.until_idle,
+        Field::ExcludePeers => &mut d.exclude_peers,
     }
 }
 

@@ -924,7 +924,7 @@ fn input<'a>(label: &'a str, value: &'a str, focused: bool, hint: &'a str) -> Li
     };
     let cursor = if focused { "█" } else { "" };
     Line::from(vec![
-        Span::styled(format!("{label:<8} "), Style::new().bold()),
+        Span::styled(format!("{label:<10} "), Style::new().bold()),
         Span::styled(format!("{shown}{cursor}"), style),
         Span::raw("  "),
         Span::styled(hint, DIM),
@@ -980,6 +980,18 @@ fn render_dialog(frame: &mut Frame, area: Rect, app: &App) {
                 d.focus == Field::Timeout,
                 "e.g. 90s, 5m; empty: none",
             ));
+            lines.push(input(
+                "Until idle",
+                &d.until_idle,
+                d.focus == Field::UntilIdle,
+                "e.g. 2s: cut idle keep-alives; empty: off",
+            ));
+            lines.push(input(
+                "Exclude",
+                &d.exclude_peers,
+                d.focus == Field::ExcludePeers,
+                "peer CIDR[:PORT] …, e.g. 10.0.0.9; empty: none",
+            ));
         }
         lines.push(Line::raw(""));
         match (&d.error, &d.pin) {
@@ -999,7 +1011,7 @@ fn render_dialog(frame: &mut Frame, area: Rect, app: &App) {
             )),
         }
     }
-    let rect = centered(area, 72, 10);
+    let rect = centered(area, 72, if d.kind == DialogKind::Drain { 12 } else { 10 });
     frame.render_widget(Clear, rect);
     frame.render_widget(
         Paragraph::new(lines)

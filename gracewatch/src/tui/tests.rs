@@ -1062,3 +1062,56 @@ fn b_groups_the_connection_view_by_peer() {
     handle_key(&mut app, key(KeyCode::Char('b')));
     assert!(!app.detail_by_peer());
 }
+
+#[test]
+fn the_drain_dialog_takes_until_idle_and_excluded_peers() {
+    let mut app = handover_app();
+    press(&mut app, "d");
+    app.pinned(OLD, Ok(()));
+    // Signal → Timeout → Until idle → Exclude; BackTab goes back one.
+    for _ in 0..3 {
+        handle_key(&mut app, key(KeyCode::Tab));
+    }
+    handle_key(&mut app, key(KeyCode::BackTab));
+    press(&mut app, "2s");
+    handle_key(&mut app, key(KeyCode::Tab));
+    press(&mut app, "127.0.0.9, 10.0.0.0/8:9100");
+    // A bad rule is an error in the dialog, not a drain.
+    press(&mut app, " 10.0.0.1/8");
+    assert!(handle_key(&mut app, key(KeyCode::Enter)).is_empty());
+    let Mode::Dialog(d) = &app.mode else {
+        panic!("dialog closed: {:?}", app.mode)
+    };
+    assert_eq!(d.focus, Field::ExcludePeers);
+    assert!(
+        d.error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("exclude peers:")),
+        "{d:?}"
+    );
+    for _ in 0.." 10.0.0.1/8".len() {
+        handle_key(&mut app, key(KeyCode::Backspace));
+    }
+    handle_key(&mut app, key(KeyCode::Enter));
+    let Mode::Dialog(d) = &app.mode else {
+        panic!("dialog closed")
+    };
+    assert!(d.confirming, "{d:?}");
+    assert_eq!(
+        d.question(),
+        "Drain pid 4211 (server): wait until it holds no live connection (or until every one has been idle 2.0s with nothing in flight: the signal cuts them), not counting connections from 2 excluded peer rules, then send SIGTERM; no deadline."
+    );
+    let rules =
+        ["127.0.0.9", "10.0.0.0/8:9100"].map(|r| crate::input::parse_peer_rule(r).expect("a rule"));
+    assert_eq!(
+        press(&mut app, "y"),
+        vec![Effect::StartDrain {
+            pid: OLD,
+            spec: DrainSpec {
+                until_idle: Some(Duration::from_secs(2)),
+                exclude_peers: rules.to_vec(),
+                ..DrainSpec::default()
+            }
+        }]
+    );
+}
