@@ -18,7 +18,7 @@ pub const BINDINGS: &[(&str, &str)] = &[
     ),
     (
         "d",
-        "drain it (signal, timeout, until idle, exclude); d again cancels",
+        "drain it (signal, timeout, until idle, exclude); d: cancel",
     ),
     ("s", "send it a signal now (confirm)"),
     ("/", "filter by pid, command, role or listener (Esc clears)"),
