@@ -68,6 +68,9 @@ struct Gate<'a> {
     start: Instant,
     initial: u64,
     peak: u64,
+    /// The count at the last look (what a result says is still held when
+    /// the monitor cannot list the connections any more).
+    last_live: u64,
     /// Why the last look at the targets' fds could not decide, if it could
     /// not: the gate waits, and names it if the deadline passes.
     doubt: Option<String>,
@@ -132,6 +135,7 @@ pub async fn run(
         start,
         initial: 0,
         peak: 0,
+        last_live: 0,
         doubt: None,
         listen_addrs: BTreeSet::new(),
         samples: VecDeque::new(),
@@ -187,6 +191,7 @@ impl Gate<'_> {
             // and take an exiting target for drained).
             let exiting = self.exiting().await?;
             self.peak = self.peak.max(live);
+            self.last_live = live;
             let now = Instant::now();
 
             if live == 0
@@ -292,14 +297,14 @@ impl Gate<'_> {
                 }
                 r = changes.changed() => {
                     if r.is_err() {
-                        anyhow::bail!("the monitor stopped: {}", self.handle.failure().unwrap_or_default());
+                        anyhow::bail!("{}", self.handle.stopped());
                     }
                 }
                 // A status published after its batch (the monitor paces
                 // them) may be the first to show an accept.
                 r = status_rx.changed(), if self.quiet.is_some() => {
                     if r.is_err() {
-                        anyhow::bail!("the monitor stopped: {}", self.handle.failure().unwrap_or_default());
+                        anyhow::bail!("{}", self.handle.stopped());
                     }
                 }
                 () = tokio::time::sleep_until(wake) => {}
@@ -732,10 +737,18 @@ impl Gate<'_> {
     }
 
     async fn on_deadline(&mut self) -> DrainReport {
-        let live = self.live().await.unwrap_or(0);
         // What was held at the deadline, taken before a signal (SIGKILL)
-        // can make the target close them.
-        let (still_held, held) = self.held(MAX_NAMED, true).await;
+        // can make the target close them. A count or list the monitor
+        // cannot give is said, never taken for zero.
+        let (live, count_failed) = match self.live().await {
+            Ok(n) => (n, None),
+            Err(e) => (self.last_live, Some(format!("{e:#}"))),
+        };
+        let (still_held, held, list_failed) = self.held(MAX_NAMED, true).await;
+        let unlisted = match count_failed.or(list_failed) {
+            Some(e) => format!(" (as last counted: the monitor cannot list them now: {e})"),
+            None => String::new(),
+        };
         let peers = self.peer_groups(true).await;
         let signal = match self.spec.on_timeout {
             OnTimeout::Leave => None,
@@ -762,7 +775,7 @@ impl Gate<'_> {
             _ => String::new(),
         };
         let msg = format!(
-            "deadline passed: {} still held {live} live connection(s){doubt}; {what}",
+            "deadline passed: {} still held {live} live connection(s){unlisted}{doubt}; {what}",
             self.who()
         );
         let refused = sent.as_ref().is_some_and(|(_, s)| s.refused().is_some());
@@ -826,18 +839,28 @@ impl Gate<'_> {
     /// The `limit` oldest connections that hold the drain, and how many
     /// there are; with `read`, each with what the kernel says it is doing
     /// (one sock_diag read of just these).
-    async fn held(&self, limit: usize, read: bool) -> (u64, Vec<HeldConnection>) {
+    /// When the monitor cannot list them: the count of the last look, none
+    /// named, and why.
+    async fn held(&self, limit: usize, read: bool) -> (u64, Vec<HeldConnection>, Option<String>) {
         let now = monotonic_now();
-        let (total, oldest) = self.tracked(limit).await.unwrap_or_default();
+        let (total, mut oldest) = match self.tracked(limit).await {
+            Ok(found) => found,
+            Err(e) => return (self.last_live, Vec::new(), Some(format!("{e:#}"))),
+        };
+        // Every tracked connection has a holder; one that somehow has none
+        // is counted but not named (never as pid 0).
+        oldest.retain(|c| !c.holders.is_empty());
         let mut held: Vec<HeldConnection> = oldest
             .iter()
-            .map(|c| HeldConnection {
-                pid: c.holders.first().copied().unwrap_or(0),
-                local: c.tuple.local.to_string(),
-                peer: c.tuple.remote.to_string(),
-                age_ms: now.saturating_sub(c.since).as_millis() as u64,
-                idle_ms: None,
-                in_flight: None,
+            .filter_map(|c| {
+                Some(HeldConnection {
+                    pid: *c.holders.first()?,
+                    local: c.tuple.local.to_string(),
+                    peer: c.tuple.remote.to_string(),
+                    age_ms: now.saturating_sub(c.since).as_millis() as u64,
+                    idle_ms: None,
+                    in_flight: None,
+                })
             })
             .collect();
         if read && !oldest.is_empty() {
@@ -855,7 +878,7 @@ impl Gate<'_> {
                 }
             }
         }
-        (total, held)
+        (total, held, None)
     }
 
     fn rates(&self) -> (f64, u64) {
@@ -1037,8 +1060,8 @@ impl Gate<'_> {
         signal: Option<SignalSpec>,
         message: String,
     ) -> DrainReport {
-        let (still_held, held) = if outcome == Outcome::Drained {
-            (0, Vec::new())
+        let (still_held, held, list_failed) = if outcome == Outcome::Drained {
+            (0, Vec::new(), None)
         } else {
             self.held(MAX_NAMED, true).await
         };
@@ -1058,14 +1081,22 @@ impl Gate<'_> {
                 .map(|(_, v)| v)
                 .unwrap_or_default()
                 .into_iter()
-                .map(|c| ExcludedConnection {
-                    pid: c.holders.first().copied().unwrap_or(0),
-                    local: c.tuple.local.to_string(),
-                    peer: c.tuple.remote.to_string(),
-                    state: None,
-                    age_ms: Some(now.saturating_sub(c.since).as_millis() as u64),
+                .filter_map(|c| {
+                    Some(ExcludedConnection {
+                        pid: *c.holders.first()?,
+                        local: c.tuple.local.to_string(),
+                        peer: c.tuple.remote.to_string(),
+                        state: None,
+                        age_ms: Some(now.saturating_sub(c.since).as_millis() as u64),
+                    })
                 })
                 .collect()
+        };
+        let message = match list_failed {
+            Some(e) => format!(
+                "{message} (still held as last counted: the monitor cannot list the connections now: {e})"
+            ),
+            None => message,
         };
         DrainReport {
             targets: self.all.clone(),
@@ -1193,6 +1224,80 @@ mod tests {
             pid,
             by_exit,
         }
+    }
+
+    /// A monitor that stops while the targets hold connections: the drain
+    /// ends in an error whose result says what was last counted (and that
+    /// it cannot list them), never "0 still held".
+    #[test]
+    fn a_monitor_that_dies_mid_drain_is_no_zero_in_the_result() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id();
+        // The monitor runs on its own runtime, which the test then shuts
+        // down under the drain.
+        let monitor_rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let (handle, feed) = monitor_rt.block_on(async {
+            MonitorHandle::from_replay_with_feed(
+                vec![accept(pid, 1, 40001), accept(pid, 2, 40002)],
+                Snapshot::default(),
+            )
+        });
+        let drain_rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let report = drain_rt.block_on(async {
+            let targets = choose(&TargetSpec {
+                pids: vec![pid],
+                ..TargetSpec::default()
+            })
+            .expect("the child is a target");
+            let spec = DrainSpec {
+                signal: None,
+                ..DrainSpec::default()
+            };
+            let (seen_tx, seen) = tokio::sync::oneshot::channel();
+            let mut seen_tx = Some(seen_tx);
+            let drain = run(
+                &handle,
+                targets,
+                &spec,
+                |p| {
+                    if p.live == 2 {
+                        if let Some(tx) = seen_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                },
+                std::future::pending(),
+            );
+            let kill = async {
+                seen.await.expect("a progress line with 2 live");
+                drop(feed);
+                monitor_rt.shutdown_background();
+                std::future::pending::<()>().await
+            };
+            tokio::select! {
+                r = drain => r,
+                () = kill => unreachable!(),
+            }
+        });
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(report.outcome, Outcome::Error, "{report:?}");
+        assert_eq!(report.still_held, 2, "{report:?}");
+        assert!(
+            report.message.contains("cannot list the connections"),
+            "{}",
+            report.message
+        );
     }
 
     /// `--quiet-for`: short connections that each end before the next

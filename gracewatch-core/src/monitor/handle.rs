@@ -552,10 +552,7 @@ impl MonitorHandle {
 
     async fn ask(&self, q: Query) -> anyhow::Result<()> {
         if self.queries.send(q).await.is_err() {
-            anyhow::bail!(
-                "the monitor stopped: {}",
-                self.failure().unwrap_or_default()
-            );
+            anyhow::bail!("{}", self.stopped());
         }
         Ok(())
     }
@@ -573,6 +570,14 @@ impl MonitorHandle {
     /// Why the monitor task stopped, if it failed.
     pub fn failure(&self) -> Option<String> {
         self.failed.borrow().clone()
+    }
+
+    /// "the monitor stopped", with why if it failed.
+    pub fn stopped(&self) -> String {
+        match self.failure() {
+            Some(why) => format!("the monitor stopped: {why}"),
+            None => "the monitor stopped".to_owned(),
+        }
     }
 }
 

@@ -530,10 +530,7 @@ pub async fn run(opts: SourceOptions, args: AgentArgs) -> anyhow::Result<u8> {
                     _ = tokio::signal::ctrl_c() => break Ok(exit::OK),
                     _ = sigterm.recv() => break Ok(exit::OK),
                     r = status.changed() => if r.is_err() {
-                        break Err(anyhow::anyhow!(
-                            "the monitor stopped: {}",
-                            handle.failure().unwrap_or_default()
-                        ));
+                        break Err(anyhow::anyhow!("{}", handle.stopped()));
                     },
                 }
             }

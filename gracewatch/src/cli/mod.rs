@@ -425,7 +425,7 @@ async fn watch(opts: SourceOptions, filter: FilterArgs, interval: Duration) -> a
         tokio::select! {
             changed = updates.changed() => {
                 if changed.is_err() {
-                    anyhow::bail!("the monitor stopped: {}", handle.failure().unwrap_or_default());
+                    anyhow::bail!("{}", handle.stopped());
                 }
                 pending = true;
             }
@@ -449,7 +449,7 @@ async fn watch_events(opts: SourceOptions, filter: FilterArgs) -> anyhow::Result
         tokio::select! {
             changed = restarts.changed() => {
                 if changed.is_err() {
-                    anyhow::bail!("the monitor stopped: {}", handle.failure().unwrap_or_default());
+                    anyhow::bail!("{}", handle.stopped());
                 }
                 let model = restarts.borrow_and_update().clone();
                 let mut out = std::io::stdout().lock();

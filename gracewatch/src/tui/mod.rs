@@ -203,14 +203,14 @@ async fn event_loop<B: Backend>(
                         format!("the display fell behind and skipped {n} event(s); counts are unaffected"),
                     ),
                     Err(RecvError::Closed) => {
-                        anyhow::bail!("the monitor stopped: {}", handle.failure().unwrap_or_default());
+                        anyhow::bail!("{}", handle.stopped());
                     }
                 }
                 dirty = true;
             }
             changed = status_rx.changed() => {
                 if changed.is_err() {
-                    anyhow::bail!("the monitor stopped: {}", handle.failure().unwrap_or_default());
+                    anyhow::bail!("{}", handle.stopped());
                 }
                 let status = status_rx.borrow_and_update().clone();
                 // Published just before the status (see `MonitorHandle::restarts`).
