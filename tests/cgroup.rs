@@ -17,7 +17,7 @@ use std::{
 
 use gracewatch_testkit::{
     Agent, Client, Netns, STATE_TIMEOUT, Schema, Server, TempDir, in_ci, monotonic_ns, process,
-    setup,
+    promtool_accepts, setup,
 };
 use serde_json::Value;
 
@@ -127,40 +127,6 @@ fn read_pids(procs: &Path) -> Vec<u32> {
         .lines()
         .filter_map(|l| l.trim().parse().ok())
         .collect()
-}
-
-/// `promtool check metrics` passes `text` (skipped without promtool, except in CI).
-#[track_caller]
-fn promtool_accepts(text: &str) {
-    use std::io::Write as _;
-    let Some(promtool) = ["/usr/bin/promtool", "/usr/local/bin/promtool"]
-        .into_iter()
-        .find(|p| Path::new(p).is_file())
-    else {
-        assert!(!in_ci(), "`promtool` is not installed (CI=true: a failure)");
-        eprintln!("SKIPPED promtool check: `promtool` is not installed");
-        return;
-    };
-    let mut child = std::process::Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run promtool");
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(text.as_bytes())
-        .expect("feed promtool");
-    let out = child.wait_with_output().expect("promtool output");
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// The process `pid` of `status`, which must be listed.

@@ -19,7 +19,8 @@ use std::{
 
 use gracewatch_testkit::{
     Agent, Child, Client, Netns, STATE_TIMEOUT, Schema, TempDir, generations, listener, live_of,
-    setup,
+    procfs::{holds_socket, listening_inode},
+    promtool_accepts, setup,
 };
 use rustix::process::{Pid, Signal, WaitOptions, kill_process};
 use serde_json::Value;
@@ -399,72 +400,6 @@ fn max_age_signals_a_generation_draining_longer_than_that() {
     fx.agent.stop_within(STATE_TIMEOUT);
 }
 
-/// `promtool check metrics` passes `text` (skipped without promtool, except in CI).
-#[track_caller]
-fn promtool_accepts(text: &str) {
-    use std::io::Write as _;
-    let Some(promtool) = ["/usr/bin/promtool", "/usr/local/bin/promtool"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).is_file())
-    else {
-        assert!(
-            !gracewatch_testkit::in_ci(),
-            "`promtool` is not installed (CI=true: a failure)"
-        );
-        eprintln!("SKIPPED promtool check: `promtool` is not installed");
-        return;
-    };
-    let mut child = std::process::Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run promtool");
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(text.as_bytes())
-        .expect("feed promtool");
-    let out = child.wait_with_output().expect("promtool output");
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn libc_sigterm() -> i32 {
     Signal::TERM.as_raw()
-}
-
-/// Whether `pid` has an fd on the socket with inode `inode` (`None`: its
-/// fd table cannot be read).
-fn holds_socket(pid: u32, inode: u64) -> Option<bool> {
-    let want = format!("socket:[{inode}]");
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
-    Some(
-        fds.flatten()
-            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == want.as_str())),
-    )
-}
-
-/// The inode of a socket listening on `address` that `pid` holds.
-#[track_caller]
-fn listening_inode(pid: u32, address: &str) -> u64 {
-    let port = address.rsplit(':').next().unwrap_or("");
-    let port = format!(":{:04X}", port.parse::<u16>().expect("a port"));
-    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).expect("/proc/PID/net/tcp");
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let listening = f.get(3) == Some(&"0A") && f.get(1)?.ends_with(&port);
-            listening.then(|| f.get(9)?.parse().ok()).flatten()
-        })
-        .find(|inode| holds_socket(pid, *inode) == Some(true))
-        .unwrap_or_else(|| panic!("{pid} holds no socket listening on {address}"))
 }

@@ -24,6 +24,7 @@ use gracewatch_testkit::{
     Agent, Child, Client, HAPROXY, Netns, STATE_TIMEOUT, Schema, Server, TempDir, generations,
     haproxy_available, http, listener, monotonic_ns,
     nginx::{HttpClient, Nginx, Upstream, exits_within, nginx_available},
+    procfs::{holds_socket, listening_inode},
     setup,
 };
 use rustix::process::{Pid, Signal, kill_process};
@@ -430,17 +431,6 @@ backend be
     obs.agent.stop_within(STATE_TIMEOUT);
 }
 
-/// Whether `pid` has an fd on the socket with inode `inode` (`None`: its
-/// fd table cannot be read).
-fn holds_socket(pid: u32, inode: u64) -> Option<bool> {
-    let want = format!("socket:[{inode}]");
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
-    Some(
-        fds.flatten()
-            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == want.as_str())),
-    )
-}
-
 /// Waits until `pid`'s fd table no longer has the socket `inode`, looking
 /// every millisecond.
 #[track_caller]
@@ -453,25 +443,6 @@ fn wait_let_go(pid: u32, inode: u64) {
         );
         thread::sleep(Duration::from_millis(1));
     }
-}
-
-/// The inode of a socket listening on `address` that `pid` holds (from
-/// its namespace's `/proc/net/tcp` and its own fd table).
-#[track_caller]
-fn listening_inode(pid: u32, address: &str) -> u64 {
-    let port = address.rsplit(':').next().unwrap_or("");
-    let port = format!(":{:04X}", port.parse::<u16>().expect("a port"));
-    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).expect("/proc/PID/net/tcp");
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let listening = f.get(3) == Some(&"0A") && f.get(1)?.ends_with(&port);
-            listening.then(|| f.get(9)?.parse().ok()).flatten()
-        })
-        .find(|inode| holds_socket(pid, *inode) == Some(true))
-        .unwrap_or_else(|| panic!("{pid} holds no socket listening on {address}"))
 }
 
 #[test]

@@ -33,33 +33,7 @@ pub struct PeersReport {
     pub groups: Vec<PeerGroupView>,
     /// What naming the peer processes cost; `null` when it did not run
     /// (not asked for, no connection, or a reader that may not see peers).
-    pub walk: Option<WalkCost>,
-}
-
-/// [`PeerWalkCost`] as the JSON shows it.
-#[derive(Clone, Copy, Debug, Serialize)]
-pub struct WalkCost {
-    pub looked_up: u64,
-    pub local_ends: u64,
-    pub named: u64,
-    pub processes_read: u64,
-    pub socket_fds_read: u64,
-    pub bounded: bool,
-    pub took_ms: u64,
-}
-
-impl From<PeerWalkCost> for WalkCost {
-    fn from(c: PeerWalkCost) -> Self {
-        Self {
-            looked_up: c.looked_up,
-            local_ends: c.local_ends,
-            named: c.named,
-            processes_read: c.processes_read,
-            socket_fds_read: c.socket_fds_read,
-            bounded: c.bounded,
-            took_ms: c.took_ms,
-        }
-    }
+    pub walk: Option<PeerWalkCost>,
 }
 
 /// Groups the live connections of `pids` by peer now; with `name`, also
@@ -78,7 +52,7 @@ pub async fn report(
         other: read.grouping.other,
         max_groups: MAX_PEER_GROUPS as u64,
         groups: read.grouping.groups.iter().map(|g| g.view(now)).collect(),
-        walk: read.walk.map(WalkCost::from),
+        walk: read.walk,
     })
 }
 

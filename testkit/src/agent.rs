@@ -220,3 +220,41 @@ impl Agent {
         self.child.terminate(timeout)
     }
 }
+
+/// `promtool check metrics` passes `text` (skipped without promtool,
+/// except in CI, where that is a failure).
+#[track_caller]
+pub fn promtool_accepts(text: &str) {
+    use std::io::Write as _;
+    let Some(promtool) = ["/usr/bin/promtool", "/usr/local/bin/promtool"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).is_file())
+    else {
+        assert!(
+            !crate::in_ci(),
+            "`promtool` is not installed (CI=true: a failure)"
+        );
+        eprintln!("SKIPPED promtool check: `promtool` is not installed");
+        return;
+    };
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(text.as_bytes())
+        .expect("feed promtool");
+    let out = child.wait_with_output().expect("promtool output");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -43,7 +43,7 @@ mod tmux;
 
 use std::{path::Path, process::Command, time::Duration};
 
-pub use agent::{Agent, AgentBuilder, free_port};
+pub use agent::{Agent, AgentBuilder, free_port, promtool_accepts};
 pub use drain::{Drain, Finished, gap_ms, monotonic_ns, without_caps};
 pub use gracewatch::{Gracewatch, Watch};
 pub use netns::Netns;

@@ -1,6 +1,8 @@
 //! What tests and benchmarks read about a process from `/proc`, parsed in
 //! one place: [`stat`] (`/proc/PID/stat`: state, parent, flags, CPU time,
-//! start time) and [`status_kb`] (`/proc/PID/status` sizes such as `VmRSS`).
+//! start time) and [`status_kb`] (`/proc/PID/status` sizes such as `VmRSS`),
+//! and which sockets a process's fd table holds ([`holds_socket`],
+//! [`listening_inode`]).
 
 use std::time::Duration;
 
@@ -90,6 +92,36 @@ pub fn status_mib(pid: u32, field: &str) -> anyhow::Result<f64> {
     let kb = status_kb(pid, field)
         .with_context(|| format!("failed to read {field} of pid {pid} from /proc/{pid}/status"))?;
     Ok(kb as f64 / 1024.0)
+}
+
+/// Whether `pid` has an fd on the socket with inode `inode` (`None`: its
+/// fd table cannot be read).
+pub fn holds_socket(pid: u32, inode: u64) -> Option<bool> {
+    let want = format!("socket:[{inode}]");
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    Some(
+        fds.flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == want.as_str())),
+    )
+}
+
+/// The inode of a socket listening on `address` (IPv4) that `pid` holds
+/// (from its namespace's `/proc/PID/net/tcp` and its own fd table).
+#[track_caller]
+pub fn listening_inode(pid: u32, address: &str) -> u64 {
+    let port = address.rsplit(':').next().unwrap_or("");
+    let port = format!(":{:04X}", port.parse::<u16>().expect("a port"));
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).expect("/proc/PID/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let listening = f.get(3) == Some(&"0A") && f.get(1)?.ends_with(&port);
+            listening.then(|| f.get(9)?.parse().ok()).flatten()
+        })
+        .find(|inode| holds_socket(pid, *inode) == Some(true))
+        .unwrap_or_else(|| panic!("{pid} holds no socket listening on {address}"))
 }
 
 #[cfg(test)]

@@ -349,12 +349,7 @@ impl Gate<'_> {
     /// kernel says each is doing, then (after the monitor applied what the
     /// kernel delivered meanwhile) the tracker's list, and decides.
     async fn read_idle(&self, until: Duration) -> anyhow::Result<IdleRead> {
-        let targets: Vec<(u32, String)> = self
-            .alive
-            .iter()
-            .filter(|p| !p.has_exited())
-            .map(|p| (p.pid, p.comm.clone()))
-            .collect();
+        let targets = self.running_targets();
         let looked = self
             .handle
             .held_sockets(
@@ -447,6 +442,16 @@ impl Gate<'_> {
             count,
             excluded,
         }))
+    }
+
+    /// The targets that have not exited, with their names, for a look at
+    /// their fd tables.
+    fn running_targets(&self) -> Vec<(u32, String)> {
+        self.alive
+            .iter()
+            .filter(|p| !p.has_exited())
+            .map(|p| (p.pid, p.comm.clone()))
+            .collect()
     }
 
     fn alive_pids(&self) -> Vec<u32> {
@@ -550,12 +555,7 @@ impl Gate<'_> {
     /// read decides nothing.
     async fn fd_check(&self) -> FdCheck {
         let known: Vec<ListenAddr> = self.listen_addrs.iter().copied().collect();
-        let targets: Vec<(u32, String)> = self
-            .alive
-            .iter()
-            .filter(|p| !p.has_exited())
-            .map(|p| (p.pid, p.comm.clone()))
-            .collect();
+        let targets = self.running_targets();
         let looked = self
             .handle
             .held_fds(

@@ -57,7 +57,7 @@ pub struct PeersReport {
 }
 
 /// The cost of one naming walk (reported, and logged at debug level).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PeerWalkCost {
     /// Connections whose other end was looked for (the oldest, at most
     /// [`MAX_NAMED_PEER_CONNECTIONS`]).

@@ -303,6 +303,17 @@ static CONNECTION_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_
 /// Most pids one `/v1/connections` request names.
 const MAX_CONNECTION_PIDS: usize = 64;
 
+/// One of the few connection reads allowed at once (`/v1/connections`
+/// and `/v1/peers` share them: both dump sockets), or 429.
+fn connection_read_permit() -> Result<tokio::sync::SemaphorePermit<'static>, ApiError> {
+    CONNECTION_READS.try_acquire().map_err(|_| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many connection reads at once: retry shortly",
+        )
+    })
+}
+
 /// The live connections of `?pid=N` (repeatable) with how long each has
 /// been idle and what is in flight, read from the kernel now
 /// ([`crate::connections::report`], `schema/connections.schema.json`).
@@ -315,12 +326,7 @@ async fn connections(
     let pids = parse_connections_query(query.as_deref())?;
     let peers = ctx.may_see_peers(&headers)?;
     let handle = ctx.monitor()?;
-    let _permit = CONNECTION_READS.try_acquire().map_err(|_| {
-        ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too many connection reads at once: retry shortly",
-        )
-    })?;
+    let _permit = connection_read_permit()?;
     let report = crate::connections::report(handle, &pids)
         .await
         .map_err(|e| {
@@ -347,12 +353,7 @@ async fn peers(
     let pids = parse_connections_query(query.as_deref())?;
     let may_see = ctx.may_see_peers(&headers)?;
     let handle = ctx.monitor()?;
-    let _permit = CONNECTION_READS.try_acquire().map_err(|_| {
-        ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too many connection reads at once: retry shortly",
-        )
-    })?;
+    let _permit = connection_read_permit()?;
     let report = crate::peer_report::report(handle, &pids, may_see)
         .await
         .map_err(|e| {
