@@ -18,7 +18,9 @@
 
 use std::{thread, time::Duration};
 
-use gracewatch_testkit::{Child, Drain, Gracewatch, Netns, PROGRAM_TIMEOUT, Schema, setup};
+use gracewatch_testkit::{
+    Agent, Child, Drain, Gracewatch, Netns, PROGRAM_TIMEOUT, Schema, TempDir, setup,
+};
 use serde_json::Value;
 
 /// The idle period the tests ask for.
@@ -88,18 +90,22 @@ fn plain_drain_times_out(gw: &Gracewatch, server: &Child, pid: u32, live: usize)
     held
 }
 
-/// Starts `drain --until-idle 2s` and waits for its first progress line.
-fn until_idle(gw: &Gracewatch, pid: u32) -> Drain {
-    let drain = gw.spawn_drain(&[
+/// Starts `drain --until-idle 2s` (with `via`, e.g. `--agent URL`) and
+/// waits for its first progress line.
+fn until_idle(gw: &Gracewatch, pid: u32, via: &[&str]) -> Drain {
+    let pid = pid.to_string();
+    let mut args = vec![
         "drain",
         "--pid",
-        &pid.to_string(),
+        &pid,
         "--until-idle",
         "2s",
         "--timeout",
         "60s",
         "--json",
-    ]);
+    ];
+    args.extend_from_slice(via);
+    let drain = gw.spawn_drain(&args);
     drain.wait_ready();
     drain
 }
@@ -193,7 +199,7 @@ fn until_idle_waits_for_busy_and_stuck_and_signals_two_seconds_after_the_stuck_r
         "exactly the stuck one is in flight: {held:?}"
     );
 
-    let drain = until_idle(&gw, pid);
+    let drain = until_idle(&gw, pid, &[]);
     still_waiting(Duration::from_millis(2500), &server, &drain, "busy sent");
     server.request("stop_busy", "ok");
     still_waiting(
@@ -221,7 +227,7 @@ fn until_idle_waits_for_the_busy_client_and_signals_two_seconds_after_its_last_s
     let ns = Netns::new("idle-busy");
     let (server, pid) = serve(&ns, "127.0.0.1:9952", "busy,idle,stuck");
 
-    let drain = until_idle(&gw, pid);
+    let drain = until_idle(&gw, pid, &[]);
     server.request("read_stuck", "ok");
     still_waiting(Duration::from_millis(3000), &server, &drain, "busy sent");
     assert!(
@@ -254,12 +260,31 @@ fn with_only_an_idle_keep_alive_until_idle_signals_after_the_period_not_before()
         held[0]["idle_ms"].as_u64().is_some_and(|ms| ms >= 2000),
         "idle since before the plain drain's 2.5 s: {held:?}"
     );
+    idle_keep_alive_ends_by_idle(&gw, &server, pid, &[]);
+}
 
+/// The same through an agent (`drain --agent`: `POST /v1/drains` with
+/// `until_idle`): the agent's gate decides, on the same bounds.
+#[test]
+fn through_the_agent_until_idle_signals_after_the_period_not_before() {
+    let Some(gw) = setup() else { return };
+    let ns = Netns::new("idle-agent");
+    let dir = TempDir::new("idle-agent");
+    let agent = Agent::builder().start(&gw, &dir);
+    let (server, pid) = serve(&ns, "127.0.0.1:9954", "idle");
+    let unix = format!("unix:{}", agent.socket.display());
+    idle_keep_alive_ends_by_idle(&gw, &server, pid, &["--agent", &unix]);
+}
+
+/// Keeps the idle keep-alive active until `drain --until-idle 2s` (with
+/// `via`) runs, then makes one last exchange: the signal must come 2 s
+/// after it, not before and not later than [`LATE`] past that.
+fn idle_keep_alive_ends_by_idle(gw: &Gracewatch, server: &Child, pid: u32, via: &[&str]) {
     // Idle for 2.5 s by now: keep it active (a request every 300 ms)
     // until the drain runs, so that it has something to wait for whatever
     // its start-up takes, then one last exchange.
     let poke = || {
-        let replies = times(&server, "idle_reply ").len();
+        let replies = times(server, "idle_reply ").len();
         server.request("poke_idle", "ok");
         server.wait_line("a new `idle_reply T`", Duration::from_secs(10), |lines| {
             let all: Vec<u64> = lines
@@ -277,10 +302,15 @@ fn with_only_an_idle_keep_alive_until_idle_signals_after_the_period_not_before()
                 thread::sleep(Duration::from_millis(300));
             }
         });
-        let drain = until_idle(&gw, pid);
+        let drain = until_idle(gw, pid, via);
         running.store(true, std::sync::atomic::Ordering::SeqCst);
         drain
     });
     let reply = poke();
-    signalled_in_time(&server, drain, reply, "idle keep-alive", 1);
+    let what = if via.is_empty() {
+        "idle keep-alive"
+    } else {
+        "idle keep-alive, through the agent"
+    };
+    signalled_in_time(server, drain, reply, what, 1);
 }
