@@ -82,11 +82,11 @@ struct Gate<'a> {
     /// `--quiet-for`, if asked for.
     quiet: Option<Quiet>,
     /// The last peer groups progress showed, and when they were read.
-    peers_seen: std::sync::Mutex<Option<(Instant, Vec<PeerGroupView>)>>,
+    peers_seen: Option<(Instant, Vec<PeerGroupView>)>,
     /// `--until-idle`, if asked for.
     idle: Option<IdleWatch>,
     /// When a progress line last read its oldest connection's activity.
-    held_read_at: std::sync::Mutex<Option<Instant>>,
+    held_read_at: Option<Instant>,
 }
 
 /// Where `--until-idle` stands.
@@ -101,6 +101,8 @@ struct IdleWatch {
 /// How an `--until-idle` read ended the drain: the idle connections it cut
 /// and the excluded peers' sockets the same fd look found.
 struct IdleEnd {
+    /// The period they were all idle for.
+    until: Duration,
     idle: Vec<IdleConnection>,
     count: usize,
     excluded: Vec<ExcludedFd>,
@@ -140,13 +142,13 @@ pub async fn run(
         listen_addrs: BTreeSet::new(),
         samples: VecDeque::new(),
         quiet,
-        peers_seen: std::sync::Mutex::new(None),
+        peers_seen: None,
         idle: spec.until_idle.map(|until| IdleWatch {
             until,
             next_read: start,
             phrase: None,
         }),
-        held_read_at: std::sync::Mutex::new(None),
+        held_read_at: None,
     };
     match gate.drive(&mut on_progress, cancel).await {
         Ok(report) => report,
@@ -438,6 +440,7 @@ impl Gate<'_> {
         cut.sort_by_key(|c| (c.idle_ms, c.pid, c.local.clone(), c.peer.clone()));
         cut.truncate(MAX_NAMED);
         Ok(IdleRead::Idle(IdleEnd {
+            until,
             idle: cut,
             count,
             excluded,
@@ -647,12 +650,11 @@ impl Gate<'_> {
         if report.outcome == Outcome::Drained {
             report.ended_by = Some(EndedBy::Idle);
         }
-        let until = self.spec.until_idle.unwrap_or_default();
         report.message = format!(
             "{}; ended by --until-idle with {} live connection(s) left, every one idle for at least {} with nothing in flight{}",
             report.message,
             end.count,
-            human(until),
+            human(end.until),
             if report.signal_sent.is_some() {
                 " (the signal cuts them)"
             } else {
@@ -967,23 +969,18 @@ impl Gate<'_> {
     }
 
     /// The oldest connection the targets hold, for progress lines.
-    async fn oldest(&self) -> Option<HeldConnection> {
+    async fn oldest(&mut self) -> Option<HeldConnection> {
         let now = Instant::now();
-        let read = {
-            let mut last = self
-                .held_read_at
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let due = last.is_none_or(|t| now.duration_since(t) >= HELD_READ_EVERY);
-            if due {
-                *last = Some(now);
-            }
-            due
-        };
+        let read = self
+            .held_read_at
+            .is_none_or(|t| now.duration_since(t) >= HELD_READ_EVERY);
+        if read {
+            self.held_read_at = Some(now);
+        }
         self.held(1, read).await.1.into_iter().next()
     }
 
-    async fn progress(&self, live: u64, message: String) -> Progress {
+    async fn progress(&mut self, live: u64, message: String) -> Progress {
         self.refresh_peers().await;
         let oldest = self.oldest().await;
         self.progress_with(live, oldest, message)
@@ -1005,9 +1002,8 @@ impl Gate<'_> {
             accepted_last_10s: accepted,
             peers: self
                 .peers_seen
-                .lock()
-                .ok()
-                .and_then(|seen| seen.as_ref().map(|(_, p)| p.clone()))
+                .as_ref()
+                .map(|(_, p)| p.clone())
                 .unwrap_or_default(),
             message,
         }
@@ -1040,17 +1036,14 @@ impl Gate<'_> {
 
     /// Re-reads the progress lines' peer groups if the last read is a
     /// second old: progress may come many times a second.
-    async fn refresh_peers(&self) {
+    async fn refresh_peers(&mut self) {
         let now = Instant::now();
-        let fresh = self.peers_seen.lock().ok().is_some_and(|seen| {
-            seen.as_ref()
-                .is_some_and(|(at, _)| now.duration_since(*at) < PROGRESS_EVERY)
-        });
+        let fresh = self
+            .peers_seen
+            .as_ref()
+            .is_some_and(|(at, _)| now.duration_since(*at) < PROGRESS_EVERY);
         if !fresh {
-            let groups = self.peer_groups(false).await;
-            if let Ok(mut seen) = self.peers_seen.lock() {
-                *seen = Some((now, groups));
-            }
+            self.peers_seen = Some((now, self.peer_groups(false).await));
         }
     }
 

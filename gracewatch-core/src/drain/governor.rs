@@ -17,7 +17,7 @@
 //! generations of the listeners it governs (at most [`MAX_REMEMBERED`]),
 //! and forgets each once the status no longer lists it there.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 use super::{SignalSpec, policy::Protected};
 use crate::{
@@ -57,7 +57,7 @@ pub struct Governor {
     /// Each generation's start time when first seen (`None`: unreadable).
     seen: HashMap<u32, Option<u64>>,
     /// Generations acted on (signalled or given up on): never again.
-    done: BTreeMap<u32, ()>,
+    done: BTreeSet<u32>,
 }
 
 impl Governor {
@@ -69,7 +69,7 @@ impl Governor {
             signal,
             protected: Protected::new(),
             seen: HashMap::new(),
-            done: BTreeMap::new(),
+            done: BTreeSet::new(),
         }
     }
 
@@ -86,12 +86,11 @@ impl Governor {
     /// are registered with it).
     pub fn step(&mut self, status: &Status, now_ms: u64) -> Vec<Action> {
         self.remember(status);
-        let done: BTreeSet<u32> = self.done.keys().copied().collect();
-        let decisions = decide(status, now_ms, &self.rules, &done);
+        let decisions = decide(status, now_ms, &self.rules, &self.done);
         let mut actions = Vec::with_capacity(decisions.len());
         for decision in decisions {
             // At most once, whatever comes of it.
-            self.done.insert(decision.pid, ());
+            self.done.insert(decision.pid);
             let outcome = self.act(decision.pid);
             actions.push(Action {
                 decision,
@@ -115,7 +114,7 @@ impl Governor {
         };
         let listed: BTreeSet<u32> = governed().map(|g| g.pid).collect();
         self.seen.retain(|pid, _| listed.contains(pid));
-        self.done.retain(|pid, _| listed.contains(pid));
+        self.done.retain(|pid| listed.contains(pid));
         for g in governed() {
             if g.role == Role::Exited || self.seen.contains_key(&g.pid) {
                 continue;
@@ -158,10 +157,8 @@ impl Governor {
                 );
             }
         }
-        if let Err(e) = self.protected.check(&proc, false) {
-            // The drain's hint (an override flag) does not apply here.
-            let why = e.0.split("; pass --allow").next().unwrap_or_default();
-            return ActionOutcome::Failed(why.to_owned());
+        if let Err(r) = self.protected.refusal(&proc) {
+            return ActionOutcome::Failed(r.why);
         }
         match proc.signal(self.signal.number()) {
             Delivery::Delivered => ActionOutcome::Delivered,

@@ -117,7 +117,9 @@ pub(super) fn decide(rows: &[Row], until: Duration) -> Decision {
         return d;
     }
     // Every row was read with an idle time and nothing in flight.
-    let least = d.least_idle.unwrap_or_default();
+    let Some(least) = d.least_idle else {
+        return d;
+    };
     let needed = until + TICK;
     d.next_read = (least < needed).then(|| needed - least + SLACK);
     d

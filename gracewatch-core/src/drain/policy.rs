@@ -193,20 +193,35 @@ impl Protected {
         Self { own }
     }
 
-    /// Refuses pid 1, gracewatch and its ancestors, and kernel threads.
-    /// A process that has already exited passes: its pidfd can no longer
-    /// signal anything, and what it was is for the gate to report.
+    /// Refuses pid 1, gracewatch and its ancestors, and kernel threads,
+    /// unless `allow`; the refusal says how to override it.
     pub(super) fn check(&self, proc: &PinnedProcess, allow: bool) -> Result<(), TargetError> {
         if allow {
             return Ok(());
         }
+        self.refusal(proc).map_err(|r| {
+            TargetError(if r.overridable {
+                format!(
+                    "{}; pass --allow-dangerous-target (API: allow_dangerous_target) if you mean it",
+                    r.why
+                )
+            } else {
+                r.why
+            })
+        })
+    }
+
+    /// Why `proc` may not be signalled, if it may not (no override: the
+    /// governor has none). A process that has already exited passes: its
+    /// pidfd can no longer signal anything, and what it was is for the
+    /// caller to report.
+    pub(super) fn refusal(&self, proc: &PinnedProcess) -> Result<(), Refusal> {
         let pid = proc.pid;
         let who = if proc.comm.is_empty() {
             format!("pid {pid}")
         } else {
             format!("pid {pid} ({})", proc.comm)
         };
-        let hint = "pass --allow-dangerous-target (API: allow_dangerous_target) if you mean it";
         let why = if pid == 1 {
             Some("is the init process: signalling it can take the whole host or container down")
         } else if pid == std::process::id() {
@@ -219,9 +234,12 @@ impl Protected {
                 Some(_) => None,
                 None if !still_same(proc) => None,
                 None => {
-                    return Err(TargetError(format!(
-                        "{who}: cannot read /proc/{pid}/stat to check what it is: refused"
-                    )));
+                    return Err(Refusal {
+                        why: format!(
+                            "{who}: cannot read /proc/{pid}/stat to check what it is: refused"
+                        ),
+                        overridable: false,
+                    });
                 }
             }
         };
@@ -229,10 +247,21 @@ impl Protected {
             // A process that exited (and whose pid may be reused) is not
             // judged by what /proc says about that pid now.
             Some(_) if !still_same(proc) => Ok(()),
-            Some(why) => Err(TargetError(format!("{who} {why}: refused; {hint}"))),
+            Some(why) => Err(Refusal {
+                why: format!("{who} {why}: refused"),
+                overridable: true,
+            }),
             None => Ok(()),
         }
     }
+}
+
+/// Why a process may not be signalled ([`Protected::refusal`]).
+pub(super) struct Refusal {
+    pub why: String,
+    /// `--allow-dangerous-target` would lift it (an unreadable /proc
+    /// entry is refused whatever the flags).
+    pub overridable: bool,
 }
 
 /// Refuses `--children` of pid 1: every process of the host (or container).
