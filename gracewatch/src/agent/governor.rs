@@ -20,7 +20,8 @@ use crate::{
     monitor::MonitorHandle,
 };
 
-/// How often the age limit is looked at when no status arrives.
+/// How often the age limit is looked at when no status arrives (only
+/// with `--govern-max-age`: the draining count changes with a status).
 const TICK: Duration = Duration::from_millis(100);
 
 /// Largest `--govern-max-draining`.
@@ -91,6 +92,7 @@ pub(super) fn spawn(shared: Arc<Shared>, handle: &MonitorHandle, mut governor: G
     shared.metrics.governor_on();
     let mut statuses = handle.subscribe();
     let mut shutdown = shared.shutdown.subscribe();
+    let ages = governor.rules().max_age.is_some();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -103,7 +105,7 @@ pub(super) fn spawn(shared: Arc<Shared>, handle: &MonitorHandle, mut governor: G
                     }
                     latest = (statuses.borrow_and_update().clone(), Instant::now());
                 }
-                _ = tick.tick() => {}
+                _ = tick.tick(), if ages => {}
                 _ = shutdown.wait_for(|s| *s) => return,
             }
             // The status's clock, moved on by the time since it came.
