@@ -34,13 +34,16 @@ pub mod event_kind {
     pub const LISTEN_STOP: u8 = 2;
     /// An inbound handshake completed: the connection waits in a listener's accept queue.
     pub const HANDSHAKE: u8 = 3;
-    /// `tgid` accepted the connection `sk`: it is now live and owned by `tgid`.
+    /// `tgid` claimed the connection `sk`: the first send or receive on it
+    /// ran in `tgid` (it accepted it, or was handed it before any I/O). It
+    /// is now live and owned by `tgid`.
     pub const ACCEPT: u8 = 4;
     /// A live connection owned by `tgid` ended (left ESTABLISHED/CLOSE_WAIT).
     pub const CLOSE: u8 = 5;
-    /// A socket no process held ended: normally a connection that died in
-    /// an accept queue before anyone accepted it. Userspace keeps those
-    /// that match a handshake it read.
+    /// A connection no process claimed ended: it died in an accept queue,
+    /// or it was accepted and closed before any send or receive on it.
+    /// Userspace keeps those that match a handshake it read, and tells the
+    /// two apart by whether a rescan found a process holding it.
     pub const QUEUE_DROP: u8 = 6;
     /// A connection that was live before gracewatch started (registered by
     /// userspace in `PREEXISTING`) ended.
@@ -51,10 +54,12 @@ pub mod event_kind {
 pub mod event_flag {
     /// ACCEPT: the connection was taken from the accept queue the programs
     /// saw it enter. Set by userspace, which matches accepts to the
-    /// handshakes it read (the programs keep no queue map).
+    /// handshakes it read.
     pub const WAS_QUEUED: u8 = 1;
-    /// The map that should have tracked this socket was full: the event is
-    /// paired with an immediate compensating one and counted in `STATS`.
+    /// The map that should have tracked this socket was full. ACCEPT: the
+    /// event is paired with an immediate compensating CLOSE. HANDSHAKE:
+    /// `PENDING` was full, so no claim and no end of this connection will
+    /// be reported (only rescans see it). Counted in `STATS` either way.
     pub const MAP_FULL: u8 = 2;
     /// CLOSE/PREEXISTING_CLOSE: the owner itself ended it while exiting
     /// (its fds were being released by `exit()`), not by `close()`.
@@ -127,8 +132,9 @@ const _: () = assert!(core::mem::size_of::<LiveConn>() == 56);
 pub mod stat {
     /// Ring-buffer reservations that failed: events userspace never saw.
     pub const LOST_EVENTS: u32 = 0;
-    /// Accepted fds whose socket could not be resolved from the fd table.
-    pub const ACCEPT_UNRESOLVED: u32 = 1;
+    /// Completed handshakes not kept in `PENDING` because it was full:
+    /// their owner is only found by a rescan.
+    pub const PENDING_FULL: u32 = 1;
     /// Accepted sockets not tracked because `LIVE` was full (one per failed
     /// insert; userspace reports episodes).
     pub const MAP_FULL: u32 = 2;
@@ -149,6 +155,9 @@ pub mod control {
     /// programs only). While it equals `PREEXISTING_REGISTERED` the map is
     /// empty and the programs skip looking into it.
     pub const PREEXISTING_ENDED: u32 = 2;
+    /// Entries in `PENDING` (atomic adds and subtractions by the programs).
+    /// While it is zero, the send/receive hooks return after this one read.
+    pub const PENDING: u32 = 3;
     pub const COUNT: u32 = 4;
 }
 
@@ -173,21 +182,13 @@ pub const READER_TAIL_NS: u64 = 5_000_000;
 pub const READER_QUIET_NS: u64 = 100_000_000;
 const _: () = assert!(READER_QUIET_NS > 2 * WAKEUP_INTERVAL_NS);
 
-/// Struct-member and tracepoint-field offsets, resolved at startup from
-/// `/sys/kernel/btf/vmlinux` and the tracefs `format` files of the two
-/// accept tracepoints and handed to the
-/// programs as the global `CONFIG`: nothing about the running kernel's layout
-/// is compiled in.
+/// Struct-member offsets, resolved at startup from `/sys/kernel/btf/vmlinux`
+/// and handed to the programs as the global `CONFIG`: nothing about the
+/// running kernel's layout is compiled in.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
     // struct member offsets, in bytes
-    pub task_files: u32,
-    pub files_fdt: u32,
-    pub fdt_max_fds: u32,
-    pub fdt_fd: u32,
-    pub file_private_data: u32,
-    pub socket_sk: u32,
     pub skc_family: u32,
     pub skc_state: u32,
     /// `inet_sock.inet_sport` (network order), not `skc_num`: a socket
@@ -205,9 +206,7 @@ pub struct Config {
     pub task_flags: u32,
     /// `offsetof(struct net, ns) + offsetof(struct ns_common, inum)`.
     pub net_ns_inum: u32,
-    // `syscalls:sys_exit_accept4` / `syscalls:sys_exit_accept` `ret` offsets
-    pub tp_accept4_ret: u16,
-    pub tp_accept_ret: u16,
+    pub _pad: u32,
     /// Device and inode of gracewatch's own pid namespace (`stat
     /// /proc/self/ns/pid`): pids are reported as seen from it, so a
     /// container sharing a pod's pid namespace sees the pod's pids. Tasks
@@ -215,7 +214,7 @@ pub struct Config {
     pub pidns_dev: u64,
     pub pidns_ino: u64,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 96);
+const _: () = assert!(core::mem::size_of::<Config>() == 72);
 
 #[cfg(feature = "user")]
 mod pod {

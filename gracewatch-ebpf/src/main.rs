@@ -1,32 +1,38 @@
-//! gracewatch's kernel side: four tracepoints that attribute every inbound
-//! TCP connection to the process that accepted it and count it until it ends.
+//! gracewatch's kernel side: four raw tracepoints that attribute every
+//! inbound TCP connection to the process that serves it and count it until
+//! it ends. Raw tracepoints only: a classic `syscalls:*` tracepoint would put
+//! every task on the host on the slow syscall path while attached (+26 % on
+//! a `getppid`) and takes 60–80 ms to detach.
 //!
-//! - `syscalls:sys_exit_accept4` / `sys_exit_accept` (classic tracepoints)
-//!   run in the accepting process: the new fd is walked through
-//!   `current->files` to its `struct sock`, which becomes a `LIVE` entry
-//!   owned by the caller's tgid.
-//! - `inet_sock_set_state` (a raw tracepoint: its arguments are the `sk` and
-//!   the two states, with no trace record built, so the seven of every ten
-//!   state changes that mean nothing to us cost almost nothing) sees
-//!   listeners open and close, handshakes complete and connections end. It
-//!   runs in whatever context changes the state (often softirq), so it never
-//!   attributes anything to `current` except for LISTEN transitions, which
-//!   only happen in the process calling `listen()`/`close()`.
-//! - `tcp_destroy_sock` (raw) is the backstop: the kernel frees the socket,
-//!   so an entry still in `LIVE` (or `PREEXISTING`) is an end the state
+//! - `inet_sock_set_state` (its arguments are the `sk` and the two states,
+//!   with no trace record built, so the seven of every ten state changes
+//!   that mean nothing to us cost almost nothing) sees listeners open and
+//!   close, handshakes complete and connections end. It runs in whatever
+//!   context changes the state (often softirq), so it never attributes
+//!   anything to `current` except for LISTEN transitions, which only happen
+//!   in the process calling `listen()`/`close()`. A completed handshake is
+//!   kept in `PENDING`.
+//! - `sock_recv_length` / `sock_send_length` run after every receive and
+//!   send on a socket, always in the process doing it (io_uring's included).
+//!   While nothing is pending they return after one array read; otherwise
+//!   the first one on a pending socket claims it: a `LIVE` entry owned by
+//!   current's tgid, and an ACCEPT record. A connection accepted and never
+//!   read or written stays pending: userspace's rescans and a drain's fresh
+//!   look at the target's fds find those.
+//! - `tcp_destroy_sock` is the backstop: the kernel frees the socket, so an
+//!   entry still in `LIVE`, `PENDING` or `PREEXISTING` is an end the state
 //!   change missed. That happens: `inet_sock_set_state` runs just before the
-//!   kernel stores the new state, so a reset on one CPU can slip between the
-//!   accept program's insert and its look at the state on another.
+//!   kernel stores the new state, so a reset on one CPU can slip between a
+//!   claim's insert and its look at the state on another.
 //!
-//! Membership in `LIVE`/`PREEXISTING` is the truth; whoever deletes an entry
-//! successfully is the one that reports its end, so a socket racing between
-//! accept (one CPU) and reset (another) is counted exactly once. The birth
-//! event is emitted *before* the map insert, so userspace always reads a
-//! socket's birth before its end. A connection waiting in an accept queue is
-//! kept in no map: its handshake event tells userspace, and a socket that
-//! ends with no `struct socket` attached (never accepted) is reported as
-//! dropped from the queue for userspace to match. Meaning (listeners,
-//! queues, roles, drains) lives in userspace.
+//! Membership in `PENDING`/`LIVE`/`PREEXISTING` is the truth; whoever
+//! deletes an entry successfully is the one that reports what follows (a
+//! claim or an end), so a socket racing between a claim (one CPU) and a
+//! reset (another) is counted exactly once. The birth event is emitted
+//! *before* the map insert, so userspace always reads a socket's birth before
+//! its end. A pending socket that ends is reported as dropped from the queue;
+//! userspace matches it to the handshake it saw and to what its rescans
+//! found. Meaning (listeners, queues, roles, drains) lives in userspace.
 #![no_std]
 #![no_main]
 // The BPF target has no `core::sync::atomic` read-modify-write methods; the
@@ -45,9 +51,9 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
         generated::{bpf_get_current_task, bpf_get_ns_current_pid_tgid, bpf_ktime_get_ns},
     },
-    macros::{map, raw_tracepoint, tracepoint},
+    macros::{map, raw_tracepoint},
     maps::{Array, HashMap, RingBuf},
-    programs::{RawTracePointContext, TracePointContext},
+    programs::RawTracePointContext,
 };
 use gracewatch_common::{
     AF_INET, AF_INET6, Config, Event, IPPROTO_TCP, LiveConn, TupleKey, WAKEUP_INTERVAL_NS, control,
@@ -70,6 +76,16 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 /// Accepted, not yet ended connections, keyed by sk address.
 #[map]
 static LIVE: HashMap<u64, LiveConn> = HashMap::with_max_entries(MAX_SOCKETS, BPF_F_NO_PREALLOC);
+
+/// Server-side connections whose handshake completed (SYN_RECV →
+/// ESTABLISHED) and that no process has claimed yet, keyed by sk address,
+/// with the tuple read at the handshake. The first
+/// `sock_recv_length`/`sock_send_length` on the socket (process context:
+/// the process doing I/O on it) moves it to `LIVE`, owned by current's
+/// tgid. Sized like `LIVE`: a server may accept many connections and wait
+/// for their clients to speak first.
+#[map]
+static PENDING: HashMap<u64, LiveConn> = HashMap::with_max_entries(MAX_SOCKETS, BPF_F_NO_PREALLOC);
 
 /// Connections that were live before the programs attached (found by
 /// userspace's startup snapshot) → the pid userspace charged them to.
@@ -104,15 +120,19 @@ pub fn tcp_destroy_sock(ctx: RawTracePointContext) -> i32 {
     0
 }
 
-#[tracepoint]
-pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
-    let _ = try_sys_exit_accept(&ctx, config().tp_accept4_ret);
+/// `TP_PROTO(struct sock *sk, int ret, int flags)`, from
+/// `sock_recvmsg_nosec` (every recvmsg/read/recv on any socket, io_uring's
+/// included), always in process context.
+#[raw_tracepoint(tracepoint = "sock_recv_length")]
+pub fn sock_recv_length(ctx: RawTracePointContext) -> i32 {
+    let _ = try_sock_io(&ctx);
     0
 }
 
-#[tracepoint]
-pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
-    let _ = try_sys_exit_accept(&ctx, config().tp_accept_ret);
+/// As `sock_recv_length`, from `sock_sendmsg_nosec`.
+#[raw_tracepoint(tracepoint = "sock_send_length")]
+pub fn sock_send_length(ctx: RawTracePointContext) -> i32 {
+    let _ = try_sock_io(&ctx);
     0
 }
 
@@ -129,13 +149,6 @@ fn kread<T>(base: u64, off: u32) -> Result<T, i32> {
     // SAFETY: bpf_probe_read_kernel validates the address and fails cleanly
     // on a bad pointer; `T` is a plain integer or byte array.
     unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }
-}
-
-#[inline(always)]
-fn tp_read<T>(ctx: &TracePointContext, off: u16) -> Result<T, i32> {
-    // SAFETY: `off` comes from the tracepoint's own format file, so the read
-    // stays inside the record; the helper checks it anyway.
-    unsafe { ctx.read_at::<T>(off as usize) }
 }
 
 #[inline(always)]
@@ -291,11 +304,100 @@ fn try_inet_sock_set_state(ctx: &RawTracePointContext) -> Result<(), i32> {
         return Ok(());
     };
     if kind == event_kind::HANDSHAKE {
+        // Kept before it is reported: no process can claim the socket
+        // before this program returns (the claim's I/O takes the socket
+        // lock, which the handshake holds), so the record still comes first.
+        if !remember_pending(sk, &ev) {
+            ev.flags |= event_flag::MAP_FULL;
+        }
         emit(&ev, false);
     } else if current_into(&cfg, &mut ev) {
         emit(&ev, true);
     }
     Ok(())
+}
+
+/// Keeps a just-completed handshake in `PENDING` until a process does I/O
+/// on it (or it ends); `false` if `PENDING` is full.
+#[inline(always)]
+fn remember_pending(sk: u64, ev: &Event) -> bool {
+    let conn = LiveConn {
+        accepted_ns: ev.ts_ns,
+        owner: 0,
+        netns: ev.netns,
+        family: ev.family,
+        lport: ev.lport,
+        rport: ev.rport,
+        _pad: 0,
+        laddr: ev.laddr,
+        raddr: ev.raddr,
+    };
+    match PENDING.insert(sk, conn, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            if let Some(p) = CONTROL.get_ptr_mut(control::PENDING) {
+                // SAFETY: array values live as long as the map.
+                unsafe { add(p, 1u64) };
+            }
+            true
+        }
+        // A stale entry for a reused address (its end was missed): the
+        // newer socket replaces it; the count already includes it.
+        Err(e) if e == -EEXIST => PENDING.insert(sk, conn, BPF_ANY as u64).is_ok(),
+        Err(_) => {
+            bump(&STATS, stat::PENDING_FULL);
+            false
+        }
+    }
+}
+
+/// Removes `sk` from `PENDING`; `Some(entry)` if this call
+/// removed it (whoever removes it owns what follows: a claim or an end).
+#[inline(always)]
+fn take_pending(sk: u64) -> Option<LiveConn> {
+    if control(control::PENDING) == 0 {
+        return None;
+    }
+    let p = PENDING.get_ptr(sk)?;
+    // SAFETY: map values stay readable for the whole program run (RCU);
+    // a preallocated value may be reused by a concurrent insert, which
+    // only happens for a reused sk address, i.e. after this socket's end.
+    let conn = unsafe { *p };
+    PENDING.remove(sk).ok()?;
+    if let Some(c) = CONTROL.get_ptr_mut(control::PENDING) {
+        // SAFETY: as in `remember_pending`; adding u64::MAX subtracts one.
+        unsafe { add(c, u64::MAX) };
+    }
+    Some(conn)
+}
+
+/// First send/recv of a pending connection: the process doing it owns it. The common case (nothing pending, or a socket already
+/// known / not TCP / not server-side) costs one array read, or one array
+/// read and one hash miss.
+fn try_sock_io(ctx: &RawTracePointContext) -> Result<(), i32> {
+    if control(control::PENDING) == 0 {
+        return Ok(());
+    }
+    let sk: u64 = ctx.arg(0);
+    let Some(pending) = take_pending(sk) else {
+        return Ok(());
+    };
+    let cfg = config();
+    let mut ev = Event {
+        ts_ns: now_ns(),
+        sk,
+        kind: event_kind::ACCEPT,
+        family: pending.family,
+        lport: pending.lport,
+        rport: pending.rport,
+        netns: pending.netns,
+        laddr: pending.laddr,
+        raddr: pending.raddr,
+        ..Event::default()
+    };
+    if !current_into(&cfg, &mut ev) {
+        return Ok(());
+    }
+    own(&cfg, sk, &mut ev)
 }
 
 /// An event about `sk` with its addresses, ports and network namespace, as
@@ -358,10 +460,18 @@ fn end_of_connection(cfg: &Config, sk: u64, old: u8, new: u8) -> Result<(), i32>
     if end_live(sk, old, new) {
         return Ok(());
     }
+    // A connection that ended before any process did I/O on it (in the
+    // accept queue, or accepted and never touched): userspace matches it to
+    // its handshake and to what its rescans found.
+    if let Some(pending) = take_pending(sk) {
+        report_pending_end(sk, &pending, old, new);
+        return Ok(());
+    }
     // A socket no process ever held (`sk_socket` is attached by accept and
     // by socket(), and detached only after the close that moves it out of
-    // these states) is a child that died in an accept queue: userspace
-    // matches it to the handshake it saw, or ignores it.
+    // these states) that was not pending: a child that died in an accept
+    // queue while `PENDING` was full or before the programs attached;
+    // userspace matches it to the handshake it saw, or ignores it.
     let socket: u64 = kread(sk, cfg.sk_socket)?;
     if socket == 0 {
         if let Some(ev) = sock_event(cfg, sk, event_kind::QUEUE_DROP, old, new)? {
@@ -376,8 +486,8 @@ fn end_of_connection(cfg: &Config, sk: u64, old: u8, new: u8) -> Result<(), i32>
 /// the entry reports it, so a socket is reported once). `true` if it was
 /// there, removed by us or by a racing program.
 ///
-/// A BPF function of its own, not inlined: the accept program calls it
-/// with its own event on the stack, and both would not fit one frame.
+/// A BPF function of its own, not inlined: the claim calls it with its own
+/// event on the stack, and both would not fit one frame.
 #[inline(never)]
 fn end_live(sk: u64, old: u8, new: u8) -> bool {
     let Some(conn) = LIVE.get_ptr(sk) else {
@@ -413,6 +523,26 @@ fn report_live_end(cfg: &Config, sk: u64, conn: &LiveConn, old: u8, new: u8) {
         ev.flags |= event_flag::OWNER_EXITING;
     }
     emit(&ev, watched(conn.owner));
+}
+
+/// The end of a connection no process claimed.
+#[inline(never)]
+fn report_pending_end(sk: u64, conn: &LiveConn, old: u8, new: u8) {
+    let ev = Event {
+        ts_ns: now_ns(),
+        sk,
+        netns: conn.netns,
+        family: conn.family,
+        lport: conn.lport,
+        rport: conn.rport,
+        kind: event_kind::QUEUE_DROP,
+        old_state: old,
+        new_state: new,
+        laddr: conn.laddr,
+        raddr: conn.raddr,
+        ..Event::default()
+    };
+    emit(&ev, false);
 }
 
 /// If `sk`'s tuple is in `PREEXISTING`, removes it and reports its end.
@@ -460,46 +590,16 @@ fn try_tcp_destroy_sock(ctx: &RawTracePointContext) -> Result<(), i32> {
     if end_live(sk, tcp_state::CLOSE, tcp_state::CLOSE) {
         return Ok(());
     }
+    if let Some(pending) = take_pending(sk) {
+        report_pending_end(sk, &pending, tcp_state::CLOSE, tcp_state::CLOSE);
+        return Ok(());
+    }
     end_preexisting(&config(), sk, tcp_state::CLOSE, tcp_state::CLOSE)
 }
 
-/// Walks `current->files->fdt->fd[fd]->private_data->sk`.
+/// Records `ev` (an ACCEPT by current) in `LIVE` and reports it.
 #[inline(always)]
-fn sock_of_fd(cfg: &Config, fd: u64) -> Result<u64, i32> {
-    // SAFETY: no arguments, no preconditions.
-    let task = unsafe { bpf_get_current_task() };
-    let files: u64 = kread(task, cfg.task_files)?;
-    let fdt: u64 = kread(files, cfg.files_fdt)?;
-    let max_fds: u32 = kread(fdt, cfg.fdt_max_fds)?;
-    if fd >= max_fds as u64 {
-        return Err(-1);
-    }
-    let fd_array: u64 = kread(fdt, cfg.fdt_fd)?;
-    let file: u64 = kread(fd_array, (fd * 8) as u32)?;
-    let socket: u64 = kread(file, cfg.file_private_data)?;
-    let sk: u64 = kread(socket, cfg.socket_sk)?;
-    if sk == 0 { Err(-1) } else { Ok(sk) }
-}
-
-fn try_sys_exit_accept(ctx: &TracePointContext, ret_off: u16) -> Result<(), i32> {
-    let ret: i64 = tp_read(ctx, ret_off)?;
-    if ret < 0 {
-        return Ok(());
-    }
-    let cfg = config();
-    let sk = match sock_of_fd(&cfg, ret as u64) {
-        Ok(sk) => sk,
-        Err(_) => {
-            bump(&STATS, stat::ACCEPT_UNRESOLVED);
-            return Ok(());
-        }
-    };
-    let Some(mut ev) = sock_event(&cfg, sk, event_kind::ACCEPT, 0, 0)? else {
-        return Ok(());
-    };
-    if !current_into(&cfg, &mut ev) {
-        return Ok(());
-    }
+fn own(cfg: &Config, sk: u64, ev: &mut Event) -> Result<(), i32> {
     let conn = LiveConn {
         accepted_ns: ev.ts_ns,
         owner: ev.tgid,
@@ -515,10 +615,10 @@ fn try_sys_exit_accept(ctx: &TracePointContext, ret_off: u16) -> Result<(), i32>
     // seen (the address was reused): report that end first, so userspace
     // reads it before this birth.
     end_live(sk, tcp_state::CLOSE, tcp_state::CLOSE);
-    emit(&ev, false);
+    emit(ev, false);
     if let Err(e) = LIVE.insert(sk, conn, BPF_NOEXIST as u64) {
-        // EEXIST after the removal above needs a second accept of the same
-        // socket, which the kernel never does: the newer entry wins then.
+        // EEXIST after the removal above needs a second claim of the same
+        // socket, which `PENDING` rules out: the newer entry wins then.
         let replaced = e == -EEXIST && LIVE.insert(sk, conn, BPF_ANY as u64).is_ok();
         if !replaced {
             // The map is full. Userspace counts the episode from STATS
@@ -527,13 +627,13 @@ fn try_sys_exit_accept(ctx: &TracePointContext, ret_off: u16) -> Result<(), i32>
             bump(&STATS, stat::MAP_FULL);
             ev.kind = event_kind::CLOSE;
             ev.flags |= event_flag::MAP_FULL;
-            emit(&ev, false);
+            emit(ev, false);
             return Ok(());
         }
     }
 
-    // The connection may have ended between its handshake and this accept
-    // (reset in the queue, or before the programs attached).
+    // The connection may have ended between its handshake and this claim
+    // (a reset racing the first I/O on another CPU).
     let state: u8 = kread(sk, cfg.skc_state)?;
     if !matches!(
         state,
@@ -543,7 +643,7 @@ fn try_sys_exit_accept(ctx: &TracePointContext, ret_off: u16) -> Result<(), i32>
         ev.kind = event_kind::CLOSE;
         ev.ts_ns = now_ns();
         ev.new_state = state;
-        emit(&ev, watched(ev.tgid));
+        emit(ev, watched(ev.tgid));
     }
     Ok(())
 }

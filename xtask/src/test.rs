@@ -22,7 +22,12 @@ const NETNS_PREFIX: &str = "gw-";
 /// Names of our programs as `bpftool prog show` prints them. The kernel keeps
 /// 15 characters of a name (`inet_sock_set_s`); bpftool shows the full name
 /// only when the program carries BTF, so match on the truncated prefix.
-const PROG_NAME_PREFIXES: &[&str] = &["inet_sock_set_s", "sys_exit_accept", "tcp_destroy_soc"];
+const PROG_NAME_PREFIXES: &[&str] = &[
+    "inet_sock_set_s",
+    "sock_recv_lengt",
+    "sock_send_lengt",
+    "tcp_destroy_soc",
+];
 
 /// How long programs and namespaces may take to go away after the last test
 /// process exits (the kernel releases BPF programs asynchronously).
@@ -347,8 +352,8 @@ mod tests {
         let progs = "\
 12: tracepoint  name inet_sock_set_s  tag 0123456789abcdef  gpl
 \tloaded_at 2025-01-01T00:00:00+0000  uid 0
-13: tracepoint  name sys_exit_accept4  tag 0123456789abcdef  gpl
-14: tracepoint  name sys_exit_accept  tag 0123456789abcdef  gpl
+13: raw_tracepoint  name sock_recv_lengt  tag 0123456789abcdef  gpl
+14: raw_tracepoint  name sock_send_length  tag 0123456789abcdef  gpl
 15: cgroup_skb  name sd_fw_egress  tag 0123456789abcdef  gpl
 16: tracepoint  name inet_sock_set_state  tag 0123456789abcdef  gpl
 17: raw_tracepoint  name tcp_destroy_soc  tag 0123456789abcdef  gpl
@@ -368,10 +373,10 @@ mod tests {
 
     #[test]
     fn only_new_leftovers_are_leaks() {
-        let before = Leftovers::parse("gw-old\n", "1: tracepoint  name sys_exit_accept  tag a\n");
+        let before = Leftovers::parse("gw-old\n", "1: raw_tracepoint  name sock_recv_lengt  tag a\n");
         let after = Leftovers::parse(
             "gw-old\ngw-new\n",
-            "1: tracepoint  name sys_exit_accept  tag a\n2: tracepoint  name sys_exit_accept  tag a\n",
+            "1: raw_tracepoint  name sock_recv_lengt  tag a\n2: raw_tracepoint  name sock_recv_lengt  tag a\n",
         );
         let leaked = after.minus(&before);
         assert_eq!(leaked.netns, BTreeSet::from(["gw-new".to_owned()]));

@@ -51,8 +51,11 @@ impl<S: Source> Monitor<S> {
         }
         self.last_records = monotonic_now();
         for ev in &self.batch {
+            let found = self.tracker.is_claim_of_found(ev);
             self.tracker.apply(ev);
-            self.restarts.on_event(ev);
+            if !found {
+                self.restarts.on_event(ev);
+            }
             self.exits
                 .record(ev, |pid| S::RECORDING || self.watched.contains_key(&pid));
         }
@@ -65,8 +68,11 @@ impl<S: Source> Monitor<S> {
     }
 
     fn apply_one(&mut self, ev: ConnEvent) {
+        let found = self.tracker.is_claim_of_found(&ev);
         self.tracker.apply(&ev);
-        self.restarts.on_event(&ev);
+        if !found {
+            self.restarts.on_event(&ev);
+        }
         self.exits
             .record(&ev, |pid| S::RECORDING || self.watched.contains_key(&pid));
         if let Some(tx) = &self.events {
@@ -131,11 +137,15 @@ impl<S: Source> Monitor<S> {
     }
 
     /// Folds a periodic snapshot in; connections it finds that no event
-    /// told of (lost events, accepts the programs cannot see) are registered
-    /// like the startup ones.
+    /// told of (lost events) are registered like the startup ones, and
+    /// those accepted but not read or written yet (whose owner the programs
+    /// learn at the first send or receive) count as the accepts they are.
     fn merge_rescan(&mut self, snap: &Snapshot) -> bool {
         self.pump();
         let added = self.tracker.merge_snapshot(snap);
+        for ev in self.tracker.take_found_accepts() {
+            self.restarts.on_event(&ev);
+        }
         let now = monotonic_now();
         self.register_added(&added, now);
         self.forget_retired();

@@ -15,7 +15,7 @@ use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, RingBuf},
-    programs::{RawTracePoint, TracePoint},
+    programs::RawTracePoint,
 };
 use gracewatch_common::{
     AF_INET, AF_INET6, Event, LiveConn, READER_QUIET_NS, READER_TAIL_NS, TupleKey, control,
@@ -79,6 +79,7 @@ impl EbpfSource {
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &cfg, true)
             .map_max_entries("LIVE", entries)
+            .map_max_entries("PENDING", entries)
             .map_max_entries("PREEXISTING", entries)
             .map_max_entries("EVENTS", ring)
             .load(aya::include_bytes_aligned!(concat!(
@@ -93,9 +94,6 @@ impl EbpfSource {
 
         for name in kernel_layout::RAW_TRACEPOINTS {
             attach_raw(&mut ebpf, name).map_err(MonitorError::from_load)?;
-        }
-        for (category, name) in kernel_layout::TRACEPOINTS {
-            attach(&mut ebpf, category, name).map_err(MonitorError::from_load)?;
         }
         let take = |ebpf: &mut Ebpf, name: &str| {
             ebpf.take_map(name)
@@ -162,10 +160,13 @@ impl EbpfSource {
         self.stats.get(&stat::LOST_EVENTS, 0).unwrap_or(0)
     }
 
-    /// Accepts the kernel could not track because `LIVE` was full, since
-    /// load (`None` if the counter cannot be read).
+    /// Connections the kernel could not track since load, because `LIVE`
+    /// (claims) or `PENDING` (handshakes) was full (`None` if a counter
+    /// cannot be read).
     pub fn untracked_map_full(&self) -> Option<u64> {
-        self.stats.get(&stat::MAP_FULL, 0).ok()
+        let live = self.stats.get(&stat::MAP_FULL, 0).ok()?;
+        let pending = self.stats.get(&stat::PENDING_FULL, 0).ok()?;
+        Some(live + pending)
     }
 
     /// Time the kernel spent running our programs, and how many times they
@@ -327,19 +328,6 @@ pub struct ProgramStats {
 pub fn enable_run_time_stats() -> anyhow::Result<std::os::fd::OwnedFd> {
     aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .map_err(|e| anyhow::anyhow!("failed to enable BPF run-time statistics: {e}"))
-}
-
-fn attach(ebpf: &mut Ebpf, category: &str, name: &str) -> anyhow::Result<()> {
-    let prog: &mut TracePoint = ebpf
-        .program_mut(name)
-        .with_context(|| format!("eBPF object has no program `{name}`"))?
-        .try_into()
-        .with_context(|| format!("program `{name}` is not a tracepoint"))?;
-    prog.load()
-        .with_context(|| format!("failed to load program `{name}`"))?;
-    prog.attach(category, name)
-        .with_context(|| format!("failed to attach tracepoint `{category}/{name}`"))?;
-    Ok(())
 }
 
 fn attach_raw(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<()> {

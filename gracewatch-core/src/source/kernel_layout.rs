@@ -1,12 +1,11 @@
 //! Resolves the running kernel's layout into a [`Config`] for the programs:
-//! struct-member offsets from BTF (`/sys/kernel/btf/vmlinux`) and the accept
-//! tracepoints' field offsets from the tracefs `format` files.
+//! struct-member offsets from BTF (`/sys/kernel/btf/vmlinux`).
 //!
 //! aya has no CO-RE for Rust programs, so nothing about the kernel's layout
 //! may be compiled in: a kernel with a different `struct file` must still
 //! work, and one without what we need must be refused with a clear reason.
 
-use std::{collections::HashMap, fs, path::Path};
+use std::path::Path;
 
 use anyhow::{Context as _, anyhow, bail};
 use btf_rs::{Backend, Btf, Type};
@@ -15,18 +14,20 @@ use gracewatch_common::Config;
 use super::MonitorError;
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
-pub const TRACEFS: &str = "/sys/kernel/tracing";
-
-/// The classic tracepoints the programs attach to, as (category, name).
-pub const TRACEPOINTS: [(&str, &str); 2] = [
-    ("syscalls", "sys_exit_accept4"),
-    ("syscalls", "sys_exit_accept"),
-];
 
 /// The raw tracepoints the programs attach to, each program named after
 /// its tracepoint: the state changes (the event `sock:inet_sock_set_state`,
-/// without its trace record) and the backstop `tcp:tcp_destroy_sock`.
-pub const RAW_TRACEPOINTS: [&str; 2] = ["inet_sock_set_state", "tcp_destroy_sock"];
+/// without its trace record), the first send/receive that claims a
+/// connection (`sock:sock_recv_length`, `sock:sock_send_length`) and the
+/// backstop `tcp:tcp_destroy_sock`. Raw tracepoints only, never a
+/// `syscalls:*` one: while any of those is attached, every syscall of every
+/// task on the host takes the slow path, and detaching one takes 60–80 ms.
+pub const RAW_TRACEPOINTS: [&str; 4] = [
+    "inet_sock_set_state",
+    "sock_recv_length",
+    "sock_send_length",
+    "tcp_destroy_sock",
+];
 
 /// Builds the programs' `CONFIG` for this kernel.
 pub fn resolve() -> Result<Config, MonitorError> {
@@ -57,84 +58,7 @@ pub fn resolve() -> Result<Config, MonitorError> {
         .map_err(|e| MonitorError::CannotMonitor(format!("cannot stat /proc/self/ns/pid: {e}")))?;
     cfg.pidns_dev = pidns.st_dev;
     cfg.pidns_ino = pidns.st_ino;
-
-    ensure_tracefs()?;
-    for (name, slot) in [
-        ("sys_exit_accept4", &mut cfg.tp_accept4_ret),
-        ("sys_exit_accept", &mut cfg.tp_accept_ret),
-    ] {
-        let fields = tracepoint_format("syscalls", name)?;
-        *slot = *fields.get("ret").ok_or_else(|| {
-            MonitorError::CannotMonitor(format!("tracepoint syscalls/{name} has no field `ret`"))
-        })?;
-    }
     Ok(cfg)
-}
-
-/// Mounts tracefs at its usual place if nothing is there: the tracepoint
-/// `format` files (and aya's attach by name) need it.
-fn ensure_tracefs() -> Result<(), MonitorError> {
-    if Path::new(TRACEFS).join("events").is_dir() {
-        return Ok(());
-    }
-    rustix::mount::mount("tracefs", TRACEFS, "tracefs", rustix::mount::MountFlags::empty(), None)
-        .map_err(|e| {
-            MonitorError::CannotMonitor(format!(
-                "tracefs is not mounted and mounting it at {TRACEFS} failed ({e}): run as root or `mount -t tracefs tracefs {TRACEFS}`"
-            ))
-        })
-}
-
-/// Field name → byte offset, from `events/<category>/<name>/format`.
-fn tracepoint_format(category: &str, name: &str) -> Result<HashMap<String, u16>, MonitorError> {
-    let path = Path::new(TRACEFS)
-        .join("events")
-        .join(category)
-        .join(name)
-        .join("format");
-    let text = fs::read_to_string(&path).map_err(|e| {
-        MonitorError::CannotMonitor(format!(
-            "tracepoint {category}/{name} is not available ({}: {e}); gracewatch needs it{}",
-            path.display(),
-            if category == "syscalls" {
-                " (CONFIG_FTRACE_SYSCALLS=y)"
-            } else {
-                ""
-            }
-        ))
-    })?;
-    Ok(parse_format(&text))
-}
-
-/// Parses the `field:TYPE NAME; offset:N; size:N; signed:N;` lines of a
-/// tracepoint format file. Array fields (`__u8 saddr_v6[16]`) keep their bare name.
-pub fn parse_format(text: &str) -> HashMap<String, u16> {
-    let mut fields = HashMap::new();
-    for line in text.lines() {
-        let mut decl = None;
-        let mut offset = None;
-        for part in line.trim().split(';') {
-            let part = part.trim();
-            if let Some(d) = part.strip_prefix("field:") {
-                decl = Some(d);
-            } else if let Some(o) = part.strip_prefix("offset:") {
-                offset = o.parse::<u16>().ok();
-            }
-        }
-        let (Some(decl), Some(offset)) = (decl, offset) else {
-            continue;
-        };
-        let Some(last) = decl.split_whitespace().last() else {
-            continue;
-        };
-        let name = last
-            .split('[')
-            .next()
-            .unwrap_or(last)
-            .trim_start_matches('*');
-        fields.insert(name.to_owned(), offset);
-    }
-    fields
 }
 
 fn struct_offsets(btf: &Btf) -> anyhow::Result<Config> {
@@ -142,12 +66,6 @@ fn struct_offsets(btf: &Btf) -> anyhow::Result<Config> {
     let sk_common = off("sock", "__sk_common")?;
     let skc = |m: &str| -> anyhow::Result<u32> { Ok(sk_common + off("sock_common", m)?) };
     Ok(Config {
-        task_files: off("task_struct", "files")?,
-        files_fdt: off("files_struct", "fdt")?,
-        fdt_max_fds: off("fdtable", "max_fds")?,
-        fdt_fd: off("fdtable", "fd")?,
-        file_private_data: off("file", "private_data")?,
-        socket_sk: off("socket", "sk")?,
         skc_family: skc("skc_family")?,
         skc_state: skc("skc_state")?,
         inet_sport: off("inet_sock", "inet_sport")?,
@@ -211,22 +129,6 @@ fn find_member(btf: &Btf, strukt: &btf_rs::Struct, member: &str) -> anyhow::Resu
 mod tests {
     use super::*;
 
-    #[test]
-    fn parses_tracepoint_format_fields() {
-        let text = "name: inet_sock_set_state\nID: 1413\nformat:\n\
-            \tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\
-            \tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;\n\
-            \tfield:int oldstate;\toffset:16;\tsize:4;\tsigned:1;\n\
-            \tfield:__u8 saddr_v6[16];\toffset:40;\tsize:16;\tsigned:0;\n\
-            \nprint fmt: \"family=%s\"\n";
-        let f = parse_format(text);
-        assert_eq!(f.get("skaddr"), Some(&8));
-        assert_eq!(f.get("oldstate"), Some(&16));
-        assert_eq!(f.get("saddr_v6"), Some(&40));
-        assert_eq!(f.get("common_type"), Some(&0));
-        assert_eq!(f.len(), 4);
-    }
-
     /// Runs against this machine's kernel: every offset must resolve and the
     /// ones with a fixed ABI position must be where the ABI says.
     #[test]
@@ -246,8 +148,7 @@ mod tests {
         assert_eq!(cfg.skc_rcv_saddr, 4);
         assert_eq!(cfg.skc_dport, 12);
         assert!(cfg.inet_sport > cfg.sk_protocol);
-        assert_eq!(cfg.fdt_max_fds, 0);
-        assert!(cfg.task_files > 0 && cfg.skc_net > 0 && cfg.net_ns_inum > 0);
+        assert!(cfg.task_flags > 0 && cfg.skc_net > 0 && cfg.net_ns_inum > 0);
         assert!(cfg.sk_socket > cfg.skc_net && cfg.sk_protocol > cfg.skc_net);
         assert!(member_offset(&btf, "sock_common", "no_such_member").is_err());
     }

@@ -42,6 +42,14 @@ const MAX_STOP_MARKS: usize = 4096;
 /// Holders found gone by a fresh fd-table read, remembered for the next
 /// snapshot merge (see [`Tracker::fd_table_read`]).
 const MAX_RELEASE_MARKS: usize = 4096;
+/// Handshakes remembered until their connection is claimed or ends (the
+/// kernel's `PENDING` map is bounded by `--max-connections`, at most a
+/// few million); beyond this, one is only counted in its listener's queue.
+const MAX_PENDING: usize = 1 << 22;
+/// A handshake older than this is forgotten at the next snapshot merge
+/// (its claim or end was lost): a connection found later is then counted
+/// as pre-existing rather than as an accept.
+const PENDING_KEEP: Duration = Duration::from_secs(600);
 
 /// One live connection, for the drain output and the TUI detail view.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,6 +95,12 @@ pub struct Tracker {
     /// Something a consumer must see at once happened since the last
     /// [`Tracker::take_significant`] (see there).
     significant: bool,
+    /// Connections whose handshake the programs reported and that no
+    /// process has read or written yet (the kernel keeps them pending), by
+    /// tuple → handshake time: queued, or accepted and untouched.
+    pending: HashMap<Tuple, Duration>,
+    /// Accepts the last snapshot merge found (see [`Tracker::take_found_accepts`]).
+    found_accepts: Vec<ConnEvent>,
 }
 
 #[derive(Debug)]
@@ -98,6 +112,11 @@ struct Conn {
     listener: Option<ListenAddr>,
     /// `at` of the last snapshot that vouched for `holders`.
     confirmed: Option<Duration>,
+    /// Accepted and found held by a snapshot while the kernel still keeps
+    /// it pending (no read or write yet): already counted as an accept, so
+    /// its claim (first I/O) only names its socket, and its end comes as
+    /// a queue drop.
+    unclaimed: bool,
 }
 
 #[derive(Debug, Default)]
@@ -224,17 +243,16 @@ impl Tracker {
                 self.set_comm(*pid, comm, *at);
                 self.listen_stop(*at, *sk, *addr, *pid);
             }
-            ConnEvent::Handshake { tuple, .. } => match self.best_listener(tuple) {
-                Some(l) => l.queued += 1,
-                None => self.unmatched_queue += 1,
-            },
-            ConnEvent::QueueDrop { tuple, .. } => match self.best_listener(tuple) {
-                Some(l) => {
-                    l.queued = l.queued.saturating_sub(1);
-                    l.queue_drops_total += 1;
+            ConnEvent::Handshake { at, tuple, .. } => {
+                match self.best_listener(tuple) {
+                    Some(l) => l.queued += 1,
+                    None => self.unmatched_queue += 1,
                 }
-                None => self.unmatched_queue = self.unmatched_queue.saturating_sub(1),
-            },
+                if self.pending.len() < MAX_PENDING {
+                    self.pending.insert(*tuple, *at);
+                }
+            }
+            ConnEvent::QueueDrop { at, tuple, .. } => self.queue_drop(*at, tuple),
             ConnEvent::Accept {
                 at,
                 sk,
@@ -278,6 +296,28 @@ impl Tracker {
     pub fn forget_connection(&mut self, tuple: &Tuple) {
         self.remove_conn(tuple);
         self.collect_idle();
+    }
+
+    /// Whether `ev` is the kernel's claim (first read or write) of a
+    /// connection a snapshot already found accepted: not a new accept, so
+    /// models of accepts (handovers) must not see it again. Ask before
+    /// [`Tracker::apply`].
+    pub fn is_claim_of_found(&self, ev: &ConnEvent) -> bool {
+        match ev {
+            ConnEvent::Accept { tuple, .. } => {
+                self.conns.get(tuple).is_some_and(|c| c.unclaimed)
+            }
+            _ => false,
+        }
+    }
+
+    /// The accepts the last snapshot merge found: connections accepted and
+    /// not yet read or written (the programs see a connection's owner at
+    /// its first send or receive), as [`ConnEvent::Accept`]s dated at their
+    /// handshake, oldest first, with no socket name. Already counted here;
+    /// for models of accepts (handovers). Emptied.
+    pub fn take_found_accepts(&mut self) -> Vec<ConnEvent> {
+        std::mem::take(&mut self.found_accepts)
     }
 
     /// The kernel-reported connections the last snapshot merge found gone
@@ -607,32 +647,15 @@ impl Tracker {
             self.set_comm(pid, comm, at);
         }
         self.idle.push(pid);
+        self.pending.remove(tuple);
         if self.conn_by_sk.get(&sk) == Some(tuple) {
             // The same birth delivered twice: already counted.
             return;
         }
-        if alive {
-            if let Some(p) = self.procs.get_mut(&pid) {
-                p.accepted_total += 1;
-            }
+        if self.claim_found(sk, tuple, pid, at, alive) {
+            return;
         }
-        let listener = self.best_listener_addr(tuple);
-        match listener.and_then(|a| self.listeners.get_mut(&a)) {
-            Some(l) => {
-                l.accepted_total += 1;
-                if was_queued {
-                    l.queued = l.queued.saturating_sub(1);
-                } else {
-                    l.queued_before = l.queued_before.saturating_sub(1);
-                }
-                if alive {
-                    let t = l.acceptors.entry(pid).or_insert(at);
-                    *t = (*t).max(at);
-                }
-            }
-            None if was_queued => self.unmatched_queue = self.unmatched_queue.saturating_sub(1),
-            None => {}
-        }
+        let listener = self.count_accept(at, tuple, pid, alive, was_queued);
 
         // This birth supersedes a stale entry for the same sk (its end was
         // lost) and any entry for the same tuple: the pre-existing record of
@@ -658,8 +681,99 @@ impl Tracker {
                 since: at,
                 listener,
                 confirmed: None,
+                unclaimed: false,
             },
         );
+    }
+
+    /// Counts an accept by `pid` (and takes it off its listener's queue);
+    /// returns the listener it came through.
+    fn count_accept(
+        &mut self,
+        at: Duration,
+        tuple: &Tuple,
+        pid: u32,
+        alive: bool,
+        was_queued: bool,
+    ) -> Option<ListenAddr> {
+        if alive {
+            if let Some(p) = self.procs.get_mut(&pid) {
+                p.accepted_total += 1;
+            }
+        }
+        let listener = self.best_listener_addr(tuple);
+        match listener.and_then(|a| self.listeners.get_mut(&a)) {
+            Some(l) => {
+                l.accepted_total += 1;
+                if was_queued {
+                    l.queued = l.queued.saturating_sub(1);
+                } else {
+                    l.queued_before = l.queued_before.saturating_sub(1);
+                }
+                if alive {
+                    let t = l.acceptors.entry(pid).or_insert(at);
+                    *t = (*t).max(at);
+                }
+            }
+            None if was_queued => self.unmatched_queue = self.unmatched_queue.saturating_sub(1),
+            None => {}
+        }
+        listener
+    }
+
+    /// The first read or write of a connection a snapshot found accepted
+    /// (see [`Conn::unclaimed`]): it gets its socket name, and its holder
+    /// is whoever did the I/O unless a snapshot since vouched otherwise.
+    /// `false` if `tuple` is no such connection.
+    fn claim_found(&mut self, sk: SockId, tuple: &Tuple, pid: u32, at: Duration, alive: bool) -> bool {
+        let Some(conn) = self.conns.get_mut(tuple) else {
+            return false;
+        };
+        if !conn.unclaimed {
+            return false;
+        }
+        conn.unclaimed = false;
+        conn.sk = Some(sk);
+        let vouched = conn.confirmed.is_some_and(|c| c > at) || conn.holders.contains(&pid);
+        if let Some(old) = self.conn_by_sk.insert(sk, *tuple) {
+            if old != *tuple {
+                self.remove_conn(&old);
+            }
+        }
+        if !vouched && alive {
+            self.set_conn_holders(tuple, BTreeSet::from([pid]));
+        }
+        true
+    }
+
+    /// A connection no process read or wrote ended: one that died in an
+    /// accept queue, or one a snapshot found accepted (then it is a close;
+    /// pre-existing connections never reach the kernel's pending map, so a
+    /// snapshot-found connection with this tuple is this socket).
+    fn queue_drop(&mut self, at: Duration, tuple: &Tuple) {
+        self.pending.remove(tuple);
+        if self
+            .conns
+            .get(tuple)
+            .is_some_and(|c| c.sk.is_none() && c.since <= at)
+        {
+            if let Some(conn) = self.remove_conn(tuple) {
+                self.closed.insert(*tuple, at);
+                for pid in &conn.holders {
+                    if let Some(p) = self.procs.get_mut(pid) {
+                        p.closed_total += 1;
+                    }
+                }
+            }
+            return;
+        }
+        match self.best_listener(tuple) {
+            Some(l) => {
+                l.queued = l.queued.saturating_sub(1);
+                l.queue_drops_total += 1;
+            }
+            None => self.unmatched_queue = self.unmatched_queue.saturating_sub(1),
+        }
     }
 
     fn close(&mut self, at: Duration, sk: SockId, tuple: &Tuple, pid: u32) {
@@ -875,7 +989,7 @@ fn conn_info(tuple: &Tuple, c: &Conn) -> ConnInfo {
         tuple: *tuple,
         holders: c.holders.iter().copied().collect(),
         since: c.since,
-        preexisting: c.sk.is_none(),
+        preexisting: c.sk.is_none() && !c.unclaimed,
         listener: c.listener,
     }
 }

@@ -14,7 +14,7 @@ use std::{
 };
 
 use super::{Conn, ListenSock, Tracker, alive_holders};
-use crate::event::{ListenAddr, NetNs, Snapshot, Tuple};
+use crate::event::{ConnEvent, ListenAddr, NetNs, Snapshot, Tuple};
 
 /// One listening socket as the snapshot shows it.
 struct SnapSock {
@@ -33,6 +33,9 @@ impl Tracker {
     pub fn merge_snapshot(&mut self, snap: &Snapshot) -> Vec<(Tuple, u32)> {
         let s = snap.at;
         self.retired.clear();
+        self.found_accepts.clear();
+        self.pending
+            .retain(|_, at| at.saturating_add(super::PENDING_KEEP) >= s);
         self.last_snapshot = Some(self.last_snapshot.map_or(s, |last| last.max(s)));
 
         let mut comms: BTreeMap<u32, &str> = BTreeMap::new();
@@ -277,6 +280,41 @@ impl Tracker {
             let Some(&charged) = holders.first() else {
                 continue;
             };
+            if let Some(handshake) = self.pending.remove(&sc.tuple) {
+                // Accepted and not read or written yet: the programs see a
+                // connection's owner at its first send or receive, and keep
+                // it pending until then. An accept all the same, counted
+                // now; the kernel reports its claim or its end (as a queue
+                // drop), so it is not registered as pre-existing.
+                let at = handshake.min(s);
+                let listener = self.count_accept(at, &sc.tuple, charged, true, true);
+                self.insert_conn(
+                    sc.tuple,
+                    Conn {
+                        sk: None,
+                        holders,
+                        since: at,
+                        listener,
+                        confirmed: Some(s),
+                        unclaimed: true,
+                    },
+                );
+                let comm = sc
+                    .holders
+                    .iter()
+                    .find(|h| h.pid == charged)
+                    .map(|h| h.comm.clone())
+                    .unwrap_or_default();
+                self.found_accepts.push(ConnEvent::Accept {
+                    at,
+                    sk: 0,
+                    tuple: sc.tuple,
+                    pid: charged,
+                    comm,
+                    was_queued: true,
+                });
+                continue;
+            }
             let listener = self.best_listener_addr(&sc.tuple);
             self.insert_conn(
                 sc.tuple,
@@ -286,10 +324,12 @@ impl Tracker {
                     since: s,
                     listener,
                     confirmed: Some(s),
+                    unclaimed: false,
                 },
             );
             added.push((sc.tuple, charged));
         }
+        self.found_accepts.sort_by_key(ConnEvent::at);
 
         // Repair: a connection older than this snapshot and not in it has
         // ended unseen: a pre-existing one whose registration failed, or a
