@@ -143,13 +143,26 @@ impl<S: Source> Monitor<S> {
     fn merge_rescan(&mut self, snap: &Snapshot) -> bool {
         self.pump();
         let added = self.tracker.merge_snapshot(snap);
-        for ev in self.tracker.take_found_accepts() {
-            self.restarts.on_event(&ev);
-        }
+        self.found_accepts();
         let now = monotonic_now();
         self.register_added(&added, now);
         self.forget_retired();
         true
+    }
+
+    /// Hands the accepts a merge found to the restart model, after it saw
+    /// the counts they are part of: a handover dates the old process's
+    /// drain from the new one's first accept, with what the old one held
+    /// then, and both may be found by the same rescan.
+    pub(super) fn found_accepts(&mut self) {
+        let found = self.tracker.take_found_accepts();
+        if found.is_empty() {
+            return;
+        }
+        self.observe();
+        for ev in &found {
+            self.restarts.on_event(ev);
+        }
     }
 
     /// Drops the kernel entries of the connections the programs reported

@@ -84,9 +84,7 @@ impl Monitor<EbpfSource> {
         let snap = self.snapshot()?;
         let t1 = monotonic_now();
         let added = self.tracker.merge_snapshot(&snap);
-        for ev in self.tracker.take_found_accepts() {
-            self.restarts.on_event(&ev);
-        }
+        self.found_accepts();
         drop(snap);
         let t2 = monotonic_now();
         // A registration that fails leaves the connection counted, its end
