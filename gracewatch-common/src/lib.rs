@@ -40,10 +40,10 @@ pub mod event_kind {
     pub const ACCEPT: u8 = 4;
     /// A live connection owned by `tgid` ended (left ESTABLISHED/CLOSE_WAIT).
     pub const CLOSE: u8 = 5;
-    /// A connection no process claimed ended: it died in an accept queue,
-    /// or it was accepted and closed before any send or receive on it.
-    /// Userspace keeps those that match a handshake it read, and tells the
-    /// two apart by whether a rescan found a process holding it.
+    /// A connection no process claimed ended (it was in `PENDING`, so its
+    /// handshake was reported): it died in an accept queue, or it was
+    /// accepted and closed before any send or receive on it. Userspace
+    /// tells the two apart by whether a rescan found a process holding it.
     pub const QUEUE_DROP: u8 = 6;
     /// A connection that was live before gracewatch started (registered by
     /// userspace in `PREEXISTING`) ended.
@@ -53,13 +53,10 @@ pub mod event_kind {
 /// Bits of [`Event::flags`].
 pub mod event_flag {
     /// ACCEPT: the connection was taken from the accept queue the programs
-    /// saw it enter. Set by userspace, which matches accepts to the
-    /// handshakes it read.
+    /// saw it enter (always, for a claim out of `PENDING`).
     pub const WAS_QUEUED: u8 = 1;
-    /// The map that should have tracked this socket was full. ACCEPT: the
-    /// event is paired with an immediate compensating CLOSE. HANDSHAKE:
-    /// `PENDING` was full, so no claim and no end of this connection will
-    /// be reported (only rescans see it). Counted in `STATS` either way.
+    /// The map that should have tracked this socket was full: the event is
+    /// paired with an immediate compensating one and counted in `STATS`.
     pub const MAP_FULL: u8 = 2;
     /// CLOSE/PREEXISTING_CLOSE: the owner itself ended it while exiting
     /// (its fds were being released by `exit()`), not by `close()`.
@@ -158,7 +155,11 @@ pub mod control {
     /// Entries in `PENDING` (atomic adds and subtractions by the programs).
     /// While it is zero, the send/receive hooks return after this one read.
     pub const PENDING: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// Processes in `WATCHED` (written by userspace): while nonzero, the
+    /// end of a connection no process claimed yet (its owner unknown to
+    /// the programs) wakes the reader at once, as it may be a drain's last.
+    pub const WATCHING: u32 = 4;
+    pub const COUNT: u32 = 8;
 }
 
 /// The programs wake the ring buffer's reader at once for a record that can
@@ -202,11 +203,9 @@ pub struct Config {
     pub skc_rcv_saddr: u32,
     pub skc_net: u32,
     pub sk_protocol: u32,
-    pub sk_socket: u32,
     pub task_flags: u32,
     /// `offsetof(struct net, ns) + offsetof(struct ns_common, inum)`.
     pub net_ns_inum: u32,
-    pub _pad: u32,
     /// Device and inode of gracewatch's own pid namespace (`stat
     /// /proc/self/ns/pid`): pids are reported as seen from it, so a
     /// container sharing a pod's pid namespace sees the pod's pids. Tasks
@@ -214,7 +213,7 @@ pub struct Config {
     pub pidns_dev: u64,
     pub pidns_ino: u64,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 72);
+const _: () = assert!(core::mem::size_of::<Config>() == 64);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -306,11 +306,13 @@ fn try_inet_sock_set_state(ctx: &RawTracePointContext) -> Result<(), i32> {
     if kind == event_kind::HANDSHAKE {
         // Kept before it is reported: no process can claim the socket
         // before this program returns (the claim's I/O takes the socket
-        // lock, which the handshake holds), so the record still comes first.
-        if !remember_pending(sk, &ev) {
-            ev.flags |= event_flag::MAP_FULL;
+        // lock, which the handshake holds), so the record still comes
+        // first. One `PENDING` cannot keep is not reported at all (its
+        // claim and end would not be): counted in `STATS`, userspace finds
+        // it by rescans, as a pre-existing connection.
+        if remember_pending(sk, &ev) {
+            emit(&ev, false);
         }
-        emit(&ev, false);
     } else if current_into(&cfg, &mut ev) {
         emit(&ev, true);
     }
@@ -386,6 +388,9 @@ fn try_sock_io(ctx: &RawTracePointContext) -> Result<(), i32> {
         ts_ns: now_ns(),
         sk,
         kind: event_kind::ACCEPT,
+        // Every claim takes a connection out of `PENDING`, where its
+        // handshake put it: it leaves the accept queue userspace counted.
+        flags: event_flag::WAS_QUEUED,
         family: pending.family,
         lport: pending.lport,
         rport: pending.rport,
@@ -467,18 +472,9 @@ fn end_of_connection(cfg: &Config, sk: u64, old: u8, new: u8) -> Result<(), i32>
         report_pending_end(sk, &pending, old, new);
         return Ok(());
     }
-    // A socket no process ever held (`sk_socket` is attached by accept and
-    // by socket(), and detached only after the close that moves it out of
-    // these states) that was not pending: a child that died in an accept
-    // queue while `PENDING` was full or before the programs attached;
-    // userspace matches it to the handshake it saw, or ignores it.
-    let socket: u64 = kread(sk, cfg.sk_socket)?;
-    if socket == 0 {
-        if let Some(ev) = sock_event(cfg, sk, event_kind::QUEUE_DROP, old, new)? {
-            emit(&ev, false);
-        }
-        return Ok(());
-    }
+    // Otherwise a client end, a connection that died in an accept queue
+    // while `PENDING` was full or before the programs attached (neither
+    // reported: userspace never counted them), or a pre-existing one.
     end_preexisting(cfg, sk, old, new)
 }
 
@@ -525,7 +521,9 @@ fn report_live_end(cfg: &Config, sk: u64, conn: &LiveConn, old: u8, new: u8) {
     emit(&ev, watched(conn.owner));
 }
 
-/// The end of a connection no process claimed.
+/// The end of a connection no process claimed. Its owner is unknown here,
+/// so while any drain waits it wakes the reader at once: it may be the
+/// last connection of a target that accepted it and never read or wrote.
 #[inline(never)]
 fn report_pending_end(sk: u64, conn: &LiveConn, old: u8, new: u8) {
     let ev = Event {
@@ -542,7 +540,7 @@ fn report_pending_end(sk: u64, conn: &LiveConn, old: u8, new: u8) {
         raddr: conn.raddr,
         ..Event::default()
     };
-    emit(&ev, false);
+    emit(&ev, control(control::WATCHING) != 0);
 }
 
 /// If `sk`'s tuple is in `PREEXISTING`, removes it and reports its end.

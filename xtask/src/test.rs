@@ -373,7 +373,10 @@ mod tests {
 
     #[test]
     fn only_new_leftovers_are_leaks() {
-        let before = Leftovers::parse("gw-old\n", "1: raw_tracepoint  name sock_recv_lengt  tag a\n");
+        let before = Leftovers::parse(
+            "gw-old\n",
+            "1: raw_tracepoint  name sock_recv_lengt  tag a\n",
+        );
         let after = Leftovers::parse(
             "gw-old\ngw-new\n",
             "1: raw_tracepoint  name sock_recv_lengt  tag a\n2: raw_tracepoint  name sock_recv_lengt  tag a\n",

@@ -150,18 +150,12 @@ impl<S: Source> Monitor<S> {
         true
     }
 
-    /// Hands the accepts a merge found to the restart model, after it saw
-    /// the counts they are part of: a handover dates the old process's
-    /// drain from the new one's first accept, with what the old one held
-    /// then, and both may be found by the same rescan.
+    /// Hands the accepts a merge found to the restart model, oldest first,
+    /// before any status shows their counts: as kernel-reported accepts
+    /// would have been.
     pub(super) fn found_accepts(&mut self) {
-        let found = self.tracker.take_found_accepts();
-        if found.is_empty() {
-            return;
-        }
-        self.observe();
-        for ev in &found {
-            self.restarts.on_event(ev);
+        for ev in self.tracker.take_found_accepts() {
+            self.restarts.on_event(&ev);
         }
     }
 

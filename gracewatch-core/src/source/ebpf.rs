@@ -37,7 +37,7 @@ pub const READER_QUIET: Duration = Duration::from_nanos(READER_QUIET_NS);
 /// Sizes of the kernel-side tables.
 #[derive(Clone, Copy, Debug)]
 pub struct SourceOptions {
-    /// Capacity of each per-socket map (queued, live, pre-existing).
+    /// Capacity of each per-socket map (pending, live, pre-existing).
     pub max_connections: u32,
     /// Ring buffer size in bytes (a power of two, multiple of the page size).
     pub ring_buffer_bytes: u32,
@@ -55,7 +55,6 @@ impl Default for SourceOptions {
 pub struct EbpfSource {
     // Field order is drop order: readers first, then the programs and maps.
     events: AsyncFd<RingBuf<MapData>>,
-    queued: Handshakes,
     preexisting: HashMap<MapData, TupleKey, u32>,
     /// The kernel's `LIVE` map (sk → accepted connection).
     live: HashMap<MapData, u64, LiveConn>,
@@ -66,6 +65,8 @@ pub struct EbpfSource {
     control: Array<MapData, u64>,
     /// The kernel's `WATCHED` map.
     watched: HashMap<MapData, u32, u8>,
+    /// The pids in `WATCHED`, counted in `CONTROL[WATCHING]`.
+    watching: std::collections::BTreeSet<u32>,
     _ebpf: Ebpf,
 }
 
@@ -115,13 +116,13 @@ impl EbpfSource {
             .context("failed to open map `WATCHED`")?;
         Ok(Self {
             events,
-            queued: Handshakes::default(),
             preexisting,
             live,
             preexisting_registered: 0,
             stats,
             control,
             watched,
+            watching: std::collections::BTreeSet::new(),
             _ebpf: ebpf,
         })
     }
@@ -145,10 +146,7 @@ impl EbpfSource {
             }
             // SAFETY: the programs only submit `Event`s (checked length); the
             // record may be unaligned, hence read_unaligned.
-            let mut ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) };
-            if !self.queued.observe(&mut ev) {
-                continue;
-            }
+            let ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) };
             if let Some(ev) = decode(&ev) {
                 out.push(ev);
             }
@@ -240,11 +238,17 @@ impl EbpfSource {
             self.watched
                 .insert(pid, 1, 0)
                 .with_context(|| format!("failed to watch pid {pid} in map `WATCHED`"))?;
+            self.watching.insert(pid);
         } else {
             // Fails only if it was never inserted: nothing to undo.
             let _ = self.watched.remove(&pid);
+            self.watching.remove(&pid);
         }
-        Ok(())
+        // Raised after the insert and lowered after the removal, so the
+        // programs never see a watched pid with the count at zero.
+        self.control
+            .set(control::WATCHING, self.watching.len() as u64, 0)
+            .context("failed to update map `CONTROL`")
     }
 
     fn set_preexisting_registered(&mut self, n: u64) -> anyhow::Result<()> {
@@ -341,54 +345,6 @@ fn attach_raw(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<()> {
     prog.attach(name)
         .with_context(|| format!("failed to attach raw tracepoint `{name}`"))?;
     Ok(())
-}
-
-/// Connections whose handshake the programs reported and that nobody has
-/// accepted yet, by socket address. The programs keep no map for the
-/// accept queue (an insert and a delete per connection cost a busy server
-/// more than everything else they do): from these, userspace flags an
-/// accept that took a connection it saw queued, and keeps a queue drop only
-/// for a socket it saw queued (the programs report every socket that ends
-/// without ever having been held).
-#[derive(Debug, Default)]
-struct Handshakes {
-    /// sk → handshake time (ns).
-    queued: std::collections::HashMap<u64, u64>,
-    /// Size at which stale entries are swept next.
-    sweep_at: usize,
-}
-
-impl Handshakes {
-    /// An entry older than this is dropped when the set grows: its accept
-    /// was lost or invisible (io_uring), and no accept queue holds a
-    /// connection this long on a server that is draining it.
-    const STALE_NS: u64 = 600 * 1_000_000_000;
-    const MIN_SWEEP: usize = 4096;
-
-    /// Updates the set with `ev` and sets its `WAS_QUEUED` flag; `false`
-    /// if the record means nothing (a queue drop of a socket never queued).
-    fn observe(&mut self, ev: &mut Event) -> bool {
-        match ev.kind {
-            event_kind::HANDSHAKE => {
-                self.queued.insert(ev.sk, ev.ts_ns);
-                if self.queued.len() >= self.sweep_at.max(Self::MIN_SWEEP) {
-                    let now = ev.ts_ns;
-                    self.queued
-                        .retain(|_, at| now.saturating_sub(*at) < Self::STALE_NS);
-                    self.sweep_at = self.queued.len() * 2;
-                }
-                true
-            }
-            event_kind::ACCEPT => {
-                if self.queued.remove(&ev.sk).is_some() {
-                    ev.flags |= event_flag::WAS_QUEUED;
-                }
-                true
-            }
-            event_kind::QUEUE_DROP => self.queued.remove(&ev.sk).is_some(),
-            _ => true,
-        }
-    }
 }
 
 fn tuple_key(t: &Tuple) -> TupleKey {
@@ -543,61 +499,6 @@ mod tests {
 
         ev.kind = 200;
         assert_eq!(decode(&ev), None);
-    }
-
-    #[test]
-    fn accepts_and_queue_drops_are_matched_to_handshakes() {
-        let ev = |kind, sk, ts_ns| Event {
-            kind,
-            sk,
-            ts_ns,
-            ..Event::default()
-        };
-        let mut h = Handshakes::default();
-        // Queued, then accepted: flagged once.
-        assert!(h.observe(&mut ev(event_kind::HANDSHAKE, 1, 10)));
-        let mut a = ev(event_kind::ACCEPT, 1, 20);
-        assert!(h.observe(&mut a));
-        assert_eq!(a.flags & event_flag::WAS_QUEUED, event_flag::WAS_QUEUED);
-        // Accepted without a handshake seen (queued before the programs).
-        let mut b = ev(event_kind::ACCEPT, 1, 30);
-        assert!(h.observe(&mut b));
-        assert_eq!(b.flags & event_flag::WAS_QUEUED, 0);
-        // Queued, then reset in the queue: kept once; an unmatched drop
-        // (a socket never held that was never queued either) is not.
-        assert!(h.observe(&mut ev(event_kind::HANDSHAKE, 2, 40)));
-        assert!(h.observe(&mut ev(event_kind::QUEUE_DROP, 2, 50)));
-        assert!(!h.observe(&mut ev(event_kind::QUEUE_DROP, 2, 60)));
-        assert!(!h.observe(&mut ev(event_kind::QUEUE_DROP, 3, 60)));
-        // Other records pass untouched.
-        let mut c = ev(event_kind::CLOSE, 1, 70);
-        assert!(h.observe(&mut c));
-        assert_eq!(c.flags, 0);
-        assert!(h.queued.is_empty());
-    }
-
-    #[test]
-    fn stale_handshakes_are_swept_as_the_set_grows() {
-        let mut h = Handshakes::default();
-        let stale = Handshakes::STALE_NS;
-        for sk in 0..Handshakes::MIN_SWEEP as u64 - 1 {
-            h.observe(&mut Event {
-                kind: event_kind::HANDSHAKE,
-                sk,
-                ts_ns: 1,
-                ..Event::default()
-            });
-        }
-        assert_eq!(h.queued.len(), Handshakes::MIN_SWEEP - 1);
-        // The next one fills the set: everything older than STALE_NS goes.
-        h.observe(&mut Event {
-            kind: event_kind::HANDSHAKE,
-            sk: u64::MAX,
-            ts_ns: stale + 2,
-            ..Event::default()
-        });
-        assert_eq!(h.queued.len(), 1);
-        assert!(h.queued.contains_key(&u64::MAX));
     }
 
     #[test]

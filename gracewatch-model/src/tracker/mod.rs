@@ -304,9 +304,7 @@ impl Tracker {
     /// [`Tracker::apply`].
     pub fn is_claim_of_found(&self, ev: &ConnEvent) -> bool {
         match ev {
-            ConnEvent::Accept { tuple, .. } => {
-                self.conns.get(tuple).is_some_and(|c| c.unclaimed)
-            }
+            ConnEvent::Accept { tuple, .. } => self.conns.get(tuple).is_some_and(|c| c.unclaimed),
             _ => false,
         }
     }
@@ -725,7 +723,14 @@ impl Tracker {
     /// (see [`Conn::unclaimed`]): it gets its socket name, and its holder
     /// is whoever did the I/O unless a snapshot since vouched otherwise.
     /// `false` if `tuple` is no such connection.
-    fn claim_found(&mut self, sk: SockId, tuple: &Tuple, pid: u32, at: Duration, alive: bool) -> bool {
+    fn claim_found(
+        &mut self,
+        sk: SockId,
+        tuple: &Tuple,
+        pid: u32,
+        at: Duration,
+        alive: bool,
+    ) -> bool {
         let Some(conn) = self.conns.get_mut(tuple) else {
             return false;
         };

@@ -193,7 +193,8 @@ pub struct ProcRestart {
     pub role: Role,
     pub role_since: Duration,
     pub why: Why,
-    /// Live connections in the latest status (0 once gone).
+    /// Live connections in the latest status, plus its accepts since (0
+    /// once gone).
     pub live: u64,
     /// Listeners it holds now.
     pub listeners: BTreeSet<ListenAddr>,
@@ -762,6 +763,13 @@ impl Restarts {
             p.keys.insert(key);
             p.last_accept_event = Some(at);
             p.others_since = None;
+            // Live as the last status showed it, plus what it accepted
+            // since: what it holds when another process starts accepting
+            // may include accepts no status has shown yet (a rescan can
+            // find both at once).
+            if p.present {
+                p.live += 1;
+            }
         }
         // Where a handover's drain will count from (module documentation).
         for q in self.procs.values_mut() {

@@ -11,6 +11,7 @@ mod kit;
 mod connections;
 mod exits;
 mod fd_tables;
+mod first_io;
 mod listeners;
 mod publishing;
 mod randomized;
