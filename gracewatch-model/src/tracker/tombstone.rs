@@ -7,18 +7,16 @@
 //! without a rescan cannot grow it without bound. Forgetting an old entry
 //! only weakens a repair; it never makes a count wrong by itself.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    hash::Hash,
-    time::Duration,
-};
+use std::{collections::VecDeque, hash::Hash, time::Duration};
+
+use super::Map;
 
 /// Entries kept at most; older ones are forgotten first.
 const CAP: usize = 1 << 16;
 
 #[derive(Debug)]
 pub(super) struct Tombstones<K> {
-    latest: HashMap<K, Duration>,
+    latest: Map<K, Duration>,
     /// Insertion order, for eviction. May hold superseded `(key, time)`
     /// pairs; those are skipped when evicted.
     order: VecDeque<(K, Duration)>,
@@ -27,7 +25,7 @@ pub(super) struct Tombstones<K> {
 impl<K> Default for Tombstones<K> {
     fn default() -> Self {
         Self {
-            latest: HashMap::new(),
+            latest: Map::default(),
             order: VecDeque::new(),
         }
     }
