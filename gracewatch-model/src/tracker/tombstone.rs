@@ -7,7 +7,11 @@
 //! without a rescan cannot grow it without bound. Forgetting an old entry
 //! only weakens a repair; it never makes a count wrong by itself.
 
-use std::{collections::VecDeque, hash::Hash, time::Duration};
+use std::{
+    collections::{VecDeque, hash_map::Entry},
+    hash::Hash,
+    time::Duration,
+};
 
 use super::Map;
 
@@ -34,21 +38,27 @@ impl<K> Default for Tombstones<K> {
 impl<K: Copy + Eq + Hash> Tombstones<K> {
     /// Records that `key` ended at `at` (keeps the latest time per key).
     pub(super) fn insert(&mut self, key: K, at: Duration) {
-        let newer = match self.latest.get(&key) {
-            Some(prev) => at > *prev,
-            None => true,
-        };
-        if !newer {
-            return;
+        // One lookup per key (the entry), not a get then an insert or
+        // remove: every close lands here, and the eviction below runs once
+        // the set is full, i.e. on every close of a busy host.
+        match self.latest.entry(key) {
+            Entry::Occupied(mut e) if at > *e.get() => {
+                e.insert(at);
+            }
+            Entry::Occupied(_) => return,
+            Entry::Vacant(e) => {
+                e.insert(at);
+            }
         }
-        self.latest.insert(key, at);
         self.order.push_back((key, at));
         while self.order.len() > CAP {
             let Some((old, old_at)) = self.order.pop_front() else {
                 break;
             };
-            if self.latest.get(&old) == Some(&old_at) {
-                self.latest.remove(&old);
+            if let Entry::Occupied(e) = self.latest.entry(old) {
+                if *e.get() == old_at {
+                    e.remove();
+                }
             }
         }
     }
