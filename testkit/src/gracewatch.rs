@@ -341,6 +341,35 @@ impl Watch {
         }
     }
 
+    /// Waits up to `timeout` for watch to exit on its own (no signal: an
+    /// error ended it) and returns its exit status; panics, killing it, if
+    /// it still runs then.
+    #[track_caller]
+    pub fn wait_exit(&self, timeout: Duration) -> ExitStatus {
+        let taken = self
+            .process
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let mut process = taken.expect("watch is running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            match process.try_wait() {
+                Ok(Some(status)) => return status,
+                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
+                _ => {
+                    let _ = process.kill();
+                    let _ = process.wait();
+                    panic!(
+                        "{}: still ran {timeout:?} later\n{}",
+                        self.what,
+                        self.stderr_tail()
+                    );
+                }
+            }
+        }
+    }
+
     /// Sends SIGINT and checks that watch exits with 0 or 130 within a few seconds.
     #[track_caller]
     pub fn stop(self) -> ExitStatus {

@@ -8,6 +8,8 @@ use std::{
     time::Duration,
 };
 
+use tokio::sync::broadcast;
+
 use super::{ExitAccount, Monitor};
 use crate::{
     event::{ConnEvent, Snapshot, Tuple},
@@ -59,12 +61,22 @@ impl<S: Source> Monitor<S> {
             self.exits
                 .record(ev, |pid| S::RECORDING || self.watched.contains_key(&pid));
         }
-        if let Some(tx) = &self.events {
+        if let Some(tx) = self.subscribed() {
             for ev in &self.batch {
                 let _ = tx.send(ev.clone());
             }
         }
         true
+    }
+
+    /// The event sender, if anyone listens. With no subscriber a send
+    /// would clone the event (its `comm` is a fresh allocation) only for
+    /// the channel to drop it: a per-event cost nobody asked for. Skipping
+    /// it loses nothing: a receiver only ever gets what is sent after it
+    /// subscribed, and one that subscribes after this check is, to the
+    /// channel, one that subscribed after these sends.
+    fn subscribed(&self) -> Option<&broadcast::Sender<ConnEvent>> {
+        self.events.as_ref().filter(|tx| tx.receiver_count() > 0)
     }
 
     fn apply_one(&mut self, ev: ConnEvent) {
@@ -75,7 +87,7 @@ impl<S: Source> Monitor<S> {
         }
         self.exits
             .record(&ev, |pid| S::RECORDING || self.watched.contains_key(&pid));
-        if let Some(tx) = &self.events {
+        if let Some(tx) = self.subscribed() {
             let _ = tx.send(ev);
         }
     }
@@ -443,6 +455,152 @@ mod tests {
         }
     }
 
+    /// Counts the allocations of the thread that switched counting on,
+    /// so a test can tell what one call costs in allocations while other
+    /// tests run on other threads.
+    struct Counting;
+
+    thread_local! {
+        static COUNTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        static ALLOCATIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+
+    // SAFETY: every call is forwarded unchanged to the system allocator;
+    // the counter is a const-initialized thread local (no allocation, no
+    // re-entry).
+    unsafe impl std::alloc::GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+            if COUNTING.with(std::cell::Cell::get) {
+                ALLOCATIONS.with(|n| n.set(n.get() + 1));
+            }
+            // SAFETY: the caller's contract is the system allocator's.
+            unsafe { std::alloc::System.alloc(layout) }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+            // SAFETY: `ptr` came from `alloc` above, i.e. from `System`.
+            unsafe { std::alloc::System.dealloc(ptr, layout) }
+        }
+    }
+
+    #[global_allocator]
+    static ALLOCATOR: Counting = Counting;
+
+    /// Allocations made by `f` on this thread.
+    fn allocations(f: impl FnOnce()) -> u64 {
+        ALLOCATIONS.with(|n| n.set(0));
+        COUNTING.with(|c| c.set(true));
+        f();
+        COUNTING.with(|c| c.set(false));
+        ALLOCATIONS.with(std::cell::Cell::get)
+    }
+
+    /// A source that hands over whatever the test queued.
+    struct Queued(Vec<ConnEvent>);
+
+    impl Source for Queued {
+        async fn readable(&mut self) -> anyhow::Result<()> {
+            std::future::pending().await
+        }
+
+        fn drain(&mut self, out: &mut Vec<ConnEvent>) {
+            out.append(&mut self.0);
+        }
+
+        fn now(&self) -> Duration {
+            monotonic_now()
+        }
+    }
+
+    /// Connection `n`'s handshake, accept and close, with a `comm` as long
+    /// as the kernel's (the clone a send makes allocates it).
+    fn connection(n: u16) -> [ConnEvent; 3] {
+        let tuple = Tuple {
+            netns: 1,
+            local: "10.0.0.1:80".parse().expect("an address"),
+            remote: std::net::SocketAddr::from(([192, 0, 2, 1], 40000 + n)),
+        };
+        let sk = 0xffff_0000_0000 + u64::from(n);
+        let at = Duration::from_millis(u64::from(n));
+        [
+            ConnEvent::Handshake { at, sk, tuple },
+            ConnEvent::Accept {
+                at,
+                sk,
+                tuple,
+                pid: 7,
+                comm: "server-process1".into(),
+                was_queued: true,
+            },
+            ConnEvent::Close {
+                at,
+                sk,
+                tuple,
+                pid: 7,
+                by_exit: false,
+            },
+        ]
+    }
+
+    fn queued(from: u16, to: u16) -> Queued {
+        Queued((from..to).flat_map(connection).collect())
+    }
+
+    /// Allocations `pump` makes for 100 connections, with `events` as the
+    /// monitor's event sender.
+    fn pump_allocations(events: Option<broadcast::Sender<ConnEvent>>) -> u64 {
+        let now = monotonic_now();
+        let mut m = Monitor::over(queued(0, 100), Tracker::new(), now, now);
+        // Warm up the tracker's and the batch's tables, so both runs
+        // compared below only pay for their events.
+        m.pump();
+        m.source = queued(100, 200);
+        m.events = events;
+        allocations(|| {
+            m.pump();
+        })
+    }
+
+    /// With no subscriber the monitor pays nothing per event for the
+    /// channel: no clone (whose `comm` would be allocated) to be dropped.
+    #[test]
+    fn events_nobody_subscribed_to_cost_no_allocation() {
+        let (tx, rx) = broadcast::channel(16);
+        drop(rx);
+        let without_sender = pump_allocations(None);
+        let without_receiver = pump_allocations(Some(tx.clone()));
+        assert_eq!(
+            without_receiver, without_sender,
+            "a sender nobody listens to costs allocations"
+        );
+        // And the measure sees the clones when someone does listen.
+        let _rx = tx.subscribe();
+        assert!(pump_allocations(Some(tx)) > without_sender);
+    }
+
+    /// A subscriber that comes late still gets every event applied from
+    /// then on, in order, once the monitor skipped sends for nobody.
+    #[test]
+    fn a_late_subscriber_gets_every_event_from_when_it_subscribed() {
+        let now = monotonic_now();
+        let mut m = Monitor::over(queued(0, 10), Tracker::new(), now, now);
+        let (tx, _) = broadcast::channel(1024);
+        m.events = Some(tx.clone());
+        assert!(m.pump(), "the first batch is applied");
+        let mut rx = tx.subscribe();
+        m.source = queued(10, 20);
+        assert!(m.pump());
+        m.apply_one(ConnEvent::Lost { at: now, total: 3 });
+        let mut got = Vec::new();
+        while let Ok(ev) = rx.try_recv() {
+            got.push(ev);
+        }
+        let mut want: Vec<ConnEvent> = (10..20).flat_map(connection).collect();
+        want.push(ConnEvent::Lost { at: now, total: 3 });
+        assert_eq!(got, want);
+        assert_eq!(m.tracker.status(monotonic_now()).lost_events, 3);
+    }
+
     /// Events lost while a rescan runs may postdate its snapshot: the
     /// repair rescan they ask for must still run once that one is done,
     /// not after its back-off (which grows with a long, e.g. stopped, run).
@@ -467,6 +625,12 @@ mod tests {
         }
         if m.rescan.is_none() {
             m.housekeeping(monotonic_now());
+        }
+        // The rescan counts itself once its blocking thread runs, which
+        // may be after `housekeeping` returned.
+        while m.rescan.is_some() && TAKEN.load(Ordering::SeqCst) == 1 {
+            assert!(monotonic_now() < give_up, "the repair rescan never ran");
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
         assert_eq!(
             TAKEN.load(Ordering::SeqCst),

@@ -66,16 +66,23 @@ pub struct ConnInfo {
     pub listener: Option<ListenAddr>,
 }
 
+/// The tracker's hash tables. Their keys are partly chosen by remote peers
+/// (a connection's address and port), so the hasher is seeded at random
+/// per process like std's, but foldhash instead of SipHash-1-3: several
+/// lookups per event on a ~40-byte tuple made SipHash about a third of
+/// the tracker's time per connection (`examples/tracker_cost.rs`).
+pub(crate) type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// Live connections, listeners and their holders, folded from events and
 /// snapshots. See the module documentation for the model.
 #[derive(Debug, Default)]
 pub struct Tracker {
-    conns: HashMap<Tuple, Conn>,
-    conn_by_sk: HashMap<SockId, Tuple>,
+    conns: Map<Tuple, Conn>,
+    conn_by_sk: Map<SockId, Tuple>,
     listeners: BTreeMap<ListenAddr, Listener>,
-    listener_by_sk: HashMap<SockId, ListenAddr>,
+    listener_by_sk: Map<SockId, ListenAddr>,
     /// Exactly the pids holding a live connection or a listener (see [`Tracker::collect_idle`]).
-    procs: HashMap<u32, Proc>,
+    procs: Map<u32, Proc>,
     /// Pids that may have let go of their last holding during this call.
     idle: Vec<u32>,
     /// Queued connections no known listener matches.
@@ -343,7 +350,7 @@ impl Tracker {
     pub fn status(&self, now: Duration) -> Status {
         // Per process: (live, oldest since); per (listener, holder): live.
         let mut live: BTreeMap<u32, (u64, Duration)> = BTreeMap::new();
-        let mut through: HashMap<(ListenAddr, u32), u64> = HashMap::new();
+        let mut through: Map<(ListenAddr, u32), u64> = Map::default();
         for conn in self.conns.values() {
             for &pid in &conn.holders {
                 let e = live.entry(pid).or_insert((0, conn.since));

@@ -8,17 +8,19 @@
 //! only weakens a repair; it never makes a count wrong by itself.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{VecDeque, hash_map::Entry},
     hash::Hash,
     time::Duration,
 };
+
+use super::Map;
 
 /// Entries kept at most; older ones are forgotten first.
 const CAP: usize = 1 << 16;
 
 #[derive(Debug)]
 pub(super) struct Tombstones<K> {
-    latest: HashMap<K, Duration>,
+    latest: Map<K, Duration>,
     /// Insertion order, for eviction. May hold superseded `(key, time)`
     /// pairs; those are skipped when evicted.
     order: VecDeque<(K, Duration)>,
@@ -27,7 +29,7 @@ pub(super) struct Tombstones<K> {
 impl<K> Default for Tombstones<K> {
     fn default() -> Self {
         Self {
-            latest: HashMap::new(),
+            latest: Map::default(),
             order: VecDeque::new(),
         }
     }
@@ -36,21 +38,27 @@ impl<K> Default for Tombstones<K> {
 impl<K: Copy + Eq + Hash> Tombstones<K> {
     /// Records that `key` ended at `at` (keeps the latest time per key).
     pub(super) fn insert(&mut self, key: K, at: Duration) {
-        let newer = match self.latest.get(&key) {
-            Some(prev) => at > *prev,
-            None => true,
-        };
-        if !newer {
-            return;
+        // One lookup per key (the entry), not a get then an insert or
+        // remove: every close lands here, and the eviction below runs once
+        // the set is full, i.e. on every close of a busy host.
+        match self.latest.entry(key) {
+            Entry::Occupied(mut e) if at > *e.get() => {
+                e.insert(at);
+            }
+            Entry::Occupied(_) => return,
+            Entry::Vacant(e) => {
+                e.insert(at);
+            }
         }
-        self.latest.insert(key, at);
         self.order.push_back((key, at));
         while self.order.len() > CAP {
             let Some((old, old_at)) = self.order.pop_front() else {
                 break;
             };
-            if self.latest.get(&old) == Some(&old_at) {
-                self.latest.remove(&old);
+            if let Entry::Occupied(e) = self.latest.entry(old) {
+                if *e.get() == old_at {
+                    e.remove();
+                }
             }
         }
     }

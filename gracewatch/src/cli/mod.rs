@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 pub use crate::input::parse_duration;
 use crate::{
+    agent::client::AgentClient,
     display::terminal_safe,
     drain::{self, DrainSpec, OnTimeout, SignalSpec, TargetSpec},
     exit,
@@ -40,7 +41,16 @@ enum Command {
     /// CLOSE_WAIT, accepted and not yet closed), then every listener with
     /// its holders and accept-queue depth.
     #[command(after_help = exit::GENERAL_HELP)]
-    Status(FilterArgs),
+    Status {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Read the status of a running `gracewatch agent` (e.g.
+        /// unix:/run/gracewatch.sock or http://127.0.0.1:9464) instead of
+        /// loading a second copy of the eBPF programs: same output, the
+        /// agent's view. Fails (exit 1) if the agent cannot be read.
+        #[arg(long, value_name = "URL")]
+        agent: Option<String>,
+    },
     /// List a process's live connections with how long each has been idle
     /// and what is in flight.
     ///
@@ -99,6 +109,14 @@ enum Command {
         /// events of those processes/listeners.
         #[arg(long, requires = "json")]
         events: bool,
+        /// Follow a running `gracewatch agent` (e.g.
+        /// unix:/run/gracewatch.sock or http://127.0.0.1:9464) instead of
+        /// loading a second copy of the eBPF programs: its status is read
+        /// every --interval and printed as above when it changed. Exits 1
+        /// if the agent cannot be read (at start or later). Not with
+        /// --events (read the agent's /v1/events instead).
+        #[arg(long, value_name = "URL", conflicts_with = "events")]
+        agent: Option<String>,
     },
     /// Wait until the target holds no live connection, then signal it.
     ///
@@ -338,8 +356,12 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         ring_buffer_bytes: cli.kernel.ring_buffer_size,
     };
     match cli.command {
-        Command::Status(filter) => {
-            let status = filter.apply(Monitor::status_once(opts)?);
+        Command::Status { filter, agent } => {
+            let status = match &agent {
+                Some(url) => agent_status(&AgentClient::new(url, None)?, url).await?,
+                None => Monitor::status_once(opts)?,
+            };
+            let status = filter.apply(status);
             let mut out = std::io::stdout().lock();
             if filter.json {
                 serde_json::to_writer(&mut out, &status)?;
@@ -382,6 +404,12 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             events: true,
             ..
         } => watch_events(opts, filter).await,
+        Command::Watch {
+            filter,
+            interval,
+            agent: Some(url),
+            ..
+        } => watch_agent(&url, filter, interval).await,
         Command::Watch {
             filter, interval, ..
         } => watch(opts, filter, interval).await,
@@ -430,6 +458,45 @@ async fn watch(opts: SourceOptions, filter: FilterArgs, interval: Duration) -> a
                 pending = true;
             }
             () = tokio::time::sleep_until(wake) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(exit::INTERRUPTED),
+            _ = sigterm.recv() => return Ok(exit::INTERRUPTED),
+        }
+    }
+}
+
+/// The status of the agent at `url`: what `status` would print, read
+/// from the agent's kernel side instead of a copy of our own.
+async fn agent_status(client: &AgentClient, url: &str) -> anyhow::Result<Status> {
+    // The error's text already holds its whole chain (its source repeats it).
+    client
+        .status()
+        .await
+        .map_err(|e| anyhow::anyhow!("failed to read the status of the agent at {url}: {e}"))
+}
+
+/// `watch --agent`: the agent's status, read every `interval`, printed as
+/// `watch` prints its own whenever it changed. An agent that cannot be
+/// read ends the watch with an error: a stream that silently stops
+/// changing would read as "nothing changes".
+async fn watch_agent(url: &str, filter: FilterArgs, interval: Duration) -> anyhow::Result<u8> {
+    let client = AgentClient::new(url, None)?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut last: Option<Status> = None;
+    loop {
+        let status = filter.apply(agent_status(&client, url).await?);
+        if last.as_ref().is_none_or(|l| render::differs(l, &status)) {
+            let mut out = std::io::stdout().lock();
+            if filter.json {
+                serde_json::to_writer(&mut out, &status)?;
+                writeln!(out)?;
+            } else {
+                write!(out, "{}", render::changes(last.as_ref(), &status))?;
+            }
+            out.flush()?;
+            last = Some(status);
+        }
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
             _ = tokio::signal::ctrl_c() => return Ok(exit::INTERRUPTED),
             _ = sigterm.recv() => return Ok(exit::INTERRUPTED),
         }
