@@ -448,9 +448,12 @@ const PF_EXITING: u32 = 0x4;
 /// are being released by `exit()`.
 #[inline(always)]
 fn owner_exiting(cfg: &Config, owner: u32) -> bool {
-    if current_tgid(cfg) != Some(owner) {
-        return false;
-    }
+    current_tgid(cfg) == Some(owner) && current_exiting(cfg)
+}
+
+/// Whether the current task is exiting.
+#[inline(always)]
+fn current_exiting(cfg: &Config) -> bool {
     // SAFETY: no arguments, no preconditions.
     let task = unsafe { bpf_get_current_task() };
     kread::<u32>(task, cfg.task_flags).is_ok_and(|f| f & PF_EXITING != 0)
@@ -526,7 +529,8 @@ fn report_live_end(cfg: &Config, sk: u64, conn: &LiveConn, old: u8, new: u8) {
 /// last connection of a target that accepted it and never read or wrote.
 #[inline(never)]
 fn report_pending_end(sk: u64, conn: &LiveConn, old: u8, new: u8) {
-    let ev = Event {
+    let cfg = config();
+    let mut ev = Event {
         ts_ns: now_ns(),
         sk,
         netns: conn.netns,
@@ -540,6 +544,15 @@ fn report_pending_end(sk: u64, conn: &LiveConn, old: u8, new: u8) {
         raddr: conn.raddr,
         ..Event::default()
     };
+    // Released by an exiting process (its fds closed by `exit()`, in its
+    // own context): it accepted this connection or held the listener it
+    // was queued on, and loses it. Userspace counts it against that exit.
+    if let Some(tgid) = current_tgid(&cfg) {
+        if current_exiting(&cfg) {
+            ev.tgid = tgid;
+            ev.flags |= event_flag::OWNER_EXITING;
+        }
+    }
     emit(&ev, control(control::WATCHING) != 0);
 }
 

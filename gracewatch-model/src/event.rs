@@ -166,6 +166,12 @@ pub enum ConnEvent {
         #[serde(serialize_with = "serialize_sock_id")]
         sk: SockId,
         tuple: Tuple,
+        /// The process whose exit released it (its fds were being closed
+        /// by `exit()`), 0 if none: such a connection was accepted by it or
+        /// queued on a listener it held, and is lost with it. From the
+        /// programs, for the monitor's exit accounts; not part of the JSON.
+        #[serde(skip)]
+        exiting: u32,
     },
     /// A connection from the startup snapshot ended.
     PreexistingClose {

@@ -14,6 +14,7 @@ use super::{ExitAccount, Monitor};
 use crate::{
     event::{ConnEvent, Snapshot, Tuple},
     source::{Liveness, Source, monotonic_now},
+    tracker::Seen,
 };
 
 /// Rescans refresh what events cannot tell: which processes hold a
@@ -52,17 +53,19 @@ impl<S: Source> Monitor<S> {
             return false;
         }
         self.last_records = monotonic_now();
+        let tx = self.subscribed().cloned();
         for ev in &self.batch {
-            let found = self.tracker.is_claim_of_found(ev);
+            let seen = self.tracker.seen_as(ev);
             self.tracker.apply(ev);
-            if !found {
-                self.restarts.on_event(ev);
-            }
+            let ev = match &seen {
+                Seen::Same => ev,
+                Seen::Hidden => continue,
+                Seen::Instead(instead) => instead,
+            };
+            self.restarts.on_event(ev);
             self.exits
                 .record(ev, |pid| S::RECORDING || self.watched.contains_key(&pid));
-        }
-        if let Some(tx) = self.subscribed() {
-            for ev in &self.batch {
+            if let Some(tx) = &tx {
                 let _ = tx.send(ev.clone());
             }
         }
@@ -80,11 +83,14 @@ impl<S: Source> Monitor<S> {
     }
 
     fn apply_one(&mut self, ev: ConnEvent) {
-        let found = self.tracker.is_claim_of_found(&ev);
+        let seen = self.tracker.seen_as(&ev);
         self.tracker.apply(&ev);
-        if !found {
-            self.restarts.on_event(&ev);
-        }
+        let ev = match seen {
+            Seen::Same => ev,
+            Seen::Hidden => return,
+            Seen::Instead(instead) => instead,
+        };
+        self.restarts.on_event(&ev);
         self.exits
             .record(&ev, |pid| S::RECORDING || self.watched.contains_key(&pid));
         if let Some(tx) = self.subscribed() {
@@ -162,12 +168,16 @@ impl<S: Source> Monitor<S> {
         true
     }
 
-    /// Hands the accepts a merge found to the restart model, oldest first,
-    /// before any status shows their counts: as kernel-reported accepts
-    /// would have been.
+    /// Hands the accepts a merge found to the consumers of events, oldest
+    /// first, before any status shows their counts: as kernel-reported
+    /// accepts would have been.
     pub(super) fn found_accepts(&mut self) {
+        let tx = self.subscribed().cloned();
         for ev in self.tracker.take_found_accepts() {
             self.restarts.on_event(&ev);
+            if let Some(tx) = &tx {
+                let _ = tx.send(ev);
+            }
         }
     }
 
@@ -378,6 +388,16 @@ impl ExitAccounts {
                 *self
                     .closes
                     .entry(*pid)
+                    .or_default()
+                    .entry(tuple.local.port())
+                    .or_default() += 1;
+            }
+            // Accepted by an exiting process and never read or written
+            // (or queued on its listener): lost with it.
+            ConnEvent::QueueDrop { exiting, tuple, .. } if *exiting != 0 && keep(*exiting) => {
+                *self
+                    .closes
+                    .entry(*exiting)
                     .or_default()
                     .entry(tuple.local.port())
                     .or_default() += 1;

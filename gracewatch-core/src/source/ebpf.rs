@@ -436,6 +436,11 @@ pub fn decode(ev: &Event) -> Option<ConnEvent> {
             at,
             sk: ev.sk,
             tuple,
+            exiting: if ev.flags & event_flag::OWNER_EXITING != 0 {
+                ev.tgid
+            } else {
+                0
+            },
         },
         event_kind::PREEXISTING_CLOSE => ConnEvent::PreexistingClose {
             at,

@@ -51,6 +51,30 @@ const MAX_PENDING: usize = 1 << 22;
 /// as pre-existing rather than as an accept.
 const PENDING_KEEP: Duration = Duration::from_secs(600);
 
+/// How consumers see an event (see [`Tracker::seen_as`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Seen {
+    /// As it is.
+    Same,
+    /// Not at all.
+    Hidden,
+    /// As this one instead.
+    Instead(ConnEvent),
+}
+
+/// The socket name given to consumers for a connection a snapshot found
+/// accepted before the programs could name it: stable per tuple, and
+/// never a kernel address (those are above 2^63 on every 64-bit kernel),
+/// so its accept and its close pair up in a recording.
+pub fn found_id(tuple: &Tuple) -> SockId {
+    // FNV-1a over the tuple's text: stable across processes and versions.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in format!("{}|{}|{}", tuple.netns, tuple.local, tuple.remote).bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h >> 1) | 1
+}
+
 /// One live connection, for the drain output and the TUI detail view.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnInfo {
@@ -105,7 +129,7 @@ pub struct Tracker {
     /// Connections whose handshake the programs reported and that no
     /// process has read or written yet (the kernel keeps them pending), by
     /// tuple → handshake time: queued, or accepted and untouched.
-    pending: HashMap<Tuple, Duration>,
+    pending: Map<Tuple, Duration>,
     /// Accepts the last snapshot merge found (see [`Tracker::take_found_accepts`]).
     found_accepts: Vec<ConnEvent>,
 }
@@ -305,22 +329,45 @@ impl Tracker {
         self.collect_idle();
     }
 
-    /// Whether `ev` is the kernel's claim (first read or write) of a
-    /// connection a snapshot already found accepted: not a new accept, so
-    /// models of accepts (handovers) must not see it again. Ask before
-    /// [`Tracker::apply`].
-    pub fn is_claim_of_found(&self, ev: &ConnEvent) -> bool {
+    /// How consumers of events (models of accepts, exit accounts,
+    /// subscribers) see `ev`, which is about to be applied: as the
+    /// tracker counts it. A connection a snapshot found accepted before
+    /// any I/O on it (see [`Tracker::take_found_accepts`]) was reported as
+    /// an accept then; the kernel's claim of it later is no second accept
+    /// ([`Seen::Hidden`]), and its end before any I/O, a queue drop for the
+    /// kernel, is the close of that connection ([`Seen::Instead`]). Ask
+    /// before [`Tracker::apply`].
+    pub fn seen_as(&self, ev: &ConnEvent) -> Seen {
         match ev {
-            ConnEvent::Accept { tuple, .. } => self.conns.get(tuple).is_some_and(|c| c.unclaimed),
-            _ => false,
+            ConnEvent::Accept { tuple, .. }
+                if self.conns.get(tuple).is_some_and(|c| c.unclaimed) =>
+            {
+                Seen::Hidden
+            }
+            ConnEvent::QueueDrop {
+                at, tuple, exiting, ..
+            } => match self.conns.get(tuple) {
+                Some(c) if c.sk.is_none() && c.since <= *at => {
+                    let pid = c.holders.first().copied().unwrap_or(0);
+                    Seen::Instead(ConnEvent::Close {
+                        at: *at,
+                        sk: found_id(tuple),
+                        tuple: *tuple,
+                        pid,
+                        by_exit: *exiting != 0 && c.holders.contains(exiting),
+                    })
+                }
+                _ => Seen::Same,
+            },
+            _ => Seen::Same,
         }
     }
 
     /// The accepts the last snapshot merge found: connections accepted and
     /// not yet read or written (the programs see a connection's owner at
     /// its first send or receive), as [`ConnEvent::Accept`]s dated at their
-    /// handshake, oldest first, with no socket name. Already counted here;
-    /// for models of accepts (handovers). Emptied.
+    /// handshake, oldest first, named by [`found_id`]. Already counted
+    /// here; for consumers of events (see [`Tracker::seen_as`]). Emptied.
     pub fn take_found_accepts(&mut self) -> Vec<ConnEvent> {
         std::mem::take(&mut self.found_accepts)
     }

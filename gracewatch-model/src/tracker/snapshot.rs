@@ -307,7 +307,7 @@ impl Tracker {
                     .unwrap_or_default();
                 self.found_accepts.push(ConnEvent::Accept {
                     at,
-                    sk: 0,
+                    sk: super::found_id(&sc.tuple),
                     tuple: sc.tuple,
                     pid: charged,
                     comm,

@@ -6,6 +6,7 @@
 
 use super::kit::*;
 use crate::event::ConnEvent;
+use crate::tracker::{Seen, found_id};
 
 fn found_steps() -> Vec<Step> {
     vec![
@@ -147,9 +148,9 @@ fn found_accepts_are_handed_out_once_and_their_claim_is_known() {
         comm: event_comm(10),
         was_queued: true,
     };
-    assert!(t.is_claim_of_found(&claim));
+    assert_eq!(t.seen_as(&claim), Seen::Hidden);
     t.apply(&claim);
-    assert!(!t.is_claim_of_found(&claim), "claimed once");
+    assert_eq!(t.seen_as(&claim), Seen::Same, "claimed once");
     let other = ConnEvent::Accept {
         at: ms(13),
         sk: 201,
@@ -158,5 +159,40 @@ fn found_accepts_are_handed_out_once_and_their_claim_is_known() {
         comm: event_comm(10),
         was_queued: true,
     };
-    assert!(!t.is_claim_of_found(&other));
+    assert_eq!(t.seen_as(&other), Seen::Same);
+}
+
+/// The end of a found connection before any I/O reaches consumers as its
+/// close (by its exit if its holder was exiting), named like its accept.
+#[test]
+fn a_found_connection_ending_untouched_is_seen_as_its_close() {
+    let mut t = run_steps("found", &found_steps());
+    let drop = |exiting| ConnEvent::QueueDrop {
+        at: ms(20),
+        sk: 200,
+        tuple: conn_v4(1),
+        exiting,
+    };
+    let close = |by_exit| {
+        Seen::Instead(ConnEvent::Close {
+            at: ms(20),
+            sk: found_id(&conn_v4(1)),
+            tuple: conn_v4(1),
+            pid: 10,
+            by_exit,
+        })
+    };
+    assert_eq!(t.seen_as(&drop(0)), close(false));
+    assert_eq!(t.seen_as(&drop(10)), close(true));
+    assert_eq!(
+        t.seen_as(&drop(11)),
+        close(false),
+        "another process exiting"
+    );
+    t.apply(&drop(0));
+    assert_eq!(
+        t.seen_as(&drop(0)),
+        Seen::Same,
+        "a queue drop once it is gone"
+    );
 }

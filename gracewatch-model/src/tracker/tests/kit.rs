@@ -201,6 +201,7 @@ pub(super) fn close_by_exit(at: u64, sk: u64, tuple: Tuple, pid: u32) -> Step {
 
 pub(super) fn queue_drop(at: u64, sk: u64, tuple: Tuple) -> Step {
     Step::Ev(ConnEvent::QueueDrop {
+        exiting: 0,
         at: ms(at),
         sk,
         tuple,

@@ -110,6 +110,7 @@ fn random_sequences_keep_the_invariants() {
                     by_exit: false,
                 },
                 9 => ConnEvent::QueueDrop {
+                    exiting: 0,
                     at,
                     sk: rng.pick(&conn_sks),
                     tuple: rng.pick(&tuples),
@@ -250,7 +251,12 @@ impl Model {
             },
             4 if !self.queued.is_empty() => {
                 let (sk, tuple) = self.queued.remove(rng.below(self.queued.len()));
-                vec![ConnEvent::QueueDrop { at, sk, tuple }]
+                vec![ConnEvent::QueueDrop {
+                    at,
+                    sk,
+                    tuple,
+                    exiting: 0,
+                }]
             }
             5..=7 => {
                 let pid = rng.pick(c.pids);
