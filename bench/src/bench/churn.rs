@@ -29,7 +29,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use super::{Agent, Ctx, Netns, Proc, Row, Which, check_interrupted, cpu_time, mean, netns, signal};
+use super::{
+    Agent, Ctx, Netns, Proc, Row, Which, check_interrupted, cpu_time, mean, netns, signal,
+};
 use gracewatch_testkit::procfs;
 use xtask::cmd::{self, command};
 

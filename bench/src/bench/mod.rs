@@ -863,8 +863,7 @@ const BLOCKS: [&str; 8] = [
     "summary", "machine", "reaction", "overhead", "scale", "churn", "tax", "cost",
 ];
 
-const SUMMARY_HEADER: &str =
-    "| claim | goal | measured | verdict | run |\n|---|---|---|---|---|";
+const SUMMARY_HEADER: &str = "| claim | goal | measured | verdict | run |\n|---|---|---|---|---|";
 
 /// Today's date, for the summary's `run` column.
 fn today() -> String {
@@ -990,8 +989,7 @@ mod tests {
         };
         update_benchmarks_md(&path, "m1", &[section(Which::Scale, "s1")], "d1")
             .expect("first write");
-        update_benchmarks_md(&path, "m1", &[section(Which::Tax, "t1")], "d1")
-            .expect("first write");
+        update_benchmarks_md(&path, "m1", &[section(Which::Tax, "t1")], "d1").expect("first write");
         let mut text = fs::read_to_string(&path).expect("read");
         assert!(text.contains("s1") && text.contains("m1") && text.contains("_not run yet_"));
         text.push_str("\nhand-written analysis\n");
@@ -1004,8 +1002,14 @@ mod tests {
         // The summary keeps the tax row of the earlier run, replaces the
         // scale row, and lists tax first.
         let summary = block(&text, "summary").expect("summary block");
-        assert!(summary.contains("| tax: claim | goal | t1 | met | d1 |"), "{summary}");
-        assert!(summary.contains("| scale: claim | goal | s2 | met | d2 |"), "{summary}");
+        assert!(
+            summary.contains("| tax: claim | goal | t1 | met | d1 |"),
+            "{summary}"
+        );
+        assert!(
+            summary.contains("| scale: claim | goal | s2 | met | d2 |"),
+            "{summary}"
+        );
         assert!(!summary.contains("s1"));
         assert!(summary.find("tax:") < summary.find("scale:"));
         let _ = fs::remove_dir_all(&dir);

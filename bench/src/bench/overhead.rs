@@ -18,7 +18,7 @@ use std::{fmt::Write as _, fs, time::Duration};
 use anyhow::{Context as _, Result, bail};
 
 use super::{
-    Agent, Ctx, Netns, Proc, Output, Row, Which, check_interrupted, cpu_time, mean, netns, stddev,
+    Agent, Ctx, Netns, Output, Proc, Row, Which, check_interrupted, cpu_time, mean, netns, stddev,
 };
 use xtask::cmd;
 

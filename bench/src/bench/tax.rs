@@ -22,7 +22,7 @@ use std::{fmt::Write as _, fs, time::Duration};
 use anyhow::{Context as _, Result, bail};
 
 use super::{
-    Agent, Ctx, Proc, Output, Row, Which, bpf_prog_ids, check_interrupted, median, verdict,
+    Agent, Ctx, Output, Proc, Row, Which, bpf_prog_ids, check_interrupted, median, verdict,
 };
 use xtask::cmd::{self, command};
 
@@ -70,7 +70,9 @@ pub fn run(ctx: &Ctx, rounds: u32) -> Result<Output> {
                     &["--unix", &unix_s],
                     Duration::from_secs(30),
                 )?;
-                agent.status().context("the agent did not answer /v1/status")?;
+                agent
+                    .status()
+                    .context("the agent did not answer /v1/status")?;
                 let mine = bpf_prog_ids(agent.pid());
                 let (before, n) = foreign_syscall_hooks(&mine)?;
                 own_syscall_progs = Some(n);
@@ -248,7 +250,15 @@ fn report(all: &[Round], own_syscall_progs: u32) -> Output {
         let _ = writeln!(
             md,
             "| {label} | {:.1} [{:.1}–{:.1}] | {:.1} [{:.1}–{:.1}] | {d:+.1} | {pct:+.1} % | {:+.1} [{:+.1}–{:+.1}] |",
-            off.median, off.min, off.max, on.median, on.min, on.max, delta.median, delta.min, delta.max
+            off.median,
+            off.min,
+            off.max,
+            on.median,
+            on.min,
+            on.max,
+            delta.median,
+            delta.min,
+            delta.max
         );
     }
     let _ = writeln!(
