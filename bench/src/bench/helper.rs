@@ -404,10 +404,11 @@ fn thread_cpu_ns() -> f64 {
     t.tv_sec as f64 * 1e9 + t.tv_nsec as f64
 }
 
-/// Prints `tax getppid_ns=M read_ns=M` with the median batch of each (ns
-/// per call): a batch of `calls` raw `getppid` system calls, then a batch
-/// of `calls` 1-byte `read`s from a pipe filled just before (the fill is
-/// not timed). The median batch is robust to a batch that an interrupt or
+/// Prints `tax getppid_ns=M read_ns=M unix_pair_ns=M` with the median
+/// batch of each (ns per call, per write+read pair for the last): a batch
+/// of `calls` raw `getppid` system calls, a batch of `calls` 1-byte `read`s
+/// from a pipe filled just before (the fill is not timed), and `calls / 8`
+/// 1-byte write+read pairs over a unix socket pair. The median batch is robust to a batch that an interrupt or
 /// a migration lengthened.
 fn tax_loop(batches: u32, calls: u32) -> Result<()> {
     exit_at_deadline();
@@ -424,7 +425,13 @@ fn tax_loop(batches: u32, calls: u32) -> Result<()> {
         bail!("failed to make the pipe hold {calls} bytes");
     }
     let fill = vec![b'x'; calls as usize];
-    let (mut getppid, mut read) = (Vec::new(), Vec::new());
+    let mut sp = [0; 2];
+    // SAFETY: socketpair writes two fds into the array we pass.
+    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, sp.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error()).context("failed to create a socket pair");
+    }
+    let pairs = (calls / 8).max(1);
+    let (mut getppid, mut read, mut unix) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..batches.max(1) {
         let t0 = thread_cpu_ns();
         for _ in 0..calls {
@@ -448,15 +455,35 @@ fn tax_loop(batches: u32, calls: u32) -> Result<()> {
             }
         }
         read.push((thread_cpu_ns() - t0) / f64::from(calls));
+        // A 1-byte write + read over a unix socket pair: two socket calls
+        // (what hooks on socket send/receive would tax), no TCP socket for
+        // gracewatch to watch.
+        let t0 = thread_cpu_ns();
+        for _ in 0..pairs {
+            // SAFETY: writes one byte from and reads one byte into a local,
+            // on our own socket pair.
+            let ok = unsafe {
+                libc::write(sp[0], (&raw const c).cast(), 1) == 1
+                    && libc::read(sp[1], (&raw mut c).cast(), 1) == 1
+            };
+            if !ok {
+                bail!(
+                    "a unix socket pair write/read failed: {}",
+                    io::Error::last_os_error()
+                );
+            }
+        }
+        unix.push((thread_cpu_ns() - t0) / f64::from(pairs));
     }
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
     say(&format!(
-        "tax getppid_ns={:.2} read_ns={:.2}",
+        "tax getppid_ns={:.2} read_ns={:.2} unix_pair_ns={:.2}",
         median(&mut getppid),
-        median(&mut read)
+        median(&mut read),
+        median(&mut unix)
     ));
     Ok(())
 }
