@@ -299,7 +299,7 @@ struct ListTiming {
 /// time of each connection-list query it answered from that log.
 fn time_connection_list(ctx: &Ctx, pids: &[u32]) -> Result<ListTiming> {
     let mut c = command(&ctx.bin);
-    c.env("RUST_LOG", "gracewatch::monitor=debug")
+    c.env("RUST_LOG", "gracewatch_core::monitor=debug")
         .args(["wait", "--timeout", "1s", "--json"]);
     for p in pids {
         c.args(["--pid", &p.to_string()]);
@@ -557,6 +557,16 @@ fn report(r: &Report) -> super::Output {
         r.list.count,
         verdict(r.list.ms < GOAL_LIST_MS && r.list.count == r.truth)
     );
+    rows.push(Row::new(
+        Which::Scale,
+        &format!(
+            "a drain's connection list (count + 10 oldest) at {}",
+            r.truth
+        ),
+        &format!("< {GOAL_LIST_MS} ms"),
+        format!("**{:.3} ms** for {} connections", r.list.ms, r.list.count),
+        verdict(r.list.ms < GOAL_LIST_MS && r.list.count == r.truth),
+    ));
     (md, rows)
 }
 
