@@ -69,7 +69,7 @@ pub fn run(ctx: &Ctx, rounds: u32, secs: u32) -> Result<Output> {
     let mut runs = Vec::new();
     for r in 0..rounds {
         check_interrupted()?;
-        let agent = Agent::start(ctx, AGENT_LISTEN, &[], Duration::from_secs(30))?;
+        let mut agent = Agent::start(ctx, AGENT_LISTEN, &[], Duration::from_secs(30))?;
         agent.status()?;
         let idle0 = cpu_time(agent.pid()).unwrap_or_default();
         super::sleep(Duration::from_secs(IDLE_SECS))?;
@@ -85,6 +85,7 @@ pub fn run(ctx: &Ctx, rounds: u32, secs: u32) -> Result<Output> {
             let w = wrk(&ns, mode, secs)?;
             let cpu1 = cpu_time(agent.pid()).unwrap_or_default();
             let after = bpf_prog_stats(agent.pid())?;
+            agent.ensure_running()?;
             let progs = after
                 .iter()
                 .map(|(name, t, n)| {

@@ -89,6 +89,10 @@ pub struct Args {
     /// Print only; leave BENCHMARKS.md alone.
     #[arg(long)]
     no_write: bool,
+    /// Benchmark this gracewatch binary instead of building this
+    /// checkout's release binary (e.g. another branch's build).
+    #[arg(long, value_name = "PATH")]
+    gracewatch: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -192,16 +196,24 @@ pub fn bench(args: &Args) -> Result<()> {
     install_interrupt_handler();
     setup::setup(setup::Options { test_deps: true })?;
     let root = cmd::repo_root();
-    cmd::run(
-        command("cargo")
-            .current_dir(&root)
-            .args(["build", "--release", "-p", "gracewatch"]),
-    )?;
+    let bin = match &args.gracewatch {
+        Some(path) => fs::canonicalize(path)
+            .with_context(|| format!("no gracewatch binary at {}", path.display()))?,
+        None => {
+            cmd::run(command("cargo").current_dir(&root).args([
+                "build",
+                "--release",
+                "-p",
+                "gracewatch",
+            ]))?;
+            cmd::target_dir().join("release").join("gracewatch")
+        }
+    };
     let dir = std::env::temp_dir().join("gracewatch-bench");
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
     let ctx = Ctx {
-        bin: cmd::target_dir().join("release").join("gracewatch"),
+        bin,
         me: std::env::current_exe().context("failed to find the gracewatch-bench binary")?,
         root: root.clone(),
         dir,
@@ -608,6 +620,15 @@ impl Agent {
         self.proc.pid()
     }
 
+    /// Fails if the agent has exited: a run measured "with" it must have
+    /// had it all along.
+    fn ensure_running(&mut self) -> Result<()> {
+        if let Some(status) = self.proc.child.try_wait()? {
+            bail!("gracewatch agent exited ({status}) during the run; see its agent.log");
+        }
+        Ok(())
+    }
+
     fn status(&self) -> Result<serde_json::Value> {
         let answer = http::get(&self.target, "/v1/status").context("agent /v1/status failed")?;
         if answer.code != 200 {
@@ -803,10 +824,18 @@ fn machine(ctx: &Ctx, benches: &[Which]) -> String {
     let _ = writeln!(s, "| CPU | {cpu}, {cores} cores (VM) |");
     let _ = writeln!(s, "| memory | {mem_gib:.1} GiB |");
     let _ = writeln!(s, "| kernel | {} |", out(command("uname").arg("-r")));
-    let _ = writeln!(
-        s,
-        "| gracewatch | commit {commit}, `cargo build --release -p gracewatch` |"
-    );
+    if ctx.bin == cmd::target_dir().join("release").join("gracewatch") {
+        let _ = writeln!(
+            s,
+            "| gracewatch | commit {commit}, `cargo build --release -p gracewatch` |"
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "| gracewatch | `{}` (given with `--gracewatch`; bench code at commit {commit}) |",
+            ctx.bin.display()
+        );
+    }
     let _ = writeln!(s, "| rustc | {} |", out(command("rustc").arg("-V")));
     let _ = writeln!(
         s,

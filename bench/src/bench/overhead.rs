@@ -171,10 +171,11 @@ pub fn run(ctx: &Ctx, pairs: u32, secs: u32) -> Result<Output> {
 }
 
 fn with_agent(ctx: &Ctx, ns: &Netns, mode: Mode, secs: u32) -> Result<(Wrk, AgentCost)> {
-    let agent = Agent::start(ctx, AGENT_LISTEN, &[], Duration::from_secs(30))?;
+    let mut agent = Agent::start(ctx, AGENT_LISTEN, &[], Duration::from_secs(30))?;
     let cpu0 = cpu_time(agent.pid()).unwrap_or_default();
     let w = wrk(ns, mode, secs)?;
     let cpu1 = cpu_time(agent.pid()).unwrap_or_default();
+    agent.ensure_running()?;
     agent.stop()?;
     Ok((
         w,

@@ -66,7 +66,7 @@ pub fn run(ctx: &Ctx, rounds: u32) -> Result<Output> {
             if agent_on {
                 let unix = ctx.dir.join("tax-agent.sock");
                 let unix_s = unix.to_string_lossy().into_owned();
-                let agent = Agent::start(
+                let mut agent = Agent::start(
                     ctx,
                     AGENT_LISTEN,
                     &["--unix", &unix_s],
@@ -80,6 +80,7 @@ pub fn run(ctx: &Ctx, rounds: u32) -> Result<Output> {
                 own_syscall_progs = Some(n);
                 let p = probe(ctx)?;
                 let (after, _) = foreign_syscall_hooks(&mine)?;
+                agent.ensure_running()?;
                 agent.stop()?;
                 foreign += before + after;
                 with = Some(p);
