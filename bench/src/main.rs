@@ -47,12 +47,18 @@ enum Task {
     },
     /// Benchmarks against the alternatives; prints them and updates BENCHMARKS.md.
     ///
-    /// reaction (last close → signal: `gracewatch drain` vs `ss` polling),
-    /// overhead (nginx under wrk, with and without `gracewatch agent`),
+    /// In this order by default: tax (ns per `getppid` / pipe `read` in a
+    /// process gracewatch does not watch, with and without the agent),
+    /// cost (BPF and agent CPU per connection, kernel BPF statistics on
+    /// for the run), overhead (nginx under wrk, with and without
+    /// `gracewatch agent`, both connection modes, 95 % intervals),
+    /// reaction (last close → signal and → exit: `gracewatch drain` /
+    /// `wait` vs `ss` polling), churn (a sustained connection rate across
+    /// an fd-handover restart: rate vs without, lost events, exact counts),
     /// scale (100k connections: `gracewatch status` vs `ss -tanp`, agent
-    /// memory), churn (a sustained connection rate across an fd-handover
-    /// restart: lost events, exact counts). Needs root; builds the release
-    /// binary first. Every process and namespace it starts is stopped.
+    /// memory). About 25 minutes in all on a 2-core VM. Needs root; builds
+    /// the release binary first. Every process and namespace it starts is
+    /// stopped, and `kernel.bpf_stats_enabled` is restored.
     Bench(bench::Args),
     /// A load process of `bench` (started by it).
     #[command(hide = true)]

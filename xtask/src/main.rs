@@ -31,7 +31,7 @@ use xtask::{cmd, run, setup};
         cargo xtask demo                  a demo server restarting under load, watched in the TUI\n  \
         cargo xtask test                  fmt, clippy (host + eBPF), unit tests, privileged e2e\n  \
         cargo xtask ci                    what `.ci/run` runs (`test`, with timings)\n  \
-        cargo xtask bench                 benchmarks vs the alternatives, into BENCHMARKS.md\n\n\
+        cargo xtask bench                 benchmarks vs the alternatives and costs, into BENCHMARKS.md\n\n\
         Run `cargo xtask <TASK> --help` for the details of each task."
 )]
 struct Cli {

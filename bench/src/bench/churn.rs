@@ -1,7 +1,11 @@
-//! Churn: the highest connection rate this machine sustains, for a minute,
+//! Churn: the highest connection rate this machine sustains, for 30 s,
 //! across an fd-handover restart, with `gracewatch agent` and `gracewatch
 //! watch --json` attached at their default ring buffer size (4 MiB). Are
-//! kernel events lost, and are the final counts exact?
+//! kernel events lost, are the final counts exact, and what share of the
+//! rate without gracewatch is left (the same script runs without it before
+//! and after)? If this `watch` takes `--agent URL`, it reads the agent's
+//! unix socket (one kernel side on the host); else it loads its own
+//! programs (two), and the report says which.
 //!
 //! The server is `bench-helper churn-server` (the fd handover of
 //! `server.py handover`, in a form that closes what its clients close and
@@ -25,7 +29,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use super::{Agent, Ctx, Netns, Proc, check_interrupted, cpu_time, netns, signal};
+use super::{
+    Agent, Ctx, Netns, Proc, Row, Which, check_interrupted, cpu_time, mean, netns, signal,
+};
 use gracewatch_testkit::procfs;
 use xtask::cmd::{self, command};
 
@@ -36,6 +42,7 @@ const CLOSED_FIRST: u32 = 50;
 /// Client (and server) thread counts the probe tries.
 const PROBE_THREADS: [u32; 3] = [4, 16, 64];
 const PROBE_SECS: u32 = 5;
+const GOAL_RATIO: f64 = 0.95;
 
 /// A generation's own counts (its state file).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -54,7 +61,87 @@ struct Seen {
     closed: Option<u64>,
 }
 
-pub fn run(ctx: &Ctx, secs: u32) -> Result<String> {
+/// One run of the load script (server, held connections, closed-loop
+/// clients, the handover at half time and the closes at three quarters).
+struct Session {
+    server: Proc,
+    hold: Proc,
+    gen1: u32,
+    gen2: u32,
+    total: u64,
+    errors: u64,
+    elapsed: f64,
+    per_sec: Vec<u64>,
+    handover_at: Option<f64>,
+    closed_at: Option<f64>,
+}
+
+impl Session {
+    fn rate(&self) -> f64 {
+        self.total as f64 / self.elapsed
+    }
+}
+
+fn session(ctx: &Ctx, ns: &Netns, threads: u32, secs: u32, state: &Path) -> Result<Session> {
+    let addr = format!("127.0.0.1:{PORT}");
+    fs::create_dir_all(state)?;
+    let mut server = start_server(ctx, ns, &addr, state, threads)?;
+    let gen1 = server.pid();
+    let mut hold = Proc::spawn(
+        "churn-hold",
+        ns.command(&ctx.me)
+            .args(["bench-helper", "churn-hold", "--connect", &addr]),
+        Some(&ctx.dir.join("churn.log")),
+    )?;
+    hold.expect(Duration::from_secs(10), |l| l.starts_with("ready "))?;
+    hold.send(&format!("open {HELD_FIRST}"))?;
+    hold.expect(Duration::from_secs(30), |l| l.starts_with("opened "))?;
+    let mut gen2 = None;
+    let mut handover_at = None;
+    let mut closed_at = None;
+    let (total, errors, elapsed, per_sec) = load(ctx, ns, &addr, threads, secs, |t| {
+        if handover_at.is_none() && t >= f64::from(secs) / 2.0 {
+            signal(gen1, libc::SIGHUP);
+            let line = server.expect(Duration::from_secs(10), |l| l.starts_with("child "))?;
+            gen2 = line[6..].trim().parse::<u32>().ok();
+            wait_for(Duration::from_secs(10), || {
+                Ok(read_state(state, gen1)?.1 == Some(false))
+            })
+            .context("the first generation did not stop accepting")?;
+            handover_at = Some(t);
+            hold.send(&format!("open {HELD_SECOND}"))?;
+            hold.expect(Duration::from_secs(30), |l| l.starts_with("opened "))?;
+        }
+        if closed_at.is_none() && t >= f64::from(secs) * 0.75 {
+            hold.send(&format!("close {CLOSED_FIRST}"))?;
+            hold.expect(Duration::from_secs(30), |l| l.starts_with("closed "))?;
+            closed_at = Some(t);
+        }
+        Ok(())
+    })?;
+    let gen2 = gen2.context("no handover happened (run too short?)")?;
+    Ok(Session {
+        server,
+        hold,
+        gen1,
+        gen2,
+        total,
+        errors,
+        elapsed,
+        per_sec,
+        handover_at,
+        closed_at,
+    })
+}
+
+/// Does this `gracewatch watch` take `--agent URL` (use a running agent's
+/// kernel side instead of loading its own programs)?
+fn watch_takes_agent(ctx: &Ctx) -> bool {
+    cmd::output(command(&ctx.bin).args(["watch", "--help"]))
+        .is_ok_and(|help| help.contains("--agent"))
+}
+
+pub fn run(ctx: &Ctx, secs: u32) -> Result<super::Output> {
     let ns = netns("churn")?;
     let addr = format!("127.0.0.1:{PORT}");
 
@@ -75,63 +162,59 @@ pub fn run(ctx: &Ctx, secs: u32) -> Result<String> {
         .max_by(|a, b| a.1.total_cmp(&b.1))
         .context("no probe ran")?;
 
+    // The same script without gracewatch, before and after the run with
+    // it: the rate it is compared with, bracketing drift.
+    let mut without = Vec::new();
+    let before = session(ctx, &ns, threads, secs, &ctx.dir.join("churn-without-1"))?;
+    println!(
+        "churn: without gracewatch: {} connections = {:.0}/s",
+        before.total,
+        before.rate()
+    );
+    without.push((before.rate(), before.errors));
+    drop(before);
+
     // The run, with both observers attached.
-    let state = ctx.dir.join("churn");
-    fs::create_dir_all(&state)?;
-    let agent = Agent::start(ctx, "127.0.0.1:19466", &[], Duration::from_secs(30))?;
+    let via_agent = watch_takes_agent(ctx);
+    let unix = ctx.dir.join("churn-agent.sock");
+    let unix_s = unix.to_string_lossy().into_owned();
+    let agent = Agent::start(
+        ctx,
+        "127.0.0.1:19466",
+        &["--unix", &unix_s],
+        Duration::from_secs(30),
+    )?;
+    agent.status()?;
+    let mut watch_cmd = command(&ctx.bin);
+    watch_cmd.args(["watch", "--json"]);
+    if via_agent {
+        watch_cmd.args(["--agent", &format!("unix:{unix_s}")]);
+    }
     let mut watch = Proc::spawn(
         "gracewatch watch",
-        command(&ctx.bin).args(["watch", "--json"]),
+        &mut watch_cmd,
         Some(&ctx.dir.join("watch.log")),
     )?;
     watch.expect(Duration::from_secs(30), |l| l.starts_with('{'))?;
 
-    let mut server = start_server(ctx, &ns, &addr, &state, threads)?;
-    let gen1 = server.pid();
-    let mut hold = Proc::spawn(
-        "churn-hold",
-        ns.command(&ctx.me)
-            .args(["bench-helper", "churn-hold", "--connect", &addr]),
-        Some(&ctx.dir.join("churn.log")),
-    )?;
-    hold.expect(Duration::from_secs(10), |l| l.starts_with("ready "))?;
-    hold.send(&format!("open {HELD_FIRST}"))?;
-    hold.expect(Duration::from_secs(30), |l| l.starts_with("opened "))?;
-
     let agent_cpu0 = cpu_time(agent.pid()).unwrap_or_default();
     let watch_cpu0 = cpu_time(watch.pid()).unwrap_or_default();
-    let mut gen2 = None;
-    let mut handover_at = None;
-    let mut closed_at = None;
-    let (total, errors, elapsed, per_sec) = load(ctx, &ns, &addr, threads, secs, |t| {
-        if handover_at.is_none() && t >= f64::from(secs) / 2.0 {
-            signal(gen1, libc::SIGHUP);
-            let line = server.expect(Duration::from_secs(10), |l| l.starts_with("child "))?;
-            gen2 = line[6..].trim().parse::<u32>().ok();
-            wait_for(Duration::from_secs(10), || {
-                Ok(read_state(&state, gen1)?.1 == Some(false))
-            })
-            .context("the first generation did not stop accepting")?;
-            handover_at = Some(t);
-            hold.send(&format!("open {HELD_SECOND}"))?;
-            hold.expect(Duration::from_secs(30), |l| l.starts_with("opened "))?;
-        }
-        if closed_at.is_none() && t >= f64::from(secs) * 0.75 {
-            hold.send(&format!("close {CLOSED_FIRST}"))?;
-            hold.expect(Duration::from_secs(30), |l| l.starts_with("closed "))?;
-            closed_at = Some(t);
-        }
-        Ok(())
-    })?;
+    let sess = session(ctx, &ns, threads, secs, &ctx.dir.join("churn"))?;
     let agent_cpu = cpu_time(agent.pid())
         .unwrap_or_default()
         .saturating_sub(agent_cpu0);
     let watch_cpu = cpu_time(watch.pid())
         .unwrap_or_default()
         .saturating_sub(watch_cpu0);
-    let gen2 = gen2.context("no handover happened (run too short?)")?;
-    let rate = total as f64 / elapsed;
-    println!("churn: {total} connections in {elapsed:.1} s = {rate:.0}/s, {errors} errors");
+    let (gen1, gen2) = (sess.gen1, sess.gen2);
+    let state = ctx.dir.join("churn");
+    println!(
+        "churn: {} connections in {:.1} s = {:.0}/s, {} errors",
+        sess.total,
+        sess.elapsed,
+        sess.rate(),
+        sess.errors
+    );
 
     // Quiescence: nothing in flight, held connections reaped.
     wait_for(Duration::from_secs(30), || {
@@ -148,10 +231,10 @@ pub fn run(ctx: &Ctx, secs: u32) -> Result<String> {
     let agent_lost = status["lost_events"].as_u64();
     let agent_seen = [seen(&status, gen1), seen(&status, gen2)];
     let agent_hwm = procfs::status_mib(agent.pid(), "VmHWM")?;
-    agent.stop()?;
     // watch prints a line per change, at most every 100 ms: its last line
-    // is the final state.
+    // is the final state. Stop it before the agent it may be reading from.
     let watch_status = watch.stop(Duration::from_secs(10))?;
+    agent.stop()?;
     let last = watch
         .lines
         .take()
@@ -175,15 +258,43 @@ pub fn run(ctx: &Ctx, secs: u32) -> Result<String> {
         ),
         ..Seen::default()
     });
+    let Session {
+        server,
+        hold,
+        total,
+        errors,
+        elapsed,
+        per_sec,
+        handover_at,
+        closed_at,
+        ..
+    } = sess;
     drop(hold);
     drop(server);
     println!("churn: watch exited with {watch_status}");
 
+    check_interrupted()?;
+    let after = session(ctx, &ns, threads, secs, &ctx.dir.join("churn-without-2"))?;
+    println!(
+        "churn: without gracewatch: {} connections = {:.0}/s",
+        after.total,
+        after.rate()
+    );
+    without.push((after.rate(), after.errors));
+    drop(after);
+
+    let watch_label = if via_agent {
+        "`gracewatch watch --json --agent unix:…` (last line)"
+    } else {
+        "`gracewatch watch --json` (last line)"
+    };
     Ok(report(&Report {
         secs,
         probe,
         threads,
         probe_rate,
+        without,
+        via_agent,
         total,
         errors,
         elapsed,
@@ -193,11 +304,7 @@ pub fn run(ctx: &Ctx, secs: u32) -> Result<String> {
         gens: [(gen1, truth1), (gen2, truth2)],
         observers: vec![
             ("`gracewatch agent` (`/v1/status`)", agent_lost, agent_seen),
-            (
-                "`gracewatch watch --json` (last line)",
-                watch_lost,
-                watch_seen,
-            ),
+            (watch_label, watch_lost, watch_seen),
             ("`ss -tnp` (established + close-wait)", None, ss_seen),
         ],
         agent_cpu_pct: agent_cpu.as_secs_f64() / elapsed * 100.0,
@@ -347,6 +454,11 @@ struct Report {
     probe: Vec<(u32, f64, u64)>,
     threads: u32,
     probe_rate: f64,
+    /// (rate, client errors) of the runs without gracewatch (before, after).
+    without: Vec<(f64, u64)>,
+    /// `watch` read the agent's unix socket (one kernel side) rather than
+    /// loading its own programs.
+    via_agent: bool,
     total: u64,
     errors: u64,
     elapsed: f64,
@@ -360,8 +472,9 @@ struct Report {
     agent_hwm: f64,
 }
 
-fn report(r: &Report) -> String {
+fn report(r: &Report) -> super::Output {
     let mut md = String::new();
+    let mut rows = Vec::new();
     let probes: Vec<String> = r
         .probe
         .iter()
@@ -378,14 +491,38 @@ fn report(r: &Report) -> String {
         r.per_sec.iter().copied().min().unwrap_or(0),
         r.per_sec.iter().copied().max().unwrap_or(0),
     );
+    let without: Vec<f64> = r.without.iter().map(|w| w.0).collect();
+    let ratio = rate / mean(&without);
+    let observers = if r.via_agent {
+        "`gracewatch agent` and `gracewatch watch --json --agent unix:SOCKET` attached (watch \
+         reads the agent's unix socket: **one kernel side**, the agent's; default 4 MiB ring \
+         buffer)"
+    } else {
+        "`gracewatch agent` and `gracewatch watch --json` attached (this `watch` has no \
+         `--agent`: **two kernel sides**, each loads its own programs, so every hook runs \
+         twice; default 4 MiB ring buffer each)"
+    };
     let _ = writeln!(
         md,
-        "Run: {} s with `gracewatch agent` and `gracewatch watch --json` attached (default \
-         4 MiB ring buffer each): **{} connections, {rate:.0}/s sustained** ({:.3} of the probe's \
-         rate without gracewatch; slowest second {min}, fastest {max}; {} client errors). \
-         Handover (SIGHUP, first generation stops accepting) at {}, {CLOSED_FIRST} of the first \
-         generation's {HELD_FIRST} held connections closed at {}. CPU over the run: agent \
-         {:.1}%, watch {:.1}% of a core; agent VmHWM {:.1} MB.\n",
+        "The same {} s script (server, held connections, handover, closes) without gracewatch \
+         before and after the run with it: {} ({} client errors); their mean {:.0}/s is the rate \
+         without.\n",
+        r.secs,
+        without
+            .iter()
+            .map(|w| format!("{w:.0}/s"))
+            .collect::<Vec<_>>()
+            .join(" and "),
+        r.without.iter().map(|w| w.1).sum::<u64>(),
+        mean(&without)
+    );
+    let _ = writeln!(
+        md,
+        "Run: {} s with {observers}: **{} connections, {rate:.0}/s sustained, {ratio:.3} of the \
+         rate without** ({:.3} of the probe's; slowest second {min}, fastest {max}; {} client \
+         errors). Handover (SIGHUP, first generation stops accepting) at {}, {CLOSED_FIRST} of \
+         the first generation's {HELD_FIRST} held connections closed at {}. CPU over the run: \
+         agent {:.1}%, watch {:.1}% of a core; agent VmHWM {:.1} MB.\n",
         r.secs,
         r.total,
         rate / r.probe_rate,
@@ -444,6 +581,38 @@ fn report(r: &Report) -> String {
     );
     let _ = writeln!(
         md,
+        "\nGoal: rate with gracewatch ÷ rate without ≥ {GOAL_RATIO} — {} ({ratio:.3}).",
+        super::verdict(ratio >= GOAL_RATIO)
+    );
+    let sides = if r.via_agent {
+        "one kernel side"
+    } else {
+        "two kernel sides"
+    };
+    rows.push(Row::new(
+        Which::Churn,
+        &format!("rate with agent + watch ({sides}) ÷ without, {} s", r.secs),
+        &format!("≥ {GOAL_RATIO}"),
+        format!(
+            "**{ratio:.3}** ({rate:.0}/s vs {:.0}/s, {} connections)",
+            mean(&without),
+            r.total
+        ),
+        super::verdict(ratio >= GOAL_RATIO),
+    ));
+    rows.push(Row::new(
+        Which::Churn,
+        "lost events, exact counts across an fd-handover restart",
+        "0 lost, exact",
+        format!(
+            "lost {}; live/accepted/closed exact for both generations: {}",
+            if all_lost_zero { "0" } else { "**> 0**" },
+            if all_exact { "yes" } else { "**no**" }
+        ),
+        super::verdict(all_lost_zero && all_exact),
+    ));
+    let _ = writeln!(
+        md,
         "\n<details><summary>Connections per second</summary>\n\n{}\n\n</details>",
         r.per_sec
             .iter()
@@ -451,5 +620,5 @@ fn report(r: &Report) -> String {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    md
+    (md, rows)
 }

@@ -17,7 +17,10 @@
 //!   their client leaves, and publishes its exact counts (the truth
 //!   gracewatch is compared with) in a state file;
 //! - `churn-client`: closed-loop clients (connect, `x`, read `y`, close);
-//! - `churn-hold`: holds connections on command (`open K`, `close K`).
+//! - `churn-hold`: holds connections on command (`open K`, `close K`);
+//! - `tax-loop`: the syscall-tax probe (ns per `getppid` and per 1-byte
+//!   pipe `read`), a process with no socket that gracewatch has no reason
+//!   to watch.
 
 use std::{
     ffi::OsStr,
@@ -86,6 +89,14 @@ pub enum Helper {
         #[arg(long)]
         connect: SocketAddrV4,
     },
+    /// Times BATCHES batches of `getppid` and of 1-byte pipe `read`s.
+    TaxLoop {
+        #[arg(long, default_value_t = 30)]
+        batches: u32,
+        /// Calls per batch.
+        #[arg(long, default_value_t = 65536)]
+        calls: u32,
+    },
 }
 
 pub fn run(h: Helper) -> Result<()> {
@@ -115,6 +126,7 @@ pub fn run(h: Helper) -> Result<()> {
             secs,
         } => churn_client(connect, threads, Duration::from_secs(secs)),
         Helper::ChurnHold { connect } => churn_hold(connect),
+        Helper::TaxLoop { batches, calls } => tax_loop(batches, calls),
     }
 }
 
@@ -373,5 +385,105 @@ fn churn_hold(connect: SocketAddrV4) -> Result<()> {
             _ => say(&format!("error unknown command {line:?}")),
         }
     }
+    Ok(())
+}
+
+// ---- syscall tax --------------------------------------------------------------------
+
+/// This thread's CPU time in ns: time spent preempted by the rest of a
+/// shared machine is not counted, only what the calls themselves cost.
+fn thread_cpu_ns() -> f64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the struct we pass.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut t);
+    }
+    t.tv_sec as f64 * 1e9 + t.tv_nsec as f64
+}
+
+/// Prints `tax getppid_ns=M read_ns=M unix_pair_ns=M` with the median
+/// batch of each (ns per call, per write+read pair for the last): a batch
+/// of `calls` raw `getppid` system calls, a batch of `calls` 1-byte `read`s
+/// from a pipe filled just before (the fill is not timed), and `calls / 8`
+/// 1-byte write+read pairs over a unix socket pair. The median batch is robust to a batch that an interrupt or
+/// a migration lengthened.
+fn tax_loop(batches: u32, calls: u32) -> Result<()> {
+    exit_at_deadline();
+    let calls = calls.clamp(1, 1 << 20);
+    let mut fds = [0; 2];
+    // SAFETY: pipe writes two fds into the array we pass.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error()).context("failed to create a pipe");
+    }
+    let (rd, wr) = (fds[0], fds[1]);
+    // SAFETY: fcntl on our own pipe fd; a failure leaves the default size.
+    let size = unsafe { libc::fcntl(wr, libc::F_SETPIPE_SZ, calls as libc::c_int) };
+    if size < 0 || (size as u32) < calls {
+        bail!("failed to make the pipe hold {calls} bytes");
+    }
+    let fill = vec![b'x'; calls as usize];
+    let mut sp = [0; 2];
+    // SAFETY: socketpair writes two fds into the array we pass.
+    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, sp.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error()).context("failed to create a socket pair");
+    }
+    let pairs = (calls / 8).max(1);
+    let (mut getppid, mut read, mut unix) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..batches.max(1) {
+        let t0 = thread_cpu_ns();
+        for _ in 0..calls {
+            // SAFETY: getppid has no arguments and no memory effects.
+            unsafe {
+                libc::syscall(libc::SYS_getppid);
+            }
+        }
+        getppid.push((thread_cpu_ns() - t0) / f64::from(calls));
+        // SAFETY: writes from our buffer of `calls` bytes to our pipe.
+        let n = unsafe { libc::write(wr, fill.as_ptr().cast(), fill.len()) };
+        if n != fill.len() as isize {
+            bail!("short write to the pipe ({n} of {calls})");
+        }
+        let mut c = 0u8;
+        let t0 = thread_cpu_ns();
+        for _ in 0..calls {
+            // SAFETY: reads one byte into a local.
+            if unsafe { libc::read(rd, (&raw mut c).cast(), 1) } != 1 {
+                bail!("a 1-byte pipe read failed: {}", io::Error::last_os_error());
+            }
+        }
+        read.push((thread_cpu_ns() - t0) / f64::from(calls));
+        // A 1-byte write + read over a unix socket pair: two socket calls
+        // (what hooks on socket send/receive would tax), no TCP socket for
+        // gracewatch to watch.
+        let t0 = thread_cpu_ns();
+        for _ in 0..pairs {
+            // SAFETY: writes one byte from and reads one byte into a local,
+            // on our own socket pair.
+            let ok = unsafe {
+                libc::write(sp[0], (&raw const c).cast(), 1) == 1
+                    && libc::read(sp[1], (&raw mut c).cast(), 1) == 1
+            };
+            if !ok {
+                bail!(
+                    "a unix socket pair write/read failed: {}",
+                    io::Error::last_os_error()
+                );
+            }
+        }
+        unix.push((thread_cpu_ns() - t0) / f64::from(pairs));
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    say(&format!(
+        "tax getppid_ns={:.2} read_ns={:.2} unix_pair_ns={:.2}",
+        median(&mut getppid),
+        median(&mut read),
+        median(&mut unix)
+    ));
     Ok(())
 }

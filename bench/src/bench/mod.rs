@@ -1,25 +1,32 @@
 //! `cargo xtask bench`: the numbers behind gracewatch's claims, measured
 //! side by side with the alternatives on this machine, printed and written
-//! to `BENCHMARKS.md`. Four benchmarks, each runnable alone:
+//! to `BENCHMARKS.md`. Six benchmarks, each runnable alone:
 //!
-//! - [`reaction`]: last close → signal, `gracewatch drain` vs `ss` polling;
+//! - [`tax`]: ns per `getppid` / pipe `read` in an unwatched process,
+//!   with and without `gracewatch agent`;
+//! - [`cost`]: BPF and agent CPU per connection (kernel BPF statistics);
 //! - [`overhead`]: nginx under `wrk` with and without `gracewatch agent`;
-//! - [`scale`]: 100k established connections, `gracewatch status` vs `ss -tanp`;
-//! - [`churn`]: a sustained connection rate across an fd-handover restart.
+//! - [`reaction`]: last close → signal and → exit, `gracewatch drain` /
+//!   `wait` vs `ss` polling;
+//! - [`churn`]: a sustained connection rate across an fd-handover restart;
+//! - [`scale`]: 100k established connections, `gracewatch status` vs `ss -tanp`.
 //!
 //! This module owns what they share: the guards that clean up every process
 //! they start (on every path, including Ctrl-C), reading a child's output
 //! line by line, the agent under test, and the `BENCHMARKS.md` update
-//! (generated sections between markers; text outside them is kept). The
+//! (generated sections between markers, and the summary table's rows of
+//! the benchmarks that ran; text outside them is kept). The
 //! network namespace guard, the `/proc/PID` readers and the HTTP client
 //! are the test kit's (`gracewatch-testkit`), shared with the e2e tests. The load processes the benchmarks start live in
 //! [`helper`]. Benchmarks print numbers; they do not pass or fail.
 
 mod churn;
+mod cost;
 mod helper;
 mod overhead;
 mod reaction;
 mod scale;
+mod tax;
 
 use std::{
     fmt::Write as _,
@@ -50,14 +57,24 @@ use xtask::{
 /// `cargo xtask bench` options.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Benchmarks to run, in this order (default: all four).
+    /// Benchmarks to run, in this order (default: all six, in the order
+    /// tax cost overhead reaction churn scale).
     #[arg(value_enum, value_name = "BENCH")]
     benches: Vec<Which>,
+    /// tax: interleaved (without, with agent) rounds.
+    #[arg(long, default_value_t = 16)]
+    tax_rounds: u32,
+    /// cost: rounds (one agent each, a `Connection: close` and a keep-alive run).
+    #[arg(long, default_value_t = 3)]
+    cost_rounds: u32,
+    /// cost: seconds per `Connection: close` run (keep-alive runs half).
+    #[arg(long, default_value_t = 10)]
+    cost_secs: u32,
     /// reaction: drains per method.
     #[arg(long, default_value_t = 50)]
     drains: u32,
     /// overhead: interleaved (without, with) pairs per connection mode.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 10)]
     pairs: u32,
     /// overhead: seconds per wrk run.
     #[arg(long, default_value_t = 10)]
@@ -65,29 +82,49 @@ pub struct Args {
     /// scale: established connections to hold.
     #[arg(long, default_value_t = 100_000)]
     connections: u32,
-    /// churn: seconds of sustained load.
-    #[arg(long, default_value_t = 60)]
+    /// churn: seconds of sustained load per run (one run with gracewatch,
+    /// one without before and one after).
+    #[arg(long, default_value_t = 30)]
     churn_secs: u32,
     /// Print only; leave BENCHMARKS.md alone.
     #[arg(long)]
     no_write: bool,
+    /// Benchmark this gracewatch binary instead of building this
+    /// checkout's release binary (e.g. another branch's build).
+    #[arg(long, value_name = "PATH")]
+    gracewatch: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Which {
-    Reaction,
+    Tax,
+    Cost,
     Overhead,
-    Scale,
+    Reaction,
     Churn,
+    Scale,
 }
 
 impl Which {
+    /// Every benchmark, in the default order: the most noise-sensitive
+    /// first, `ss -tanp` over 100k connections last.
+    const ALL: [Which; 6] = [
+        Which::Tax,
+        Which::Cost,
+        Which::Overhead,
+        Which::Reaction,
+        Which::Churn,
+        Which::Scale,
+    ];
+
     fn name(self) -> &'static str {
         match self {
-            Which::Reaction => "reaction",
+            Which::Tax => "tax",
+            Which::Cost => "cost",
             Which::Overhead => "overhead",
-            Which::Scale => "scale",
+            Which::Reaction => "reaction",
             Which::Churn => "churn",
+            Which::Scale => "scale",
         }
     }
 }
@@ -115,10 +152,41 @@ impl Ctx {
     }
 }
 
-/// One benchmark's generated Markdown.
+/// One benchmark's generated Markdown and its rows of the summary table.
 struct Section {
     which: Which,
     markdown: String,
+    summary: Vec<Row>,
+}
+
+/// What a benchmark returns: its block and its summary rows.
+type Output = (String, Vec<Row>);
+
+/// A row of the summary table at the top of BENCHMARKS.md. `claim` starts
+/// with the benchmark's name and a colon: that is how a later run of the
+/// same benchmark finds the rows it replaces.
+struct Row {
+    claim: String,
+    goal: String,
+    measured: String,
+    verdict: String,
+}
+
+impl Row {
+    fn new(
+        which: Which,
+        claim: &str,
+        goal: &str,
+        measured: impl Into<String>,
+        verdict: &str,
+    ) -> Row {
+        Row {
+            claim: format!("{}: {claim}", which.name()),
+            goal: goal.to_owned(),
+            measured: measured.into(),
+            verdict: verdict.to_owned(),
+        }
+    }
 }
 
 pub fn bench(args: &Args) -> Result<()> {
@@ -128,22 +196,30 @@ pub fn bench(args: &Args) -> Result<()> {
     install_interrupt_handler();
     setup::setup(setup::Options { test_deps: true })?;
     let root = cmd::repo_root();
-    cmd::run(
-        command("cargo")
-            .current_dir(&root)
-            .args(["build", "--release", "-p", "gracewatch"]),
-    )?;
+    let bin = match &args.gracewatch {
+        Some(path) => fs::canonicalize(path)
+            .with_context(|| format!("no gracewatch binary at {}", path.display()))?,
+        None => {
+            cmd::run(command("cargo").current_dir(&root).args([
+                "build",
+                "--release",
+                "-p",
+                "gracewatch",
+            ]))?;
+            cmd::target_dir().join("release").join("gracewatch")
+        }
+    };
     let dir = std::env::temp_dir().join("gracewatch-bench");
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
     let ctx = Ctx {
-        bin: cmd::target_dir().join("release").join("gracewatch"),
+        bin,
         me: std::env::current_exe().context("failed to find the gracewatch-bench binary")?,
         root: root.clone(),
         dir,
     };
     let benches = if args.benches.is_empty() {
-        vec![Which::Reaction, Which::Overhead, Which::Scale, Which::Churn]
+        Which::ALL.to_vec()
     } else {
         args.benches.clone()
     };
@@ -156,16 +232,29 @@ pub fn bench(args: &Args) -> Result<()> {
         println!("\n==> bench {}", which.name());
         let t0 = Instant::now();
         let result = match which {
-            Which::Reaction => reaction::run(&ctx, args.drains),
+            Which::Tax => tax::run(&ctx, args.tax_rounds),
+            Which::Cost => cost::run(&ctx, args.cost_rounds, args.cost_secs),
             Which::Overhead => overhead::run(&ctx, args.pairs, args.run_secs),
-            Which::Scale => scale::run(&ctx, args.connections),
+            Which::Reaction => reaction::run(&ctx, args.drains),
             Which::Churn => churn::run(&ctx, args.churn_secs),
+            Which::Scale => scale::run(&ctx, args.connections),
         };
         match result {
-            Ok(markdown) => {
+            Ok((markdown, summary)) => {
+                let took = t0.elapsed();
                 println!("\n{markdown}");
-                println!("(bench {} took {})", which.name(), cmd::human(t0.elapsed()));
-                sections.push(Section { which, markdown });
+                println!("(bench {} took {})", which.name(), cmd::human(took));
+                let markdown = format!(
+                    "{}\n\n_(`cargo xtask bench {}` took {}.)_",
+                    markdown.trim_end(),
+                    which.name(),
+                    cmd::human(took)
+                );
+                sections.push(Section {
+                    which,
+                    markdown,
+                    summary,
+                });
             }
             Err(e) => {
                 println!("bench {} failed: {e:#}", which.name());
@@ -177,9 +266,10 @@ pub fn bench(args: &Args) -> Result<()> {
             break;
         }
     }
+    println!("\n{}", summary_table(&sections, "", &today()));
     if !args.no_write && !sections.is_empty() {
         let path = root.join("BENCHMARKS.md");
-        update_benchmarks_md(&path, &machine, &sections)?;
+        update_benchmarks_md(&path, &machine, &sections, &today())?;
         println!("\nwrote {}", path.display());
     }
     println!("bench total: {}", cmd::human(started.elapsed()));
@@ -416,6 +506,73 @@ impl Drop for Proc {
     }
 }
 
+/// CLOCK_MONOTONIC now, in ns (the clock the test servers print).
+fn monotonic_ns() -> i64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the struct we pass.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut t);
+    }
+    t.tv_sec * 1_000_000_000 + t.tv_nsec
+}
+
+/// A pidfd on a child, opened while it runs: it becomes readable the
+/// moment the child exits, which is when a parent (a deploy script) can go
+/// on, without the latency of polling `waitpid` in a sleep loop.
+struct ExitClock {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl ExitClock {
+    fn open(proc: &Proc) -> Result<ExitClock> {
+        use std::os::fd::FromRawFd as _;
+        let pid = libc::pid_t::try_from(proc.pid()).context("pid out of range")?;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("failed to open a pidfd for {}", proc.what));
+        }
+        // SAFETY: the fd was just returned to us and is owned by nobody else.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+        Ok(ExitClock { fd })
+    }
+
+    /// Waits up to `timeout` for the exit; returns CLOCK_MONOTONIC (ns)
+    /// when it was seen, and the status (the child is reaped).
+    fn wait(&self, proc: &mut Proc, timeout: Duration) -> Result<(i64, std::process::ExitStatus)> {
+        use std::os::fd::AsRawFd as _;
+        let deadline = Instant::now() + timeout;
+        loop {
+            check_interrupted()?;
+            let mut pfd = libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll reads and writes the one pollfd we pass.
+            let n = unsafe { libc::poll(&raw mut pfd, 1, 100) };
+            let now = monotonic_ns();
+            if n > 0 {
+                let status = proc.child.wait()?;
+                return Ok((now, status));
+            }
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e).context("poll on a pidfd failed");
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not exit within {timeout:?}", proc.what);
+            }
+        }
+    }
+}
+
 /// `gracewatch agent` on `listen`, ready (its `/readyz` answered 200) when
 /// [`Agent::start`] returns; stopped with SIGTERM on drop.
 struct Agent {
@@ -461,6 +618,15 @@ impl Agent {
 
     fn pid(&self) -> u32 {
         self.proc.pid()
+    }
+
+    /// Fails if the agent has exited: a run measured "with" it must have
+    /// had it all along.
+    fn ensure_running(&mut self) -> Result<()> {
+        if let Some(status) = self.proc.child.try_wait()? {
+            bail!("gracewatch agent exited ({status}) during the run; see its agent.log");
+        }
+        Ok(())
     }
 
     fn status(&self) -> Result<serde_json::Value> {
@@ -559,6 +725,17 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// The median of `v` (the mean of the middle two for an even count).
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => f64::midpoint(v[n / 2 - 1], v[n / 2]),
+    }
+}
+
 fn mean(v: &[f64]) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -647,10 +824,18 @@ fn machine(ctx: &Ctx, benches: &[Which]) -> String {
     let _ = writeln!(s, "| CPU | {cpu}, {cores} cores (VM) |");
     let _ = writeln!(s, "| memory | {mem_gib:.1} GiB |");
     let _ = writeln!(s, "| kernel | {} |", out(command("uname").arg("-r")));
-    let _ = writeln!(
-        s,
-        "| gracewatch | commit {commit}, `cargo build --release -p gracewatch` |"
-    );
+    if ctx.bin == cmd::target_dir().join("release").join("gracewatch") {
+        let _ = writeln!(
+            s,
+            "| gracewatch | commit {commit}, `cargo build --release -p gracewatch` |"
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "| gracewatch | `{}` (given with `--gracewatch`; bench code at commit {commit}) |",
+            ctx.bin.display()
+        );
+    }
     let _ = writeln!(s, "| rustc | {} |", out(command("rustc").arg("-V")));
     let _ = writeln!(
         s,
@@ -690,23 +875,80 @@ fn end_marker(name: &str) -> String {
 }
 
 const TEMPLATE: &str = "# gracewatch benchmarks\n\n\
-Measured by `cargo xtask bench` (all four) or `cargo xtask bench reaction|overhead|scale|churn`\n\
+Measured by `cargo xtask bench` (all six) or `cargo xtask bench tax|cost|overhead|reaction|churn|scale`\n\
 (any of them, in that order), as root on a project machine. Each run rewrites the generated\n\
-blocks below and keeps the text around them.\n\n\
+blocks below (and its own rows of the summary) and keeps the text around them.\n\n\
+## Summary\n\n@summary@\n\n\
 ## Machine\n\n@machine@\n\n\
 ## 1. Reaction time\n\n@reaction@\n\n\
 ## 2. Overhead on the server\n\n@overhead@\n\n\
 ## 3. Scale\n\n@scale@\n\n\
-## 4. Churn across an fd-handover restart\n\n@churn@\n";
+## 4. Churn across an fd-handover restart\n\n@churn@\n\n\
+## 5. Syscall tax on processes gracewatch does not watch\n\n@tax@\n\n\
+## 6. Cost per connection\n\n@cost@\n";
 
-/// Replaces the generated blocks of the benchmarks that ran (and the
-/// machine block); everything else in the file stays as it was.
-fn update_benchmarks_md(path: &Path, machine: &str, sections: &[Section]) -> Result<()> {
+/// Every generated block, in the template's order.
+const BLOCKS: [&str; 8] = [
+    "summary", "machine", "reaction", "overhead", "scale", "churn", "tax", "cost",
+];
+
+const SUMMARY_HEADER: &str = "| claim | goal | measured | verdict | run |\n|---|---|---|---|---|";
+
+/// Today's date, for the summary's `run` column.
+fn today() -> String {
+    cmd::output(command("date").args(["-u", "+%Y-%m-%d"]))
+        .map(|d| d.trim().to_owned())
+        .unwrap_or_else(|_| "?".to_owned())
+}
+
+/// The summary table: the rows of `sections`, and of `previous` (an
+/// earlier summary block) those of benchmarks that did not run now; in the
+/// default order of the benchmarks.
+fn summary_table(sections: &[Section], previous: &str, date: &str) -> String {
+    let ran = |claim: &str| {
+        sections
+            .iter()
+            .any(|s| claim.starts_with(&format!("{}:", s.which.name())))
+    };
+    let mut rows: Vec<String> = previous
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| claim |"))
+        .filter(|l| !ran(l.trim_start_matches("| ")))
+        .map(str::to_owned)
+        .collect();
+    for s in sections {
+        for r in &s.summary {
+            rows.push(format!(
+                "| {} | {} | {} | {} | {date} |",
+                r.claim, r.goal, r.measured, r.verdict
+            ));
+        }
+    }
+    let rank = |row: &str| {
+        let claim = row.trim_start_matches("| ");
+        Which::ALL
+            .iter()
+            .position(|w| claim.starts_with(&format!("{}:", w.name())))
+            .unwrap_or(Which::ALL.len())
+    };
+    rows.sort_by_key(|r| rank(r));
+    format!("{SUMMARY_HEADER}\n{}", rows.join("\n"))
+}
+
+/// Replaces the generated blocks of the benchmarks that ran, the machine
+/// block, and their rows of the summary block; everything else in the file
+/// stays as it was.
+fn update_benchmarks_md(
+    path: &Path,
+    machine: &str,
+    sections: &[Section],
+    date: &str,
+) -> Result<()> {
     let mut text = match fs::read_to_string(path) {
         Ok(t) => t,
         Err(_) => {
             let mut t = TEMPLATE.to_owned();
-            for name in ["machine", "reaction", "overhead", "scale", "churn"] {
+            for name in BLOCKS {
                 let block = format!(
                     "{}\n_not run yet_\n{}",
                     begin_marker(name),
@@ -717,7 +959,11 @@ fn update_benchmarks_md(path: &Path, machine: &str, sections: &[Section]) -> Res
             t
         }
     };
-    let mut blocks = vec![("machine", machine.to_owned())];
+    let previous = block(&text, "summary").unwrap_or_default();
+    let mut blocks = vec![
+        ("summary", summary_table(sections, &previous, date)),
+        ("machine", machine.to_owned()),
+    ];
     blocks.extend(
         sections
             .iter()
@@ -737,6 +983,14 @@ fn update_benchmarks_md(path: &Path, machine: &str, sections: &[Section]) -> Res
         }
     }
     fs::write(path, text).with_context(|| format!("failed to write {}", path.display()))
+}
+
+/// The body of generated block `name` in `text`, if it is there.
+fn block(text: &str, name: &str) -> Option<String> {
+    let b = text.find(&format!("<!-- bench:{name}:begin"))?;
+    let body = b + text[b..].find('\n')? + 1;
+    let e = text.find(&end_marker(name))?;
+    (body <= e).then(|| text[body..e].to_owned())
 }
 
 #[cfg(test)]
@@ -760,16 +1014,33 @@ mod tests {
         let section = |which, body: &str| Section {
             which,
             markdown: body.to_owned(),
+            summary: vec![Row::new(which, "claim", "goal", body, "met")],
         };
-        update_benchmarks_md(&path, "m1", &[section(Which::Scale, "s1")]).expect("first write");
+        update_benchmarks_md(&path, "m1", &[section(Which::Scale, "s1")], "d1")
+            .expect("first write");
+        update_benchmarks_md(&path, "m1", &[section(Which::Tax, "t1")], "d1").expect("first write");
         let mut text = fs::read_to_string(&path).expect("read");
         assert!(text.contains("s1") && text.contains("m1") && text.contains("_not run yet_"));
         text.push_str("\nhand-written analysis\n");
         fs::write(&path, text).expect("write");
-        update_benchmarks_md(&path, "m2", &[section(Which::Scale, "s2")]).expect("second write");
+        update_benchmarks_md(&path, "m2", &[section(Which::Scale, "s2")], "d2")
+            .expect("second write");
         let text = fs::read_to_string(&path).expect("read");
         assert!(text.contains("s2") && !text.contains("s1") && text.contains("m2"));
         assert!(text.contains("hand-written analysis"));
+        // The summary keeps the tax row of the earlier run, replaces the
+        // scale row, and lists tax first.
+        let summary = block(&text, "summary").expect("summary block");
+        assert!(
+            summary.contains("| tax: claim | goal | t1 | met | d1 |"),
+            "{summary}"
+        );
+        assert!(
+            summary.contains("| scale: claim | goal | s2 | met | d2 |"),
+            "{summary}"
+        );
+        assert!(!summary.contains("s1"));
+        assert!(summary.find("tax:") < summary.find("scale:"));
         let _ = fs::remove_dir_all(&dir);
     }
 }

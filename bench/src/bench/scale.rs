@@ -26,7 +26,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use super::{Agent, Ctx, Proc, check_interrupted, netns, verdict};
+use super::{Agent, Ctx, Proc, Row, Which, check_interrupted, netns, verdict};
 use gracewatch_testkit::procfs;
 use xtask::cmd::command;
 
@@ -76,7 +76,7 @@ struct AgentResult {
     rss_mb: f64,
 }
 
-pub fn run(ctx: &Ctx, n: u32) -> Result<String> {
+pub fn run(ctx: &Ctx, n: u32) -> Result<super::Output> {
     let ns = netns("scale")?;
     let log = ctx.dir.join("scale.log");
     // Each process may hold at most the hard RLIMIT_NOFILE (which only
@@ -299,7 +299,7 @@ struct ListTiming {
 /// time of each connection-list query it answered from that log.
 fn time_connection_list(ctx: &Ctx, pids: &[u32]) -> Result<ListTiming> {
     let mut c = command(&ctx.bin);
-    c.env("RUST_LOG", "gracewatch::monitor=debug")
+    c.env("RUST_LOG", "gracewatch_core::monitor=debug")
         .args(["wait", "--timeout", "1s", "--json"]);
     for p in pids {
         c.args(["--pid", &p.to_string()]);
@@ -422,8 +422,9 @@ struct Report {
     list: ListTiming,
 }
 
-fn report(r: &Report) -> String {
+fn report(r: &Report) -> super::Output {
     let mut md = String::new();
+    let mut rows = Vec::new();
     let _ = writeln!(
         md,
         "{} established loopback connections asked for, {} made (in {:.1} s) and held in a network \
@@ -479,6 +480,18 @@ fn report(r: &Report) -> String {
          {GOAL_SPEEDUP}x faster — {}.\n",
         verdict(speedup >= GOAL_SPEEDUP && r.gw.exact(r.truth))
     );
+    rows.push(Row::new(
+        Which::Scale,
+        &format!("`gracewatch status` vs `ss -tanp`, {} connections", r.truth),
+        &format!("≥ {GOAL_SPEEDUP}x faster"),
+        format!(
+            "**{speedup:.1}x** ({:.3} s vs {:.3} s, medians of {RUNS}); exact: {}",
+            r.gw.median(),
+            r.ss_p.median(),
+            yes(r.gw.exact(r.truth) && r.ss_p.exact(r.truth))
+        ),
+        verdict(speedup >= GOAL_SPEEDUP && r.gw.exact(r.truth)),
+    ));
     let _ = writeln!(
         md,
         "| `gracewatch agent` | ready after | all {} counted after | live for the servers | lost events | VmHWM | VmRSS |",
@@ -523,6 +536,17 @@ fn report(r: &Report) -> String {
         "Goal: agent under {GOAL_RSS_MB} MB RSS holding them — {} (peak VmHWM {worst:.1} MB).",
         verdict(worst < GOAL_RSS_MB)
     );
+    rows.push(Row::new(
+        Which::Scale,
+        &format!("agent memory holding {}", r.truth),
+        &format!("< {GOAL_RSS_MB} MB"),
+        format!(
+            "**{:.1} MB** attached before; {:.1} MB peak started after",
+            r.watched.hwm_mb,
+            r.snap.hwm_mb.max(r.snap_hwm_later)
+        ),
+        verdict(worst < GOAL_RSS_MB),
+    ));
     let _ = writeln!(
         md,
         "\nList the connections of the processes holding them (what a drain asks at each \
@@ -533,7 +557,17 @@ fn report(r: &Report) -> String {
         r.list.count,
         verdict(r.list.ms < GOAL_LIST_MS && r.list.count == r.truth)
     );
-    md
+    rows.push(Row::new(
+        Which::Scale,
+        &format!(
+            "a drain's connection list (count + 10 oldest) at {}",
+            r.truth
+        ),
+        &format!("< {GOAL_LIST_MS} ms"),
+        format!("**{:.3} ms** for {} connections", r.list.ms, r.list.count),
+        verdict(r.list.ms < GOAL_LIST_MS && r.list.count == r.truth),
+    ));
+    (md, rows)
 }
 
 #[cfg(test)]
