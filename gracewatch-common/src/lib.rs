@@ -203,9 +203,11 @@ pub struct Config {
     pub skc_rcv_saddr: u32,
     pub skc_net: u32,
     pub sk_protocol: u32,
+    pub sk_socket: u32,
     pub task_flags: u32,
     /// `offsetof(struct net, ns) + offsetof(struct ns_common, inum)`.
     pub net_ns_inum: u32,
+    pub _pad: u32,
     /// Device and inode of gracewatch's own pid namespace (`stat
     /// /proc/self/ns/pid`): pids are reported as seen from it, so a
     /// container sharing a pod's pid namespace sees the pod's pids. Tasks
@@ -213,7 +215,7 @@ pub struct Config {
     pub pidns_dev: u64,
     pub pidns_ino: u64,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 64);
+const _: () = assert!(core::mem::size_of::<Config>() == 72);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -454,9 +454,24 @@ fn owner_exiting(cfg: &Config, owner: u32) -> bool {
 /// Whether the current task is exiting.
 #[inline(always)]
 fn current_exiting(cfg: &Config) -> bool {
+    current_flags(cfg).is_some_and(|f| f & PF_EXITING != 0)
+}
+
+/// `PF_KTHREAD` in `task_struct.flags` (include/linux/sched.h).
+const PF_KTHREAD: u32 = 0x0020_0000;
+
+/// Whether the current task is a kernel thread (a deferred `fput` runs
+/// there, in no process that held the socket). Unknown counts as one.
+#[inline(always)]
+fn current_is_kthread(cfg: &Config) -> bool {
+    current_flags(cfg).is_none_or(|f| f & PF_KTHREAD != 0)
+}
+
+#[inline(always)]
+fn current_flags(cfg: &Config) -> Option<u32> {
     // SAFETY: no arguments, no preconditions.
     let task = unsafe { bpf_get_current_task() };
-    kread::<u32>(task, cfg.task_flags).is_ok_and(|f| f & PF_EXITING != 0)
+    kread::<u32>(task, cfg.task_flags).ok()
 }
 
 /// A connection left ESTABLISHED/CLOSE_WAIT: report it to whichever map
@@ -524,9 +539,17 @@ fn report_live_end(cfg: &Config, sk: u64, conn: &LiveConn, old: u8, new: u8) {
     emit(&ev, watched(conn.owner));
 }
 
-/// The end of a connection no process claimed. Its owner is unknown here,
-/// so while any drain waits it wakes the reader at once: it may be the
-/// last connection of a target that accepted it and never read or wrote.
+/// The end of a connection no process claimed (it was in `PENDING`).
+///
+/// Closed by its holder before any send or receive: `close()` and
+/// `shutdown()` are the only ways to FIN_WAIT1 or LAST_ACK, and they run
+/// in the process doing them, which holds the fd (a socket is attached:
+/// it was accepted). That process is its owner, and the close its first
+/// I/O: an accept and a close by it. Any other end (a reset, or a child
+/// still in an accept queue) is reported as a queue drop; its owner is
+/// unknown here, so while any drain waits it wakes the reader at once (it
+/// may be the last connection of a target), and if the process whose
+/// exit released it is current, that process is named.
 #[inline(never)]
 fn report_pending_end(sk: u64, conn: &LiveConn, old: u8, new: u8) {
     let cfg = config();
@@ -544,9 +567,24 @@ fn report_pending_end(sk: u64, conn: &LiveConn, old: u8, new: u8) {
         raddr: conn.raddr,
         ..Event::default()
     };
+    let by_holder = matches!(new, tcp_state::FIN_WAIT1 | tcp_state::LAST_ACK)
+        && kread::<u64>(sk, cfg.sk_socket).is_ok_and(|s| s != 0)
+        && !current_is_kthread(&cfg);
+    if by_holder && current_into(&cfg, &mut ev) {
+        ev.kind = event_kind::ACCEPT;
+        ev.flags = event_flag::WAS_QUEUED;
+        emit(&ev, false);
+        ev.kind = event_kind::CLOSE;
+        ev.flags = 0;
+        if current_exiting(&cfg) {
+            ev.flags |= event_flag::OWNER_EXITING;
+        }
+        emit(&ev, watched(ev.tgid));
+        return;
+    }
     // Released by an exiting process (its fds closed by `exit()`, in its
-    // own context): it accepted this connection or held the listener it
-    // was queued on, and loses it. Userspace counts it against that exit.
+    // own context): it held the listener this connection was queued on,
+    // and loses it. Userspace counts it against that exit.
     if let Some(tgid) = current_tgid(&cfg) {
         if current_exiting(&cfg) {
             ev.tgid = tgid;

@@ -76,6 +76,7 @@ fn struct_offsets(btf: &Btf) -> anyhow::Result<Config> {
         skc_rcv_saddr: skc("skc_rcv_saddr")?,
         skc_net: skc("skc_net")?,
         sk_protocol: off("sock", "sk_protocol")?,
+        sk_socket: off("sock", "sk_socket")?,
         task_flags: off("task_struct", "flags")?,
         net_ns_inum: off("net", "ns")? + off("ns_common", "inum")?,
         ..Config::default()
@@ -148,7 +149,7 @@ mod tests {
         assert_eq!(cfg.skc_dport, 12);
         assert!(cfg.inet_sport > cfg.sk_protocol);
         assert!(cfg.task_flags > 0 && cfg.skc_net > 0 && cfg.net_ns_inum > 0);
-        assert!(cfg.sk_protocol > cfg.skc_net);
+        assert!(cfg.sk_socket > cfg.skc_net && cfg.sk_protocol > cfg.skc_net);
         assert!(member_offset(&btf, "sock_common", "no_such_member").is_err());
     }
 }
