@@ -35,7 +35,8 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 const ACCEPT_WINDOW: Duration = Duration::from_secs(10);
 const RATE_WINDOW: Duration = Duration::from_secs(5);
 /// How soon to look at the fds again when the kernel count is zero but the
-/// targets' fd tables still show live sockets (shared or passed fds).
+/// targets' fd tables still show live sockets (accepted and not yet read
+/// or written, or shared or passed fds).
 const RECHECK: Duration = Duration::from_millis(100);
 /// Connections named in a result's `held` and `excluded`.
 const MAX_NAMED: usize = 10;
@@ -216,7 +217,7 @@ impl Gate<'_> {
                             self.doubt = None;
                             if last_live != Some(u64::MAX) {
                                 on_progress(&self.progress(0, format!(
-                                    "kernel count is 0 but the targets' fds still hold {held} live inbound socket(s) (shared or passed fds): waiting"
+                                    "kernel count is 0 but the targets' fds still hold {held} live inbound socket(s) (accepted and not yet read or written, or shared or passed fds): waiting"
                                 )).await);
                                 last_live = Some(u64::MAX);
                             }
@@ -1053,11 +1054,21 @@ impl Gate<'_> {
         signal: Option<SignalSpec>,
         message: String,
     ) -> DrainReport {
-        let (still_held, held, list_failed) = if outcome == Outcome::Drained {
+        let (mut still_held, held, list_failed) = if outcome == Outcome::Drained {
             (0, Vec::new(), None)
         } else {
             self.held(MAX_NAMED, true).await
         };
+        // Connections accepted and not yet read or written are in the
+        // targets' fds before any rescan tells the monitor: a result must
+        // not count fewer than a fresh look finds.
+        let mut unseen = 0;
+        if outcome != Outcome::Drained && !self.running_targets().is_empty() {
+            if let FdCheck::Held(n) = self.fd_check().await {
+                unseen = (n as u64).saturating_sub(still_held);
+                still_held += unseen;
+            }
+        }
         let peers = if outcome == Outcome::Drained {
             Vec::new()
         } else {
@@ -1085,12 +1096,17 @@ impl Gate<'_> {
                 })
                 .collect()
         };
-        let message = match list_failed {
+        let mut message = match list_failed {
             Some(e) => format!(
                 "{message} (still held as last counted: the monitor cannot list the connections now: {e})"
             ),
             None => message,
         };
+        if unseen > 0 {
+            message = format!(
+                "{message} ({unseen} of them found only in the targets' fds: accepted and not yet read or written, not named below)"
+            );
+        }
         DrainReport {
             targets: self.all.clone(),
             outcome,
@@ -1113,7 +1129,8 @@ impl Gate<'_> {
 enum FdCheck {
     /// No live inbound socket but those of excluded peers (listed): drained.
     Clear(Vec<ExcludedFd>),
-    /// This many still held (shared or passed fds the kernel count misses).
+    /// This many still held (accepted and untouched, or shared or passed
+    /// fds: what the kernel count misses).
     Held(usize),
     /// A target exited while it was looked at.
     TargetExited,
