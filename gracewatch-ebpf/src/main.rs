@@ -585,11 +585,11 @@ fn report_pending_end(sk: u64, conn: &LiveConn, old: u8, new: u8) {
     // Released by an exiting process (its fds closed by `exit()`, in its
     // own context): it held the listener this connection was queued on,
     // and loses it. Userspace counts it against that exit.
-    if let Some(tgid) = current_tgid(&cfg) {
-        if current_exiting(&cfg) {
-            ev.tgid = tgid;
-            ev.flags |= event_flag::OWNER_EXITING;
-        }
+    if let Some(tgid) = current_tgid(&cfg)
+        && current_exiting(&cfg)
+    {
+        ev.tgid = tgid;
+        ev.flags |= event_flag::OWNER_EXITING;
     }
     emit(&ev, control(control::WATCHING) != 0);
 }
