@@ -748,6 +748,7 @@ impl Gate<'_> {
             Err(e) => (self.last_live, Some(format!("{e:#}"))),
         };
         let (still_held, held, list_failed) = self.held(MAX_NAMED, true).await;
+        let still_held = still_held + self.unseen(still_held).await;
         let unlisted = match count_failed.or(list_failed) {
             Some(e) => format!(" (as last counted: the monitor cannot list them now: {e})"),
             None => String::new(),
@@ -789,7 +790,8 @@ impl Gate<'_> {
             Outcome::Timeout
         };
         let mut report = self.report(outcome, delivered, msg).await;
-        report.still_held = still_held;
+        // Taken before the signal; the report's own look comes after it.
+        report.still_held = report.still_held.max(still_held);
         report.held = held;
         report.peers = peers;
         report
@@ -1048,6 +1050,20 @@ impl Gate<'_> {
         }
     }
 
+    /// How many more live inbound sockets a fresh look finds in the
+    /// running targets' fds than the `counted` ones: connections accepted
+    /// and not yet read or written, which the monitor learns of at their
+    /// first I/O or the next rescan. 0 when the look decides nothing.
+    async fn unseen(&self, counted: u64) -> u64 {
+        if self.running_targets().is_empty() {
+            return 0;
+        }
+        match self.fd_check().await {
+            FdCheck::Held(n) => (n as u64).saturating_sub(counted),
+            _ => 0,
+        }
+    }
+
     async fn report(
         &self,
         outcome: Outcome,
@@ -1062,13 +1078,12 @@ impl Gate<'_> {
         // Connections accepted and not yet read or written are in the
         // targets' fds before any rescan tells the monitor: a result must
         // not count fewer than a fresh look finds.
-        let mut unseen = 0;
-        if outcome != Outcome::Drained && !self.running_targets().is_empty() {
-            if let FdCheck::Held(n) = self.fd_check().await {
-                unseen = (n as u64).saturating_sub(still_held);
-                still_held += unseen;
-            }
-        }
+        let unseen = if outcome == Outcome::Drained {
+            0
+        } else {
+            self.unseen(still_held).await
+        };
+        still_held += unseen;
         let peers = if outcome == Outcome::Drained {
             Vec::new()
         } else {
