@@ -351,7 +351,14 @@ impl Watch {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        let mut process = taken.expect("watch is running");
+        let process = taken.expect("watch is running");
+        self.reap(process, timeout, "still ran")
+    }
+
+    /// Waits up to `timeout` for `process` to exit; kills it and panics
+    /// (saying it `still` ran, with its stderr) if it does not.
+    #[track_caller]
+    fn reap(&self, mut process: std::process::Child, timeout: Duration, still: &str) -> ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {
             match process.try_wait() {
@@ -361,7 +368,7 @@ impl Watch {
                     let _ = process.kill();
                     let _ = process.wait();
                     panic!(
-                        "{}: still ran {timeout:?} later\n{}",
+                        "{}: {still} {timeout:?} later\n{}",
                         self.what,
                         self.stderr_tail()
                     );
@@ -378,34 +385,18 @@ impl Watch {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        let mut process = taken.expect("watch is running");
+        let process = taken.expect("watch is running");
         if let Some(pid) = Pid::from_raw(process.id() as i32) {
             let _ = kill_process(pid, Signal::INT);
         }
-        let deadline = Instant::now() + STATE_TIMEOUT;
-        loop {
-            match process.try_wait() {
-                Ok(Some(status)) => {
-                    assert!(
-                        matches!(status.code(), Some(0 | 130)),
-                        "{}: exited with {status} on SIGINT, expected exit code 0 or 130\n{}",
-                        self.what,
-                        self.stderr_tail()
-                    );
-                    return status;
-                }
-                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
-                _ => {
-                    let _ = process.kill();
-                    let _ = process.wait();
-                    panic!(
-                        "{}: did not exit within {STATE_TIMEOUT:?} of SIGINT\n{}",
-                        self.what,
-                        self.stderr_tail()
-                    );
-                }
-            }
-        }
+        let status = self.reap(process, STATE_TIMEOUT, "did not exit on SIGINT");
+        assert!(
+            matches!(status.code(), Some(0 | 130)),
+            "{}: exited with {status} on SIGINT, expected exit code 0 or 130\n{}",
+            self.what,
+            self.stderr_tail()
+        );
+        status
     }
 }
 

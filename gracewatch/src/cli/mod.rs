@@ -431,17 +431,7 @@ async fn watch(opts: SourceOptions, filter: FilterArgs, interval: Duration) -> a
     loop {
         if pending && tokio::time::Instant::now() >= next_print {
             let status = filter.apply(Status::clone(&updates.borrow_and_update()));
-            if last.as_ref().is_none_or(|l| render::differs(l, &status)) {
-                let mut out = std::io::stdout().lock();
-                if filter.json {
-                    serde_json::to_writer(&mut out, &status)?;
-                    writeln!(out)?;
-                } else {
-                    write!(out, "{}", render::changes(last.as_ref(), &status))?;
-                }
-                out.flush()?;
-                last = Some(status);
-            }
+            print_if_changed(&filter, &mut last, status)?;
             pending = false;
             next_print = tokio::time::Instant::now() + interval;
         }
@@ -464,6 +454,28 @@ async fn watch(opts: SourceOptions, filter: FilterArgs, interval: Duration) -> a
     }
 }
 
+/// `watch`'s output: `status` if it differs from the `last` one printed
+/// (a JSON line, or the changes in words).
+fn print_if_changed(
+    filter: &FilterArgs,
+    last: &mut Option<Status>,
+    status: Status,
+) -> anyhow::Result<()> {
+    if last.as_ref().is_some_and(|l| !render::differs(l, &status)) {
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    if filter.json {
+        serde_json::to_writer(&mut out, &status)?;
+        writeln!(out)?;
+    } else {
+        write!(out, "{}", render::changes(last.as_ref(), &status))?;
+    }
+    out.flush()?;
+    *last = Some(status);
+    Ok(())
+}
+
 /// The status of the agent at `url`: what `status` would print, read
 /// from the agent's kernel side instead of a copy of our own.
 async fn agent_status(client: &AgentClient, url: &str) -> anyhow::Result<Status> {
@@ -484,17 +496,7 @@ async fn watch_agent(url: &str, filter: FilterArgs, interval: Duration) -> anyho
     let mut last: Option<Status> = None;
     loop {
         let status = filter.apply(agent_status(&client, url).await?);
-        if last.as_ref().is_none_or(|l| render::differs(l, &status)) {
-            let mut out = std::io::stdout().lock();
-            if filter.json {
-                serde_json::to_writer(&mut out, &status)?;
-                writeln!(out)?;
-            } else {
-                write!(out, "{}", render::changes(last.as_ref(), &status))?;
-            }
-            out.flush()?;
-            last = Some(status);
-        }
+        print_if_changed(&filter, &mut last, status)?;
         tokio::select! {
             () = tokio::time::sleep(interval) => {}
             _ = tokio::signal::ctrl_c() => return Ok(exit::INTERRUPTED),
