@@ -317,7 +317,12 @@ pub fn main() -> ExitCode {
             return ExitCode::from(exit::RUNTIME);
         }
     };
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    // The answer is decided and printed: exit now. Dropping the runtime
+    // would first wait for blocking work still in flight (a rescan, a look
+    // at /proc), and a deploy script only sees the exit.
+    runtime.shutdown_background();
+    match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             let code = match e.downcast_ref::<MonitorError>() {
