@@ -747,13 +747,11 @@ impl Gate<'_> {
             Ok(n) => (n, None),
             Err(e) => (self.last_live, Some(format!("{e:#}"))),
         };
-        let (still_held, held, list_failed) = self.held(MAX_NAMED, true).await;
-        let still_held = still_held + self.unseen(still_held).await;
-        let unlisted = match count_failed.or(list_failed) {
+        let left = self.left().await;
+        let unlisted = match count_failed.or(left.list_failed.clone()) {
             Some(e) => format!(" (as last counted: the monitor cannot list them now: {e})"),
             None => String::new(),
         };
-        let peers = self.peer_groups(true).await;
         let signal = match self.spec.on_timeout {
             OnTimeout::Leave => None,
             OnTimeout::Signal => self.spec.signal,
@@ -789,12 +787,8 @@ impl Gate<'_> {
         } else {
             Outcome::Timeout
         };
-        let mut report = self.report(outcome, delivered, msg).await;
-        // Taken before the signal; the report's own look comes after it.
-        report.still_held = report.still_held.max(still_held);
-        report.held = held;
-        report.peers = peers;
-        report
+        // All taken before the signal (SIGKILL would close them).
+        self.report_with(outcome, delivered, msg, left).await
     }
 
     /// Sends `signal` to every named target still alive (descendants
@@ -1064,31 +1058,52 @@ impl Gate<'_> {
         }
     }
 
+    /// What still holds a drain that ends without draining, looked at
+    /// once: the monitor's list, what only the targets' fds show, and who
+    /// the peers are.
+    async fn left(&self) -> Left {
+        let (counted, held, list_failed) = self.held(MAX_NAMED, true).await;
+        // Connections accepted and not yet read or written are in the
+        // targets' fds before any rescan tells the monitor: a result must
+        // not count fewer than a fresh look finds.
+        let unseen = self.unseen(counted).await;
+        Left {
+            still_held: counted + unseen,
+            unseen,
+            held,
+            list_failed,
+            peers: self.peer_groups(true).await,
+        }
+    }
+
     async fn report(
         &self,
         outcome: Outcome,
         signal: Option<SignalSpec>,
         message: String,
     ) -> DrainReport {
-        let (mut still_held, held, list_failed) = if outcome == Outcome::Drained {
-            (0, Vec::new(), None)
+        let left = if outcome == Outcome::Drained {
+            Left::default()
         } else {
-            self.held(MAX_NAMED, true).await
+            self.left().await
         };
-        // Connections accepted and not yet read or written are in the
-        // targets' fds before any rescan tells the monitor: a result must
-        // not count fewer than a fresh look finds.
-        let unseen = if outcome == Outcome::Drained {
-            0
-        } else {
-            self.unseen(still_held).await
-        };
-        still_held += unseen;
-        let peers = if outcome == Outcome::Drained {
-            Vec::new()
-        } else {
-            self.peer_groups(true).await
-        };
+        self.report_with(outcome, signal, message, left).await
+    }
+
+    async fn report_with(
+        &self,
+        outcome: Outcome,
+        signal: Option<SignalSpec>,
+        message: String,
+        left: Left,
+    ) -> DrainReport {
+        let Left {
+            still_held,
+            unseen,
+            held,
+            list_failed,
+            peers,
+        } = left;
         // What the tracker knows of excluded peers' connections; a drain
         // ended by them replaces this with what its fresh look found.
         let excluded = if self.spec.exclude_peers.is_empty() {
@@ -1138,6 +1153,17 @@ impl Gate<'_> {
             message,
         }
     }
+}
+
+/// See [`Gate::left`].
+#[derive(Default)]
+struct Left {
+    still_held: u64,
+    /// Of `still_held`, those only the targets' fds showed (not in `held`).
+    unseen: u64,
+    held: Vec<HeldConnection>,
+    list_failed: Option<String>,
+    peers: Vec<PeerGroupView>,
 }
 
 /// What a look at the targets' own fd tables found.

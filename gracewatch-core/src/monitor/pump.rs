@@ -54,22 +54,35 @@ impl<S: Source> Monitor<S> {
         }
         self.last_records = monotonic_now();
         let tx = self.subscribed().cloned();
-        for ev in &self.batch {
-            let seen = self.tracker.seen_as(ev);
-            self.tracker.apply(ev);
-            let ev = match &seen {
-                Seen::Same => ev,
-                Seen::Hidden => continue,
-                Seen::Instead(instead) => instead,
-            };
-            self.restarts.on_event(ev);
-            self.exits
-                .record(ev, |pid| S::RECORDING || self.watched.contains_key(&pid));
-            if let Some(tx) = &tx {
-                let _ = tx.send(ev.clone());
-            }
+        let batch = std::mem::take(&mut self.batch);
+        for ev in &batch {
+            self.apply_seen(ev, tx.as_ref());
         }
+        self.batch = batch;
         true
+    }
+
+    /// Applies `ev` to the tracker, then hands it on as the tracker sees it
+    /// (see [`Tracker::seen_as`](crate::tracker::Tracker::seen_as)).
+    fn apply_seen(&mut self, ev: &ConnEvent, tx: Option<&broadcast::Sender<ConnEvent>>) {
+        let seen = self.tracker.seen_as(ev);
+        self.tracker.apply(ev);
+        match &seen {
+            Seen::Same => self.hand_on(ev, tx),
+            Seen::Hidden => {}
+            Seen::Instead(instead) => self.hand_on(instead, tx),
+        }
+    }
+
+    /// The consumers of events: the restart model, the drains' exit
+    /// accounts, and subscribers (`tx`, when anyone listens).
+    fn hand_on(&mut self, ev: &ConnEvent, tx: Option<&broadcast::Sender<ConnEvent>>) {
+        self.restarts.on_event(ev);
+        self.exits
+            .record(ev, |pid| S::RECORDING || self.watched.contains_key(&pid));
+        if let Some(tx) = tx {
+            let _ = tx.send(ev.clone());
+        }
     }
 
     /// The event sender, if anyone listens. With no subscriber a send
@@ -83,19 +96,8 @@ impl<S: Source> Monitor<S> {
     }
 
     fn apply_one(&mut self, ev: ConnEvent) {
-        let seen = self.tracker.seen_as(&ev);
-        self.tracker.apply(&ev);
-        let ev = match seen {
-            Seen::Same => ev,
-            Seen::Hidden => return,
-            Seen::Instead(instead) => instead,
-        };
-        self.restarts.on_event(&ev);
-        self.exits
-            .record(&ev, |pid| S::RECORDING || self.watched.contains_key(&pid));
-        if let Some(tx) = self.subscribed() {
-            let _ = tx.send(ev);
-        }
+        let tx = self.subscribed().cloned();
+        self.apply_seen(&ev, tx.as_ref());
     }
 
     /// Waits for the next change (events, an exited process, lost events).
@@ -174,10 +176,7 @@ impl<S: Source> Monitor<S> {
     pub(super) fn found_accepts(&mut self) {
         let tx = self.subscribed().cloned();
         for ev in self.tracker.take_found_accepts() {
-            self.restarts.on_event(&ev);
-            if let Some(tx) = &tx {
-                let _ = tx.send(ev);
-            }
+            self.hand_on(&ev, tx.as_ref());
         }
     }
 

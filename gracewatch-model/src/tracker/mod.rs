@@ -295,7 +295,9 @@ impl Tracker {
             ConnEvent::Close {
                 at, sk, tuple, pid, ..
             } => self.close(*at, *sk, tuple, *pid),
-            ConnEvent::PreexistingClose { at, tuple, .. } => self.preexisting_close(*at, tuple),
+            ConnEvent::PreexistingClose { at, tuple, .. } => {
+                self.close_unnamed(*at, tuple);
+            }
             ConnEvent::ProcessExit { at, pid } => self.process_exit(*at, *pid),
             ConnEvent::Lost { total, .. } => self.lost_events = *total,
             ConnEvent::MapFull { total, .. } => self.map_full = *total,
@@ -346,18 +348,18 @@ impl Tracker {
             }
             ConnEvent::QueueDrop {
                 at, tuple, exiting, ..
-            } => match self.conns.get(tuple) {
-                Some(c) if c.sk.is_none() && c.since <= *at => {
-                    let pid = c.holders.first().copied().unwrap_or(0);
-                    Seen::Instead(ConnEvent::Close {
-                        at: *at,
-                        sk: found_id(tuple),
-                        tuple: *tuple,
-                        pid,
-                        by_exit: *exiting != 0 && c.holders.contains(exiting),
-                    })
-                }
-                _ => Seen::Same,
+            } => match self
+                .unnamed_live(tuple, *at)
+                .and_then(|c| Some((c, *c.holders.first()?)))
+            {
+                Some((c, pid)) => Seen::Instead(ConnEvent::Close {
+                    at: *at,
+                    sk: found_id(tuple),
+                    tuple: *tuple,
+                    pid,
+                    by_exit: *exiting != 0 && c.holders.contains(exiting),
+                }),
+                None => Seen::Same,
             },
             _ => Seen::Same,
         }
@@ -811,19 +813,7 @@ impl Tracker {
     /// snapshot-found connection with this tuple is this socket).
     fn queue_drop(&mut self, at: Duration, tuple: &Tuple) {
         self.pending.remove(tuple);
-        if self
-            .conns
-            .get(tuple)
-            .is_some_and(|c| c.sk.is_none() && c.since <= at)
-        {
-            if let Some(conn) = self.remove_conn(tuple) {
-                self.closed.insert(*tuple, at);
-                for pid in &conn.holders {
-                    if let Some(p) = self.procs.get_mut(pid) {
-                        p.closed_total += 1;
-                    }
-                }
-            }
+        if self.close_unnamed(at, tuple) {
             return;
         }
         match self.best_listener(tuple) {
@@ -848,17 +838,23 @@ impl Tracker {
         }
     }
 
-    fn preexisting_close(&mut self, at: Duration, tuple: &Tuple) {
-        // An entry the kernel knows by sk reports its own end as Close.
-        if !self
-            .conns
+    /// A live connection the kernel has no name for (pre-existing, or
+    /// found held by a snapshot before any I/O) that existed at `at`: an
+    /// entry the kernel knows by sk reports its own end as Close.
+    fn unnamed_live(&self, tuple: &Tuple, at: Duration) -> Option<&Conn> {
+        self.conns
             .get(tuple)
-            .is_some_and(|c| c.sk.is_none() && c.since <= at)
-        {
-            return;
+            .filter(|c| c.sk.is_none() && c.since <= at)
+    }
+
+    /// Ends the [`Tracker::unnamed_live`] connection `tuple`, charging the
+    /// close to its holders; `false` if there is none.
+    fn close_unnamed(&mut self, at: Duration, tuple: &Tuple) -> bool {
+        if self.unnamed_live(tuple, at).is_none() {
+            return false;
         }
         let Some(conn) = self.remove_conn(tuple) else {
-            return;
+            return false;
         };
         self.closed.insert(*tuple, at);
         for pid in &conn.holders {
@@ -866,6 +862,7 @@ impl Tracker {
                 p.closed_total += 1;
             }
         }
+        true
     }
 
     fn process_exit(&mut self, at: Duration, pid: u32) {
